@@ -1,0 +1,153 @@
+//! `/accounts`: open, read and list customer accounts.
+
+use std::sync::Arc;
+
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi};
+
+use super::problem::ApiError;
+use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
+use crate::domain::{AccountId, Amount, Idempotency, format_units};
+use crate::store::accounts::{self, Account, CreateAccountError, CreateAccountOutcome, NewAccount};
+
+/// Longest account name accepted.
+pub const ACCOUNT_NAME_LENGTH_MAX: usize = 200;
+
+pub struct AccountsApi(pub Arc<AppState>);
+
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct CreateAccountRequest {
+    /// The holder's name, 1 to 200 characters.
+    name: String,
+    /// Opening balance in USD, funded by @bank. Defaults to 0.00.
+    balance: Option<Amount>,
+}
+
+#[derive(Debug, Object)]
+struct AccountView {
+    id: String,
+    name: String,
+    /// USD; only system accounts (names starting with @) can be negative.
+    balance: String,
+    created_at: String,
+}
+
+impl From<Account> for AccountView {
+    fn from(account: Account) -> Self {
+        AccountView {
+            id: account.id.to_string(),
+            name: account.name,
+            balance: format_units(account.balance_cents, 2),
+            created_at: rfc3339(account.created_at_ms),
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+struct AccountPage {
+    items: Vec<AccountView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    next_cursor: Option<String>,
+}
+
+#[derive(ApiResponse)]
+enum CreateAccountResponse {
+    /// The account is open (or, for a repeated Idempotency-Key, was opened by the first request).
+    #[oai(status = 201)]
+    Created(
+        Json<AccountView>,
+        #[oai(header = "Location")] String,
+        #[oai(header = "Idempotent-Replayed")] Option<bool>,
+    ),
+}
+
+#[derive(ApiResponse)]
+enum GetAccountResponse {
+    #[oai(status = 200)]
+    Ok(Json<AccountView>),
+}
+
+#[derive(ApiResponse)]
+enum ListAccountsResponse {
+    #[oai(status = 200)]
+    Ok(Json<AccountPage>),
+}
+
+#[OpenApi(tag = "ApiTags::Accounts")]
+impl AccountsApi {
+    /// Open a customer account, optionally with an opening balance.
+    #[oai(path = "/accounts", method = "post")]
+    async fn create_account(
+        &self,
+        body: Json<CreateAccountRequest>,
+        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+    ) -> Result<CreateAccountResponse, ApiError> {
+        let Json(request) = body;
+        let name = request.name.trim().to_owned();
+        if name.is_empty() || name.chars().count() > ACCOUNT_NAME_LENGTH_MAX {
+            let detail = format!("name must be 1 to {ACCOUNT_NAME_LENGTH_MAX} characters");
+            return Err(ApiError::bad_request("invalid-name", detail));
+        }
+        let opening_balance = request.balance.unwrap_or(Amount::ZERO);
+        let idempotency = idempotency_key(key.0)?.map(|key| {
+            Idempotency::new(key, &[&name, &opening_balance.cents().to_string()])
+        });
+        let new = NewAccount {
+            id: AccountId::new_customer(),
+            name,
+            opening_balance,
+            idempotency,
+            idempotency_ttl_secs: self.0.api.idempotency_ttl_secs,
+        };
+        let mut conn = self.0.store.conn().await?;
+        let (id, replayed) = match accounts::create_account(&mut conn, &new).await {
+            Ok(CreateAccountOutcome::Created(id)) => (id, None),
+            Ok(CreateAccountOutcome::Replayed(id)) => (id, Some(true)),
+            Err(CreateAccountError::IdempotencyConflict(id)) => {
+                let detail = format!("this Idempotency-Key opened account {id} with another request");
+                return Err(ApiError::conflict("idempotency-conflict", detail));
+            }
+            Err(CreateAccountError::Store(err)) => return Err(err.into()),
+        };
+        let account = accounts::get_account(&mut conn, &id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("account {id} not found")))?;
+        let location = format!("{}/accounts/{id}", super::API_PREFIX);
+        Ok(CreateAccountResponse::Created(Json(account.into()), location, replayed))
+    }
+
+    /// One account, customer or system (`@bank`, `@exchange`, `@card`).
+    #[oai(path = "/accounts/:id", method = "get")]
+    async fn get_account(&self, id: Path<String>) -> Result<GetAccountResponse, ApiError> {
+        let id = AccountId::parse(&id.0).map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
+        let mut conn = self.0.store.conn().await?;
+        let account = accounts::get_account(&mut conn, &id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("account {id} not found")))?;
+        Ok(GetAccountResponse::Ok(Json(account.into())))
+    }
+
+    /// Customer accounts in creation order, a page at a time.
+    #[oai(path = "/accounts", method = "get")]
+    async fn list_accounts(
+        &self,
+        /// Page size (default 20, at most the configured maximum, 100 by default).
+        limit: Query<Option<u32>>,
+        /// `next_cursor` from the previous page.
+        cursor: Query<Option<String>>,
+    ) -> Result<ListAccountsResponse, ApiError> {
+        let limit = page_size(limit.0, &self.0.api)?;
+        let after = cursor
+            .0
+            .map(|cursor| AccountId::parse(&cursor))
+            .transpose()
+            .map_err(|err| ApiError::bad_request("invalid-cursor", format!("cursor: {err}")))?;
+        let mut conn = self.0.store.conn().await?;
+        let page = accounts::list_accounts(&mut conn, after.as_ref(), limit).await?;
+        let next_cursor = (page.len() == limit).then(|| page[page.len() - 1].id.to_string());
+        let items = page.into_iter().map(AccountView::from).collect();
+        Ok(ListAccountsResponse::Ok(Json(AccountPage { items, next_cursor })))
+    }
+}

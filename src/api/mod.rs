@@ -1,0 +1,136 @@
+//! The HTTP API: poem + poem-openapi under `/api/v1`, Swagger UI at `/docs`,
+//! the spec at `/openapi.yaml`, `/health` and `/ready`.
+
+mod accounts;
+mod health;
+mod orders;
+pub mod problem;
+mod schema;
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use poem::http::StatusCode;
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, get};
+use poem_openapi::{OpenApiService, Tags};
+
+use crate::config::{ApiSettings, LedgerSettings};
+use crate::domain::IdempotencyKey;
+use crate::store::Store;
+use problem::{ApiError, Problem, problem_response};
+
+pub const API_PREFIX: &str = "/api/v1";
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Store,
+    pub ledger: LedgerSettings,
+    pub api: ApiSettings,
+}
+
+#[derive(Tags)]
+enum ApiTags {
+    /// Customer and system accounts.
+    Accounts,
+    /// Crypto purchase orders, pending buckets and settlement batches.
+    Orders,
+}
+
+fn service(state: Arc<AppState>) -> OpenApiService<(accounts::AccountsApi, orders::OrdersApi), ()> {
+    OpenApiService::new(
+        (accounts::AccountsApi(state.clone()), orders::OrdersApi(state)),
+        "tally",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "A Redis-native ledger and settlement service. Amounts are decimal strings in USD; \
+         every POST that moves money takes an optional Idempotency-Key header.",
+    )
+    .server(API_PREFIX)
+}
+
+/// The OpenAPI spec as YAML, exactly as `/openapi.yaml` serves it.
+pub fn spec_yaml() -> String {
+    let state = Arc::new(AppState {
+        store: Store::unconnected(),
+        ledger: LedgerSettings::default(),
+        api: ApiSettings::default(),
+    });
+    service(state).spec_yaml()
+}
+
+/// The whole HTTP application.
+pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
+    let body_size_max_bytes = state.api.body_size_max_bytes;
+    let request_timeout = Duration::from_millis(state.api.request_timeout_ms);
+    let api = service(state.clone());
+    let docs = api.swagger_ui();
+    let spec = api.spec_endpoint_yaml();
+    Route::new()
+        .nest(API_PREFIX, api)
+        .nest("/docs", docs)
+        .at("/openapi.yaml", spec)
+        .at("/health", get(health::health))
+        .at("/ready", get(health::ready).data(state))
+        .around(move |endpoint, request| guard(endpoint, request, body_size_max_bytes, request_timeout))
+        .catch_all_error(problem::into_problem_response)
+        .map_to_response()
+        .into_endpoint()
+}
+
+/// Bounds every request: its body is read up to `body_size_max_bytes` (413
+/// beyond, whether or not it announced its length) and it must finish within
+/// `request_timeout`.
+async fn guard<E: Endpoint>(
+    endpoint: Arc<E>,
+    mut request: Request,
+    body_size_max_bytes: usize,
+    request_timeout: Duration,
+) -> poem::Result<Response> {
+    let body = request.take_body().into_bytes_limit(body_size_max_bytes).await;
+    let body = match body {
+        Ok(body) => body,
+        Err(poem::error::ReadBodyError::PayloadTooLarge) => {
+            let detail = format!("the request body is larger than {body_size_max_bytes} bytes");
+            return Ok(problem_response(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                detail,
+            )));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    request.set_body(body);
+    match tokio::time::timeout(request_timeout, endpoint.call(request)).await {
+        Ok(result) => result.map(poem::IntoResponse::into_response),
+        Err(_) => Ok(problem_response(Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "the request took too long; retry with the same Idempotency-Key",
+        ))),
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, from ms since the Unix epoch.
+fn rfc3339(ms: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Parses the optional `Idempotency-Key` header.
+fn idempotency_key(header: Option<String>) -> Result<Option<IdempotencyKey>, ApiError> {
+    header
+        .map(|key| IdempotencyKey::parse(&key))
+        .transpose()
+        .map_err(|err| ApiError::bad_request("invalid-idempotency-key", err.to_string()))
+}
+
+/// Checks a requested page size against the configured bounds.
+fn page_size(requested: Option<u32>, settings: &ApiSettings) -> Result<usize, ApiError> {
+    let size = requested.map_or(settings.page_size, |size| size as usize);
+    if size == 0 || size > settings.page_size_max {
+        let detail = format!("limit must be between 1 and {}", settings.page_size_max);
+        return Err(ApiError::bad_request("invalid-limit", detail));
+    }
+    Ok(size)
+}

@@ -1,0 +1,265 @@
+//! `/orders`, `/prices`, `/buckets`, `/batches`: buying crypto.
+
+use std::sync::Arc;
+
+use poem_openapi::param::{Header, Path};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi};
+
+use super::problem::ApiError;
+use super::{ApiTags, AppState, idempotency_key, rfc3339};
+use crate::domain::{AccountId, BatchId, OrderId, Quantity, Symbol, format_units};
+use crate::orders::{OrderRejection, OrderRequest, prepare};
+use crate::store::orders::{self as store_orders, Batch, Bucket, Order, PlaceOrderError, PlaceOrderOutcome};
+
+pub struct OrdersApi(pub Arc<AppState>);
+
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct PlaceOrderRequest {
+    /// The paying customer account.
+    account_id: AccountId,
+    /// What to buy; see GET /prices.
+    symbol: Symbol,
+    /// How much to buy, up to 8 decimal places.
+    quantity: Quantity,
+}
+
+#[derive(Debug, Object)]
+struct OrderView {
+    id: String,
+    account_id: String,
+    symbol: String,
+    quantity: String,
+    /// USD per unit at the time of the order.
+    price: String,
+    /// USD debited: price x quantity, rounded up to the cent.
+    cost: String,
+    /// `pending` (waiting in the bucket), `settling`, `settled` or `failed`.
+    status: String,
+    /// The batch that carries the order to the exchange, once there is one.
+    batch_id: Option<String>,
+    created_at: String,
+}
+
+impl From<Order> for OrderView {
+    fn from(order: Order) -> Self {
+        OrderView {
+            id: order.id.to_string(),
+            account_id: order.account_id.to_string(),
+            symbol: order.symbol.to_string(),
+            quantity: order.quantity.to_string(),
+            price: order.price.to_string(),
+            cost: order.cost.to_string(),
+            status: order.status.as_str().to_owned(),
+            batch_id: order.batch_id.map(|id| id.to_string()),
+            created_at: rfc3339(order.created_at_ms),
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+struct PriceView {
+    symbol: String,
+    /// USD per unit.
+    price: String,
+}
+
+#[derive(Debug, Object)]
+struct PriceList {
+    prices: Vec<PriceView>,
+    /// The smallest purchase the exchange accepts; smaller orders wait in a bucket.
+    exchange_minimum: String,
+}
+
+#[derive(Debug, Object)]
+struct BucketView {
+    symbol: String,
+    /// USD paid by the orders waiting.
+    value: String,
+    quantity: String,
+    order_count: i64,
+}
+
+impl From<Bucket> for BucketView {
+    fn from(bucket: Bucket) -> Self {
+        BucketView {
+            symbol: bucket.symbol.to_string(),
+            value: format_units(bucket.value_cents, 2),
+            quantity: Quantity::from_units(bucket.quantity_units)
+                .map_or_else(|_| "0".to_owned(), |quantity| quantity.to_string()),
+            order_count: bucket.order_count,
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+struct BatchView {
+    id: String,
+    symbol: String,
+    quantity: String,
+    /// USD paid by the batch's orders.
+    value: String,
+    order_ids: Vec<String>,
+    /// `settling`, `settled` or `failed`.
+    status: String,
+    /// Exchange calls made so far.
+    attempts: i64,
+    last_error: Option<String>,
+    created_at: String,
+}
+
+impl From<Batch> for BatchView {
+    fn from(batch: Batch) -> Self {
+        BatchView {
+            id: batch.id.to_string(),
+            symbol: batch.symbol.to_string(),
+            quantity: batch.quantity.to_string(),
+            value: batch.value.to_string(),
+            order_ids: batch.order_ids.iter().map(ToString::to_string).collect(),
+            status: batch.status.as_str().to_owned(),
+            attempts: batch.attempts,
+            last_error: batch.last_error,
+            created_at: rfc3339(batch.created_at_ms),
+        }
+    }
+}
+
+#[derive(ApiResponse)]
+enum PlaceOrderResponse {
+    /// The customer is debited and the order queued (or, for a repeated
+    /// Idempotency-Key, the order the first request placed, as it stands now).
+    #[oai(status = 201)]
+    Created(
+        Json<OrderView>,
+        #[oai(header = "Location")] String,
+        #[oai(header = "Idempotent-Replayed")] Option<bool>,
+    ),
+}
+
+#[derive(ApiResponse)]
+enum OrderResponse {
+    #[oai(status = 200)]
+    Ok(Json<OrderView>),
+}
+
+#[derive(ApiResponse)]
+enum PricesResponse {
+    #[oai(status = 200)]
+    Ok(Json<PriceList>),
+}
+
+#[derive(ApiResponse)]
+enum BucketsResponse {
+    #[oai(status = 200)]
+    Ok(Json<Vec<BucketView>>),
+}
+
+#[derive(ApiResponse)]
+enum BatchResponse {
+    #[oai(status = 200)]
+    Ok(Json<BatchView>),
+}
+
+#[OpenApi(tag = "ApiTags::Orders")]
+impl OrdersApi {
+    /// Buy crypto: debits the customer at once; the purchase reaches the
+    /// exchange alone (at or above the minimum) or with others once their
+    /// bucket reaches it.
+    #[oai(path = "/orders", method = "post")]
+    async fn place_order(
+        &self,
+        body: Json<PlaceOrderRequest>,
+        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+    ) -> Result<PlaceOrderResponse, ApiError> {
+        let Json(request) = body;
+        let request = OrderRequest {
+            account_id: request.account_id,
+            symbol: request.symbol,
+            quantity: request.quantity,
+        };
+        let key = idempotency_key(key.0)?;
+        let order = prepare(&request, &self.0.ledger, key, self.0.api.idempotency_ttl_secs)
+            .map_err(|rejection| {
+                let code = match rejection {
+                    OrderRejection::UnknownSymbol(_) => "unknown-symbol",
+                    OrderRejection::SystemAccount(_) => "not-a-customer-account",
+                    OrderRejection::ValueTooLarge => "value-too-large",
+                };
+                ApiError::unprocessable(code, rejection.to_string())
+            })?;
+        let mut conn = self.0.store.conn().await?;
+        let (id, replayed) = match store_orders::place_order(&mut conn, &order).await {
+            Ok(PlaceOrderOutcome::Pending | PlaceOrderOutcome::Settling(_)) => (order.order_id, None),
+            Ok(PlaceOrderOutcome::Replayed(id)) => (id, Some(true)),
+            Err(err) => return Err(refusal(err, &request.account_id)),
+        };
+        let placed = store_orders::get_order(&mut conn, &id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("order {id} not found")))?;
+        let location = format!("{}/orders/{id}", super::API_PREFIX);
+        Ok(PlaceOrderResponse::Created(Json(placed.into()), location, replayed))
+    }
+
+    /// One order, with its status and batch.
+    #[oai(path = "/orders/:id", method = "get")]
+    async fn get_order(&self, id: Path<String>) -> Result<OrderResponse, ApiError> {
+        let id = OrderId::parse(&id.0).map_err(|err| ApiError::bad_request("invalid-order-id", err.to_string()))?;
+        let mut conn = self.0.store.conn().await?;
+        let order = store_orders::get_order(&mut conn, &id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("order {id} not found")))?;
+        Ok(OrderResponse::Ok(Json(order.into())))
+    }
+
+    /// Prices in USD per unit, and the exchange minimum.
+    #[oai(path = "/prices", method = "get")]
+    async fn prices(&self) -> PricesResponse {
+        let prices = self
+            .0
+            .ledger
+            .prices
+            .iter()
+            .map(|(symbol, price)| PriceView { symbol: symbol.to_string(), price: price.to_string() })
+            .collect();
+        let exchange_minimum = self.0.ledger.exchange_minimum.to_string();
+        PricesResponse::Ok(Json(PriceList { prices, exchange_minimum }))
+    }
+
+    /// What waits for the exchange minimum, per symbol.
+    #[oai(path = "/buckets", method = "get")]
+    async fn buckets(&self) -> Result<BucketsResponse, ApiError> {
+        let symbols: Vec<Symbol> = self.0.ledger.prices.iter().map(|(symbol, _)| symbol.clone()).collect();
+        let mut conn = self.0.store.conn().await?;
+        let buckets = store_orders::buckets(&mut conn, &symbols).await?;
+        Ok(BucketsResponse::Ok(Json(buckets.into_iter().map(BucketView::from).collect())))
+    }
+
+    /// One batch: what was (or is being) bought from the exchange in one call.
+    #[oai(path = "/batches/:id", method = "get")]
+    async fn get_batch(&self, id: Path<String>) -> Result<BatchResponse, ApiError> {
+        let id = BatchId::parse(&id.0).map_err(|err| ApiError::bad_request("invalid-batch-id", err.to_string()))?;
+        let mut conn = self.0.store.conn().await?;
+        let batch = store_orders::get_batch(&mut conn, &id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("batch {id} not found")))?;
+        Ok(BatchResponse::Ok(Json(batch.into())))
+    }
+}
+
+fn refusal(err: PlaceOrderError, account_id: &AccountId) -> ApiError {
+    match err {
+        PlaceOrderError::AccountNotFound => {
+            ApiError::unprocessable("account-not-found", format!("account {account_id} not found"))
+        }
+        PlaceOrderError::InsufficientFunds { balance } => ApiError::unprocessable(
+            "insufficient-funds",
+            format!("insufficient funds: account {account_id} holds {balance}"),
+        ),
+        PlaceOrderError::IdempotencyConflict(id) => ApiError::conflict(
+            "idempotency-conflict",
+            format!("this Idempotency-Key placed order {id} with another request"),
+        ),
+        PlaceOrderError::Store(err) => err.into(),
+    }
+}

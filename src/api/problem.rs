@@ -1,0 +1,143 @@
+//! Errors as `application/problem+json` (RFC 7807), one shape everywhere:
+//! for refusals a handler returns, and for everything poem rejects before a
+//! handler runs (malformed JSON, unknown routes, oversized bodies).
+
+use poem::http::StatusCode;
+use poem::Response;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object};
+
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+/// An RFC 7807 problem.
+#[derive(Debug, Clone, Object)]
+pub struct Problem {
+    /// A URI reference naming the kind of problem, e.g. `/problems/insufficient-funds`.
+    #[oai(rename = "type")]
+    pub kind: String,
+    /// A short summary of the kind of problem.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request, naming the offending input.
+    pub detail: String,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
+        Problem {
+            kind: format!("/problems/{code}"),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Every refusal an operation can answer with.
+#[derive(Debug, ApiResponse)]
+pub enum ApiError {
+    /// The request is malformed: bad JSON, a wrong type, a missing field, an invalid value.
+    #[oai(status = 400, content_type = "application/problem+json")]
+    BadRequest(Json<Problem>),
+    /// The resource does not exist.
+    #[oai(status = 404, content_type = "application/problem+json")]
+    NotFound(Json<Problem>),
+    /// The Idempotency-Key was already used for a different request.
+    #[oai(status = 409, content_type = "application/problem+json")]
+    Conflict(Json<Problem>),
+    /// The request is well formed but cannot be carried out (unknown account, insufficient funds).
+    #[oai(status = 422, content_type = "application/problem+json")]
+    Unprocessable(Json<Problem>),
+    /// Something failed on our side; nothing was half done.
+    #[oai(status = 500, content_type = "application/problem+json")]
+    Internal(Json<Problem>),
+    /// A dependency (Redis) is unavailable; retry later with the same Idempotency-Key.
+    #[oai(status = 503, content_type = "application/problem+json")]
+    Unavailable(Json<Problem>),
+}
+
+impl ApiError {
+    pub fn bad_request(code: &str, detail: impl Into<String>) -> Self {
+        ApiError::BadRequest(Json(Problem::new(StatusCode::BAD_REQUEST, code, detail)))
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        ApiError::NotFound(Json(Problem::new(StatusCode::NOT_FOUND, "not-found", detail)))
+    }
+
+    pub fn conflict(code: &str, detail: impl Into<String>) -> Self {
+        ApiError::Conflict(Json(Problem::new(StatusCode::CONFLICT, code, detail)))
+    }
+
+    pub fn unprocessable(code: &str, detail: impl Into<String>) -> Self {
+        let status = StatusCode::UNPROCESSABLE_ENTITY;
+        ApiError::Unprocessable(Json(Problem::new(status, code, detail)))
+    }
+
+    /// Store failures: logged in full, answered without internals.
+    pub fn from_store(err: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        tracing::error!(error = %err, "store failure");
+        match err {
+            StoreError::Pool(_) | StoreError::Redis(_) => ApiError::Unavailable(Json(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the ledger store is unavailable; retry with the same Idempotency-Key",
+            ))),
+            StoreError::Corrupt { .. } | StoreError::UnexpectedReply(_) => {
+                ApiError::Internal(Json(Problem::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "an internal error occurred",
+                )))
+            }
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(err: crate::store::StoreError) -> Self {
+        ApiError::from_store(err)
+    }
+}
+
+/// Turns any error that escaped the handlers into a problem response. Errors
+/// that already carry a problem response (our `ApiError`s) pass unchanged.
+pub async fn into_problem_response(err: poem::Error) -> Response {
+    if err.is_from_response() {
+        return err.into_response();
+    }
+    let status = err.status();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad-request",
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        StatusCode::GATEWAY_TIMEOUT => "timeout",
+        _ if status.is_server_error() => "internal",
+        _ => "error",
+    };
+    let detail = if status.is_server_error() {
+        tracing::error!(error = %err, "request failed");
+        "an internal error occurred".to_owned()
+    } else {
+        err.to_string()
+    };
+    problem_response(Problem::new(status, code, detail))
+}
+
+pub fn problem_response(problem: Problem) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::json!({
+        "type": problem.kind,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+    });
+    Response::builder()
+        .status(status)
+        .content_type(PROBLEM_CONTENT_TYPE)
+        .body(body.to_string())
+}

@@ -1,0 +1,70 @@
+//! Building and running the HTTP API, with an injectable listener address
+//! and shutdown signal so that tests bind port 0 and stop it themselves.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use poem::Server;
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
+
+use crate::api::{self, AppState};
+use crate::config::ServeArgs;
+use crate::store::Store;
+
+/// How long in-flight requests get to finish after shutdown is signalled.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+pub struct Application {
+    acceptor: TcpAcceptor,
+    local_addr: SocketAddr,
+    state: Arc<AppState>,
+}
+
+impl Application {
+    /// Connects to Redis, creates the system accounts and binds the listener.
+    pub async fn build(settings: ServeArgs) -> anyhow::Result<Self> {
+        let store = Store::connect(&settings.redis)?;
+        store
+            .ensure_system_accounts()
+            .await
+            .with_context(|| format!("preparing Redis at {}", settings.redis.url()))?;
+        let acceptor = TcpListener::bind(settings.api.listen)
+            .into_acceptor()
+            .await
+            .with_context(|| format!("listening on {}", settings.api.listen))?;
+        let local_addr = *acceptor.local_addr()[0]
+            .as_socket_addr()
+            .context("the listener has a socket address")?;
+        let state = Arc::new(AppState { store, ledger: settings.ledger, api: settings.api });
+        Ok(Application { acceptor, local_addr, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn store(&self) -> Store {
+        self.state.store.clone()
+    }
+
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+        tracing::info!(address = %self.local_addr, "API listening; Swagger UI at /docs");
+        Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(api::app(self.state), shutdown, Some(SHUTDOWN_GRACE))
+            .await
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+}

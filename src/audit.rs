@@ -1,0 +1,137 @@
+//! `tally audit`: the ledger's invariants, checked from what Redis holds.
+//!
+//! 1. All balances, customer and system, sum to exactly zero.
+//! 2. Each balance equals the sum of its journal entries.
+//! 3. Every cent paid for orders is in exactly one place: a batch or a bucket.
+//!
+//! The audit reads in bounded pages and is not one atomic snapshot: run it on
+//! a quiet system (or twice) before calling a mismatch a breach.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use redis::streams::StreamRangeReply;
+
+use crate::domain::{AccountId, format_units};
+use crate::store::{Store, StoreError, StoreResult, accounts, keys, orders};
+
+/// Entries, accounts or batches read per Redis call.
+pub const AUDIT_PAGE_SIZE: usize = 1_000;
+
+#[derive(Debug, Default)]
+pub struct AuditReport {
+    pub accounts_checked: usize,
+    pub journal_entries: u64,
+    pub balances_sum_cents: i64,
+    /// Accounts whose balance differs from their journal: (id, balance, journal sum).
+    pub mismatched_accounts: Vec<(AccountId, i64, i64)>,
+    pub orders_value_cents: i64,
+    pub batches_value_cents: i64,
+    pub buckets_value_cents: i64,
+}
+
+impl AuditReport {
+    pub fn is_clean(&self) -> bool {
+        self.balances_sum_cents == 0
+            && self.mismatched_accounts.is_empty()
+            && self.orders_value_cents == self.batches_value_cents + self.buckets_value_cents
+    }
+}
+
+impl fmt::Display for AuditReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let usd = |cents: i64| format_units(cents, 2);
+        let mark = |ok: bool| if ok { "ok    " } else { "BREACH" };
+        writeln!(
+            f,
+            "{} balances sum to {} over {} accounts (must be 0.00)",
+            mark(self.balances_sum_cents == 0),
+            usd(self.balances_sum_cents),
+            self.accounts_checked
+        )?;
+        writeln!(
+            f,
+            "{} every balance equals its journal ({} entries, {} mismatched)",
+            mark(self.mismatched_accounts.is_empty()),
+            self.journal_entries,
+            self.mismatched_accounts.len()
+        )?;
+        for (id, balance, journal) in &self.mismatched_accounts {
+            writeln!(f, "       {id}: balance {} but journal {}", usd(*balance), usd(*journal))?;
+        }
+        let settled = self.batches_value_cents + self.buckets_value_cents;
+        writeln!(
+            f,
+            "{} orders paid {} = batches {} + buckets {}",
+            mark(self.orders_value_cents == settled),
+            usd(self.orders_value_cents),
+            usd(self.batches_value_cents),
+            usd(self.buckets_value_cents)
+        )?;
+        write!(f, "{}", if self.is_clean() { "audit clean" } else { "audit FAILED" })
+    }
+}
+
+pub async fn run(store: &Store) -> StoreResult<AuditReport> {
+    let mut conn = store.conn().await?;
+    let balances = accounts::all_balances(&mut conn, AUDIT_PAGE_SIZE).await?;
+    let mut report = AuditReport {
+        accounts_checked: balances.len(),
+        balances_sum_cents: balances.iter().map(|(_, balance)| balance).sum(),
+        ..AuditReport::default()
+    };
+
+    let mut journal_sums: BTreeMap<String, i64> = BTreeMap::new();
+    let mut start = "-".to_owned();
+    loop {
+        let page: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(keys::JOURNAL)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(AUDIT_PAGE_SIZE)
+            .query_async(&mut conn)
+            .await?;
+        let Some(last) = page.ids.last() else { break };
+        start = format!("({}", last.id);
+        for entry in &page.ids {
+            let field = |name: &str| -> StoreResult<String> {
+                entry.get(name).ok_or_else(|| StoreError::Corrupt {
+                    key: format!("{} {}", keys::JOURNAL, entry.id),
+                    problem: format!("field `{name}` is missing or malformed"),
+                })
+            };
+            let amount: i64 = entry.get("amount").ok_or_else(|| StoreError::Corrupt {
+                key: format!("{} {}", keys::JOURNAL, entry.id),
+                problem: "amount is missing or not an integer".to_owned(),
+            })?;
+            *journal_sums.entry(field("debit")?).or_default() -= amount;
+            *journal_sums.entry(field("credit")?).or_default() += amount;
+            if field("kind")? == "order" {
+                report.orders_value_cents += amount;
+            }
+            report.journal_entries += 1;
+        }
+    }
+    for (id, balance) in &balances {
+        let journal = journal_sums.remove(id.as_str()).unwrap_or(0);
+        if journal != *balance {
+            report.mismatched_accounts.push((id.clone(), *balance, journal));
+        }
+    }
+    // Money journaled to an account that does not exist is a breach too.
+    for (id, journal) in journal_sums {
+        let id = AccountId::parse(&id).map_err(|err| StoreError::Corrupt {
+            key: keys::JOURNAL.to_owned(),
+            problem: err.to_string(),
+        })?;
+        report.mismatched_accounts.push((id, 0, journal));
+    }
+
+    let batches = orders::batch_values(&mut conn, AUDIT_PAGE_SIZE).await?;
+    report.batches_value_cents = batches.values().sum();
+    let symbols = orders::ordered_symbols(&mut conn).await?;
+    let buckets = orders::buckets(&mut conn, &symbols).await?;
+    report.buckets_value_cents = buckets.iter().map(|bucket| bucket.value_cents).sum();
+    Ok(report)
+}

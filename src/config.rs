@@ -1,0 +1,227 @@
+//! Settings from flags and `TALLY_*` environment variables. Every limit is
+//! named here with its default, so that `tally serve --help` lists them all.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::domain::{Amount, Symbol};
+
+pub const REDIS_URL_DEFAULT: &str = "redis://127.0.0.1:6379";
+pub const REDIS_POOL_SIZE_MAX_DEFAULT: usize = 64;
+pub const REDIS_TIMEOUT_MS_DEFAULT: u64 = 2_000;
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+pub const PRICES_DEFAULT: &str = "ABAN=4.00";
+pub const EXCHANGE_MINIMUM_DEFAULT: &str = "10.00";
+pub const BODY_SIZE_MAX_BYTES_DEFAULT: usize = 16 * 1024;
+pub const PAGE_SIZE_DEFAULT: usize = 20;
+pub const PAGE_SIZE_MAX_DEFAULT: usize = 100;
+pub const IDEMPOTENCY_TTL_SECS_DEFAULT: u64 = 24 * 60 * 60;
+pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+pub const DEV_DATA_DIR_DEFAULT: &str = ".tally";
+pub const DEV_REDIS_PORT_DEFAULT: u16 = 6399;
+
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about = "A Redis-native ledger and settlement service")]
+pub struct Cli {
+    #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (Swagger UI at /docs).
+    Serve(ServeArgs),
+    /// Run everything in one process; starts a private redis-server unless TALLY_REDIS_URL is set.
+    Dev(DevArgs),
+    /// Print the OpenAPI spec (YAML), or write it to a file.
+    Openapi {
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check the ledger invariants; exits non-zero on any breach.
+    Audit {
+        #[command(flatten)]
+        redis: RedisSettings,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub redis: RedisSettings,
+    #[command(flatten)]
+    pub ledger: LedgerSettings,
+    #[command(flatten)]
+    pub api: ApiSettings,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Where the private redis-server keeps its append-only file.
+    #[arg(long, env = "TALLY_DATA_DIR", default_value = DEV_DATA_DIR_DEFAULT)]
+    pub data_dir: PathBuf,
+    /// Port of the private redis-server (inspect it with `redis-cli -p PORT`).
+    #[arg(long, env = "TALLY_DEV_REDIS_PORT", default_value_t = DEV_REDIS_PORT_DEFAULT)]
+    pub dev_redis_port: u16,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisSettings {
+    /// Redis to use. `tally dev` starts its own when this is unset.
+    #[arg(long, env = "TALLY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Connections held open to Redis by one process.
+    #[arg(long, env = "TALLY_REDIS_POOL_SIZE_MAX", default_value_t = REDIS_POOL_SIZE_MAX_DEFAULT)]
+    pub redis_pool_size_max: usize,
+    /// Bound on connecting, waiting for a pooled connection, and each reply.
+    #[arg(long, env = "TALLY_REDIS_TIMEOUT_MS", default_value_t = REDIS_TIMEOUT_MS_DEFAULT)]
+    pub redis_timeout_ms: u64,
+}
+
+impl RedisSettings {
+    pub fn url(&self) -> &str {
+        self.redis_url.as_deref().unwrap_or(REDIS_URL_DEFAULT)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    pub fn for_url(url: &str) -> Self {
+        RedisSettings {
+            redis_url: Some(url.to_owned()),
+            redis_pool_size_max: REDIS_POOL_SIZE_MAX_DEFAULT,
+            redis_timeout_ms: REDIS_TIMEOUT_MS_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LedgerSettings {
+    /// Prices in USD per unit, as SYMBOL=PRICE pairs separated by commas.
+    #[arg(long, env = "TALLY_PRICES", default_value = PRICES_DEFAULT, value_parser = PriceList::parse)]
+    pub prices: PriceList,
+    /// Smallest purchase the exchange accepts, in USD: smaller orders wait in a bucket.
+    #[arg(long, env = "TALLY_EXCHANGE_MINIMUM", default_value = EXCHANGE_MINIMUM_DEFAULT, value_parser = parse_positive_amount)]
+    pub exchange_minimum: Amount,
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        LedgerSettings {
+            prices: PriceList::parse(PRICES_DEFAULT).expect("default prices parse"),
+            exchange_minimum: Amount::parse(EXCHANGE_MINIMUM_DEFAULT).expect("default minimum"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApiSettings {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "TALLY_LISTEN", default_value = LISTEN_DEFAULT)]
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, env = "TALLY_BODY_SIZE_MAX_BYTES", default_value_t = BODY_SIZE_MAX_BYTES_DEFAULT)]
+    pub body_size_max_bytes: usize,
+    /// Page size when a listing does not ask for one.
+    #[arg(long, env = "TALLY_PAGE_SIZE", default_value_t = PAGE_SIZE_DEFAULT)]
+    pub page_size: usize,
+    /// Largest page a listing may ask for.
+    #[arg(long, env = "TALLY_PAGE_SIZE_MAX", default_value_t = PAGE_SIZE_MAX_DEFAULT)]
+    pub page_size_max: usize,
+    /// How long an Idempotency-Key is remembered.
+    #[arg(long, env = "TALLY_IDEMPOTENCY_TTL_SECS", default_value_t = IDEMPOTENCY_TTL_SECS_DEFAULT)]
+    pub idempotency_ttl_secs: u64,
+    /// Bound on handling one request, end to end.
+    #[arg(long, env = "TALLY_REQUEST_TIMEOUT_MS", default_value_t = REQUEST_TIMEOUT_MS_DEFAULT)]
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            listen: LISTEN_DEFAULT.parse().expect("default listen address parses"),
+            body_size_max_bytes: BODY_SIZE_MAX_BYTES_DEFAULT,
+            page_size: PAGE_SIZE_DEFAULT,
+            page_size_max: PAGE_SIZE_MAX_DEFAULT,
+            idempotency_ttl_secs: IDEMPOTENCY_TTL_SECS_DEFAULT,
+            request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
+        }
+    }
+}
+
+fn parse_positive_amount(text: &str) -> Result<Amount, String> {
+    Amount::parse_positive(text).map_err(|err| format!("amount {err}"))
+}
+
+/// Prices per symbol, fixed for the life of the process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriceList(BTreeMap<Symbol, Amount>);
+
+impl PriceList {
+    /// Most symbols one process will quote.
+    pub const SYMBOLS_MAX: usize = 64;
+
+    /// Parses `ABAN=4.00,BTC=65000`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut prices = BTreeMap::new();
+        for pair in text.split(',').map(str::trim).filter(|pair| !pair.is_empty()) {
+            let (symbol, price) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("`{pair}` is not SYMBOL=PRICE"))?;
+            let symbol = Symbol::parse(symbol.trim()).map_err(|err| err.to_string())?;
+            let price = parse_positive_amount(price.trim())?;
+            if prices.insert(symbol.clone(), price).is_some() {
+                return Err(format!("{symbol} is priced twice"));
+            }
+        }
+        if prices.is_empty() || prices.len() > Self::SYMBOLS_MAX {
+            return Err(format!("between 1 and {} prices are needed", Self::SYMBOLS_MAX));
+        }
+        Ok(PriceList(prices))
+    }
+
+    pub fn price(&self, symbol: &Symbol) -> Option<Amount> {
+        self.0.get(symbol).copied()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Symbol, Amount)> {
+        self.0.iter().map(|(symbol, price)| (symbol, *price))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn price_lists_parse_and_refuse_nonsense() {
+        let prices = PriceList::parse("ABAN=4.00, BTC=65000").unwrap();
+        let aban = Symbol::parse("ABAN").unwrap();
+        assert_eq!(prices.price(&aban).unwrap().cents(), 400);
+        for bad in ["", "ABAN", "ABAN=0", "ABAN=-1", "aban=4", "ABAN=4,ABAN=5", "ABAN=4.001"] {
+            assert!(PriceList::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cli_parses_with_defaults() {
+        Cli::try_parse_from(["tally", "serve"]).unwrap();
+        Cli::try_parse_from(["tally", "dev", "--dev-redis-port", "7000"]).unwrap();
+    }
+}

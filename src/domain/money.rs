@@ -1,0 +1,240 @@
+//! Money and quantities: exact decimals at the edge, integer minor units inside.
+//!
+//! USD amounts are held as cents (scale 2) and crypto quantities as units of
+//! 1e-8 (scale 8). Text is parsed with `rust_decimal`, never through a float,
+//! and every value is bounded so that any sum a Lua script compares stays far
+//! below 2^53 (where Lua's doubles stop being exact).
+
+use std::fmt;
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+
+/// Decimal places of a USD amount.
+pub const AMOUNT_SCALE: u32 = 2;
+/// Decimal places of a crypto quantity.
+pub const QUANTITY_SCALE: u32 = 8;
+/// Largest amount accepted anywhere: 1,000,000,000.00 USD.
+pub const AMOUNT_MAX_CENTS: i64 = 100_000_000_000;
+/// Largest quantity accepted in one order: 1,000,000 coins.
+pub const QUANTITY_MAX_UNITS: i64 = 100_000_000_000_000;
+/// Longest decimal text we try to parse; anything longer is refused unread.
+pub const DECIMAL_TEXT_LENGTH_MAX: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoneyError {
+    #[error("`{0}` is not a decimal number")]
+    NotANumber(String),
+    #[error("must not be negative")]
+    Negative,
+    #[error("must be greater than zero")]
+    NotPositive,
+    #[error("has more than {0} decimal places")]
+    TooPrecise(u32),
+    #[error("is larger than the maximum {0}")]
+    TooLarge(String),
+}
+
+/// Parses decimal text (optionally with an exponent, as JSON numbers may have)
+/// into integer minor units at `scale`, refusing anything not exact.
+fn parse_units(text: &str, scale: u32, max_units: i64) -> Result<i64, MoneyError> {
+    let too_large = || MoneyError::TooLarge(format_units(max_units, scale));
+    if text.len() > DECIMAL_TEXT_LENGTH_MAX {
+        return Err(too_large());
+    }
+    if !is_decimal_syntax(text) {
+        return Err(MoneyError::NotANumber(text.to_owned()));
+    }
+    let parsed = if text.contains(['e', 'E']) {
+        Decimal::from_scientific(text)
+    } else {
+        Decimal::from_str(text)
+    };
+    // The syntax is already known good, so a parse failure means overflow.
+    let value = parsed.map_err(|_| too_large())?.normalize();
+    if value.is_sign_negative() && !value.is_zero() {
+        return Err(MoneyError::Negative);
+    }
+    if value.scale() > scale {
+        return Err(MoneyError::TooPrecise(scale));
+    }
+    let units = value
+        .checked_mul(Decimal::from(10_i64.pow(scale)))
+        .and_then(|units| units.to_i64())
+        .ok_or_else(too_large)?;
+    if units > max_units {
+        return Err(too_large());
+    }
+    Ok(units)
+}
+
+/// `-?digits(.digits)?([eE][+-]?digits)?`: what JSON allows for a number,
+/// minus nothing; stricter than `Decimal::from_str`, which takes `1_000`.
+fn is_decimal_syntax(text: &str) -> bool {
+    let text = text.strip_prefix('-').unwrap_or(text);
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(at) => (&text[..at], Some(&text[at + 1..])),
+        None => (text, None),
+    };
+    let (whole, fraction) = match mantissa.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (mantissa, None),
+    };
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    let exponent_ok = exponent.is_none_or(|exponent| {
+        let exponent = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
+        digits(exponent)
+    });
+    digits(whole) && fraction.is_none_or(digits) && exponent_ok
+}
+
+/// Formats minor units as decimal text with exactly `scale` places.
+pub fn format_units(units: i64, scale: u32) -> String {
+    Decimal::new(units, scale).to_string()
+}
+
+/// A non-negative USD amount, held in cents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Amount(i64);
+
+impl Amount {
+    pub const ZERO: Amount = Amount(0);
+
+    pub fn parse(text: &str) -> Result<Self, MoneyError> {
+        parse_units(text, AMOUNT_SCALE, AMOUNT_MAX_CENTS).map(Amount)
+    }
+
+    /// Like [`Amount::parse`], refusing zero too.
+    pub fn parse_positive(text: &str) -> Result<Self, MoneyError> {
+        let amount = Self::parse(text)?;
+        if amount.is_zero() {
+            return Err(MoneyError::NotPositive);
+        }
+        Ok(amount)
+    }
+
+    /// Wraps cents read back from Redis, which only ever holds values this
+    /// module validated; a value out of range there is a broken invariant.
+    pub fn from_cents(cents: i64) -> Result<Self, MoneyError> {
+        if cents < 0 {
+            return Err(MoneyError::Negative);
+        }
+        Ok(Amount(cents))
+    }
+
+    pub fn cents(self) -> i64 {
+        self.0
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_units(self.0, AMOUNT_SCALE))
+    }
+}
+
+/// A positive crypto quantity, held in units of 1e-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Quantity(i64);
+
+impl Quantity {
+    pub fn parse(text: &str) -> Result<Self, MoneyError> {
+        let units = parse_units(text, QUANTITY_SCALE, QUANTITY_MAX_UNITS)?;
+        Self::from_units(units)
+    }
+
+    pub fn from_units(units: i64) -> Result<Self, MoneyError> {
+        if units <= 0 {
+            return Err(MoneyError::NotPositive);
+        }
+        if units > QUANTITY_MAX_UNITS {
+            let max = format_units(QUANTITY_MAX_UNITS, QUANTITY_SCALE);
+            return Err(MoneyError::TooLarge(max));
+        }
+        Ok(Quantity(units))
+    }
+
+    pub fn units(self) -> i64 {
+        self.0
+    }
+
+    pub fn to_decimal(self) -> Decimal {
+        Decimal::new(self.0, QUANTITY_SCALE)
+    }
+}
+
+impl fmt::Display for Quantity {
+    /// Quantities print without trailing zeros: `3`, `1.5`, `0.00000001`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_decimal().normalize())
+    }
+}
+
+/// The cost of `quantity` at `price`, rounded up to the cent: the house never
+/// sells below price. `None` when the cost exceeds [`AMOUNT_MAX_CENTS`].
+pub fn order_cost(price: Amount, quantity: Quantity) -> Option<Amount> {
+    let scale = 10_i128.pow(QUANTITY_SCALE);
+    let numerator = i128::from(price.cents()) * i128::from(quantity.units());
+    let cents = (numerator + scale - 1) / scale;
+    let cents = i64::try_from(cents).ok()?;
+    (cents <= AMOUNT_MAX_CENTS).then_some(Amount(cents))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_parse_exactly() {
+        assert_eq!(Amount::parse("12").unwrap().cents(), 1200);
+        assert_eq!(Amount::parse("12.5").unwrap().cents(), 1250);
+        assert_eq!(Amount::parse("0.01").unwrap().cents(), 1);
+        assert_eq!(Amount::parse("1.500").unwrap().cents(), 150);
+        assert_eq!(Amount::parse("1e2").unwrap().cents(), 10000);
+        assert_eq!(Amount::parse("-0").unwrap().cents(), 0);
+        assert_eq!(Amount::parse("12.00").unwrap().to_string(), "12.00");
+    }
+
+    #[test]
+    fn amounts_refuse_what_is_not_exact_or_bounded() {
+        assert_eq!(Amount::parse("0.001"), Err(MoneyError::TooPrecise(2)));
+        assert_eq!(Amount::parse("-1"), Err(MoneyError::Negative));
+        assert_eq!(Amount::parse_positive("0.00"), Err(MoneyError::NotPositive));
+        assert!(matches!(Amount::parse("1000000000.01"), Err(MoneyError::TooLarge(_))));
+        assert!(matches!(Amount::parse("1e40"), Err(MoneyError::TooLarge(_))));
+        for bad in ["", "abc", "1_000", " 1", "1.", ".5", "+1", "0x10", "1e", "NaN", "1.2.3"] {
+            assert!(matches!(Amount::parse(bad), Err(MoneyError::NotANumber(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quantities_parse_exactly_and_must_be_positive() {
+        assert_eq!(Quantity::parse("3").unwrap().units(), 300_000_000);
+        assert_eq!(Quantity::parse("0.00000001").unwrap().units(), 1);
+        assert_eq!(Quantity::parse("1.5").unwrap().to_string(), "1.5");
+        assert_eq!(Quantity::parse("0.000000001"), Err(MoneyError::TooPrecise(8)));
+        assert_eq!(Quantity::parse("0"), Err(MoneyError::NotPositive));
+        assert_eq!(Quantity::parse("-2"), Err(MoneyError::Negative));
+        assert!(matches!(Quantity::parse("1000000.00000001"), Err(MoneyError::TooLarge(_))));
+        assert!(matches!(
+            Quantity::parse("99999999999999999999999999999999"),
+            Err(MoneyError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn cost_rounds_up_to_the_cent() {
+        let price = Amount::parse("4.00").unwrap();
+        assert_eq!(order_cost(price, Quantity::parse("3").unwrap()).unwrap().cents(), 1200);
+        assert_eq!(order_cost(price, Quantity::parse("0.00000001").unwrap()).unwrap().cents(), 1);
+        assert_eq!(order_cost(price, Quantity::parse("0.0025").unwrap()).unwrap().cents(), 1);
+        assert_eq!(order_cost(price, Quantity::parse("0.00250001").unwrap()).unwrap().cents(), 2);
+        let dear = Amount::parse("1000000000").unwrap();
+        assert_eq!(order_cost(dear, Quantity::parse("2").unwrap()), None);
+    }
+}

@@ -1,0 +1,28 @@
+//! tally: a Redis-native ledger and settlement service.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings from flags and `TALLY_*` variables; every limit named.
+//! - [`domain`]: newtypes that validate at the edge (`Amount`, `Quantity`, ids).
+//! - [`store`]: Redis: the pool, the key names ([`store::keys`]), one typed
+//!   wrapper per Lua script in `lua/`.
+//! - [`orders`]: pricing purchase orders before `place_order.lua` runs.
+//! - [`api`]: the poem-openapi HTTP API and its problem+json errors.
+//! - [`app`]: building and running the API (injectable listener and shutdown).
+//! - [`audit`]: the ledger invariants, checked from what Redis holds.
+//! - [`redis_server`]: a private redis-server for `tally dev` and the tests.
+//! - [`cli`]: the subcommands.
+//!
+//! Every balance change is one Lua script that checks first, then writes the
+//! balances, the journal entry and the status in one atomic step.
+
+pub mod api;
+pub mod app;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod orders;
+pub mod redis_server;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,14 @@
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = tally::config::Cli::parse();
+    tally::telemetry::init(cli.log_format);
+    let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
+    match runtime.block_on(tally::cli::run(cli.command)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

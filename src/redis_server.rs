@@ -1,0 +1,124 @@
+//! A private `redis-server` child process: `tally dev` runs one with AOF on,
+//! and every test runs its own, with persistence off, on a port of its own.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+/// How long a new redis-server has to answer PING.
+pub const REDIS_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping redis-server has to flush its AOF and exit.
+pub const REDIS_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Ports tried before giving up when another process takes the one picked.
+const PORT_ATTEMPTS_MAX: usize = 5;
+
+pub const INSTALL_HINT: &str = "redis-server is not installed. On Debian or Ubuntu: \
+     sudo apt-get install -y redis-server (or set TALLY_REDIS_URL to a Redis you run)";
+
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    /// Starts redis-server with the append-only file under `data_dir`
+    /// (fsync every second), on `port`.
+    pub async fn start_durable(data_dir: &Path, port: u16) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating data folder {}", data_dir.display()))?;
+        let data_dir = std::fs::canonicalize(data_dir)?;
+        let args = durable_args(&data_dir);
+        Self::spawn(port, &args).await
+    }
+
+    /// Starts a throwaway redis-server (no persistence) on a free port.
+    pub async fn start_ephemeral() -> anyhow::Result<Self> {
+        let args = ["--save", "", "--appendonly", "no"].map(String::from);
+        let mut last_error = None;
+        for _ in 0..PORT_ATTEMPTS_MAX {
+            match Self::spawn(free_port()?, &args).await {
+                Ok(server) => return Ok(server),
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.expect("at least one attempt was made"))
+    }
+
+    async fn spawn(port: u16, extra_args: &[String]) -> anyhow::Result<Self> {
+        if which("redis-server").is_none() {
+            bail!(INSTALL_HINT);
+        }
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting redis-server")?;
+        let server = RedisServer { child, port };
+        server.wait_until_ready().await?;
+        Ok(server)
+    }
+
+    async fn wait_until_ready(&self) -> anyhow::Result<()> {
+        let client = redis::Client::open(self.url())?;
+        let deadline = tokio::time::Instant::now() + REDIS_START_TIMEOUT;
+        loop {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("redis-server on port {} did not answer within {REDIS_START_TIMEOUT:?}", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Asks redis-server to exit (SIGTERM makes it flush the AOF), waiting a
+    /// bounded time before killing it.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        if tokio::time::timeout(REDIS_STOP_TIMEOUT, self.child.wait()).await.is_err() {
+            self.child.kill().await?;
+        }
+        Ok(())
+    }
+}
+
+fn durable_args(data_dir: &Path) -> Vec<String> {
+    let dir = data_dir.display().to_string();
+    ["--dir", &dir, "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+        .map(String::from)
+        .to_vec()
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The path of `program` on PATH, if any.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}

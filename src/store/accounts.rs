@@ -1,0 +1,164 @@
+//! Accounts: creation (with its opening-balance journal entry), reads, paging.
+
+use std::sync::LazyLock;
+
+use redis::{AsyncCommands, Script};
+
+use super::{Conn, Record, StoreError, StoreResult, keys, now_ms, verdict};
+use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
+
+pub static CREATE_ACCOUNT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/create_account.lua")));
+
+/// An account as stored. System accounts may hold a negative balance.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub id: AccountId,
+    pub name: String,
+    pub balance_cents: i64,
+    pub created_at_ms: i64,
+}
+
+impl Account {
+    fn from_record(record: &Record) -> StoreResult<Self> {
+        Ok(Account {
+            id: record.parsed("id", AccountId::parse)?,
+            name: record.text("name")?.to_owned(),
+            balance_cents: record.integer("balance")?,
+            created_at_ms: record.integer("created_at")?,
+        })
+    }
+}
+
+pub struct NewAccount {
+    pub id: AccountId,
+    pub name: String,
+    pub opening_balance: Amount,
+    pub idempotency: Option<Idempotency>,
+    pub idempotency_ttl_secs: u64,
+}
+
+#[derive(Debug)]
+pub enum CreateAccountOutcome {
+    Created(AccountId),
+    /// The Idempotency-Key was seen before with the same request.
+    Replayed(AccountId),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateAccountError {
+    #[error("the Idempotency-Key was used for another request (account {0})")]
+    IdempotencyConflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[tracing::instrument(skip_all, fields(account_id = %new.id))]
+pub async fn create_account(
+    conn: &mut impl Conn,
+    new: &NewAccount,
+) -> Result<CreateAccountOutcome, CreateAccountError> {
+    let (idempotency_key, fingerprint) = match &new.idempotency {
+        Some(idem) => (keys::idempotency("accounts", idem.key.as_str()), idem.fingerprint.as_str()),
+        None => (keys::idempotency("accounts", "-"), ""),
+    };
+    let bank = SystemAccount::Bank.id();
+    let reply: Vec<String> = CREATE_ACCOUNT
+        .key(keys::account(&new.id))
+        .key(keys::account(&bank))
+        .key(keys::JOURNAL)
+        .key(keys::ACCOUNTS)
+        .key(idempotency_key)
+        .arg(new.id.as_str())
+        .arg(&new.name)
+        .arg(new.opening_balance.cents())
+        .arg(now_ms())
+        .arg(fingerprint)
+        .arg(new.idempotency_ttl_secs)
+        .arg(bank.as_str())
+        .invoke_async(conn)
+        .await
+        .map_err(StoreError::from)?;
+    let id_at = |i: usize| -> Result<AccountId, CreateAccountError> {
+        reply
+            .get(i)
+            .and_then(|id| AccountId::parse(id).ok())
+            .ok_or_else(|| StoreError::UnexpectedReply(reply.clone()).into())
+    };
+    match (verdict(&reply), reply.get(1).map(String::as_str)) {
+        ("created", _) => Ok(CreateAccountOutcome::Created(id_at(1)?)),
+        ("replayed", _) => Ok(CreateAccountOutcome::Replayed(id_at(1)?)),
+        ("refused", Some("idempotency_conflict")) => Err(CreateAccountError::IdempotencyConflict(
+            reply.get(2).cloned().unwrap_or_default(),
+        )),
+        _ => Err(StoreError::UnexpectedReply(reply).into()),
+    }
+}
+
+pub async fn get_account(
+    conn: &mut impl Conn,
+    id: &AccountId,
+) -> StoreResult<Option<Account>> {
+    let key = keys::account(id);
+    let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+    Record::new(key, fields)
+        .map(|record| Account::from_record(&record))
+        .transpose()
+}
+
+/// One page of customer accounts in id (creation) order, after `after`.
+pub async fn list_accounts(
+    conn: &mut impl Conn,
+    after: Option<&AccountId>,
+    limit: usize,
+) -> StoreResult<Vec<Account>> {
+    let start = match after {
+        Some(id) => format!("({id}"),
+        None => "-".to_owned(),
+    };
+    let ids: Vec<String> = conn
+        .zrangebylex_limit(keys::ACCOUNTS, start, "+", 0, limit as isize)
+        .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    let mut record_keys = Vec::with_capacity(ids.len());
+    for id in &ids {
+        let id = AccountId::parse(id).map_err(|err| StoreError::Corrupt {
+            key: keys::ACCOUNTS.to_owned(),
+            problem: err.to_string(),
+        })?;
+        let key = keys::account(&id);
+        pipe.hgetall(&key);
+        record_keys.push(key);
+    }
+    let records: Vec<std::collections::HashMap<String, String>> = pipe.query_async(conn).await?;
+    record_keys
+        .into_iter()
+        .zip(records)
+        .filter_map(|(key, fields)| Record::new(key, fields))
+        .map(|record| Account::from_record(&record))
+        .collect()
+}
+
+/// Every account, customers and system, for the audit: a bounded page at a time.
+pub async fn all_balances(
+    conn: &mut impl Conn,
+    page_size: usize,
+) -> StoreResult<Vec<(AccountId, i64)>> {
+    let mut balances = Vec::new();
+    for system in SystemAccount::ALL {
+        let id = system.id();
+        let balance: Option<i64> = conn.hget(keys::account(&id), "balance").await?;
+        balances.push((id, balance.unwrap_or(0)));
+    }
+    let mut after = None;
+    loop {
+        let page = list_accounts(conn, after.as_ref(), page_size).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        balances.extend(page.into_iter().map(|account| (account.id, account.balance_cents)));
+    }
+    Ok(balances)
+}

@@ -1,0 +1,57 @@
+//! Every Redis key tally uses is spelled here and nowhere else. Scripts get
+//! their keys from these functions through `KEYS`, never by concatenating
+//! inside Lua, so that a later move to Redis Cluster only needs hash tags here.
+
+use crate::domain::{AccountId, BatchId, OrderId, Symbol};
+
+/// Customer account index: a sorted set of ids, all with score 0, so that
+/// `ZRANGE BYLEX` pages through them in id (that is, creation) order.
+pub const ACCOUNTS: &str = "tally:accounts";
+/// The journal: one stream entry per movement of money.
+pub const JOURNAL: &str = "tally:journal";
+/// Settle jobs, one per batch, consumed by the settlement workers.
+pub const SETTLE_STREAM: &str = "tally:settle";
+/// Batch ids by creation time (sorted set).
+pub const BATCHES: &str = "tally:batches";
+/// Every symbol that has ever been ordered (set), so the audit finds all buckets.
+pub const SYMBOLS: &str = "tally:symbols";
+
+/// An account (hash: id, name, balance in cents, created_at).
+pub fn account(id: &AccountId) -> String {
+    format!("tally:account:{id}")
+}
+
+/// A purchase order (hash).
+pub fn order(id: &OrderId) -> String {
+    format!("tally:order:{id}")
+}
+
+/// A symbol's pending bucket (hash: value, quantity, count, epoch).
+pub fn bucket(symbol: &Symbol) -> String {
+    format!("tally:bucket:{symbol}")
+}
+
+/// Order ids waiting in a symbol's bucket (list).
+pub fn bucket_orders(symbol: &Symbol) -> String {
+    format!("tally:bucket:{symbol}:orders")
+}
+
+/// Which batch each closed epoch of a bucket became (hash: epoch -> batch id).
+pub fn bucket_batches(symbol: &Symbol) -> String {
+    format!("tally:bucket:{symbol}:batches")
+}
+
+/// A batch of orders bought in one exchange call (hash).
+pub fn batch(id: &BatchId) -> String {
+    format!("tally:batch:{id}")
+}
+
+/// The order ids of a batch (list).
+pub fn batch_orders(id: &BatchId) -> String {
+    format!("tally:batch:{id}:orders")
+}
+
+/// What one Idempotency-Key did for one kind of request (string).
+pub fn idempotency(scope: &str, key: &str) -> String {
+    format!("tally:idempotency:{scope}:{key}")
+}

@@ -1,0 +1,156 @@
+//! Redis: the connection pool, key names, and one typed wrapper per script.
+//!
+//! Everything that talks to Redis goes through [`Store`]. Scripts are loaded
+//! from `lua/` at compile time and run with EVALSHA (falling back to EVAL once
+//! after a Redis restart flushed the script cache).
+
+pub mod accounts;
+pub mod keys;
+pub mod orders;
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use deadpool_redis::{Manager, Pool, Runtime};
+use redis::AsyncConnectionConfig;
+
+use crate::config::RedisSettings;
+use crate::domain::SystemAccount;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis pool: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    /// Data in Redis that tally could not have written: a broken invariant.
+    #[error("corrupt record {key}: {problem}")]
+    Corrupt { key: String, problem: String },
+    #[error("unexpected script reply: {0:?}")]
+    UnexpectedReply(Vec<String>),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Any async Redis connection the wrappers can run on: a pooled one in the
+/// app, a plain one in tests.
+pub trait Conn: redis::aio::ConnectionLike + Send + Sync {}
+
+impl<T: redis::aio::ConnectionLike + Send + Sync> Conn for T {}
+
+/// A handle on Redis, cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    pub fn connect(settings: &RedisSettings) -> anyhow::Result<Self> {
+        let connection = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(settings.timeout()))
+            .set_response_timeout(Some(settings.timeout()));
+        let manager = Manager::new_with_config(settings.url(), connection)?;
+        let pool = Pool::builder(manager)
+            .max_size(settings.redis_pool_size_max)
+            .wait_timeout(Some(settings.timeout()))
+            .create_timeout(Some(settings.timeout()))
+            .recycle_timeout(Some(settings.timeout()))
+            .runtime(Runtime::Tokio1)
+            .build()?;
+        Ok(Store { pool })
+    }
+
+    /// A store that has not connected (pools connect lazily): enough to
+    /// build the API for its spec.
+    pub fn unconnected() -> Self {
+        let settings = RedisSettings::for_url(crate::config::REDIS_URL_DEFAULT);
+        Self::connect(&settings).expect("the default Redis URL parses")
+    }
+
+    pub async fn conn(&self) -> StoreResult<deadpool_redis::Connection> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Creates the system accounts if they do not exist yet. Safe to run from
+    /// every process at every start.
+    pub async fn ensure_system_accounts(&self) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for system in SystemAccount::ALL {
+            let id = system.id();
+            let key = keys::account(&id);
+            pipe.hset_nx(&key, "id", id.as_str())
+                .hset_nx(&key, "name", id.as_str())
+                .hset_nx(&key, "balance", 0)
+                .hset_nx(&key, "created_at", now_ms());
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Loads every script into Redis' cache and checks Redis answers.
+    pub async fn ready(&self) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        for script in [&*accounts::CREATE_ACCOUNT, &*orders::PLACE_ORDER] {
+            script.prepare_invoke().load_async(&mut conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    i64::try_from(since_epoch.as_millis()).expect("milliseconds fit in i64")
+}
+
+/// A Redis hash read back with `HGETALL`, with typed, checked field access.
+pub struct Record {
+    key: String,
+    fields: HashMap<String, String>,
+}
+
+impl Record {
+    /// `None` when the hash does not exist (`HGETALL` gave nothing).
+    pub fn new(key: String, fields: HashMap<String, String>) -> Option<Self> {
+        (!fields.is_empty()).then_some(Record { key, fields })
+    }
+
+    pub fn text(&self, field: &str) -> StoreResult<&str> {
+        self.fields
+            .get(field)
+            .map(String::as_str)
+            .ok_or_else(|| self.corrupt(format!("field `{field}` is missing")))
+    }
+
+    pub fn optional_text(&self, field: &str) -> Option<&str> {
+        self.fields.get(field).map(String::as_str).filter(|text| !text.is_empty())
+    }
+
+    pub fn integer(&self, field: &str) -> StoreResult<i64> {
+        let text = self.text(field)?;
+        text.parse()
+            .map_err(|_| self.corrupt(format!("field `{field}` is `{text}`, not an integer")))
+    }
+
+    /// Parses a field with a domain parser, reporting failure as corruption.
+    pub fn parsed<T, E: std::fmt::Display>(
+        &self,
+        field: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> StoreResult<T> {
+        let text = self.text(field)?;
+        parse(text).map_err(|err| self.corrupt(format!("field `{field}`: {err}")))
+    }
+
+    pub fn corrupt(&self, problem: String) -> StoreError {
+        StoreError::Corrupt { key: self.key.clone(), problem }
+    }
+}
+
+/// The first word of a script's reply, which every script uses as its verdict.
+pub fn verdict(reply: &[String]) -> &str {
+    reply.first().map(String::as_str).unwrap_or("")
+}
