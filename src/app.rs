@@ -38,8 +38,16 @@ impl Application {
         let local_addr = *acceptor.local_addr()[0]
             .as_socket_addr()
             .context("the listener has a socket address")?;
-        let state = Arc::new(AppState { store, ledger: settings.ledger, api: settings.api });
-        Ok(Application { acceptor, local_addr, state })
+        let state = Arc::new(AppState {
+            store,
+            ledger: settings.ledger,
+            api: settings.api,
+        });
+        Ok(Application {
+            acceptor,
+            local_addr,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -50,7 +58,10 @@ impl Application {
         self.state.store.clone()
     }
 
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
         tracing::info!(address = %self.local_addr, "API listening; Swagger UI at /docs");
         Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(api::app(self.state), shutdown, Some(SHUTDOWN_GRACE))

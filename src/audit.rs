@@ -57,7 +57,12 @@ impl fmt::Display for AuditReport {
             self.mismatched_accounts.len()
         )?;
         for (id, balance, journal) in &self.mismatched_accounts {
-            writeln!(f, "       {id}: balance {} but journal {}", usd(*balance), usd(*journal))?;
+            writeln!(
+                f,
+                "       {id}: balance {} but journal {}",
+                usd(*balance),
+                usd(*journal)
+            )?;
         }
         let settled = self.batches_value_cents + self.buckets_value_cents;
         writeln!(
@@ -68,7 +73,15 @@ impl fmt::Display for AuditReport {
             usd(self.batches_value_cents),
             usd(self.buckets_value_cents)
         )?;
-        write!(f, "{}", if self.is_clean() { "audit clean" } else { "audit FAILED" })
+        write!(
+            f,
+            "{}",
+            if self.is_clean() {
+                "audit clean"
+            } else {
+                "audit FAILED"
+            }
+        )
     }
 }
 
@@ -116,7 +129,9 @@ pub async fn run(store: &Store) -> StoreResult<AuditReport> {
     for (id, balance) in &balances {
         let journal = journal_sums.remove(id.as_str()).unwrap_or(0);
         if journal != *balance {
-            report.mismatched_accounts.push((id.clone(), *balance, journal));
+            report
+                .mismatched_accounts
+                .push((id.clone(), *balance, journal));
         }
     }
     // Money journaled to an account that does not exist is a breach too.

@@ -66,5 +66,9 @@ async fn audit(redis: &RedisSettings) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("auditing Redis at {}", redis.url()))?;
     println!("{report}");
-    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -25,7 +25,11 @@ pub const DEV_DATA_DIR_DEFAULT: &str = ".tally";
 pub const DEV_REDIS_PORT_DEFAULT: u16 = 6399;
 
 #[derive(Debug, Parser)]
-#[command(name = "tally", version, about = "A Redis-native ledger and settlement service")]
+#[command(
+    name = "tally",
+    version,
+    about = "A Redis-native ledger and settlement service"
+)]
 pub struct Cli {
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -155,7 +159,9 @@ pub struct ApiSettings {
 impl Default for ApiSettings {
     fn default() -> Self {
         ApiSettings {
-            listen: LISTEN_DEFAULT.parse().expect("default listen address parses"),
+            listen: LISTEN_DEFAULT
+                .parse()
+                .expect("default listen address parses"),
             body_size_max_bytes: BODY_SIZE_MAX_BYTES_DEFAULT,
             page_size: PAGE_SIZE_DEFAULT,
             page_size_max: PAGE_SIZE_MAX_DEFAULT,
@@ -180,7 +186,11 @@ impl PriceList {
     /// Parses `ABAN=4.00,BTC=65000`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut prices = BTreeMap::new();
-        for pair in text.split(',').map(str::trim).filter(|pair| !pair.is_empty()) {
+        for pair in text
+            .split(',')
+            .map(str::trim)
+            .filter(|pair| !pair.is_empty())
+        {
             let (symbol, price) = pair
                 .split_once('=')
                 .ok_or_else(|| format!("`{pair}` is not SYMBOL=PRICE"))?;
@@ -191,7 +201,10 @@ impl PriceList {
             }
         }
         if prices.is_empty() || prices.len() > Self::SYMBOLS_MAX {
-            return Err(format!("between 1 and {} prices are needed", Self::SYMBOLS_MAX));
+            return Err(format!(
+                "between 1 and {} prices are needed",
+                Self::SYMBOLS_MAX
+            ));
         }
         Ok(PriceList(prices))
     }
@@ -214,7 +227,15 @@ mod tests {
         let prices = PriceList::parse("ABAN=4.00, BTC=65000").unwrap();
         let aban = Symbol::parse("ABAN").unwrap();
         assert_eq!(prices.price(&aban).unwrap().cents(), 400);
-        for bad in ["", "ABAN", "ABAN=0", "ABAN=-1", "aban=4", "ABAN=4,ABAN=5", "ABAN=4.001"] {
+        for bad in [
+            "",
+            "ABAN",
+            "ABAN=0",
+            "ABAN=-1",
+            "aban=4",
+            "ABAN=4,ABAN=5",
+            "ABAN=4.001",
+        ] {
             assert!(PriceList::parse(bad).is_err(), "{bad}");
         }
     }

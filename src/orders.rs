@@ -5,7 +5,9 @@
 //! journals it, and buckets or batches the order.
 
 use crate::config::LedgerSettings;
-use crate::domain::{AccountId, BatchId, Idempotency, IdempotencyKey, OrderId, Quantity, Symbol, order_cost};
+use crate::domain::{
+    AccountId, BatchId, Idempotency, IdempotencyKey, OrderId, Quantity, Symbol, order_cost,
+};
 use crate::store::orders::PlaceOrder;
 
 /// A purchase order as the customer asked for it, already well formed.
@@ -44,7 +46,11 @@ pub fn prepare(
     let cost = order_cost(price, request.quantity).ok_or(OrderRejection::ValueTooLarge)?;
     let idempotency = idempotency_key.map(|key| {
         let quantity_units = request.quantity.units().to_string();
-        let parts = [request.account_id.as_str(), request.symbol.as_str(), &quantity_units];
+        let parts = [
+            request.account_id.as_str(),
+            request.symbol.as_str(),
+            &quantity_units,
+        ];
         Idempotency::new(key, &parts)
     });
     Ok(PlaceOrder {
@@ -60,4 +66,3 @@ pub fn prepare(
         idempotency_ttl_secs,
     })
 }
-

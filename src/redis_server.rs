@@ -70,12 +70,18 @@ impl RedisServer {
         let deadline = tokio::time::Instant::now() + REDIS_START_TIMEOUT;
         loop {
             if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
             {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("redis-server on port {} did not answer within {REDIS_START_TIMEOUT:?}", self.port);
+                bail!(
+                    "redis-server on port {} did not answer within {REDIS_START_TIMEOUT:?}",
+                    self.port
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -96,7 +102,10 @@ impl RedisServer {
             // SAFETY: kill(2) on our own child's pid has no memory effects.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
-        if tokio::time::timeout(REDIS_STOP_TIMEOUT, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(REDIS_STOP_TIMEOUT, self.child.wait())
+            .await
+            .is_err()
+        {
             self.child.kill().await?;
         }
         Ok(())
@@ -105,9 +114,18 @@ impl RedisServer {
 
 fn durable_args(data_dir: &Path) -> Vec<String> {
     let dir = data_dir.display().to_string();
-    ["--dir", &dir, "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
-        .map(String::from)
-        .to_vec()
+    [
+        "--dir",
+        &dir,
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// A port that was free a moment ago.

@@ -8,19 +8,16 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::problem::ApiError;
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
-use crate::domain::{AccountId, Amount, Idempotency, format_units};
+use crate::domain::{AccountId, AccountName, Amount, Idempotency, format_units};
 use crate::store::accounts::{self, Account, CreateAccountError, CreateAccountOutcome, NewAccount};
-
-/// Longest account name accepted.
-pub const ACCOUNT_NAME_LENGTH_MAX: usize = 200;
 
 pub struct AccountsApi(pub Arc<AppState>);
 
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct CreateAccountRequest {
-    /// The holder's name, 1 to 200 characters.
-    name: String,
+    /// The holder's name.
+    name: AccountName,
     /// Opening balance in USD, funded by @bank. Defaults to 0.00.
     balance: Option<Amount>,
 }
@@ -85,14 +82,10 @@ impl AccountsApi {
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
     ) -> Result<CreateAccountResponse, ApiError> {
         let Json(request) = body;
-        let name = request.name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > ACCOUNT_NAME_LENGTH_MAX {
-            let detail = format!("name must be 1 to {ACCOUNT_NAME_LENGTH_MAX} characters");
-            return Err(ApiError::bad_request("invalid-name", detail));
-        }
+        let name = request.name;
         let opening_balance = request.balance.unwrap_or(Amount::ZERO);
         let idempotency = idempotency_key(key.0)?.map(|key| {
-            Idempotency::new(key, &[&name, &opening_balance.cents().to_string()])
+            Idempotency::new(key, &[name.as_str(), &opening_balance.cents().to_string()])
         });
         let new = NewAccount {
             id: AccountId::new_customer(),
@@ -106,8 +99,15 @@ impl AccountsApi {
             Ok(CreateAccountOutcome::Created(id)) => (id, None),
             Ok(CreateAccountOutcome::Replayed(id)) => (id, Some(true)),
             Err(CreateAccountError::IdempotencyConflict(id)) => {
-                let detail = format!("this Idempotency-Key opened account {id} with another request");
+                let detail =
+                    format!("this Idempotency-Key opened account {id} with another request");
                 return Err(ApiError::conflict("idempotency-conflict", detail));
+            }
+            // Ids are fresh UUIDv7s: a clash is a bug, not a client error.
+            Err(err @ CreateAccountError::AccountExists) => {
+                return Err(
+                    crate::store::StoreError::UnexpectedReply(vec![err.to_string()]).into(),
+                );
             }
             Err(CreateAccountError::Store(err)) => return Err(err.into()),
         };
@@ -115,13 +115,18 @@ impl AccountsApi {
             .await?
             .ok_or_else(|| ApiError::not_found(format!("account {id} not found")))?;
         let location = format!("{}/accounts/{id}", super::API_PREFIX);
-        Ok(CreateAccountResponse::Created(Json(account.into()), location, replayed))
+        Ok(CreateAccountResponse::Created(
+            Json(account.into()),
+            location,
+            replayed,
+        ))
     }
 
     /// One account, customer or system (`@bank`, `@exchange`, `@card`).
     #[oai(path = "/accounts/:id", method = "get")]
     async fn get_account(&self, id: Path<String>) -> Result<GetAccountResponse, ApiError> {
-        let id = AccountId::parse(&id.0).map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
+        let id = AccountId::parse(&id.0)
+            .map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
         let mut conn = self.0.store.conn().await?;
         let account = accounts::get_account(&mut conn, &id)
             .await?
@@ -148,6 +153,9 @@ impl AccountsApi {
         let page = accounts::list_accounts(&mut conn, after.as_ref(), limit).await?;
         let next_cursor = (page.len() == limit).then(|| page[page.len() - 1].id.to_string());
         let items = page.into_iter().map(AccountView::from).collect();
-        Ok(ListAccountsResponse::Ok(Json(AccountPage { items, next_cursor })))
+        Ok(ListAccountsResponse::Ok(Json(AccountPage {
+            items,
+            next_cursor,
+        })))
     }
 }

@@ -23,7 +23,11 @@ pub async fn ready(state: Data<&Arc<AppState>>) -> Response {
         Err(err) => {
             tracing::warn!(error = %err, "not ready");
             let detail = format!("redis is not ready: {err}");
-            problem_response(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", detail))
+            problem_response(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-ready",
+                detail,
+            ))
         }
     }
 }

@@ -38,7 +38,10 @@ enum ApiTags {
 
 fn service(state: Arc<AppState>) -> OpenApiService<(accounts::AccountsApi, orders::OrdersApi), ()> {
     OpenApiService::new(
-        (accounts::AccountsApi(state.clone()), orders::OrdersApi(state)),
+        (
+            accounts::AccountsApi(state.clone()),
+            orders::OrdersApi(state),
+        ),
         "tally",
         env!("CARGO_PKG_VERSION"),
     )
@@ -72,7 +75,9 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
         .at("/openapi.yaml", spec)
         .at("/health", get(health::health))
         .at("/ready", get(health::ready).data(state))
-        .around(move |endpoint, request| guard(endpoint, request, body_size_max_bytes, request_timeout))
+        .around(move |endpoint, request| {
+            guard(endpoint, request, body_size_max_bytes, request_timeout)
+        })
         .catch_all_error(problem::into_problem_response)
         .map_to_response()
         .into_endpoint()
@@ -87,7 +92,10 @@ async fn guard<E: Endpoint>(
     body_size_max_bytes: usize,
     request_timeout: Duration,
 ) -> poem::Result<Response> {
-    let body = request.take_body().into_bytes_limit(body_size_max_bytes).await;
+    let body = request
+        .take_body()
+        .into_bytes_limit(body_size_max_bytes)
+        .await;
     let body = match body {
         Ok(body) => body,
         Err(poem::error::ReadBodyError::PayloadTooLarge) => {

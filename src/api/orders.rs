@@ -10,7 +10,9 @@ use super::problem::ApiError;
 use super::{ApiTags, AppState, idempotency_key, rfc3339};
 use crate::domain::{AccountId, BatchId, OrderId, Quantity, Symbol, format_units};
 use crate::orders::{OrderRejection, OrderRequest, prepare};
-use crate::store::orders::{self as store_orders, Batch, Bucket, Order, PlaceOrderError, PlaceOrderOutcome};
+use crate::store::orders::{
+    self as store_orders, Batch, Bucket, Order, PlaceOrderError, PlaceOrderOutcome,
+};
 
 pub struct OrdersApi(pub Arc<AppState>);
 
@@ -179,18 +181,25 @@ impl OrdersApi {
             quantity: request.quantity,
         };
         let key = idempotency_key(key.0)?;
-        let order = prepare(&request, &self.0.ledger, key, self.0.api.idempotency_ttl_secs)
-            .map_err(|rejection| {
-                let code = match rejection {
-                    OrderRejection::UnknownSymbol(_) => "unknown-symbol",
-                    OrderRejection::SystemAccount(_) => "not-a-customer-account",
-                    OrderRejection::ValueTooLarge => "value-too-large",
-                };
-                ApiError::unprocessable(code, rejection.to_string())
-            })?;
+        let order = prepare(
+            &request,
+            &self.0.ledger,
+            key,
+            self.0.api.idempotency_ttl_secs,
+        )
+        .map_err(|rejection| {
+            let code = match rejection {
+                OrderRejection::UnknownSymbol(_) => "unknown-symbol",
+                OrderRejection::SystemAccount(_) => "not-a-customer-account",
+                OrderRejection::ValueTooLarge => "value-too-large",
+            };
+            ApiError::unprocessable(code, rejection.to_string())
+        })?;
         let mut conn = self.0.store.conn().await?;
         let (id, replayed) = match store_orders::place_order(&mut conn, &order).await {
-            Ok(PlaceOrderOutcome::Pending | PlaceOrderOutcome::Settling(_)) => (order.order_id, None),
+            Ok(PlaceOrderOutcome::Pending | PlaceOrderOutcome::Settling(_)) => {
+                (order.order_id, None)
+            }
             Ok(PlaceOrderOutcome::Replayed(id)) => (id, Some(true)),
             Err(err) => return Err(refusal(err, &request.account_id)),
         };
@@ -198,13 +207,18 @@ impl OrdersApi {
             .await?
             .ok_or_else(|| ApiError::not_found(format!("order {id} not found")))?;
         let location = format!("{}/orders/{id}", super::API_PREFIX);
-        Ok(PlaceOrderResponse::Created(Json(placed.into()), location, replayed))
+        Ok(PlaceOrderResponse::Created(
+            Json(placed.into()),
+            location,
+            replayed,
+        ))
     }
 
     /// One order, with its status and batch.
     #[oai(path = "/orders/:id", method = "get")]
     async fn get_order(&self, id: Path<String>) -> Result<OrderResponse, ApiError> {
-        let id = OrderId::parse(&id.0).map_err(|err| ApiError::bad_request("invalid-order-id", err.to_string()))?;
+        let id = OrderId::parse(&id.0)
+            .map_err(|err| ApiError::bad_request("invalid-order-id", err.to_string()))?;
         let mut conn = self.0.store.conn().await?;
         let order = store_orders::get_order(&mut conn, &id)
             .await?
@@ -220,25 +234,40 @@ impl OrdersApi {
             .ledger
             .prices
             .iter()
-            .map(|(symbol, price)| PriceView { symbol: symbol.to_string(), price: price.to_string() })
+            .map(|(symbol, price)| PriceView {
+                symbol: symbol.to_string(),
+                price: price.to_string(),
+            })
             .collect();
         let exchange_minimum = self.0.ledger.exchange_minimum.to_string();
-        PricesResponse::Ok(Json(PriceList { prices, exchange_minimum }))
+        PricesResponse::Ok(Json(PriceList {
+            prices,
+            exchange_minimum,
+        }))
     }
 
     /// What waits for the exchange minimum, per symbol.
     #[oai(path = "/buckets", method = "get")]
     async fn buckets(&self) -> Result<BucketsResponse, ApiError> {
-        let symbols: Vec<Symbol> = self.0.ledger.prices.iter().map(|(symbol, _)| symbol.clone()).collect();
+        let symbols: Vec<Symbol> = self
+            .0
+            .ledger
+            .prices
+            .iter()
+            .map(|(symbol, _)| symbol.clone())
+            .collect();
         let mut conn = self.0.store.conn().await?;
         let buckets = store_orders::buckets(&mut conn, &symbols).await?;
-        Ok(BucketsResponse::Ok(Json(buckets.into_iter().map(BucketView::from).collect())))
+        Ok(BucketsResponse::Ok(Json(
+            buckets.into_iter().map(BucketView::from).collect(),
+        )))
     }
 
     /// One batch: what was (or is being) bought from the exchange in one call.
     #[oai(path = "/batches/:id", method = "get")]
     async fn get_batch(&self, id: Path<String>) -> Result<BatchResponse, ApiError> {
-        let id = BatchId::parse(&id.0).map_err(|err| ApiError::bad_request("invalid-batch-id", err.to_string()))?;
+        let id = BatchId::parse(&id.0)
+            .map_err(|err| ApiError::bad_request("invalid-batch-id", err.to_string()))?;
         let mut conn = self.0.store.conn().await?;
         let batch = store_orders::get_batch(&mut conn, &id)
             .await?
@@ -249,9 +278,10 @@ impl OrdersApi {
 
 fn refusal(err: PlaceOrderError, account_id: &AccountId) -> ApiError {
     match err {
-        PlaceOrderError::AccountNotFound => {
-            ApiError::unprocessable("account-not-found", format!("account {account_id} not found"))
-        }
+        PlaceOrderError::AccountNotFound => ApiError::unprocessable(
+            "account-not-found",
+            format!("account {account_id} not found"),
+        ),
         PlaceOrderError::InsufficientFunds { balance } => ApiError::unprocessable(
             "insufficient-funds",
             format!("insufficient funds: account {account_id} holds {balance}"),

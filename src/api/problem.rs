@@ -2,8 +2,8 @@
 //! for refusals a handler returns, and for everything poem rejects before a
 //! handler runs (malformed JSON, unknown routes, oversized bodies).
 
-use poem::http::StatusCode;
 use poem::Response;
+use poem::http::StatusCode;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object};
 
@@ -63,7 +63,11 @@ impl ApiError {
     }
 
     pub fn not_found(detail: impl Into<String>) -> Self {
-        ApiError::NotFound(Json(Problem::new(StatusCode::NOT_FOUND, "not-found", detail)))
+        ApiError::NotFound(Json(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            detail,
+        )))
     }
 
     pub fn conflict(code: &str, detail: impl Into<String>) -> Self {
@@ -80,11 +84,13 @@ impl ApiError {
         use crate::store::StoreError;
         tracing::error!(error = %err, "store failure");
         match err {
-            StoreError::Pool(_) | StoreError::Redis(_) => ApiError::Unavailable(Json(Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the ledger store is unavailable; retry with the same Idempotency-Key",
-            ))),
+            StoreError::Pool(_) | StoreError::Redis(_) => {
+                ApiError::Unavailable(Json(Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the ledger store is unavailable; retry with the same Idempotency-Key",
+                )))
+            }
             StoreError::Corrupt { .. } | StoreError::UnexpectedReply(_) => {
                 ApiError::Internal(Json(Problem::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -7,10 +7,12 @@
 use std::borrow::Cow;
 
 use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
-use poem_openapi::types::{ParseError, ParseFromJSON, ParseFromParameter, ParseResult, ToJSON, Type};
+use poem_openapi::types::{
+    ParseError, ParseFromJSON, ParseFromParameter, ParseResult, ToJSON, Type,
+};
 use serde_json::Value;
 
-use crate::domain::{AccountId, Amount, BatchId, OrderId, Quantity, Symbol};
+use crate::domain::{AccountId, AccountName, Amount, BatchId, OrderId, Quantity, Symbol};
 
 macro_rules! string_schema_type {
     ($ty:ty, $name:literal, $format:literal, $description:literal, $example:literal,
@@ -70,20 +72,66 @@ macro_rules! string_schema_type {
     };
 }
 
-string_schema_type!(Amount, "amount", "decimal",
-    "USD, a decimal string (or JSON number) with at most 2 decimal places", "12.00",
-    parse = Amount::parse, numbers = true);
-string_schema_type!(Quantity, "quantity", "decimal",
-    "A positive decimal string (or JSON number) with at most 8 decimal places", "3",
-    parse = Quantity::parse, numbers = true);
-string_schema_type!(Symbol, "symbol", "ticker",
-    "An upper-case ticker, one of GET /prices", "ABAN",
-    parse = Symbol::parse, numbers = false);
-string_schema_type!(AccountId, "account_id", "account-id",
+string_schema_type!(
+    Amount,
+    "amount",
+    "decimal",
+    "USD, a decimal string (or JSON number) with at most 2 decimal places",
+    "12.00",
+    parse = Amount::parse,
+    numbers = true
+);
+string_schema_type!(
+    Quantity,
+    "quantity",
+    "decimal",
+    "A positive decimal string (or JSON number) with at most 8 decimal places",
+    "3",
+    parse = Quantity::parse,
+    numbers = true
+);
+string_schema_type!(
+    Symbol,
+    "symbol",
+    "ticker",
+    "An upper-case ticker, one of GET /prices",
+    "ABAN",
+    parse = Symbol::parse,
+    numbers = false
+);
+string_schema_type!(
+    AccountId,
+    "account_id",
+    "account-id",
     "A customer account's UUID, or a system account (@bank, @exchange, @card)",
     "0190a0b0-0000-7000-8000-000000000000",
-    parse = AccountId::parse, numbers = false);
-string_schema_type!(OrderId, "order_id", "uuid", "An order's UUID",
-    "0190a0b0-0000-7000-8000-000000000000", parse = OrderId::parse, numbers = false);
-string_schema_type!(BatchId, "batch_id", "uuid", "A batch's UUID",
-    "0190a0b0-0000-7000-8000-000000000000", parse = BatchId::parse, numbers = false);
+    parse = AccountId::parse,
+    numbers = false
+);
+string_schema_type!(
+    OrderId,
+    "order_id",
+    "uuid",
+    "An order's UUID",
+    "0190a0b0-0000-7000-8000-000000000000",
+    parse = OrderId::parse,
+    numbers = false
+);
+string_schema_type!(
+    BatchId,
+    "batch_id",
+    "uuid",
+    "A batch's UUID",
+    "0190a0b0-0000-7000-8000-000000000000",
+    parse = BatchId::parse,
+    numbers = false
+);
+string_schema_type!(
+    AccountName,
+    "name",
+    "text",
+    "The holder's name: 1 to 200 characters, trimmed",
+    "Ada Lovelace",
+    parse = AccountName::parse,
+    numbers = false
+);

@@ -137,10 +137,16 @@ mod tests {
         let id = AccountId::new_customer();
         assert_eq!(AccountId::parse(id.as_str()).unwrap(), id);
         assert!(AccountId::parse("@bank").unwrap().is_system());
-        assert!(matches!(AccountId::parse("@nope"), Err(IdError::UnknownSystemAccount(_))));
+        assert!(matches!(
+            AccountId::parse("@nope"),
+            Err(IdError::UnknownSystemAccount(_))
+        ));
         assert!(matches!(AccountId::parse("42"), Err(IdError::Malformed(_))));
         let simple = id.as_str().replace('-', "");
-        assert!(matches!(AccountId::parse(&simple), Err(IdError::Malformed(_))));
+        assert!(matches!(
+            AccountId::parse(&simple),
+            Err(IdError::Malformed(_))
+        ));
     }
 
     #[test]

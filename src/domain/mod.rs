@@ -4,12 +4,16 @@
 mod idempotency;
 mod ids;
 mod money;
+mod name;
 mod symbol;
 
-pub use idempotency::{IDEMPOTENCY_KEY_LENGTH_MAX, Idempotency, IdempotencyKey, IdempotencyKeyError};
+pub use idempotency::{
+    IDEMPOTENCY_KEY_LENGTH_MAX, Idempotency, IdempotencyKey, IdempotencyKeyError,
+};
 pub use ids::{AccountId, BatchId, IdError, OrderId, SystemAccount, truncate_for_message};
 pub use money::{
     AMOUNT_MAX_CENTS, AMOUNT_SCALE, Amount, MoneyError, QUANTITY_MAX_UNITS, QUANTITY_SCALE,
     Quantity, format_units, order_cost,
 };
+pub use name::{ACCOUNT_NAME_LENGTH_MAX, AccountName, AccountNameError};
 pub use symbol::{Symbol, SymbolError};

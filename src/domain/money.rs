@@ -205,10 +205,21 @@ mod tests {
         assert_eq!(Amount::parse("0.001"), Err(MoneyError::TooPrecise(2)));
         assert_eq!(Amount::parse("-1"), Err(MoneyError::Negative));
         assert_eq!(Amount::parse_positive("0.00"), Err(MoneyError::NotPositive));
-        assert!(matches!(Amount::parse("1000000000.01"), Err(MoneyError::TooLarge(_))));
-        assert!(matches!(Amount::parse("1e40"), Err(MoneyError::TooLarge(_))));
-        for bad in ["", "abc", "1_000", " 1", "1.", ".5", "+1", "0x10", "1e", "NaN", "1.2.3"] {
-            assert!(matches!(Amount::parse(bad), Err(MoneyError::NotANumber(_))), "{bad}");
+        assert!(matches!(
+            Amount::parse("1000000000.01"),
+            Err(MoneyError::TooLarge(_))
+        ));
+        assert!(matches!(
+            Amount::parse("1e40"),
+            Err(MoneyError::TooLarge(_))
+        ));
+        for bad in [
+            "", "abc", "1_000", " 1", "1.", ".5", "+1", "0x10", "1e", "NaN", "1.2.3",
+        ] {
+            assert!(
+                matches!(Amount::parse(bad), Err(MoneyError::NotANumber(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -217,10 +228,16 @@ mod tests {
         assert_eq!(Quantity::parse("3").unwrap().units(), 300_000_000);
         assert_eq!(Quantity::parse("0.00000001").unwrap().units(), 1);
         assert_eq!(Quantity::parse("1.5").unwrap().to_string(), "1.5");
-        assert_eq!(Quantity::parse("0.000000001"), Err(MoneyError::TooPrecise(8)));
+        assert_eq!(
+            Quantity::parse("0.000000001"),
+            Err(MoneyError::TooPrecise(8))
+        );
         assert_eq!(Quantity::parse("0"), Err(MoneyError::NotPositive));
         assert_eq!(Quantity::parse("-2"), Err(MoneyError::Negative));
-        assert!(matches!(Quantity::parse("1000000.00000001"), Err(MoneyError::TooLarge(_))));
+        assert!(matches!(
+            Quantity::parse("1000000.00000001"),
+            Err(MoneyError::TooLarge(_))
+        ));
         assert!(matches!(
             Quantity::parse("99999999999999999999999999999999"),
             Err(MoneyError::TooLarge(_))
@@ -230,10 +247,30 @@ mod tests {
     #[test]
     fn cost_rounds_up_to_the_cent() {
         let price = Amount::parse("4.00").unwrap();
-        assert_eq!(order_cost(price, Quantity::parse("3").unwrap()).unwrap().cents(), 1200);
-        assert_eq!(order_cost(price, Quantity::parse("0.00000001").unwrap()).unwrap().cents(), 1);
-        assert_eq!(order_cost(price, Quantity::parse("0.0025").unwrap()).unwrap().cents(), 1);
-        assert_eq!(order_cost(price, Quantity::parse("0.00250001").unwrap()).unwrap().cents(), 2);
+        assert_eq!(
+            order_cost(price, Quantity::parse("3").unwrap())
+                .unwrap()
+                .cents(),
+            1200
+        );
+        assert_eq!(
+            order_cost(price, Quantity::parse("0.00000001").unwrap())
+                .unwrap()
+                .cents(),
+            1
+        );
+        assert_eq!(
+            order_cost(price, Quantity::parse("0.0025").unwrap())
+                .unwrap()
+                .cents(),
+            1
+        );
+        assert_eq!(
+            order_cost(price, Quantity::parse("0.00250001").unwrap())
+                .unwrap()
+                .cents(),
+            2
+        );
         let dear = Amount::parse("1000000000").unwrap();
         assert_eq!(order_cost(dear, Quantity::parse("2").unwrap()), None);
     }

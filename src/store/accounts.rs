@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use redis::{AsyncCommands, Script};
 
 use super::{Conn, Record, StoreError, StoreResult, keys, now_ms, verdict};
-use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
+use crate::domain::{AccountId, AccountName, Amount, Idempotency, SystemAccount};
 
 pub static CREATE_ACCOUNT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/create_account.lua")));
@@ -32,7 +32,7 @@ impl Account {
 
 pub struct NewAccount {
     pub id: AccountId,
-    pub name: String,
+    pub name: AccountName,
     pub opening_balance: Amount,
     pub idempotency: Option<Idempotency>,
     pub idempotency_ttl_secs: u64,
@@ -49,6 +49,8 @@ pub enum CreateAccountOutcome {
 pub enum CreateAccountError {
     #[error("the Idempotency-Key was used for another request (account {0})")]
     IdempotencyConflict(String),
+    #[error("an account with this id exists")]
+    AccountExists,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -59,7 +61,10 @@ pub async fn create_account(
     new: &NewAccount,
 ) -> Result<CreateAccountOutcome, CreateAccountError> {
     let (idempotency_key, fingerprint) = match &new.idempotency {
-        Some(idem) => (keys::idempotency("accounts", idem.key.as_str()), idem.fingerprint.as_str()),
+        Some(idem) => (
+            keys::idempotency("accounts", idem.key.as_str()),
+            idem.fingerprint.as_str(),
+        ),
         None => (keys::idempotency("accounts", "-"), ""),
     };
     let bank = SystemAccount::Bank.id();
@@ -70,7 +75,7 @@ pub async fn create_account(
         .key(keys::ACCOUNTS)
         .key(idempotency_key)
         .arg(new.id.as_str())
-        .arg(&new.name)
+        .arg(new.name.as_str())
         .arg(new.opening_balance.cents())
         .arg(now_ms())
         .arg(fingerprint)
@@ -91,14 +96,12 @@ pub async fn create_account(
         ("refused", Some("idempotency_conflict")) => Err(CreateAccountError::IdempotencyConflict(
             reply.get(2).cloned().unwrap_or_default(),
         )),
+        ("refused", Some("account_exists")) => Err(CreateAccountError::AccountExists),
         _ => Err(StoreError::UnexpectedReply(reply).into()),
     }
 }
 
-pub async fn get_account(
-    conn: &mut impl Conn,
-    id: &AccountId,
-) -> StoreResult<Option<Account>> {
+pub async fn get_account(conn: &mut impl Conn, id: &AccountId) -> StoreResult<Option<Account>> {
     let key = keys::account(id);
     let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
     Record::new(key, fields)
@@ -158,7 +161,10 @@ pub async fn all_balances(
         let page = list_accounts(conn, after.as_ref(), page_size).await?;
         let Some(last) = page.last() else { break };
         after = Some(last.id.clone());
-        balances.extend(page.into_iter().map(|account| (account.id, account.balance_cents)));
+        balances.extend(
+            page.into_iter()
+                .map(|account| (account.id, account.balance_cents)),
+        );
     }
     Ok(balances)
 }

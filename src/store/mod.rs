@@ -126,7 +126,10 @@ impl Record {
     }
 
     pub fn optional_text(&self, field: &str) -> Option<&str> {
-        self.fields.get(field).map(String::as_str).filter(|text| !text.is_empty())
+        self.fields
+            .get(field)
+            .map(String::as_str)
+            .filter(|text| !text.is_empty())
     }
 
     pub fn integer(&self, field: &str) -> StoreResult<i64> {
@@ -146,7 +149,10 @@ impl Record {
     }
 
     pub fn corrupt(&self, problem: String) -> StoreError {
-        StoreError::Corrupt { key: self.key.clone(), problem }
+        StoreError::Corrupt {
+            key: self.key.clone(),
+            problem,
+        }
     }
 }
 

@@ -6,7 +6,9 @@ use std::sync::LazyLock;
 use redis::{AsyncCommands, Script};
 
 use super::{Conn, Record, StoreError, StoreResult, keys, now_ms, verdict};
-use crate::domain::{AccountId, Amount, BatchId, Idempotency, OrderId, Quantity, Symbol, SystemAccount};
+use crate::domain::{
+    AccountId, Amount, BatchId, Idempotency, OrderId, Quantity, Symbol, SystemAccount,
+};
 
 pub static PLACE_ORDER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/place_order.lua")));
@@ -120,7 +122,10 @@ pub async fn place_order(
     order: &PlaceOrder,
 ) -> Result<PlaceOrderOutcome, PlaceOrderError> {
     let (idempotency_key, fingerprint) = match &order.idempotency {
-        Some(idem) => (keys::idempotency("orders", idem.key.as_str()), idem.fingerprint.as_str()),
+        Some(idem) => (
+            keys::idempotency("orders", idem.key.as_str()),
+            idem.fingerprint.as_str(),
+        ),
         None => (keys::idempotency("orders", "-"), ""),
     };
     let reply: Vec<String> = PLACE_ORDER
@@ -178,10 +183,7 @@ pub async fn place_order(
 }
 
 /// An order with its status, which it takes from its batch once it has one.
-pub async fn get_order(
-    conn: &mut impl Conn,
-    id: &OrderId,
-) -> StoreResult<Option<Order>> {
+pub async fn get_order(conn: &mut impl Conn, id: &OrderId) -> StoreResult<Option<Order>> {
     let key = keys::order(id);
     let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
     let Some(record) = Record::new(key, fields) else {
@@ -197,7 +199,8 @@ pub async fn get_order(
         None => SettlementStatus::Pending,
         Some(batch_id) => {
             let status: Option<String> = conn.hget(keys::batch(batch_id), "status").await?;
-            let status = status.ok_or_else(|| record.corrupt(format!("batch {batch_id} is missing")))?;
+            let status =
+                status.ok_or_else(|| record.corrupt(format!("batch {batch_id} is missing")))?;
             SettlementStatus::parse(&status).map_err(|err| record.corrupt(err))?
         }
     };
@@ -216,10 +219,7 @@ pub async fn get_order(
 
 /// A batch with its order ids (at most the exchange minimum in cents of them,
 /// since every order costs at least a cent).
-pub async fn get_batch(
-    conn: &mut impl Conn,
-    id: &BatchId,
-) -> StoreResult<Option<Batch>> {
+pub async fn get_batch(conn: &mut impl Conn, id: &BatchId) -> StoreResult<Option<Batch>> {
     let key = keys::batch(id);
     let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
     let Some(record) = Record::new(key, fields) else {
@@ -244,10 +244,7 @@ pub async fn get_batch(
 }
 
 /// The pending bucket of each symbol given, empty ones included.
-pub async fn buckets(
-    conn: &mut impl Conn,
-    symbols: &[Symbol],
-) -> StoreResult<Vec<Bucket>> {
+pub async fn buckets(conn: &mut impl Conn, symbols: &[Symbol]) -> StoreResult<Vec<Bucket>> {
     if symbols.is_empty() {
         return Ok(Vec::new());
     }
@@ -299,17 +296,22 @@ pub async fn batch_values(
         offset += ids.len() as isize;
         let ids = ids
             .iter()
-            .map(|id| BatchId::parse(id).map_err(|err| StoreError::Corrupt {
-                key: keys::BATCHES.to_owned(),
-                problem: err.to_string(),
-            }))
+            .map(|id| {
+                BatchId::parse(id).map_err(|err| StoreError::Corrupt {
+                    key: keys::BATCHES.to_owned(),
+                    problem: err.to_string(),
+                })
+            })
             .collect::<StoreResult<Vec<_>>>()?;
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.hget(keys::batch(id), "value");
         }
         let page: Vec<Option<i64>> = pipe.query_async(conn).await?;
-        values.extend(ids.into_iter().zip(page.into_iter().map(|value| value.unwrap_or(0))));
+        values.extend(
+            ids.into_iter()
+                .zip(page.into_iter().map(|value| value.unwrap_or(0))),
+        );
     }
     Ok(values)
 }

@@ -1,0 +1,10 @@
+//! All integration tests, in one binary: each test starts its own
+//! redis-server and its own API on port 0.
+
+mod accounts;
+mod concurrency;
+mod helpers;
+mod operations;
+mod orders;
+mod scripts;
+mod validation;

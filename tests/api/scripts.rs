@@ -1,0 +1,138 @@
+//! The Lua scripts, called directly against Redis through their wrappers:
+//! every verdict, and for every refusal, proof that nothing was written.
+
+use tally::domain::{
+    AccountId, Amount, BatchId, Idempotency, IdempotencyKey, OrderId, Quantity, Symbol,
+};
+use tally::store::accounts::{
+    CreateAccountError, CreateAccountOutcome, NewAccount, create_account,
+};
+use tally::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_order};
+
+use crate::helpers::{redis_snapshot, spawn_app};
+
+fn new_account(balance: &str, key: Option<&str>) -> NewAccount {
+    NewAccount {
+        id: AccountId::new_customer(),
+        name: tally::domain::AccountName::parse("script").unwrap(),
+        opening_balance: Amount::parse(balance).unwrap(),
+        idempotency: key
+            .map(|key| Idempotency::new(IdempotencyKey::parse(key).unwrap(), &["script", balance])),
+        idempotency_ttl_secs: 60,
+    }
+}
+
+fn order(account_id: &AccountId, quantity: &str, key: Option<&str>) -> PlaceOrder {
+    let quantity = Quantity::parse(quantity).unwrap();
+    let price = Amount::parse("4.00").unwrap();
+    PlaceOrder {
+        order_id: OrderId::new(),
+        account_id: account_id.clone(),
+        symbol: Symbol::parse("ABAN").unwrap(),
+        quantity,
+        price,
+        cost: tally::domain::order_cost(price, quantity).unwrap(),
+        exchange_minimum: Amount::parse("10.00").unwrap(),
+        batch_id: BatchId::new(),
+        idempotency: key.map(|key| {
+            Idempotency::new(
+                IdempotencyKey::parse(key).unwrap(),
+                &[&quantity.units().to_string()],
+            )
+        }),
+        idempotency_ttl_secs: 60,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_account_creates_replays_and_refuses() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let new = new_account("7.00", Some("k"));
+    let created = create_account(&mut conn, &new).await.unwrap();
+    assert!(matches!(created, CreateAccountOutcome::Created(ref id) if *id == new.id));
+
+    let before = redis_snapshot(&mut conn).await;
+    // Same key, same request (a fresh id, as a retrying client would draw): replayed.
+    let retry = NewAccount {
+        id: AccountId::new_customer(),
+        ..new_account("7.00", Some("k"))
+    };
+    let replayed = create_account(&mut conn, &retry).await.unwrap();
+    assert!(matches!(replayed, CreateAccountOutcome::Replayed(ref id) if *id == new.id));
+    // Same key, another request: refused.
+    let other = create_account(&mut conn, &new_account("8.00", Some("k"))).await;
+    assert!(matches!(
+        other,
+        Err(CreateAccountError::IdempotencyConflict(_))
+    ));
+    // The same id twice (never drawn in practice): refused.
+    let again = NewAccount {
+        id: new.id.clone(),
+        ..new_account("1.00", None)
+    };
+    let exists = create_account(&mut conn, &again).await;
+    assert!(
+        matches!(exists, Err(CreateAccountError::AccountExists)),
+        "{exists:?}"
+    );
+    assert_eq!(
+        redis_snapshot(&mut conn).await,
+        before,
+        "refusals and replays write nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn place_order_buckets_batches_replays_and_refuses() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let rich = new_account("100.00", None);
+    create_account(&mut conn, &rich).await.unwrap();
+
+    let pending = place_order(&mut conn, &order(&rich.id, "1", Some("o1")))
+        .await
+        .unwrap();
+    assert_eq!(pending, PlaceOrderOutcome::Pending);
+    let closing = order(&rich.id, "2", None);
+    let settling = place_order(&mut conn, &closing).await.unwrap();
+    assert_eq!(settling, PlaceOrderOutcome::Settling(closing.batch_id));
+
+    let before = redis_snapshot(&mut conn).await;
+    let retry = place_order(&mut conn, &order(&rich.id, "1", Some("o1")))
+        .await
+        .unwrap();
+    assert!(matches!(retry, PlaceOrderOutcome::Replayed(_)));
+    let conflict = place_order(&mut conn, &order(&rich.id, "2", Some("o1"))).await;
+    assert!(matches!(
+        conflict,
+        Err(PlaceOrderError::IdempotencyConflict(_))
+    ));
+    let nobody = place_order(&mut conn, &order(&AccountId::new_customer(), "1", None)).await;
+    assert!(matches!(nobody, Err(PlaceOrderError::AccountNotFound)));
+    let too_much = place_order(&mut conn, &order(&rich.id, "100", None)).await;
+    match too_much {
+        Err(PlaceOrderError::InsufficientFunds { balance }) => {
+            assert_eq!(balance.to_string(), "88.00")
+        }
+        other => panic!("expected insufficient funds, got {other:?}"),
+    }
+    assert_eq!(
+        redis_snapshot(&mut conn).await,
+        before,
+        "refusals and replays write nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_for_exactly_the_balance_succeeds() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let exact = new_account("12.00", None);
+    create_account(&mut conn, &exact).await.unwrap();
+    let placed = place_order(&mut conn, &order(&exact.id, "3", None))
+        .await
+        .unwrap();
+    assert!(matches!(placed, PlaceOrderOutcome::Settling(_)));
+    assert_eq!(app.balance(exact.id.as_str()).await, "0.00");
+}
