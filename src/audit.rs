@@ -3,6 +3,8 @@
 //! 1. All balances, customer and system, sum to exactly zero.
 //! 2. Each balance equals the sum of its journal entries.
 //! 3. Every cent paid for orders is in exactly one place: a batch or a bucket.
+//! 4. `@exchange` holds exactly what is still owed to the exchange: the
+//!    buckets and the batches not yet settled or refunded.
 //!
 //! The audit reads in bounded pages and is not one atomic snapshot: run it on
 //! a quiet system (or twice) before calling a mismatch a breach.
@@ -12,7 +14,8 @@ use std::fmt;
 
 use redis::streams::StreamRangeReply;
 
-use crate::domain::{AccountId, format_units};
+use crate::domain::{AccountId, SystemAccount, format_units};
+use crate::store::orders::SettlementStatus;
 use crate::store::{Store, StoreError, StoreResult, accounts, keys, orders};
 
 /// Entries, accounts or batches read per Redis call.
@@ -28,6 +31,9 @@ pub struct AuditReport {
     pub orders_value_cents: i64,
     pub batches_value_cents: i64,
     pub buckets_value_cents: i64,
+    pub exchange_balance_cents: i64,
+    /// Batches settling or failed: bought from the exchange by no one yet.
+    pub open_batches_value_cents: i64,
 }
 
 impl AuditReport {
@@ -35,6 +41,8 @@ impl AuditReport {
         self.balances_sum_cents == 0
             && self.mismatched_accounts.is_empty()
             && self.orders_value_cents == self.batches_value_cents + self.buckets_value_cents
+            && self.exchange_balance_cents
+                == self.open_batches_value_cents + self.buckets_value_cents
     }
 }
 
@@ -144,7 +152,19 @@ pub async fn run(store: &Store) -> StoreResult<AuditReport> {
     }
 
     let batches = orders::batch_values(&mut conn, AUDIT_PAGE_SIZE).await?;
-    report.batches_value_cents = batches.values().sum();
+    for (_, value, status) in batches {
+        report.batches_value_cents += value;
+        if matches!(
+            status,
+            SettlementStatus::Settling | SettlementStatus::Failed
+        ) {
+            report.open_batches_value_cents += value;
+        }
+    }
+    report.exchange_balance_cents = balances
+        .iter()
+        .find(|(id, _)| *id == SystemAccount::Exchange.id())
+        .map_or(0, |(_, balance)| *balance);
     let symbols = orders::ordered_symbols(&mut conn).await?;
     let buckets = orders::buckets(&mut conn, &symbols).await?;
     report.buckets_value_cents = buckets.iter().map(|bucket| bucket.value_cents).sum();

@@ -3,16 +3,24 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use tokio::sync::watch;
 
 use crate::app::{Application, shutdown_signal};
-use crate::config::{Command, DevArgs, RedisSettings, ServeArgs};
+use crate::config::{
+    BatchAction, Command, DevArgs, ExchangeSimArgs, RedisSettings, ServeArgs, WorkerArgs,
+};
+use crate::domain::BatchId;
+use crate::exchange::sim::{ExchangeSim, Faults};
 use crate::redis_server::RedisServer;
-use crate::store::Store;
+use crate::store::{Store, orders, settlement};
 
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve(args).await,
+        Command::Worker(args) => worker(args).await,
+        Command::ExchangeSim(args) => exchange_sim(args).await,
         Command::Dev(args) => dev(args).await,
+        Command::Batches { redis, action } => batches(&redis, action).await,
         Command::Openapi { out } => {
             let spec = crate::api::spec_yaml();
             match out {
@@ -32,31 +40,140 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Everything in one process. With no TALLY_REDIS_URL, a private redis-server
-/// (AOF on) runs under `--data-dir` for as long as this does.
+/// A watch that turns true on SIGINT or SIGTERM.
+fn shutdown_watch() -> watch::Receiver<bool> {
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    stopped
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    args.worker.validate().map_err(anyhow::Error::msg)?;
+    let store = Store::connect(&args.redis)?;
+    store
+        .ensure_system_accounts()
+        .await
+        .context("preparing Redis")?;
+    crate::settlement::run_workers(store, &args.worker, shutdown_watch()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn exchange_sim(args: ExchangeSimArgs) -> anyhow::Result<ExitCode> {
+    let faults = Faults {
+        latency_ms: args.latency_ms,
+        fail_rate: args.fail_rate,
+        reject_rate: args.reject_rate,
+    };
+    let sim = ExchangeSim::bind(args.listen, faults).await?;
+    sim.run_until_stopped(shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Everything in one process: the API, the settlement workers and, unless
+/// TALLY_EXCHANGE_URL names one, an exchange-sim. With no TALLY_REDIS_URL, a
+/// private redis-server (AOF on) runs under `--data-dir` for as long as this does.
 async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
-    let mut serve_args = args.serve;
-    let private_redis = match serve_args.redis.redis_url {
+    let DevArgs {
+        mut serve,
+        mut worker,
+        exchange_sim_listen,
+        data_dir,
+        dev_redis_port,
+    } = args;
+    worker.validate().map_err(anyhow::Error::msg)?;
+    let private_redis = match serve.redis.redis_url {
         Some(_) => None,
         None => {
-            let server = RedisServer::start_durable(&args.data_dir, args.dev_redis_port).await?;
+            let server = RedisServer::start_durable(&data_dir, dev_redis_port).await?;
             tracing::info!(
                 url = %server.url(),
-                data_dir = %args.data_dir.display(),
+                data_dir = %data_dir.display(),
                 "private redis-server started; inspect it with `redis-cli -p {}`",
                 server.port()
             );
-            serve_args.redis.redis_url = Some(server.url());
+            serve.redis.redis_url = Some(server.url());
             Some(server)
         }
     };
-    let app = Application::build(serve_args).await?;
-    let served = app.run_until_stopped(shutdown_signal()).await;
+    let stopped = shutdown_watch();
+    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    if worker.exchange_url.is_none() {
+        let sim = ExchangeSim::bind(exchange_sim_listen, Faults::default()).await?;
+        worker.exchange_url = Some(sim.url().to_owned());
+        let stop = until_stopped(stopped.clone());
+        tasks.spawn(async move {
+            sim.run_until_stopped(stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    let app = Application::build(serve.clone()).await?;
+    let store = app.store();
+    let stop = until_stopped(stopped.clone());
+    tasks.spawn(async move {
+        app.run_until_stopped(stop)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    let workers_stopped = stopped.clone();
+    tasks.spawn(
+        async move { crate::settlement::run_workers(store, &worker, workers_stopped).await },
+    );
+
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(err) = joined.map_err(anyhow::Error::from).and_then(|task| task) {
+            tracing::error!(error = %err, "a dev task failed; stopping");
+            result = Err(err);
+            tasks.abort_all();
+        }
+    }
     if let Some(server) = private_redis {
         server.stop().await?;
         tracing::info!("private redis-server stopped");
     }
-    served?;
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+async fn batches(redis: &RedisSettings, action: BatchAction) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(redis)?;
+    let mut conn = store.conn().await?;
+    let parse = |id: &str| BatchId::parse(id).map_err(anyhow::Error::from);
+    match action {
+        BatchAction::List { limit } => {
+            for id in settlement::failed_batches(&mut conn, 0, limit).await? {
+                if let Some(batch) = orders::get_batch(&mut conn, &id).await? {
+                    println!(
+                        "{id} {} {} value {} orders {} attempts {} error: {}",
+                        batch.symbol,
+                        batch.quantity,
+                        batch.value,
+                        batch.order_ids.len(),
+                        batch.attempts,
+                        batch.last_error.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        BatchAction::Retry { batch_id } => {
+            settlement::requeue_failed_batch(&mut conn, &parse(&batch_id)?).await?;
+            println!("batch {batch_id} is back on the settle stream");
+        }
+        BatchAction::Refund { batch_id, note } => {
+            let (orders, cents) =
+                settlement::refund_batch(&mut conn, &parse(&batch_id)?, &note).await?;
+            println!(
+                "batch {batch_id} refunded: {orders} orders, {}",
+                crate::domain::format_units(cents, 2)
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -21,6 +21,18 @@ pub const PAGE_SIZE_DEFAULT: usize = 20;
 pub const PAGE_SIZE_MAX_DEFAULT: usize = 100;
 pub const IDEMPOTENCY_TTL_SECS_DEFAULT: u64 = 24 * 60 * 60;
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+pub const WORKER_CONSUMERS_DEFAULT: usize = 1;
+pub const WORKER_READ_COUNT_DEFAULT: usize = 16;
+pub const WORKER_BLOCK_MS_DEFAULT: u64 = 1_000;
+pub const CLAIM_IDLE_MS_DEFAULT: u64 = 30_000;
+pub const ATTEMPTS_MAX_DEFAULT: u32 = 8;
+pub const RETRY_BASE_MS_DEFAULT: u64 = 500;
+pub const RETRY_MAX_MS_DEFAULT: u64 = 60_000;
+pub const RETRY_PROMOTE_LIMIT_DEFAULT: usize = 100;
+pub const EXCHANGE_URL_DEFAULT: &str = "http://127.0.0.1:8090";
+pub const EXCHANGE_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const EXCHANGE_CONNECT_TIMEOUT_MS_DEFAULT: u64 = 1_000;
+pub const EXCHANGE_SIM_LISTEN_DEFAULT: &str = "127.0.0.1:8090";
 pub const DEV_DATA_DIR_DEFAULT: &str = ".tally";
 pub const DEV_REDIS_PORT_DEFAULT: u16 = 6399;
 
@@ -49,6 +61,17 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run everything in one process; starts a private redis-server unless TALLY_REDIS_URL is set.
     Dev(DevArgs),
+    /// Run settlement workers (consumer group on the settle stream).
+    Worker(WorkerArgs),
+    /// Run a stand-in international exchange over HTTP, with fault injection.
+    ExchangeSim(ExchangeSimArgs),
+    /// Operator actions on failed batches: list, retry, refund.
+    Batches {
+        #[command(flatten)]
+        redis: RedisSettings,
+        #[command(subcommand)]
+        action: BatchAction,
+    },
     /// Print the OpenAPI spec (YAML), or write it to a file.
     Openapi {
         /// Write here instead of standard output.
@@ -72,10 +95,140 @@ pub struct ServeArgs {
     pub api: ApiSettings,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum BatchAction {
+    /// List failed batches, oldest failure first.
+    List {
+        #[arg(long, default_value_t = PAGE_SIZE_MAX_DEFAULT)]
+        limit: usize,
+    },
+    /// Send a failed batch back to the exchange.
+    Retry { batch_id: String },
+    /// Give every customer of a failed batch their money back.
+    Refund {
+        batch_id: String,
+        /// Why, for the record.
+        #[arg(long, default_value = "refunded by operator")]
+        note: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub redis: RedisSettings,
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerSettings {
+    /// Names this process's consumers (default: host name and process id).
+    #[arg(long, env = "TALLY_WORKER_NAME")]
+    pub worker_name: Option<String>,
+    /// Settlement consumers in this process.
+    #[arg(long, env = "TALLY_WORKER_CONSUMERS", default_value_t = WORKER_CONSUMERS_DEFAULT)]
+    pub consumers: usize,
+    /// Most jobs one consumer reads, and handles concurrently, at once.
+    #[arg(long, env = "TALLY_WORKER_READ_COUNT", default_value_t = WORKER_READ_COUNT_DEFAULT)]
+    pub read_count: usize,
+    /// Longest one read blocks waiting for jobs.
+    #[arg(long, env = "TALLY_WORKER_BLOCK_MS", default_value_t = WORKER_BLOCK_MS_DEFAULT)]
+    pub block_ms: u64,
+    /// A job pending this long with one consumer is taken over by another.
+    #[arg(long, env = "TALLY_CLAIM_IDLE_MS", default_value_t = CLAIM_IDLE_MS_DEFAULT)]
+    pub claim_idle_ms: u64,
+    /// Exchange calls per batch before it is dead-lettered.
+    #[arg(long, env = "TALLY_ATTEMPTS_MAX", default_value_t = ATTEMPTS_MAX_DEFAULT)]
+    pub attempts_max: u32,
+    /// First retry delay; each further one doubles (with jitter).
+    #[arg(long, env = "TALLY_RETRY_BASE_MS", default_value_t = RETRY_BASE_MS_DEFAULT)]
+    pub retry_base_ms: u64,
+    /// Longest retry delay.
+    #[arg(long, env = "TALLY_RETRY_MAX_MS", default_value_t = RETRY_MAX_MS_DEFAULT)]
+    pub retry_max_ms: u64,
+    /// The international exchange (default: exchange-sim on its default port).
+    #[arg(long, env = "TALLY_EXCHANGE_URL")]
+    pub exchange_url: Option<String>,
+    /// Bound on one exchange call, end to end.
+    #[arg(long, env = "TALLY_EXCHANGE_TIMEOUT_MS", default_value_t = EXCHANGE_TIMEOUT_MS_DEFAULT)]
+    pub exchange_timeout_ms: u64,
+    /// Bound on connecting to the exchange.
+    #[arg(long, env = "TALLY_EXCHANGE_CONNECT_TIMEOUT_MS", default_value_t = EXCHANGE_CONNECT_TIMEOUT_MS_DEFAULT)]
+    pub exchange_connect_timeout_ms: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            worker_name: None,
+            consumers: WORKER_CONSUMERS_DEFAULT,
+            read_count: WORKER_READ_COUNT_DEFAULT,
+            block_ms: WORKER_BLOCK_MS_DEFAULT,
+            claim_idle_ms: CLAIM_IDLE_MS_DEFAULT,
+            attempts_max: ATTEMPTS_MAX_DEFAULT,
+            retry_base_ms: RETRY_BASE_MS_DEFAULT,
+            retry_max_ms: RETRY_MAX_MS_DEFAULT,
+            exchange_url: None,
+            exchange_timeout_ms: EXCHANGE_TIMEOUT_MS_DEFAULT,
+            exchange_connect_timeout_ms: EXCHANGE_CONNECT_TIMEOUT_MS_DEFAULT,
+        }
+    }
+}
+
+impl WorkerSettings {
+    /// Refuses settings under which workers would step on each other.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.claim_idle_ms <= self.exchange_timeout_ms {
+            return Err(format!(
+                "claim_idle_ms ({}) must exceed exchange_timeout_ms ({}), or jobs in flight would be taken over",
+                self.claim_idle_ms, self.exchange_timeout_ms
+            ));
+        }
+        if self.consumers == 0 || self.read_count == 0 || self.attempts_max == 0 {
+            return Err("consumers, read_count and attempts_max must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+
+    pub fn exchange_url(&self) -> &str {
+        self.exchange_url.as_deref().unwrap_or(EXCHANGE_URL_DEFAULT)
+    }
+
+    pub fn worker_name(&self) -> String {
+        self.worker_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|host| host.trim().to_owned())
+                .unwrap_or_else(|_| "worker".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExchangeSimArgs {
+    #[arg(long, env = "TALLY_EXCHANGE_SIM_LISTEN", default_value = EXCHANGE_SIM_LISTEN_DEFAULT)]
+    pub listen: SocketAddr,
+    /// Added to every call.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Fraction of calls answered 503, from 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Fraction of calls answered 422, from 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    pub reject_rate: f64,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct DevArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+    /// Where the in-process exchange-sim listens (unless TALLY_EXCHANGE_URL names a real exchange).
+    #[arg(long, env = "TALLY_EXCHANGE_SIM_LISTEN", default_value = EXCHANGE_SIM_LISTEN_DEFAULT)]
+    pub exchange_sim_listen: SocketAddr,
     /// Where the private redis-server keeps its append-only file.
     #[arg(long, env = "TALLY_DATA_DIR", default_value = DEV_DATA_DIR_DEFAULT)]
     pub data_dir: PathBuf,

@@ -7,6 +7,10 @@
 //! - [`store`]: Redis: the pool, the key names ([`store::keys`]), one typed
 //!   wrapper per Lua script in `lua/`.
 //! - [`orders`]: pricing purchase orders before `place_order.lua` runs.
+//! - [`settlement`]: workers that buy batches from the exchange, retry with
+//!   backoff, dead-letter, and the operator's retry and refund.
+//! - [`workers`]: the one generic stream-consumer loop (claim, read, re-claim).
+//! - [`exchange`]: `buy_from_exchange` over HTTP, and the `exchange-sim` server.
 //! - [`api`]: the poem-openapi HTTP API and its problem+json errors.
 //! - [`app`]: building and running the API (injectable listener and shutdown).
 //! - [`audit`]: the ledger invariants, checked from what Redis holds.
@@ -22,7 +26,10 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod exchange;
 pub mod orders;
 pub mod redis_server;
+pub mod settlement;
 pub mod store;
 pub mod telemetry;
+pub mod workers;

@@ -2,17 +2,18 @@
 
 use std::sync::Arc;
 
-use poem_openapi::param::{Header, Path};
+use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::problem::ApiError;
-use super::{ApiTags, AppState, idempotency_key, rfc3339};
+use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
 use crate::domain::{AccountId, BatchId, OrderId, Quantity, Symbol, format_units};
 use crate::orders::{OrderRejection, OrderRequest, prepare};
 use crate::store::orders::{
     self as store_orders, Batch, Bucket, Order, PlaceOrderError, PlaceOrderOutcome,
 };
+use crate::store::settlement::{self, OperatorError};
 
 pub struct OrdersApi(pub Arc<AppState>);
 
@@ -37,10 +38,14 @@ struct OrderView {
     price: String,
     /// USD debited: price x quantity, rounded up to the cent.
     cost: String,
-    /// `pending` (waiting in the bucket), `settling`, `settled` or `failed`.
+    /// `pending` (waiting in the bucket), `settling`, `settled`, `failed` or `refunded`.
     status: String,
     /// The batch that carries the order to the exchange, once there is one.
     batch_id: Option<String>,
+    /// Exchange calls made for the order's batch so far.
+    attempts: i64,
+    /// Why the batch's last exchange call failed, if it did.
+    last_error: Option<String>,
     created_at: String,
 }
 
@@ -55,6 +60,8 @@ impl From<Order> for OrderView {
             cost: order.cost.to_string(),
             status: order.status.as_str().to_owned(),
             batch_id: order.batch_id.map(|id| id.to_string()),
+            attempts: order.attempts,
+            last_error: order.last_error,
             created_at: rfc3339(order.created_at_ms),
         }
     }
@@ -103,7 +110,7 @@ struct BatchView {
     /// USD paid by the batch's orders.
     value: String,
     order_ids: Vec<String>,
-    /// `settling`, `settled` or `failed`.
+    /// `settling`, `settled`, `failed` (dead-lettered: retry or refund it) or `refunded`.
     status: String,
     /// Exchange calls made so far.
     attempts: i64,
@@ -162,6 +169,29 @@ enum BatchResponse {
     #[oai(status = 200)]
     Ok(Json<BatchView>),
 }
+
+#[derive(ApiResponse)]
+enum BatchListResponse {
+    #[oai(status = 200)]
+    Ok(Json<BatchPage>),
+}
+
+#[derive(Debug, Object)]
+struct BatchPage {
+    items: Vec<BatchView>,
+    /// Pass as `offset` for the next page; absent on the last page.
+    next_offset: Option<u64>,
+}
+
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct RefundRequest {
+    /// Why the batch is refunded, for the record (at most 200 characters).
+    note: Option<String>,
+}
+
+/// Longest operator note kept with a refund.
+const REFUND_NOTE_LENGTH_MAX: usize = 200;
 
 #[OpenApi(tag = "ApiTags::Orders")]
 impl OrdersApi {
@@ -266,13 +296,101 @@ impl OrdersApi {
     /// One batch: what was (or is being) bought from the exchange in one call.
     #[oai(path = "/batches/:id", method = "get")]
     async fn get_batch(&self, id: Path<String>) -> Result<BatchResponse, ApiError> {
-        let id = BatchId::parse(&id.0)
-            .map_err(|err| ApiError::bad_request("invalid-batch-id", err.to_string()))?;
+        let id = parse_batch_id(&id.0)?;
+        Ok(BatchResponse::Ok(Json(self.batch_view(&id).await?)))
+    }
+
+    /// Batches by status, oldest first. Only `failed` (dead-lettered batches,
+    /// waiting for an operator) is listable.
+    #[oai(path = "/batches", method = "get")]
+    async fn list_batches(
+        &self,
+        status: Query<String>,
+        /// Page size (default 20, at most the configured maximum).
+        limit: Query<Option<u32>>,
+        /// `next_offset` from the previous page.
+        offset: Query<Option<u64>>,
+    ) -> Result<BatchListResponse, ApiError> {
+        if status.0 != "failed" {
+            let detail = format!("status `{}` cannot be listed; only `failed` can", status.0);
+            return Err(ApiError::bad_request("invalid-status", detail));
+        }
+        let limit = page_size(limit.0, &self.0.api)?;
+        let offset = offset.0.unwrap_or(0);
         let mut conn = self.0.store.conn().await?;
-        let batch = store_orders::get_batch(&mut conn, &id)
+        let ids = settlement::failed_batches(&mut conn, offset as usize, limit).await?;
+        drop(conn);
+        let mut items = Vec::with_capacity(ids.len());
+        for id in &ids {
+            items.push(self.batch_view(id).await?);
+        }
+        let next_offset = (ids.len() == limit).then_some(offset + limit as u64);
+        Ok(BatchListResponse::Ok(Json(BatchPage {
+            items,
+            next_offset,
+        })))
+    }
+
+    /// Send a failed batch back to the exchange (attempts start over).
+    #[oai(path = "/batches/:id/retry", method = "post")]
+    async fn retry_batch(&self, id: Path<String>) -> Result<BatchResponse, ApiError> {
+        let id = parse_batch_id(&id.0)?;
+        let mut conn = self.0.store.conn().await?;
+        settlement::requeue_failed_batch(&mut conn, &id)
+            .await
+            .map_err(operator_refusal)?;
+        tracing::info!(batch_id = %id, "failed batch requeued by operator");
+        Ok(BatchResponse::Ok(Json(self.batch_view(&id).await?)))
+    }
+
+    /// Give every customer of a failed batch their money back, atomically and journaled.
+    #[oai(path = "/batches/:id/refund", method = "post")]
+    async fn refund_batch(
+        &self,
+        id: Path<String>,
+        body: Json<RefundRequest>,
+    ) -> Result<BatchResponse, ApiError> {
+        let id = parse_batch_id(&id.0)?;
+        let note = body
+            .0
+            .note
+            .unwrap_or_else(|| "refunded by operator".to_owned());
+        if note.chars().count() > REFUND_NOTE_LENGTH_MAX {
+            let detail = format!("note must be at most {REFUND_NOTE_LENGTH_MAX} characters");
+            return Err(ApiError::bad_request("invalid-note", detail));
+        }
+        let mut conn = self.0.store.conn().await?;
+        let (orders, cents) = settlement::refund_batch(&mut conn, &id, &note)
+            .await
+            .map_err(operator_refusal)?;
+        tracing::info!(batch_id = %id, orders, cents, "failed batch refunded by operator");
+        Ok(BatchResponse::Ok(Json(self.batch_view(&id).await?)))
+    }
+}
+
+impl OrdersApi {
+    async fn batch_view(&self, id: &BatchId) -> Result<BatchView, ApiError> {
+        let mut conn = self.0.store.conn().await?;
+        let batch = store_orders::get_batch(&mut conn, id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("batch {id} not found")))?;
-        Ok(BatchResponse::Ok(Json(batch.into())))
+        Ok(batch.into())
+    }
+}
+
+fn parse_batch_id(id: &str) -> Result<BatchId, ApiError> {
+    BatchId::parse(id).map_err(|err| ApiError::bad_request("invalid-batch-id", err.to_string()))
+}
+
+fn operator_refusal(err: OperatorError) -> ApiError {
+    match err {
+        OperatorError::NotFailed(id, status) if status == "missing" => {
+            ApiError::not_found(format!("batch {id} not found"))
+        }
+        err @ (OperatorError::NotFailed(..) | OperatorError::StaleOrders(_)) => {
+            ApiError::conflict("batch-not-failed", err.to_string())
+        }
+        OperatorError::Store(err) => err.into(),
     }
 }
 

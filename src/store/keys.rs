@@ -11,6 +11,14 @@ pub const ACCOUNTS: &str = "tally:accounts";
 pub const JOURNAL: &str = "tally:journal";
 /// Settle jobs, one per batch, consumed by the settlement workers.
 pub const SETTLE_STREAM: &str = "tally:settle";
+/// Settle jobs that failed for good (stream), for operators.
+pub const SETTLE_DEAD_STREAM: &str = "tally:settle:dead";
+/// Settle jobs waiting for their next attempt (sorted set: job JSON by due ms).
+pub const SETTLE_RETRIES: &str = "tally:settle:retries";
+/// Batches that failed, by failure time (sorted set), for operators.
+pub const FAILED_BATCHES: &str = "tally:batches:failed";
+/// Accounting events (stream): the transactional outbox the notifier delivers.
+pub const EVENTS_STREAM: &str = "tally:events";
 /// Batch ids by creation time (sorted set).
 pub const BATCHES: &str = "tally:batches";
 /// Every symbol that has ever been ordered (set), so the audit finds all buckets.

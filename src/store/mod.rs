@@ -7,6 +7,7 @@
 pub mod accounts;
 pub mod keys;
 pub mod orders;
+pub mod settlement;
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -91,7 +92,8 @@ impl Store {
     /// Loads every script into Redis' cache and checks Redis answers.
     pub async fn ready(&self) -> StoreResult<()> {
         let mut conn = self.conn().await?;
-        for script in [&*accounts::CREATE_ACCOUNT, &*orders::PLACE_ORDER] {
+        let core: [&redis::Script; 2] = [&accounts::CREATE_ACCOUNT, &orders::PLACE_ORDER];
+        for script in core.into_iter().chain(settlement::scripts()) {
             script.prepare_invoke().load_async(&mut conn).await?;
         }
         Ok(())

@@ -1,6 +1,5 @@
 //! Purchase orders, pending buckets and batches.
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
@@ -21,6 +20,8 @@ pub enum SettlementStatus {
     Settling,
     Settled,
     Failed,
+    /// A failed batch whose customers got their money back.
+    Refunded,
 }
 
 impl SettlementStatus {
@@ -30,15 +31,17 @@ impl SettlementStatus {
             Self::Settling => "settling",
             Self::Settled => "settled",
             Self::Failed => "failed",
+            Self::Refunded => "refunded",
         }
     }
 
-    fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, String> {
         match text {
             "pending" => Ok(Self::Pending),
             "settling" => Ok(Self::Settling),
             "settled" => Ok(Self::Settled),
             "failed" => Ok(Self::Failed),
+            "refunded" => Ok(Self::Refunded),
             other => Err(format!("unknown status `{other}`")),
         }
     }
@@ -55,6 +58,9 @@ pub struct Order {
     pub created_at_ms: i64,
     pub status: SettlementStatus,
     pub batch_id: Option<BatchId>,
+    /// The batch's exchange calls so far.
+    pub attempts: i64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -195,13 +201,20 @@ pub async fn get_order(conn: &mut impl Conn, id: &OrderId) -> StoreResult<Option
     let batch_id = batch_id
         .map(|id| BatchId::parse(&id).map_err(|err| record.corrupt(err.to_string())))
         .transpose()?;
-    let status = match &batch_id {
-        None => SettlementStatus::Pending,
+    let (status, attempts, last_error) = match &batch_id {
+        None => (SettlementStatus::Pending, 0, None),
         Some(batch_id) => {
-            let status: Option<String> = conn.hget(keys::batch(batch_id), "status").await?;
+            let (status, attempts, last_error): (Option<String>, Option<i64>, Option<String>) =
+                conn.hmget(keys::batch(batch_id), &["status", "attempts", "last_error"])
+                    .await?;
             let status =
                 status.ok_or_else(|| record.corrupt(format!("batch {batch_id} is missing")))?;
-            SettlementStatus::parse(&status).map_err(|err| record.corrupt(err))?
+            let status = SettlementStatus::parse(&status).map_err(|err| record.corrupt(err))?;
+            (
+                status,
+                attempts.unwrap_or(0),
+                last_error.filter(|error| !error.is_empty()),
+            )
         }
     };
     Ok(Some(Order {
@@ -214,6 +227,8 @@ pub async fn get_order(conn: &mut impl Conn, id: &OrderId) -> StoreResult<Option
         created_at_ms: record.integer("created_at")?,
         status,
         batch_id,
+        attempts,
+        last_error,
     }))
 }
 
@@ -279,12 +294,12 @@ pub async fn ordered_symbols(conn: &mut impl Conn) -> StoreResult<Vec<Symbol>> {
         .collect()
 }
 
-/// The value of every batch, a bounded page at a time, for the audit.
+/// The value and status of every batch, a bounded page at a time, for the audit.
 pub async fn batch_values(
     conn: &mut impl Conn,
     page_size: usize,
-) -> StoreResult<HashMap<BatchId, i64>> {
-    let mut values = HashMap::new();
+) -> StoreResult<Vec<(BatchId, i64, SettlementStatus)>> {
+    let mut values = Vec::new();
     let mut offset = 0;
     loop {
         let ids: Vec<String> = conn
@@ -305,13 +320,19 @@ pub async fn batch_values(
             .collect::<StoreResult<Vec<_>>>()?;
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.hget(keys::batch(id), "value");
+            pipe.hmget(keys::batch(id), &["value", "status"]);
         }
-        let page: Vec<Option<i64>> = pipe.query_async(conn).await?;
-        values.extend(
-            ids.into_iter()
-                .zip(page.into_iter().map(|value| value.unwrap_or(0))),
-        );
+        let page: Vec<(Option<i64>, Option<String>)> = pipe.query_async(conn).await?;
+        for (id, (value, status)) in ids.into_iter().zip(page) {
+            let corrupt = |problem: String| StoreError::Corrupt {
+                key: keys::batch(&id),
+                problem,
+            };
+            let value = value.ok_or_else(|| corrupt("no value".to_owned()))?;
+            let status =
+                SettlementStatus::parse(status.as_deref().unwrap_or("")).map_err(corrupt)?;
+            values.push((id, value, status));
+        }
     }
     Ok(values)
 }

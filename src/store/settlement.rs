@@ -1,0 +1,289 @@
+//! Settlement: the scripts that end a settle job (settled, retried later,
+//! dead-lettered), move due retries back onto the stream, and the operator's
+//! requeue and refund of failed batches.
+
+use std::sync::LazyLock;
+
+use redis::{AsyncCommands, Script};
+
+use super::{Conn, StoreError, StoreResult, keys, now_ms, verdict};
+use crate::domain::{AccountId, BatchId, OrderId, SystemAccount};
+
+/// The consumer group of the settlement workers.
+pub const SETTLE_GROUP: &str = "settlers";
+/// Bound on the events stream; the notifier delivers long before it is reached.
+pub const EVENTS_STREAM_LENGTH_MAX: usize = 1_000_000;
+
+static FINISH_BATCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/finish_batch.lua")));
+static RETRY_BATCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/retry_batch.lua")));
+static DEAD_LETTER_BATCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/dead_letter_batch.lua")));
+static PROMOTE_DUE_JOBS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/promote_due_jobs.lua")));
+static REQUEUE_FAILED_BATCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/requeue_failed_batch.lua")));
+static REFUND_BATCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/refund_batch.lua")));
+
+pub fn scripts() -> [&'static Script; 6] {
+    [
+        &FINISH_BATCH,
+        &RETRY_BATCH,
+        &DEAD_LETTER_BATCH,
+        &PROMOTE_DUE_JOBS,
+        &REQUEUE_FAILED_BATCH,
+        &REFUND_BATCH,
+    ]
+}
+
+/// How a settle job ended, as the script saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum JobEnd {
+    /// The script did what was asked.
+    Done,
+    /// The batch had moved on (settled or refunded by another delivery): only acknowledged.
+    Skipped(String),
+}
+
+fn job_end(reply: Vec<String>, done: &str) -> StoreResult<JobEnd> {
+    match verdict(&reply) {
+        word if word == done => Ok(JobEnd::Done),
+        "already" | "skipped" | "missing" => Ok(JobEnd::Skipped(
+            reply
+                .get(1)
+                .cloned()
+                .unwrap_or_else(|| "missing".to_owned()),
+        )),
+        _ => Err(StoreError::UnexpectedReply(reply)),
+    }
+}
+
+/// The settle job being ended: its stream id and who holds it.
+pub struct JobRef<'a> {
+    pub stream_id: &'a str,
+    pub batch_id: &'a BatchId,
+    pub worker: &'a str,
+}
+
+pub async fn finish_batch(
+    conn: &mut impl Conn,
+    job: &JobRef<'_>,
+    fill_id: &str,
+) -> StoreResult<JobEnd> {
+    let reply: Vec<String> = FINISH_BATCH
+        .key(keys::batch(job.batch_id))
+        .key(keys::SETTLE_STREAM)
+        .key(keys::account(&SystemAccount::Exchange.id()))
+        .key(keys::account(&SystemAccount::Bank.id()))
+        .key(keys::JOURNAL)
+        .key(keys::FAILED_BATCHES)
+        .key(keys::EVENTS_STREAM)
+        .arg(SETTLE_GROUP)
+        .arg(job.stream_id)
+        .arg(job.batch_id.to_string())
+        .arg(now_ms())
+        .arg(fill_id)
+        .arg(job.worker)
+        .arg(SystemAccount::Exchange.id().as_str())
+        .arg(SystemAccount::Bank.id().as_str())
+        .arg(EVENTS_STREAM_LENGTH_MAX)
+        .invoke_async(conn)
+        .await?;
+    job_end(reply, "settled")
+}
+
+/// Schedules `next_job` (JSON of its stream fields) for `due_ms` and acknowledges this job.
+pub async fn retry_batch(
+    conn: &mut impl Conn,
+    job: &JobRef<'_>,
+    due_ms: i64,
+    next_job: &str,
+    error: &str,
+) -> StoreResult<JobEnd> {
+    let reply: Vec<String> = RETRY_BATCH
+        .key(keys::batch(job.batch_id))
+        .key(keys::SETTLE_STREAM)
+        .key(keys::SETTLE_RETRIES)
+        .arg(SETTLE_GROUP)
+        .arg(job.stream_id)
+        .arg(due_ms)
+        .arg(next_job)
+        .arg(error)
+        .invoke_async(conn)
+        .await?;
+    job_end(reply, "scheduled")
+}
+
+pub async fn dead_letter_batch(
+    conn: &mut impl Conn,
+    job: &JobRef<'_>,
+    error: &str,
+    attempts: u32,
+) -> StoreResult<JobEnd> {
+    let reply: Vec<String> = DEAD_LETTER_BATCH
+        .key(keys::batch(job.batch_id))
+        .key(keys::SETTLE_STREAM)
+        .key(keys::SETTLE_DEAD_STREAM)
+        .key(keys::FAILED_BATCHES)
+        .key(keys::EVENTS_STREAM)
+        .arg(SETTLE_GROUP)
+        .arg(job.stream_id)
+        .arg(job.batch_id.to_string())
+        .arg(error)
+        .arg(attempts)
+        .arg(now_ms())
+        .arg(job.worker)
+        .arg(EVENTS_STREAM_LENGTH_MAX)
+        .invoke_async(conn)
+        .await?;
+    job_end(reply, "failed")
+}
+
+/// Moves at most `limit` due jobs from `schedule` onto `stream`; returns how many.
+pub async fn promote_due_jobs(
+    conn: &mut impl Conn,
+    schedule: &str,
+    stream: &str,
+    now_ms: i64,
+    limit: usize,
+) -> StoreResult<usize> {
+    let moved: usize = PROMOTE_DUE_JOBS
+        .key(schedule)
+        .key(stream)
+        .arg(now_ms)
+        .arg(limit)
+        .invoke_async(conn)
+        .await?;
+    Ok(moved)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("batch {0} is {1}, not failed")]
+    NotFailed(BatchId, String),
+    #[error("batch {0} changed while it was being refunded; try again")]
+    StaleOrders(BatchId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn operator_refusal(reply: &[String], batch_id: &BatchId) -> OperatorError {
+    match reply.get(1).map(String::as_str) {
+        Some("not_failed") => {
+            OperatorError::NotFailed(*batch_id, reply.get(2).cloned().unwrap_or_default())
+        }
+        Some("stale_orders") => OperatorError::StaleOrders(*batch_id),
+        _ => StoreError::UnexpectedReply(reply.to_vec()).into(),
+    }
+}
+
+/// Puts a failed batch back on the settle stream.
+pub async fn requeue_failed_batch(
+    conn: &mut impl Conn,
+    batch_id: &BatchId,
+) -> Result<(), OperatorError> {
+    let reply: Vec<String> = REQUEUE_FAILED_BATCH
+        .key(keys::batch(batch_id))
+        .key(keys::SETTLE_STREAM)
+        .key(keys::FAILED_BATCHES)
+        .arg(batch_id.to_string())
+        .arg(now_ms())
+        .invoke_async(conn)
+        .await
+        .map_err(StoreError::from)?;
+    match verdict(&reply) {
+        "queued" => Ok(()),
+        _ => Err(operator_refusal(&reply, batch_id)),
+    }
+}
+
+/// Refunds every customer of a failed batch; returns (orders, value in cents).
+pub async fn refund_batch(
+    conn: &mut impl Conn,
+    batch_id: &BatchId,
+    note: &str,
+) -> Result<(usize, i64), OperatorError> {
+    // Read the orders' customers; the script checks them again before writing.
+    let order_ids: Vec<String> = conn
+        .lrange(keys::batch_orders(batch_id), 0, -1)
+        .await
+        .map_err(StoreError::from)?;
+    let mut pipe = redis::pipe();
+    let mut order_keys = Vec::with_capacity(order_ids.len());
+    for id in &order_ids {
+        let id = OrderId::parse(id).map_err(|err| StoreError::Corrupt {
+            key: keys::batch_orders(batch_id),
+            problem: err.to_string(),
+        })?;
+        let key = keys::order(&id);
+        pipe.hget(&key, "account_id");
+        order_keys.push(key);
+    }
+    let account_ids: Vec<String> = if order_ids.is_empty() {
+        Vec::new()
+    } else {
+        pipe.query_async(conn).await.map_err(StoreError::from)?
+    };
+    let mut invocation = REFUND_BATCH.prepare_invoke();
+    invocation
+        .key(keys::batch(batch_id))
+        .key(keys::batch_orders(batch_id))
+        .key(keys::account(&SystemAccount::Exchange.id()))
+        .key(keys::JOURNAL)
+        .key(keys::FAILED_BATCHES)
+        .key(keys::EVENTS_STREAM)
+        .arg(batch_id.to_string())
+        .arg(now_ms())
+        .arg(SystemAccount::Exchange.id().as_str())
+        .arg(EVENTS_STREAM_LENGTH_MAX)
+        .arg(note);
+    for (order_key, account_id) in order_keys.iter().zip(&account_ids) {
+        let account_id = AccountId::parse(account_id).map_err(|err| StoreError::Corrupt {
+            key: order_key.clone(),
+            problem: err.to_string(),
+        })?;
+        invocation
+            .key(order_key)
+            .key(keys::account(&account_id))
+            .arg(account_id.as_str());
+    }
+    let reply: Vec<String> = invocation
+        .invoke_async(conn)
+        .await
+        .map_err(StoreError::from)?;
+    match verdict(&reply) {
+        "refunded" => {
+            let count = reply.get(1).and_then(|count| count.parse().ok());
+            let value = reply.get(2).and_then(|value| value.parse().ok());
+            count
+                .zip(value)
+                .ok_or_else(|| StoreError::UnexpectedReply(reply.clone()).into())
+        }
+        _ => Err(operator_refusal(&reply, batch_id)),
+    }
+}
+
+/// Failed batches, oldest failure first, a page at a time.
+pub async fn failed_batches(
+    conn: &mut impl Conn,
+    offset: usize,
+    limit: usize,
+) -> StoreResult<Vec<BatchId>> {
+    let ids: Vec<String> = conn
+        .zrange(
+            keys::FAILED_BATCHES,
+            offset as isize,
+            (offset + limit) as isize - 1,
+        )
+        .await?;
+    ids.iter()
+        .map(|id| {
+            BatchId::parse(id).map_err(|err| StoreError::Corrupt {
+                key: keys::FAILED_BATCHES.to_owned(),
+                problem: err.to_string(),
+            })
+        })
+        .collect()
+}

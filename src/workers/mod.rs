@@ -1,0 +1,230 @@
+//! The one generic stream-consumer loop every worker capability plugs into.
+//!
+//! A consumer reads its group's stream with explicit `COUNT` and `BLOCK`,
+//! first taking over jobs another consumer left pending for longer than
+//! `claim_idle_ms` (it crashed, or hangs) with `XAUTOCLAIM`. It hands each
+//! delivery to a [`JobHandler`], which ends the job itself (in the same script
+//! that records the outcome). A handler that fails leaves the job pending, so
+//! it is delivered again after `claim_idle_ms`: nothing is lost, and because
+//! every ending script checks state first, nothing is applied twice.
+//!
+//! On shutdown a consumer finishes the deliveries in hand, then returns.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use tokio::sync::watch;
+
+use crate::store::{Store, StoreResult};
+
+/// One stream entry delivered to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub stream_id: String,
+    pub fields: HashMap<String, String>,
+}
+
+impl Delivery {
+    fn from_stream_id(entry: StreamId) -> Self {
+        let fields = entry
+            .map
+            .iter()
+            .filter_map(|(name, value)| {
+                redis::from_redis_value_ref::<String>(value)
+                    .ok()
+                    .map(|value| (name.clone(), value))
+            })
+            .collect();
+        Delivery {
+            stream_id: entry.id,
+            fields,
+        }
+    }
+}
+
+/// What a capability does with its jobs.
+pub trait JobHandler: Send + Sync + 'static {
+    /// Handles one delivery and ends it (acknowledges it) when done. Errors
+    /// leave the job pending for re-delivery.
+    fn handle(
+        &self,
+        consumer: &str,
+        delivery: Delivery,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Housekeeping before each read, such as moving due retries onto the stream.
+    fn tick(&self) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub stream: &'static str,
+    pub group: &'static str,
+    /// Unique per consumer: names the pending jobs it holds.
+    pub consumer: String,
+    /// Most jobs read (and handled concurrently) at once.
+    pub read_count: usize,
+    /// Longest a read waits for new jobs.
+    pub block_ms: u64,
+    /// How long a job may stay pending with one consumer before another takes it over.
+    pub claim_idle_ms: u64,
+}
+
+/// Pause after a failed read, so a Redis outage is not a busy loop.
+const READ_ERROR_PAUSE: Duration = Duration::from_millis(500);
+
+/// Runs one consumer until `shutdown` turns true.
+pub async fn run_consumer<H: JobHandler>(
+    store: Store,
+    settings: ConsumerSettings,
+    handler: Arc<H>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let consumer = settings.consumer.as_str();
+    tracing::info!(
+        worker = consumer,
+        stream = settings.stream,
+        "consumer started"
+    );
+    let mut group_ready = false;
+    while !*shutdown.borrow() {
+        if !group_ready {
+            group_ready = match store.conn().await {
+                Ok(mut conn) => ensure_group(&mut conn, settings.stream, settings.group)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+        }
+        if let Err(err) = handler.tick().await {
+            tracing::warn!(worker = consumer, error = %err, "housekeeping failed");
+        }
+        let read = tokio::select! {
+            read = next_deliveries(&store, &settings) => read,
+            _ = shutdown.changed() => break,
+        };
+        let deliveries = match read {
+            Ok(deliveries) => deliveries,
+            Err(err) => {
+                // The group may be gone (the stream was deleted): create it again.
+                group_ready = false;
+                tracing::warn!(worker = consumer, error = %err, "reading the stream failed");
+                tokio::time::sleep(READ_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        // Handled to the end even if shutdown arrives meanwhile.
+        let handled = deliveries.into_iter().map(|delivery| {
+            let handler = handler.clone();
+            async move {
+                let stream_id = delivery.stream_id.clone();
+                if let Err(err) = handler.handle(consumer, delivery).await {
+                    tracing::warn!(worker = consumer, stream_id, error = %err, "job left pending for re-delivery");
+                }
+            }
+        });
+        join_all(handled).await;
+    }
+    tracing::info!(worker = consumer, "consumer stopped");
+}
+
+/// Jobs left pending too long by any consumer first, then new ones.
+async fn next_deliveries(store: &Store, settings: &ConsumerSettings) -> StoreResult<Vec<Delivery>> {
+    let mut conn = store.conn().await?;
+    let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+        .arg(settings.stream)
+        .arg(settings.group)
+        .arg(&settings.consumer)
+        .arg(settings.claim_idle_ms)
+        .arg("0-0")
+        .arg("COUNT")
+        .arg(settings.read_count)
+        .query_async(&mut conn)
+        .await?;
+    if !claimed.claimed.is_empty() {
+        for entry in &claimed.claimed {
+            tracing::info!(worker = %settings.consumer, stream_id = %entry.id, "took over a job left pending");
+        }
+        return Ok(claimed
+            .claimed
+            .into_iter()
+            .map(Delivery::from_stream_id)
+            .collect());
+    }
+    let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(settings.group)
+        .arg(&settings.consumer)
+        .arg("COUNT")
+        .arg(settings.read_count)
+        .arg("BLOCK")
+        .arg(settings.block_ms)
+        .arg("STREAMS")
+        .arg(settings.stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await?;
+    Ok(read
+        .into_iter()
+        .flat_map(|reply| reply.keys)
+        .flat_map(|key| key.ids)
+        .map(Delivery::from_stream_id)
+        .collect())
+}
+
+/// Creates the consumer group (and the stream) if needed; reading from the
+/// start, so jobs written before the first worker ever ran are not skipped.
+pub async fn ensure_group(
+    conn: &mut impl crate::store::Conn,
+    stream: &str,
+    group: &str,
+) -> StoreResult<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(err) if err.code() == Some("BUSYGROUP") => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// A delay that doubles with each attempt from `base` up to `max`, with
+/// "equal jitter": somewhere in the upper half, so delays still grow while
+/// workers that failed together spread out.
+pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(30);
+    let ceiling = base.saturating_mul(1 << doublings).min(max);
+    let half = ceiling / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_within_bounds() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        for attempt in 1..40 {
+            let ceiling = (base * 2u32.saturating_pow(attempt - 1).min(1 << 30)).min(max);
+            let delay = backoff(attempt, base, max);
+            assert!(
+                delay >= ceiling / 2 && delay <= ceiling,
+                "attempt {attempt}: {delay:?}"
+            );
+        }
+    }
+}
