@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use tally::app::Application;
-use tally::config::{ApiSettings, LedgerSettings, RedisSettings, ServeArgs};
+use tally::config::{ApiSettings, LedgerSettings, RedisSettings, ServeArgs, WorkerSettings};
+use tally::exchange::sim::{ExchangeSim, Faults, SimOrder};
 use tally::redis_server::RedisServer;
 use tally::store::Store;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -244,4 +245,168 @@ pub async fn assert_problem(response: reqwest::Response, status: u16, detail_par
         "detail `{detail}` should mention `{detail_part}`"
     );
     problem
+}
+
+/// A real exchange-sim on port 0, for the workers to call over HTTP.
+pub struct TestExchange {
+    pub url: String,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for TestExchange {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn spawn_exchange(faults: Faults) -> TestExchange {
+    let sim = ExchangeSim::bind("127.0.0.1:0".parse().unwrap(), faults)
+        .await
+        .unwrap();
+    let url = sim.url().to_owned();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(sim.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    TestExchange {
+        url,
+        client: reqwest::Client::new(),
+        stop: Some(stop),
+    }
+}
+
+impl TestExchange {
+    /// Every client order id the exchange saw, with its fill and calls.
+    pub async fn orders(&self) -> Vec<SimOrder> {
+        let response = self
+            .client
+            .get(format!("{}/v1/orders", self.url))
+            .send()
+            .await
+            .unwrap();
+        response.json().await.unwrap()
+    }
+
+    pub async fn order(&self, client_order_id: &str) -> Option<SimOrder> {
+        self.orders()
+            .await
+            .into_iter()
+            .find(|order| order.client_order_id == client_order_id)
+    }
+
+    pub async fn set_faults(&self, faults: Faults) {
+        let response = self
+            .client
+            .put(format!("{}/v1/faults", self.url))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+}
+
+/// Worker settings scaled down for tests: quick retries and take-overs.
+pub fn test_worker_settings(exchange: &TestExchange) -> WorkerSettings {
+    WorkerSettings {
+        worker_name: Some("test-worker".to_owned()),
+        block_ms: 100,
+        claim_idle_ms: 2_000,
+        exchange_timeout_ms: 1_500,
+        retry_base_ms: 50,
+        retry_max_ms: 800,
+        exchange_url: Some(exchange.url.clone()),
+        ..WorkerSettings::default()
+    }
+}
+
+/// Settlement workers running in this process until dropped.
+pub struct TestWorkers {
+    stop: watch::Sender<bool>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestWorkers {
+    /// Signals shutdown and waits for the jobs in hand to finish.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        self.handle.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+impl Drop for TestWorkers {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+pub fn spawn_workers(app: &TestApp, settings: WorkerSettings) -> TestWorkers {
+    let (stop, stopped) = watch::channel(false);
+    let store = app.store.clone();
+    let handle =
+        tokio::spawn(
+            async move { tally::settlement::run_workers(store, &settings, stopped).await },
+        );
+    TestWorkers {
+        stop,
+        handle: Some(handle),
+    }
+}
+
+/// A `tally` child process, killed when dropped.
+pub fn tally_process(args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tally starts")
+}
+
+/// Waits, polling, until `condition` holds; fails the test after `EVENTUALLY_MAX`.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + EVENTUALLY_MAX;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Bound on waiting for workers in tests: generous, since CI machines are shared.
+pub const EVENTUALLY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl TestApp {
+    pub async fn batch(&self, batch_id: &str) -> Value {
+        self.get_json(&format!("/api/v1/batches/{batch_id}")).await
+    }
+
+    pub async fn batch_status(&self, batch_id: &str) -> String {
+        self.batch(batch_id).await["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Places an order at or above the minimum and returns its batch id.
+    pub async fn place_batch(&self, account_id: &str, quantity: &str) -> String {
+        let response = self.place_order(account_id, "ABAN", quantity).await;
+        assert_eq!(response.status(), 201);
+        let order: Value = response.json().await.unwrap();
+        order["batch_id"]
+            .as_str()
+            .expect("the order closed a batch")
+            .to_owned()
+    }
 }

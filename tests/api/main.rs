@@ -7,4 +7,5 @@ mod helpers;
 mod operations;
 mod orders;
 mod scripts;
+mod settlement;
 mod validation;

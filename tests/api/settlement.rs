@@ -1,0 +1,330 @@
+//! Settlement workers against the real exchange-sim over HTTP: settle once,
+//! retry with growing delays, dead-letter, operator retry and refund.
+
+use serde_json::{Value, json};
+use tally::exchange::sim::Faults;
+
+use crate::helpers::{
+    assert_problem, eventually, spawn_app, spawn_exchange, spawn_workers, test_worker_settings,
+};
+
+const DOWN: Faults = Faults {
+    latency_ms: 0,
+    fail_rate: 1.0,
+    reject_rate: 0.0,
+};
+const UP: Faults = Faults {
+    latency_ms: 0,
+    fail_rate: 0.0,
+    reject_rate: 0.0,
+};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_foundation_examples_end_with_one_fill_each() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(UP).await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let alice = app.create_account("alice", "100.00").await;
+    let large = app.place_batch(&alice, "3").await;
+    let mut small_orders = Vec::new();
+    for name in ["a", "b", "c"] {
+        let customer = app.create_account(name, "10.00").await;
+        let order: Value = app
+            .place_order(&customer, "ABAN", "1")
+            .await
+            .json()
+            .await
+            .unwrap();
+        small_orders.push(order["id"].as_str().unwrap().to_owned());
+    }
+    let small = app
+        .get_json(&format!("/api/v1/orders/{}", small_orders[0]))
+        .await["batch_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    for batch in [&large, &small] {
+        eventually("the batch is settled", || async {
+            app.batch_status(batch).await == "settled"
+        })
+        .await;
+        let fill = exchange
+            .order(batch)
+            .await
+            .expect("the exchange saw the batch");
+        assert_eq!(
+            (fill.symbol.as_str(), fill.quantity.as_str(), fill.calls),
+            ("ABAN", "3", 1)
+        );
+        assert!(fill.fill.is_some());
+    }
+    assert_eq!(
+        exchange.orders().await.len(),
+        2,
+        "one exchange call per batch, no more"
+    );
+    for id in &small_orders {
+        assert_eq!(
+            app.get_json(&format!("/api/v1/orders/{id}")).await["status"],
+            "settled"
+        );
+    }
+    assert_eq!(
+        app.balance("@exchange").await,
+        "0.00",
+        "paid out to the exchange"
+    );
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exchange_outage_is_retried_with_growing_delays_and_settles_once() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    let settings = tally::config::WorkerSettings {
+        attempts_max: 20,
+        ..test_worker_settings(&exchange)
+    };
+    let workers = spawn_workers(&app, settings);
+    let customer = app.create_account("patient", "100.00").await;
+    let batch = app.place_batch(&customer, "3").await;
+
+    eventually("five calls failed", || async {
+        exchange
+            .order(&batch)
+            .await
+            .is_some_and(|order| order.calls >= 5)
+    })
+    .await;
+    let failing = app.batch(&batch).await;
+    assert_eq!(failing["status"], "settling");
+    assert!(
+        failing["last_error"].as_str().unwrap().contains("503"),
+        "{failing}"
+    );
+    exchange.set_faults(UP).await;
+    eventually("the batch is settled", || async {
+        app.batch_status(&batch).await == "settled"
+    })
+    .await;
+
+    let order = exchange.order(&batch).await.unwrap();
+    assert!(order.fill.is_some());
+    let gaps: Vec<i64> = order
+        .call_times_ms
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .collect();
+    // Delays double from 50 ms (each in the upper half of its range): by the
+    // fifth gap they are several times the first.
+    assert!(gaps[4] > gaps[0] * 2, "delays grow: {gaps:?}");
+    assert!(
+        gaps.windows(2).filter(|pair| pair[1] >= pair[0]).count() >= gaps.len() / 2,
+        "{gaps:?}"
+    );
+    let settled = app.batch(&batch).await;
+    assert_eq!(settled["attempts"], json!(order.calls));
+    assert!(settled["last_error"].is_null());
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_past_attempts_max_is_dead_lettered_then_retried_once() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    let settings = tally::config::WorkerSettings {
+        attempts_max: 3,
+        ..test_worker_settings(&exchange)
+    };
+    let workers = spawn_workers(&app, settings);
+    let customer = app.create_account("unlucky", "100.00").await;
+    let batch = app.place_batch(&customer, "3").await;
+
+    eventually("the batch failed", || async {
+        app.batch_status(&batch).await == "failed"
+    })
+    .await;
+    assert_eq!(exchange.order(&batch).await.unwrap().calls, 3);
+    let dead = crate::helpers::stream_entries(
+        &mut app.redis().await,
+        tally::store::keys::SETTLE_DEAD_STREAM,
+    )
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["batch_id"], batch);
+    assert_eq!(dead[0]["attempts"], "3");
+    let order_id = app.batch(&batch).await["order_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let order = app.get_json(&format!("/api/v1/orders/{order_id}")).await;
+    assert_eq!(order["status"], "failed");
+    assert_eq!(order["attempts"], 3);
+    let listed = app.get_json("/api/v1/batches?status=failed").await;
+    assert_eq!(listed["items"][0]["id"], batch.as_str());
+
+    exchange.set_faults(UP).await;
+    let retried = app
+        .post(&format!("/api/v1/batches/{batch}/retry"), &json!({}))
+        .await;
+    assert_eq!(retried.status(), 200);
+    eventually("the batch is settled", || async {
+        app.batch_status(&batch).await == "settled"
+    })
+    .await;
+    let filled = exchange.order(&batch).await.unwrap();
+    assert!(filled.fill.is_some() && filled.calls == 4, "{filled:?}");
+    assert_eq!(
+        app.get_json("/api/v1/batches?status=failed").await["items"],
+        json!([])
+    );
+    // Settled batches can be neither retried nor refunded.
+    assert_problem(
+        app.post(&format!("/api/v1/batches/{batch}/retry"), &json!({}))
+            .await,
+        409,
+        "not failed",
+    )
+    .await;
+    assert_problem(
+        app.post(&format!("/api/v1/batches/{batch}/refund"), &json!({}))
+            .await,
+        409,
+        "not failed",
+    )
+    .await;
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refund_restores_every_customer_exactly() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    let settings = tally::config::WorkerSettings {
+        attempts_max: 2,
+        ..test_worker_settings(&exchange)
+    };
+    let workers = spawn_workers(&app, settings);
+    let mut customers = Vec::new();
+    for (name, quantity) in [
+        ("x", "1.25"),
+        ("y", "0.5"),
+        ("z", "0.5"),
+        ("w", "0.00000001"),
+    ] {
+        let customer = app.create_account(name, "7.77").await;
+        let response = app.place_order(&customer, "ABAN", quantity).await;
+        assert_eq!(response.status(), 201);
+        customers.push(customer);
+    }
+    let closing = app.create_account("closer", "50.00").await;
+    let batch = app.place_batch(&closing, "1.5").await; // 5.00 + 2.00 + 2.00 + 0.01 pending, + 6.00 closes
+    customers.push(closing);
+    assert_eq!(
+        app.batch(&batch).await["order_ids"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+
+    eventually("the batch failed", || async {
+        app.batch_status(&batch).await == "failed"
+    })
+    .await;
+    let refunded = app
+        .post(
+            &format!("/api/v1/batches/{batch}/refund"),
+            &json!({"note": "exchange gone"}),
+        )
+        .await;
+    assert_eq!(refunded.status(), 200);
+    let refunded: Value = refunded.json().await.unwrap();
+    assert_eq!(refunded["status"], "refunded");
+
+    for customer in &customers[..4] {
+        assert_eq!(app.balance(customer).await, "7.77");
+    }
+    assert_eq!(app.balance(&customers[4]).await, "50.00");
+    assert_eq!(app.balance("@exchange").await, "0.00");
+    let refunds = app
+        .journal()
+        .await
+        .into_iter()
+        .filter(|entry| entry["kind"] == "refund")
+        .count();
+    assert_eq!(refunds, 5);
+    assert_problem(
+        app.post(&format!("/api/v1/batches/{batch}/refund"), &json!({}))
+            .await,
+        409,
+        "not failed",
+    )
+    .await;
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejection_from_the_exchange_is_not_retried() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults {
+        reject_rate: 1.0,
+        ..UP
+    })
+    .await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let customer = app.create_account("rejected", "100.00").await;
+    let batch = app.place_batch(&customer, "3").await;
+    eventually("the batch failed", || async {
+        app.batch_status(&batch).await == "failed"
+    })
+    .await;
+    assert_eq!(exchange.order(&batch).await.unwrap().calls, 1);
+    assert!(
+        app.batch(&batch).await["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("422")
+    );
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_actions_refuse_bad_input() {
+    let app = spawn_app().await;
+    assert_problem(
+        app.get("/api/v1/batches?status=settled").await,
+        400,
+        "only `failed`",
+    )
+    .await;
+    assert_problem(
+        app.post("/api/v1/batches/nope/retry", &json!({})).await,
+        400,
+        "not a valid id",
+    )
+    .await;
+    let unknown = "01900000-0000-7000-8000-000000000000";
+    assert_problem(
+        app.post(&format!("/api/v1/batches/{unknown}/retry"), &json!({}))
+            .await,
+        404,
+        "not found",
+    )
+    .await;
+    let long_note = json!({"note": "x".repeat(201)});
+    assert_problem(
+        app.post(&format!("/api/v1/batches/{unknown}/refund"), &long_note)
+            .await,
+        400,
+        "note",
+    )
+    .await;
+}
