@@ -3,6 +3,7 @@
 
 mod accounts;
 mod concurrency;
+mod crashes;
 mod helpers;
 mod operations;
 mod orders;

@@ -1,0 +1,179 @@
+//! Real `tally worker` processes, killed and stopped: jobs are taken over,
+//! each batch is bought exactly once, nothing is lost.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tally::exchange::sim::Faults;
+
+use crate::helpers::{TestApp, TestExchange, eventually, spawn_app, spawn_exchange, tally_process};
+
+/// Worker flags for the processes here: calls take 1 s at the exchange, a
+/// job is taken over after 2 s idle.
+fn worker_args<'a>(exchange: &'a TestExchange, name: &'a str, redis_url: &'a str) -> Vec<&'a str> {
+    vec![
+        "worker",
+        "--redis-url",
+        redis_url,
+        "--exchange-url",
+        &exchange.url,
+        "--worker-name",
+        name,
+        "--claim-idle-ms",
+        "2000",
+        "--exchange-timeout-ms",
+        "1500",
+        "--block-ms",
+        "100",
+        "--retry-base-ms",
+        "50",
+    ]
+}
+
+async fn place_batches(app: &TestApp, count: usize) -> Vec<String> {
+    let customer = app.create_account("many", "100000.00").await;
+    let mut batches = Vec::new();
+    for _ in 0..count {
+        batches.push(app.place_batch(&customer, "3").await);
+    }
+    batches
+}
+
+async fn all_settled(app: &TestApp, batches: &[String]) -> bool {
+    for batch in batches {
+        if app.batch_status(batch).await != "settled" {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_call_is_taken_over_and_each_batch_is_bought_once() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults {
+        latency_ms: 1000,
+        ..Faults::default()
+    })
+    .await;
+    let batches = place_batches(&app, 5).await;
+    let redis_url = app.redis.url();
+
+    let mut doomed = tally_process(&worker_args(&exchange, "doomed", &redis_url));
+    eventually("every batch's call is in flight", || async {
+        exchange.orders().await.len() == batches.len()
+    })
+    .await;
+    doomed.kill().await.unwrap(); // SIGKILL, mid-call
+    doomed.wait().await.unwrap();
+    assert!(
+        exchange
+            .orders()
+            .await
+            .iter()
+            .all(|order| order.fill.is_none()),
+        "killed before any answer"
+    );
+
+    let _survivor = tally_process(&worker_args(&exchange, "survivor", &redis_url));
+    eventually("every batch is settled", || all_settled(&app, &batches)).await;
+    let orders = exchange.orders().await;
+    assert_eq!(orders.len(), batches.len());
+    for order in &orders {
+        assert!(batches.contains(&order.client_order_id));
+        assert!(order.fill.is_some(), "filled: {order:?}");
+        assert!(order.calls >= 2, "called by both workers: {order:?}");
+    }
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_the_jobs_in_hand_before_exiting() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults {
+        latency_ms: 1000,
+        ..Faults::default()
+    })
+    .await;
+    let batches = place_batches(&app, 3).await;
+    let redis_url = app.redis.url();
+    let mut worker = tally_process(&worker_args(&exchange, "polite", &redis_url));
+    eventually("the calls are in flight", || async {
+        exchange.orders().await.len() == batches.len()
+    })
+    .await;
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(worker.id().unwrap() as libc::pid_t, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exits cleanly: {status}");
+    assert!(
+        all_settled(&app, &batches).await,
+        "the jobs in hand were finished"
+    );
+    assert!(
+        exchange
+            .orders()
+            .await
+            .iter()
+            .all(|order| order.calls == 1 && order.fill.is_some())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_workers_settle_300_batches_each_exactly_once() {
+    const BATCHES: usize = 300;
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults {
+        latency_ms: 5,
+        ..Faults::default()
+    })
+    .await;
+    let redis_url = app.redis.url();
+    let _workers: Vec<_> = ["one", "two", "three"]
+        .into_iter()
+        .map(|name| tally_process(&worker_args(&exchange, name, &redis_url)))
+        .collect();
+    let batches = place_batches(&app, BATCHES).await;
+
+    eventually("every batch is settled", || async {
+        let report = tally::audit::run(&app.store).await.unwrap();
+        report.open_batches_value_cents == 0
+    })
+    .await;
+    assert!(all_settled(&app, &batches).await);
+    let orders = exchange.orders().await;
+    let filled: HashSet<&str> = orders
+        .iter()
+        .filter(|order| order.fill.is_some())
+        .map(|order| order.client_order_id.as_str())
+        .collect();
+    assert_eq!(
+        orders.len(),
+        BATCHES,
+        "no call for anything but our batches"
+    );
+    assert_eq!(filled.len(), BATCHES, "none lost");
+    assert!(batches.iter().all(|batch| filled.contains(batch.as_str())));
+    let calls: u64 = orders.iter().map(|order| order.calls).sum();
+    assert_eq!(calls, BATCHES as u64, "none called twice");
+    let events =
+        crate::helpers::stream_entries(&mut app.redis().await, tally::store::keys::EVENTS_STREAM)
+            .await;
+    let settled: Vec<_> = events
+        .iter()
+        .filter(|event| event["type"] == "batch.settled")
+        .collect();
+    assert_eq!(settled.len(), BATCHES, "one settlement event per batch");
+    let workers: HashSet<&str> = settled
+        .iter()
+        .map(|event| event["worker"].as_str())
+        .collect();
+    assert!(workers.len() >= 2, "the work was shared: {workers:?}");
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
