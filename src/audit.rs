@@ -81,6 +81,15 @@ impl fmt::Display for AuditReport {
             usd(self.batches_value_cents),
             usd(self.buckets_value_cents)
         )?;
+        let owed = self.open_batches_value_cents + self.buckets_value_cents;
+        writeln!(
+            f,
+            "{} @exchange holds {} = open batches {} + buckets {}",
+            mark(self.exchange_balance_cents == owed),
+            usd(self.exchange_balance_cents),
+            usd(self.open_batches_value_cents),
+            usd(self.buckets_value_cents)
+        )?;
         write!(
             f,
             "{}",

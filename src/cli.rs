@@ -7,7 +7,8 @@ use tokio::sync::watch;
 
 use crate::app::{Application, shutdown_signal};
 use crate::config::{
-    BatchAction, Command, DevArgs, ExchangeSimArgs, RedisSettings, ServeArgs, WorkerArgs,
+    BatchAction, BenchScenario, Command, DevArgs, ExchangeSimArgs, RedisSettings, ServeArgs,
+    WorkerArgs,
 };
 use crate::domain::BatchId;
 use crate::exchange::sim::{ExchangeSim, Faults};
@@ -21,6 +22,17 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::ExchangeSim(args) => exchange_sim(args).await,
         Command::Dev(args) => dev(args).await,
         Command::Batches { redis, action } => batches(&redis, action).await,
+        Command::Bench { scenario } => {
+            let passed = match scenario {
+                BenchScenario::Orders(args) => crate::bench::orders(args).await?,
+                BenchScenario::Settle(args) => crate::bench::settle(args).await?,
+            };
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Openapi { out } => {
             let spec = crate::api::spec_yaml();
             match out {

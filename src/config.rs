@@ -72,6 +72,11 @@ pub enum Command {
         #[command(subcommand)]
         action: BatchAction,
     },
+    /// Measure throughput and latency on this machine, then audit the result.
+    Bench {
+        #[command(subcommand)]
+        scenario: BenchScenario,
+    },
     /// Print the OpenAPI spec (YAML), or write it to a file.
     Openapi {
         /// Write here instead of standard output.
@@ -93,6 +98,14 @@ pub struct ServeArgs {
     pub ledger: LedgerSettings,
     #[command(flatten)]
     pub api: ApiSettings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchScenario {
+    /// Orders/s over HTTP against the HTTP and Redis ceilings, then settlement.
+    Orders(crate::bench::BenchArgs),
+    /// Batches/s settled by the workers from a queued backlog.
+    Settle(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]

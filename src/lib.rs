@@ -13,6 +13,7 @@
 //! - [`exchange`]: `buy_from_exchange` over HTTP, and the `exchange-sim` server.
 //! - [`api`]: the poem-openapi HTTP API and its problem+json errors.
 //! - [`app`]: building and running the API (injectable listener and shutdown).
+//! - [`bench`]: `tally bench`, throughput against this machine's ceilings.
 //! - [`audit`]: the ledger invariants, checked from what Redis holds.
 //! - [`redis_server`]: a private redis-server for `tally dev` and the tests.
 //! - [`cli`]: the subcommands.
@@ -23,6 +24,7 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -127,42 +127,64 @@ pub async fn place_order(
     conn: &mut impl Conn,
     order: &PlaceOrder,
 ) -> Result<PlaceOrderOutcome, PlaceOrderError> {
-    let (idempotency_key, fingerprint) = match &order.idempotency {
-        Some(idem) => (
-            keys::idempotency("orders", idem.key.as_str()),
-            idem.fingerprint.as_str(),
-        ),
-        None => (keys::idempotency("orders", "-"), ""),
-    };
-    let reply: Vec<String> = PLACE_ORDER
-        .key(keys::account(&order.account_id))
-        .key(keys::account(&SystemAccount::Exchange.id()))
-        .key(keys::JOURNAL)
-        .key(keys::order(&order.order_id))
-        .key(keys::bucket(&order.symbol))
-        .key(keys::bucket_orders(&order.symbol))
-        .key(keys::bucket_batches(&order.symbol))
-        .key(keys::batch(&order.batch_id))
-        .key(keys::batch_orders(&order.batch_id))
-        .key(keys::SETTLE_STREAM)
-        .key(keys::BATCHES)
-        .key(keys::SYMBOLS)
-        .key(idempotency_key)
-        .arg(order.account_id.as_str())
-        .arg(order.order_id.to_string())
-        .arg(order.symbol.as_str())
-        .arg(order.quantity.units())
-        .arg(order.price.cents())
-        .arg(order.cost.cents())
-        .arg(order.exchange_minimum.cents())
-        .arg(order.batch_id.to_string())
-        .arg(fingerprint)
-        .arg(order.idempotency_ttl_secs)
-        .arg(now_ms())
-        .arg(SystemAccount::Exchange.id().as_str())
+    let (script_keys, script_args) = place_order_input(order);
+    let mut invocation = PLACE_ORDER.prepare_invoke();
+    for key in script_keys {
+        invocation.key(key);
+    }
+    for arg in script_args {
+        invocation.arg(arg);
+    }
+    let reply: Vec<String> = invocation
         .invoke_async(conn)
         .await
         .map_err(StoreError::from)?;
+    parse_place_order_reply(reply)
+}
+
+/// The `KEYS` and `ARGV` of `place_order.lua` for `order`, in script order.
+pub fn place_order_input(order: &PlaceOrder) -> (Vec<String>, Vec<String>) {
+    let (idempotency_key, fingerprint) = match &order.idempotency {
+        Some(idem) => (
+            keys::idempotency("orders", idem.key.as_str()),
+            idem.fingerprint.clone(),
+        ),
+        None => (keys::idempotency("orders", "-"), String::new()),
+    };
+    let script_keys = vec![
+        keys::account(&order.account_id),
+        keys::account(&SystemAccount::Exchange.id()),
+        keys::JOURNAL.to_owned(),
+        keys::order(&order.order_id),
+        keys::bucket(&order.symbol),
+        keys::bucket_orders(&order.symbol),
+        keys::bucket_batches(&order.symbol),
+        keys::batch(&order.batch_id),
+        keys::batch_orders(&order.batch_id),
+        keys::SETTLE_STREAM.to_owned(),
+        keys::BATCHES.to_owned(),
+        keys::SYMBOLS.to_owned(),
+        idempotency_key,
+    ];
+    let script_args = vec![
+        order.account_id.to_string(),
+        order.order_id.to_string(),
+        order.symbol.to_string(),
+        order.quantity.units().to_string(),
+        order.price.cents().to_string(),
+        order.cost.cents().to_string(),
+        order.exchange_minimum.cents().to_string(),
+        order.batch_id.to_string(),
+        fingerprint,
+        order.idempotency_ttl_secs.to_string(),
+        now_ms().to_string(),
+        SystemAccount::Exchange.id().to_string(),
+    ];
+    (script_keys, script_args)
+}
+
+/// Reads `place_order.lua`'s verdict.
+pub fn parse_place_order_reply(reply: Vec<String>) -> Result<PlaceOrderOutcome, PlaceOrderError> {
     let unexpected = || PlaceOrderError::Store(StoreError::UnexpectedReply(reply.clone()));
     let word = |i: usize| reply.get(i).map(String::as_str);
     match (verdict(&reply), word(1)) {

@@ -1,0 +1,491 @@
+//! `tally bench`: measures tally on this machine, everything on one box: its
+//! own redis-server, the API, the workers and a zero-latency exchange-sim.
+//!
+//! `tally bench orders` prints, from one run:
+//! - the HTTP ceiling: `GET /health` on the same server, client and concurrency;
+//! - the Redis ceiling: one pipelined client running `place_order.lua` directly;
+//! - orders/s through `POST /api/v1/orders`, with p50/p99/p99.9 latency and errors;
+//! - the ratios of orders/s to each ceiling;
+//! - settlement: batches/s, and how long after the load stops every batch is settled;
+//!
+//! then audits the ledger: a fast wrong answer is a failure.
+//!
+//! `tally bench settle` measures the workers alone: N batches queued first,
+//! then settled by `--workers` consumers against an exchange with latency.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::app::Application;
+use crate::config::{ApiSettings, LedgerSettings, RedisSettings, ServeArgs, WorkerSettings};
+use crate::domain::{AccountId, AccountName, Amount, Quantity, Symbol};
+use crate::exchange::sim::{ExchangeSim, Faults};
+use crate::orders::{OrderRequest, prepare};
+use crate::redis_server::RedisServer;
+use crate::store::accounts::{NewAccount, create_account};
+use crate::store::orders::{PLACE_ORDER, parse_place_order_reply, place_order, place_order_input};
+use crate::store::{Store, keys};
+
+/// Quantities the load mixes, at ABAN 4.00: 2.00 to 12.00 USD, so some
+/// orders wait in the bucket and some cross the minimum alone.
+const QUANTITY_MIX: [&str; 5] = ["0.5", "1", "1.25", "2", "3"];
+/// Every bench account starts with this much, enough never to run dry.
+const ACCOUNT_BALANCE: &str = "1000000.00";
+/// Longest wait for the workers to settle what the load left behind.
+const SETTLE_WAIT_MAX: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// How long each measured phase runs, e.g. `10s`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Requests in flight at once (HTTP/1.1 keep-alive connections).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Customer accounts the orders come from.
+    #[arg(long, default_value_t = 1_000)]
+    pub accounts: usize,
+    /// Settlement consumers.
+    #[arg(long, default_value_t = 3)]
+    pub workers: usize,
+    /// Latency the exchange-sim adds to every call.
+    #[arg(long, default_value_t = 0)]
+    pub exchange_latency_ms: u64,
+    /// Batches to queue before the workers start (`bench settle` only).
+    #[arg(long, default_value_t = 2_000)]
+    pub batches: usize,
+    /// Also write the figures here as JSON.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct BenchReport {
+    pub duration_secs: f64,
+    pub concurrency: usize,
+    pub workers: usize,
+    pub exchange_latency_ms: u64,
+    pub http_ceiling_per_sec: f64,
+    pub redis_ceiling_per_sec: f64,
+    pub orders: u64,
+    pub orders_per_sec: f64,
+    pub errors: u64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_p999_ms: f64,
+    pub ratio_to_http_ceiling: f64,
+    pub ratio_to_redis_ceiling: f64,
+    pub batches: u64,
+    pub batches_settled_per_sec: f64,
+    pub settled_after_load_ms: f64,
+    pub audit_clean: bool,
+}
+
+/// Everything a bench run needs, on this machine, torn down on drop.
+struct Rig {
+    redis: RedisServer,
+    store: Store,
+    api_url: String,
+    exchange_url: String,
+    stop: watch::Sender<bool>,
+    accounts: Vec<AccountId>,
+    ledger: LedgerSettings,
+}
+
+impl Rig {
+    async fn start(args: &BenchArgs) -> anyhow::Result<Self> {
+        let redis = RedisServer::start_ephemeral().await?;
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let faults = Faults {
+            latency_ms: args.exchange_latency_ms,
+            ..Faults::default()
+        };
+        let sim = ExchangeSim::bind("127.0.0.1:0".parse()?, faults).await?;
+        let exchange_url = sim.url().to_owned();
+        tokio::spawn(sim.run_until_stopped(until_stopped(stopped.clone())));
+        let settings = ServeArgs {
+            redis: RedisSettings::for_url(&redis.url()),
+            ledger: LedgerSettings::default(),
+            api: ApiSettings {
+                listen: "127.0.0.1:0".parse()?,
+                ..ApiSettings::default()
+            },
+        };
+        let ledger = settings.ledger.clone();
+        let app = Application::build(settings).await?;
+        let api_url = format!("http://{}", app.local_addr());
+        let store = app.store();
+        tokio::spawn(app.run_until_stopped(until_stopped(stopped.clone())));
+        let accounts = create_accounts(&store, args.accounts).await?;
+        Ok(Rig {
+            redis,
+            store,
+            api_url,
+            exchange_url,
+            stop,
+            accounts,
+            ledger,
+        })
+    }
+
+    fn start_workers(
+        &self,
+        args: &BenchArgs,
+    ) -> (
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        let settings = WorkerSettings {
+            worker_name: Some("bench".to_owned()),
+            consumers: args.workers,
+            block_ms: 50,
+            exchange_url: Some(self.exchange_url.clone()),
+            ..WorkerSettings::default()
+        };
+        let (stop, stopped) = watch::channel(false);
+        let store = self.store.clone();
+        let handle =
+            tokio::spawn(
+                async move { crate::settlement::run_workers(store, &settings, stopped).await },
+            );
+        (stop, handle)
+    }
+
+    async fn batch_count(&self) -> anyhow::Result<u64> {
+        let mut conn = self.store.conn().await?;
+        Ok(redis::cmd("ZCARD")
+            .arg(keys::BATCHES)
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// Batches settled so far: one `batch.settled` event each.
+    async fn settled_count(&self) -> anyhow::Result<u64> {
+        let mut conn = self.store.conn().await?;
+        Ok(redis::cmd("XLEN")
+            .arg(keys::EVENTS_STREAM)
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    async fn wait_until_settled(&self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let batches = self.batch_count().await?;
+        while self.settled_count().await? < batches {
+            if started.elapsed() > SETTLE_WAIT_MAX {
+                bail!("batches still unsettled after {SETTLE_WAIT_MAX:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(started.elapsed())
+    }
+
+    async fn audit(&self) -> anyhow::Result<bool> {
+        let report = crate::audit::run(&self.store).await?;
+        println!("{report}");
+        Ok(report.is_clean())
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        let _ = &self.redis;
+    }
+}
+
+async fn create_accounts(store: &Store, count: usize) -> anyhow::Result<Vec<AccountId>> {
+    let mut conn = store.conn().await?;
+    let mut accounts = Vec::with_capacity(count);
+    for i in 0..count {
+        let new = NewAccount {
+            id: AccountId::new_customer(),
+            name: AccountName::parse(&format!("bench {i}"))?,
+            opening_balance: Amount::parse(ACCOUNT_BALANCE)?,
+            idempotency: None,
+            idempotency_ttl_secs: 0,
+        };
+        create_account(&mut conn, &new).await?;
+        accounts.push(new.id);
+    }
+    Ok(accounts)
+}
+
+/// What one load phase saw.
+struct Load {
+    ok: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+    elapsed: Duration,
+}
+
+impl Load {
+    fn per_sec(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&mut self, quantile: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        self.latencies_us.sort_unstable();
+        let index =
+            ((self.latencies_us.len() as f64 * quantile) as usize).min(self.latencies_us.len() - 1);
+        f64::from(self.latencies_us[index]) / 1000.0
+    }
+}
+
+/// Runs `concurrency` loops of `request` until `duration` has passed.
+async fn http_load<F, Fut>(concurrency: usize, duration: Duration, request: F) -> Load
+where
+    F: Fn(reqwest::Client, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .http1_only()
+        .build()
+        .expect("an HTTP client builds");
+    let request = Arc::new(request);
+    let counter = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, request, counter) = (client.clone(), request.clone(), counter.clone());
+        tasks.spawn(async move {
+            let (mut ok, mut errors, mut latencies_us) = (0, 0, Vec::new());
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                if request(client.clone(), counter.fetch_add(1, Ordering::Relaxed)).await {
+                    ok += 1;
+                    latencies_us
+                        .push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
+                } else {
+                    errors += 1;
+                }
+            }
+            (ok, errors, latencies_us)
+        });
+    }
+    let mut load = Load {
+        ok: 0,
+        errors: 0,
+        latencies_us: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+    while let Some(Ok((ok, errors, latencies_us))) = tasks.join_next().await {
+        load.ok += ok;
+        load.errors += errors;
+        load.latencies_us.extend(latencies_us);
+    }
+    load.elapsed = started.elapsed();
+    load
+}
+
+/// One pipelined connection running `place_order.lua` as fast as Redis allows.
+async fn redis_ceiling(rig: &Rig, depth: usize, duration: Duration) -> anyhow::Result<f64> {
+    let client = redis::Client::open(rig.redis.url())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let hash: String = PLACE_ORDER.prepare_invoke().load_async(&mut conn).await?;
+    let symbol = Symbol::parse("ABAN")?;
+    let started = Instant::now();
+    let mut placed = 0u64;
+    let mut next = 0usize;
+    while started.elapsed() < duration {
+        let mut pipe = redis::pipe();
+        for _ in 0..depth {
+            let request = OrderRequest {
+                account_id: rig.accounts[next % rig.accounts.len()].clone(),
+                symbol: symbol.clone(),
+                quantity: Quantity::parse(QUANTITY_MIX[next % QUANTITY_MIX.len()])?,
+            };
+            next += 1;
+            let order = prepare(&request, &rig.ledger, None, 0)?;
+            let (script_keys, script_args) = place_order_input(&order);
+            pipe.cmd("EVALSHA")
+                .arg(&hash)
+                .arg(script_keys.len())
+                .arg(script_keys)
+                .arg(script_args);
+        }
+        let replies: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+        for reply in replies {
+            parse_place_order_reply(reply).context("a pipelined order failed")?;
+            placed += 1;
+        }
+    }
+    Ok(placed as f64 / started.elapsed().as_secs_f64())
+}
+
+pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
+    println!(
+        "tally bench orders: {:?} per phase, concurrency {}, {} accounts, {} workers, exchange latency {} ms",
+        args.duration, args.concurrency, args.accounts, args.workers, args.exchange_latency_ms
+    );
+    let rig = Arc::new(Rig::start(&args).await?);
+
+    let health_url = format!("{}/health", rig.api_url);
+    let http = http_load(args.concurrency, args.duration, move |client, _| {
+        let url = health_url.clone();
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == 200)
+        }
+    })
+    .await;
+    println!(
+        "HTTP ceiling (GET /health):       {:>10.0} req/s",
+        http.per_sec()
+    );
+
+    let (stop_workers, workers) = rig.start_workers(&args);
+    let orders_url = format!("{}/api/v1/orders", rig.api_url);
+    let bodies: Arc<Vec<String>> = Arc::new(
+        (0..rig.accounts.len() * QUANTITY_MIX.len())
+            .map(|i| {
+                let account = &rig.accounts[i % rig.accounts.len()];
+                let quantity = QUANTITY_MIX[(i / rig.accounts.len()) % QUANTITY_MIX.len()];
+                format!(r#"{{"account_id":"{account}","symbol":"ABAN","quantity":"{quantity}"}}"#)
+            })
+            .collect(),
+    );
+    let load_bodies = bodies.clone();
+    let mut load = http_load(args.concurrency, args.duration, move |client, n| {
+        let body = load_bodies[(n as usize) % load_bodies.len()].clone();
+        let url = orders_url.clone();
+        async move {
+            let response = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await;
+            response.is_ok_and(|response| response.status() == 201)
+        }
+    })
+    .await;
+    let settled_during_load = rig.settled_count().await?;
+    let settle_tail = rig.wait_until_settled().await?;
+    let batches = rig.batch_count().await?;
+    println!(
+        "orders (POST /api/v1/orders):      {:>10.0} orders/s, {} errors",
+        load.per_sec(),
+        load.errors
+    );
+
+    // The Redis ceiling runs last, with the workers stopped, so it competes with nothing.
+    let _ = stop_workers.send(true);
+    workers.await??;
+    let redis_per_sec = redis_ceiling(&rig, args.concurrency, args.duration).await?;
+    println!(
+        "Redis ceiling (pipelined script):  {:>10.0} orders/s",
+        redis_per_sec
+    );
+
+    let report = BenchReport {
+        duration_secs: args.duration.as_secs_f64(),
+        concurrency: args.concurrency,
+        workers: args.workers,
+        exchange_latency_ms: args.exchange_latency_ms,
+        http_ceiling_per_sec: http.per_sec(),
+        redis_ceiling_per_sec: redis_per_sec,
+        orders: load.ok,
+        orders_per_sec: load.per_sec(),
+        errors: load.errors,
+        latency_p50_ms: load.percentile_ms(0.50),
+        latency_p99_ms: load.percentile_ms(0.99),
+        latency_p999_ms: load.percentile_ms(0.999),
+        ratio_to_http_ceiling: load.per_sec() / http.per_sec(),
+        ratio_to_redis_ceiling: load.per_sec() / redis_per_sec,
+        batches,
+        batches_settled_per_sec: batches as f64 / (load.elapsed + settle_tail).as_secs_f64(),
+        settled_after_load_ms: settle_tail.as_secs_f64() * 1000.0,
+        audit_clean: false,
+    };
+    println!(
+        "latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+        report.latency_p50_ms, report.latency_p99_ms, report.latency_p999_ms
+    );
+    println!(
+        "orders/s is {:.0}% of the HTTP ceiling and {:.0}% of the Redis ceiling",
+        report.ratio_to_http_ceiling * 100.0,
+        report.ratio_to_redis_ceiling * 100.0
+    );
+    println!(
+        "settlement: {batches} batches ({settled_during_load} settled during the load), {:.0} batches/s; \
+         all settled {:.0} ms after the load stopped",
+        report.batches_settled_per_sec, report.settled_after_load_ms
+    );
+    // The Redis-ceiling orders were never meant to settle; drain them so the audit sees a quiet ledger.
+    let (stop_workers, workers) = rig.start_workers(&args);
+    rig.wait_until_settled().await?;
+    let _ = stop_workers.send(true);
+    workers.await??;
+    let report = BenchReport {
+        audit_clean: rig.audit().await?,
+        ..report
+    };
+    finish(&args, &report)?;
+    Ok(report.audit_clean && report.errors == 0)
+}
+
+pub async fn settle(args: BenchArgs) -> anyhow::Result<bool> {
+    println!(
+        "tally bench settle: {} batches, {} workers, exchange latency {} ms",
+        args.batches, args.workers, args.exchange_latency_ms
+    );
+    let rig = Rig::start(&args).await?;
+    let mut conn = rig.store.conn().await?;
+    let symbol = Symbol::parse("ABAN")?;
+    for i in 0..args.batches {
+        let request = OrderRequest {
+            account_id: rig.accounts[i % rig.accounts.len()].clone(),
+            symbol: symbol.clone(),
+            quantity: Quantity::parse("3")?,
+        };
+        place_order(&mut conn, &prepare(&request, &rig.ledger, None, 0)?).await?;
+    }
+    drop(conn);
+    let started = Instant::now();
+    let (stop_workers, workers) = rig.start_workers(&args);
+    let elapsed = started.elapsed() + rig.wait_until_settled().await?;
+    let _ = stop_workers.send(true);
+    workers.await??;
+    let per_sec = args.batches as f64 / elapsed.as_secs_f64();
+    println!(
+        "settled {} batches in {:.2} s: {per_sec:.0} batches/s",
+        args.batches,
+        elapsed.as_secs_f64()
+    );
+    let report = BenchReport {
+        workers: args.workers,
+        exchange_latency_ms: args.exchange_latency_ms,
+        batches: args.batches as u64,
+        batches_settled_per_sec: per_sec,
+        audit_clean: rig.audit().await?,
+        ..BenchReport::default()
+    };
+    finish(&args, &report)?;
+    Ok(report.audit_clean)
+}
+
+fn finish(args: &BenchArgs, report: &BenchReport) -> anyhow::Result<()> {
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
