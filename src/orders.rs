@@ -64,5 +64,6 @@ pub fn prepare(
         batch_id: BatchId::new(),
         idempotency,
         idempotency_ttl_secs,
+        created_at_ms: crate::store::now_ms(),
     })
 }

@@ -12,6 +12,7 @@ use crate::domain::{AccountId, BatchId, OrderId, Quantity, Symbol, format_units}
 use crate::orders::{OrderRejection, OrderRequest, prepare};
 use crate::store::orders::{
     self as store_orders, Batch, Bucket, Order, PlaceOrderError, PlaceOrderOutcome,
+    SettlementStatus,
 };
 use crate::store::settlement::{self, OperatorError};
 
@@ -226,21 +227,42 @@ impl OrdersApi {
             ApiError::unprocessable(code, rejection.to_string())
         })?;
         let mut conn = self.0.store.conn().await?;
-        let (id, replayed) = match store_orders::place_order(&mut conn, &order).await {
-            Ok(PlaceOrderOutcome::Pending | PlaceOrderOutcome::Settling(_)) => {
-                (order.order_id, None)
+        let location = |id: &OrderId| format!("{}/orders/{id}", super::API_PREFIX);
+        // The script's verdict is all a new order's answer needs: no read-back.
+        let (status, batch_id) = match store_orders::place_order(&mut conn, &order).await {
+            Ok(PlaceOrderOutcome::Pending) => (SettlementStatus::Pending, None),
+            Ok(PlaceOrderOutcome::Settling(batch_id)) => {
+                (SettlementStatus::Settling, Some(batch_id))
             }
-            Ok(PlaceOrderOutcome::Replayed(id)) => (id, Some(true)),
+            Ok(PlaceOrderOutcome::Replayed(id)) => {
+                let replayed = store_orders::get_order(&mut conn, &id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(format!("order {id} not found")))?;
+                return Ok(PlaceOrderResponse::Created(
+                    Json(replayed.into()),
+                    location(&id),
+                    Some(true),
+                ));
+            }
             Err(err) => return Err(refusal(err, &request.account_id)),
         };
-        let placed = store_orders::get_order(&mut conn, &id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("order {id} not found")))?;
-        let location = format!("{}/orders/{id}", super::API_PREFIX);
+        let placed = Order {
+            id: order.order_id,
+            account_id: order.account_id,
+            symbol: order.symbol,
+            quantity: order.quantity,
+            price: order.price,
+            cost: order.cost,
+            created_at_ms: order.created_at_ms,
+            status,
+            batch_id,
+            attempts: 0,
+            last_error: None,
+        };
         Ok(PlaceOrderResponse::Created(
             Json(placed.into()),
-            location,
-            replayed,
+            location(&order.order_id),
+            None,
         ))
     }
 

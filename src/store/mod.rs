@@ -12,8 +12,12 @@ pub mod settlement;
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::AsyncConnectionConfig;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
 
 use crate::config::RedisSettings;
 use crate::domain::SystemAccount;
@@ -33,6 +37,10 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Reconnection attempts per command before the shared connection reports
+/// Redis unavailable.
+const CONNECT_RETRIES_MAX: usize = 3;
+
 /// Any async Redis connection the wrappers can run on: a pooled one in the
 /// app, a plain one in tests.
 pub trait Conn: redis::aio::ConnectionLike + Send + Sync {}
@@ -40,8 +48,17 @@ pub trait Conn: redis::aio::ConnectionLike + Send + Sync {}
 impl<T: redis::aio::ConnectionLike + Send + Sync> Conn for T {}
 
 /// A handle on Redis, cheap to clone.
+///
+/// Requests share one multiplexed connection: commands from concurrent tasks
+/// are pipelined on it, with no checkout and no per-request round trip
+/// beyond the command itself. Blocking reads (`XREADGROUP ... BLOCK`) would
+/// stall everyone else on that connection, so they take a dedicated one from
+/// the pool.
 #[derive(Clone)]
 pub struct Store {
+    shared: Arc<OnceCell<ConnectionManager>>,
+    client: redis::Client,
+    timeout: std::time::Duration,
     pool: Pool,
 }
 
@@ -50,6 +67,7 @@ impl Store {
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.timeout()))
             .set_response_timeout(Some(settings.timeout()));
+        let client = redis::Client::open(settings.url())?;
         let manager = Manager::new_with_config(settings.url(), connection)?;
         let pool = Pool::builder(manager)
             .max_size(settings.redis_pool_size_max)
@@ -58,7 +76,12 @@ impl Store {
             .recycle_timeout(Some(settings.timeout()))
             .runtime(Runtime::Tokio1)
             .build()?;
-        Ok(Store { pool })
+        Ok(Store {
+            shared: Arc::new(OnceCell::new()),
+            client,
+            timeout: settings.timeout(),
+            pool,
+        })
     }
 
     /// A store that has not connected (pools connect lazily): enough to
@@ -68,7 +91,23 @@ impl Store {
         Self::connect(&settings).expect("the default Redis URL parses")
     }
 
-    pub async fn conn(&self) -> StoreResult<deadpool_redis::Connection> {
+    /// The shared connection, for every command that does not block.
+    pub async fn conn(&self) -> StoreResult<ConnectionManager> {
+        let shared = self
+            .shared
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(CONNECT_RETRIES_MAX);
+                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            })
+            .await?;
+        Ok(shared.clone())
+    }
+
+    /// A connection of its own, for blocking reads.
+    pub async fn dedicated_conn(&self) -> StoreResult<deadpool_redis::Connection> {
         Ok(self.pool.get().await?)
     }
 

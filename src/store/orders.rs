@@ -4,7 +4,7 @@ use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
 
-use super::{Conn, Record, StoreError, StoreResult, keys, now_ms, verdict};
+use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
 use crate::domain::{
     AccountId, Amount, BatchId, Idempotency, OrderId, Quantity, Symbol, SystemAccount,
 };
@@ -98,6 +98,7 @@ pub struct PlaceOrder {
     pub batch_id: BatchId,
     pub idempotency: Option<Idempotency>,
     pub idempotency_ttl_secs: u64,
+    pub created_at_ms: i64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -122,7 +123,6 @@ pub enum PlaceOrderError {
     Store(#[from] StoreError),
 }
 
-#[tracing::instrument(skip_all, fields(order_id = %order.order_id, account_id = %order.account_id))]
 pub async fn place_order(
     conn: &mut impl Conn,
     order: &PlaceOrder,
@@ -177,7 +177,7 @@ pub fn place_order_input(order: &PlaceOrder) -> (Vec<String>, Vec<String>) {
         order.batch_id.to_string(),
         fingerprint,
         order.idempotency_ttl_secs.to_string(),
-        now_ms().to_string(),
+        order.created_at_ms.to_string(),
         SystemAccount::Exchange.id().to_string(),
     ];
     (script_keys, script_args)

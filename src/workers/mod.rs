@@ -136,7 +136,7 @@ pub async fn run_consumer<H: JobHandler>(
 
 /// Jobs left pending too long by any consumer first, then new ones.
 async fn next_deliveries(store: &Store, settings: &ConsumerSettings) -> StoreResult<Vec<Delivery>> {
-    let mut conn = store.conn().await?;
+    let mut conn = store.dedicated_conn().await?;
     let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
         .arg(settings.stream)
         .arg(settings.group)

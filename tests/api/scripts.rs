@@ -41,6 +41,7 @@ fn order(account_id: &AccountId, quantity: &str, key: Option<&str>) -> PlaceOrde
             )
         }),
         idempotency_ttl_secs: 60,
+        created_at_ms: tally::store::now_ms(),
     }
 }
 
