@@ -39,6 +39,7 @@ impl Application {
             .as_socket_addr()
             .context("the listener has a socket address")?;
         let state = Arc::new(AppState {
+            orders: crate::orders::OrderGrouper::new(store.clone()),
             store,
             ledger: settings.ledger,
             api: settings.api,

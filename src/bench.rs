@@ -3,7 +3,8 @@
 //!
 //! `tally bench orders` prints, from one run:
 //! - the HTTP ceiling: `GET /health` on the same server, client and concurrency;
-//! - the Redis ceiling: one pipelined client running `place_order.lua` directly;
+//! - the Redis ceiling: one pipelined client running `place_orders.lua` directly,
+//!   one order per call;
 //! - orders/s through `POST /api/v1/orders`, with p50/p99/p99.9 latency and errors;
 //! - the ratios of orders/s to each ceiling;
 //! - settlement: batches/s, and how long after the load stops every batch is settled;
@@ -28,7 +29,9 @@ use crate::exchange::sim::{ExchangeSim, Faults};
 use crate::orders::{OrderRequest, prepare};
 use crate::redis_server::RedisServer;
 use crate::store::accounts::{NewAccount, create_account};
-use crate::store::orders::{PLACE_ORDER, parse_place_order_reply, place_order, place_order_input};
+use crate::store::orders::{
+    PLACE_ORDERS, parse_place_orders_reply, place_order, place_orders_input,
+};
 use crate::store::{Store, keys};
 
 /// Quantities the load mixes, at ABAN 4.00: 2.00 to 12.00 USD, so some
@@ -295,7 +298,7 @@ where
 async fn redis_ceiling(rig: &Rig, depth: usize, duration: Duration) -> anyhow::Result<f64> {
     let client = redis::Client::open(rig.redis.url())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let hash: String = PLACE_ORDER.prepare_invoke().load_async(&mut conn).await?;
+    let hash: String = PLACE_ORDERS.prepare_invoke().load_async(&mut conn).await?;
     let symbol = Symbol::parse("ABAN")?;
     let started = Instant::now();
     let mut placed = 0u64;
@@ -310,7 +313,7 @@ async fn redis_ceiling(rig: &Rig, depth: usize, duration: Duration) -> anyhow::R
             };
             next += 1;
             let order = prepare(&request, &rig.ledger, None, 0)?;
-            let (script_keys, script_args) = place_order_input(&order);
+            let (script_keys, script_args) = place_orders_input(std::slice::from_ref(&order));
             pipe.cmd("EVALSHA")
                 .arg(&hash)
                 .arg(script_keys.len())
@@ -319,8 +322,10 @@ async fn redis_ceiling(rig: &Rig, depth: usize, duration: Duration) -> anyhow::R
         }
         let replies: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
         for reply in replies {
-            parse_place_order_reply(reply).context("a pipelined order failed")?;
-            placed += 1;
+            for outcome in parse_place_orders_reply(reply, 1)? {
+                outcome.context("a pipelined order failed")?;
+                placed += 1;
+            }
         }
     }
     Ok(placed as f64 / started.elapsed().as_secs_f64())

@@ -8,7 +8,12 @@ use crate::config::LedgerSettings;
 use crate::domain::{
     AccountId, BatchId, Idempotency, IdempotencyKey, OrderId, Quantity, Symbol, order_cost,
 };
-use crate::store::orders::PlaceOrder;
+use std::sync::{Arc, Mutex, Once};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_orders};
+use crate::store::{Store, StoreError};
 
 /// A purchase order as the customer asked for it, already well formed.
 #[derive(Debug, Clone)]
@@ -66,4 +71,102 @@ pub fn prepare(
         idempotency_ttl_secs,
         created_at_ms: crate::store::now_ms(),
     })
+}
+
+/// Most orders carried by one script call.
+pub const ORDER_GROUP_MAX: usize = 64;
+/// Orders waiting to be grouped; past this, requests wait for room.
+pub const ORDER_QUEUE_MAX: usize = 4_096;
+/// Script calls in flight at once on the shared connection.
+pub const ORDER_GROUPS_IN_FLIGHT_MAX: usize = 4;
+
+type Placed = Result<PlaceOrderOutcome, PlaceOrderError>;
+
+/// Groups concurrent orders into one `place_orders.lua` call: while the calls
+/// in flight run, new orders queue, and the next call takes all of them (up to
+/// [`ORDER_GROUP_MAX`]). Under light load every group holds one order, so
+/// nothing waits for a group to fill. Each order is still checked and written
+/// on its own inside the script, and gets its own answer.
+pub struct OrderGrouper {
+    sender: mpsc::Sender<(PlaceOrder, oneshot::Sender<Placed>)>,
+    receiver: Mutex<Option<mpsc::Receiver<(PlaceOrder, oneshot::Sender<Placed>)>>>,
+    started: Once,
+    store: Store,
+}
+
+impl OrderGrouper {
+    pub fn new(store: Store) -> Self {
+        let (sender, receiver) = mpsc::channel(ORDER_QUEUE_MAX);
+        OrderGrouper {
+            sender,
+            receiver: Mutex::new(Some(receiver)),
+            started: Once::new(),
+            store,
+        }
+    }
+
+    pub async fn place(&self, order: PlaceOrder) -> Placed {
+        // Started on first use, from inside the runtime.
+        self.started.call_once(|| {
+            let receiver = self
+                .receiver
+                .lock()
+                .expect("grouper lock")
+                .take()
+                .expect("started once");
+            tokio::spawn(collect(self.store.clone(), receiver));
+        });
+        let (reply, answer) = oneshot::channel();
+        let gone = || {
+            PlaceOrderError::Store(StoreError::UnexpectedReply(vec![
+                "order grouper stopped".to_owned(),
+            ]))
+        };
+        self.sender.send((order, reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+async fn collect(
+    store: Store,
+    mut receiver: mpsc::Receiver<(PlaceOrder, oneshot::Sender<Placed>)>,
+) {
+    let in_flight = Arc::new(Semaphore::new(ORDER_GROUPS_IN_FLIGHT_MAX));
+    while let Some(first) = receiver.recv().await {
+        // Wait for a free slot before draining, so a busy Redis means bigger groups.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut group = vec![first];
+        while group.len() < ORDER_GROUP_MAX {
+            match receiver.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let store = store.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (orders, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+            let outcomes = match store.conn().await {
+                Ok(mut conn) => place_orders(&mut conn, &orders).await,
+                Err(err) => Err(err),
+            };
+            match outcomes {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(outcome);
+                    }
+                }
+                Err(err) => {
+                    let message = err.to_string();
+                    for reply in replies {
+                        let _ = reply.send(Err(PlaceOrderError::Store(StoreError::GroupFailed(
+                            message.clone(),
+                        ))));
+                    }
+                }
+            }
+        });
+    }
 }

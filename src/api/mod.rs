@@ -24,6 +24,8 @@ pub const API_PREFIX: &str = "/api/v1";
 /// What every handler shares.
 pub struct AppState {
     pub store: Store,
+    /// Groups concurrent orders into one script call.
+    pub orders: crate::orders::OrderGrouper,
     pub ledger: LedgerSettings,
     pub api: ApiSettings,
 }
@@ -54,8 +56,10 @@ fn service(state: Arc<AppState>) -> OpenApiService<(accounts::AccountsApi, order
 
 /// The OpenAPI spec as YAML, exactly as `/openapi.yaml` serves it.
 pub fn spec_yaml() -> String {
+    let store = Store::unconnected();
     let state = Arc::new(AppState {
-        store: Store::unconnected(),
+        orders: crate::orders::OrderGrouper::new(store.clone()),
+        store,
         ledger: LedgerSettings::default(),
         api: ApiSettings::default(),
     });

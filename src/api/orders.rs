@@ -226,15 +226,16 @@ impl OrdersApi {
             };
             ApiError::unprocessable(code, rejection.to_string())
         })?;
-        let mut conn = self.0.store.conn().await?;
         let location = |id: &OrderId| format!("{}/orders/{id}", super::API_PREFIX);
         // The script's verdict is all a new order's answer needs: no read-back.
-        let (status, batch_id) = match store_orders::place_order(&mut conn, &order).await {
+        let placed = self.0.orders.place(order.clone()).await;
+        let (status, batch_id) = match placed {
             Ok(PlaceOrderOutcome::Pending) => (SettlementStatus::Pending, None),
             Ok(PlaceOrderOutcome::Settling(batch_id)) => {
                 (SettlementStatus::Settling, Some(batch_id))
             }
             Ok(PlaceOrderOutcome::Replayed(id)) => {
+                let mut conn = self.0.store.conn().await?;
                 let replayed = store_orders::get_order(&mut conn, &id)
                     .await?
                     .ok_or_else(|| ApiError::not_found(format!("order {id} not found")))?;

@@ -84,7 +84,7 @@ impl ApiError {
         use crate::store::StoreError;
         tracing::error!(error = %err, "store failure");
         match err {
-            StoreError::Pool(_) | StoreError::Redis(_) => {
+            StoreError::Pool(_) | StoreError::Redis(_) | StoreError::GroupFailed(_) => {
                 ApiError::Unavailable(Json(Problem::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",

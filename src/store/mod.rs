@@ -33,6 +33,9 @@ pub enum StoreError {
     Corrupt { key: String, problem: String },
     #[error("unexpected script reply: {0:?}")]
     UnexpectedReply(Vec<String>),
+    /// A grouped script call failed as a whole; each order in it gets this.
+    #[error("redis: {0}")]
+    GroupFailed(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -131,7 +134,7 @@ impl Store {
     /// Loads every script into Redis' cache and checks Redis answers.
     pub async fn ready(&self) -> StoreResult<()> {
         let mut conn = self.conn().await?;
-        let core: [&redis::Script; 2] = [&accounts::CREATE_ACCOUNT, &orders::PLACE_ORDER];
+        let core: [&redis::Script; 2] = [&accounts::CREATE_ACCOUNT, &orders::PLACE_ORDERS];
         for script in core.into_iter().chain(settlement::scripts()) {
             script.prepare_invoke().load_async(&mut conn).await?;
         }

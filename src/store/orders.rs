@@ -4,13 +4,13 @@ use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
 
-use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
+use super::{Conn, Record, StoreError, StoreResult, keys};
 use crate::domain::{
     AccountId, Amount, BatchId, Idempotency, OrderId, Quantity, Symbol, SystemAccount,
 };
 
-pub static PLACE_ORDER: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/place_order.lua")));
+pub static PLACE_ORDERS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/place_orders.lua")));
 
 /// Where an order (or its batch) stands. An order's status is its batch's,
 /// or `pending` while it waits in a bucket.
@@ -85,7 +85,8 @@ pub struct Bucket {
     pub order_count: i64,
 }
 
-/// Everything `place_order.lua` needs; built by [`crate::orders`].
+/// One order for `place_orders.lua`; built by [`crate::orders`].
+#[derive(Debug, Clone)]
 pub struct PlaceOrder {
     pub order_id: OrderId,
     pub account_id: AccountId,
@@ -123,89 +124,119 @@ pub enum PlaceOrderError {
     Store(#[from] StoreError),
 }
 
+/// Places one order: `place_orders.lua` with a group of one.
 pub async fn place_order(
     conn: &mut impl Conn,
     order: &PlaceOrder,
 ) -> Result<PlaceOrderOutcome, PlaceOrderError> {
-    let (script_keys, script_args) = place_order_input(order);
-    let mut invocation = PLACE_ORDER.prepare_invoke();
+    let mut outcomes = place_orders(conn, std::slice::from_ref(order)).await?;
+    outcomes
+        .pop()
+        .ok_or_else(|| StoreError::UnexpectedReply(Vec::new()))?
+}
+
+/// Places a group of orders in one script call. Each order is checked and
+/// written (or refused) on its own; the outcomes come back in order.
+pub async fn place_orders(
+    conn: &mut impl Conn,
+    orders: &[PlaceOrder],
+) -> StoreResult<Vec<Result<PlaceOrderOutcome, PlaceOrderError>>> {
+    let (script_keys, script_args) = place_orders_input(orders);
+    let mut invocation = PLACE_ORDERS.prepare_invoke();
     for key in script_keys {
         invocation.key(key);
     }
     for arg in script_args {
         invocation.arg(arg);
     }
-    let reply: Vec<String> = invocation
-        .invoke_async(conn)
-        .await
-        .map_err(StoreError::from)?;
-    parse_place_order_reply(reply)
+    let reply: Vec<String> = invocation.invoke_async(conn).await?;
+    parse_place_orders_reply(reply, orders.len())
 }
 
-/// The `KEYS` and `ARGV` of `place_order.lua` for `order`, in script order.
-pub fn place_order_input(order: &PlaceOrder) -> (Vec<String>, Vec<String>) {
-    let (idempotency_key, fingerprint) = match &order.idempotency {
-        Some(idem) => (
-            keys::idempotency("orders", idem.key.as_str()),
-            idem.fingerprint.clone(),
-        ),
-        None => (keys::idempotency("orders", "-"), String::new()),
-    };
-    let script_keys = vec![
-        keys::account(&order.account_id),
-        keys::account(&SystemAccount::Exchange.id()),
+/// The `KEYS` and `ARGV` of `place_orders.lua` for `orders`, in script order.
+pub fn place_orders_input(orders: &[PlaceOrder]) -> (Vec<String>, Vec<String>) {
+    let exchange = SystemAccount::Exchange.id();
+    let mut script_keys = Vec::with_capacity(5 + 8 * orders.len());
+    script_keys.extend([
+        keys::account(&exchange),
         keys::JOURNAL.to_owned(),
-        keys::order(&order.order_id),
-        keys::bucket(&order.symbol),
-        keys::bucket_orders(&order.symbol),
-        keys::bucket_batches(&order.symbol),
-        keys::batch(&order.batch_id),
-        keys::batch_orders(&order.batch_id),
         keys::SETTLE_STREAM.to_owned(),
         keys::BATCHES.to_owned(),
         keys::SYMBOLS.to_owned(),
-        idempotency_key,
-    ];
-    let script_args = vec![
-        order.account_id.to_string(),
-        order.order_id.to_string(),
-        order.symbol.to_string(),
-        order.quantity.units().to_string(),
-        order.price.cents().to_string(),
-        order.cost.cents().to_string(),
-        order.exchange_minimum.cents().to_string(),
-        order.batch_id.to_string(),
-        fingerprint,
-        order.idempotency_ttl_secs.to_string(),
-        order.created_at_ms.to_string(),
-        SystemAccount::Exchange.id().to_string(),
-    ];
+    ]);
+    let mut script_args = Vec::with_capacity(2 + 10 * orders.len());
+    script_args.extend([orders.len().to_string(), exchange.to_string()]);
+    for order in orders {
+        let (idempotency_key, idempotency) = match &order.idempotency {
+            Some(idem) => (
+                keys::idempotency("orders", idem.key.as_str()),
+                format!("{} {}", idem.fingerprint, order.idempotency_ttl_secs),
+            ),
+            None => (keys::idempotency("orders", "-"), String::new()),
+        };
+        script_keys.extend([
+            keys::account(&order.account_id),
+            keys::order(&order.order_id),
+            keys::bucket(&order.symbol),
+            keys::bucket_orders(&order.symbol),
+            keys::bucket_batches(&order.symbol),
+            keys::batch(&order.batch_id),
+            keys::batch_orders(&order.batch_id),
+            idempotency_key,
+        ]);
+        script_args.extend([
+            order.account_id.to_string(),
+            order.order_id.to_string(),
+            order.symbol.to_string(),
+            order.quantity.units().to_string(),
+            order.price.cents().to_string(),
+            order.cost.cents().to_string(),
+            order.exchange_minimum.cents().to_string(),
+            order.batch_id.to_string(),
+            idempotency,
+            order.created_at_ms.to_string(),
+        ]);
+    }
     (script_keys, script_args)
 }
 
-/// Reads `place_order.lua`'s verdict.
-pub fn parse_place_order_reply(reply: Vec<String>) -> Result<PlaceOrderOutcome, PlaceOrderError> {
-    let unexpected = || PlaceOrderError::Store(StoreError::UnexpectedReply(reply.clone()));
-    let word = |i: usize| reply.get(i).map(String::as_str);
-    match (verdict(&reply), word(1)) {
-        ("placed", Some("pending")) => Ok(PlaceOrderOutcome::Pending),
-        ("placed", Some("settling")) => word(2)
-            .and_then(|id| BatchId::parse(id).ok())
+/// Reads `place_orders.lua`'s three words per order.
+pub fn parse_place_orders_reply(
+    reply: Vec<String>,
+    count: usize,
+) -> StoreResult<Vec<Result<PlaceOrderOutcome, PlaceOrderError>>> {
+    if reply.len() != 3 * count {
+        return Err(StoreError::UnexpectedReply(reply));
+    }
+    let outcomes = reply.chunks(3).map(|words| parse_outcome(words)).collect();
+    Ok(outcomes)
+}
+
+fn parse_outcome(words: &[String]) -> Result<PlaceOrderOutcome, PlaceOrderError> {
+    let unexpected = || PlaceOrderError::Store(StoreError::UnexpectedReply(words.to_vec()));
+    match (words[0].as_str(), words[1].as_str(), words[2].as_str()) {
+        ("placed", "pending", _) => Ok(PlaceOrderOutcome::Pending),
+        ("placed", "settling", batch_id) => BatchId::parse(batch_id)
             .map(PlaceOrderOutcome::Settling)
-            .ok_or_else(unexpected),
-        ("replayed", Some(id)) => OrderId::parse(id)
+            .map_err(|_| unexpected()),
+        ("replayed", order_id, _) => OrderId::parse(order_id)
             .map(PlaceOrderOutcome::Replayed)
             .map_err(|_| unexpected()),
-        ("refused", Some("account_not_found")) => Err(PlaceOrderError::AccountNotFound),
-        ("refused", Some("insufficient_funds")) => word(2)
-            .and_then(|cents| cents.parse().ok())
-            .and_then(|cents| Amount::from_cents(cents).ok())
-            .map(|balance| PlaceOrderError::InsufficientFunds { balance })
-            .ok_or_else(unexpected)
-            .and_then(Err),
-        ("refused", Some("idempotency_conflict")) => Err(PlaceOrderError::IdempotencyConflict(
-            word(2).unwrap_or_default().to_owned(),
-        )),
+        ("refused", "account_not_found", _) => Err(PlaceOrderError::AccountNotFound),
+        ("refused", "insufficient_funds", balance) => {
+            let balance = balance
+                .parse()
+                .ok()
+                .and_then(|cents| Amount::from_cents(cents).ok());
+            Err(
+                balance.map_or_else(unexpected, |balance| PlaceOrderError::InsufficientFunds {
+                    balance,
+                }),
+            )
+        }
+        ("refused", "idempotency_conflict", order_id) => {
+            Err(PlaceOrderError::IdempotencyConflict(order_id.to_owned()))
+        }
         _ => Err(unexpected()),
     }
 }

@@ -7,7 +7,9 @@ use tally::domain::{
 use tally::store::accounts::{
     CreateAccountError, CreateAccountOutcome, NewAccount, create_account,
 };
-use tally::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_order};
+use tally::store::orders::{
+    PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_order, place_orders,
+};
 
 use crate::helpers::{redis_snapshot, spawn_app};
 
@@ -136,4 +138,62 @@ async fn an_order_for_exactly_the_balance_succeeds() {
         .unwrap();
     assert!(matches!(placed, PlaceOrderOutcome::Settling(_)));
     assert_eq!(app.balance(exact.id.as_str()).await, "0.00");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_of_orders_is_placed_one_by_one_each_with_its_own_verdict() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let rich = new_account("100.00", None);
+    let poor = new_account("1.00", None);
+    create_account(&mut conn, &rich).await.unwrap();
+    create_account(&mut conn, &poor).await.unwrap();
+
+    let group = [
+        order(&rich.id, "1", Some("g1")), // pending: 4.00 in the bucket
+        order(&poor.id, "1", None),       // refused: 1.00 < 4.00
+        order(&AccountId::new_customer(), "1", None), // refused: no such account
+        order(&rich.id, "1", Some("g1")), // same key, same request: replayed
+        order(&rich.id, "2", Some("g1")), // same key, another request: conflict
+        order(&rich.id, "1.5", None),     // 6.00: closes a batch with the first
+    ];
+    let outcomes = place_orders(&mut conn, &group).await.unwrap();
+    assert_eq!(outcomes.len(), 6);
+    assert!(matches!(outcomes[0], Ok(PlaceOrderOutcome::Pending)));
+    assert!(matches!(
+        outcomes[1],
+        Err(PlaceOrderError::InsufficientFunds { .. })
+    ));
+    assert!(matches!(outcomes[2], Err(PlaceOrderError::AccountNotFound)));
+    assert!(matches!(outcomes[3], Ok(PlaceOrderOutcome::Replayed(id)) if id == group[0].order_id));
+    assert!(matches!(
+        outcomes[4],
+        Err(PlaceOrderError::IdempotencyConflict(_))
+    ));
+    assert!(matches!(outcomes[5], Ok(PlaceOrderOutcome::Settling(id)) if id == group[5].batch_id));
+    assert_eq!(app.balance(rich.id.as_str()).await, "90.00");
+    assert_eq!(app.balance(poor.id.as_str()).await, "1.00");
+    let jobs = app.settle_jobs().await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        jobs[0]["orders"],
+        format!("{},{}", group[0].order_id, group[5].order_id)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_round_quantities_are_stored_as_plain_digits() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let whale = new_account("100000000.00", None);
+    create_account(&mut conn, &whale).await.unwrap();
+    let large = order(&whale.id, "1000000", None); // 10^14 units, 4,000,000.00 USD
+    place_order(&mut conn, &large).await.unwrap();
+    let jobs = app.settle_jobs().await;
+    assert_eq!(jobs[0]["quantity_units"], "100000000000000");
+    assert_eq!(jobs[0]["quantity"], "1000000.00000000");
+    assert_eq!(jobs[0]["value_cents"], "400000000");
+    let batch = app.batch(&large.batch_id.to_string()).await;
+    assert_eq!(batch["quantity"], "1000000");
+    assert_eq!(batch["value"], "4000000.00");
 }

@@ -1,0 +1,132 @@
+-- place_orders: for each order given, debit the customer for a crypto
+-- purchase and queue it for the exchange. Each order is its own atomic step
+-- (checked, then written, or refused with nothing written); the API groups
+-- concurrent orders into one call to save round trips and script overhead.
+--
+-- Each order joins its symbol's pending bucket. When the bucket's value
+-- reaches the exchange minimum (or the order alone reaches it, taking the
+-- bucket along), the bucket is emptied into a batch and one settle job is
+-- added to the settle stream. Orders find their batch through the bucket's
+-- epoch: each emptying closes an epoch and maps it to the batch, so closing a
+-- batch writes a fixed set of keys however many orders it holds.
+--
+-- KEYS[1] @exchange account (hash: balance)   KEYS[2] journal (stream)
+-- KEYS[3] settle jobs (stream)                KEYS[4] batch index (sorted set)
+-- KEYS[5] symbols ever ordered (set)
+-- then 8 keys per order, at offset k = 5 + 8 * (i - 1):
+--   k+1 customer account (hash: balance)      k+2 the new order (hash)
+--   k+3 the symbol's bucket (hash: value, quantity, count, epoch)
+--   k+4 the bucket's order ids (list)         k+5 its closed epochs (hash: epoch -> batch id)
+--   k+6 the batch this order would close (hash)   k+7 that batch's order ids (list)
+--   k+8 idempotency key (string "order_id fingerprint")
+-- ARGV[1] number of orders   ARGV[2] @exchange's account id
+-- then 10 arguments per order, at offset a = 2 + 10 * (i - 1):
+--   a+1 account id   a+2 order id   a+3 symbol   a+4 quantity, units of 1e-8
+--   a+5 price, cents   a+6 cost, cents   a+7 exchange minimum, cents
+--   a+8 batch id, used only if this order closes a batch
+--   a+9 idempotency "fingerprint ttl_seconds", or "" for none
+--   a+10 now, ms since the Unix epoch
+--
+-- Returns three strings per order, in order:
+--   "placed", "pending", ""                 the order waits in the bucket
+--   "placed", "settling", batch_id          the order closed a batch
+--   "replayed", order_id, ""                same key, same request: nothing written
+--   "refused", "idempotency_conflict", order_id
+--   "refused", "account_not_found", ""
+--   "refused", "insufficient_funds", balance_cents
+
+local count = tonumber(ARGV[1])
+if #KEYS ~= 5 + 8 * count or #ARGV ~= 2 + 10 * count then
+  return redis.error_reply('place_orders: expected 8 keys and 10 arguments per order')
+end
+local exchange_id = ARGV[2]
+local push_chunk = 1000 -- unpack() is bounded by Lua's C stack
+
+-- Integers go back to Redis as plain digits: a Lua number passed as it is may
+-- be written with an exponent (1e+15). Exact below 2^53, which the API's
+-- bounds keep every sum under.
+local function int(number)
+  return string.format('%d', number)
+end
+
+local function place(k, a)
+  local idempotency = ARGV[a + 9]
+  local fingerprint, ttl
+  if idempotency ~= '' then
+    local space = string.find(idempotency, ' ', 1, true)
+    fingerprint, ttl = string.sub(idempotency, 1, space - 1), string.sub(idempotency, space + 1)
+    local prior = redis.call('GET', KEYS[k + 8])
+    if prior then
+      local split = string.find(prior, ' ', 1, true)
+      local prior_id = string.sub(prior, 1, split - 1)
+      if string.sub(prior, split + 1) == fingerprint then
+        return 'replayed', prior_id, ''
+      end
+      return 'refused', 'idempotency_conflict', prior_id
+    end
+  end
+
+  local balance = redis.call('HGET', KEYS[k + 1], 'balance')
+  if not balance then
+    return 'refused', 'account_not_found', ''
+  end
+  local cost = tonumber(ARGV[a + 6])
+  if tonumber(balance) < cost then
+    return 'refused', 'insufficient_funds', balance
+  end
+
+  local account_id, order_id, symbol, now = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 10]
+  redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])
+  redis.call('HINCRBY', KEYS[1], 'balance', ARGV[a + 6])
+  redis.call('XADD', KEYS[2], '*', 'at', now, 'kind', 'order', 'debit', account_id,
+    'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
+
+  local bucket = redis.call('HMGET', KEYS[k + 3], 'value', 'quantity', 'count', 'epoch')
+  if not bucket[4] then
+    redis.call('SADD', KEYS[5], symbol) -- the symbol's first order: the audit must find its bucket
+  end
+  local epoch = bucket[4] or '0'
+  redis.call('HSET', KEYS[k + 2], 'id', order_id, 'account_id', account_id, 'symbol', symbol,
+    'quantity', ARGV[a + 4], 'price', ARGV[a + 5], 'cost', ARGV[a + 6], 'epoch', epoch, 'created_at', now)
+  if fingerprint then
+    redis.call('SET', KEYS[k + 8], order_id .. ' ' .. fingerprint, 'EX', ttl)
+  end
+
+  redis.call('RPUSH', KEYS[k + 4], order_id)
+  local value = tonumber(bucket[1] or '0') + cost
+  local quantity = tonumber(bucket[2] or '0') + tonumber(ARGV[a + 4])
+  local orders = tonumber(bucket[3] or '0') + 1
+  if value < tonumber(ARGV[a + 7]) then
+    redis.call('HSET', KEYS[k + 3], 'value', int(value), 'quantity', int(quantity), 'count', int(orders),
+      'epoch', epoch)
+    return 'placed', 'pending', ''
+  end
+
+  -- Close the batch: move the bucket's orders into it and queue its settle job.
+  local batch_id = ARGV[a + 8]
+  local order_ids = redis.call('LRANGE', KEYS[k + 4], 0, -1)
+  for first = 1, #order_ids, push_chunk do
+    redis.call('RPUSH', KEYS[k + 7], unpack(order_ids, first, math.min(first + push_chunk - 1, #order_ids)))
+  end
+  local quantity_text = string.format('%d.%08d', math.floor(quantity / 1e8), quantity % 1e8)
+  redis.call('HSET', KEYS[k + 6], 'id', batch_id, 'symbol', symbol, 'quantity', int(quantity),
+    'value', int(value), 'order_count', int(orders), 'epoch', epoch, 'status', 'settling',
+    'attempts', 0, 'created_at', now)
+  redis.call('HSET', KEYS[k + 5], epoch, batch_id)
+  redis.call('DEL', KEYS[k + 4])
+  redis.call('HSET', KEYS[k + 3], 'value', 0, 'quantity', 0, 'count', 0, 'epoch', int(tonumber(epoch) + 1))
+  redis.call('ZADD', KEYS[4], now, batch_id)
+  redis.call('XADD', KEYS[3], '*', 'batch_id', batch_id, 'symbol', symbol,
+    'quantity', quantity_text, 'quantity_units', int(quantity), 'value_cents', int(value),
+    'order_count', int(orders), 'orders', table.concat(order_ids, ','), 'created_at', now)
+  return 'placed', 'settling', batch_id
+end
+
+local replies = {}
+for i = 1, count do
+  local verdict, detail, extra = place(5 + 8 * (i - 1), 2 + 10 * (i - 1))
+  replies[#replies + 1] = verdict
+  replies[#replies + 1] = detail
+  replies[#replies + 1] = extra
+end
+return replies
