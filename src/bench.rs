@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// Settlement consumers.
     #[arg(long, default_value_t = 3)]
     pub workers: usize,
+    /// Settle jobs each consumer reads, and handles concurrently, at once.
+    #[arg(long, default_value_t = 64)]
+    pub read_count: usize,
     /// Latency the exchange-sim adds to every call.
     #[arg(long, default_value_t = 0)]
     pub exchange_latency_ms: u64,
@@ -150,6 +153,7 @@ impl Rig {
             worker_name: Some("bench".to_owned()),
             consumers: args.workers,
             block_ms: 50,
+            read_count: args.read_count,
             exchange_url: Some(self.exchange_url.clone()),
             ..WorkerSettings::default()
         };
@@ -338,7 +342,8 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     );
     let rig = Arc::new(Rig::start(&args).await?);
 
-    let health_url = format!("{}/health", rig.api_url);
+    // URLs parsed once: the client's per-request cost counts against both figures.
+    let health_url: reqwest::Url = format!("{}/health", rig.api_url).parse()?;
     let http = http_load(args.concurrency, args.duration, move |client, _| {
         let url = health_url.clone();
         async move {
@@ -356,7 +361,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     );
 
     let (stop_workers, workers) = rig.start_workers(&args);
-    let orders_url = format!("{}/api/v1/orders", rig.api_url);
+    let orders_url: reqwest::Url = format!("{}/api/v1/orders", rig.api_url).parse()?;
     let bodies: Arc<Vec<String>> = Arc::new(
         (0..rig.accounts.len() * QUANTITY_MIX.len())
             .map(|i| {

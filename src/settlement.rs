@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::domain::{BatchId, Quantity, Symbol};
 use crate::exchange::{Exchange, ExchangeOrder};
-use crate::store::settlement::{self as scripts, JobRef};
+use crate::store::settlement::{self as scripts, JobEnd, JobRef};
 use crate::store::{Store, keys, now_ms};
 use crate::workers::{Delivery, JobHandler, backoff};
 
@@ -89,37 +89,16 @@ impl<E: Exchange> Settler<E> {
 
     async fn settle(&self, worker: &str, stream_id: &str, job: &SettleJob) -> anyhow::Result<()> {
         let mut conn = self.store.conn().await?;
-        let batch_key = keys::batch(&job.batch_id);
         let job_ref = JobRef {
             stream_id,
             batch_id: &job.batch_id,
             worker,
         };
-        let status: Option<String> = redis::cmd("HGET")
-            .arg(&batch_key)
-            .arg("status")
-            .query_async(&mut conn)
-            .await?;
-        if status.as_deref() != Some("settling") {
+        if let JobEnd::Skipped(status) = scripts::begin_attempt(&mut conn, &job_ref).await? {
             // Another delivery already ended this batch: nothing left to do.
-            redis::cmd("XACK")
-                .arg(keys::SETTLE_STREAM)
-                .arg(scripts::SETTLE_GROUP)
-                .arg(stream_id)
-                .query_async::<i64>(&mut conn)
-                .await?;
-            tracing::info!(
-                status = status.as_deref().unwrap_or("missing"),
-                "batch no longer settling; job acknowledged"
-            );
+            tracing::info!(status, "batch no longer settling; job acknowledged");
             return Ok(());
         }
-        redis::cmd("HINCRBY")
-            .arg(&batch_key)
-            .arg("attempts")
-            .arg(1)
-            .query_async::<i64>(&mut conn)
-            .await?;
         drop(conn); // not held across the exchange call
 
         let order = ExchangeOrder {

@@ -14,6 +14,8 @@ pub const SETTLE_GROUP: &str = "settlers";
 /// Bound on the events stream; the notifier delivers long before it is reached.
 pub const EVENTS_STREAM_LENGTH_MAX: usize = 1_000_000;
 
+static BEGIN_ATTEMPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/begin_attempt.lua")));
 static FINISH_BATCH: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/finish_batch.lua")));
 static RETRY_BATCH: LazyLock<Script> =
@@ -27,8 +29,9 @@ static REQUEUE_FAILED_BATCH: LazyLock<Script> =
 static REFUND_BATCH: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/refund_batch.lua")));
 
-pub fn scripts() -> [&'static Script; 6] {
+pub fn scripts() -> [&'static Script; 7] {
     [
+        &BEGIN_ATTEMPT,
         &FINISH_BATCH,
         &RETRY_BATCH,
         &DEAD_LETTER_BATCH,
@@ -65,6 +68,18 @@ pub struct JobRef<'a> {
     pub stream_id: &'a str,
     pub batch_id: &'a BatchId,
     pub worker: &'a str,
+}
+
+/// Counts an exchange call about to be made, if the batch is still settling.
+pub async fn begin_attempt(conn: &mut impl Conn, job: &JobRef<'_>) -> StoreResult<JobEnd> {
+    let reply: Vec<String> = BEGIN_ATTEMPT
+        .key(keys::batch(job.batch_id))
+        .key(keys::SETTLE_STREAM)
+        .arg(SETTLE_GROUP)
+        .arg(job.stream_id)
+        .invoke_async(conn)
+        .await?;
+    job_end(reply, "go")
 }
 
 pub async fn finish_batch(
