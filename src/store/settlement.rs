@@ -236,7 +236,7 @@ pub async fn refund_batch(
         pipe.hget(&key, "account_id");
         order_keys.push(key);
     }
-    let account_ids: Vec<String> = if order_ids.is_empty() {
+    let account_ids: Vec<Option<String>> = if order_ids.is_empty() {
         Vec::new()
     } else {
         pipe.query_async(conn).await.map_err(StoreError::from)?
@@ -255,10 +255,14 @@ pub async fn refund_batch(
         .arg(EVENTS_STREAM_LENGTH_MAX)
         .arg(note);
     for (order_key, account_id) in order_keys.iter().zip(&account_ids) {
-        let account_id = AccountId::parse(account_id).map_err(|err| StoreError::Corrupt {
+        let corrupt = |problem: String| StoreError::Corrupt {
             key: order_key.clone(),
-            problem: err.to_string(),
-        })?;
+            problem,
+        };
+        let account_id = account_id
+            .as_deref()
+            .ok_or_else(|| corrupt("the order is missing".to_owned()))?;
+        let account_id = AccountId::parse(account_id).map_err(|err| corrupt(err.to_string()))?;
         invocation
             .key(order_key)
             .key(keys::account(&account_id))

@@ -11,6 +11,9 @@ use tally::store::orders::{
     PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_order, place_orders,
 };
 
+use tally::store::keys;
+use tally::store::settlement::{self, JobEnd, JobRef, OperatorError};
+
 use crate::helpers::{redis_snapshot, spawn_app};
 
 fn new_account(balance: &str, key: Option<&str>) -> NewAccount {
@@ -196,4 +199,173 @@ async fn large_round_quantities_are_stored_as_plain_digits() {
     let batch = app.batch(&large.batch_id.to_string()).await;
     assert_eq!(batch["quantity"], "1000000");
     assert_eq!(batch["value"], "4000000.00");
+}
+
+/// A batch of one order (3 ABAN), as a settle job on the stream, read by a consumer.
+async fn settling_batch(app: &crate::helpers::TestApp) -> (BatchId, String) {
+    let mut conn = app.redis().await;
+    let customer = new_account("100.00", None);
+    create_account(&mut conn, &customer).await.unwrap();
+    let placed = order(&customer.id, "3", None);
+    place_order(&mut conn, &placed).await.unwrap();
+    tally::workers::ensure_group(&mut conn, keys::SETTLE_STREAM, settlement::SETTLE_GROUP)
+        .await
+        .unwrap();
+    let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(settlement::SETTLE_GROUP)
+        .arg("test")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(keys::SETTLE_STREAM)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    (placed.batch_id, read.keys[0].ids[0].id.clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let (batch_id, stream_id) = settling_batch(&app).await;
+    let job = JobRef {
+        stream_id: &stream_id,
+        batch_id: &batch_id,
+        worker: "test",
+    };
+
+    // Operators can touch only failed batches.
+    let before = redis_snapshot(&mut conn).await;
+    assert!(matches!(
+        settlement::requeue_failed_batch(&mut conn, &batch_id).await,
+        Err(OperatorError::NotFailed(..))
+    ));
+    assert!(matches!(
+        settlement::refund_batch(&mut conn, &batch_id, "x").await,
+        Err(OperatorError::NotFailed(..))
+    ));
+    assert_eq!(redis_snapshot(&mut conn).await, before);
+
+    assert_eq!(
+        settlement::begin_attempt(&mut conn, &job).await.unwrap(),
+        JobEnd::Done
+    );
+    assert_eq!(
+        settlement::finish_batch(&mut conn, &job, "fill-1")
+            .await
+            .unwrap(),
+        JobEnd::Done
+    );
+    // Settled: every other ending only acknowledges, and changes nothing.
+    let settled = redis_snapshot(&mut conn).await;
+    let skipped = JobEnd::Skipped("settled".to_owned());
+    assert_eq!(
+        settlement::begin_attempt(&mut conn, &job).await.unwrap(),
+        skipped
+    );
+    assert_eq!(
+        settlement::finish_batch(&mut conn, &job, "fill-2")
+            .await
+            .unwrap(),
+        skipped
+    );
+    assert_eq!(
+        settlement::retry_batch(&mut conn, &job, 0, "{}", "late")
+            .await
+            .unwrap(),
+        skipped
+    );
+    assert_eq!(
+        settlement::dead_letter_batch(&mut conn, &job, "late", 9)
+            .await
+            .unwrap(),
+        skipped
+    );
+    assert_eq!(redis_snapshot(&mut conn).await, settled);
+    assert_eq!(app.balance("@exchange").await, "0.00");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refund_refuses_keys_that_are_not_the_batchs() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let (batch_id, stream_id) = settling_batch(&app).await;
+    let job = JobRef {
+        stream_id: &stream_id,
+        batch_id: &batch_id,
+        worker: "test",
+    };
+    assert_eq!(
+        settlement::dead_letter_batch(&mut conn, &job, "gone", 1)
+            .await
+            .unwrap(),
+        JobEnd::Done
+    );
+
+    // The batch's list names an order that is not the batch's (it costs 4.00
+    // of the batch's 12.00): the script's own checks refuse, writing nothing.
+    let customer = new_account("10.00", None);
+    create_account(&mut conn, &customer).await.unwrap();
+    let stray = order(&customer.id, "1", None);
+    place_order(&mut conn, &stray).await.unwrap();
+    let _: () = redis::cmd("LSET")
+        .arg(keys::batch_orders(&batch_id))
+        .arg(0)
+        .arg(stray.order_id.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before = redis_snapshot(&mut conn).await;
+    let refused = settlement::refund_batch(&mut conn, &batch_id, "x").await;
+    assert!(
+        matches!(refused, Err(OperatorError::StaleOrders(_))),
+        "{refused:?}"
+    );
+    assert_eq!(redis_snapshot(&mut conn).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn due_jobs_move_to_the_stream_once() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let _: () = redis::cmd("ZADD")
+        .arg(keys::SETTLE_RETRIES)
+        .arg(100)
+        .arg(r#"{"batch_id":"b1","attempt":"2"}"#)
+        .arg(900)
+        .arg(r#"{"batch_id":"b2","attempt":"2"}"#)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        settlement::promote_due_jobs(
+            &mut conn,
+            keys::SETTLE_RETRIES,
+            keys::SETTLE_STREAM,
+            500,
+            10
+        )
+        .await
+        .unwrap(),
+        1
+    );
+    assert_eq!(
+        settlement::promote_due_jobs(
+            &mut conn,
+            keys::SETTLE_RETRIES,
+            keys::SETTLE_STREAM,
+            500,
+            10
+        )
+        .await
+        .unwrap(),
+        0
+    );
+    let jobs = app.settle_jobs().await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["batch_id"], "b1");
+    assert_eq!(jobs[0]["attempt"], "2");
 }
