@@ -6,6 +6,7 @@
 -- KEYS[3] journal (stream)
 -- KEYS[4] customer account index (sorted set, members ordered by id)
 -- KEYS[5] idempotency key (string "account_id fingerprint"); unused when ARGV[5] is ""
+-- KEYS[6] journal index (sorted set of padded entry ids, for the report)
 -- ARGV[1] account id         ARGV[2] name
 -- ARGV[3] opening balance, cents (0 for none)
 -- ARGV[4] now, ms since the Unix epoch
@@ -18,6 +19,13 @@
 --   {"replayed", account_id}                   same key, same request: nothing written
 --   {"refused", "idempotency_conflict", account_id}
 --   {"refused", "account_exists"}
+
+-- The journal index member of a stream id: zero-padded, so that text order
+-- is id order (the report pages through the index by rank).
+local function journal_index_member(id)
+  local dash = string.find(id, '-', 1, true)
+  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
+end
 
 local fingerprint = ARGV[5]
 if fingerprint ~= '' then
@@ -41,9 +49,10 @@ redis.call('HSET', KEYS[1], 'id', account_id, 'name', ARGV[2], 'balance', openin
 redis.call('ZADD', KEYS[4], 0, account_id)
 if opening ~= '0' then
   redis.call('HINCRBY', KEYS[2], 'balance', '-' .. opening)
-  redis.call('XADD', KEYS[3], '*', 'at', ARGV[4], 'kind', 'opening_balance',
+  local entry = redis.call('XADD', KEYS[3], '*', 'at', ARGV[4], 'kind', 'opening_balance',
     'debit', ARGV[7], 'credit', account_id, 'amount', opening, 'ref', account_id,
     'status', 'completed', 'reason', '')
+  redis.call('ZADD', KEYS[6], 0, journal_index_member(entry))
 end
 if fingerprint ~= '' then
   redis.call('SET', KEYS[5], account_id .. ' ' .. fingerprint, 'EX', ARGV[6])

@@ -9,6 +9,7 @@
 -- KEYS[3] @exchange account (hash)   KEYS[4] @bank account (hash)
 -- KEYS[5] journal (stream)           KEYS[6] failed batches (sorted set)
 -- KEYS[7] accounting events (stream)
+-- KEYS[8] journal index (sorted set of padded entry ids, for the report)
 -- ARGV[1] consumer group     ARGV[2] settle job's stream id
 -- ARGV[3] batch id           ARGV[4] now, ms since the Unix epoch
 -- ARGV[5] the exchange's fill id       ARGV[6] worker name
@@ -17,6 +18,13 @@
 --
 -- Returns {"settled"} | {"already", status} for a batch settled or refunded
 -- before | {"missing"} for an unknown batch. The job is acknowledged in every case.
+
+-- The journal index member of a stream id: zero-padded, so that text order
+-- is id order (the report pages through the index by rank).
+local function journal_index_member(id)
+  local dash = string.find(id, '-', 1, true)
+  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
+end
 
 local status = redis.call('HGET', KEYS[1], 'status')
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
@@ -31,8 +39,9 @@ local batch_id, now = ARGV[3], ARGV[4]
 local value = redis.call('HGET', KEYS[1], 'value')
 redis.call('HINCRBY', KEYS[3], 'balance', '-' .. value)
 redis.call('HINCRBY', KEYS[4], 'balance', value)
-redis.call('XADD', KEYS[5], '*', 'at', now, 'kind', 'settlement', 'debit', ARGV[7],
+local entry = redis.call('XADD', KEYS[5], '*', 'at', now, 'kind', 'settlement', 'debit', ARGV[7],
   'credit', ARGV[8], 'amount', value, 'ref', batch_id, 'status', 'completed', 'reason', '')
+redis.call('ZADD', KEYS[8], 0, journal_index_member(entry))
 redis.call('HSET', KEYS[1], 'status', 'settled', 'fill_id', ARGV[5], 'settled_at', now,
   'last_error', '')
 redis.call('ZREM', KEYS[6], batch_id)

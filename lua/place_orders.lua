@@ -13,7 +13,8 @@
 -- KEYS[1] @exchange account (hash: balance)   KEYS[2] journal (stream)
 -- KEYS[3] settle jobs (stream)                KEYS[4] batch index (sorted set)
 -- KEYS[5] symbols ever ordered (set)
--- then 8 keys per order, at offset k = 5 + 8 * (i - 1):
+-- KEYS[6] journal index (sorted set of padded entry ids, for the report)
+-- then 8 keys per order, at offset k = 6 + 8 * (i - 1):
 --   k+1 customer account (hash: balance)      k+2 the new order (hash)
 --   k+3 the symbol's bucket (hash: value, quantity, count, epoch)
 --   k+4 the bucket's order ids (list)         k+5 its closed epochs (hash: epoch -> batch id)
@@ -36,7 +37,7 @@
 --   "refused", "insufficient_funds", balance_cents
 
 local count = tonumber(ARGV[1])
-if #KEYS ~= 5 + 8 * count or #ARGV ~= 2 + 10 * count then
+if #KEYS ~= 6 + 8 * count or #ARGV ~= 2 + 10 * count then
   return redis.error_reply('place_orders: expected 8 keys and 10 arguments per order')
 end
 local exchange_id = ARGV[2]
@@ -47,6 +48,13 @@ local push_chunk = 1000 -- unpack() is bounded by Lua's C stack
 -- bounds keep every sum under.
 local function int(number)
   return string.format('%d', number)
+end
+
+-- The journal index member of a stream id: zero-padded, so that text order
+-- is id order (the report pages through the index by rank).
+local function journal_index_member(id)
+  local dash = string.find(id, '-', 1, true)
+  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
 end
 
 local function place(k, a)
@@ -78,8 +86,9 @@ local function place(k, a)
   local account_id, order_id, symbol, now = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 10]
   redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])
   redis.call('HINCRBY', KEYS[1], 'balance', ARGV[a + 6])
-  redis.call('XADD', KEYS[2], '*', 'at', now, 'kind', 'order', 'debit', account_id,
+  local entry = redis.call('XADD', KEYS[2], '*', 'at', now, 'kind', 'order', 'debit', account_id,
     'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
+  redis.call('ZADD', KEYS[6], 0, journal_index_member(entry))
 
   local bucket = redis.call('HMGET', KEYS[k + 3], 'value', 'quantity', 'count', 'epoch')
   if not bucket[4] then
@@ -124,7 +133,7 @@ end
 
 local replies = {}
 for i = 1, count do
-  local verdict, detail, extra = place(5 + 8 * (i - 1), 2 + 10 * (i - 1))
+  local verdict, detail, extra = place(6 + 8 * (i - 1), 2 + 10 * (i - 1))
   replies[#replies + 1] = verdict
   replies[#replies + 1] = detail
   replies[#replies + 1] = extra

@@ -8,7 +8,8 @@
 -- KEYS[1] the batch (hash)          KEYS[2] the batch's order ids (list)
 -- KEYS[3] @exchange account (hash)  KEYS[4] journal (stream)
 -- KEYS[5] failed batches (sorted set)  KEYS[6] accounting events (stream)
--- KEYS[7], KEYS[8], ...: for each order of the batch, in batch order, the
+-- KEYS[7] journal index (sorted set of padded entry ids, for the report)
+-- KEYS[8], KEYS[9], ...: for each order of the batch, in batch order, the
 --   order (hash) and its customer's account (hash)
 -- ARGV[1] batch id   ARGV[2] now, ms   ARGV[3] @exchange's account id
 -- ARGV[4] events stream length bound (approximate)   ARGV[5] operator's note
@@ -17,17 +18,24 @@
 -- Returns {"refunded", order_count, value} | {"refused", "not_failed", status}
 --   | {"refused", "stale_orders"} when the keys passed are not the batch's.
 
+-- The journal index member of a stream id: zero-padded, so that text order
+-- is id order (the report pages through the index by rank).
+local function journal_index_member(id)
+  local dash = string.find(id, '-', 1, true)
+  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
+end
+
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'failed' then
   return {'refused', 'not_failed', status or 'missing'}
 end
 local order_ids = redis.call('LRANGE', KEYS[2], 0, -1)
-if #KEYS ~= 6 + 2 * #order_ids or #ARGV ~= 5 + #order_ids then
+if #KEYS ~= 7 + 2 * #order_ids or #ARGV ~= 5 + #order_ids then
   return {'refused', 'stale_orders'}
 end
 local costs, total = {}, 0
 for i, order_id in ipairs(order_ids) do
-  local order = redis.call('HMGET', KEYS[5 + 2 * i], 'id', 'account_id', 'cost')
+  local order = redis.call('HMGET', KEYS[6 + 2 * i], 'id', 'account_id', 'cost')
   if order[1] ~= order_id or order[2] ~= ARGV[5 + i] then
     return {'refused', 'stale_orders'}
   end
@@ -41,11 +49,12 @@ end
 
 local batch_id, now = ARGV[1], ARGV[2]
 for i, order_id in ipairs(order_ids) do
-  redis.call('HINCRBY', KEYS[6 + 2 * i], 'balance', costs[i])
+  redis.call('HINCRBY', KEYS[7 + 2 * i], 'balance', costs[i])
   redis.call('HINCRBY', KEYS[3], 'balance', '-' .. costs[i])
-  redis.call('XADD', KEYS[4], '*', 'at', now, 'kind', 'refund', 'debit', ARGV[3],
+  local entry = redis.call('XADD', KEYS[4], '*', 'at', now, 'kind', 'refund', 'debit', ARGV[3],
     'credit', ARGV[5 + i], 'amount', costs[i], 'ref', order_id, 'status', 'completed',
     'reason', 'batch ' .. batch_id .. ' refunded')
+  redis.call('ZADD', KEYS[7], 0, journal_index_member(entry))
 end
 redis.call('HSET', KEYS[1], 'status', 'refunded', 'refunded_at', now, 'refund_note', ARGV[5])
 redis.call('ZREM', KEYS[5], batch_id)

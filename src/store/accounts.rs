@@ -74,6 +74,7 @@ pub async fn create_account(
         .key(keys::JOURNAL)
         .key(keys::ACCOUNTS)
         .key(idempotency_key)
+        .key(keys::JOURNAL_INDEX)
         .arg(new.id.as_str())
         .arg(new.name.as_str())
         .arg(new.opening_balance.cents())

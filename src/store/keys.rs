@@ -9,6 +9,16 @@ use crate::domain::{AccountId, BatchId, OrderId, Symbol};
 pub const ACCOUNTS: &str = "tally:accounts";
 /// The journal: one stream entry per movement of money.
 pub const JOURNAL: &str = "tally:journal";
+/// The journal's index for the report: every entry id, zero-padded so text
+/// order is id order (sorted set, all scores 0). Ranks page it in O(log N).
+pub const JOURNAL_INDEX: &str = "tally:journal:index";
+/// Sums of journal entries trimmed past retention (hash: account id -> cents,
+/// and `kind:<kind>` -> cents), so the audit still adds up after a trim.
+pub const JOURNAL_CARRIED: &str = "tally:journal:carried";
+/// A transfer or bank transaction (hash), for Idempotency-Key replays.
+pub fn transaction(id: &str) -> String {
+    format!("tally:transaction:{id}")
+}
 /// Settle jobs, one per batch, consumed by the settlement workers.
 pub const SETTLE_STREAM: &str = "tally:settle";
 /// Settle jobs that failed for good (stream), for operators.
