@@ -16,7 +16,7 @@ use redis::streams::StreamRangeReply;
 
 use crate::domain::{AccountId, SystemAccount, format_units};
 use crate::store::orders::SettlementStatus;
-use crate::store::{Store, StoreError, StoreResult, accounts, keys, orders};
+use crate::store::{Store, StoreError, StoreResult, accounts, journal, keys, orders};
 
 /// Entries, accounts or batches read per Redis call.
 pub const AUDIT_PAGE_SIZE: usize = 1_000;
@@ -111,7 +111,15 @@ pub async fn run(store: &Store) -> StoreResult<AuditReport> {
         ..AuditReport::default()
     };
 
+    // Entries trimmed past retention count through what they carried.
     let mut journal_sums: BTreeMap<String, i64> = BTreeMap::new();
+    for (name, cents) in journal::carried(&mut conn).await? {
+        match name.strip_prefix("kind:") {
+            Some("order") => report.orders_value_cents += cents,
+            Some(_) => {}
+            None => *journal_sums.entry(name).or_default() += cents,
+        }
+    }
     let mut start = "-".to_owned();
     loop {
         let page: StreamRangeReply = redis::cmd("XRANGE")
@@ -151,8 +159,12 @@ pub async fn run(store: &Store) -> StoreResult<AuditReport> {
                 .push((id.clone(), *balance, journal));
         }
     }
-    // Money journaled to an account that does not exist is a breach too.
-    for (id, journal) in journal_sums {
+    // Money journaled to an account that does not exist is a breach too
+    // (refusals naming an unknown account moved nothing and sum to zero).
+    for (id, journal) in journal_sums
+        .into_iter()
+        .filter(|(_, journal)| *journal != 0)
+    {
         let id = AccountId::parse(&id).map_err(|err| StoreError::Corrupt {
             key: keys::JOURNAL.to_owned(),
             problem: err.to_string(),

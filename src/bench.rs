@@ -159,10 +159,10 @@ impl Rig {
         };
         let (stop, stopped) = watch::channel(false);
         let store = self.store.clone();
-        let handle =
-            tokio::spawn(
-                async move { crate::settlement::run_workers(store, &settings, stopped).await },
-            );
+        let retention = self.ledger.journal_retention;
+        let handle = tokio::spawn(async move {
+            crate::settlement::run_workers(store, &settings, retention, stopped).await
+        });
         (stop, handle)
     }
 

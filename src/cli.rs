@@ -69,7 +69,13 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         .ensure_system_accounts()
         .await
         .context("preparing Redis")?;
-    crate::settlement::run_workers(store, &args.worker, shutdown_watch()).await?;
+    crate::settlement::run_workers(
+        store,
+        &args.worker,
+        args.ledger.journal_retention,
+        shutdown_watch(),
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -134,9 +140,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             .map_err(anyhow::Error::from)
     });
     let workers_stopped = stopped.clone();
-    tasks.spawn(
-        async move { crate::settlement::run_workers(store, &worker, workers_stopped).await },
-    );
+    let retention = serve.ledger.journal_retention;
+    tasks.spawn(async move {
+        crate::settlement::run_workers(store, &worker, retention, workers_stopped).await
+    });
 
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {

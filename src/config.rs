@@ -33,6 +33,8 @@ pub const EXCHANGE_URL_DEFAULT: &str = "http://127.0.0.1:8090";
 pub const EXCHANGE_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 pub const EXCHANGE_CONNECT_TIMEOUT_MS_DEFAULT: u64 = 1_000;
 pub const EXCHANGE_SIM_LISTEN_DEFAULT: &str = "127.0.0.1:8090";
+pub const JOURNAL_RETENTION_DEFAULT: &str = "5d";
+pub const CURSOR_SECRET_DEFAULT: &str = "tally-development-cursor-secret";
 pub const DEV_DATA_DIR_DEFAULT: &str = ".tally";
 pub const DEV_REDIS_PORT_DEFAULT: u16 = 6399;
 
@@ -130,6 +132,8 @@ pub enum BatchAction {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub redis: RedisSettings,
+    #[command(flatten)]
+    pub ledger: LedgerSettings,
     #[command(flatten)]
     pub worker: WorkerSettings,
 }
@@ -289,6 +293,9 @@ pub struct LedgerSettings {
     /// Smallest purchase the exchange accepts, in USD: smaller orders wait in a bucket.
     #[arg(long, env = "TALLY_EXCHANGE_MINIMUM", default_value = EXCHANGE_MINIMUM_DEFAULT, value_parser = parse_positive_amount)]
     pub exchange_minimum: Amount,
+    /// How long journal entries stay in the report (and in Redis), e.g. `5d`.
+    #[arg(long, env = "TALLY_JOURNAL_RETENTION", default_value = JOURNAL_RETENTION_DEFAULT, value_parser = humantime::parse_duration)]
+    pub journal_retention: Duration,
 }
 
 impl Default for LedgerSettings {
@@ -296,6 +303,8 @@ impl Default for LedgerSettings {
         LedgerSettings {
             prices: PriceList::parse(PRICES_DEFAULT).expect("default prices parse"),
             exchange_minimum: Amount::parse(EXCHANGE_MINIMUM_DEFAULT).expect("default minimum"),
+            journal_retention: humantime::parse_duration(JOURNAL_RETENTION_DEFAULT)
+                .expect("default retention"),
         }
     }
 }
@@ -320,6 +329,9 @@ pub struct ApiSettings {
     /// Bound on handling one request, end to end.
     #[arg(long, env = "TALLY_REQUEST_TIMEOUT_MS", default_value_t = REQUEST_TIMEOUT_MS_DEFAULT)]
     pub request_timeout_ms: u64,
+    /// Signs report cursors so they cannot be forged. Set the same secret on every API process.
+    #[arg(long, env = "TALLY_CURSOR_SECRET", default_value = CURSOR_SECRET_DEFAULT, hide_default_value = true)]
+    pub cursor_secret: String,
 }
 
 impl Default for ApiSettings {
@@ -333,6 +345,7 @@ impl Default for ApiSettings {
             page_size_max: PAGE_SIZE_MAX_DEFAULT,
             idempotency_ttl_secs: IDEMPOTENCY_TTL_SECS_DEFAULT,
             request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
+            cursor_secret: CURSOR_SECRET_DEFAULT.to_owned(),
         }
     }
 }

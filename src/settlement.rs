@@ -207,6 +207,7 @@ impl<E: Exchange + 'static> JobHandler for Settler<E> {
 pub async fn run_workers(
     store: Store,
     settings: &crate::config::WorkerSettings,
+    journal_retention: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     settings.validate().map_err(anyhow::Error::msg)?;
@@ -227,6 +228,11 @@ pub async fn run_workers(
     ));
     let name = settings.worker_name();
     let mut consumers = tokio::task::JoinSet::new();
+    consumers.spawn(trim_journal_periodically(
+        store.clone(),
+        journal_retention,
+        shutdown.clone(),
+    ));
     for index in 0..settings.consumers {
         let consumer = crate::workers::ConsumerSettings {
             stream: keys::SETTLE_STREAM,
@@ -251,4 +257,38 @@ pub async fn run_workers(
         joined?;
     }
     Ok(())
+}
+
+/// How often a worker process trims the journal past its retention window.
+pub const JOURNAL_TRIM_INTERVAL: Duration = Duration::from_secs(60);
+/// Most trim batches per round, so one round stays short.
+const JOURNAL_TRIM_BATCHES_MAX: usize = 100;
+
+/// Trims journal entries older than `retention`, once a minute, until shutdown.
+/// Any number of workers may do this at once: each batch is one atomic script.
+async fn trim_journal_periodically(
+    store: Store,
+    retention: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let cutoff_ms = u64::try_from(now_ms())
+            .unwrap_or(0)
+            .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        let trimmed = match store.conn().await {
+            Ok(mut conn) => {
+                crate::store::journal::trim(&mut conn, cutoff_ms, JOURNAL_TRIM_BATCHES_MAX).await
+            }
+            Err(err) => Err(err),
+        };
+        match trimmed {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "journal entries past retention trimmed"),
+            Err(err) => tracing::warn!(error = %err, "trimming the journal failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(JOURNAL_TRIM_INTERVAL) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
 }

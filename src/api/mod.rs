@@ -5,7 +5,9 @@ mod accounts;
 mod health;
 mod orders;
 pub mod problem;
+mod report;
 mod schema;
+mod transfers;
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -36,13 +38,26 @@ enum ApiTags {
     Accounts,
     /// Crypto purchase orders, pending buckets and settlement batches.
     Orders,
+    /// Transfers between accounts, and bank transactions against @bank.
+    Transfers,
+    /// The journal, newest first, paged inside a snapshot.
+    Report,
 }
 
-fn service(state: Arc<AppState>) -> OpenApiService<(accounts::AccountsApi, orders::OrdersApi), ()> {
+type Apis = (
+    accounts::AccountsApi,
+    orders::OrdersApi,
+    transfers::TransfersApi,
+    report::ReportApi,
+);
+
+fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             accounts::AccountsApi(state.clone()),
-            orders::OrdersApi(state),
+            orders::OrdersApi(state.clone()),
+            transfers::TransfersApi(state.clone()),
+            report::ReportApi(state),
         ),
         "tally",
         env!("CARGO_PKG_VERSION"),

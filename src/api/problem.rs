@@ -21,6 +21,12 @@ pub struct Problem {
     pub status: u16,
     /// What went wrong with this request, naming the offending input.
     pub detail: String,
+    /// For a refused transfer: the journaled transaction.
+    #[oai(skip_serializing_if_is_none)]
+    pub transaction_id: Option<String>,
+    /// For a refused transfer: why, as journaled.
+    #[oai(skip_serializing_if_is_none)]
+    pub reason: Option<String>,
 }
 
 impl Problem {
@@ -30,6 +36,8 @@ impl Problem {
             title: status.canonical_reason().unwrap_or("Error").to_owned(),
             status: status.as_u16(),
             detail: detail.into(),
+            transaction_id: None,
+            reason: None,
         }
     }
 }
@@ -136,14 +144,9 @@ pub async fn into_problem_response(err: poem::Error) -> Response {
 
 pub fn problem_response(problem: Problem) -> Response {
     let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = serde_json::json!({
-        "type": problem.kind,
-        "title": problem.title,
-        "status": problem.status,
-        "detail": problem.detail,
-    });
+    use poem_openapi::types::ToJSON;
     Response::builder()
         .status(status)
         .content_type(PROBLEM_CONTENT_TYPE)
-        .body(body.to_string())
+        .body(problem.to_json_string())
 }

@@ -5,9 +5,11 @@
 //! after a Redis restart flushed the script cache).
 
 pub mod accounts;
+pub mod journal;
 pub mod keys;
 pub mod orders;
 pub mod settlement;
+pub mod transfers;
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -135,7 +137,12 @@ impl Store {
     pub async fn ready(&self) -> StoreResult<()> {
         let mut conn = self.conn().await?;
         let core: [&redis::Script; 2] = [&accounts::CREATE_ACCOUNT, &orders::PLACE_ORDERS];
-        for script in core.into_iter().chain(settlement::scripts()) {
+        for script in core
+            .into_iter()
+            .chain(settlement::scripts())
+            .chain(journal::scripts())
+            .chain(transfers::scripts())
+        {
             script.prepare_invoke().load_async(&mut conn).await?;
         }
         Ok(())

@@ -346,10 +346,15 @@ impl Drop for TestWorkers {
 pub fn spawn_workers(app: &TestApp, settings: WorkerSettings) -> TestWorkers {
     let (stop, stopped) = watch::channel(false);
     let store = app.store.clone();
-    let handle =
-        tokio::spawn(
-            async move { tally::settlement::run_workers(store, &settings, stopped).await },
-        );
+    let handle = tokio::spawn(async move {
+        tally::settlement::run_workers(
+            store,
+            &settings,
+            LedgerSettings::default().journal_retention,
+            stopped,
+        )
+        .await
+    });
     TestWorkers {
         stop,
         handle: Some(handle),

@@ -1,0 +1,73 @@
+-- transfer: move money from a payer to a payee at once, or record why not.
+-- Used for transfers between accounts and for bank transactions against
+-- @bank. A refusal (unknown account, insufficient funds) is journaled too,
+-- with amount 0 and its reason, because the report must show it.
+--
+-- KEYS[1] payer account (hash: balance)   KEYS[2] payee account (hash)
+-- KEYS[3] journal (stream)                KEYS[4] journal index (sorted set)
+-- KEYS[5] the transaction (hash), for replays
+-- KEYS[6] idempotency key (string "transaction_id fingerprint"); unused when ARGV[9] is ""
+-- KEYS[7] accounting events (stream)
+-- ARGV[1] payer id   ARGV[2] payee id   ARGV[3] amount, cents
+-- ARGV[4] kind (transfer | bank_transaction)   ARGV[5] transaction id
+-- ARGV[6] now, ms    ARGV[7] "1" if the payer may go negative (a system account)
+-- ARGV[8] the request in canonical form, stored with the transaction
+-- ARGV[9] idempotency fingerprint or ""   ARGV[10] its ttl, seconds
+-- ARGV[11] events stream length bound (approximate)   ARGV[12] memo
+--
+-- Returns {"success", transaction_id} | {"fail", transaction_id, reason}
+--   | {"replayed", transaction_id} | {"refused", "idempotency_conflict", transaction_id}
+
+local function journal_index_member(id)
+  local dash = string.find(id, '-', 1, true)
+  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
+end
+
+local fingerprint = ARGV[9]
+if fingerprint ~= '' then
+  local prior = redis.call('GET', KEYS[6])
+  if prior then
+    local space = string.find(prior, ' ', 1, true)
+    local prior_id = string.sub(prior, 1, space - 1)
+    if string.sub(prior, space + 1) == fingerprint then
+      return {'replayed', prior_id}
+    end
+    return {'refused', 'idempotency_conflict', prior_id}
+  end
+end
+
+local payer, payee, amount, id, now = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]
+local reason = ''
+local payer_balance = redis.call('HGET', KEYS[1], 'balance')
+if not payer_balance then
+  reason = 'account ' .. payer .. ' not found'
+elseif redis.call('EXISTS', KEYS[2]) == 0 then
+  reason = 'account ' .. payee .. ' not found'
+elseif ARGV[7] ~= '1' and tonumber(payer_balance) < tonumber(amount) then
+  reason = 'insufficient funds: account ' .. payer .. ' holds less than the amount'
+end
+
+local status, moved = 'completed', amount
+if reason ~= '' then
+  status, moved = 'failed', '0'
+else
+  redis.call('HINCRBY', KEYS[1], 'balance', '-' .. amount)
+  redis.call('HINCRBY', KEYS[2], 'balance', amount)
+end
+local entry = redis.call('XADD', KEYS[3], '*', 'at', now, 'kind', ARGV[4], 'debit', payer,
+  'credit', payee, 'amount', moved, 'requested', amount, 'ref', id, 'status', status,
+  'reason', reason, 'memo', ARGV[12])
+redis.call('ZADD', KEYS[4], 0, journal_index_member(entry))
+if fingerprint ~= '' then
+  -- Kept only to answer a replay of the Idempotency-Key, for as long as the key.
+  redis.call('HSET', KEYS[5], 'id', id, 'at', now, 'status', status, 'reason', reason,
+    'request', ARGV[8])
+  redis.call('EXPIRE', KEYS[5], ARGV[10])
+  redis.call('SET', KEYS[6], id .. ' ' .. fingerprint, 'EX', ARGV[10])
+end
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[4] .. '.' .. status,
+  'ref', id, 'amount', moved, 'at', now, 'reason', reason)
+if reason ~= '' then
+  return {'fail', id, reason}
+end
+return {'success', id}

@@ -1,0 +1,32 @@
+-- trim_journal: drop journal entries older than the retention window, oldest
+-- first, at most ARGV[2] per call. What they moved is added to the carried
+-- sums first, so every balance still equals its journal in the audit.
+--
+-- KEYS[1] journal (stream)   KEYS[2] journal index (sorted set)
+-- KEYS[3] carried sums (hash: account id -> cents, "kind:<kind>" -> cents)
+-- ARGV[1] cutoff: the lowest index member to keep   ARGV[2] most entries per call
+--
+-- Returns the number of entries trimmed.
+
+local old = redis.call('ZRANGE', KEYS[2], '-', '(' .. ARGV[1], 'BYLEX', 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(old) do
+  local dash = string.find(member, '-', 1, true)
+  local ms = (string.gsub(string.sub(member, 1, dash - 1), '^0+(%d)', '%1'))
+  local seq = (string.gsub(string.sub(member, dash + 1), '^0+(%d)', '%1'))
+  local id = ms .. '-' .. seq
+  local entries = redis.call('XRANGE', KEYS[1], id, id)
+  if #entries == 1 then
+    local fields, entry = entries[1][2], {}
+    for i = 1, #fields, 2 do
+      entry[fields[i]] = fields[i + 1]
+    end
+    if entry.amount ~= '0' then
+      redis.call('HINCRBY', KEYS[3], entry.debit, '-' .. entry.amount)
+      redis.call('HINCRBY', KEYS[3], entry.credit, entry.amount)
+      redis.call('HINCRBY', KEYS[3], 'kind:' .. entry.kind, entry.amount)
+    end
+    redis.call('XDEL', KEYS[1], id)
+  end
+  redis.call('ZREM', KEYS[2], member)
+end
+return #old

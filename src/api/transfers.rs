@@ -1,0 +1,318 @@
+//! `/transfers` and `/bank-transactions`: money moved at once, never leaving a
+//! customer balance negative; refusals are journaled and answered 422.
+
+use std::sync::Arc;
+
+use poem::http::StatusCode;
+use poem_openapi::param::Header;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
+
+use super::problem::{ApiError, Problem};
+use super::{ApiTags, AppState, idempotency_key, rfc3339};
+use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
+use crate::store::now_ms;
+use crate::store::transfers::{
+    Movement, MovementError, MovementOutcome, move_money, stored_movement,
+};
+
+/// Longest bank-transaction reason kept.
+pub const REASON_LENGTH_MAX: usize = 200;
+
+pub struct TransfersApi(pub Arc<AppState>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum Direction {
+    /// Transfers: src pays dst. Bank transactions: the account pays @bank.
+    Debit,
+    /// Transfers: dst pays src. Bank transactions: @bank pays the account.
+    Credit,
+}
+
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct TransferRequest {
+    src_account_id: AccountId,
+    dst_account_id: AccountId,
+    /// USD, greater than zero.
+    amount: Amount,
+    direction: Direction,
+}
+
+#[derive(Debug, Object)]
+struct TransferView {
+    transaction_id: String,
+    transaction_timestamp: String,
+    src_account_id: String,
+    dst_account_id: String,
+    amount: String,
+    direction: Direction,
+    /// Always `success`: a refused transfer is answered 422.
+    status: String,
+}
+
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct BankTransactionRequest {
+    account_id: AccountId,
+    /// USD, greater than zero.
+    amount: Amount,
+    direction: Direction,
+    /// What the money is for, 1 to 200 characters (kept in the journal).
+    reason: String,
+}
+
+#[derive(Debug, Object)]
+struct BankTransactionView {
+    transaction_id: String,
+    transaction_timestamp: String,
+    account_id: String,
+    amount: String,
+    direction: Direction,
+    reason: String,
+    status: String,
+}
+
+#[derive(ApiResponse)]
+enum TransferResponse {
+    /// The money moved (or, for a repeated Idempotency-Key, had moved).
+    #[oai(status = 201)]
+    Created(
+        Json<TransferView>,
+        #[oai(header = "Idempotent-Replayed")] Option<bool>,
+    ),
+}
+
+#[derive(ApiResponse)]
+enum BankTransactionResponse {
+    #[oai(status = 201)]
+    Created(
+        Json<BankTransactionView>,
+        #[oai(header = "Idempotent-Replayed")] Option<bool>,
+    ),
+}
+
+/// How a movement ended, once replays are resolved.
+struct Ended {
+    id: String,
+    at_ms: i64,
+    failure: Option<String>,
+    replayed: Option<bool>,
+}
+
+impl TransfersApi {
+    async fn run(&self, movement: Movement) -> Result<Ended, ApiError> {
+        let mut conn = self.0.store.conn().await?;
+        match move_money(&mut conn, &movement).await {
+            Ok(MovementOutcome::Success) => Ok(Ended {
+                id: movement.id,
+                at_ms: movement.at_ms,
+                failure: None,
+                replayed: None,
+            }),
+            Ok(MovementOutcome::Fail(reason)) => Ok(Ended {
+                id: movement.id,
+                at_ms: movement.at_ms,
+                failure: Some(reason),
+                replayed: None,
+            }),
+            Ok(MovementOutcome::Replayed(id)) => {
+                let stored = stored_movement(&mut conn, &id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(format!("transaction {id} not found")))?;
+                Ok(Ended {
+                    id: stored.id,
+                    at_ms: stored.at_ms,
+                    failure: stored.failure,
+                    replayed: Some(true),
+                })
+            }
+            Err(MovementError::IdempotencyConflict(id)) => Err(ApiError::conflict(
+                "idempotency-conflict",
+                format!("this Idempotency-Key made transaction {id} with another request"),
+            )),
+            Err(MovementError::Store(err)) => Err(err.into()),
+        }
+    }
+
+    fn movement(
+        &self,
+        kind: &'static str,
+        payer: AccountId,
+        payee: AccountId,
+        amount: Amount,
+        canonical_request: String,
+        memo: String,
+        key: Option<String>,
+    ) -> Result<Movement, ApiError> {
+        let idempotency =
+            idempotency_key(key)?.map(|key| Idempotency::new(key, &[kind, &canonical_request]));
+        Ok(Movement {
+            id: uuid::Uuid::now_v7().to_string(),
+            kind,
+            payer,
+            payee,
+            amount,
+            canonical_request,
+            memo,
+            at_ms: now_ms(),
+            idempotency,
+            idempotency_ttl_secs: self.0.api.idempotency_ttl_secs,
+        })
+    }
+}
+
+/// A refusal journaled as a failed transaction: 422 with its id and reason.
+fn refused(id: String, reason: String) -> ApiError {
+    let mut problem = Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "transaction-refused",
+        reason.clone(),
+    );
+    problem.transaction_id = Some(id);
+    problem.reason = Some(reason);
+    ApiError::Unprocessable(Json(problem))
+}
+
+fn positive(amount: Amount) -> Result<Amount, ApiError> {
+    if amount.is_zero() {
+        return Err(ApiError::bad_request(
+            "invalid-amount",
+            "amount must be greater than zero",
+        ));
+    }
+    Ok(amount)
+}
+
+#[OpenApi(tag = "ApiTags::Transfers")]
+impl TransfersApi {
+    /// Move money between two customer accounts at once. `debit`: src pays
+    /// dst; `credit`: dst pays src. A refusal (insufficient funds, unknown
+    /// account) is journaled with its reason and answered 422.
+    #[oai(path = "/transfers", method = "post")]
+    async fn transfer(
+        &self,
+        body: Json<TransferRequest>,
+        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+    ) -> Result<TransferResponse, ApiError> {
+        let Json(request) = body;
+        let amount = positive(request.amount)?;
+        if request.src_account_id == request.dst_account_id {
+            return Err(ApiError::bad_request(
+                "same-account",
+                "src_account_id and dst_account_id must differ",
+            ));
+        }
+        if request.src_account_id.is_system() || request.dst_account_id.is_system() {
+            return Err(ApiError::bad_request(
+                "system-account",
+                "transfers are between customer accounts; use /bank-transactions for @bank",
+            ));
+        }
+        let (payer, payee) = match request.direction {
+            Direction::Debit => (
+                request.src_account_id.clone(),
+                request.dst_account_id.clone(),
+            ),
+            Direction::Credit => (
+                request.dst_account_id.clone(),
+                request.src_account_id.clone(),
+            ),
+        };
+        let canonical = format!(
+            "{} {} {} {:?}",
+            request.src_account_id,
+            request.dst_account_id,
+            amount.cents(),
+            request.direction
+        );
+        let movement = self.movement(
+            "transfer",
+            payer,
+            payee,
+            amount,
+            canonical,
+            String::new(),
+            key.0,
+        )?;
+        let ended = self.run(movement).await?;
+        if let Some(reason) = ended.failure {
+            return Err(refused(ended.id, reason));
+        }
+        Ok(TransferResponse::Created(
+            Json(TransferView {
+                transaction_id: ended.id,
+                transaction_timestamp: rfc3339(ended.at_ms),
+                src_account_id: request.src_account_id.to_string(),
+                dst_account_id: request.dst_account_id.to_string(),
+                amount: amount.to_string(),
+                direction: request.direction,
+                status: "success".to_owned(),
+            }),
+            ended.replayed,
+        ))
+    }
+
+    /// Move money between an account and @bank. `debit` takes from the
+    /// account; `credit` gives to it.
+    #[oai(path = "/bank-transactions", method = "post")]
+    async fn bank_transaction(
+        &self,
+        body: Json<BankTransactionRequest>,
+        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+    ) -> Result<BankTransactionResponse, ApiError> {
+        let Json(request) = body;
+        let amount = positive(request.amount)?;
+        let reason = request.reason.trim().to_owned();
+        if reason.is_empty()
+            || reason.chars().count() > REASON_LENGTH_MAX
+            || reason.chars().any(char::is_control)
+        {
+            let detail = format!("reason must be 1 to {REASON_LENGTH_MAX} characters");
+            return Err(ApiError::bad_request("invalid-reason", detail));
+        }
+        if request.account_id.is_system() {
+            return Err(ApiError::bad_request(
+                "system-account",
+                "bank transactions are for customer accounts",
+            ));
+        }
+        let bank = SystemAccount::Bank.id();
+        let (payer, payee) = match request.direction {
+            Direction::Debit => (request.account_id.clone(), bank),
+            Direction::Credit => (bank, request.account_id.clone()),
+        };
+        let canonical = format!(
+            "{} {} {:?} {reason}",
+            request.account_id,
+            amount.cents(),
+            request.direction
+        );
+        let movement = self.movement(
+            "bank_transaction",
+            payer,
+            payee,
+            amount,
+            canonical,
+            reason.clone(),
+            key.0,
+        )?;
+        let ended = self.run(movement).await?;
+        if let Some(failure) = ended.failure {
+            return Err(refused(ended.id, failure));
+        }
+        Ok(BankTransactionResponse::Created(
+            Json(BankTransactionView {
+                transaction_id: ended.id,
+                transaction_timestamp: rfc3339(ended.at_ms),
+                account_id: request.account_id.to_string(),
+                amount: amount.to_string(),
+                direction: request.direction,
+                reason,
+                status: "success".to_owned(),
+            }),
+            ended.replayed,
+        ))
+    }
+}

@@ -1,0 +1,117 @@
+//! Transfers between accounts and bank transactions: `transfer.lua`.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
+use crate::domain::{AccountId, Amount, Idempotency};
+use crate::store::settlement::EVENTS_STREAM_LENGTH_MAX;
+
+static TRANSFER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/transfer.lua")));
+
+pub fn scripts() -> [&'static Script; 1] {
+    [&TRANSFER]
+}
+
+/// One movement of money from `payer` to `payee`, prepared by the API.
+pub struct Movement {
+    pub id: String,
+    /// `transfer` or `bank_transaction`: the journal entry's kind.
+    pub kind: &'static str,
+    pub payer: AccountId,
+    pub payee: AccountId,
+    pub amount: Amount,
+    /// The request in canonical form, kept with the transaction for inspection.
+    pub canonical_request: String,
+    pub memo: String,
+    pub at_ms: i64,
+    pub idempotency: Option<Idempotency>,
+    pub idempotency_ttl_secs: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum MovementOutcome {
+    Success,
+    /// Refused and journaled with this reason.
+    Fail(String),
+    /// The Idempotency-Key was seen before with the same request.
+    Replayed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MovementError {
+    #[error("the Idempotency-Key was used for another request (transaction {0})")]
+    IdempotencyConflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub async fn move_money(
+    conn: &mut impl Conn,
+    movement: &Movement,
+) -> Result<MovementOutcome, MovementError> {
+    let (idempotency_key, fingerprint) = match &movement.idempotency {
+        Some(idem) => (
+            keys::idempotency(movement.kind, idem.key.as_str()),
+            idem.fingerprint.as_str(),
+        ),
+        None => (keys::idempotency(movement.kind, "-"), ""),
+    };
+    let reply: Vec<String> = TRANSFER
+        .key(keys::account(&movement.payer))
+        .key(keys::account(&movement.payee))
+        .key(keys::JOURNAL)
+        .key(keys::JOURNAL_INDEX)
+        .key(keys::transaction(&movement.id))
+        .key(idempotency_key)
+        .key(keys::EVENTS_STREAM)
+        .arg(movement.payer.as_str())
+        .arg(movement.payee.as_str())
+        .arg(movement.amount.cents())
+        .arg(movement.kind)
+        .arg(&movement.id)
+        .arg(movement.at_ms)
+        .arg(if movement.payer.is_system() { "1" } else { "0" })
+        .arg(&movement.canonical_request)
+        .arg(fingerprint)
+        .arg(movement.idempotency_ttl_secs)
+        .arg(EVENTS_STREAM_LENGTH_MAX)
+        .arg(&movement.memo)
+        .invoke_async(conn)
+        .await
+        .map_err(StoreError::from)?;
+    let word = |i: usize| reply.get(i).cloned().unwrap_or_default();
+    match verdict(&reply) {
+        "success" => Ok(MovementOutcome::Success),
+        "fail" => Ok(MovementOutcome::Fail(word(2))),
+        "replayed" => Ok(MovementOutcome::Replayed(word(1))),
+        "refused" => Err(MovementError::IdempotencyConflict(word(2))),
+        _ => Err(StoreError::UnexpectedReply(reply).into()),
+    }
+}
+
+/// A transaction as kept for replays: when, and how it ended.
+pub struct StoredMovement {
+    pub id: String,
+    pub at_ms: i64,
+    pub failure: Option<String>,
+}
+
+pub async fn stored_movement(
+    conn: &mut impl Conn,
+    id: &str,
+) -> StoreResult<Option<StoredMovement>> {
+    let key = keys::transaction(id);
+    let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+    let Some(record) = Record::new(key, fields) else {
+        return Ok(None);
+    };
+    Ok(Some(StoredMovement {
+        id: record.text("id")?.to_owned(),
+        at_ms: record.integer("at")?,
+        failure: (record.text("status")? == "failed")
+            .then(|| record.optional_text("reason").unwrap_or("").to_owned()),
+    }))
+}
