@@ -274,20 +274,18 @@ impl ReportApi {
         let retention =
             u64::try_from(self.0.ledger.journal_retention.as_millis()).unwrap_or(u64::MAX);
         let floor = now.saturating_sub(retention);
-        let start_ms = start
-            .map(|text| parse_time("start", text))
-            .transpose()?
-            .unwrap_or(floor);
-        let end_ms = end
-            .map(|text| parse_time("end", text))
-            .transpose()?
-            .unwrap_or(now);
-        if start_ms > end_ms {
+        let start_ms = start.map(|text| parse_time("start", text)).transpose()?;
+        let end_ms = end.map(|text| parse_time("end", text)).transpose()?;
+        if let (Some(start_ms), Some(end_ms)) = (start_ms, end_ms)
+            && start_ms > end_ms
+        {
             return Err(ApiError::bad_request(
                 "invalid-time",
                 "start must not be after end",
             ));
         }
+        // A window wholly outside retention (or in the future) is simply empty.
+        let (start_ms, end_ms) = (start_ms.unwrap_or(floor), end_ms.unwrap_or(now));
         let mut conn = self.0.store.conn().await?;
         let as_of = journal::newest_member(&mut conn).await?.unwrap_or_default();
         let high = index_member(end_ms, 9_999_999_999).min(as_of.clone());

@@ -9,4 +9,5 @@ mod operations;
 mod orders;
 mod scripts;
 mod settlement;
+mod transfers;
 mod validation;

@@ -1,0 +1,475 @@
+//! Transfers, bank transactions and the transactions report.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use tally::store::keys;
+
+use crate::helpers::{TestApp, assert_problem, spawn_app, spawn_app_with};
+
+fn cents(text: &str) -> i64 {
+    let negative = text.starts_with('-');
+    let amount = tally::domain::Amount::parse(text.trim_start_matches('-'))
+        .unwrap()
+        .cents();
+    if negative { -amount } else { amount }
+}
+
+async fn transfer(
+    app: &TestApp,
+    src: &str,
+    dst: &str,
+    amount: &str,
+    direction: &str,
+) -> reqwest::Response {
+    let body = json!({"src_account_id": src, "dst_account_id": dst, "amount": amount, "direction": direction});
+    app.post("/api/v1/transfers", &body).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transfer_moves_money_either_way_and_a_refusal_is_journaled() {
+    let app = spawn_app().await;
+    let a = app.create_account("a", "50.00").await;
+    let b = app.create_account("b", "10.00").await;
+
+    let response = transfer(&app, &a, &b, "20.00", "debit").await;
+    assert_eq!(response.status(), 201);
+    let moved: Value = response.json().await.unwrap();
+    assert_eq!(moved["status"], "success");
+    assert_eq!(moved["amount"], "20.00");
+    assert_eq!(moved["direction"], "debit");
+    assert!(moved["transaction_id"].is_string() && moved["transaction_timestamp"].is_string());
+    assert_eq!(
+        (app.balance(&a).await, app.balance(&b).await),
+        ("30.00".into(), "30.00".into())
+    );
+
+    // credit: dst pays src.
+    assert_eq!(transfer(&app, &a, &b, "5", "credit").await.status(), 201);
+    assert_eq!(
+        (app.balance(&a).await, app.balance(&b).await),
+        ("35.00".into(), "25.00".into())
+    );
+
+    // Insufficient funds: 422 with the journaled transaction's id and reason; nothing moves.
+    let problem = assert_problem(
+        transfer(&app, &b, &a, "25.01", "debit").await,
+        422,
+        "insufficient funds",
+    )
+    .await;
+    let failed_id = problem["transaction_id"].as_str().unwrap().to_owned();
+    assert!(
+        problem["reason"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient funds")
+    );
+    assert_eq!(
+        (app.balance(&a).await, app.balance(&b).await),
+        ("35.00".into(), "25.00".into())
+    );
+    let journal = app.journal().await;
+    let failed = journal
+        .iter()
+        .find(|entry| entry["ref"] == failed_id)
+        .unwrap();
+    assert_eq!(
+        (
+            failed["status"].as_str(),
+            failed["amount"].as_str(),
+            failed["requested"].as_str()
+        ),
+        ("failed", "0", "2501")
+    );
+
+    // An unknown account is refused and journaled the same way.
+    let unknown = "01900000-0000-7000-8000-000000000000";
+    let problem = assert_problem(
+        transfer(&app, &a, unknown, "1", "debit").await,
+        422,
+        "not found",
+    )
+    .await;
+    assert!(problem["transaction_id"].is_string());
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bank_transactions_move_money_against_the_bank() {
+    let app = spawn_app().await;
+    let a = app.create_account("a", "0").await;
+    let credit =
+        json!({"account_id": a, "amount": "100.00", "direction": "credit", "reason": "salary"});
+    let response = app.post("/api/v1/bank-transactions", &credit).await;
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        (body["reason"].as_str(), body["status"].as_str()),
+        (Some("salary"), Some("success"))
+    );
+    let debit = json!({"account_id": a, "amount": "30.00", "direction": "debit", "reason": "rent"});
+    assert_eq!(
+        app.post("/api/v1/bank-transactions", &debit).await.status(),
+        201
+    );
+    assert_eq!(app.balance(&a).await, "70.00");
+    assert_eq!(app.balance("@bank").await, "-70.00");
+    let too_much =
+        json!({"account_id": a, "amount": "70.01", "direction": "debit", "reason": "rent"});
+    assert_problem(
+        app.post("/api/v1/bank-transactions", &too_much).await,
+        422,
+        "insufficient funds",
+    )
+    .await;
+    assert_eq!(app.balance(&a).await, "70.00");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transfers_are_idempotent_per_key() {
+    let app = spawn_app().await;
+    let a = app.create_account("a", "10.00").await;
+    let b = app.create_account("b", "0").await;
+    let send = |key: &'static str, amount: &'static str| {
+        let body = json!({"src_account_id": a, "dst_account_id": b, "amount": amount, "direction": "debit"});
+        let request = app
+            .client
+            .post(app.url("/api/v1/transfers"))
+            .header("Idempotency-Key", key)
+            .json(&body);
+        async move { request.send().await.unwrap() }
+    };
+    let first: Value = send("t1", "4").await.json().await.unwrap();
+    let again = send("t1", "4.00").await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first["transaction_id"], again["transaction_id"]);
+    assert_eq!(app.balance(&b).await, "4.00");
+    assert_problem(send("t1", "5").await, 409, "another request").await;
+    // A refusal replays as the same refusal.
+    let refused = assert_problem(send("t2", "7").await, 422, "insufficient").await;
+    let replayed = assert_problem(send("t2", "7").await, 422, "insufficient").await;
+    assert_eq!(refused["transaction_id"], replayed["transaction_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_transfers_never_overdraw_and_never_create_money() {
+    let app = Arc::new(spawn_app().await);
+    let mut accounts = Vec::new();
+    for i in 0..10 {
+        accounts.push(app.create_account(&format!("t{i}"), "20.00").await);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (app, src, dst) = (
+            app.clone(),
+            accounts[i % 10].clone(),
+            accounts[(i * 3 + 1) % 10].clone(),
+        );
+        let direction = if i % 2 == 0 { "debit" } else { "credit" };
+        let amount = ["3.00", "7.50", "12.25", "0.01"][i % 4];
+        tasks.push(tokio::spawn(async move {
+            if src == dst {
+                return None;
+            }
+            let response = transfer(&app, &src, &dst, amount, direction).await;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap();
+            Some((status, body))
+        }));
+    }
+    let mut refused = HashSet::new();
+    let mut succeeded = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Some((201, _)) => succeeded += 1,
+            Some((422, body)) => {
+                assert!(
+                    body["reason"]
+                        .as_str()
+                        .unwrap()
+                        .contains("insufficient funds")
+                );
+                refused.insert(body["transaction_id"].as_str().unwrap().to_owned());
+            }
+            Some((status, body)) => panic!("{status}: {body}"),
+            None => {}
+        }
+    }
+    assert!(
+        succeeded > 0 && !refused.is_empty(),
+        "both outcomes seen: {succeeded} / {}",
+        refused.len()
+    );
+    let mut sum = 0;
+    for account in &accounts {
+        let balance = cents(&app.balance(account).await);
+        assert!(balance >= 0);
+        sum += balance;
+    }
+    assert_eq!(sum, 10 * 2000, "customer balances sum unchanged");
+    let journaled_failures: HashSet<String> = app
+        .journal()
+        .await
+        .into_iter()
+        .filter(|entry| entry["kind"] == "transfer" && entry["status"] == "failed")
+        .inspect(|entry| assert!(entry["reason"].contains("insufficient funds")))
+        .map(|entry| entry["ref"].clone())
+        .collect();
+    assert_eq!(
+        journaled_failures, refused,
+        "every refused transfer is journaled with its reason"
+    );
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(
+        report.is_clean() && report.balances_sum_cents == 0,
+        "{report}"
+    );
+}
+
+/// Writes `count` journal entries (bank credits) straight through the store.
+async fn write_entries(app: &TestApp, account: &str, count: usize) {
+    let mut tasks = Vec::new();
+    for _ in 0..count {
+        let body = json!({"account_id": account, "amount": "1.00", "direction": "credit", "reason": "seed"});
+        let request = app
+            .client
+            .post(app.url("/api/v1/bank-transactions"))
+            .json(&body);
+        tasks.push(tokio::spawn(async move {
+            request.send().await.unwrap().status()
+        }));
+        if tasks.len() == 64 {
+            for task in tasks.drain(..) {
+                assert_eq!(task.await.unwrap(), 201);
+            }
+        }
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 201);
+    }
+}
+
+fn id_order(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap();
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paging_stays_inside_the_snapshot_while_writes_go_on() {
+    let app = Arc::new(spawn_app().await);
+    let a = app.create_account("a", "0").await;
+    let b = app.create_account("b", "0").await;
+    write_entries(&app, &a, 1_000).await;
+    let before: Vec<String> = {
+        let mut conn = app.redis().await;
+        let reply: redis::streams::StreamRangeReply =
+            conn.xrevrange_all(keys::JOURNAL).await.unwrap();
+        reply.ids.into_iter().map(|entry| entry.id).collect()
+    };
+    assert_eq!(before.len(), 1_000);
+
+    let first = app.get_json("/api/v1/transactions?limit=50").await;
+    assert_eq!(
+        (first["total_count"].as_u64(), first["total_pages"].as_u64()),
+        (Some(1_000), Some(20))
+    );
+    let writer = {
+        let app = app.clone();
+        let (a, b) = (a.clone(), b.clone());
+        tokio::spawn(async move {
+            for _ in 0..500 {
+                assert_eq!(transfer(&app, &a, &b, "0.01", "debit").await.status(), 201);
+            }
+        })
+    };
+    let mut seen: Vec<String> = Vec::new();
+    let mut page = first.clone();
+    let mut cursors = Vec::new();
+    for _ in 0..25 {
+        assert_eq!(
+            page["as_of"], first["as_of"],
+            "every page reports the same snapshot"
+        );
+        assert_eq!(page["total_count"], 1_000);
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|item| item["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => {
+                cursors.push(cursor.to_owned());
+                page = app
+                    .get_json(&format!("/api/v1/transactions?cursor={cursor}"))
+                    .await;
+            }
+            None => break,
+        }
+    }
+    writer.await.unwrap();
+    assert_eq!(
+        seen, before,
+        "exactly the 1,000 of the snapshot, each once, newest first"
+    );
+    assert!(
+        seen.windows(2)
+            .all(|pair| id_order(&pair[0]) > id_order(&pair[1]))
+    );
+
+    // page=N reads the same snapshot as the cursor walk, now 500 entries later.
+    let seventh = app
+        .get_json(&format!(
+            "/api/v1/transactions?cursor={}&page=7",
+            cursors[0]
+        ))
+        .await;
+    let ids: Vec<&str> = seventh["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        seen[300..350]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(seventh["page"], 7);
+    // A new listing sees the 500 new ones.
+    assert_eq!(
+        app.get_json("/api/v1/transactions?limit=50").await["total_count"],
+        1_500
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn report_entries_describe_every_kind_and_filter_by_time() {
+    let app = spawn_app().await;
+    let a = app.create_account("a", "100.00").await;
+    app.place_order(&a, "ABAN", "3").await;
+    let listing = app.get_json("/api/v1/transactions").await;
+    let kinds: Vec<&str> = listing["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["order", "opening_balance"]);
+    let order = &listing["items"][0];
+    assert_eq!(
+        (
+            order["debit_account_id"].as_str(),
+            order["credit_account_id"].as_str()
+        ),
+        (Some(a.as_str()), Some("@exchange"))
+    );
+    assert_eq!(
+        (order["amount"].as_str(), order["status"].as_str()),
+        (Some("12.00"), Some("completed"))
+    );
+    let future = app
+        .get_json("/api/v1/transactions?start=2999-01-01T00:00:00Z")
+        .await;
+    assert_eq!(future["total_count"], 0);
+    let past = app
+        .get_json("/api/v1/transactions?end=2000-01-01T00:00:00Z")
+        .await;
+    assert_eq!(past["total_count"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_past_retention_leave_the_report_and_redis_and_the_audit_still_adds_up() {
+    let app = spawn_app_with(|settings| {
+        settings.ledger.journal_retention = std::time::Duration::from_millis(300)
+    })
+    .await;
+    let a = app.create_account("a", "0").await;
+    write_entries(&app, &a, 10).await;
+    assert_eq!(
+        app.get_json("/api/v1/transactions").await["total_count"],
+        10
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await; // let the window pass
+    assert_eq!(
+        app.get_json("/api/v1/transactions").await["total_count"],
+        0,
+        "out of the window"
+    );
+
+    let mut conn = app.redis().await;
+    let cutoff_ms = u64::try_from(tally::store::now_ms()).unwrap() - 300;
+    let trimmed = tally::store::journal::trim(&mut conn, cutoff_ms, 10)
+        .await
+        .unwrap();
+    assert_eq!(trimmed, 10);
+    let length: usize = conn.xlen(keys::JOURNAL).await.unwrap();
+    let indexed: usize = conn.zcard(keys::JOURNAL_INDEX).await.unwrap();
+    assert_eq!((length, indexed), (0, 0), "gone from Redis memory");
+    let carried: BTreeMap<String, i64> = conn.hgetall(keys::JOURNAL_CARRIED).await.unwrap();
+    assert_eq!(carried[&a], 1000);
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_transfer_and_report_input_is_refused_and_writes_nothing() {
+    let app = spawn_app().await;
+    let a = app.create_account("a", "10.00").await;
+    let b = app.create_account("b", "10.00").await;
+    let first = app.get_json("/api/v1/transactions?limit=1").await;
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let before = app.snapshot().await;
+    let body = |amount: &str, src: &str, dst: &str, direction: &str| json!({"src_account_id": src, "dst_account_id": dst, "amount": amount, "direction": direction});
+    let cases = [
+        (body("-5", &a, &b, "debit"), "must not be negative"),
+        (body("0", &a, &b, "debit"), "greater than zero"),
+        (body("1.001", &a, &b, "debit"), "more than 2 decimal places"),
+        (body("5", &a, &a, "debit"), "must differ"),
+        (body("5", &a, &b, "sideways"), "sideways"),
+        (body("5", &a, "@bank", "debit"), "customer accounts"),
+        (
+            json!({"src_account_id": a, "amount": "5", "direction": "debit"}),
+            "account_id",
+        ),
+    ];
+    for (body, detail) in cases {
+        assert_problem(app.post("/api/v1/transfers", &body).await, 400, detail).await;
+    }
+    let no_reason = json!({"account_id": a, "amount": "1", "direction": "credit", "reason": " "});
+    assert_problem(
+        app.post("/api/v1/bank-transactions", &no_reason).await,
+        400,
+        "reason",
+    )
+    .await;
+    let forged = cursor.replace(".1.", ".2.");
+    for (query, detail) in [
+        ("start=yesterday", "not an RFC 3339"),
+        ("end=2026-13-45T00:00:00Z", "not an RFC 3339"),
+        (
+            "start=2026-01-02T00:00:00Z&end=2026-01-01T00:00:00Z",
+            "start must not be after end",
+        ),
+        ("limit=101", "limit"),
+        ("page=0", "page"),
+        (&format!("cursor={forged}"), "cursor"),
+        ("cursor=abc", "cursor"),
+    ] {
+        assert_problem(
+            app.get(&format!("/api/v1/transactions?{query}")).await,
+            400,
+            detail,
+        )
+        .await;
+    }
+    assert_eq!(app.snapshot().await, before);
+}
