@@ -13,6 +13,9 @@
 //!
 //! `tally bench settle` measures the workers alone: N batches queued first,
 //! then settled by `--workers` consumers against an exchange with latency.
+//!
+//! `tally bench report` fills the journal with `--entries` entries and fetches
+//! page 1 and page 200 (of 50 entries) of one snapshot, alternately, side by side.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +68,12 @@ pub struct BenchArgs {
     /// Batches to queue before the workers start (`bench settle` only).
     #[arg(long, default_value_t = 2_000)]
     pub batches: usize,
+    /// Journal entries written before the report is paged (`bench report` only).
+    #[arg(long, default_value_t = 10_000)]
+    pub entries: usize,
+    /// Fetches of each page measured (`bench report` only).
+    #[arg(long, default_value_t = 500)]
+    pub fetches: usize,
     /// Also write the figures here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -498,4 +507,84 @@ fn finish(args: &BenchArgs, report: &BenchReport) -> anyhow::Result<()> {
         println!("figures written to {}", path.display());
     }
     Ok(())
+}
+
+/// Report page size in `bench report`.
+const REPORT_PAGE_SIZE: usize = 50;
+
+pub async fn report(args: BenchArgs) -> anyhow::Result<bool> {
+    let deep_page = args.entries / REPORT_PAGE_SIZE;
+    println!(
+        "tally bench report: {} journal entries, pages of {REPORT_PAGE_SIZE}, page 1 against page {deep_page}, {} fetches each",
+        args.entries, args.fetches
+    );
+    let rig = Rig::start(&BenchArgs {
+        accounts: 1,
+        ..args.clone()
+    })
+    .await?;
+    let mut conn = rig.store.conn().await?;
+    let bank = crate::domain::SystemAccount::Bank.id();
+    for i in 0..args.entries {
+        let movement = crate::store::transfers::Movement {
+            id: uuid::Uuid::now_v7().to_string(),
+            kind: "bank_transaction",
+            payer: bank.clone(),
+            payee: rig.accounts[0].clone(),
+            amount: Amount::parse("1.00")?,
+            canonical_request: format!("bench {i}"),
+            memo: "bench".to_owned(),
+            at_ms: crate::store::now_ms(),
+            idempotency: None,
+            idempotency_ttl_secs: 0,
+        };
+        crate::store::transfers::move_money(&mut conn, &movement).await?;
+    }
+    let client = reqwest::Client::new();
+    let listing: serde_json::Value = client
+        .get(format!(
+            "{}/api/v1/transactions?limit={REPORT_PAGE_SIZE}",
+            rig.api_url
+        ))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let cursor = listing["next_cursor"]
+        .as_str()
+        .context("the report has a second page")?
+        .to_owned();
+    let url = |page: usize| -> anyhow::Result<reqwest::Url> {
+        Ok(format!(
+            "{}/api/v1/transactions?cursor={cursor}&page={page}",
+            rig.api_url
+        )
+        .parse()?)
+    };
+    let (first_url, deep_url) = (url(1)?, url(deep_page)?);
+    let (mut first, mut deep) = (
+        Vec::with_capacity(args.fetches),
+        Vec::with_capacity(args.fetches),
+    );
+    for _ in 0..args.fetches {
+        for (target, times) in [(&first_url, &mut first), (&deep_url, &mut deep)] {
+            let sent = Instant::now();
+            let page: serde_json::Value = client.get(target.clone()).send().await?.json().await?;
+            times.push(sent.elapsed());
+            if page["items"].as_array().map_or(0, Vec::len) != REPORT_PAGE_SIZE {
+                bail!("a page came back short: {page}");
+            }
+        }
+    }
+    let median = |times: &mut Vec<Duration>| {
+        times.sort_unstable();
+        times[times.len() / 2].as_secs_f64() * 1000.0
+    };
+    let (first_ms, deep_ms) = (median(&mut first), median(&mut deep));
+    println!("page 1:   median {first_ms:.3} ms");
+    println!(
+        "page {deep_page}: median {deep_ms:.3} ms ({:.2}x page 1)",
+        deep_ms / first_ms
+    );
+    Ok(rig.audit().await?)
 }

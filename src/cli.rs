@@ -26,6 +26,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let passed = match scenario {
                 BenchScenario::Orders(args) => crate::bench::orders(args).await?,
                 BenchScenario::Settle(args) => crate::bench::settle(args).await?,
+                BenchScenario::Report(args) => crate::bench::report(args).await?,
             };
             Ok(if passed {
                 ExitCode::SUCCESS

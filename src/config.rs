@@ -108,6 +108,8 @@ pub enum BenchScenario {
     Orders(crate::bench::BenchArgs),
     /// Batches/s settled by the workers from a queued backlog.
     Settle(crate::bench::BenchArgs),
+    /// The transactions report: a deep page against the first, 10,000 entries.
+    Report(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
