@@ -10,6 +10,7 @@
 -- KEYS[5] journal (stream)           KEYS[6] failed batches (sorted set)
 -- KEYS[7] accounting events (stream)
 -- KEYS[8] journal index (sorted set of padded entry ids, for the report)
+-- KEYS[9] counters (hash: batches_settled)
 -- ARGV[1] consumer group     ARGV[2] settle job's stream id
 -- ARGV[3] batch id           ARGV[4] now, ms since the Unix epoch
 -- ARGV[5] the exchange's fill id       ARGV[6] worker name
@@ -45,6 +46,7 @@ redis.call('ZADD', KEYS[8], 0, journal_index_member(entry))
 redis.call('HSET', KEYS[1], 'status', 'settled', 'fill_id', ARGV[5], 'settled_at', now,
   'last_error', '')
 redis.call('ZREM', KEYS[6], batch_id)
+redis.call('HINCRBY', KEYS[9], 'batches_settled', 1)
 redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[9], '*', 'type', 'batch.settled',
   'ref', batch_id, 'amount', value, 'at', now, 'worker', ARGV[6])
 return {'settled'}

@@ -14,14 +14,16 @@
 -- KEYS[3] settle jobs (stream)                KEYS[4] batch index (sorted set)
 -- KEYS[5] symbols ever ordered (set)
 -- KEYS[6] journal index (sorted set of padded entry ids, for the report)
--- then 8 keys per order, at offset k = 6 + 8 * (i - 1):
+-- KEYS[7] accounting events (stream)
+-- then 8 keys per order, at offset k = 7 + 8 * (i - 1):
 --   k+1 customer account (hash: balance)      k+2 the new order (hash)
 --   k+3 the symbol's bucket (hash: value, quantity, count, epoch)
 --   k+4 the bucket's order ids (list)         k+5 its closed epochs (hash: epoch -> batch id)
 --   k+6 the batch this order would close (hash)   k+7 that batch's order ids (list)
 --   k+8 idempotency key (string "order_id fingerprint")
 -- ARGV[1] number of orders   ARGV[2] @exchange's account id
--- then 10 arguments per order, at offset a = 2 + 10 * (i - 1):
+-- ARGV[3] events stream length bound (approximate)
+-- then 10 arguments per order, at offset a = 3 + 10 * (i - 1):
 --   a+1 account id   a+2 order id   a+3 symbol   a+4 quantity, units of 1e-8
 --   a+5 price, cents   a+6 cost, cents   a+7 exchange minimum, cents
 --   a+8 batch id, used only if this order closes a batch
@@ -37,7 +39,7 @@
 --   "refused", "insufficient_funds", balance_cents
 
 local count = tonumber(ARGV[1])
-if #KEYS ~= 6 + 8 * count or #ARGV ~= 2 + 10 * count then
+if #KEYS ~= 7 + 8 * count or #ARGV ~= 3 + 10 * count then
   return redis.error_reply('place_orders: expected 8 keys and 10 arguments per order')
 end
 local exchange_id = ARGV[2]
@@ -89,6 +91,8 @@ local function place(k, a)
   local entry = redis.call('XADD', KEYS[2], '*', 'at', now, 'kind', 'order', 'debit', account_id,
     'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
   redis.call('ZADD', KEYS[6], 0, journal_index_member(entry))
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'type', 'order.placed', 'ref', order_id,
+    'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
 
   local bucket = redis.call('HMGET', KEYS[k + 3], 'value', 'quantity', 'count', 'epoch')
   if not bucket[4] then
@@ -133,7 +137,7 @@ end
 
 local replies = {}
 for i = 1, count do
-  local verdict, detail, extra = place(6 + 8 * (i - 1), 2 + 10 * (i - 1))
+  local verdict, detail, extra = place(7 + 8 * (i - 1), 3 + 10 * (i - 1))
   replies[#replies + 1] = verdict
   replies[#replies + 1] = detail
   replies[#replies + 1] = extra

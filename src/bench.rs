@@ -170,7 +170,7 @@ impl Rig {
         let store = self.store.clone();
         let retention = self.ledger.journal_retention;
         let handle = tokio::spawn(async move {
-            crate::settlement::run_workers(store, &settings, retention, stopped).await
+            crate::workers::run_workers(store, &settings, retention, stopped).await
         });
         (stop, handle)
     }

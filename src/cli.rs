@@ -70,7 +70,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         .ensure_system_accounts()
         .await
         .context("preparing Redis")?;
-    crate::settlement::run_workers(
+    crate::workers::run_workers(
         store,
         &args.worker,
         args.ledger.journal_retention,
@@ -143,7 +143,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     let workers_stopped = stopped.clone();
     let retention = serve.ledger.journal_retention;
     tasks.spawn(async move {
-        crate::settlement::run_workers(store, &worker, retention, workers_stopped).await
+        crate::workers::run_workers(store, &worker, retention, workers_stopped).await
     });
 
     let mut result = Ok(());

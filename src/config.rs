@@ -33,6 +33,9 @@ pub const EXCHANGE_URL_DEFAULT: &str = "http://127.0.0.1:8090";
 pub const EXCHANGE_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 pub const EXCHANGE_CONNECT_TIMEOUT_MS_DEFAULT: u64 = 1_000;
 pub const EXCHANGE_SIM_LISTEN_DEFAULT: &str = "127.0.0.1:8090";
+pub const WEBHOOK_SECRET_DEFAULT: &str = "tally-development-webhook-secret";
+pub const WEBHOOK_ATTEMPTS_MAX_DEFAULT: u32 = 12;
+pub const WEBHOOK_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 pub const JOURNAL_RETENTION_DEFAULT: &str = "5d";
 pub const CURSOR_SECRET_DEFAULT: &str = "tally-development-cursor-secret";
 pub const DEV_DATA_DIR_DEFAULT: &str = ".tally";
@@ -175,6 +178,18 @@ pub struct WorkerSettings {
     /// Bound on connecting to the exchange.
     #[arg(long, env = "TALLY_EXCHANGE_CONNECT_TIMEOUT_MS", default_value_t = EXCHANGE_CONNECT_TIMEOUT_MS_DEFAULT)]
     pub exchange_connect_timeout_ms: u64,
+    /// Where accounting events are POSTed; unset, they are logged instead.
+    #[arg(long, env = "TALLY_ACCOUNTING_WEBHOOK_URL")]
+    pub accounting_webhook_url: Option<String>,
+    /// Signs each webhook body (X-Tally-Signature: sha256=HMAC).
+    #[arg(long, env = "TALLY_WEBHOOK_SECRET", default_value = WEBHOOK_SECRET_DEFAULT, hide_default_value = true)]
+    pub webhook_secret: String,
+    /// Deliveries per event before it is dead-lettered.
+    #[arg(long, env = "TALLY_WEBHOOK_ATTEMPTS_MAX", default_value_t = WEBHOOK_ATTEMPTS_MAX_DEFAULT)]
+    pub webhook_attempts_max: u32,
+    /// Bound on one webhook call.
+    #[arg(long, env = "TALLY_WEBHOOK_TIMEOUT_MS", default_value_t = WEBHOOK_TIMEOUT_MS_DEFAULT)]
+    pub webhook_timeout_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -191,6 +206,10 @@ impl Default for WorkerSettings {
             exchange_url: None,
             exchange_timeout_ms: EXCHANGE_TIMEOUT_MS_DEFAULT,
             exchange_connect_timeout_ms: EXCHANGE_CONNECT_TIMEOUT_MS_DEFAULT,
+            accounting_webhook_url: None,
+            webhook_secret: WEBHOOK_SECRET_DEFAULT.to_owned(),
+            webhook_attempts_max: WEBHOOK_ATTEMPTS_MAX_DEFAULT,
+            webhook_timeout_ms: WEBHOOK_TIMEOUT_MS_DEFAULT,
         }
     }
 }
@@ -208,6 +227,17 @@ impl WorkerSettings {
             return Err("consumers, read_count and attempts_max must be at least 1".to_owned());
         }
         Ok(())
+    }
+
+    pub fn notifier(&self) -> crate::notifier::NotifierSettings {
+        crate::notifier::NotifierSettings {
+            webhook_url: self.accounting_webhook_url.clone(),
+            secret: self.webhook_secret.clone(),
+            attempts_max: self.webhook_attempts_max,
+            retry_base: Duration::from_millis(self.retry_base_ms),
+            retry_max: Duration::from_millis(self.retry_max_ms),
+            timeout: Duration::from_millis(self.webhook_timeout_ms),
+        }
     }
 
     pub fn exchange_url(&self) -> &str {

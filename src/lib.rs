@@ -9,6 +9,8 @@
 //! - [`orders`]: pricing purchase orders before `place_order.lua` runs.
 //! - [`settlement`]: workers that buy batches from the exchange, retry with
 //!   backoff, dead-letter, and the operator's retry and refund.
+//! - [`wallet`]: deposits, withdrawals and card payments, applied per account in order.
+//! - [`notifier`]: delivers accounting events to the webhook (signed, retried).
 //! - [`workers`]: the one generic stream-consumer loop (claim, read, re-claim).
 //! - [`exchange`]: `buy_from_exchange` over HTTP, and the `exchange-sim` server.
 //! - [`api`]: the poem-openapi HTTP API and its problem+json errors.
@@ -29,9 +31,11 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod exchange;
+pub mod notifier;
 pub mod orders;
 pub mod redis_server;
 pub mod settlement;
 pub mod store;
 pub mod telemetry;
+pub mod wallet;
 pub mod workers;

@@ -202,63 +202,6 @@ impl<E: Exchange + 'static> JobHandler for Settler<E> {
     }
 }
 
-/// Runs `settings.consumers` settlement consumers against the HTTP exchange
-/// until `shutdown` turns true; each finishes the jobs in hand first.
-pub async fn run_workers(
-    store: Store,
-    settings: &crate::config::WorkerSettings,
-    journal_retention: Duration,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    settings.validate().map_err(anyhow::Error::msg)?;
-    let exchange = crate::exchange::HttpExchange::new(&crate::exchange::ExchangeSettings {
-        url: settings.exchange_url().to_owned(),
-        connect_timeout: Duration::from_millis(settings.exchange_connect_timeout_ms),
-        request_timeout: Duration::from_millis(settings.exchange_timeout_ms),
-    })?;
-    let settler = std::sync::Arc::new(Settler::new(
-        store.clone(),
-        exchange,
-        SettlementSettings {
-            attempts_max: settings.attempts_max,
-            retry_base: Duration::from_millis(settings.retry_base_ms),
-            retry_max: Duration::from_millis(settings.retry_max_ms),
-            promote_limit: crate::config::RETRY_PROMOTE_LIMIT_DEFAULT,
-        },
-    ));
-    let name = settings.worker_name();
-    let mut consumers = tokio::task::JoinSet::new();
-    consumers.spawn(trim_journal_periodically(
-        store.clone(),
-        journal_retention,
-        shutdown.clone(),
-    ));
-    for index in 0..settings.consumers {
-        let consumer = crate::workers::ConsumerSettings {
-            stream: keys::SETTLE_STREAM,
-            group: scripts::SETTLE_GROUP,
-            consumer: if settings.consumers == 1 {
-                name.clone()
-            } else {
-                format!("{name}-{index}")
-            },
-            read_count: settings.read_count,
-            block_ms: settings.block_ms,
-            claim_idle_ms: settings.claim_idle_ms,
-        };
-        consumers.spawn(crate::workers::run_consumer(
-            store.clone(),
-            consumer,
-            settler.clone(),
-            shutdown.clone(),
-        ));
-    }
-    while let Some(joined) = consumers.join_next().await {
-        joined?;
-    }
-    Ok(())
-}
-
 /// How often a worker process trims the journal past its retention window.
 pub const JOURNAL_TRIM_INTERVAL: Duration = Duration::from_secs(60);
 /// Most trim batches per round, so one round stays short.
@@ -266,7 +209,7 @@ const JOURNAL_TRIM_BATCHES_MAX: usize = 100;
 
 /// Trims journal entries older than `retention`, once a minute, until shutdown.
 /// Any number of workers may do this at once: each batch is one atomic script.
-async fn trim_journal_periodically(
+pub async fn trim_journal_periodically(
     store: Store,
     retention: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,

@@ -8,6 +8,7 @@ pub mod problem;
 mod report;
 mod schema;
 mod transfers;
+mod wallet;
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -49,6 +50,7 @@ type Apis = (
     orders::OrdersApi,
     transfers::TransfersApi,
     report::ReportApi,
+    wallet::WalletApi,
 );
 
 fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
@@ -57,7 +59,8 @@ fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
             accounts::AccountsApi(state.clone()),
             orders::OrdersApi(state.clone()),
             transfers::TransfersApi(state.clone()),
-            report::ReportApi(state),
+            report::ReportApi(state.clone()),
+            wallet::WalletApi(state),
         ),
         "tally",
         env!("CARGO_PKG_VERSION"),

@@ -29,6 +29,8 @@ pub const SETTLE_RETRIES: &str = "tally:settle:retries";
 pub const FAILED_BATCHES: &str = "tally:batches:failed";
 /// Accounting events (stream): the transactional outbox the notifier delivers.
 pub const EVENTS_STREAM: &str = "tally:events";
+/// Counters for operators and the bench (hash: batches_settled).
+pub const STATS: &str = "tally:stats";
 /// Batch ids by creation time (sorted set).
 pub const BATCHES: &str = "tally:batches";
 /// Every symbol that has ever been ordered (set), so the audit finds all buckets.
@@ -72,4 +74,31 @@ pub fn batch_orders(id: &BatchId) -> String {
 /// What one Idempotency-Key did for one kind of request (string).
 pub fn idempotency(scope: &str, key: &str) -> String {
     format!("tally:idempotency:{scope}:{key}")
+}
+
+/// Wallet jobs (stream): one entry per account with queued transactions.
+pub const WALLET_STREAM: &str = "tally:wallet";
+/// Rejected wallet transactions (stream), with their reasons.
+pub const WALLET_ERRORS_STREAM: &str = "transactions:errors";
+/// Events the webhook would not take after every retry (stream).
+pub const EVENTS_DEAD_STREAM: &str = "tally:events:dead";
+
+/// A wallet transaction (hash).
+pub fn wallet_transaction(id: &str) -> String {
+    format!("tally:wallet:transaction:{id}")
+}
+
+/// An account's wallet transactions waiting to be applied, in order (list).
+pub fn wallet_queue(account: &AccountId) -> String {
+    format!("tally:wallet:queue:{account}")
+}
+
+/// Set while an account has a job on the wallet stream (string).
+pub fn wallet_scheduled(account: &AccountId) -> String {
+    format!("tally:wallet:scheduled:{account}")
+}
+
+/// An account's wallet transactions by id, that is by time (sorted set, scores 0).
+pub fn wallet_history(account: &AccountId) -> String {
+    format!("tally:wallet:history:{account}")
 }

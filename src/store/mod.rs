@@ -10,6 +10,7 @@ pub mod keys;
 pub mod orders;
 pub mod settlement;
 pub mod transfers;
+pub mod wallet;
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -142,6 +143,7 @@ impl Store {
             .chain(settlement::scripts())
             .chain(journal::scripts())
             .chain(transfers::scripts())
+            .chain(wallet::scripts())
         {
             script.prepare_invoke().load_async(&mut conn).await?;
         }

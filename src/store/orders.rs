@@ -156,7 +156,7 @@ pub async fn place_orders(
 /// The `KEYS` and `ARGV` of `place_orders.lua` for `orders`, in script order.
 pub fn place_orders_input(orders: &[PlaceOrder]) -> (Vec<String>, Vec<String>) {
     let exchange = SystemAccount::Exchange.id();
-    let mut script_keys = Vec::with_capacity(6 + 8 * orders.len());
+    let mut script_keys = Vec::with_capacity(7 + 8 * orders.len());
     script_keys.extend([
         keys::account(&exchange),
         keys::JOURNAL.to_owned(),
@@ -164,9 +164,14 @@ pub fn place_orders_input(orders: &[PlaceOrder]) -> (Vec<String>, Vec<String>) {
         keys::BATCHES.to_owned(),
         keys::SYMBOLS.to_owned(),
         keys::JOURNAL_INDEX.to_owned(),
+        keys::EVENTS_STREAM.to_owned(),
     ]);
-    let mut script_args = Vec::with_capacity(2 + 10 * orders.len());
-    script_args.extend([orders.len().to_string(), exchange.to_string()]);
+    let mut script_args = Vec::with_capacity(3 + 10 * orders.len());
+    script_args.extend([
+        orders.len().to_string(),
+        exchange.to_string(),
+        crate::store::settlement::EVENTS_STREAM_LENGTH_MAX.to_string(),
+    ]);
     for order in orders {
         let (idempotency_key, idempotency) = match &order.idempotency {
             Some(idem) => (

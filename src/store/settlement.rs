@@ -96,6 +96,7 @@ pub async fn finish_batch(
         .key(keys::FAILED_BATCHES)
         .key(keys::EVENTS_STREAM)
         .key(keys::JOURNAL_INDEX)
+        .key(keys::STATS)
         .arg(SETTLE_GROUP)
         .arg(job.stream_id)
         .arg(job.batch_id.to_string())

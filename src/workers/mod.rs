@@ -15,11 +15,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
 use futures::future::join_all;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio::sync::watch;
 
-use crate::store::{Store, StoreResult};
+use crate::store::{Store, StoreResult, keys};
 
 /// One stream entry delivered to a consumer.
 #[derive(Debug, Clone)]
@@ -124,14 +127,108 @@ pub async fn run_consumer<H: JobHandler>(
             let handler = handler.clone();
             async move {
                 let stream_id = delivery.stream_id.clone();
-                if let Err(err) = handler.handle(consumer, delivery).await {
-                    tracing::warn!(worker = consumer, stream_id, error = %err, "job left pending for re-delivery");
+                // A panic in a handler is a system failure like any other:
+                // the job stays pending and is delivered again.
+                let handled = AssertUnwindSafe(handler.handle(consumer, delivery)).catch_unwind().await;
+                match handled {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => {
+                        tracing::warn!(worker = consumer, stream_id, error = %err, "job left pending for re-delivery")
+                    }
+                    Err(_) => tracing::error!(worker = consumer, stream_id, "handler panicked; job left pending for re-delivery"),
                 }
             }
         });
         join_all(handled).await;
     }
     tracing::info!(worker = consumer, "consumer stopped");
+}
+
+/// Runs a worker process's consumers until `shutdown` turns true, each
+/// finishing the jobs in hand first: `consumers` each of settlement (against
+/// the HTTP exchange), wallet transactions and notifications, and the
+/// journal trim.
+pub async fn run_workers(
+    store: Store,
+    settings: &crate::config::WorkerSettings,
+    journal_retention: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    settings.validate().map_err(anyhow::Error::msg)?;
+    let exchange = crate::exchange::HttpExchange::new(&crate::exchange::ExchangeSettings {
+        url: settings.exchange_url().to_owned(),
+        connect_timeout: Duration::from_millis(settings.exchange_connect_timeout_ms),
+        request_timeout: Duration::from_millis(settings.exchange_timeout_ms),
+    })?;
+    let settler = Arc::new(crate::settlement::Settler::new(
+        store.clone(),
+        exchange,
+        crate::settlement::SettlementSettings {
+            attempts_max: settings.attempts_max,
+            retry_base: Duration::from_millis(settings.retry_base_ms),
+            retry_max: Duration::from_millis(settings.retry_max_ms),
+            promote_limit: crate::config::RETRY_PROMOTE_LIMIT_DEFAULT,
+        },
+    ));
+    let name = settings.worker_name();
+    let mut consumers = tokio::task::JoinSet::new();
+    consumers.spawn(crate::settlement::trim_journal_periodically(
+        store.clone(),
+        journal_retention,
+        shutdown.clone(),
+    ));
+    let wallet = Arc::new(crate::wallet::WalletWorker::new(store.clone()));
+    let notifier = Arc::new(crate::notifier::Notifier::new(
+        store.clone(),
+        settings.notifier(),
+    )?);
+    for index in 0..settings.consumers {
+        let consumer = |stream: &'static str, group: &'static str, role: &str| ConsumerSettings {
+            stream,
+            group,
+            consumer: if settings.consumers == 1 {
+                format!("{name}-{role}")
+            } else {
+                format!("{name}-{role}-{index}")
+            },
+            read_count: settings.read_count,
+            block_ms: settings.block_ms,
+            claim_idle_ms: settings.claim_idle_ms,
+        };
+        let settle = consumer(
+            keys::SETTLE_STREAM,
+            crate::store::settlement::SETTLE_GROUP,
+            "settle",
+        );
+        consumers.spawn(run_consumer(
+            store.clone(),
+            settle,
+            settler.clone(),
+            shutdown.clone(),
+        ));
+        let wallet_consumer = consumer(
+            keys::WALLET_STREAM,
+            crate::store::wallet::WALLET_GROUP,
+            "wallet",
+        );
+        consumers.spawn(run_consumer(
+            store.clone(),
+            wallet_consumer,
+            wallet.clone(),
+            shutdown.clone(),
+        ));
+        let notify = consumer(keys::EVENTS_STREAM, crate::notifier::NOTIFY_GROUP, "notify");
+        consumers.spawn(run_consumer(
+            store.clone(),
+            notify,
+            notifier.clone(),
+            shutdown.clone(),
+        ));
+    }
+    while let Some(joined) = consumers.join_next().await {
+        joined?;
+    }
+    Ok(())
 }
 
 /// Jobs left pending too long by any consumer first, then new ones.

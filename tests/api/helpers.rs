@@ -347,7 +347,7 @@ pub fn spawn_workers(app: &TestApp, settings: WorkerSettings) -> TestWorkers {
     let (stop, stopped) = watch::channel(false);
     let store = app.store.clone();
     let handle = tokio::spawn(async move {
-        tally::settlement::run_workers(
+        tally::workers::run_workers(
             store,
             &settings,
             LedgerSettings::default().journal_retention,

@@ -1,0 +1,60 @@
+-- apply_wallet_transaction: apply the transaction at the head of an
+-- account's queue: authorize it (withdrawals and card payments need the
+-- funds), move the money, journal it, mark it and emit the accounting event,
+-- or reject it with a reason, copied to the error stream. One atomic step.
+--
+-- The caller names the head it read; if the head has changed (another
+-- delivery applied it first), nothing is written.
+--
+-- KEYS[1] the account's queue (list)   KEYS[2] the transaction (hash)
+-- KEYS[3] the account (hash)           KEYS[4] the counterpart: @bank or @card (hash)
+-- KEYS[5] journal (stream)             KEYS[6] journal index (sorted set)
+-- KEYS[7] accounting events (stream)   KEYS[8] rejected transactions (stream)
+-- ARGV[1] transaction id   ARGV[2] account id   ARGV[3] counterpart's account id
+-- ARGV[4] now, ms          ARGV[5] worker name  ARGV[6] events stream length bound
+--
+-- Returns {"completed"} | {"rejected", reason} | {"skipped"} (not the head any more)
+
+local function journal_index_member(id)
+  local dash = string.find(id, '-', 1, true)
+  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
+end
+
+local id, account_id, counterpart, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('LINDEX', KEYS[1], 0) ~= id then
+  return {'skipped'}
+end
+local txn = redis.call('HMGET', KEYS[2], 'kind', 'amount')
+local kind, amount = txn[1], txn[2]
+local debit, credit = account_id, counterpart
+if kind == 'deposit' then
+  debit, credit = counterpart, account_id
+end
+local reason = ''
+if kind ~= 'deposit' and tonumber(redis.call('HGET', KEYS[3], 'balance')) < tonumber(amount) then
+  reason = 'insufficient funds'
+end
+
+local status, moved = 'completed', amount
+if reason == '' then
+  redis.call('HINCRBY', KEYS[3], 'balance', kind == 'deposit' and amount or '-' .. amount)
+  redis.call('HINCRBY', KEYS[4], 'balance', kind == 'deposit' and '-' .. amount or amount)
+else
+  status, moved = 'rejected', '0'
+end
+redis.call('LPOP', KEYS[1])
+local applied = redis.call('HINCRBY', KEYS[3], 'wallet_applied', 1)
+redis.call('HSET', KEYS[2], 'status', status, 'reason', reason, 'applied_at', now,
+  'applied_seq', applied, 'worker', ARGV[5])
+local entry = redis.call('XADD', KEYS[5], '*', 'at', now, 'kind', kind, 'debit', debit,
+  'credit', credit, 'amount', moved, 'requested', amount, 'ref', id,
+  'status', reason == '' and 'completed' or 'failed', 'reason', reason)
+redis.call('ZADD', KEYS[6], 0, journal_index_member(entry))
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 'type', kind .. '.' .. status,
+  'ref', id, 'account_id', account_id, 'amount', moved, 'at', now, 'reason', reason)
+if reason ~= '' then
+  redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[6], '*', 'transaction_id', id,
+    'account_id', account_id, 'kind', kind, 'amount', amount, 'reason', reason, 'at', now)
+  return {'rejected', reason}
+end
+return {'completed'}

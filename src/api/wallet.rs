@@ -1,0 +1,301 @@
+//! `/accounts/{id}/transactions`: deposits, withdrawals and card payments,
+//! accepted at once (202) and applied by the wallet workers in order.
+
+use std::sync::Arc;
+
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
+
+use super::problem::ApiError;
+use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
+use crate::domain::{AccountId, Amount, Idempotency};
+use crate::store::now_ms;
+use crate::store::wallet::{
+    self, EnqueueError, EnqueueOutcome, NewWalletTransaction, WalletKind, WalletTransaction,
+};
+
+/// Longest description or merchant name kept.
+pub const WALLET_TEXT_LENGTH_MAX: usize = 200;
+/// Most history entries looked at to fill one filtered page.
+const HISTORY_SCAN_MAX: usize = 1_000;
+
+pub struct WalletApi(pub Arc<AppState>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+enum Kind {
+    Deposit,
+    Withdrawal,
+    CardPayment,
+}
+
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct NewTransaction {
+    kind: Kind,
+    /// USD, greater than zero.
+    amount: Amount,
+    description: Option<String>,
+    /// For card payments: where the card was used.
+    merchant: Option<String>,
+}
+
+#[derive(Debug, Object)]
+struct Accepted {
+    id: String,
+    /// `queued`: a worker applies it shortly, in the order accepted.
+    status: String,
+}
+
+#[derive(Debug, Object)]
+struct TransactionView {
+    id: String,
+    account_id: String,
+    kind: String,
+    amount: String,
+    description: Option<String>,
+    merchant: Option<String>,
+    /// `queued`, `completed` or `rejected`.
+    status: String,
+    /// Why it was rejected.
+    reason: Option<String>,
+    created_at: String,
+    applied_at: Option<String>,
+}
+
+impl From<WalletTransaction> for TransactionView {
+    fn from(txn: WalletTransaction) -> Self {
+        let text = |text: String| (!text.is_empty()).then_some(text);
+        TransactionView {
+            id: txn.id,
+            account_id: txn.account_id.to_string(),
+            kind: txn.kind.as_str().to_owned(),
+            amount: txn.amount.to_string(),
+            description: text(txn.description),
+            merchant: text(txn.merchant),
+            status: txn.status,
+            reason: txn.reason,
+            created_at: rfc3339(txn.created_at_ms),
+            applied_at: txn.applied_at_ms.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+struct TransactionPage {
+    items: Vec<TransactionView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    next_cursor: Option<String>,
+}
+
+#[derive(ApiResponse)]
+enum AcceptedResponse {
+    /// Accepted and queued (or, for a repeated Idempotency-Key, accepted before).
+    #[oai(status = 202)]
+    Accepted(
+        Json<Accepted>,
+        #[oai(header = "Idempotent-Replayed")] Option<bool>,
+    ),
+}
+
+#[derive(ApiResponse)]
+enum TransactionResponse {
+    #[oai(status = 200)]
+    Ok(Json<TransactionView>),
+}
+
+#[derive(ApiResponse)]
+enum PageResponse {
+    #[oai(status = 200)]
+    Ok(Json<TransactionPage>),
+}
+
+fn optional_text(name: &str, text: Option<String>) -> Result<String, ApiError> {
+    let text = text.unwrap_or_default().trim().to_owned();
+    if text.chars().count() > WALLET_TEXT_LENGTH_MAX || text.chars().any(char::is_control) {
+        let detail = format!("{name} must be at most {WALLET_TEXT_LENGTH_MAX} characters");
+        return Err(ApiError::bad_request("invalid-text", detail));
+    }
+    Ok(text)
+}
+
+fn customer(id: &str) -> Result<AccountId, ApiError> {
+    let id = AccountId::parse(id)
+        .map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
+    if id.is_system() {
+        return Err(ApiError::bad_request(
+            "system-account",
+            "wallet transactions are for customer accounts",
+        ));
+    }
+    Ok(id)
+}
+
+#[OpenApi(tag = "ApiTags::Accounts")]
+impl WalletApi {
+    /// Accept a deposit, withdrawal or card payment. It is applied shortly by
+    /// a worker, after every earlier transaction of the account; a withdrawal
+    /// or card payment the balance cannot cover is `rejected` with a reason.
+    #[oai(path = "/accounts/:id/transactions", method = "post")]
+    async fn accept(
+        &self,
+        id: Path<String>,
+        body: Json<NewTransaction>,
+        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+    ) -> Result<AcceptedResponse, ApiError> {
+        let account_id = customer(&id.0)?;
+        let Json(request) = body;
+        if request.amount.is_zero() {
+            return Err(ApiError::bad_request(
+                "invalid-amount",
+                "amount must be greater than zero",
+            ));
+        }
+        let kind = match request.kind {
+            Kind::Deposit => WalletKind::Deposit,
+            Kind::Withdrawal => WalletKind::Withdrawal,
+            Kind::CardPayment => WalletKind::CardPayment,
+        };
+        let description = optional_text("description", request.description)?;
+        let merchant = optional_text("merchant", request.merchant)?;
+        let cents = request.amount.cents().to_string();
+        let idempotency = idempotency_key(key.0)?.map(|key| {
+            Idempotency::new(
+                key,
+                &[
+                    account_id.as_str(),
+                    kind.as_str(),
+                    &cents,
+                    &description,
+                    &merchant,
+                ],
+            )
+        });
+        let txn = NewWalletTransaction {
+            id: uuid::Uuid::now_v7().to_string(),
+            account_id,
+            kind,
+            amount: request.amount,
+            description,
+            merchant,
+            idempotency,
+            idempotency_ttl_secs: self.0.api.idempotency_ttl_secs,
+            at_ms: now_ms(),
+        };
+        let mut conn = self.0.store.conn().await?;
+        let (id, replayed) = match wallet::enqueue(&mut conn, &txn).await {
+            Ok(EnqueueOutcome::Queued(id)) => (id, None),
+            Ok(EnqueueOutcome::Replayed(id)) => (id, Some(true)),
+            Err(EnqueueError::AccountNotFound) => {
+                return Err(ApiError::not_found(format!(
+                    "account {} not found",
+                    txn.account_id
+                )));
+            }
+            Err(EnqueueError::IdempotencyConflict(id)) => {
+                return Err(ApiError::conflict(
+                    "idempotency-conflict",
+                    format!("this Idempotency-Key queued transaction {id} with another request"),
+                ));
+            }
+            Err(EnqueueError::Store(err)) => return Err(err.into()),
+        };
+        Ok(AcceptedResponse::Accepted(
+            Json(Accepted {
+                id,
+                status: "queued".to_owned(),
+            }),
+            replayed,
+        ))
+    }
+
+    /// An account's wallet transactions, newest first.
+    #[oai(path = "/accounts/:id/transactions", method = "get")]
+    async fn list(
+        &self,
+        id: Path<String>,
+        /// Only this status: `queued`, `completed` or `rejected`.
+        status: Query<Option<String>>,
+        limit: Query<Option<u32>>,
+        /// `next_cursor` from the previous page.
+        cursor: Query<Option<String>>,
+    ) -> Result<PageResponse, ApiError> {
+        let account_id = customer(&id.0)?;
+        let limit = page_size(limit.0, &self.0.api)?;
+        if let Some(status) = &status.0
+            && !["queued", "completed", "rejected"].contains(&status.as_str())
+        {
+            return Err(ApiError::bad_request(
+                "invalid-status",
+                format!("status `{status}` is not queued, completed or rejected"),
+            ));
+        }
+        if let Some(cursor) = &cursor.0
+            && uuid::Uuid::try_parse(cursor).is_err()
+        {
+            return Err(ApiError::bad_request(
+                "invalid-cursor",
+                "the cursor is not a transaction id",
+            ));
+        }
+        let mut conn = self.0.store.conn().await?;
+        let mut items = Vec::new();
+        let mut before = cursor.0.clone();
+        let mut scanned = 0;
+        let mut exhausted = false;
+        while items.len() < limit && scanned < HISTORY_SCAN_MAX {
+            let ids = wallet::history(&mut conn, &account_id, before.as_deref(), limit).await?;
+            exhausted = ids.len() < limit;
+            for id in &ids {
+                scanned += 1;
+                before = Some(id.clone());
+                if let Some(txn) = wallet::get(&mut conn, id).await?
+                    && status.0.as_ref().is_none_or(|status| *status == txn.status)
+                {
+                    items.push(TransactionView::from(txn));
+                    if items.len() == limit {
+                        break;
+                    }
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        let next_cursor = (!exhausted || items.len() == limit)
+            .then_some(before)
+            .flatten();
+        Ok(PageResponse::Ok(Json(TransactionPage {
+            items,
+            next_cursor,
+        })))
+    }
+
+    /// One wallet transaction of an account.
+    #[oai(path = "/accounts/:id/transactions/:txn_id", method = "get")]
+    async fn get(
+        &self,
+        id: Path<String>,
+        txn_id: Path<String>,
+    ) -> Result<TransactionResponse, ApiError> {
+        let account_id = customer(&id.0)?;
+        if uuid::Uuid::try_parse(&txn_id.0).is_err() {
+            return Err(ApiError::bad_request(
+                "invalid-transaction-id",
+                "the transaction id is not a UUID",
+            ));
+        }
+        let mut conn = self.0.store.conn().await?;
+        let txn = wallet::get(&mut conn, &txn_id.0)
+            .await?
+            .filter(|txn| txn.account_id == account_id)
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "transaction {} not found for account {account_id}",
+                    txn_id.0
+                ))
+            })?;
+        Ok(TransactionResponse::Ok(Json(txn.into())))
+    }
+}
