@@ -22,6 +22,14 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::ExchangeSim(args) => exchange_sim(args).await,
         Command::Dev(args) => dev(args).await,
         Command::Batches { redis, action } => batches(&redis, action).await,
+        Command::Gen(args) => {
+            let passed = crate::traffic::run(args).await?;
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Bench { scenario } => {
             let passed = match scenario {
                 BenchScenario::Orders(args) => crate::bench::orders(args).await?,

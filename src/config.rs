@@ -77,6 +77,8 @@ pub enum Command {
         #[command(subcommand)]
         action: BatchAction,
     },
+    /// Send N random deposits, withdrawals, card payments and orders through the API.
+    Gen(crate::traffic::GenArgs),
     /// Measure throughput and latency on this machine, then audit the result.
     Bench {
         #[command(subcommand)]

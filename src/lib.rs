@@ -16,6 +16,7 @@
 //! - [`api`]: the poem-openapi HTTP API and its problem+json errors.
 //! - [`app`]: building and running the API (injectable listener and shutdown).
 //! - [`bench`]: `tally bench`, throughput against this machine's ceilings.
+//! - [`traffic`]: `tally gen N`, random traffic through the HTTP API.
 //! - [`audit`]: the ledger invariants, checked from what Redis holds.
 //! - [`redis_server`]: a private redis-server for `tally dev` and the tests.
 //! - [`cli`]: the subcommands.
@@ -23,6 +24,9 @@
 //! Every balance change is one Lua script that checks first, then writes the
 //! balances, the journal entry and the status in one atomic step.
 
+// ApiError carries its problem+json body inline: built once per refused
+// request, its size does not matter, and boxing it would blur every handler.
+#[allow(clippy::result_large_err)]
 pub mod api;
 pub mod app;
 pub mod audit;
@@ -37,5 +41,6 @@ pub mod redis_server;
 pub mod settlement;
 pub mod store;
 pub mod telemetry;
+pub mod traffic;
 pub mod wallet;
 pub mod workers;

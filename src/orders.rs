@@ -81,6 +81,8 @@ pub const ORDER_QUEUE_MAX: usize = 4_096;
 pub const ORDER_GROUPS_IN_FLIGHT_MAX: usize = 4;
 
 type Placed = Result<PlaceOrderOutcome, PlaceOrderError>;
+/// An order waiting for its group, with where its answer goes.
+type Pending = (PlaceOrder, oneshot::Sender<Placed>);
 
 /// Groups concurrent orders into one `place_orders.lua` call: while the calls
 /// in flight run, new orders queue, and the next call takes all of them (up to
@@ -88,8 +90,8 @@ type Placed = Result<PlaceOrderOutcome, PlaceOrderError>;
 /// nothing waits for a group to fill. Each order is still checked and written
 /// on its own inside the script, and gets its own answer.
 pub struct OrderGrouper {
-    sender: mpsc::Sender<(PlaceOrder, oneshot::Sender<Placed>)>,
-    receiver: Mutex<Option<mpsc::Receiver<(PlaceOrder, oneshot::Sender<Placed>)>>>,
+    sender: mpsc::Sender<Pending>,
+    receiver: Mutex<Option<mpsc::Receiver<Pending>>>,
     started: Once,
     store: Store,
 }

@@ -139,9 +139,7 @@ impl TransfersApi {
     fn movement(
         &self,
         kind: &'static str,
-        payer: AccountId,
-        payee: AccountId,
-        amount: Amount,
+        (payer, payee, amount): (AccountId, AccountId, Amount),
         canonical_request: String,
         memo: String,
         key: Option<String>,
@@ -229,9 +227,7 @@ impl TransfersApi {
         );
         let movement = self.movement(
             "transfer",
-            payer,
-            payee,
-            amount,
+            (payer, payee, amount),
             canonical,
             String::new(),
             key.0,
@@ -291,9 +287,7 @@ impl TransfersApi {
         );
         let movement = self.movement(
             "bank_transaction",
-            payer,
-            payee,
-            amount,
+            (payer, payee, amount),
             canonical,
             reason.clone(),
             key.0,

@@ -214,7 +214,7 @@ pub fn parse_place_orders_reply(
     if reply.len() != 3 * count {
         return Err(StoreError::UnexpectedReply(reply));
     }
-    let outcomes = reply.chunks(3).map(|words| parse_outcome(words)).collect();
+    let outcomes = reply.chunks(3).map(parse_outcome).collect();
     Ok(outcomes)
 }
 

@@ -11,3 +11,4 @@ mod scripts;
 mod settlement;
 mod transfers;
 mod validation;
+mod wallet;

@@ -91,26 +91,45 @@ async fn dev_without_redis_server_says_how_to_install_it() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("apt-get install -y redis-server"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn dev_runs_its_own_durable_redis_and_stops_it_on_exit() {
+/// `tally dev` as the README starts it, on ports of its own; ready to serve.
+struct Dev {
+    process: std::process::Child,
+    base: String,
+    redis_port: u16,
+    data_dir: tempfile::TempDir,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+    }
+}
+
+async fn spawn_dev() -> Dev {
     let data_dir = tempfile::tempdir().unwrap();
-    let api_port = free_port();
-    let redis_port = free_port();
-    let mut dev = Command::new(TALLY)
+    let (api_port, redis_port, sim_port) = (free_port(), free_port(), free_port());
+    let process = Command::new(TALLY)
         .args(["dev", "--listen", &format!("127.0.0.1:{api_port}")])
         .args(["--dev-redis-port", &redis_port.to_string()])
+        .args(["--exchange-sim-listen", &format!("127.0.0.1:{sim_port}")])
         .arg("--data-dir")
         .arg(data_dir.path())
         .env_remove("TALLY_REDIS_URL")
+        .env_remove("TALLY_EXCHANGE_URL")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let dev = Dev {
+        process,
+        base: format!("http://127.0.0.1:{api_port}"),
+        redis_port,
+        data_dir,
+    };
     let client = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{api_port}");
     let mut ready = false;
     for _ in 0..100 {
-        if let Ok(response) = client.get(format!("{base}/ready")).send().await {
+        if let Ok(response) = client.get(format!("{}/ready", dev.base)).send().await {
             ready = response.status() == 200;
             if ready {
                 break;
@@ -119,8 +138,15 @@ async fn dev_runs_its_own_durable_redis_and_stops_it_on_exit() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ready, "tally dev became ready");
+    dev
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_runs_its_own_durable_redis_and_stops_it_on_exit() {
+    let mut dev = spawn_dev().await;
+    let client = reqwest::Client::new();
     let response = client
-        .post(format!("{base}/api/v1/accounts"))
+        .post(format!("{}/api/v1/accounts", dev.base))
         .json(&json!({"name": "dev", "balance": "1"}))
         .send()
         .await
@@ -128,21 +154,55 @@ async fn dev_runs_its_own_durable_redis_and_stops_it_on_exit() {
     assert_eq!(response.status(), 201);
 
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(dev.id() as libc::pid_t, libc::SIGTERM) };
-    let status = dev.wait().unwrap();
+    unsafe { libc::kill(dev.process.id() as libc::pid_t, libc::SIGTERM) };
+    let status = dev.process.wait().unwrap();
     assert!(
         status.success(),
         "tally dev exits cleanly on SIGTERM: {status}"
     );
     assert!(
-        data_dir.path().join("appendonlydir").is_dir(),
+        dev.data_dir.path().join("appendonlydir").is_dir(),
         "the AOF is under the data folder"
     );
-    let gone = redis::Client::open(format!("redis://127.0.0.1:{redis_port}"))
+    let gone = redis::Client::open(format!("redis://127.0.0.1:{}", dev.redis_port))
         .unwrap()
         .get_multiplexed_async_connection()
         .await;
     assert!(gone.is_err(), "the private redis-server stopped");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gen_against_dev_ends_with_a_summary_and_a_clean_audit() {
+    let dev = spawn_dev().await;
+    let output = tokio::process::Command::new(TALLY)
+        .args(["gen", "1000", "--url", &dev.base])
+        .output()
+        .await
+        .unwrap();
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{summary}");
+    assert!(
+        summary.contains("summary: 1000 requests") && summary.contains("failed 0"),
+        "{summary}"
+    );
+    for kind in ["deposit", "withdrawal", "card_payment", "order"] {
+        assert!(summary.contains(kind), "{summary}");
+    }
+    let redis_url = format!("redis://127.0.0.1:{}", dev.redis_port);
+    let mut clean = false;
+    for _ in 0..100 {
+        let audit = Command::new(TALLY)
+            .args(["audit", "--redis-url", &redis_url])
+            .output()
+            .unwrap();
+        // Workers may still be applying the last transactions: wait for a quiet ledger.
+        if audit.status.success() {
+            clean = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(clean, "tally audit passes once the workers are done");
 }
 
 fn free_port() -> u16 {

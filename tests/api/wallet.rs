@@ -1,0 +1,382 @@
+//! Wallet transactions through the queue, the error stream, and accounting
+//! notifications delivered to a real webhook receiver.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use poem::web::Data;
+use poem::{EndpointExt, Request, Route, Server, handler, post};
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use tally::config::WorkerSettings;
+use tally::exchange::sim::Faults;
+use tally::store::keys;
+
+use crate::helpers::{
+    TestApp, eventually, spawn_app, spawn_exchange, spawn_workers, stream_entries, tally_process,
+    test_worker_settings,
+};
+
+async fn accept(app: &TestApp, account: &str, kind: &str, amount: &str) -> String {
+    let body = json!({"kind": kind, "amount": amount});
+    let response = app
+        .post(&format!("/api/v1/accounts/{account}/transactions"), &body)
+        .await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
+    assert_eq!(accepted["status"], "queued");
+    accepted["id"].as_str().unwrap().to_owned()
+}
+
+async fn wallet_drained(app: &TestApp, accounts: &[String]) -> bool {
+    let mut conn = app.redis().await;
+    for account in accounts {
+        let id = tally::domain::AccountId::parse(account).unwrap();
+        let queued: usize = conn.llen(keys::wallet_queue(&id)).await.unwrap();
+        if queued > 0 {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deposits_and_withdrawals_apply_in_acceptance_order_across_four_workers() {
+    let app = Arc::new(spawn_app().await);
+    let exchange = spawn_exchange(Faults::default()).await;
+    let workers = spawn_workers(
+        &app,
+        WorkerSettings {
+            consumers: 4,
+            ..test_worker_settings(&exchange)
+        },
+    );
+    let mut accounts = Vec::new();
+    for i in 0..20 {
+        accounts.push(app.create_account(&format!("w{i}"), "0").await);
+    }
+    let mut tasks = Vec::new();
+    for account in accounts.clone() {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for pair in 0..50 {
+                let amount = format!("{}.{:02}", 1 + pair % 40, pair % 100);
+                ids.push(accept(&app, &account, "deposit", &amount).await);
+                ids.push(accept(&app, &account, "withdrawal", &amount).await);
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.extend(task.await.unwrap());
+    }
+    assert_eq!(ids.len(), 2_000);
+    eventually("every transaction is applied", || {
+        wallet_drained(&app, &accounts)
+    })
+    .await;
+
+    let mut conn = app.redis().await;
+    let mut workers_seen = HashSet::new();
+    for id in &ids {
+        let txn = tally::store::wallet::get(&mut conn, id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(txn.status, "completed", "{id}: {:?}", txn.reason);
+        assert_eq!(
+            txn.applied_seq,
+            Some(txn.accepted_seq),
+            "applied in the order accepted"
+        );
+        workers_seen.insert(txn.worker.unwrap());
+    }
+    assert!(
+        workers_seen.len() > 1,
+        "several workers shared the accounts: {workers_seen:?}"
+    );
+    for account in &accounts {
+        assert_eq!(app.balance(account).await, "0.00");
+    }
+    let errors: usize = conn.xlen(keys::WALLET_ERRORS_STREAM).await.unwrap();
+    assert_eq!(errors, 0, "no rejection for funds");
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_withdrawal_beyond_the_balance_is_rejected_with_a_reason() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let account = app.create_account("w", "10.00").await;
+    let journal_before = app.journal().await.len();
+    let id = accept(&app, &account, "withdrawal", "10.01").await;
+    let path = format!("/api/v1/accounts/{account}/transactions/{id}");
+    eventually("the withdrawal is decided", || async {
+        app.get_json(&path).await["status"] != "queued"
+    })
+    .await;
+    let txn = app.get_json(&path).await;
+    assert_eq!(
+        (txn["status"].as_str(), txn["reason"].as_str()),
+        (Some("rejected"), Some("insufficient funds"))
+    );
+    assert_eq!(app.balance(&account).await, "10.00");
+    let errors = stream_entries(&mut app.redis().await, keys::WALLET_ERRORS_STREAM).await;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(
+        (
+            errors[0]["transaction_id"].as_str(),
+            errors[0]["reason"].as_str()
+        ),
+        (id.as_str(), "insufficient funds")
+    );
+    let journal = app.journal().await;
+    assert_eq!(
+        journal.len(),
+        journal_before + 1,
+        "only the recorded refusal"
+    );
+    let refusal = journal.last().unwrap();
+    assert_eq!(
+        (refusal["status"].as_str(), refusal["amount"].as_str()),
+        ("failed", "0")
+    );
+    let listed = app
+        .get_json(&format!(
+            "/api/v1/accounts/{account}/transactions?status=rejected"
+        ))
+        .await;
+    assert_eq!(listed["items"][0]["id"], id.as_str());
+    let card = accept(&app, &account, "card_payment", "2.50").await;
+    let card_path = format!("/api/v1/accounts/{account}/transactions/{card}");
+    eventually("the card payment is applied", || async {
+        app.get_json(&card_path).await["status"] == "completed"
+    })
+    .await;
+    assert_eq!(app.balance("@card").await, "2.50");
+    workers.stop().await;
+}
+
+#[derive(Default)]
+struct Receiver {
+    failing: AtomicBool,
+    refused: AtomicUsize,
+    events: Mutex<BTreeMap<String, Value>>,
+    bad_signatures: AtomicUsize,
+}
+
+#[handler]
+async fn receive(
+    request: &Request,
+    body: String,
+    receiver: Data<&Arc<Receiver>>,
+) -> poem::http::StatusCode {
+    if receiver.failing.load(Ordering::SeqCst) {
+        receiver.refused.fetch_add(1, Ordering::SeqCst);
+        return poem::http::StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    let signature = request
+        .headers()
+        .get("x-tally-signature")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    if signature != format!("sha256={}", tally::notifier::sign("test-secret", &body)) {
+        receiver.bad_signatures.fetch_add(1, Ordering::SeqCst);
+    }
+    let event: Value = serde_json::from_str(&body).unwrap();
+    receiver
+        .events
+        .lock()
+        .unwrap()
+        .insert(event["event_id"].as_str().unwrap().to_owned(), event);
+    poem::http::StatusCode::OK
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_webhook_gets_every_event_signed_even_after_an_outage() {
+    let receiver = Arc::new(Receiver::default());
+    receiver.failing.store(true, Ordering::SeqCst);
+    let acceptor =
+        poem::listener::Listener::into_acceptor(poem::listener::TcpListener::bind("127.0.0.1:0"))
+            .await
+            .unwrap();
+    let address = poem::listener::Acceptor::local_addr(&acceptor)[0]
+        .as_socket_addr()
+        .copied()
+        .unwrap();
+    let app_route = Route::new()
+        .at("/events", post(receive))
+        .data(receiver.clone());
+    tokio::spawn(Server::new_with_acceptor(acceptor).run(app_route));
+
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let settings = WorkerSettings {
+        accounting_webhook_url: Some(format!("http://{address}/events")),
+        webhook_secret: "test-secret".to_owned(),
+        ..test_worker_settings(&exchange)
+    };
+    let workers = spawn_workers(&app, settings);
+    let account = app.create_account("n", "100.00").await;
+    app.place_order(&account, "ABAN", "3").await; // order.placed, then batch.settled
+    for amount in ["1.00", "2.00", "3.00"] {
+        accept(&app, &account, "deposit", amount).await;
+    }
+    accept(&app, &account, "withdrawal", "1000.00").await; // rejected: an event too
+    eventually("deliveries were refused and retried", || async {
+        receiver.refused.load(Ordering::SeqCst) >= 10
+    })
+    .await;
+    receiver.failing.store(false, Ordering::SeqCst);
+
+    eventually("every event is delivered", || async {
+        let ids: Vec<String> = stream_ids(&mut app.redis().await, keys::EVENTS_STREAM).await;
+        let received = receiver.events.lock().unwrap();
+        ids.len() >= 6 && ids.iter().all(|id| received.contains_key(id))
+    })
+    .await;
+    assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    let received = receiver.events.lock().unwrap().clone();
+    let types: HashSet<&str> = received
+        .values()
+        .map(|event| event["type"].as_str().unwrap())
+        .collect();
+    for kind in [
+        "order.placed",
+        "batch.settled",
+        "deposit.completed",
+        "withdrawal.rejected",
+    ] {
+        assert!(types.contains(kind), "{kind} in {types:?}");
+    }
+    workers.stop().await;
+}
+
+async fn stream_ids(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<String> {
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all(key).await.unwrap();
+    reply.ids.into_iter().map(|entry| entry.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wallet_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let mut accounts = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let account = app.create_account(&format!("k{i}"), "0").await;
+        for _ in 0..100 {
+            ids.push(accept(&app, &account, "deposit", "1.00").await);
+        }
+        accounts.push(account);
+    }
+    let redis_url = app.redis.url();
+    let args = |name: &'static str| {
+        vec![
+            "worker",
+            "--redis-url",
+            &redis_url,
+            "--exchange-url",
+            &exchange.url,
+            "--worker-name",
+            name,
+            "--claim-idle-ms",
+            "2000",
+            "--exchange-timeout-ms",
+            "1500",
+            "--block-ms",
+            "100",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+    };
+    let doomed_args = args("doomed");
+    let mut doomed = tally_process(&doomed_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut conn = app.redis().await;
+    eventually("the worker is part way through", || async {
+        let applied: usize = app
+            .journal()
+            .await
+            .iter()
+            .filter(|entry| entry["kind"] == "deposit")
+            .count();
+        applied >= 50
+    })
+    .await;
+    doomed.kill().await.unwrap();
+    doomed.wait().await.unwrap();
+    let survivor_args = args("survivor");
+    let _survivor = tally_process(&survivor_args.iter().map(String::as_str).collect::<Vec<_>>());
+    eventually("every transaction is applied", || {
+        wallet_drained(&app, &accounts)
+    })
+    .await;
+
+    let journal = app.journal().await;
+    let mut applications: BTreeMap<&str, usize> = BTreeMap::new();
+    for entry in journal.iter().filter(|entry| entry["kind"] == "deposit") {
+        *applications.entry(entry["ref"].as_str()).or_default() += 1;
+    }
+    assert_eq!(applications.len(), ids.len(), "none lost");
+    assert!(
+        applications.values().all(|count| *count == 1),
+        "none applied twice"
+    );
+    for account in &accounts {
+        assert_eq!(app.balance(account).await, "100.00");
+    }
+    for id in &ids {
+        let txn = tally::store::wallet::get(&mut conn, id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(txn.applied_seq, Some(txn.accepted_seq));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_wallet_requests_are_refused_and_write_nothing() {
+    let app = spawn_app().await;
+    let account = app.create_account("b", "1.00").await;
+    let before = app.snapshot().await;
+    let path = format!("/api/v1/accounts/{account}/transactions");
+    for (body, detail) in [
+        (json!({"kind": "gift", "amount": "1"}), "gift"),
+        (
+            json!({"kind": "deposit", "amount": "0"}),
+            "greater than zero",
+        ),
+        (
+            json!({"kind": "deposit", "amount": "-1"}),
+            "must not be negative",
+        ),
+        (json!({"kind": "deposit"}), "amount"),
+        (
+            json!({"kind": "deposit", "amount": "1", "description": "x".repeat(201)}),
+            "description",
+        ),
+    ] {
+        crate::helpers::assert_problem(app.post(&path, &body).await, 400, detail).await;
+    }
+    let unknown = "01900000-0000-7000-8000-000000000000";
+    let body = json!({"kind": "deposit", "amount": "1"});
+    crate::helpers::assert_problem(
+        app.post(&format!("/api/v1/accounts/{unknown}/transactions"), &body)
+            .await,
+        404,
+        "not found",
+    )
+    .await;
+    crate::helpers::assert_problem(app.get(&format!("{path}?status=lost")).await, 400, "status")
+        .await;
+    assert_eq!(app.snapshot().await, before);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
