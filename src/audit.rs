@@ -5,6 +5,7 @@
 //! 3. Every cent paid for orders is in exactly one place: a batch or a bucket.
 //! 4. `@exchange` holds exactly what is still owed to the exchange: the
 //!    buckets and the batches not yet settled or refunded.
+//! 5. Every advance reconciles: paid + scheduled + processing = its amount.
 //!
 //! The audit reads in bounded pages and is not one atomic snapshot: run it on
 //! a quiet system (or twice) before calling a mismatch a breach.
@@ -16,7 +17,7 @@ use redis::streams::StreamRangeReply;
 
 use crate::domain::{AccountId, SystemAccount, format_units};
 use crate::store::orders::SettlementStatus;
-use crate::store::{Store, StoreError, StoreResult, accounts, journal, keys, orders};
+use crate::store::{Store, StoreError, StoreResult, accounts, advances, journal, keys, orders};
 
 /// Entries, accounts or batches read per Redis call.
 pub const AUDIT_PAGE_SIZE: usize = 1_000;
@@ -34,6 +35,9 @@ pub struct AuditReport {
     pub exchange_balance_cents: i64,
     /// Batches settling or failed: bought from the exchange by no one yet.
     pub open_batches_value_cents: i64,
+    pub advances_checked: usize,
+    /// Advances whose installments do not add up to their amount.
+    pub unreconciled_advances: Vec<String>,
 }
 
 impl AuditReport {
@@ -43,6 +47,7 @@ impl AuditReport {
             && self.orders_value_cents == self.batches_value_cents + self.buckets_value_cents
             && self.exchange_balance_cents
                 == self.open_batches_value_cents + self.buckets_value_cents
+            && self.unreconciled_advances.is_empty()
     }
 }
 
@@ -90,6 +95,16 @@ impl fmt::Display for AuditReport {
             usd(self.open_batches_value_cents),
             usd(self.buckets_value_cents)
         )?;
+        writeln!(
+            f,
+            "{} advances reconcile: paid + scheduled + processing = amount ({} checked, {} not)",
+            mark(self.unreconciled_advances.is_empty()),
+            self.advances_checked,
+            self.unreconciled_advances.len()
+        )?;
+        for id in &self.unreconciled_advances {
+            writeln!(f, "       advance {id} does not reconcile")?;
+        }
         write!(
             f,
             "{}",
@@ -189,5 +204,24 @@ pub async fn run(store: &Store) -> StoreResult<AuditReport> {
     let symbols = orders::ordered_symbols(&mut conn).await?;
     let buckets = orders::buckets(&mut conn, &symbols).await?;
     report.buckets_value_cents = buckets.iter().map(|bucket| bucket.value_cents).sum();
+
+    let mut offset = 0;
+    loop {
+        let ids = advances::ids(&mut conn, None, offset, AUDIT_PAGE_SIZE).await?;
+        if ids.is_empty() {
+            break;
+        }
+        offset += ids.len();
+        for id in ids {
+            let reconciles = advances::get(&mut conn, &id)
+                .await?
+                .is_some_and(|advance| advance.reconciles());
+            report.advances_checked += 1;
+            if !reconciles {
+                tracing::error!(advance_id = %id, "advance does not reconcile: paid + scheduled + processing differs from its amount");
+                report.unreconciled_advances.push(id);
+            }
+        }
+    }
     Ok(report)
 }

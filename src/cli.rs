@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use futures::FutureExt;
 use tokio::sync::watch;
 
 use crate::app::{Application, shutdown_signal};
@@ -22,6 +23,13 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::ExchangeSim(args) => exchange_sim(args).await,
         Command::Dev(args) => dev(args).await,
         Command::Batches { redis, action } => batches(&redis, action).await,
+        Command::Scheduler { redis, scheduler } => {
+            let store = Store::connect(&redis)?;
+            let clock = std::sync::Arc::new(crate::advances::SystemClock);
+            crate::advances::run_scheduler(store, clock, scheduler.settings(), shutdown_watch())
+                .await;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Gen(args) => {
             let passed = crate::traffic::run(args).await?;
             Ok(if passed {
@@ -106,6 +114,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     let DevArgs {
         mut serve,
         mut worker,
+        scheduler,
         exchange_sim_listen,
         data_dir,
         dev_redis_port,
@@ -148,6 +157,11 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             .await
             .map_err(anyhow::Error::from)
     });
+    let clock = std::sync::Arc::new(crate::advances::SystemClock);
+    tasks.spawn(
+        crate::advances::run_scheduler(store.clone(), clock, scheduler.settings(), stopped.clone())
+            .map(Ok),
+    );
     let workers_stopped = stopped.clone();
     let retention = serve.ledger.journal_retention;
     tasks.spawn(async move {

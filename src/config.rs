@@ -36,6 +36,10 @@ pub const EXCHANGE_SIM_LISTEN_DEFAULT: &str = "127.0.0.1:8090";
 pub const WEBHOOK_SECRET_DEFAULT: &str = "tally-development-webhook-secret";
 pub const WEBHOOK_ATTEMPTS_MAX_DEFAULT: u32 = 12;
 pub const WEBHOOK_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const ADVANCE_PERIOD_DEFAULT: &str = "7d";
+pub const INSTALLMENT_LEASE_MS_DEFAULT: u64 = 30_000;
+pub const SCHEDULER_INTERVAL_MS_DEFAULT: u64 = 500;
+pub const SCHEDULER_BATCH_MAX: usize = 500;
 pub const JOURNAL_RETENTION_DEFAULT: &str = "5d";
 pub const CURSOR_SECRET_DEFAULT: &str = "tally-development-cursor-secret";
 pub const DEV_DATA_DIR_DEFAULT: &str = ".tally";
@@ -76,6 +80,13 @@ pub enum Command {
         redis: RedisSettings,
         #[command(subcommand)]
         action: BatchAction,
+    },
+    /// Lease due installments to the collectors; re-queue expired leases. Run as many as you like.
+    Scheduler {
+        #[command(flatten)]
+        redis: RedisSettings,
+        #[command(flatten)]
+        scheduler: SchedulerArgs,
     },
     /// Send N random deposits, withdrawals, card payments and orders through the API.
     Gen(crate::traffic::GenArgs),
@@ -272,7 +283,29 @@ pub struct ExchangeSimArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct SchedulerArgs {
+    /// How long a worker holds a due installment before another gets it.
+    #[arg(long, env = "TALLY_INSTALLMENT_LEASE_MS", default_value_t = INSTALLMENT_LEASE_MS_DEFAULT)]
+    pub installment_lease_ms: u64,
+    /// How often the scheduler looks for due installments.
+    #[arg(long, env = "TALLY_SCHEDULER_INTERVAL_MS", default_value_t = SCHEDULER_INTERVAL_MS_DEFAULT)]
+    pub scheduler_interval_ms: u64,
+}
+
+impl SchedulerArgs {
+    pub fn settings(&self) -> crate::advances::SchedulerSettings {
+        crate::advances::SchedulerSettings {
+            lease: Duration::from_millis(self.installment_lease_ms),
+            interval: Duration::from_millis(self.scheduler_interval_ms),
+            batch_max: SCHEDULER_BATCH_MAX,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct DevArgs {
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
@@ -327,6 +360,9 @@ pub struct LedgerSettings {
     /// Smallest purchase the exchange accepts, in USD: smaller orders wait in a bucket.
     #[arg(long, env = "TALLY_EXCHANGE_MINIMUM", default_value = EXCHANGE_MINIMUM_DEFAULT, value_parser = parse_positive_amount)]
     pub exchange_minimum: Amount,
+    /// Time between two installments of an advance, e.g. `7d` or `2s`.
+    #[arg(long, env = "TALLY_ADVANCE_PERIOD", default_value = ADVANCE_PERIOD_DEFAULT, value_parser = humantime::parse_duration)]
+    pub advance_period: Duration,
     /// How long journal entries stay in the report (and in Redis), e.g. `5d`.
     #[arg(long, env = "TALLY_JOURNAL_RETENTION", default_value = JOURNAL_RETENTION_DEFAULT, value_parser = humantime::parse_duration)]
     pub journal_retention: Duration,
@@ -339,6 +375,8 @@ impl Default for LedgerSettings {
             exchange_minimum: Amount::parse(EXCHANGE_MINIMUM_DEFAULT).expect("default minimum"),
             journal_retention: humantime::parse_duration(JOURNAL_RETENTION_DEFAULT)
                 .expect("default retention"),
+            advance_period: humantime::parse_duration(ADVANCE_PERIOD_DEFAULT)
+                .expect("default period"),
         }
     }
 }

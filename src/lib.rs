@@ -9,6 +9,7 @@
 //! - [`orders`]: pricing purchase orders before `place_order.lua` runs.
 //! - [`settlement`]: workers that buy batches from the exchange, retry with
 //!   backoff, dead-letter, and the operator's retry and refund.
+//! - [`advances`]: the scheduler that leases due installments, and their collection.
 //! - [`wallet`]: deposits, withdrawals and card payments, applied per account in order.
 //! - [`notifier`]: delivers accounting events to the webhook (signed, retried).
 //! - [`workers`]: the one generic stream-consumer loop (claim, read, re-claim).
@@ -26,6 +27,7 @@
 
 // ApiError carries its problem+json body inline: built once per refused
 // request, its size does not matter, and boxing it would blur every handler.
+pub mod advances;
 #[allow(clippy::result_large_err)]
 pub mod api;
 pub mod app;

@@ -2,6 +2,7 @@
 //! the spec at `/openapi.yaml`, `/health` and `/ready`.
 
 mod accounts;
+mod advances;
 mod health;
 mod orders;
 pub mod problem;
@@ -51,6 +52,7 @@ type Apis = (
     transfers::TransfersApi,
     report::ReportApi,
     wallet::WalletApi,
+    advances::AdvancesApi,
 );
 
 fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
@@ -60,7 +62,8 @@ fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
             orders::OrdersApi(state.clone()),
             transfers::TransfersApi(state.clone()),
             report::ReportApi(state.clone()),
-            wallet::WalletApi(state),
+            wallet::WalletApi(state.clone()),
+            advances::AdvancesApi(state),
         ),
         "tally",
         env!("CARGO_PKG_VERSION"),

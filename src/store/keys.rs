@@ -102,3 +102,22 @@ pub fn wallet_scheduled(account: &AccountId) -> String {
 pub fn wallet_history(account: &AccountId) -> String {
     format!("tally:wallet:history:{account}")
 }
+
+/// Installments not yet due (sorted set: "advance_id:n" by due ms).
+pub const INSTALLMENTS_DUE: &str = "tally:installments:due";
+/// Installments leased to a worker (sorted set: "advance_id:n" by lease expiry ms).
+pub const INSTALLMENTS_LEASED: &str = "tally:installments:leased";
+/// Installment jobs (stream).
+pub const INSTALLMENTS_STREAM: &str = "tally:installments";
+/// Every advance by creation time (sorted set).
+pub const ADVANCES: &str = "tally:advances";
+
+/// An advance with its installments (hash: `i<n>:amount`, `i<n>:due`, `i<n>:status`, ...).
+pub fn advance(id: &str) -> String {
+    format!("tally:advance:{id}")
+}
+
+/// An account's advances by creation time (sorted set).
+pub fn account_advances(account: &AccountId) -> String {
+    format!("tally:account:{account}:advances")
+}

@@ -5,6 +5,7 @@
 //! after a Redis restart flushed the script cache).
 
 pub mod accounts;
+pub mod advances;
 pub mod journal;
 pub mod keys;
 pub mod orders;
@@ -144,6 +145,7 @@ impl Store {
             .chain(journal::scripts())
             .chain(transfers::scripts())
             .chain(wallet::scripts())
+            .chain(advances::scripts())
         {
             script.prepare_invoke().load_async(&mut conn).await?;
         }

@@ -146,8 +146,8 @@ pub async fn run_consumer<H: JobHandler>(
 
 /// Runs a worker process's consumers until `shutdown` turns true, each
 /// finishing the jobs in hand first: `consumers` each of settlement (against
-/// the HTTP exchange), wallet transactions and notifications, and the
-/// journal trim.
+/// the HTTP exchange), wallet transactions, installment collection and
+/// notifications, and the journal trim.
 pub async fn run_workers(
     store: Store,
     settings: &crate::config::WorkerSettings,
@@ -178,6 +178,7 @@ pub async fn run_workers(
         shutdown.clone(),
     ));
     let wallet = Arc::new(crate::wallet::WalletWorker::new(store.clone()));
+    let collector = Arc::new(crate::advances::Collector::new(store.clone()));
     let notifier = Arc::new(crate::notifier::Notifier::new(
         store.clone(),
         settings.notifier(),
@@ -215,6 +216,17 @@ pub async fn run_workers(
             store.clone(),
             wallet_consumer,
             wallet.clone(),
+            shutdown.clone(),
+        ));
+        let collect = consumer(
+            keys::INSTALLMENTS_STREAM,
+            crate::store::advances::COLLECT_GROUP,
+            "collect",
+        );
+        consumers.spawn(run_consumer(
+            store.clone(),
+            collect,
+            collector.clone(),
             shutdown.clone(),
         ));
         let notify = consumer(keys::EVENTS_STREAM, crate::notifier::NOTIFY_GROUP, "notify");

@@ -2,6 +2,7 @@
 //! redis-server and its own API on port 0.
 
 mod accounts;
+mod advances;
 mod concurrency;
 mod crashes;
 mod helpers;

@@ -1,0 +1,70 @@
+-- collect_installment: collect one leased installment of an advance, in one
+-- atomic step. If the balance covers it, debit it to @bank (journaled) and
+-- mark it paid; otherwise mark it failed and add its amount to the next
+-- installment, or to a new one a period after the last if it was the last.
+-- Either way emit the accounting event, drop the lease and acknowledge.
+--
+-- Without a lease (another delivery collected it already) nothing is
+-- written but the acknowledgement.
+--
+-- KEYS[1] the advance (hash)        KEYS[2] the customer's account (hash)
+-- KEYS[3] @bank account (hash)      KEYS[4] journal (stream)
+-- KEYS[5] journal index (sorted set)   KEYS[6] accounting events (stream)
+-- KEYS[7] leased installments (sorted set)   KEYS[8] due installments (sorted set)
+-- KEYS[9] installment jobs (stream)
+-- ARGV[1] "advance_id:n"   ARGV[2] n   ARGV[3] now, ms   ARGV[4] consumer group
+-- ARGV[5] the job's stream id   ARGV[6] @bank's id   ARGV[7] events stream length bound
+-- ARGV[8] worker name
+--
+-- Returns {"paid", amount} | {"failed", amount, carried_to_n} | {"skipped"}
+
+local function journal_index_member(id)
+  local dash = string.find(id, '-', 1, true)
+  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
+end
+
+redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
+if not redis.call('ZSCORE', KEYS[7], ARGV[1]) then
+  return {'skipped'}
+end
+local n = tonumber(ARGV[2])
+local prefix = 'i' .. n .. ':'
+local advance = redis.call('HMGET', KEYS[1], 'id', 'account_id', 'count', 'period_ms', prefix .. 'amount', prefix .. 'status', prefix .. 'due')
+local id, account_id, count, period, amount, status, due = advance[1], advance[2], tonumber(advance[3]), tonumber(advance[4]), advance[5], advance[6], advance[7]
+if status ~= 'scheduled' then
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  return {'skipped'}
+end
+redis.call('ZREM', KEYS[7], ARGV[1])
+local now = ARGV[3]
+
+if tonumber(redis.call('HGET', KEYS[2], 'balance')) >= tonumber(amount) then
+  redis.call('HINCRBY', KEYS[2], 'balance', '-' .. amount)
+  redis.call('HINCRBY', KEYS[3], 'balance', amount)
+  local entry = redis.call('XADD', KEYS[4], '*', 'at', now, 'kind', 'installment', 'debit', account_id,
+    'credit', ARGV[6], 'amount', amount, 'ref', ARGV[1], 'status', 'completed', 'reason', '')
+  redis.call('ZADD', KEYS[5], 0, journal_index_member(entry))
+  redis.call('HSET', KEYS[1], prefix .. 'status', 'paid', prefix .. 'paid_at', now)
+  redis.call('HINCRBY', KEYS[1], 'paid', amount)
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'type', 'installment.paid', 'ref', ARGV[1],
+    'account_id', account_id, 'amount', amount, 'at', now, 'worker', ARGV[8])
+  return {'paid', amount}
+end
+
+-- Not covered: carry the amount forward.
+local target = n + 1
+if n == count then
+  count = count + 1
+  redis.call('HSET', KEYS[1], 'count', count, 'i' .. target .. ':amount', '0',
+    'i' .. target .. ':due', string.format('%d', tonumber(due) + period), 'i' .. target .. ':status', 'scheduled')
+  redis.call('ZADD', KEYS[8], tonumber(due) + period, id .. ':' .. target)
+end
+redis.call('HINCRBY', KEYS[1], 'i' .. target .. ':amount', amount)
+redis.call('HSET', KEYS[1], prefix .. 'status', 'failed', prefix .. 'carried_to', target)
+local entry = redis.call('XADD', KEYS[4], '*', 'at', now, 'kind', 'installment', 'debit', account_id,
+  'credit', ARGV[6], 'amount', '0', 'requested', amount, 'ref', ARGV[1], 'status', 'failed',
+  'reason', 'insufficient funds; carried to installment ' .. target)
+redis.call('ZADD', KEYS[5], 0, journal_index_member(entry))
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'type', 'installment.failed', 'ref', ARGV[1],
+  'account_id', account_id, 'amount', amount, 'at', now, 'reason', 'insufficient funds', 'worker', ARGV[8])
+return {'failed', amount, tostring(target)}

@@ -1,0 +1,66 @@
+-- create_advance: lend a customer money from @bank and schedule its
+-- repayment in installments one period apart, in one atomic step. The
+-- installments sum exactly to the amount; the remainder goes on the last.
+--
+-- KEYS[1] the advance (hash)          KEYS[2] the customer's account (hash)
+-- KEYS[3] @bank account (hash)        KEYS[4] journal (stream)
+-- KEYS[5] journal index (sorted set)  KEYS[6] due installments (sorted set: "advance_id:n" by due ms)
+-- KEYS[7] all advances (sorted set)   KEYS[8] the account's advances (sorted set)
+-- KEYS[9] accounting events (stream)  KEYS[10] idempotency key; unused when ARGV[7] is ""
+-- ARGV[1] advance id   ARGV[2] account id   ARGV[3] amount, cents
+-- ARGV[4] installments   ARGV[5] period, ms   ARGV[6] now, ms
+-- ARGV[7] idempotency fingerprint or ""   ARGV[8] its ttl, seconds   ARGV[9] @bank's id
+-- ARGV[10] events stream length bound
+--
+-- Returns {"created", id} | {"replayed", id} | {"refused", "idempotency_conflict", id}
+--   | {"refused", "account_not_found"}
+
+local function journal_index_member(id)
+  local dash = string.find(id, '-', 1, true)
+  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
+end
+
+local fingerprint = ARGV[7]
+if fingerprint ~= '' then
+  local prior = redis.call('GET', KEYS[10])
+  if prior then
+    local space = string.find(prior, ' ', 1, true)
+    local prior_id = string.sub(prior, 1, space - 1)
+    if string.sub(prior, space + 1) == fingerprint then
+      return {'replayed', prior_id}
+    end
+    return {'refused', 'idempotency_conflict', prior_id}
+  end
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return {'refused', 'account_not_found'}
+end
+
+local id, account_id, amount, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[6])
+local count, period = tonumber(ARGV[4]), tonumber(ARGV[5])
+local base = math.floor(amount / count)
+redis.call('HSET', KEYS[1], 'id', id, 'account_id', account_id, 'amount', ARGV[3],
+  'count', count, 'period_ms', ARGV[5], 'created_at', ARGV[6], 'paid', 0)
+for n = 1, count do
+  local share = base
+  if n == count then
+    share = amount - base * (count - 1)
+  end
+  local due = now + n * period
+  redis.call('HSET', KEYS[1], 'i' .. n .. ':amount', string.format('%d', share),
+    'i' .. n .. ':due', string.format('%d', due), 'i' .. n .. ':status', 'scheduled')
+  redis.call('ZADD', KEYS[6], due, id .. ':' .. n)
+end
+redis.call('HINCRBY', KEYS[2], 'balance', ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'balance', '-' .. ARGV[3])
+local entry = redis.call('XADD', KEYS[4], '*', 'at', ARGV[6], 'kind', 'advance', 'debit', ARGV[9],
+  'credit', account_id, 'amount', ARGV[3], 'ref', id, 'status', 'completed', 'reason', '')
+redis.call('ZADD', KEYS[5], 0, journal_index_member(entry))
+redis.call('ZADD', KEYS[7], now, id)
+redis.call('ZADD', KEYS[8], now, id)
+redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], '*', 'type', 'advance.created', 'ref', id,
+  'account_id', account_id, 'amount', ARGV[3], 'at', ARGV[6])
+if fingerprint ~= '' then
+  redis.call('SET', KEYS[10], id .. ' ' .. fingerprint, 'EX', ARGV[8])
+end
+return {'created', id}

@@ -1,0 +1,170 @@
+//! Advances repaid in weekly installments: the scheduler that leases due
+//! installments, and the workers that collect them exactly once.
+//!
+//! An installment is in exactly one place: the due set (scheduled), the
+//! lease set (processing: handed to a worker until the lease expires), or
+//! recorded as paid or failed in its advance. The lease is the token: the
+//! collecting script removes it in the same step that pays, so a second
+//! delivery (a re-claimed job, an expired lease re-queued while the first
+//! worker was only slow) finds no lease and does nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::domain::AccountId;
+use crate::store::advances::{self, Collected};
+use crate::store::{Store, now_ms};
+use crate::workers::{Delivery, JobHandler};
+
+/// Where "now" comes from: the system clock, or a hand-moved one in tests.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+}
+
+/// A clock that moves only when told: tests step through weeks in an instant.
+#[derive(Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn starting_at(ms: i64) -> Self {
+        ManualClock(AtomicI64::new(ms))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(
+            i64::try_from(by.as_millis()).unwrap_or(i64::MAX),
+            Ordering::SeqCst,
+        );
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerSettings {
+    /// How long a worker holds an installment before it is handed to another.
+    pub lease: Duration,
+    /// How often the scheduler looks for due work.
+    pub interval: Duration,
+    /// Most installments leased per step.
+    pub batch_max: usize,
+}
+
+/// One scheduler step at the clock's now; returns (leased, re-leased).
+pub async fn schedule_once(
+    store: &Store,
+    clock: &dyn Clock,
+    settings: &SchedulerSettings,
+) -> anyhow::Result<(u64, u64)> {
+    let mut conn = store.conn().await?;
+    let lease_ms = u64::try_from(settings.lease.as_millis()).unwrap_or(u64::MAX);
+    Ok(advances::lease_due(&mut conn, clock.now_ms(), lease_ms, settings.batch_max).await?)
+}
+
+/// Runs the scheduler until shutdown. Any number may run at once.
+pub async fn run_scheduler(
+    store: Store,
+    clock: Arc<dyn Clock>,
+    settings: SchedulerSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tracing::info!(
+        lease_ms = settings.lease.as_millis() as u64,
+        "scheduler started"
+    );
+    loop {
+        match schedule_once(&store, clock.as_ref(), &settings).await {
+            Ok((0, 0)) => {}
+            Ok((leased, released)) => {
+                tracing::info!(leased, released, "installments handed to the collectors")
+            }
+            Err(err) => tracing::warn!(error = %err, "scheduling failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.interval) => {}
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+    tracing::info!("scheduler stopped");
+}
+
+/// Collects installments from the installments stream.
+pub struct Collector {
+    store: Store,
+}
+
+impl Collector {
+    pub fn new(store: Store) -> Self {
+        Collector { store }
+    }
+}
+
+impl JobHandler for Collector {
+    async fn handle(&self, worker: &str, delivery: Delivery) -> anyhow::Result<()> {
+        let member = delivery
+            .fields
+            .get("installment")
+            .cloned()
+            .unwrap_or_default();
+        let (advance_id, n) = member
+            .rsplit_once(':')
+            .and_then(|(id, n)| Some((id.to_owned(), n.parse::<u32>().ok()?)))
+            .ok_or_else(|| {
+                anyhow::anyhow!("installment job {} is malformed", delivery.stream_id)
+            })?;
+        let span =
+            tracing::info_span!("collect", worker, advance_id = %advance_id, installment = n);
+        async {
+            let mut conn = self.store.conn().await?;
+            let advance = advances::get(&mut conn, &advance_id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("advance {advance_id} not found"))?;
+            let account: AccountId = advance.account_id.clone();
+            match advances::collect(
+                &mut conn,
+                &advance_id,
+                &account,
+                n,
+                &delivery.stream_id,
+                worker,
+            )
+            .await?
+            {
+                Collected::Paid(cents) => {
+                    let remaining = advance.amount_cents - advance.paid_cents() - cents;
+                    tracing::info!(cents, remaining_cents = remaining, "installment paid");
+                    if remaining == 0 {
+                        tracing::info!(account_id = %account, "advance fully repaid");
+                    }
+                }
+                Collected::Failed { amount, carried_to } => {
+                    tracing::warn!(
+                        cents = amount,
+                        carried_to,
+                        "installment failed: insufficient funds; carried forward"
+                    )
+                }
+                Collected::Skipped => tracing::info!("no lease: collected by another delivery"),
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+}

@@ -1,0 +1,236 @@
+//! `/advances`: money lent from @bank, repaid in 12 installments one period
+//! apart; and `/audit`, the ledger's invariants with every advance reconciled.
+
+use std::sync::Arc;
+
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi};
+
+use super::problem::ApiError;
+use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
+use crate::domain::{AccountId, Amount, Idempotency, format_units};
+use crate::store::advances::{self, Advance, AdvanceError, NewAdvance};
+use crate::store::now_ms;
+
+pub struct AdvancesApi(pub Arc<AppState>);
+
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+struct NewAdvanceRequest {
+    account_id: AccountId,
+    /// USD lent, greater than zero.
+    amount: Amount,
+}
+
+#[derive(Debug, Object)]
+struct InstallmentView {
+    /// From 1.
+    number: u32,
+    amount: String,
+    due_at: String,
+    /// `scheduled`, `processing`, `paid` or `failed` (its amount moved to the next one).
+    status: String,
+}
+
+#[derive(Debug, Object)]
+struct AdvanceView {
+    id: String,
+    account_id: String,
+    amount: String,
+    created_at: String,
+    installments: Vec<InstallmentView>,
+    paid: String,
+    scheduled: String,
+    processing: String,
+    /// paid + scheduled + processing equals the amount.
+    reconciled: bool,
+}
+
+impl From<Advance> for AdvanceView {
+    fn from(advance: Advance) -> Self {
+        let usd = |cents: i64| format_units(cents, 2);
+        AdvanceView {
+            id: advance.id.clone(),
+            account_id: advance.account_id.to_string(),
+            amount: usd(advance.amount_cents),
+            created_at: rfc3339(advance.created_at_ms),
+            paid: usd(advance.paid_cents()),
+            scheduled: usd(advance.scheduled_cents()),
+            processing: usd(advance.processing_cents()),
+            reconciled: advance.reconciles(),
+            installments: advance
+                .installments
+                .into_iter()
+                .map(|installment| InstallmentView {
+                    number: installment.n,
+                    amount: usd(installment.amount_cents),
+                    due_at: rfc3339(installment.due_ms),
+                    status: installment.status,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+struct AuditView {
+    clean: bool,
+    balances_sum: String,
+    accounts_checked: u64,
+    journal_entries: u64,
+    mismatched_accounts: Vec<String>,
+    advances_checked: u64,
+    unreconciled_advances: Vec<String>,
+    /// The report as `tally audit` prints it.
+    report: String,
+}
+
+#[derive(ApiResponse)]
+enum CreatedResponse {
+    #[oai(status = 201)]
+    Created(
+        Json<AdvanceView>,
+        #[oai(header = "Idempotent-Replayed")] Option<bool>,
+    ),
+}
+
+#[derive(ApiResponse)]
+enum AdvanceResponse {
+    #[oai(status = 200)]
+    Ok(Json<AdvanceView>),
+}
+
+#[derive(ApiResponse)]
+enum AdvanceListResponse {
+    #[oai(status = 200)]
+    Ok(Json<Vec<AdvanceView>>),
+}
+
+#[derive(ApiResponse)]
+enum AuditResponse {
+    #[oai(status = 200)]
+    Ok(Json<AuditView>),
+}
+
+impl AdvancesApi {
+    async fn view(&self, id: &str) -> Result<AdvanceView, ApiError> {
+        let mut conn = self.0.store.conn().await?;
+        let advance = advances::get(&mut conn, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("advance {id} not found")))?;
+        Ok(advance.into())
+    }
+}
+
+#[OpenApi(tag = "ApiTags::Accounts")]
+impl AdvancesApi {
+    /// Lend a customer money from @bank, repaid in 12 installments one period
+    /// apart (the remainder on the last). A failed installment's amount moves
+    /// to the next one, or to a new one a period after the last.
+    #[oai(path = "/advances", method = "post")]
+    async fn create(
+        &self,
+        body: Json<NewAdvanceRequest>,
+        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+    ) -> Result<CreatedResponse, ApiError> {
+        let Json(request) = body;
+        if request.amount.is_zero() {
+            return Err(ApiError::bad_request(
+                "invalid-amount",
+                "amount must be greater than zero",
+            ));
+        }
+        if request.account_id.is_system() {
+            return Err(ApiError::bad_request(
+                "system-account",
+                "advances are for customer accounts",
+            ));
+        }
+        let cents = request.amount.cents().to_string();
+        let idempotency = idempotency_key(key.0)?
+            .map(|key| Idempotency::new(key, &[request.account_id.as_str(), &cents]));
+        let advance = NewAdvance {
+            id: uuid::Uuid::now_v7().to_string(),
+            account_id: request.account_id,
+            amount: request.amount,
+            period_ms: u64::try_from(self.0.ledger.advance_period.as_millis()).unwrap_or(u64::MAX),
+            now_ms: now_ms(),
+            idempotency,
+            idempotency_ttl_secs: self.0.api.idempotency_ttl_secs,
+        };
+        let mut conn = self.0.store.conn().await?;
+        let (id, replayed) = match advances::create(&mut conn, &advance).await {
+            Ok(created) => created,
+            Err(AdvanceError::AccountNotFound) => {
+                return Err(ApiError::unprocessable(
+                    "account-not-found",
+                    format!("account {} not found", advance.account_id),
+                ));
+            }
+            Err(AdvanceError::IdempotencyConflict(id)) => {
+                return Err(ApiError::conflict(
+                    "idempotency-conflict",
+                    format!("this Idempotency-Key made advance {id} with another request"),
+                ));
+            }
+            Err(AdvanceError::Store(err)) => return Err(err.into()),
+        };
+        Ok(CreatedResponse::Created(
+            Json(self.view(&id).await?),
+            replayed.then_some(true),
+        ))
+    }
+
+    /// One advance: its installments and the reconciliation figures.
+    #[oai(path = "/advances/:id", method = "get")]
+    async fn get(&self, id: Path<String>) -> Result<AdvanceResponse, ApiError> {
+        if uuid::Uuid::try_parse(&id.0).is_err() {
+            return Err(ApiError::bad_request(
+                "invalid-advance-id",
+                "the advance id is not a UUID",
+            ));
+        }
+        Ok(AdvanceResponse::Ok(Json(self.view(&id.0).await?)))
+    }
+
+    /// An account's advances, oldest first.
+    #[oai(path = "/accounts/:id/advances", method = "get")]
+    async fn list(
+        &self,
+        id: Path<String>,
+        limit: Query<Option<u32>>,
+    ) -> Result<AdvanceListResponse, ApiError> {
+        let account = AccountId::parse(&id.0)
+            .map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
+        let limit = page_size(limit.0, &self.0.api)?;
+        let mut conn = self.0.store.conn().await?;
+        let ids = advances::ids(&mut conn, Some(&account), 0, limit).await?;
+        drop(conn);
+        let mut views = Vec::with_capacity(ids.len());
+        for id in ids {
+            views.push(self.view(&id).await?);
+        }
+        Ok(AdvanceListResponse::Ok(Json(views)))
+    }
+
+    /// The ledger's invariants, as `tally audit` checks them, with every advance reconciled.
+    #[oai(path = "/audit", method = "get")]
+    async fn audit(&self) -> Result<AuditResponse, ApiError> {
+        let report = crate::audit::run(&self.0.store).await?;
+        Ok(AuditResponse::Ok(Json(AuditView {
+            clean: report.is_clean(),
+            balances_sum: format_units(report.balances_sum_cents, 2),
+            accounts_checked: report.accounts_checked as u64,
+            journal_entries: report.journal_entries,
+            mismatched_accounts: report
+                .mismatched_accounts
+                .iter()
+                .map(|(id, _, _)| id.to_string())
+                .collect(),
+            advances_checked: report.advances_checked as u64,
+            unreconciled_advances: report.unreconciled_advances.clone(),
+            report: report.to_string(),
+        })))
+    }
+}

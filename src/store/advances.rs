@@ -1,0 +1,271 @@
+//! Advances and their installments: creation, the scheduler's leases, and
+//! collection.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
+use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
+use crate::store::settlement::EVENTS_STREAM_LENGTH_MAX;
+
+static CREATE_ADVANCE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/create_advance.lua")));
+static LEASE_DUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/lease_due_installments.lua")));
+static COLLECT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/collect_installment.lua")));
+
+pub fn scripts() -> [&'static Script; 3] {
+    [&CREATE_ADVANCE, &LEASE_DUE, &COLLECT]
+}
+
+/// The consumer group of the installment collectors.
+pub const COLLECT_GROUP: &str = "collectors";
+/// Installments per advance.
+pub const INSTALLMENTS: u32 = 12;
+
+pub struct NewAdvance {
+    pub id: String,
+    pub account_id: AccountId,
+    pub amount: Amount,
+    pub period_ms: u64,
+    pub now_ms: i64,
+    pub idempotency: Option<Idempotency>,
+    pub idempotency_ttl_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdvanceError {
+    #[error("account not found")]
+    AccountNotFound,
+    #[error("the Idempotency-Key was used for another request (advance {0})")]
+    IdempotencyConflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Creates the advance; returns its id and whether this was a replay.
+pub async fn create(
+    conn: &mut impl Conn,
+    advance: &NewAdvance,
+) -> Result<(String, bool), AdvanceError> {
+    let (idempotency_key, fingerprint) = match &advance.idempotency {
+        Some(idem) => (
+            keys::idempotency("advances", idem.key.as_str()),
+            idem.fingerprint.as_str(),
+        ),
+        None => (keys::idempotency("advances", "-"), ""),
+    };
+    let reply: Vec<String> = CREATE_ADVANCE
+        .key(keys::advance(&advance.id))
+        .key(keys::account(&advance.account_id))
+        .key(keys::account(&SystemAccount::Bank.id()))
+        .key(keys::JOURNAL)
+        .key(keys::JOURNAL_INDEX)
+        .key(keys::INSTALLMENTS_DUE)
+        .key(keys::ADVANCES)
+        .key(keys::account_advances(&advance.account_id))
+        .key(keys::EVENTS_STREAM)
+        .key(idempotency_key)
+        .arg(&advance.id)
+        .arg(advance.account_id.as_str())
+        .arg(advance.amount.cents())
+        .arg(INSTALLMENTS)
+        .arg(advance.period_ms)
+        .arg(advance.now_ms)
+        .arg(fingerprint)
+        .arg(advance.idempotency_ttl_secs)
+        .arg(SystemAccount::Bank.id().as_str())
+        .arg(EVENTS_STREAM_LENGTH_MAX)
+        .invoke_async(conn)
+        .await
+        .map_err(StoreError::from)?;
+    let word = |i: usize| reply.get(i).cloned().unwrap_or_default();
+    match (verdict(&reply), word(1).as_str()) {
+        ("created", _) => Ok((word(1), false)),
+        ("replayed", _) => Ok((word(1), true)),
+        ("refused", "account_not_found") => Err(AdvanceError::AccountNotFound),
+        ("refused", "idempotency_conflict") => Err(AdvanceError::IdempotencyConflict(word(2))),
+        _ => Err(StoreError::UnexpectedReply(reply).into()),
+    }
+}
+
+/// The scheduler's step: lease what is due at `now_ms`, re-lease what expired.
+/// Returns (leased, re-leased).
+pub async fn lease_due(
+    conn: &mut impl Conn,
+    now_ms: i64,
+    lease_ms: u64,
+    limit: usize,
+) -> StoreResult<(u64, u64)> {
+    let moved: (u64, u64) = LEASE_DUE
+        .key(keys::INSTALLMENTS_DUE)
+        .key(keys::INSTALLMENTS_LEASED)
+        .key(keys::INSTALLMENTS_STREAM)
+        .arg(now_ms)
+        .arg(lease_ms)
+        .arg(limit)
+        .invoke_async(conn)
+        .await?;
+    Ok(moved)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Collected {
+    Paid(i64),
+    /// Not covered: the amount moved to installment `carried_to`.
+    Failed {
+        amount: i64,
+        carried_to: u32,
+    },
+    /// No lease: another delivery collected it.
+    Skipped,
+}
+
+pub async fn collect(
+    conn: &mut impl Conn,
+    advance_id: &str,
+    account: &AccountId,
+    n: u32,
+    stream_id: &str,
+    worker: &str,
+) -> StoreResult<Collected> {
+    let reply: Vec<String> = COLLECT
+        .key(keys::advance(advance_id))
+        .key(keys::account(account))
+        .key(keys::account(&SystemAccount::Bank.id()))
+        .key(keys::JOURNAL)
+        .key(keys::JOURNAL_INDEX)
+        .key(keys::EVENTS_STREAM)
+        .key(keys::INSTALLMENTS_LEASED)
+        .key(keys::INSTALLMENTS_DUE)
+        .key(keys::INSTALLMENTS_STREAM)
+        .arg(format!("{advance_id}:{n}"))
+        .arg(n)
+        .arg(super::now_ms())
+        .arg(COLLECT_GROUP)
+        .arg(stream_id)
+        .arg(SystemAccount::Bank.id().as_str())
+        .arg(EVENTS_STREAM_LENGTH_MAX)
+        .arg(worker)
+        .invoke_async(conn)
+        .await?;
+    let number = |i: usize| reply.get(i).and_then(|word| word.parse::<i64>().ok());
+    match verdict(&reply) {
+        "paid" => number(1).map(Collected::Paid),
+        "failed" => number(1)
+            .zip(number(2))
+            .map(|(amount, to)| Collected::Failed {
+                amount,
+                carried_to: to as u32,
+            }),
+        "skipped" => Some(Collected::Skipped),
+        _ => None,
+    }
+    .ok_or_else(|| StoreError::UnexpectedReply(reply.clone()))
+}
+
+#[derive(Debug, Clone)]
+pub struct Installment {
+    pub n: u32,
+    pub amount_cents: i64,
+    pub due_ms: i64,
+    /// `scheduled`, `processing` (leased to a worker), `paid` or `failed`.
+    pub status: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Advance {
+    pub id: String,
+    pub account_id: AccountId,
+    pub amount_cents: i64,
+    pub created_at_ms: i64,
+    pub installments: Vec<Installment>,
+}
+
+impl Advance {
+    fn sum(&self, status: &str) -> i64 {
+        self.installments
+            .iter()
+            .filter(|i| i.status == status)
+            .map(|i| i.amount_cents)
+            .sum()
+    }
+
+    pub fn paid_cents(&self) -> i64 {
+        self.sum("paid")
+    }
+
+    pub fn scheduled_cents(&self) -> i64 {
+        self.sum("scheduled")
+    }
+
+    pub fn processing_cents(&self) -> i64 {
+        self.sum("processing")
+    }
+
+    /// Reconciliation: paid + scheduled + processing equals the amount.
+    pub fn reconciles(&self) -> bool {
+        self.paid_cents() + self.scheduled_cents() + self.processing_cents() == self.amount_cents
+    }
+}
+
+/// Most installments an advance can grow to (12 plus one per failed last one).
+pub const INSTALLMENTS_MAX: u32 = 1_000;
+
+pub async fn get(conn: &mut impl Conn, id: &str) -> StoreResult<Option<Advance>> {
+    let key = keys::advance(id);
+    let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+    let Some(record) = Record::new(key, fields) else {
+        return Ok(None);
+    };
+    let count = u32::try_from(record.integer("count")?)
+        .unwrap_or(0)
+        .min(INSTALLMENTS_MAX);
+    let mut pipe = redis::pipe();
+    for n in 1..=count {
+        pipe.cmd("ZSCORE")
+            .arg(keys::INSTALLMENTS_LEASED)
+            .arg(format!("{id}:{n}"));
+    }
+    let leased: Vec<Option<String>> = pipe.query_async(conn).await?;
+    let mut installments = Vec::with_capacity(count as usize);
+    for (n, lease) in (1..=count).zip(leased) {
+        let status = record.text(&format!("i{n}:status"))?;
+        let status = if status == "scheduled" && lease.is_some() {
+            "processing"
+        } else {
+            status
+        };
+        installments.push(Installment {
+            n,
+            amount_cents: record.integer(&format!("i{n}:amount"))?,
+            due_ms: record.integer(&format!("i{n}:due"))?,
+            status: status.to_owned(),
+        });
+    }
+    Ok(Some(Advance {
+        id: id.to_owned(),
+        account_id: record.parsed("account_id", AccountId::parse)?,
+        amount_cents: record.integer("amount")?,
+        created_at_ms: record.integer("created_at")?,
+        installments,
+    }))
+}
+
+/// Advance ids, oldest first: all of them, or one account's.
+pub async fn ids(
+    conn: &mut impl Conn,
+    account: Option<&AccountId>,
+    offset: usize,
+    limit: usize,
+) -> StoreResult<Vec<String>> {
+    let key = account.map_or_else(|| keys::ADVANCES.to_owned(), keys::account_advances);
+    Ok(redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(offset)
+        .arg(offset + limit - 1)
+        .query_async(conn)
+        .await?)
+}

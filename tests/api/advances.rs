@@ -1,0 +1,384 @@
+//! Advances: 12 installments, collected exactly once under leases, failures
+//! carried forward, reconciliation. Time moves by hand: no test sleeps a week.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tally::advances::{Clock, ManualClock, SchedulerSettings, run_scheduler, schedule_once};
+use tally::exchange::sim::Faults;
+use tally::store::keys;
+use tokio::sync::watch;
+
+use crate::helpers::{
+    TestApp, eventually, spawn_app, spawn_app_with, spawn_exchange, spawn_workers,
+    test_worker_settings,
+};
+
+const WEEK: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+fn scheduler_settings() -> SchedulerSettings {
+    SchedulerSettings {
+        lease: Duration::from_secs(30),
+        interval: Duration::from_millis(20),
+        batch_max: 500,
+    }
+}
+
+async fn create_advance(app: &TestApp, account: &str, amount: &str) -> Value {
+    let response = app
+        .post(
+            "/api/v1/advances",
+            &json!({"account_id": account, "amount": amount}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    response.json().await.unwrap()
+}
+
+async fn advance(app: &TestApp, id: &str) -> Value {
+    app.get_json(&format!("/api/v1/advances/{id}")).await
+}
+
+fn statuses(advance: &Value) -> Vec<String> {
+    advance["installments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["status"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Moves the clock one period, runs the scheduler once, and waits until
+/// installment `n` is no longer scheduled or processing.
+async fn step(app: &TestApp, clock: &ManualClock, period: Duration, id: &str, n: usize) -> Value {
+    clock.advance(period);
+    schedule_once(&app.store, clock, &scheduler_settings())
+        .await
+        .unwrap();
+    eventually("the installment is collected", || async {
+        let status = &statuses(&advance(app, id).await)[n - 1];
+        status == "paid" || status == "failed"
+    })
+    .await;
+    let advance = advance(app, id).await;
+    assert_eq!(advance["reconciled"], true, "{advance}");
+    advance
+}
+
+async fn bank(app: &TestApp, account: &str, amount: &str, direction: &str) {
+    let body =
+        json!({"account_id": account, "amount": amount, "direction": direction, "reason": "test"});
+    assert_eq!(
+        app.post("/api/v1/bank-transactions", &body).await.status(),
+        201
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_advance_is_repaid_in_twelve_weekly_installments() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let account = app.create_account("borrower", "0").await;
+    let created = create_advance(&app, &account, "1200.00").await;
+    let clock = ManualClock::starting_at(tally::store::now_ms());
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(app.balance(&account).await, "1200.00");
+    assert!(
+        created["installments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["amount"] == "100.00" && i["status"] == "scheduled")
+    );
+
+    // Nothing is due before its time.
+    let early = ManualClock::starting_at(clock.now_ms() + 7 * 24 * 60 * 60 * 1000 - 1000);
+    assert_eq!(
+        schedule_once(&app.store, &early, &scheduler_settings())
+            .await
+            .unwrap(),
+        (0, 0)
+    );
+    for n in 1..=12 {
+        let advance = step(&app, &clock, WEEK, &id, n).await;
+        let statuses = statuses(&advance);
+        assert!(
+            statuses[..n].iter().all(|s| s == "paid")
+                && statuses[n..].iter().all(|s| s == "scheduled"),
+            "{statuses:?}"
+        );
+    }
+    let repaid = advance(&app, &id).await;
+    assert_eq!(
+        (repaid["paid"].as_str(), repaid["scheduled"].as_str()),
+        (Some("1200.00"), Some("0.00"))
+    );
+    assert_eq!(app.balance(&account).await, "0.00", "back where it started");
+    let audit = app.get_json("/api/v1/audit").await;
+    assert_eq!(audit["clean"], true, "{}", audit["report"]);
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_installments_carry_forward_and_a_failed_last_one_makes_a_thirteenth() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let account = app.create_account("short", "0").await;
+    let id = create_advance(&app, &account, "1200.00").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let clock = ManualClock::starting_at(tally::store::now_ms());
+    step(&app, &clock, WEEK, &id, 1).await;
+    step(&app, &clock, WEEK, &id, 2).await;
+    bank(&app, &account, "1000.00", "debit").await; // spent: nothing left
+    let third = step(&app, &clock, WEEK, &id, 3).await;
+    assert_eq!(third["installments"][2]["status"], "failed");
+    assert_eq!(third["installments"][3]["amount"], "200.00");
+    let fourth = step(&app, &clock, WEEK, &id, 4).await;
+    assert_eq!(fourth["installments"][3]["status"], "failed");
+    assert_eq!(
+        fourth["installments"][4]["amount"], "300.00",
+        "installment 5 carries 3 and 4"
+    );
+    bank(&app, &account, "2000.00", "credit").await;
+    let fifth = step(&app, &clock, WEEK, &id, 5).await;
+    assert_eq!(fifth["installments"][4]["status"], "paid");
+    for n in 6..=11 {
+        step(&app, &clock, WEEK, &id, n).await;
+    }
+    let balance = app.balance(&account).await;
+    bank(&app, &account, &balance, "debit").await; // the last one cannot be paid
+    let twelfth = step(&app, &clock, WEEK, &id, 12).await;
+    assert_eq!(twelfth["installments"][11]["status"], "failed");
+    assert_eq!(twelfth["installments"].as_array().unwrap().len(), 13);
+    assert_eq!(twelfth["installments"][12]["amount"], "100.00");
+    assert_eq!(
+        (twelfth["paid"].as_str(), twelfth["scheduled"].as_str()),
+        (Some("1100.00"), Some("100.00"))
+    );
+    bank(&app, &account, "100.00", "credit").await;
+    let thirteenth = step(&app, &clock, WEEK, &id, 13).await;
+    assert_eq!(thirteenth["paid"], "1200.00");
+    let audit = app.get_json("/api/v1/audit").await;
+    assert_eq!(audit["clean"], true, "{}", audit["report"]);
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_amount_not_divisible_by_twelve_is_split_exactly() {
+    let app = spawn_app().await;
+    let account = app.create_account("odd", "0").await;
+    let created = create_advance(&app, &account, "1000.00").await;
+    let amounts: Vec<&str> = created["installments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["amount"].as_str().unwrap())
+        .collect();
+    assert_eq!(amounts[..11], ["83.33"; 11]);
+    assert_eq!(amounts[11], "83.37");
+    let cents: i64 = amounts
+        .iter()
+        .map(|a| tally::domain::Amount::parse(a).unwrap().cents())
+        .sum();
+    assert_eq!(cents, 100_000);
+    assert_eq!(created["scheduled"], "1000.00");
+    let listed = app
+        .get_json(&format!("/api/v1/accounts/{account}/advances"))
+        .await;
+    assert_eq!(listed[0]["id"], created["id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_schedulers_and_three_workers_collect_every_installment_once() {
+    let app =
+        spawn_app_with(|settings| settings.ledger.advance_period = Duration::from_secs(1)).await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let workers = spawn_workers(
+        &app,
+        tally::config::WorkerSettings {
+            consumers: 3,
+            ..test_worker_settings(&exchange)
+        },
+    );
+    let clock = Arc::new(ManualClock::starting_at(tally::store::now_ms()));
+    let (stop, stopped) = watch::channel(false);
+    for _ in 0..2 {
+        let clock: Arc<dyn Clock> = clock.clone();
+        tokio::spawn(run_scheduler(
+            app.store.clone(),
+            clock,
+            scheduler_settings(),
+            stopped.clone(),
+        ));
+    }
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let account = app.create_account(&format!("a{i}"), "0").await;
+        ids.push(
+            create_advance(&app, &account, "120.00").await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    for _ in 0..13 {
+        clock.advance(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(60)).await; // a few scheduler rounds
+    }
+    eventually("every installment is collected", || async {
+        let journal = app.journal().await;
+        journal
+            .iter()
+            .filter(|entry| entry["kind"] == "installment")
+            .count()
+            >= 600
+    })
+    .await;
+    let _ = stop.send(true);
+    let journal = app.journal().await;
+    let mut collections: BTreeMap<&str, usize> = BTreeMap::new();
+    for entry in journal
+        .iter()
+        .filter(|entry| entry["kind"] == "installment")
+    {
+        *collections.entry(entry["ref"].as_str()).or_default() += 1;
+    }
+    assert_eq!(collections.len(), 600, "50 advances x 12 installments");
+    assert!(
+        collections.values().all(|count| *count == 1),
+        "each collected once"
+    );
+    for id in &ids {
+        assert_eq!(advance(&app, id).await["paid"], "120.00");
+    }
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(
+        report.is_clean() && report.advances_checked == 50,
+        "{report}"
+    );
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let account = app.create_account("lease", "0").await;
+    let id = create_advance(&app, &account, "120.00").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let clock = ManualClock::starting_at(tally::store::now_ms());
+    clock.advance(WEEK);
+    assert_eq!(
+        schedule_once(&app.store, &clock, &scheduler_settings())
+            .await
+            .unwrap(),
+        (1, 0)
+    );
+
+    // A worker takes the job and dies holding the lease: it never acknowledges.
+    let mut conn = app.redis().await;
+    tally::workers::ensure_group(
+        &mut conn,
+        keys::INSTALLMENTS_STREAM,
+        tally::store::advances::COLLECT_GROUP,
+    )
+    .await
+    .unwrap();
+    let taken: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(tally::store::advances::COLLECT_GROUP)
+        .arg("doomed")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(keys::INSTALLMENTS_STREAM)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(taken.keys[0].ids.len(), 1);
+    assert_eq!(statuses(&advance(&app, &id).await)[0], "processing");
+
+    // Within the lease nothing is handed out again; after it, the installment is.
+    clock.advance(Duration::from_secs(29));
+    assert_eq!(
+        schedule_once(&app.store, &clock, &scheduler_settings())
+            .await
+            .unwrap(),
+        (0, 0)
+    );
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(
+        schedule_once(&app.store, &clock, &scheduler_settings())
+            .await
+            .unwrap(),
+        (0, 1)
+    );
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    eventually("the installment is paid", || async {
+        statuses(&advance(&app, &id).await)[0] == "paid"
+    })
+    .await;
+    // The dead worker's delivery is taken over too (after claim_idle_ms) and finds no lease.
+    eventually("both deliveries are acknowledged", || async {
+        let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+            .arg(keys::INSTALLMENTS_STREAM)
+            .arg(tally::store::advances::COLLECT_GROUP)
+            .query_async(&mut app.redis().await)
+            .await
+            .unwrap();
+        pending.count() == 0
+    })
+    .await;
+    let collections = app
+        .journal()
+        .await
+        .iter()
+        .filter(|entry| entry["kind"] == "installment")
+        .count();
+    assert_eq!(collections, 1);
+    assert_eq!(app.balance(&account).await, "110.00");
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_advances_are_refused_and_write_nothing() {
+    let app = spawn_app().await;
+    let account = app.create_account("b", "0").await;
+    let before = app.snapshot().await;
+    for (body, status, detail) in [
+        (
+            json!({"account_id": account, "amount": "0"}),
+            400,
+            "greater than zero",
+        ),
+        (
+            json!({"account_id": account, "amount": "-1"}),
+            400,
+            "negative",
+        ),
+        (
+            json!({"account_id": "@bank", "amount": "1"}),
+            400,
+            "customer accounts",
+        ),
+        (
+            json!({"account_id": "01900000-0000-7000-8000-000000000000", "amount": "1"}),
+            422,
+            "not found",
+        ),
+    ] {
+        crate::helpers::assert_problem(app.post("/api/v1/advances", &body).await, status, detail)
+            .await;
+    }
+    crate::helpers::assert_problem(app.get("/api/v1/advances/nope").await, 400, "UUID").await;
+    assert_eq!(app.snapshot().await, before);
+}
