@@ -106,6 +106,10 @@ impl Drop for Dev {
 }
 
 async fn spawn_dev() -> Dev {
+    spawn_dev_with(&[], Stdio::null()).await
+}
+
+async fn spawn_dev_with(env: &[(&str, &str)], stderr: Stdio) -> Dev {
     let data_dir = tempfile::tempdir().unwrap();
     let (api_port, redis_port, sim_port) = (free_port(), free_port(), free_port());
     let process = Command::new(TALLY)
@@ -116,8 +120,9 @@ async fn spawn_dev() -> Dev {
         .arg(data_dir.path())
         .env_remove("TALLY_REDIS_URL")
         .env_remove("TALLY_EXCHANGE_URL")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let dev = Dev {
@@ -211,4 +216,50 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_with_a_two_second_period_logs_a_full_repayment() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let dev = spawn_dev_with(
+        &[
+            ("TALLY_ADVANCE_PERIOD", "2s"),
+            ("TALLY_SCHEDULER_INTERVAL_MS", "100"),
+            ("TALLY_LOG_FORMAT", "json"),
+        ],
+        Stdio::from(log.reopen().unwrap()),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let account: serde_json::Value = client
+        .post(format!("{}/api/v1/accounts", dev.base))
+        .json(&json!({"name": "demo", "balance": "10.00"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let response = client
+        .post(format!("{}/api/v1/advances", dev.base))
+        .json(&json!({"account_id": account["id"], "amount": "120.00"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let started = std::time::Instant::now();
+    // 12 periods of 2 s: about 24 s, bounded at 40.
+    while started.elapsed() < Duration::from_secs(40) {
+        let logged = std::fs::read_to_string(log.path()).unwrap();
+        if logged.contains("advance fully repaid") {
+            assert_eq!(
+                logged.matches("installment paid").count(),
+                12,
+                "one log line per collection"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("no full repayment in the logs within 40 s");
 }
