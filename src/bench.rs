@@ -183,13 +183,15 @@ impl Rig {
             .await?)
     }
 
-    /// Batches settled so far: one `batch.settled` event each.
+    /// Batches settled so far, as `finish_batch.lua` counts them.
     async fn settled_count(&self) -> anyhow::Result<u64> {
         let mut conn = self.store.conn().await?;
-        Ok(redis::cmd("XLEN")
-            .arg(keys::EVENTS_STREAM)
+        let settled: Option<u64> = redis::cmd("HGET")
+            .arg(keys::STATS)
+            .arg("batches_settled")
             .query_async(&mut conn)
-            .await?)
+            .await?;
+        Ok(settled.unwrap_or(0))
     }
 
     async fn wait_until_settled(&self) -> anyhow::Result<Duration> {
