@@ -15,11 +15,6 @@
 --
 -- Returns {"completed"} | {"rejected", reason} | {"skipped"} (not the head any more)
 
-local function journal_index_member(id)
-  local dash = string.find(id, '-', 1, true)
-  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
-end
-
 local id, account_id, counterpart, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('LINDEX', KEYS[1], 0) ~= id then
   return {'skipped'}
@@ -46,10 +41,9 @@ redis.call('LPOP', KEYS[1])
 local applied = redis.call('HINCRBY', KEYS[3], 'wallet_applied', 1)
 redis.call('HSET', KEYS[2], 'status', status, 'reason', reason, 'applied_at', now,
   'applied_seq', applied, 'worker', ARGV[5])
-local entry = redis.call('XADD', KEYS[5], '*', 'at', now, 'kind', kind, 'debit', debit,
+journal(KEYS[5], KEYS[6], 'at', now, 'kind', kind, 'debit', debit,
   'credit', credit, 'amount', moved, 'requested', amount, 'ref', id,
   'status', reason == '' and 'completed' or 'failed', 'reason', reason)
-redis.call('ZADD', KEYS[6], 0, journal_index_member(entry))
 redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 'type', kind .. '.' .. status,
   'ref', id, 'account_id', account_id, 'amount', moved, 'at', now, 'reason', reason)
 if reason ~= '' then

@@ -18,11 +18,6 @@
 --
 -- Returns {"paid", amount} | {"failed", amount, carried_to_n} | {"skipped"}
 
-local function journal_index_member(id)
-  local dash = string.find(id, '-', 1, true)
-  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
-end
-
 redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
 if not redis.call('ZSCORE', KEYS[7], ARGV[1]) then
   return {'skipped'}
@@ -41,9 +36,8 @@ local now = ARGV[3]
 if tonumber(redis.call('HGET', KEYS[2], 'balance')) >= tonumber(amount) then
   redis.call('HINCRBY', KEYS[2], 'balance', '-' .. amount)
   redis.call('HINCRBY', KEYS[3], 'balance', amount)
-  local entry = redis.call('XADD', KEYS[4], '*', 'at', now, 'kind', 'installment', 'debit', account_id,
+  journal(KEYS[4], KEYS[5], 'at', now, 'kind', 'installment', 'debit', account_id,
     'credit', ARGV[6], 'amount', amount, 'ref', ARGV[1], 'status', 'completed', 'reason', '')
-  redis.call('ZADD', KEYS[5], 0, journal_index_member(entry))
   redis.call('HSET', KEYS[1], prefix .. 'status', 'paid', prefix .. 'paid_at', now)
   redis.call('HINCRBY', KEYS[1], 'paid', amount)
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'type', 'installment.paid', 'ref', ARGV[1],
@@ -61,10 +55,9 @@ if n == count then
 end
 redis.call('HINCRBY', KEYS[1], 'i' .. target .. ':amount', amount)
 redis.call('HSET', KEYS[1], prefix .. 'status', 'failed', prefix .. 'carried_to', target)
-local entry = redis.call('XADD', KEYS[4], '*', 'at', now, 'kind', 'installment', 'debit', account_id,
+journal(KEYS[4], KEYS[5], 'at', now, 'kind', 'installment', 'debit', account_id,
   'credit', ARGV[6], 'amount', '0', 'requested', amount, 'ref', ARGV[1], 'status', 'failed',
   'reason', 'insufficient funds; carried to installment ' .. target)
-redis.call('ZADD', KEYS[5], 0, journal_index_member(entry))
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'type', 'installment.failed', 'ref', ARGV[1],
   'account_id', account_id, 'amount', amount, 'at', now, 'reason', 'insufficient funds', 'worker', ARGV[8])
 return {'failed', amount, tostring(target)}

@@ -20,24 +20,10 @@
 --   {"refused", "idempotency_conflict", account_id}
 --   {"refused", "account_exists"}
 
--- The journal index member of a stream id: zero-padded, so that text order
--- is id order (the report pages through the index by rank).
-local function journal_index_member(id)
-  local dash = string.find(id, '-', 1, true)
-  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
-end
-
 local fingerprint = ARGV[5]
-if fingerprint ~= '' then
-  local prior = redis.call('GET', KEYS[5])
-  if prior then
-    local space = string.find(prior, ' ', 1, true)
-    local prior_id = string.sub(prior, 1, space - 1)
-    if string.sub(prior, space + 1) == fingerprint then
-      return {'replayed', prior_id}
-    end
-    return {'refused', 'idempotency_conflict', prior_id}
-  end
+local prior = idempotency_reply(KEYS[5], fingerprint)
+if prior then
+  return prior
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'refused', 'account_exists'}
@@ -49,10 +35,9 @@ redis.call('HSET', KEYS[1], 'id', account_id, 'name', ARGV[2], 'balance', openin
 redis.call('ZADD', KEYS[4], 0, account_id)
 if opening ~= '0' then
   redis.call('HINCRBY', KEYS[2], 'balance', '-' .. opening)
-  local entry = redis.call('XADD', KEYS[3], '*', 'at', ARGV[4], 'kind', 'opening_balance',
+  journal(KEYS[3], KEYS[6], 'at', ARGV[4], 'kind', 'opening_balance',
     'debit', ARGV[7], 'credit', account_id, 'amount', opening, 'ref', account_id,
     'status', 'completed', 'reason', '')
-  redis.call('ZADD', KEYS[6], 0, journal_index_member(entry))
 end
 if fingerprint ~= '' then
   redis.call('SET', KEYS[5], account_id .. ' ' .. fingerprint, 'EX', ARGV[6])

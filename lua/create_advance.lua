@@ -15,22 +15,10 @@
 -- Returns {"created", id} | {"replayed", id} | {"refused", "idempotency_conflict", id}
 --   | {"refused", "account_not_found"}
 
-local function journal_index_member(id)
-  local dash = string.find(id, '-', 1, true)
-  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
-end
-
 local fingerprint = ARGV[7]
-if fingerprint ~= '' then
-  local prior = redis.call('GET', KEYS[10])
-  if prior then
-    local space = string.find(prior, ' ', 1, true)
-    local prior_id = string.sub(prior, 1, space - 1)
-    if string.sub(prior, space + 1) == fingerprint then
-      return {'replayed', prior_id}
-    end
-    return {'refused', 'idempotency_conflict', prior_id}
-  end
+local prior = idempotency_reply(KEYS[10], fingerprint)
+if prior then
+  return prior
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return {'refused', 'account_not_found'}
@@ -53,9 +41,8 @@ for n = 1, count do
 end
 redis.call('HINCRBY', KEYS[2], 'balance', ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'balance', '-' .. ARGV[3])
-local entry = redis.call('XADD', KEYS[4], '*', 'at', ARGV[6], 'kind', 'advance', 'debit', ARGV[9],
+journal(KEYS[4], KEYS[5], 'at', ARGV[6], 'kind', 'advance', 'debit', ARGV[9],
   'credit', account_id, 'amount', ARGV[3], 'ref', id, 'status', 'completed', 'reason', '')
-redis.call('ZADD', KEYS[5], 0, journal_index_member(entry))
 redis.call('ZADD', KEYS[7], now, id)
 redis.call('ZADD', KEYS[8], now, id)
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], '*', 'type', 'advance.created', 'ref', id,

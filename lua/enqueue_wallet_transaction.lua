@@ -16,16 +16,9 @@
 --   | {"refused", "account_not_found"}
 
 local fingerprint = ARGV[7]
-if fingerprint ~= '' then
-  local prior = redis.call('GET', KEYS[7])
-  if prior then
-    local space = string.find(prior, ' ', 1, true)
-    local prior_id = string.sub(prior, 1, space - 1)
-    if string.sub(prior, space + 1) == fingerprint then
-      return {'replayed', prior_id}
-    end
-    return {'refused', 'idempotency_conflict', prior_id}
-  end
+local prior = idempotency_reply(KEYS[7], fingerprint)
+if prior then
+  return prior
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'refused', 'account_not_found'}

@@ -20,13 +20,6 @@
 -- Returns {"settled"} | {"already", status} for a batch settled or refunded
 -- before | {"missing"} for an unknown batch. The job is acknowledged in every case.
 
--- The journal index member of a stream id: zero-padded, so that text order
--- is id order (the report pages through the index by rank).
-local function journal_index_member(id)
-  local dash = string.find(id, '-', 1, true)
-  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
-end
-
 local status = redis.call('HGET', KEYS[1], 'status')
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
 if not status then
@@ -40,9 +33,8 @@ local batch_id, now = ARGV[3], ARGV[4]
 local value = redis.call('HGET', KEYS[1], 'value')
 redis.call('HINCRBY', KEYS[3], 'balance', '-' .. value)
 redis.call('HINCRBY', KEYS[4], 'balance', value)
-local entry = redis.call('XADD', KEYS[5], '*', 'at', now, 'kind', 'settlement', 'debit', ARGV[7],
+journal(KEYS[5], KEYS[8], 'at', now, 'kind', 'settlement', 'debit', ARGV[7],
   'credit', ARGV[8], 'amount', value, 'ref', batch_id, 'status', 'completed', 'reason', '')
-redis.call('ZADD', KEYS[8], 0, journal_index_member(entry))
 redis.call('HSET', KEYS[1], 'status', 'settled', 'fill_id', ARGV[5], 'settled_at', now,
   'last_error', '')
 redis.call('ZREM', KEYS[6], batch_id)

@@ -52,27 +52,15 @@ local function int(number)
   return string.format('%d', number)
 end
 
--- The journal index member of a stream id: zero-padded, so that text order
--- is id order (the report pages through the index by rank).
-local function journal_index_member(id)
-  local dash = string.find(id, '-', 1, true)
-  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
-end
-
 local function place(k, a)
   local idempotency = ARGV[a + 9]
   local fingerprint, ttl
   if idempotency ~= '' then
     local space = string.find(idempotency, ' ', 1, true)
     fingerprint, ttl = string.sub(idempotency, 1, space - 1), string.sub(idempotency, space + 1)
-    local prior = redis.call('GET', KEYS[k + 8])
+    local prior = idempotency_reply(KEYS[k + 8], fingerprint)
     if prior then
-      local split = string.find(prior, ' ', 1, true)
-      local prior_id = string.sub(prior, 1, split - 1)
-      if string.sub(prior, split + 1) == fingerprint then
-        return 'replayed', prior_id, ''
-      end
-      return 'refused', 'idempotency_conflict', prior_id
+      return prior[1], prior[2], prior[3] or ''
     end
   end
 
@@ -88,9 +76,8 @@ local function place(k, a)
   local account_id, order_id, symbol, now = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 10]
   redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])
   redis.call('HINCRBY', KEYS[1], 'balance', ARGV[a + 6])
-  local entry = redis.call('XADD', KEYS[2], '*', 'at', now, 'kind', 'order', 'debit', account_id,
+  journal(KEYS[2], KEYS[6], 'at', now, 'kind', 'order', 'debit', account_id,
     'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
-  redis.call('ZADD', KEYS[6], 0, journal_index_member(entry))
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
 

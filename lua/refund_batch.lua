@@ -18,13 +18,6 @@
 -- Returns {"refunded", order_count, value} | {"refused", "not_failed", status}
 --   | {"refused", "stale_orders"} when the keys passed are not the batch's.
 
--- The journal index member of a stream id: zero-padded, so that text order
--- is id order (the report pages through the index by rank).
-local function journal_index_member(id)
-  local dash = string.find(id, '-', 1, true)
-  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
-end
-
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'failed' then
   return {'refused', 'not_failed', status or 'missing'}
@@ -51,10 +44,9 @@ local batch_id, now = ARGV[1], ARGV[2]
 for i, order_id in ipairs(order_ids) do
   redis.call('HINCRBY', KEYS[7 + 2 * i], 'balance', costs[i])
   redis.call('HINCRBY', KEYS[3], 'balance', '-' .. costs[i])
-  local entry = redis.call('XADD', KEYS[4], '*', 'at', now, 'kind', 'refund', 'debit', ARGV[3],
+  journal(KEYS[4], KEYS[7], 'at', now, 'kind', 'refund', 'debit', ARGV[3],
     'credit', ARGV[5 + i], 'amount', costs[i], 'ref', order_id, 'status', 'completed',
     'reason', 'batch ' .. batch_id .. ' refunded')
-  redis.call('ZADD', KEYS[7], 0, journal_index_member(entry))
 end
 redis.call('HSET', KEYS[1], 'status', 'refunded', 'refunded_at', now, 'refund_note', ARGV[5])
 redis.call('ZREM', KEYS[5], batch_id)

@@ -18,22 +18,10 @@
 -- Returns {"success", transaction_id} | {"fail", transaction_id, reason}
 --   | {"replayed", transaction_id} | {"refused", "idempotency_conflict", transaction_id}
 
-local function journal_index_member(id)
-  local dash = string.find(id, '-', 1, true)
-  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
-end
-
 local fingerprint = ARGV[9]
-if fingerprint ~= '' then
-  local prior = redis.call('GET', KEYS[6])
-  if prior then
-    local space = string.find(prior, ' ', 1, true)
-    local prior_id = string.sub(prior, 1, space - 1)
-    if string.sub(prior, space + 1) == fingerprint then
-      return {'replayed', prior_id}
-    end
-    return {'refused', 'idempotency_conflict', prior_id}
-  end
+local prior = idempotency_reply(KEYS[6], fingerprint)
+if prior then
+  return prior
 end
 
 local payer, payee, amount, id, now = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]
@@ -54,10 +42,9 @@ else
   redis.call('HINCRBY', KEYS[1], 'balance', '-' .. amount)
   redis.call('HINCRBY', KEYS[2], 'balance', amount)
 end
-local entry = redis.call('XADD', KEYS[3], '*', 'at', now, 'kind', ARGV[4], 'debit', payer,
+journal(KEYS[3], KEYS[4], 'at', now, 'kind', ARGV[4], 'debit', payer,
   'credit', payee, 'amount', moved, 'requested', amount, 'ref', id, 'status', status,
   'reason', reason, 'memo', ARGV[12])
-redis.call('ZADD', KEYS[4], 0, journal_index_member(entry))
 if fingerprint ~= '' then
   -- Kept only to answer a replay of the Idempotency-Key, for as long as the key.
   redis.call('HSET', KEYS[5], 'id', id, 'at', now, 'status', status, 'reason', reason,

@@ -7,8 +7,7 @@ use redis::{AsyncCommands, Script};
 use super::{Conn, Record, StoreError, StoreResult, keys, now_ms, verdict};
 use crate::domain::{AccountId, AccountName, Amount, Idempotency, SystemAccount};
 
-pub static CREATE_ACCOUNT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/create_account.lua")));
+pub static CREATE_ACCOUNT: LazyLock<Script> = lua_script!("create_account.lua");
 
 /// An account as stored. System accounts may hold a negative balance.
 #[derive(Debug, Clone)]

@@ -9,12 +9,9 @@ use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
 use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
 use crate::store::settlement::EVENTS_STREAM_LENGTH_MAX;
 
-static CREATE_ADVANCE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/create_advance.lua")));
-static LEASE_DUE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/lease_due_installments.lua")));
-static COLLECT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/collect_installment.lua")));
+static CREATE_ADVANCE: LazyLock<Script> = lua_script!("create_advance.lua");
+static LEASE_DUE: LazyLock<Script> = lua_script!("lease_due_installments.lua");
+static COLLECT: LazyLock<Script> = lua_script!("collect_installment.lua");
 
 pub fn scripts() -> [&'static Script; 3] {
     [&CREATE_ADVANCE, &LEASE_DUE, &COLLECT]

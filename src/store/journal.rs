@@ -9,10 +9,8 @@ use redis::streams::StreamRangeReply;
 
 use super::{Conn, StoreError, StoreResult, keys};
 
-static PAGE_JOURNAL: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/page_journal.lua")));
-static TRIM_JOURNAL: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/trim_journal.lua")));
+static PAGE_JOURNAL: LazyLock<Script> = lua_script!("page_journal.lua");
+static TRIM_JOURNAL: LazyLock<Script> = lua_script!("trim_journal.lua");
 
 pub fn scripts() -> [&'static Script; 2] {
     [&PAGE_JOURNAL, &TRIM_JOURNAL]

@@ -4,6 +4,19 @@
 //! from `lua/` at compile time and run with EVALSHA (falling back to EVAL once
 //! after a Redis restart flushed the script cache).
 
+/// A script from `lua/`, with `lua/lib.lua`'s shared helpers prepended,
+/// built once on first use.
+macro_rules! lua_script {
+    ($file:literal) => {
+        std::sync::LazyLock::new(|| {
+            redis::Script::new(concat!(
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/lib.lua")),
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/", $file))
+            ))
+        })
+    };
+}
+
 pub mod accounts;
 pub mod advances;
 pub mod journal;

@@ -9,8 +9,7 @@ use crate::domain::{
     AccountId, Amount, BatchId, Idempotency, OrderId, Quantity, Symbol, SystemAccount,
 };
 
-pub static PLACE_ORDERS: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/place_orders.lua")));
+pub static PLACE_ORDERS: LazyLock<Script> = lua_script!("place_orders.lua");
 
 /// Where an order (or its batch) stands. An order's status is its batch's,
 /// or `pending` while it waits in a bucket.

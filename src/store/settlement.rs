@@ -14,20 +14,13 @@ pub const SETTLE_GROUP: &str = "settlers";
 /// Bound on the events stream; the notifier delivers long before it is reached.
 pub const EVENTS_STREAM_LENGTH_MAX: usize = 1_000_000;
 
-static BEGIN_ATTEMPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/begin_attempt.lua")));
-static FINISH_BATCH: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/finish_batch.lua")));
-static RETRY_BATCH: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/retry_batch.lua")));
-static DEAD_LETTER_BATCH: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/dead_letter_batch.lua")));
-static PROMOTE_DUE_JOBS: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/promote_due_jobs.lua")));
-static REQUEUE_FAILED_BATCH: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/requeue_failed_batch.lua")));
-static REFUND_BATCH: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/refund_batch.lua")));
+static BEGIN_ATTEMPT: LazyLock<Script> = lua_script!("begin_attempt.lua");
+static FINISH_BATCH: LazyLock<Script> = lua_script!("finish_batch.lua");
+static RETRY_BATCH: LazyLock<Script> = lua_script!("retry_batch.lua");
+static DEAD_LETTER_BATCH: LazyLock<Script> = lua_script!("dead_letter_batch.lua");
+static PROMOTE_DUE_JOBS: LazyLock<Script> = lua_script!("promote_due_jobs.lua");
+static REQUEUE_FAILED_BATCH: LazyLock<Script> = lua_script!("requeue_failed_batch.lua");
+static REFUND_BATCH: LazyLock<Script> = lua_script!("refund_batch.lua");
 
 pub fn scripts() -> [&'static Script; 7] {
     [

@@ -8,8 +8,7 @@ use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
 use crate::domain::{AccountId, Amount, Idempotency};
 use crate::store::settlement::EVENTS_STREAM_LENGTH_MAX;
 
-static TRANSFER: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/transfer.lua")));
+static TRANSFER: LazyLock<Script> = lua_script!("transfer.lua");
 
 pub fn scripts() -> [&'static Script; 1] {
     [&TRANSFER]

@@ -9,12 +9,9 @@ use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
 use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
 use crate::store::settlement::EVENTS_STREAM_LENGTH_MAX;
 
-static ENQUEUE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/enqueue_wallet_transaction.lua")));
-static APPLY: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/apply_wallet_transaction.lua")));
-static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/release_wallet_account.lua")));
+static ENQUEUE: LazyLock<Script> = lua_script!("enqueue_wallet_transaction.lua");
+static APPLY: LazyLock<Script> = lua_script!("apply_wallet_transaction.lua");
+static RELEASE: LazyLock<Script> = lua_script!("release_wallet_account.lua");
 
 pub fn scripts() -> [&'static Script; 3] {
     [&ENQUEUE, &APPLY, &RELEASE]

@@ -1,0 +1,38 @@
+-- lib.lua: helpers shared by every script. It is prepended to each script
+-- when the script is built (src/store/mod.rs, `lua_script!`), since Redis
+-- scripts cannot load one another.
+
+-- The journal index member of a stream id: zero-padded, so that text order
+-- is id order (the report pages through the index by rank).
+local function journal_index_member(id)
+  local dash = string.find(id, '-', 1, true)
+  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
+end
+
+-- What an Idempotency-Key stored at `key` says about a request with this
+-- fingerprint: nil when the key is new (or none was given), else the reply:
+-- {"replayed", id} for the same request, {"refused", "idempotency_conflict", id}
+-- for another. Keys store "id fingerprint".
+local function idempotency_reply(key, fingerprint)
+  if fingerprint == '' then
+    return nil
+  end
+  local prior = redis.call('GET', key)
+  if not prior then
+    return nil
+  end
+  local space = string.find(prior, ' ', 1, true)
+  local prior_id = string.sub(prior, 1, space - 1)
+  if string.sub(prior, space + 1) == fingerprint then
+    return {'replayed', prior_id}
+  end
+  return {'refused', 'idempotency_conflict', prior_id}
+end
+
+-- Writes a journal entry and indexes it for the report; returns its id.
+local function journal(journal_key, index_key, ...)
+  local entry = redis.call('XADD', journal_key, '*', ...)
+  redis.call('ZADD', index_key, 0, journal_index_member(entry))
+  return entry
+end
+
