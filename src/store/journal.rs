@@ -93,15 +93,7 @@ pub async fn page(
         .into_iter()
         .flat_map(|range| range.ids)
         .map(|entry| JournalEntry {
-            fields: entry
-                .map
-                .iter()
-                .filter_map(|(name, value)| {
-                    redis::from_redis_value_ref::<String>(value)
-                        .ok()
-                        .map(|value| (name.clone(), value))
-                })
-                .collect(),
+            fields: super::stream_fields(&entry),
             id: entry.id,
         })
         .collect();

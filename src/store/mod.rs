@@ -228,3 +228,16 @@ impl Record {
 pub fn verdict(reply: &[String]) -> &str {
     reply.first().map(String::as_str).unwrap_or("")
 }
+
+/// A stream entry's fields as text (tally writes only text and integers).
+pub fn stream_fields(entry: &redis::streams::StreamId) -> HashMap<String, String> {
+    entry
+        .map
+        .iter()
+        .filter_map(|(name, value)| {
+            redis::from_redis_value_ref::<String>(value)
+                .ok()
+                .map(|value| (name.clone(), value))
+        })
+        .collect()
+}

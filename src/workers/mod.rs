@@ -33,15 +33,7 @@ pub struct Delivery {
 
 impl Delivery {
     fn from_stream_id(entry: StreamId) -> Self {
-        let fields = entry
-            .map
-            .iter()
-            .filter_map(|(name, value)| {
-                redis::from_redis_value_ref::<String>(value)
-                    .ok()
-                    .map(|value| (name.clone(), value))
-            })
-            .collect();
+        let fields = crate::store::stream_fields(&entry);
         Delivery {
             stream_id: entry.id,
             fields,

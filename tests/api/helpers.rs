@@ -163,19 +163,8 @@ pub async fn stream_entries(
     let reply: redis::streams::StreamRangeReply = conn.xrange_all(key).await.unwrap();
     reply
         .ids
-        .into_iter()
-        .map(|entry| {
-            entry
-                .map
-                .iter()
-                .map(|(field, value)| {
-                    (
-                        field.clone(),
-                        redis::from_redis_value_ref::<String>(value).unwrap(),
-                    )
-                })
-                .collect()
-        })
+        .iter()
+        .map(|entry| tally::store::stream_fields(entry).into_iter().collect())
         .collect()
 }
 
