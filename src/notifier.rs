@@ -16,6 +16,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use crate::store::{Store, keys};
+use futures::future::join_all;
+
 use crate::workers::{Delivery, JobHandler, backoff};
 
 /// The consumer group of the notifiers.
@@ -69,22 +71,6 @@ impl Notifier {
             Err(format!("webhook answered {}", response.status()))
         }
     }
-
-    async fn acknowledge(&self, stream_id: &str, dead: Option<(&str, &str)>) -> anyhow::Result<()> {
-        let mut conn = self.store.conn().await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        if let Some((body, error)) = dead {
-            pipe.xadd(
-                keys::EVENTS_DEAD_STREAM,
-                "*",
-                &[("event", body), ("error", error)],
-            );
-        }
-        pipe.xack(keys::EVENTS_STREAM, NOTIFY_GROUP, &[stream_id]);
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
-    }
 }
 
 /// `hex(HMAC-SHA256(secret, body))`.
@@ -94,38 +80,101 @@ pub fn sign(secret: &str, body: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
-impl JobHandler for Notifier {
-    async fn handle(&self, worker: &str, delivery: Delivery) -> anyhow::Result<()> {
-        let mut event: BTreeMap<&str, &str> = delivery
-            .fields
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        event.insert("event_id", &delivery.stream_id);
-        let body = serde_json::to_string(&event)?;
-        let Some(url) = &self.settings.webhook_url else {
-            tracing::info!(target: "tally::events", worker, event = %body, "accounting event");
-            return self.acknowledge(&delivery.stream_id, None).await;
-        };
+impl Notifier {
+    /// Delivers one event with retries; `None` once delivered, or the last
+    /// error once `attempts_max` deliveries failed.
+    async fn deliver_with_retries(
+        &self,
+        worker: &str,
+        url: &str,
+        event_id: &str,
+        body: &str,
+    ) -> Option<String> {
         for attempt in 1..=self.settings.attempts_max {
-            match self.deliver(url, &delivery.stream_id, &body).await {
-                Ok(()) => {
-                    tracing::debug!(worker, event_id = %delivery.stream_id, attempt, "event delivered");
-                    return self.acknowledge(&delivery.stream_id, None).await;
-                }
+            match self.deliver(url, event_id, body).await {
+                Ok(()) => return None,
                 Err(error) if attempt < self.settings.attempts_max => {
                     let delay = backoff(attempt, self.settings.retry_base, self.settings.retry_max);
-                    tracing::warn!(worker, event_id = %delivery.stream_id, attempt, error, "delivery failed; retrying");
+                    tracing::warn!(
+                        worker,
+                        event_id,
+                        attempt,
+                        error,
+                        "delivery failed; retrying"
+                    );
                     tokio::time::sleep(delay).await;
                 }
                 Err(error) => {
-                    tracing::error!(worker, event_id = %delivery.stream_id, attempt, error, "delivery failed for good; dead-lettered");
-                    return self
-                        .acknowledge(&delivery.stream_id, Some((&body, &error)))
-                        .await;
+                    tracing::error!(
+                        worker,
+                        event_id,
+                        attempt,
+                        error,
+                        "delivery failed for good; dead-lettered"
+                    );
+                    return Some(error);
                 }
             }
         }
+        Some("no delivery attempted".to_owned())
+    }
+}
+
+fn event_body(delivery: &Delivery) -> anyhow::Result<String> {
+    let mut event: BTreeMap<&str, &str> = delivery
+        .fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    event.insert("event_id", &delivery.stream_id);
+    Ok(serde_json::to_string(&event)?)
+}
+
+impl JobHandler for Notifier {
+    async fn handle(&self, worker: &str, delivery: Delivery) -> anyhow::Result<()> {
+        self.handle_all(worker, vec![delivery]).await;
         Ok(())
+    }
+
+    /// Delivers a read's events concurrently, then acknowledges them all in
+    /// one step (dead letters included): one round trip per read, not per event.
+    async fn handle_all(&self, worker: &str, deliveries: Vec<Delivery>) {
+        let outcomes = deliveries.iter().map(|delivery| async move {
+            let body = match event_body(delivery) {
+                Ok(body) => body,
+                Err(err) => return (delivery.stream_id.clone(), String::new(), Some(err.to_string())),
+            };
+            let dead = match &self.settings.webhook_url {
+                None => {
+                    tracing::info!(target: "tally::events", worker, event = %body, "accounting event");
+                    None
+                }
+                Some(url) => self.deliver_with_retries(worker, url, &delivery.stream_id, &body).await,
+            };
+            (delivery.stream_id.clone(), body, dead)
+        });
+        let outcomes = join_all(outcomes).await;
+        let acknowledged = async {
+            let mut conn = self.store.conn().await?;
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for (_, body, dead) in &outcomes {
+                if let Some(error) = dead {
+                    pipe.xadd(
+                        keys::EVENTS_DEAD_STREAM,
+                        "*",
+                        &[("event", body.as_str()), ("error", error.as_str())],
+                    );
+                }
+            }
+            let ids: Vec<&str> = outcomes.iter().map(|(id, _, _)| id.as_str()).collect();
+            pipe.xack(keys::EVENTS_STREAM, NOTIFY_GROUP, &ids);
+            pipe.query_async::<()>(&mut conn).await?;
+            anyhow::Ok(())
+        };
+        if let Err(err) = acknowledged.await {
+            // Left pending: delivered again later (at least once).
+            tracing::warn!(worker, error = %err, "acknowledging events failed");
+        }
     }
 }

@@ -55,6 +55,31 @@ pub trait JobHandler: Send + Sync + 'static {
     fn tick(&self) -> impl Future<Output = anyhow::Result<()>> + Send {
         async { Ok(()) }
     }
+
+    /// Handles one read's deliveries, concurrently, to the end. A handler may
+    /// do better for the whole read (one acknowledgement for all of it).
+    fn handle_all(
+        &self,
+        consumer: &str,
+        deliveries: Vec<Delivery>,
+    ) -> impl Future<Output = ()> + Send {
+        let handled = deliveries.into_iter().map(move |delivery| async move {
+            let stream_id = delivery.stream_id.clone();
+            // A panic in a handler is a system failure like any other: the
+            // job stays pending and is delivered again.
+            let handled = AssertUnwindSafe(self.handle(consumer, delivery)).catch_unwind().await;
+            match handled {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(worker = consumer, stream_id, error = %err, "job left pending for re-delivery")
+                }
+                Err(_) => tracing::error!(worker = consumer, stream_id, "handler panicked; job left pending for re-delivery"),
+            }
+        });
+        async move {
+            join_all(handled).await;
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -115,23 +140,7 @@ pub async fn run_consumer<H: JobHandler>(
             }
         };
         // Handled to the end even if shutdown arrives meanwhile.
-        let handled = deliveries.into_iter().map(|delivery| {
-            let handler = handler.clone();
-            async move {
-                let stream_id = delivery.stream_id.clone();
-                // A panic in a handler is a system failure like any other:
-                // the job stays pending and is delivered again.
-                let handled = AssertUnwindSafe(handler.handle(consumer, delivery)).catch_unwind().await;
-                match handled {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => {
-                        tracing::warn!(worker = consumer, stream_id, error = %err, "job left pending for re-delivery")
-                    }
-                    Err(_) => tracing::error!(worker = consumer, stream_id, "handler panicked; job left pending for re-delivery"),
-                }
-            }
-        });
-        join_all(handled).await;
+        handler.handle_all(consumer, deliveries).await;
     }
     tracing::info!(worker = consumer, "consumer stopped");
 }
