@@ -139,6 +139,9 @@ pub async fn run_consumer<H: JobHandler>(
                 continue;
             }
         };
+        if deliveries.is_empty() {
+            continue;
+        }
         // Handled to the end even if shutdown arrives meanwhile.
         handler.handle_all(consumer, deliveries).await;
     }
