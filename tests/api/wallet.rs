@@ -243,6 +243,16 @@ async fn the_webhook_gets_every_event_signed_even_after_an_outage() {
     })
     .await;
     assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
+    eventually("every delivered event is acknowledged", || async {
+        let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+            .arg(keys::EVENTS_STREAM)
+            .arg(tally::notifier::NOTIFY_GROUP)
+            .query_async(&mut app.redis().await)
+            .await
+            .unwrap();
+        pending.count() == 0
+    })
+    .await;
     let received = receiver.events.lock().unwrap().clone();
     let types: HashSet<&str> = received
         .values()
