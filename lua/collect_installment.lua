@@ -1,7 +1,7 @@
 -- collect_installment: collect one leased installment of an advance, in one
 -- atomic step. If the balance covers it, debit it to @bank (journaled) and
 -- mark it paid; otherwise mark it failed and add its amount to the next
--- installment, or to a new one a period after the last if it was the last.
+-- installment still scheduled, or to a new one a period after the last.
 -- Either way emit the accounting event, drop the lease and acknowledge.
 --
 -- Without a lease (another delivery collected it already) nothing is
@@ -24,8 +24,8 @@ if not redis.call('ZSCORE', KEYS[7], ARGV[1]) then
 end
 local n = tonumber(ARGV[2])
 local prefix = 'i' .. n .. ':'
-local advance = redis.call('HMGET', KEYS[1], 'id', 'account_id', 'count', 'period_ms', prefix .. 'amount', prefix .. 'status', prefix .. 'due')
-local id, account_id, count, period, amount, status, due = advance[1], advance[2], tonumber(advance[3]), tonumber(advance[4]), advance[5], advance[6], advance[7]
+local advance = redis.call('HMGET', KEYS[1], 'id', 'account_id', 'count', 'period_ms', prefix .. 'amount', prefix .. 'status')
+local id, account_id, count, period, amount, status = advance[1], advance[2], tonumber(advance[3]), tonumber(advance[4]), advance[5], advance[6]
 if status ~= 'scheduled' then
   redis.call('ZREM', KEYS[7], ARGV[1])
   return {'skipped'}
@@ -45,13 +45,23 @@ if tonumber(redis.call('HGET', KEYS[2], 'balance')) >= tonumber(amount) then
   return {'paid', amount}
 end
 
--- Not covered: carry the amount forward.
-local target = n + 1
-if n == count then
+-- Not covered: carry the amount forward, to the first later installment
+-- still scheduled (a later one may have been collected first when several
+-- fell due together), or to a new one a period after the last.
+local target
+for later = n + 1, count do
+  if redis.call('HGET', KEYS[1], 'i' .. later .. ':status') == 'scheduled' then
+    target = later
+    break
+  end
+end
+if not target then
+  local last_due = tonumber(redis.call('HGET', KEYS[1], 'i' .. count .. ':due'))
   count = count + 1
+  target = count
   redis.call('HSET', KEYS[1], 'count', count, 'i' .. target .. ':amount', '0',
-    'i' .. target .. ':due', string.format('%d', tonumber(due) + period), 'i' .. target .. ':status', 'scheduled')
-  redis.call('ZADD', KEYS[8], tonumber(due) + period, id .. ':' .. target)
+    'i' .. target .. ':due', string.format('%d', last_due + period), 'i' .. target .. ':status', 'scheduled')
+  redis.call('ZADD', KEYS[8], last_due + period, id .. ':' .. target)
 end
 redis.call('HINCRBY', KEYS[1], 'i' .. target .. ':amount', amount)
 redis.call('HSET', KEYS[1], prefix .. 'status', 'failed', prefix .. 'carried_to', target)

@@ -10,7 +10,11 @@
 --
 -- Returns {"released"} | {"requeued"}
 
-redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+if redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) == 0 then
+  -- Another delivery of this job (taken over while this one ran) already
+  -- released the account: requeueing again would put it on the stream twice.
+  return {'released'}
+end
 if redis.call('LLEN', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2])
   return {'released'}

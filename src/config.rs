@@ -236,8 +236,15 @@ impl WorkerSettings {
                 self.claim_idle_ms, self.exchange_timeout_ms
             ));
         }
-        if self.consumers == 0 || self.read_count == 0 || self.attempts_max == 0 {
-            return Err("consumers, read_count and attempts_max must be at least 1".to_owned());
+        if self.consumers == 0
+            || self.read_count == 0
+            || self.attempts_max == 0
+            || self.webhook_attempts_max == 0
+        {
+            return Err(
+                "consumers, read_count, attempts_max and webhook_attempts_max must be at least 1"
+                    .to_owned(),
+            );
         }
         Ok(())
     }

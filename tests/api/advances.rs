@@ -382,3 +382,50 @@ async fn bad_advances_are_refused_and_write_nothing() {
     crate::helpers::assert_problem(app.get("/api/v1/advances/nope").await, 400, "UUID").await;
     assert_eq!(app.snapshot().await, before);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_carries_past_a_later_installment_collected_first() {
+    let app = spawn_app().await;
+    let account = app.create_account("late", "0").await;
+    let id = create_advance(&app, &account, "1200.00").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let clock = ManualClock::starting_at(tally::store::now_ms());
+    bank(&app, &account, "1100.00", "debit").await; // 100.00 left: one installment's worth
+    clock.advance(WEEK * 2); // the scheduler was down: two installments fall due together
+    assert_eq!(
+        schedule_once(&app.store, &clock, &scheduler_settings())
+            .await
+            .unwrap(),
+        (2, 0)
+    );
+
+    // The second is collected first (they are handled concurrently), then the first fails.
+    let mut conn = app.redis().await;
+    let customer = tally::domain::AccountId::parse(&account).unwrap();
+    let second = tally::store::advances::collect(&mut conn, &id, &customer, 2, "0-1", "test")
+        .await
+        .unwrap();
+    assert_eq!(second, tally::store::advances::Collected::Paid(10_000));
+    let first = tally::store::advances::collect(&mut conn, &id, &customer, 1, "0-2", "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        tally::store::advances::Collected::Failed {
+            amount: 10_000,
+            carried_to: 3
+        }
+    );
+
+    let advance = advance(&app, &id).await;
+    assert_eq!(
+        advance["installments"][2]["amount"], "200.00",
+        "carried past the paid second"
+    );
+    assert_eq!(
+        (advance["paid"].as_str(), advance["reconciled"].as_bool()),
+        (Some("100.00"), Some(true))
+    );
+}
