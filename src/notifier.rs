@@ -5,8 +5,9 @@
 //! stream id) as `event_id` in the body and in `X-Tally-Event-Id`; receivers
 //! deduplicate on it. The body is signed: `X-Tally-Signature:
 //! sha256=<hex HMAC-SHA256 of the body with TALLY_WEBHOOK_SECRET>`. A delivery
-//! that fails is retried with exponential backoff and jitter; after
-//! `attempts_max` it goes to the `tally:events:dead` stream. With no webhook
+//! that fails is retried with exponential backoff and jitter, from a schedule
+//! (`tally:events:retries`) moved back onto the stream when due, with the
+//! event's first id kept; after `attempts_max` it goes to `tally:events:dead`. With no webhook
 //! configured, each event is logged as one structured line instead.
 
 use std::collections::BTreeMap;
@@ -15,7 +16,8 @@ use std::time::Duration;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::store::{Store, keys};
+use crate::config::RETRY_PROMOTE_LIMIT_DEFAULT;
+use crate::store::{Store, keys, now_ms};
 use futures::future::join_all;
 
 use crate::workers::{Delivery, JobHandler, backoff};
@@ -80,54 +82,79 @@ pub fn sign(secret: &str, body: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
-impl Notifier {
-    /// Delivers one event with retries; `None` once delivered, or the last
-    /// error once `attempts_max` deliveries failed.
-    async fn deliver_with_retries(
-        &self,
-        worker: &str,
-        url: &str,
-        event_id: &str,
-        body: &str,
-    ) -> Option<String> {
-        for attempt in 1..=self.settings.attempts_max {
-            match self.deliver(url, event_id, body).await {
-                Ok(()) => return None,
-                Err(error) if attempt < self.settings.attempts_max => {
-                    let delay = backoff(attempt, self.settings.retry_base, self.settings.retry_max);
-                    tracing::warn!(
-                        worker,
-                        event_id,
-                        attempt,
-                        error,
-                        "delivery failed; retrying"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                Err(error) => {
-                    tracing::error!(
-                        worker,
-                        event_id,
-                        attempt,
-                        error,
-                        "delivery failed for good; dead-lettered"
-                    );
-                    return Some(error);
-                }
-            }
-        }
-        Some("no delivery attempted".to_owned())
-    }
+/// How one delivery attempt ended.
+enum Attempt {
+    Delivered,
+    /// Failed; try again at `due_ms` with this job (JSON for the retry schedule).
+    Retry {
+        due_ms: i64,
+        job: String,
+    },
+    /// Failed for good: the body and the last error, for the dead-letter stream.
+    Dead {
+        body: String,
+        error: String,
+    },
 }
 
-fn event_body(delivery: &Delivery) -> anyhow::Result<String> {
-    let mut event: BTreeMap<&str, &str> = delivery
-        .fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    event.insert("event_id", &delivery.stream_id);
-    Ok(serde_json::to_string(&event)?)
+impl Notifier {
+    /// One delivery attempt of one event. Retries are not slept through here:
+    /// they go on a schedule, so a consumer never holds an event longer than
+    /// one webhook call (well inside `claim_idle_ms`).
+    async fn attempt(&self, worker: &str, delivery: &Delivery) -> Attempt {
+        // A retried event keeps the id it was first written with: receivers dedupe on it.
+        let event_id = delivery
+            .fields
+            .get("event_id")
+            .unwrap_or(&delivery.stream_id)
+            .clone();
+        let attempt: u32 = delivery
+            .fields
+            .get("attempt")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let mut event: BTreeMap<String, String> = delivery
+            .fields
+            .iter()
+            .filter(|(name, _)| name.as_str() != "attempt")
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        event.insert("event_id".to_owned(), event_id.clone());
+        let body = serde_json::to_string(&event).unwrap_or_default();
+        let Some(url) = &self.settings.webhook_url else {
+            tracing::info!(target: "tally::events", worker, event = %body, "accounting event");
+            return Attempt::Delivered;
+        };
+        let error = match self.deliver(url, &event_id, &body).await {
+            Ok(()) => return Attempt::Delivered,
+            Err(error) => error,
+        };
+        if attempt >= self.settings.attempts_max {
+            tracing::error!(
+                worker,
+                event_id,
+                attempt,
+                error,
+                "delivery failed for good; dead-lettered"
+            );
+            return Attempt::Dead { body, error };
+        }
+        let delay = backoff(attempt, self.settings.retry_base, self.settings.retry_max);
+        tracing::warn!(
+            worker,
+            event_id,
+            attempt,
+            error,
+            retry_in_ms = delay.as_millis() as u64,
+            "delivery failed; retry scheduled"
+        );
+        event.insert("attempt".to_owned(), (attempt + 1).to_string());
+        let job = serde_json::to_string(&event).unwrap_or_default();
+        Attempt::Retry {
+            due_ms: now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+            job,
+        }
+    }
 }
 
 impl JobHandler for Notifier {
@@ -136,38 +163,39 @@ impl JobHandler for Notifier {
         Ok(())
     }
 
-    /// Delivers a read's events concurrently, then acknowledges them all in
-    /// one step (dead letters included): one round trip per read, not per event.
+    /// Attempts a read's events concurrently, then in one atomic step
+    /// schedules the retries, dead-letters what failed for good and
+    /// acknowledges them all: one round trip per read, not per event.
     async fn handle_all(&self, worker: &str, deliveries: Vec<Delivery>) {
-        let outcomes = deliveries.iter().map(|delivery| async move {
-            let body = match event_body(delivery) {
-                Ok(body) => body,
-                Err(err) => return (delivery.stream_id.clone(), String::new(), Some(err.to_string())),
-            };
-            let dead = match &self.settings.webhook_url {
-                None => {
-                    tracing::info!(target: "tally::events", worker, event = %body, "accounting event");
-                    None
-                }
-                Some(url) => self.deliver_with_retries(worker, url, &delivery.stream_id, &body).await,
-            };
-            (delivery.stream_id.clone(), body, dead)
-        });
-        let outcomes = join_all(outcomes).await;
+        let attempts = join_all(
+            deliveries
+                .iter()
+                .map(|delivery| self.attempt(worker, delivery)),
+        )
+        .await;
         let acknowledged = async {
             let mut conn = self.store.conn().await?;
             let mut pipe = redis::pipe();
             pipe.atomic();
-            for (_, body, dead) in &outcomes {
-                if let Some(error) = dead {
-                    pipe.xadd(
-                        keys::EVENTS_DEAD_STREAM,
-                        "*",
-                        &[("event", body.as_str()), ("error", error.as_str())],
-                    );
+            for attempt in &attempts {
+                match attempt {
+                    Attempt::Delivered => {}
+                    Attempt::Retry { due_ms, job } => {
+                        pipe.zadd(keys::EVENTS_RETRIES, job, *due_ms);
+                    }
+                    Attempt::Dead { body, error } => {
+                        pipe.xadd(
+                            keys::EVENTS_DEAD_STREAM,
+                            "*",
+                            &[("event", body.as_str()), ("error", error.as_str())],
+                        );
+                    }
                 }
             }
-            let ids: Vec<&str> = outcomes.iter().map(|(id, _, _)| id.as_str()).collect();
+            let ids: Vec<&str> = deliveries
+                .iter()
+                .map(|delivery| delivery.stream_id.as_str())
+                .collect();
             pipe.xack(keys::EVENTS_STREAM, NOTIFY_GROUP, &ids);
             pipe.query_async::<()>(&mut conn).await?;
             anyhow::Ok(())
@@ -176,5 +204,19 @@ impl JobHandler for Notifier {
             // Left pending: delivered again later (at least once).
             tracing::warn!(worker, error = %err, "acknowledging events failed");
         }
+    }
+
+    /// Moves due retries back onto the events stream.
+    async fn tick(&self) -> anyhow::Result<()> {
+        let mut conn = self.store.conn().await?;
+        crate::store::settlement::promote_due_jobs(
+            &mut conn,
+            keys::EVENTS_RETRIES,
+            keys::EVENTS_STREAM,
+            now_ms(),
+            RETRY_PROMOTE_LIMIT_DEFAULT,
+        )
+        .await?;
+        Ok(())
     }
 }

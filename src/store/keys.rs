@@ -80,6 +80,8 @@ pub fn idempotency(scope: &str, key: &str) -> String {
 pub const WALLET_STREAM: &str = "tally:wallet";
 /// Rejected wallet transactions (stream), with their reasons.
 pub const WALLET_ERRORS_STREAM: &str = "transactions:errors";
+/// Event deliveries waiting for their next attempt (sorted set: job JSON by due ms).
+pub const EVENTS_RETRIES: &str = "tally:events:retries";
 /// Events the webhook would not take after every retry (stream).
 pub const EVENTS_DEAD_STREAM: &str = "tally:events:dead";
 
