@@ -80,7 +80,9 @@ fn shutdown_watch() -> watch::Receiver<bool> {
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
-    args.worker.validate().map_err(anyhow::Error::msg)?;
+    args.worker
+        .validate_with(&args.redis)
+        .map_err(anyhow::Error::msg)?;
     let store = Store::connect(&args.redis)?;
     store
         .ensure_system_accounts()
@@ -119,7 +121,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         data_dir,
         dev_redis_port,
     } = args;
-    worker.validate().map_err(anyhow::Error::msg)?;
+    worker
+        .validate_with(&serve.redis)
+        .map_err(anyhow::Error::msg)?;
     let private_redis = match serve.redis.redis_url {
         Some(_) => None,
         None => {

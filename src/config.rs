@@ -228,6 +228,18 @@ impl Default for WorkerSettings {
 }
 
 impl WorkerSettings {
+    /// Refuses settings under which workers would step on each other, or
+    /// block on Redis longer than Redis is allowed to take to answer.
+    pub fn validate_with(&self, redis: &RedisSettings) -> Result<(), String> {
+        if self.block_ms >= redis.redis_timeout_ms {
+            return Err(format!(
+                "block_ms ({}) must be below redis_timeout_ms ({}), or every blocking read times out",
+                self.block_ms, redis.redis_timeout_ms
+            ));
+        }
+        self.validate()
+    }
+
     /// Refuses settings under which workers would step on each other.
     pub fn validate(&self) -> Result<(), String> {
         if self.claim_idle_ms <= self.exchange_timeout_ms {
@@ -496,6 +508,22 @@ mod tests {
         ] {
             assert!(PriceList::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn worker_settings_refuse_reads_that_outlast_the_redis_timeout() {
+        let redis = RedisSettings::for_url("redis://127.0.0.1:1");
+        assert!(WorkerSettings::default().validate_with(&redis).is_ok());
+        let slow = WorkerSettings {
+            block_ms: redis.redis_timeout_ms,
+            ..WorkerSettings::default()
+        };
+        assert!(slow.validate_with(&redis).unwrap_err().contains("block_ms"));
+        let eager = WorkerSettings {
+            claim_idle_ms: 1_000,
+            ..WorkerSettings::default()
+        };
+        assert!(eager.validate().unwrap_err().contains("claim_idle_ms"));
     }
 
     #[test]
