@@ -6,29 +6,7 @@ use std::time::Duration;
 
 use tally::exchange::sim::Faults;
 
-use crate::helpers::{TestApp, TestExchange, eventually, spawn_app, spawn_exchange, tally_process};
-
-/// Worker flags for the processes here: calls take 1 s at the exchange, a
-/// job is taken over after 2 s idle.
-fn worker_args<'a>(exchange: &'a TestExchange, name: &'a str, redis_url: &'a str) -> Vec<&'a str> {
-    vec![
-        "worker",
-        "--redis-url",
-        redis_url,
-        "--exchange-url",
-        &exchange.url,
-        "--worker-name",
-        name,
-        "--claim-idle-ms",
-        "2000",
-        "--exchange-timeout-ms",
-        "1500",
-        "--block-ms",
-        "100",
-        "--retry-base-ms",
-        "50",
-    ]
-}
+use crate::helpers::{TestApp, eventually, spawn_app, spawn_exchange, worker_process};
 
 async fn place_batches(app: &TestApp, count: usize) -> Vec<String> {
     let customer = app.create_account("many", "100000.00").await;
@@ -57,9 +35,8 @@ async fn a_worker_killed_mid_call_is_taken_over_and_each_batch_is_bought_once() 
     })
     .await;
     let batches = place_batches(&app, 5).await;
-    let redis_url = app.redis.url();
 
-    let mut doomed = tally_process(&worker_args(&exchange, "doomed", &redis_url));
+    let mut doomed = worker_process(&app, &exchange, "doomed");
     eventually("every batch's call is in flight", || async {
         exchange.orders().await.len() == batches.len()
     })
@@ -75,7 +52,7 @@ async fn a_worker_killed_mid_call_is_taken_over_and_each_batch_is_bought_once() 
         "killed before any answer"
     );
 
-    let _survivor = tally_process(&worker_args(&exchange, "survivor", &redis_url));
+    let _survivor = worker_process(&app, &exchange, "survivor");
     eventually("every batch is settled", || all_settled(&app, &batches)).await;
     let orders = exchange.orders().await;
     assert_eq!(orders.len(), batches.len());
@@ -97,8 +74,7 @@ async fn sigterm_finishes_the_jobs_in_hand_before_exiting() {
     })
     .await;
     let batches = place_batches(&app, 3).await;
-    let redis_url = app.redis.url();
-    let mut worker = tally_process(&worker_args(&exchange, "polite", &redis_url));
+    let mut worker = worker_process(&app, &exchange, "polite");
     eventually("the calls are in flight", || async {
         exchange.orders().await.len() == batches.len()
     })
@@ -133,10 +109,9 @@ async fn three_workers_settle_300_batches_each_exactly_once() {
         ..Faults::default()
     })
     .await;
-    let redis_url = app.redis.url();
     let _workers: Vec<_> = ["one", "two", "three"]
         .into_iter()
-        .map(|name| tally_process(&worker_args(&exchange, name, &redis_url)))
+        .map(|name| worker_process(&app, &exchange, name))
         .collect();
     let batches = place_batches(&app, BATCHES).await;
 

@@ -350,6 +350,29 @@ pub fn spawn_workers(app: &TestApp, settings: WorkerSettings) -> TestWorkers {
     }
 }
 
+/// A `tally worker` process against this app's Redis and `exchange`, with
+/// test-sized bounds (a job is taken over after 2 s idle), killed when dropped.
+pub fn worker_process(app: &TestApp, exchange: &TestExchange, name: &str) -> tokio::process::Child {
+    let redis_url = app.redis.url();
+    tally_process(&[
+        "worker",
+        "--redis-url",
+        &redis_url,
+        "--exchange-url",
+        &exchange.url,
+        "--worker-name",
+        name,
+        "--claim-idle-ms",
+        "2000",
+        "--exchange-timeout-ms",
+        "1500",
+        "--block-ms",
+        "100",
+        "--retry-base-ms",
+        "50",
+    ])
+}
+
 /// A `tally` child process, killed when dropped.
 pub fn tally_process(args: &[&str]) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))

@@ -14,8 +14,8 @@ use tally::exchange::sim::Faults;
 use tally::store::keys;
 
 use crate::helpers::{
-    TestApp, eventually, spawn_app, spawn_exchange, spawn_workers, stream_entries, tally_process,
-    test_worker_settings,
+    TestApp, eventually, spawn_app, spawn_exchange, spawn_workers, stream_entries,
+    test_worker_settings, worker_process,
 };
 
 async fn accept(app: &TestApp, account: &str, kind: &str, amount: &str) -> String {
@@ -292,29 +292,7 @@ async fn a_wallet_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twi
         }
         accounts.push(account);
     }
-    let redis_url = app.redis.url();
-    let args = |name: &'static str| {
-        vec![
-            "worker",
-            "--redis-url",
-            &redis_url,
-            "--exchange-url",
-            &exchange.url,
-            "--worker-name",
-            name,
-            "--claim-idle-ms",
-            "2000",
-            "--exchange-timeout-ms",
-            "1500",
-            "--block-ms",
-            "100",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>()
-    };
-    let doomed_args = args("doomed");
-    let mut doomed = tally_process(&doomed_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut doomed = worker_process(&app, &exchange, "doomed");
     let mut conn = app.redis().await;
     eventually("the worker is part way through", || async {
         let applied: usize = app
@@ -328,8 +306,7 @@ async fn a_wallet_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twi
     .await;
     doomed.kill().await.unwrap();
     doomed.wait().await.unwrap();
-    let survivor_args = args("survivor");
-    let _survivor = tally_process(&survivor_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let _survivor = worker_process(&app, &exchange, "survivor");
     eventually("every transaction is applied", || {
         wallet_drained(&app, &accounts)
     })
