@@ -117,13 +117,9 @@ async fn guard<E: Endpoint>(
     body_size_max_bytes: usize,
     request_timeout: Duration,
 ) -> poem::Result<Response> {
-    let body = request
-        .take_body()
-        .into_bytes_limit(body_size_max_bytes)
-        .await;
-    let body = match body {
-        Ok(body) => body,
-        Err(poem::error::ReadBodyError::PayloadTooLarge) => {
+    let body = match read_body(request.take_body(), body_size_max_bytes).await? {
+        Some(body) => body,
+        None => {
             let detail = format!("the request body is larger than {body_size_max_bytes} bytes");
             return Ok(problem_response(Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -131,7 +127,6 @@ async fn guard<E: Endpoint>(
                 detail,
             )));
         }
-        Err(err) => return Err(err.into()),
     };
     request.set_body(body);
     match tokio::time::timeout(request_timeout, endpoint.call(request)).await {
@@ -142,6 +137,29 @@ async fn guard<E: Endpoint>(
             "the request took too long; retry with the same Idempotency-Key",
         ))),
     }
+}
+
+/// How much of an oversized body is still read (and dropped) before the 413,
+/// so the client, still sending, gets the answer rather than a reset
+/// connection. Past this the connection is simply closed.
+pub const BODY_DRAIN_MAX_BYTES: usize = 1024 * 1024;
+
+/// The body, or `None` when it is larger than `size_max_bytes`.
+async fn read_body(body: poem::Body, size_max_bytes: usize) -> poem::Result<Option<Vec<u8>>> {
+    use futures::StreamExt;
+    let mut chunks = std::pin::pin!(body.into_bytes_stream());
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|err| poem::Error::new(err, StatusCode::BAD_REQUEST))?;
+        seen += chunk.len();
+        if seen <= size_max_bytes {
+            kept.extend_from_slice(&chunk);
+        } else if seen > size_max_bytes + BODY_DRAIN_MAX_BYTES {
+            break;
+        }
+    }
+    Ok((seen <= size_max_bytes).then_some(kept))
 }
 
 /// RFC 3339 UTC with milliseconds, from ms since the Unix epoch.
