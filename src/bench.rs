@@ -17,11 +17,16 @@
 //! `tally bench report` fills the journal with `--entries` entries and fetches
 //! page 1 and page 200 (of 50 entries) of one snapshot, alternately, side by side.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -95,6 +100,12 @@ pub struct BenchReport {
     pub latency_p999_ms: f64,
     pub ratio_to_http_ceiling: f64,
     pub ratio_to_redis_ceiling: f64,
+    /// CPU per `GET /health`, bench client and server together.
+    pub http_cpu_us_per_request: f64,
+    /// CPU per order in the tally process (bench client, API, workers,
+    /// exchange-sim) and in redis-server, settlement and notifications included.
+    pub orders_cpu_us_tally: f64,
+    pub orders_cpu_us_redis: f64,
     pub batches: u64,
     pub batches_settled_per_sec: f64,
     pub settled_after_load_ms: f64,
@@ -106,6 +117,7 @@ struct Rig {
     redis: RedisServer,
     store: Store,
     api_url: String,
+    api_addr: SocketAddr,
     exchange_url: String,
     stop: watch::Sender<bool>,
     accounts: Vec<AccountId>,
@@ -136,7 +148,8 @@ impl Rig {
         };
         let ledger = settings.ledger.clone();
         let app = Application::build(settings).await?;
-        let api_url = format!("http://{}", app.local_addr());
+        let api_addr = app.local_addr();
+        let api_url = format!("http://{api_addr}");
         let store = app.store();
         tokio::spawn(app.run_until_stopped(until_stopped(stopped.clone())));
         let accounts = create_accounts(&store, args.accounts).await?;
@@ -144,6 +157,7 @@ impl Rig {
             redis,
             store,
             api_url,
+            api_addr,
             exchange_url,
             stop,
             accounts,
@@ -183,7 +197,7 @@ impl Rig {
             .await?)
     }
 
-    /// Batches settled so far, as `finish_batch.lua` counts them.
+    /// Batches settled so far, as `finish_batches.lua` counts them.
     async fn settled_count(&self) -> anyhow::Result<u64> {
         let mut conn = self.store.conn().await?;
         let settled: Option<u64> = redis::cmd("HGET")
@@ -237,6 +251,61 @@ async fn create_accounts(store: &Store, count: usize) -> anyhow::Result<Vec<Acco
     Ok(accounts)
 }
 
+/// CPU time used so far by this process (bench client, API and workers) and
+/// by the bench's redis-server, so a phase can say what each request cost.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuTimes {
+    tally: Duration,
+    redis: Duration,
+}
+
+impl CpuTimes {
+    fn now(redis_pid: Option<u32>) -> Self {
+        // SAFETY: getrusage fills the struct we own and has no other effects.
+        let usage = unsafe {
+            let mut usage = std::mem::zeroed::<libc::rusage>();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        let timeval = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        CpuTimes {
+            tally: timeval(usage.ru_utime) + timeval(usage.ru_stime),
+            redis: redis_pid.map_or(Duration::ZERO, process_cpu),
+        }
+    }
+
+    /// Microseconds of CPU per request in each process since `earlier`.
+    fn per_request_us(self, earlier: CpuTimes, requests: u64) -> (f64, f64) {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / requests.max(1) as f64;
+        (
+            per(self.tally - earlier.tally),
+            per(self.redis - earlier.redis),
+        )
+    }
+}
+
+/// utime + stime of another process, from /proc (Linux), in clock ticks.
+fn process_cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf reads a constant.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 counting from 0 after the name.
+    Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / per_sec)
+}
+
 /// What one load phase saw.
 struct Load {
     ok: u64,
@@ -261,34 +330,62 @@ impl Load {
     }
 }
 
-/// Runs `concurrency` loops of `request` until `duration` has passed.
-async fn http_load<F, Fut>(concurrency: usize, duration: Duration, request: F) -> Load
+/// Runs `concurrency` HTTP/1.1 keep-alive connections to `addr`, each sending
+/// `request(n)` back to back until `duration` has passed; a request counts as
+/// ok when it is answered `expect`.
+///
+/// The client is hyper's own connection, one per loop, with no pool: what it
+/// costs counts against the ceiling and the orders alike, so it is kept small.
+async fn http_load<F>(
+    addr: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+    expect: StatusCode,
+    request: F,
+) -> anyhow::Result<Load>
 where
-    F: Fn(reqwest::Client, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = bool> + Send,
+    F: Fn(u64) -> http::Request<Full<Bytes>> + Send + Sync + 'static,
 {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .http1_only()
-        .build()
-        .expect("an HTTP client builds");
     let request = Arc::new(request);
     let counter = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        senders.push(sender);
+    }
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (client, request, counter) = (client.clone(), request.clone(), counter.clone());
+    for mut sender in senders {
+        let (request, counter) = (request.clone(), counter.clone());
         tasks.spawn(async move {
-            let (mut ok, mut errors, mut latencies_us) = (0, 0, Vec::new());
+            let (mut ok, mut errors, mut latencies_us) = (0u64, 0u64, Vec::new());
             while Instant::now() < deadline {
                 let sent = Instant::now();
-                if request(client.clone(), counter.fetch_add(1, Ordering::Relaxed)).await {
+                let answered = match sender
+                    .send_request(request(counter.fetch_add(1, Ordering::Relaxed)))
+                    .await
+                {
+                    Ok(response) => {
+                        let status = response.status();
+                        // Read the whole answer, as a real client would.
+                        response.into_body().collect().await.is_ok() && status == expect
+                    }
+                    Err(_) => false,
+                };
+                if answered {
                     ok += 1;
                     latencies_us
                         .push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
                 } else {
                     errors += 1;
+                    if sender.ready().await.is_err() {
+                        break; // the connection is gone: count it and stop this loop
+                    }
                 }
             }
             (ok, errors, latencies_us)
@@ -300,13 +397,14 @@ where
         latencies_us: Vec::new(),
         elapsed: Duration::ZERO,
     };
-    while let Some(Ok((ok, errors, latencies_us))) = tasks.join_next().await {
+    while let Some(joined) = tasks.join_next().await {
+        let (ok, errors, latencies_us) = joined?;
         load.ok += ok;
         load.errors += errors;
         load.latencies_us.extend(latencies_us);
     }
     load.elapsed = started.elapsed();
-    load
+    Ok(load)
 }
 
 /// One pipelined connection running `place_order.lua` as fast as Redis allows.
@@ -353,50 +451,55 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     );
     let rig = Arc::new(Rig::start(&args).await?);
 
-    // URLs parsed once: the client's per-request cost counts against both figures.
-    let health_url: reqwest::Url = format!("{}/health", rig.api_url).parse()?;
-    let http = http_load(args.concurrency, args.duration, move |client, _| {
-        let url = health_url.clone();
-        async move {
-            client
-                .get(url)
-                .send()
-                .await
-                .is_ok_and(|response| response.status() == 200)
-        }
-    })
-    .await;
+    let redis_pid = rig.redis.pid();
+    let cpu_before_http = CpuTimes::now(redis_pid);
+    let http = http_load(
+        rig.api_addr,
+        args.concurrency,
+        args.duration,
+        StatusCode::OK,
+        |_| {
+            http::Request::get("/health")
+                .header(http::header::HOST, "tally")
+                .body(Full::new(Bytes::new()))
+                .expect("a valid request")
+        },
+    )
+    .await?;
+    let http_cpu = CpuTimes::now(redis_pid).per_request_us(cpu_before_http, http.ok);
     println!(
         "HTTP ceiling (GET /health):       {:>10.0} req/s",
         http.per_sec()
     );
 
     let (stop_workers, workers) = rig.start_workers(&args);
-    let orders_url: reqwest::Url = format!("{}/api/v1/orders", rig.api_url).parse()?;
-    let bodies: Arc<Vec<String>> = Arc::new(
+    let bodies: Arc<Vec<Bytes>> = Arc::new(
         (0..rig.accounts.len() * QUANTITY_MIX.len())
             .map(|i| {
                 let account = &rig.accounts[i % rig.accounts.len()];
                 let quantity = QUANTITY_MIX[(i / rig.accounts.len()) % QUANTITY_MIX.len()];
-                format!(r#"{{"account_id":"{account}","symbol":"ABAN","quantity":"{quantity}"}}"#)
+                Bytes::from(format!(
+                    r#"{{"account_id":"{account}","symbol":"ABAN","quantity":"{quantity}"}}"#
+                ))
             })
             .collect(),
     );
-    let load_bodies = bodies.clone();
-    let mut load = http_load(args.concurrency, args.duration, move |client, n| {
-        let body = load_bodies[(n as usize) % load_bodies.len()].clone();
-        let url = orders_url.clone();
-        async move {
-            let response = client
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await;
-            response.is_ok_and(|response| response.status() == 201)
-        }
-    })
-    .await;
+    let cpu_before_orders = CpuTimes::now(redis_pid);
+    let mut load = http_load(
+        rig.api_addr,
+        args.concurrency,
+        args.duration,
+        StatusCode::CREATED,
+        move |n| {
+            http::Request::post("/api/v1/orders")
+                .header(http::header::HOST, "tally")
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(bodies[(n as usize) % bodies.len()].clone()))
+                .expect("a valid request")
+        },
+    )
+    .await?;
+    let orders_cpu = CpuTimes::now(redis_pid).per_request_us(cpu_before_orders, load.ok);
     let settled_during_load = rig.settled_count().await?;
     let settle_tail = rig.wait_until_settled().await?;
     let batches = rig.batch_count().await?;
@@ -430,6 +533,9 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         latency_p999_ms: load.percentile_ms(0.999),
         ratio_to_http_ceiling: load.per_sec() / http.per_sec(),
         ratio_to_redis_ceiling: load.per_sec() / redis_per_sec,
+        http_cpu_us_per_request: http_cpu.0 + http_cpu.1,
+        orders_cpu_us_tally: orders_cpu.0,
+        orders_cpu_us_redis: orders_cpu.1,
         batches,
         batches_settled_per_sec: batches as f64 / (load.elapsed + settle_tail).as_secs_f64(),
         settled_after_load_ms: settle_tail.as_secs_f64() * 1000.0,
@@ -443,6 +549,10 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         "orders/s is {:.0}% of the HTTP ceiling and {:.0}% of the Redis ceiling",
         report.ratio_to_http_ceiling * 100.0,
         report.ratio_to_redis_ceiling * 100.0
+    );
+    println!(
+        "CPU per request: GET /health {:.1} us; order {:.1} us in tally + {:.1} us in redis-server",
+        report.http_cpu_us_per_request, report.orders_cpu_us_tally, report.orders_cpu_us_redis
     );
     println!(
         "settlement: {batches} batches ({settled_during_load} settled during the load), {:.0} batches/s; \

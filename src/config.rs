@@ -23,6 +23,9 @@ pub const IDEMPOTENCY_TTL_SECS_DEFAULT: u64 = 24 * 60 * 60;
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 pub const WORKER_CONSUMERS_DEFAULT: usize = 1;
 pub const WORKER_READ_COUNT_DEFAULT: usize = 16;
+/// A read's jobs go to one script call (and one XACK), whose arguments Lua
+/// unpacks onto its C stack: keep a read well under that bound.
+pub const WORKER_READ_COUNT_MAX: usize = 1_000;
 pub const WORKER_BLOCK_MS_DEFAULT: u64 = 1_000;
 pub const CLAIM_IDLE_MS_DEFAULT: u64 = 30_000;
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 8;
@@ -257,6 +260,12 @@ impl WorkerSettings {
                 "consumers, read_count, attempts_max and webhook_attempts_max must be at least 1"
                     .to_owned(),
             );
+        }
+        if self.read_count > WORKER_READ_COUNT_MAX {
+            return Err(format!(
+                "read_count ({}) must be at most {WORKER_READ_COUNT_MAX}",
+                self.read_count
+            ));
         }
         Ok(())
     }

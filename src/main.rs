@@ -7,7 +7,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = tally::config::Cli::parse();
-    tally::telemetry::init(cli.log_format);
+    let default_filter = match cli.command {
+        tally::config::Command::Bench { .. } => "warn",
+        _ => "info",
+    };
+    tally::telemetry::init(cli.log_format, default_filter);
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
     match runtime.block_on(tally::cli::run(cli.command)) {
         Ok(code) => code,

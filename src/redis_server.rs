@@ -87,6 +87,11 @@ impl RedisServer {
         }
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -8,11 +8,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tracing::Instrument;
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::domain::{BatchId, Quantity, Symbol};
-use crate::exchange::{Exchange, ExchangeOrder};
-use crate::store::settlement::{self as scripts, JobEnd, JobRef};
+use crate::exchange::{Exchange, ExchangeError, ExchangeOrder};
+use crate::store::settlement::{self as scripts, Filled, JobEnd, JobRef};
 use crate::store::{Store, keys, now_ms};
 use crate::workers::{Delivery, JobHandler, backoff};
 
@@ -87,59 +90,138 @@ impl<E: Exchange> Settler<E> {
         }
     }
 
-    async fn settle(&self, worker: &str, stream_id: &str, job: &SettleJob) -> anyhow::Result<()> {
-        let mut conn = self.store.conn().await?;
-        let job_ref = JobRef {
-            stream_id,
-            batch_id: &job.batch_id,
-            worker,
-        };
-        if let JobEnd::Skipped(status) = scripts::begin_attempt(&mut conn, &job_ref).await? {
-            // Another delivery already ended this batch: nothing left to do.
-            tracing::info!(status, "batch no longer settling; job acknowledged");
-            return Ok(());
+    /// Settles one read's jobs: one script counts every attempt, the exchange
+    /// calls run concurrently, and the fills are settled as they arrive, each
+    /// script call taking every fill that is in by then (group commit). A
+    /// failed step leaves its jobs pending for re-delivery; the rest go on.
+    async fn settle_read(&self, worker: &str, jobs: &[(String, SettleJob)]) -> anyhow::Result<()> {
+        let refs: Vec<JobRef<'_>> = jobs
+            .iter()
+            .map(|(stream_id, job)| JobRef {
+                stream_id,
+                batch_id: &job.batch_id,
+                worker,
+            })
+            .collect();
+        let begun = {
+            let mut conn = self.store.conn().await?;
+            scripts::begin_attempts(&mut conn, &refs).await?
+        }; // the connection is not held across the exchange calls
+
+        let mut calls = FuturesUnordered::new();
+        for ((job_ref, (_, job)), begun) in refs.iter().zip(jobs).zip(begun) {
+            if let JobEnd::Skipped(status) = begun {
+                // Another delivery already ended this batch: nothing left to do.
+                tracing::info!(worker, batch_id = %job.batch_id, attempt = job.attempt, status, "batch no longer settling; job acknowledged");
+                continue;
+            }
+            tracing::debug!(worker, batch_id = %job.batch_id, attempt = job.attempt, symbol = %job.symbol, quantity = %job.quantity, "calling the exchange");
+            calls.push(async move {
+                let order = ExchangeOrder {
+                    client_order_id: job.batch_id,
+                    symbol: job.symbol.clone(),
+                    quantity: job.quantity,
+                };
+                (job_ref, job, self.exchange.buy_from_exchange(&order).await)
+            });
         }
-        drop(conn); // not held across the exchange call
 
-        let order = ExchangeOrder {
-            client_order_id: job.batch_id,
-            symbol: job.symbol.clone(),
-            quantity: job.quantity,
-        };
-        tracing::info!(symbol = %job.symbol, quantity = %job.quantity, "calling the exchange");
-        let outcome = self.exchange.buy_from_exchange(&order).await;
-
-        let mut conn = self.store.conn().await?;
-        match outcome {
-            Ok(fill) => {
-                let end = scripts::finish_batch(&mut conn, &job_ref, &fill.fill_id).await?;
-                tracing::info!(fill_id = %fill.fill_id, duplicate = fill.duplicate, ?end, "batch settled");
+        let mut failed_steps = 0;
+        while let Some(first) = calls.next().await {
+            let mut answered = vec![first];
+            while let Some(Some(next)) = calls.next().now_or_never() {
+                answered.push(next);
             }
-            Err(err) if err.is_retryable() && job.attempt < self.settings.attempts_max => {
-                let delay = backoff(
-                    job.attempt,
-                    self.settings.retry_base,
-                    self.settings.retry_max,
-                );
-                let due_ms = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-                let end = scripts::retry_batch(
-                    &mut conn,
-                    &job_ref,
-                    due_ms,
-                    &job.next_attempt_json(),
-                    &err.to_string(),
-                )
-                .await?;
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, ?end, "exchange call failed; retry scheduled");
+            let mut fills = Vec::new();
+            for (job_ref, job, outcome) in answered {
+                match outcome {
+                    Ok(fill) => fills.push((job_ref, job, fill)),
+                    Err(err) => {
+                        if let Err(step) = self.end_failed_call(job_ref, job, err).await {
+                            failed_steps += 1;
+                            tracing::warn!(worker, batch_id = %job.batch_id, error = %step, "job left pending for re-delivery");
+                        }
+                    }
+                }
             }
-            Err(err) => {
-                let end =
-                    scripts::dead_letter_batch(&mut conn, &job_ref, &err.to_string(), job.attempt)
-                        .await?;
-                tracing::error!(error = %err, ?end, "batch failed; moved to the dead-letter stream");
+            if fills.is_empty() {
+                continue;
             }
+            let filled: Vec<Filled<'_>> = fills
+                .iter()
+                .map(|(job_ref, _, fill)| Filled {
+                    job: **job_ref,
+                    fill_id: &fill.fill_id,
+                })
+                .collect();
+            let finished = match self.store.conn().await {
+                Ok(mut conn) => scripts::finish_batches(&mut conn, worker, &filled).await,
+                Err(err) => Err(err),
+            };
+            match finished {
+                Ok(ends) => {
+                    for ((_, job, fill), end) in fills.iter().zip(ends) {
+                        tracing::info!(worker, batch_id = %job.batch_id, attempt = job.attempt, fill_id = %fill.fill_id, duplicate = fill.duplicate, ?end, "batch settled");
+                    }
+                }
+                Err(err) => {
+                    failed_steps += 1;
+                    tracing::warn!(worker, batches = filled.len(), error = %err, "settling fills failed; jobs left pending for re-delivery");
+                }
+            }
+        }
+        if failed_steps > 0 {
+            anyhow::bail!("{failed_steps} settlement steps failed; their jobs are left pending");
         }
         Ok(())
+    }
+
+    /// The exchange refused or could not be reached: retry later, or dead-letter.
+    async fn end_failed_call(
+        &self,
+        job_ref: &JobRef<'_>,
+        job: &SettleJob,
+        err: ExchangeError,
+    ) -> anyhow::Result<()> {
+        let mut conn = self.store.conn().await?;
+        if err.is_retryable() && job.attempt < self.settings.attempts_max {
+            let delay = backoff(
+                job.attempt,
+                self.settings.retry_base,
+                self.settings.retry_max,
+            );
+            let due_ms = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            let end = scripts::retry_batch(
+                &mut conn,
+                job_ref,
+                due_ms,
+                &job.next_attempt_json(),
+                &err.to_string(),
+            )
+            .await?;
+            tracing::warn!(worker = job_ref.worker, batch_id = %job.batch_id, attempt = job.attempt, error = %err, retry_in_ms = delay.as_millis() as u64, ?end, "exchange call failed; retry scheduled");
+        } else {
+            let end = scripts::dead_letter_batch(&mut conn, job_ref, &err.to_string(), job.attempt)
+                .await?;
+            tracing::error!(worker = job_ref.worker, batch_id = %job.batch_id, attempt = job.attempt, error = %err, ?end, "batch failed; moved to the dead-letter stream");
+        }
+        Ok(())
+    }
+
+    /// Parses a read's deliveries; a job that cannot be parsed is quarantined.
+    async fn parse_read(
+        &self,
+        worker: &str,
+        deliveries: Vec<Delivery>,
+    ) -> anyhow::Result<Vec<(String, SettleJob)>> {
+        let mut jobs = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match SettleJob::parse(&delivery.fields) {
+                Ok(job) => jobs.push((delivery.stream_id, job)),
+                Err(problem) => self.quarantine(worker, &delivery, &problem).await?,
+            }
+        }
+        Ok(jobs)
     }
 
     /// A job that cannot be parsed goes to the dead-letter stream as it is.
@@ -174,15 +256,28 @@ impl<E: Exchange> Settler<E> {
 
 impl<E: Exchange + 'static> JobHandler for Settler<E> {
     async fn handle(&self, worker: &str, delivery: Delivery) -> anyhow::Result<()> {
-        let job = match SettleJob::parse(&delivery.fields) {
-            Ok(job) => job,
-            Err(problem) => return self.quarantine(worker, &delivery, &problem).await,
+        let jobs = self.parse_read(worker, vec![delivery]).await?;
+        self.settle_read(worker, &jobs).await
+    }
+
+    async fn handle_all(&self, worker: &str, deliveries: Vec<Delivery>) {
+        let read = async {
+            let jobs = self.parse_read(worker, deliveries).await?;
+            self.settle_read(worker, &jobs).await
         };
-        let span =
-            tracing::info_span!("settle", worker, batch_id = %job.batch_id, attempt = job.attempt);
-        self.settle(worker, &delivery.stream_id, &job)
-            .instrument(span)
-            .await
+        // A panic is a system failure like any other: the jobs stay pending.
+        match AssertUnwindSafe(read).catch_unwind().await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(worker, error = %err, "settle read left jobs pending for re-delivery")
+            }
+            Err(_) => {
+                tracing::error!(
+                    worker,
+                    "settlement panicked; jobs left pending for re-delivery"
+                )
+            }
+        }
     }
 
     async fn tick(&self) -> anyhow::Result<()> {

@@ -14,8 +14,8 @@ pub const SETTLE_GROUP: &str = "settlers";
 /// Bound on the events stream; the notifier delivers long before it is reached.
 pub const EVENTS_STREAM_LENGTH_MAX: usize = 1_000_000;
 
-static BEGIN_ATTEMPT: LazyLock<Script> = lua_script!("begin_attempt.lua");
-static FINISH_BATCH: LazyLock<Script> = lua_script!("finish_batch.lua");
+static BEGIN_ATTEMPTS: LazyLock<Script> = lua_script!("begin_attempts.lua");
+static FINISH_BATCHES: LazyLock<Script> = lua_script!("finish_batches.lua");
 static RETRY_BATCH: LazyLock<Script> = lua_script!("retry_batch.lua");
 static DEAD_LETTER_BATCH: LazyLock<Script> = lua_script!("dead_letter_batch.lua");
 static PROMOTE_DUE_JOBS: LazyLock<Script> = lua_script!("promote_due_jobs.lua");
@@ -24,8 +24,8 @@ static REFUND_BATCH: LazyLock<Script> = lua_script!("refund_batch.lua");
 
 pub fn scripts() -> [&'static Script; 7] {
     [
-        &BEGIN_ATTEMPT,
-        &FINISH_BATCH,
+        &BEGIN_ATTEMPTS,
+        &FINISH_BATCHES,
         &RETRY_BATCH,
         &DEAD_LETTER_BATCH,
         &PROMOTE_DUE_JOBS,
@@ -35,7 +35,7 @@ pub fn scripts() -> [&'static Script; 7] {
 }
 
 /// How a settle job ended, as the script saw it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobEnd {
     /// The script did what was asked.
     Done,
@@ -57,32 +57,48 @@ fn job_end(reply: Vec<String>, done: &str) -> StoreResult<JobEnd> {
 }
 
 /// The settle job being ended: its stream id and who holds it.
+#[derive(Debug, Clone, Copy)]
 pub struct JobRef<'a> {
     pub stream_id: &'a str,
     pub batch_id: &'a BatchId,
     pub worker: &'a str,
 }
 
-/// Counts an exchange call about to be made, if the batch is still settling.
-pub async fn begin_attempt(conn: &mut impl Conn, job: &JobRef<'_>) -> StoreResult<JobEnd> {
-    let reply: Vec<String> = BEGIN_ATTEMPT
-        .key(keys::batch(job.batch_id))
-        .key(keys::SETTLE_STREAM)
-        .arg(SETTLE_GROUP)
-        .arg(job.stream_id)
-        .invoke_async(conn)
-        .await?;
-    job_end(reply, "go")
+/// Counts the exchange calls about to be made for `jobs` (one read), each
+/// only if its batch is still settling; the others are acknowledged. One
+/// outcome per job, in order: `Done` means call the exchange.
+pub async fn begin_attempts(conn: &mut impl Conn, jobs: &[JobRef<'_>]) -> StoreResult<Vec<JobEnd>> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut invocation = BEGIN_ATTEMPTS.key(keys::SETTLE_STREAM);
+    invocation.arg(SETTLE_GROUP);
+    for job in jobs {
+        invocation.key(keys::batch(job.batch_id)).arg(job.stream_id);
+    }
+    let reply: Vec<String> = invocation.invoke_async(conn).await?;
+    job_ends(reply, jobs.len(), "go")
 }
 
-pub async fn finish_batch(
+/// A batch the exchange filled: its job, and the exchange's fill id.
+pub struct Filled<'a> {
+    pub job: JobRef<'a>,
+    pub fill_id: &'a str,
+}
+
+/// Settles the batches the exchange filled, in one atomic step, and
+/// acknowledges every job. One outcome per batch, in order: `Done` for
+/// settled now, `Skipped` for one another delivery had already ended.
+pub async fn finish_batches(
     conn: &mut impl Conn,
-    job: &JobRef<'_>,
-    fill_id: &str,
-) -> StoreResult<JobEnd> {
-    let reply: Vec<String> = FINISH_BATCH
-        .key(keys::batch(job.batch_id))
-        .key(keys::SETTLE_STREAM)
+    worker: &str,
+    filled: &[Filled<'_>],
+) -> StoreResult<Vec<JobEnd>> {
+    if filled.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut invocation = FINISH_BATCHES.key(keys::SETTLE_STREAM);
+    invocation
         .key(keys::account(&SystemAccount::Exchange.id()))
         .key(keys::account(&SystemAccount::Bank.id()))
         .key(keys::JOURNAL)
@@ -91,17 +107,31 @@ pub async fn finish_batch(
         .key(keys::JOURNAL_INDEX)
         .key(keys::STATS)
         .arg(SETTLE_GROUP)
-        .arg(job.stream_id)
-        .arg(job.batch_id.to_string())
         .arg(now_ms())
-        .arg(fill_id)
-        .arg(job.worker)
+        .arg(worker)
         .arg(SystemAccount::Exchange.id().as_str())
         .arg(SystemAccount::Bank.id().as_str())
-        .arg(EVENTS_STREAM_LENGTH_MAX)
-        .invoke_async(conn)
-        .await?;
-    job_end(reply, "settled")
+        .arg(EVENTS_STREAM_LENGTH_MAX);
+    for fill in filled {
+        invocation
+            .key(keys::batch(fill.job.batch_id))
+            .arg(fill.job.stream_id)
+            .arg(fill.job.batch_id.to_string())
+            .arg(fill.fill_id);
+    }
+    let reply: Vec<String> = invocation.invoke_async(conn).await?;
+    job_ends(reply, filled.len(), "settled")
+}
+
+/// A group script's reply: two strings per job, `done` or a skip with its reason.
+fn job_ends(reply: Vec<String>, jobs: usize, done: &str) -> StoreResult<Vec<JobEnd>> {
+    if reply.len() != 2 * jobs {
+        return Err(StoreError::UnexpectedReply(reply));
+    }
+    reply
+        .chunks(2)
+        .map(|pair| job_end(pair.to_vec(), done))
+        .collect()
 }
 
 /// Schedules `next_job` (JSON of its stream fields) for `due_ms` and acknowledges this job.

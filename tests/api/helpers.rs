@@ -37,7 +37,7 @@ pub async fn spawn_app() -> TestApp {
 /// Starts redis-server and the API, letting the test adjust the settings.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        tally::telemetry::init(tally::config::LogFormat::Text);
+        tally::telemetry::init(tally::config::LogFormat::Text, "info");
     }
     let redis = RedisServer::start_ephemeral()
         .await

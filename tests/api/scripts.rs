@@ -1,6 +1,9 @@
 //! The Lua scripts, called directly against Redis through their wrappers:
 //! every verdict, and for every refusal, proof that nothing was written.
 
+use std::collections::HashMap;
+
+use redis::AsyncCommands;
 use tally::domain::{
     AccountId, Amount, BatchId, Idempotency, IdempotencyKey, OrderId, Quantity, Symbol,
 };
@@ -12,7 +15,7 @@ use tally::store::orders::{
 };
 
 use tally::store::keys;
-use tally::store::settlement::{self, JobEnd, JobRef, OperatorError};
+use tally::store::settlement::{self, Filled, JobEnd, JobRef, OperatorError};
 
 use crate::helpers::{redis_snapshot, spawn_app};
 
@@ -250,27 +253,28 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
     assert_eq!(redis_snapshot(&mut conn).await, before);
 
     assert_eq!(
-        settlement::begin_attempt(&mut conn, &job).await.unwrap(),
-        JobEnd::Done
+        settlement::begin_attempts(&mut conn, &[job]).await.unwrap(),
+        [JobEnd::Done]
     );
+    let filled = |fill_id| Filled { job, fill_id };
     assert_eq!(
-        settlement::finish_batch(&mut conn, &job, "fill-1")
+        settlement::finish_batches(&mut conn, "test", &[filled("fill-1")])
             .await
             .unwrap(),
-        JobEnd::Done
+        [JobEnd::Done]
     );
     // Settled: every other ending only acknowledges, and changes nothing.
     let settled = redis_snapshot(&mut conn).await;
     let skipped = JobEnd::Skipped("settled".to_owned());
     assert_eq!(
-        settlement::begin_attempt(&mut conn, &job).await.unwrap(),
-        skipped
+        settlement::begin_attempts(&mut conn, &[job]).await.unwrap(),
+        std::slice::from_ref(&skipped)
     );
     assert_eq!(
-        settlement::finish_batch(&mut conn, &job, "fill-2")
+        settlement::finish_batches(&mut conn, "test", &[filled("fill-2")])
             .await
             .unwrap(),
-        skipped
+        std::slice::from_ref(&skipped)
     );
     assert_eq!(
         settlement::retry_batch(&mut conn, &job, 0, "{}", "late")
@@ -286,6 +290,112 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
     );
     assert_eq!(redis_snapshot(&mut conn).await, settled);
     assert_eq!(app.balance("@exchange").await, "0.00");
+}
+
+/// Pending settle jobs of the test consumer.
+async fn pending_jobs(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    // XPENDING's summary form starts with the count.
+    let summary: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(keys::SETTLE_STREAM)
+        .arg(settlement::SETTLE_GROUP)
+        .query_async(conn)
+        .await
+        .unwrap();
+    redis::from_redis_value(summary[0].clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_settlement_scripts_decide_each_job_on_its_own() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let (settled_id, settled_stream_id) = settling_batch(&app).await;
+    let (open_id, open_stream_id) = settling_batch(&app).await;
+    let missing_id = BatchId::new();
+    let job = |stream_id, batch_id| JobRef {
+        stream_id,
+        batch_id,
+        worker: "test",
+    };
+    let settled = job(&settled_stream_id, &settled_id);
+    let open = job(&open_stream_id, &open_id);
+    let missing = job("0-1", &missing_id);
+    let filled = |job, fill_id| Filled { job, fill_id };
+    settlement::begin_attempts(&mut conn, &[settled])
+        .await
+        .unwrap();
+    settlement::finish_batches(&mut conn, "test", &[filled(settled, "fill-0")])
+        .await
+        .unwrap();
+    assert_eq!(pending_jobs(&mut conn).await, 1);
+
+    // One read: only the open batch goes to the exchange; the others are acknowledged.
+    let before = redis_snapshot(&mut conn).await;
+    assert_eq!(
+        settlement::begin_attempts(&mut conn, &[settled, open, missing])
+            .await
+            .unwrap(),
+        [
+            JobEnd::Skipped("settled".to_owned()),
+            JobEnd::Done,
+            JobEnd::Skipped("missing".to_owned())
+        ]
+    );
+    let batch: HashMap<String, String> = conn.hgetall(keys::batch(&open_id)).await.unwrap();
+    assert_eq!(batch["attempts"], "1");
+    assert_eq!(pending_jobs(&mut conn).await, 1);
+    let settled_batch: HashMap<String, String> =
+        conn.hgetall(keys::batch(&settled_id)).await.unwrap();
+    assert_eq!(
+        settled_batch["attempts"], "1",
+        "a skipped job is not counted"
+    );
+
+    // One group of fills: only the open batch settles, every job is acknowledged.
+    let journal_before: u64 = conn.xlen(keys::JOURNAL).await.unwrap();
+    assert_eq!(app.balance("@exchange").await, "12.00");
+    assert_eq!(
+        settlement::finish_batches(
+            &mut conn,
+            "test",
+            &[
+                filled(settled, "fill-1"),
+                filled(open, "fill-2"),
+                filled(missing, "fill-3")
+            ]
+        )
+        .await
+        .unwrap(),
+        [
+            JobEnd::Skipped("settled".to_owned()),
+            JobEnd::Done,
+            JobEnd::Skipped("missing".to_owned())
+        ]
+    );
+    assert_eq!(pending_jobs(&mut conn).await, 0);
+    assert_eq!(app.balance("@exchange").await, "0.00");
+    let journal_after: u64 = conn.xlen(keys::JOURNAL).await.unwrap();
+    assert_eq!(journal_after, journal_before + 1, "one settlement entry");
+    let batch: HashMap<String, String> = conn.hgetall(keys::batch(&open_id)).await.unwrap();
+    assert_eq!(
+        (batch["status"].as_str(), batch["fill_id"].as_str()),
+        ("settled", "fill-2")
+    );
+    let settled_batch_after: HashMap<String, String> =
+        conn.hgetall(keys::batch(&settled_id)).await.unwrap();
+    assert_eq!(
+        settled_batch_after["fill_id"], "fill-0",
+        "the first fill stands"
+    );
+    assert!(
+        !conn
+            .exists::<_, bool>(keys::batch(&missing_id))
+            .await
+            .unwrap()
+    );
+    let settled_count: String = conn.hget(keys::STATS, "batches_settled").await.unwrap();
+    assert_eq!(settled_count, "2");
+    assert_ne!(redis_snapshot(&mut conn).await, before);
+    assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,73 @@
+-- finish_batches: the exchange filled these batches. For each, mark it
+-- settled, pay @exchange's balance for it out through @bank, journal that and
+-- emit the accounting event; acknowledge every job. One atomic step for the
+-- fills a worker has in hand, so a busy worker pays one script run for many.
+--
+-- Safe to run twice: a batch already settled (or refunded) is only
+-- acknowledged again. A failed batch the exchange filled after all (a late
+-- answer) settles too.
+--
+-- KEYS[1] settle jobs (stream)       KEYS[2] @exchange account (hash)
+-- KEYS[3] @bank account (hash)       KEYS[4] journal (stream)
+-- KEYS[5] failed batches (sorted set)    KEYS[6] accounting events (stream)
+-- KEYS[7] journal index (sorted set of padded entry ids, for the report)
+-- KEYS[8] counters (hash: batches_settled)
+-- then KEYS[8 + i] the i-th batch (hash)
+-- ARGV[1] consumer group    ARGV[2] now, ms since the Unix epoch
+-- ARGV[3] worker name       ARGV[4] @exchange's account id
+-- ARGV[5] @bank's account id    ARGV[6] events stream length bound (approximate)
+-- then three per batch, at offset a = 6 + 3 * (i - 1):
+--   a+1 settle job's stream id   a+2 batch id   a+3 the exchange's fill id
+--
+-- Returns two strings per batch, in order:
+--   "settled", ""      | "already", status (settled or refunded before)
+--   "missing", "missing"   for an unknown batch
+
+local count = #KEYS - 8
+if count < 1 or #ARGV ~= 6 + 3 * count then
+  return redis.error_reply('finish_batches: expected one batch key and three arguments per batch')
+end
+local now, worker = ARGV[2], ARGV[3]
+
+local replies = {}
+local stream_ids = {}
+local paid = 0
+local settled = 0
+for i = 1, count do
+  local key, a = KEYS[8 + i], 6 + 3 * (i - 1)
+  local stream_id, batch_id, fill_id = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  stream_ids[#stream_ids + 1] = stream_id
+  local status = redis.call('HGET', key, 'status')
+  if not status then
+    replies[#replies + 1] = 'missing'
+    replies[#replies + 1] = 'missing'
+  elseif status ~= 'settling' and status ~= 'failed' then
+    replies[#replies + 1] = 'already'
+    replies[#replies + 1] = status
+  else
+    local value = redis.call('HGET', key, 'value')
+    journal(KEYS[4], KEYS[7], 'at', now, 'kind', 'settlement', 'debit', ARGV[4],
+      'credit', ARGV[5], 'amount', value, 'ref', batch_id, 'status', 'completed', 'reason', '')
+    redis.call('HSET', key, 'status', 'settled', 'fill_id', fill_id, 'settled_at', now,
+      'last_error', '')
+    if status == 'failed' then
+      redis.call('ZREM', KEYS[5], batch_id)
+    end
+    redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', 'type', 'batch.settled',
+      'ref', batch_id, 'amount', value, 'at', now, 'worker', worker)
+    paid = paid + tonumber(value)
+    settled = settled + 1
+    replies[#replies + 1] = 'settled'
+    replies[#replies + 1] = ''
+  end
+end
+
+-- The balances move once for the whole group: the journal has each batch.
+if settled > 0 then
+  local total = string.format('%d', paid)
+  redis.call('HINCRBY', KEYS[2], 'balance', '-' .. total)
+  redis.call('HINCRBY', KEYS[3], 'balance', total)
+  redis.call('HINCRBY', KEYS[8], 'batches_settled', settled)
+end
+redis.call('XACK', KEYS[1], ARGV[1], unpack(stream_ids))
+return replies
