@@ -52,6 +52,33 @@ local function int(number)
   return string.format('%d', number)
 end
 
+-- A group's orders often share a bucket, and all credit @exchange: the
+-- script keeps those in Lua while it runs and writes each once at the end
+-- (`flush`). Nothing else reads them in between; the script is atomic.
+local buckets = {} -- bucket key -> {value, quantity, count, epoch, ids, list, dirty}
+local exchange_credit = 0
+
+local function bucket_at(k)
+  local key = KEYS[k + 3]
+  local bucket = buckets[key]
+  if not bucket then
+    local stored = redis.call('HMGET', key, 'value', 'quantity', 'count', 'epoch')
+    bucket = {
+      value = tonumber(stored[1] or '0'), quantity = tonumber(stored[2] or '0'),
+      count = tonumber(stored[3] or '0'), epoch = stored[4] or '0',
+      fresh = not stored[4], ids = {}, list = KEYS[k + 4], dirty = false,
+    }
+    buckets[key] = bucket
+  end
+  return bucket
+end
+
+local function push_all(key, ids)
+  for first = 1, #ids, push_chunk do
+    redis.call('RPUSH', key, unpack(ids, first, math.min(first + push_chunk - 1, #ids)))
+  end
+end
+
 local function place(k, a)
   local idempotency = ARGV[a + 9]
   local fingerprint, ttl
@@ -75,51 +102,69 @@ local function place(k, a)
 
   local account_id, order_id, symbol, now = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 10]
   redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])
-  redis.call('HINCRBY', KEYS[1], 'balance', ARGV[a + 6])
+  exchange_credit = exchange_credit + cost
   journal(KEYS[2], KEYS[6], 'at', now, 'kind', 'order', 'debit', account_id,
     'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
 
-  local bucket = redis.call('HMGET', KEYS[k + 3], 'value', 'quantity', 'count', 'epoch')
-  if not bucket[4] then
+  local bucket = bucket_at(k)
+  if bucket.fresh then
     redis.call('SADD', KEYS[5], symbol) -- the symbol's first order: the audit must find its bucket
+    bucket.fresh = false
   end
-  local epoch = bucket[4] or '0'
+  local epoch = bucket.epoch
   redis.call('HSET', KEYS[k + 2], 'id', order_id, 'account_id', account_id, 'symbol', symbol,
     'quantity', ARGV[a + 4], 'price', ARGV[a + 5], 'cost', ARGV[a + 6], 'epoch', epoch, 'created_at', now)
   if fingerprint then
     redis.call('SET', KEYS[k + 8], order_id .. ' ' .. fingerprint, 'EX', ttl)
   end
 
-  redis.call('RPUSH', KEYS[k + 4], order_id)
-  local value = tonumber(bucket[1] or '0') + cost
-  local quantity = tonumber(bucket[2] or '0') + tonumber(ARGV[a + 4])
-  local orders = tonumber(bucket[3] or '0') + 1
-  if value < tonumber(ARGV[a + 7]) then
-    redis.call('HSET', KEYS[k + 3], 'value', int(value), 'quantity', int(quantity), 'count', int(orders),
-      'epoch', epoch)
+  bucket.ids[#bucket.ids + 1] = order_id
+  bucket.value = bucket.value + cost
+  bucket.quantity = bucket.quantity + tonumber(ARGV[a + 4])
+  bucket.count = bucket.count + 1
+  bucket.dirty = true
+  if bucket.value < tonumber(ARGV[a + 7]) then
     return 'placed', 'pending', ''
   end
 
-  -- Close the batch: move the bucket's orders into it and queue its settle job.
+  -- Close the batch: move the bucket's orders (stored, then this group's)
+  -- into it and queue its settle job.
   local batch_id = ARGV[a + 8]
-  local order_ids = redis.call('LRANGE', KEYS[k + 4], 0, -1)
-  for first = 1, #order_ids, push_chunk do
-    redis.call('RPUSH', KEYS[k + 7], unpack(order_ids, first, math.min(first + push_chunk - 1, #order_ids)))
+  local order_ids = redis.call('LRANGE', bucket.list, 0, -1)
+  for _, id in ipairs(bucket.ids) do
+    order_ids[#order_ids + 1] = id
   end
+  push_all(KEYS[k + 7], order_ids)
+  local value, quantity, orders = bucket.value, bucket.quantity, bucket.count
   local quantity_text = string.format('%d.%08d', math.floor(quantity / 1e8), quantity % 1e8)
   redis.call('HSET', KEYS[k + 6], 'id', batch_id, 'symbol', symbol, 'quantity', int(quantity),
     'value', int(value), 'order_count', int(orders), 'epoch', epoch, 'status', 'settling',
     'attempts', 0, 'created_at', now)
   redis.call('HSET', KEYS[k + 5], epoch, batch_id)
-  redis.call('DEL', KEYS[k + 4])
-  redis.call('HSET', KEYS[k + 3], 'value', 0, 'quantity', 0, 'count', 0, 'epoch', int(tonumber(epoch) + 1))
+  redis.call('DEL', bucket.list)
+  bucket.value, bucket.quantity, bucket.count, bucket.ids = 0, 0, 0, {}
+  bucket.epoch = int(tonumber(epoch) + 1)
   redis.call('ZADD', KEYS[4], now, batch_id)
   redis.call('XADD', KEYS[3], '*', 'batch_id', batch_id, 'symbol', symbol,
     'quantity', quantity_text, 'quantity_units', int(quantity), 'value_cents', int(value),
     'order_count', int(orders), 'orders', table.concat(order_ids, ','), 'created_at', now)
   return 'placed', 'settling', batch_id
+end
+
+-- Writes what the group kept in Lua: each bucket it changed, and @exchange's credit.
+local function flush()
+  for key, bucket in pairs(buckets) do
+    if bucket.dirty then
+      push_all(bucket.list, bucket.ids)
+      redis.call('HSET', key, 'value', int(bucket.value), 'quantity', int(bucket.quantity),
+        'count', int(bucket.count), 'epoch', bucket.epoch)
+    end
+  end
+  if exchange_credit > 0 then
+    redis.call('HINCRBY', KEYS[1], 'balance', int(exchange_credit))
+  end
 end
 
 local replies = {}
@@ -129,4 +174,5 @@ for i = 1, count do
   replies[#replies + 1] = detail
   replies[#replies + 1] = extra
 end
+flush()
 return replies

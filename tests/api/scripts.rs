@@ -188,6 +188,62 @@ async fn a_group_of_orders_is_placed_one_by_one_each_with_its_own_verdict() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_group_closes_the_stored_bucket_and_leaves_what_follows_pending() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let rich = new_account("100.00", None);
+    create_account(&mut conn, &rich).await.unwrap();
+    let stored = order(&rich.id, "1", None);
+    place_order(&mut conn, &stored).await.unwrap(); // 4.00 waits from an earlier call
+
+    let group = [
+        order(&rich.id, "1", None),   // 8.00 pending
+        order(&rich.id, "1", None),   // 12.00: closes the batch with the stored order
+        order(&rich.id, "0.5", None), // 2.00: a new bucket epoch
+        order(&rich.id, "1", None),   // 6.00 pending
+    ];
+    let outcomes = place_orders(&mut conn, &group).await.unwrap();
+    assert!(matches!(outcomes[0], Ok(PlaceOrderOutcome::Pending)));
+    assert!(matches!(outcomes[1], Ok(PlaceOrderOutcome::Settling(id)) if id == group[1].batch_id));
+    assert!(matches!(outcomes[2], Ok(PlaceOrderOutcome::Pending)));
+    assert!(matches!(outcomes[3], Ok(PlaceOrderOutcome::Pending)));
+
+    let jobs = app.settle_jobs().await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        jobs[0]["orders"],
+        format!(
+            "{},{},{}",
+            stored.order_id, group[0].order_id, group[1].order_id
+        )
+    );
+    let symbol = Symbol::parse("ABAN").unwrap();
+    let bucket: HashMap<String, String> = conn.hgetall(keys::bucket(&symbol)).await.unwrap();
+    assert_eq!(
+        (
+            bucket["value"].as_str(),
+            bucket["count"].as_str(),
+            bucket["epoch"].as_str()
+        ),
+        ("600", "2", "1")
+    );
+    let waiting: Vec<String> = conn
+        .lrange(keys::bucket_orders(&symbol), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(
+        waiting,
+        [group[2].order_id.to_string(), group[3].order_id.to_string()]
+    );
+    let later: HashMap<String, String> =
+        conn.hgetall(keys::order(&group[3].order_id)).await.unwrap();
+    assert_eq!(later["epoch"], "1");
+    assert_eq!(app.balance("@exchange").await, "18.00");
+    assert_eq!(app.balance(rich.id.as_str()).await, "82.00");
+    assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn large_round_quantities_are_stored_as_plain_digits() {
     let app = spawn_app().await;
     let mut conn = app.redis().await;
