@@ -99,8 +99,22 @@ struct Dev {
     data_dir: tempfile::TempDir,
 }
 
+/// How long a `tally dev` gets to stop its redis-server before it is killed.
+const DEV_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Drop for Dev {
+    /// SIGTERM first, so `tally dev` stops its private redis-server: a SIGKILL
+    /// would leave that server running after the test.
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe { libc::kill(self.process.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + DEV_STOP_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            if !matches!(self.process.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.process.kill();
     }
 }
