@@ -1,8 +1,10 @@
 //! The one generic stream-consumer loop every worker capability plugs into.
 //!
-//! A consumer reads its group's stream with explicit `COUNT` and `BLOCK`,
-//! first taking over jobs another consumer left pending for longer than
-//! `claim_idle_ms` (it crashed, or hangs) with `XAUTOCLAIM`. It hands each
+//! A consumer reads its group's stream with explicit `COUNT` and `BLOCK` on
+//! a connection of its own. Before a read, at most every
+//! `HOUSEKEEPING_INTERVAL`, it first takes over jobs another consumer left
+//! pending for longer than `claim_idle_ms` (it crashed, or hangs) with
+//! `XAUTOCLAIM`. It hands each
 //! delivery to a [`JobHandler`], which ends the job itself (in the same script
 //! that records the outcome). A handler that fails leaves the job pending, so
 //! it is delivered again after `claim_idle_ms`: nothing is lost, and because
@@ -13,7 +15,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::panic::AssertUnwindSafe;
 
@@ -98,6 +100,10 @@ pub struct ConsumerSettings {
 
 /// Pause after a failed read, so a Redis outage is not a busy loop.
 const READ_ERROR_PAUSE: Duration = Duration::from_millis(500);
+/// Least time between two rounds of housekeeping (the handler's `tick`, and
+/// taking over jobs left pending), so a busy consumer does not pay two more
+/// round trips on every read. An idle one still does it once per read.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Runs one consumer until `shutdown` turns true.
 pub async fn run_consumer<H: JobHandler>(
@@ -113,6 +119,10 @@ pub async fn run_consumer<H: JobHandler>(
         "consumer started"
     );
     let mut group_ready = false;
+    // The consumer's own connection for its blocking reads, kept between
+    // reads and replaced after an error.
+    let mut reader: Option<deadpool_redis::Connection> = None;
+    let mut last_housekeeping: Option<Instant> = None;
     while !*shutdown.borrow() {
         if !group_ready {
             group_ready = match store.conn().await {
@@ -122,18 +132,24 @@ pub async fn run_consumer<H: JobHandler>(
                 Err(_) => false,
             };
         }
-        if let Err(err) = handler.tick().await {
-            tracing::warn!(worker = consumer, error = %err, "housekeeping failed");
+        let housekeeping = last_housekeeping.is_none_or(|at| at.elapsed() >= HOUSEKEEPING_INTERVAL);
+        if housekeeping {
+            last_housekeeping = Some(Instant::now());
+            if let Err(err) = handler.tick().await {
+                tracing::warn!(worker = consumer, error = %err, "housekeeping failed");
+            }
         }
         let read = tokio::select! {
-            read = next_deliveries(&store, &settings) => read,
+            read = next_deliveries(&store, &mut reader, &settings, housekeeping) => read,
             _ = shutdown.changed() => break,
         };
         let deliveries = match read {
             Ok(deliveries) => deliveries,
             Err(err) => {
-                // The group may be gone (the stream was deleted): create it again.
+                // The group may be gone (the stream was deleted): create it
+                // again; the connection may be broken: take another.
                 group_ready = false;
+                reader = None;
                 tracing::warn!(worker = consumer, error = %err, "reading the stream failed");
                 tokio::time::sleep(READ_ERROR_PAUSE).await;
                 continue;
@@ -247,28 +263,22 @@ pub async fn run_workers(
     Ok(())
 }
 
-/// Jobs left pending too long by any consumer first, then new ones.
-async fn next_deliveries(store: &Store, settings: &ConsumerSettings) -> StoreResult<Vec<Delivery>> {
-    let mut conn = store.dedicated_conn().await?;
-    let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-        .arg(settings.stream)
-        .arg(settings.group)
-        .arg(&settings.consumer)
-        .arg(settings.claim_idle_ms)
-        .arg("0-0")
-        .arg("COUNT")
-        .arg(settings.read_count)
-        .query_async(&mut conn)
-        .await?;
-    if !claimed.claimed.is_empty() {
-        for entry in &claimed.claimed {
-            tracing::info!(worker = %settings.consumer, stream_id = %entry.id, "took over a job left pending");
+/// Jobs left pending too long by any consumer first (when `take_over`), then new ones.
+async fn next_deliveries(
+    store: &Store,
+    reader: &mut Option<deadpool_redis::Connection>,
+    settings: &ConsumerSettings,
+    take_over: bool,
+) -> StoreResult<Vec<Delivery>> {
+    if reader.is_none() {
+        *reader = Some(store.dedicated_conn().await?);
+    }
+    let conn = reader.as_mut().expect("a reader connection");
+    if take_over {
+        let claimed = take_over_pending(conn, settings).await?;
+        if !claimed.is_empty() {
+            return Ok(claimed);
         }
-        return Ok(claimed
-            .claimed
-            .into_iter()
-            .map(Delivery::from_stream_id)
-            .collect());
     }
     let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
         .arg("GROUP")
@@ -281,12 +291,37 @@ async fn next_deliveries(store: &Store, settings: &ConsumerSettings) -> StoreRes
         .arg("STREAMS")
         .arg(settings.stream)
         .arg(">")
-        .query_async(&mut conn)
+        .query_async(conn)
         .await?;
     Ok(read
         .into_iter()
         .flat_map(|reply| reply.keys)
         .flat_map(|key| key.ids)
+        .map(Delivery::from_stream_id)
+        .collect())
+}
+
+/// Takes over jobs another consumer has left pending for `claim_idle_ms`.
+async fn take_over_pending(
+    conn: &mut deadpool_redis::Connection,
+    settings: &ConsumerSettings,
+) -> StoreResult<Vec<Delivery>> {
+    let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+        .arg(settings.stream)
+        .arg(settings.group)
+        .arg(&settings.consumer)
+        .arg(settings.claim_idle_ms)
+        .arg("0-0")
+        .arg("COUNT")
+        .arg(settings.read_count)
+        .query_async(conn)
+        .await?;
+    for entry in &claimed.claimed {
+        tracing::info!(worker = %settings.consumer, stream_id = %entry.id, "took over a job left pending");
+    }
+    Ok(claimed
+        .claimed
+        .into_iter()
         .map(Delivery::from_stream_id)
         .collect())
 }
