@@ -37,7 +37,8 @@ for i = 1, count do
   local key, a = KEYS[8 + i], 6 + 3 * (i - 1)
   local stream_id, batch_id, fill_id = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   stream_ids[#stream_ids + 1] = stream_id
-  local status = redis.call('HGET', key, 'status')
+  local batch = redis.call('HMGET', key, 'status', 'value')
+  local status, value = batch[1], batch[2]
   if not status then
     replies[#replies + 1] = 'missing'
     replies[#replies + 1] = 'missing'
@@ -45,7 +46,6 @@ for i = 1, count do
     replies[#replies + 1] = 'already'
     replies[#replies + 1] = status
   else
-    local value = redis.call('HGET', key, 'value')
     journal(KEYS[4], KEYS[7], 'at', now, 'kind', 'settlement', 'debit', ARGV[4],
       'credit', ARGV[5], 'amount', value, 'ref', batch_id, 'status', 'completed', 'reason', '')
     redis.call('HSET', key, 'status', 'settled', 'fill_id', fill_id, 'settled_at', now,

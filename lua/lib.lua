@@ -6,7 +6,9 @@
 -- is id order (the report pages through the index by rank).
 local function journal_index_member(id)
   local dash = string.find(id, '-', 1, true)
-  return string.format('%013d-%010d', tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1)))
+  local ms, seq = string.sub(id, 1, dash - 1), string.sub(id, dash + 1)
+  -- Padded as text: no round trip through Lua's floating-point numbers.
+  return string.rep('0', 13 - #ms) .. ms .. '-' .. string.rep('0', 10 - #seq) .. seq
 end
 
 -- What an Idempotency-Key stored at `key` says about a request with this
