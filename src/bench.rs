@@ -8,8 +8,13 @@
 //! - orders/s through `POST /api/v1/orders`, with p50/p99/p99.9 latency and errors;
 //! - the ratios of orders/s to each ceiling;
 //! - settlement: batches/s, and how long after the load stops every batch is settled;
+//! - the CPU each request cost, in this process and in redis-server, which
+//!   says more than the rates on a shared machine whose speed comes and goes;
 //!
-//! then audits the ledger: a fast wrong answer is a failure.
+//! then audits the ledger: a fast wrong answer is a failure. The load client
+//! is hyper's own HTTP/1.1 connection, one per concurrent request, so that
+//! it costs the ceiling and the orders as little as it can. The bench logs at
+//! `warn` unless `RUST_LOG` says otherwise.
 //!
 //! `tally bench settle` measures the workers alone: N batches queued first,
 //! then settled by `--workers` consumers against an exchange with latency.

@@ -185,7 +185,10 @@ impl JobHandler for Notifier {
             let mut conn = self.store.conn().await?;
             let mut pipe = redis::pipe();
             // MULTI/EXEC only when something besides the XACK is written.
-            if attempts.iter().any(|attempt| !matches!(attempt, Attempt::Delivered)) {
+            if attempts
+                .iter()
+                .any(|attempt| !matches!(attempt, Attempt::Delivered))
+            {
                 pipe.atomic();
             }
             for attempt in &attempts {
