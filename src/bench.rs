@@ -107,14 +107,53 @@ pub struct BenchReport {
     pub ratio_to_redis_ceiling: f64,
     /// CPU per `GET /health`, bench client and server together.
     pub http_cpu_us_per_request: f64,
-    /// CPU per order in the tally process (bench client, API, workers,
-    /// exchange-sim) and in redis-server, settlement and notifications included.
+    /// CPU per order in the tally process (bench client, API, workers), in
+    /// the exchange-sim's thread, and in redis-server, settlement and
+    /// notifications included.
     pub orders_cpu_us_tally: f64,
+    pub orders_cpu_us_exchange_sim: f64,
     pub orders_cpu_us_redis: f64,
     pub batches: u64,
     pub batches_settled_per_sec: f64,
     pub settled_after_load_ms: f64,
     pub audit_clean: bool,
+}
+
+/// Starts the exchange-sim on a thread and runtime of its own, as the remote
+/// service it stands in for: its CPU can then be told apart from tally's.
+/// Returns its URL and the thread's id.
+fn start_exchange_sim(
+    faults: Faults,
+    mut stopped: watch::Receiver<bool>,
+) -> anyhow::Result<(String, i32)> {
+    let (started, url) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("exchange-sim".to_owned())
+        .spawn(move || {
+            // SAFETY: gettid(2) only reads the calling thread's id.
+            let tid = unsafe { libc::gettid() };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => return drop(started.send(Err(anyhow::Error::from(err)))),
+            };
+            runtime.block_on(async move {
+                match ExchangeSim::bind(([127, 0, 0, 1], 0).into(), faults).await {
+                    Ok(sim) => {
+                        let _ = started.send(Ok((sim.url().to_owned(), tid)));
+                        let stop = async move {
+                            let _ = stopped.wait_for(|stop| *stop).await;
+                        };
+                        let _ = sim.run_until_stopped(stop).await;
+                    }
+                    Err(err) => drop(started.send(Err(err))),
+                }
+            });
+        })?;
+    url.recv()
+        .context("the exchange-sim thread ended before it listened")?
 }
 
 /// Everything a bench run needs, on this machine, torn down on drop.
@@ -124,6 +163,8 @@ struct Rig {
     api_url: String,
     api_addr: SocketAddr,
     exchange_url: String,
+    /// The exchange-sim's thread, whose CPU the bench reports apart.
+    exchange_tid: i32,
     stop: watch::Sender<bool>,
     accounts: Vec<AccountId>,
     ledger: LedgerSettings,
@@ -140,9 +181,7 @@ impl Rig {
             latency_ms: args.exchange_latency_ms,
             ..Faults::default()
         };
-        let sim = ExchangeSim::bind("127.0.0.1:0".parse()?, faults).await?;
-        let exchange_url = sim.url().to_owned();
-        tokio::spawn(sim.run_until_stopped(until_stopped(stopped.clone())));
+        let (exchange_url, exchange_tid) = start_exchange_sim(faults, stopped.clone())?;
         let settings = ServeArgs {
             redis: RedisSettings::for_url(&redis.url()),
             ledger: LedgerSettings::default(),
@@ -164,10 +203,15 @@ impl Rig {
             api_url,
             api_addr,
             exchange_url,
+            exchange_tid,
             stop,
             accounts,
             ledger,
         })
+    }
+
+    fn cpu_times(&self) -> CpuTimes {
+        CpuTimes::now(self.redis.pid(), self.exchange_tid)
     }
 
     fn start_workers(
@@ -260,12 +304,14 @@ async fn create_accounts(store: &Store, count: usize) -> anyhow::Result<Vec<Acco
 /// by the bench's redis-server, so a phase can say what each request cost.
 #[derive(Debug, Clone, Copy, Default)]
 struct CpuTimes {
+    /// The whole process, the exchange-sim's thread included.
     tally: Duration,
+    exchange_sim: Duration,
     redis: Duration,
 }
 
 impl CpuTimes {
-    fn now(redis_pid: Option<u32>) -> Self {
+    fn now(redis_pid: Option<u32>, exchange_tid: i32) -> Self {
         // SAFETY: getrusage fills the struct we own and has no other effects.
         let usage = unsafe {
             let mut usage = std::mem::zeroed::<libc::rusage>();
@@ -277,23 +323,34 @@ impl CpuTimes {
         };
         CpuTimes {
             tally: timeval(usage.ru_utime) + timeval(usage.ru_stime),
-            redis: redis_pid.map_or(Duration::ZERO, process_cpu),
+            exchange_sim: proc_cpu(&format!("/proc/self/task/{exchange_tid}/stat")),
+            redis: redis_pid.map_or(Duration::ZERO, |pid| proc_cpu(&format!("/proc/{pid}/stat"))),
         }
     }
 
-    /// Microseconds of CPU per request in each process since `earlier`.
-    fn per_request_us(self, earlier: CpuTimes, requests: u64) -> (f64, f64) {
+    /// Microseconds of CPU per request since `earlier`: tally without the
+    /// exchange-sim, the exchange-sim, and redis-server.
+    fn per_request_us(self, earlier: CpuTimes, requests: u64) -> CpuPerRequest {
         let per = |d: Duration| d.as_secs_f64() * 1e6 / requests.max(1) as f64;
-        (
-            per(self.tally - earlier.tally),
-            per(self.redis - earlier.redis),
-        )
+        let sim = self.exchange_sim.saturating_sub(earlier.exchange_sim);
+        CpuPerRequest {
+            tally: per((self.tally - earlier.tally).saturating_sub(sim)),
+            exchange_sim: per(sim),
+            redis: per(self.redis - earlier.redis),
+        }
     }
 }
 
-/// utime + stime of another process, from /proc (Linux), in clock ticks.
-fn process_cpu(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+#[derive(Debug, Clone, Copy)]
+struct CpuPerRequest {
+    tally: f64,
+    exchange_sim: f64,
+    redis: f64,
+}
+
+/// utime + stime of a process or thread, from its /proc stat file (Linux).
+fn proc_cpu(stat_path: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
         return Duration::ZERO;
     };
     // Fields after the command name, which is in parentheses and may hold spaces.
@@ -456,8 +513,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     );
     let rig = Arc::new(Rig::start(&args).await?);
 
-    let redis_pid = rig.redis.pid();
-    let cpu_before_http = CpuTimes::now(redis_pid);
+    let cpu_before_http = rig.cpu_times();
     let http = http_load(
         rig.api_addr,
         args.concurrency,
@@ -471,7 +527,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         },
     )
     .await?;
-    let http_cpu = CpuTimes::now(redis_pid).per_request_us(cpu_before_http, http.ok);
+    let http_cpu = rig.cpu_times().per_request_us(cpu_before_http, http.ok);
     println!(
         "HTTP ceiling (GET /health):       {:>10.0} req/s",
         http.per_sec()
@@ -489,7 +545,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
             })
             .collect(),
     );
-    let cpu_before_orders = CpuTimes::now(redis_pid);
+    let cpu_before_orders = rig.cpu_times();
     let mut load = http_load(
         rig.api_addr,
         args.concurrency,
@@ -504,7 +560,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         },
     )
     .await?;
-    let orders_cpu = CpuTimes::now(redis_pid).per_request_us(cpu_before_orders, load.ok);
+    let orders_cpu = rig.cpu_times().per_request_us(cpu_before_orders, load.ok);
     let settled_during_load = rig.settled_count().await?;
     let settle_tail = rig.wait_until_settled().await?;
     let batches = rig.batch_count().await?;
@@ -538,9 +594,10 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         latency_p999_ms: load.percentile_ms(0.999),
         ratio_to_http_ceiling: load.per_sec() / http.per_sec(),
         ratio_to_redis_ceiling: load.per_sec() / redis_per_sec,
-        http_cpu_us_per_request: http_cpu.0 + http_cpu.1,
-        orders_cpu_us_tally: orders_cpu.0,
-        orders_cpu_us_redis: orders_cpu.1,
+        http_cpu_us_per_request: http_cpu.tally + http_cpu.redis,
+        orders_cpu_us_tally: orders_cpu.tally,
+        orders_cpu_us_exchange_sim: orders_cpu.exchange_sim,
+        orders_cpu_us_redis: orders_cpu.redis,
         batches,
         batches_settled_per_sec: batches as f64 / (load.elapsed + settle_tail).as_secs_f64(),
         settled_after_load_ms: settle_tail.as_secs_f64() * 1000.0,
@@ -556,8 +613,11 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         report.ratio_to_redis_ceiling * 100.0
     );
     println!(
-        "CPU per request: GET /health {:.1} us; order {:.1} us in tally + {:.1} us in redis-server",
-        report.http_cpu_us_per_request, report.orders_cpu_us_tally, report.orders_cpu_us_redis
+        "CPU per request: GET /health {:.1} us; order {:.1} us in tally + {:.1} us in the exchange-sim + {:.1} us in redis-server",
+        report.http_cpu_us_per_request,
+        report.orders_cpu_us_tally,
+        report.orders_cpu_us_exchange_sim,
+        report.orders_cpu_us_redis
     );
     println!(
         "settlement: {batches} batches ({settled_during_load} settled during the load), {:.0} batches/s; \
