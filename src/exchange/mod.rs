@@ -68,7 +68,8 @@ pub struct ExchangeSettings {
 #[derive(Clone)]
 pub struct HttpExchange {
     client: reqwest::Client,
-    orders_url: String,
+    /// Parsed once: parsing it on every call showed in the profile.
+    orders_url: reqwest::Url,
 }
 
 /// Longest error text kept from an exchange answer.
@@ -80,7 +81,9 @@ impl HttpExchange {
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.request_timeout)
             .build()?;
-        let orders_url = format!("{}/v1/orders", settings.url.trim_end_matches('/'));
+        let orders_url = format!("{}/v1/orders", settings.url.trim_end_matches('/'))
+            .parse()
+            .map_err(|err| anyhow::anyhow!("exchange URL `{}`: {err}", settings.url))?;
         Ok(HttpExchange { client, orders_url })
     }
 }
@@ -101,7 +104,7 @@ impl Exchange for HttpExchange {
         };
         let response = self
             .client
-            .post(&self.orders_url)
+            .post(self.orders_url.clone())
             .json(&body)
             .send()
             .await

@@ -21,7 +21,6 @@ use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
 use futures::future::join_all;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio::sync::watch;
 
 use crate::store::{Store, StoreResult, keys};
@@ -34,12 +33,44 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    fn from_stream_id(entry: StreamId) -> Self {
-        let fields = crate::store::stream_fields(&entry);
-        Delivery {
-            stream_id: entry.id,
-            fields,
-        }
+    /// Stream entries, `[[id, [field, value, ...]], ...]`, as deliveries,
+    /// taken straight from the reply without redis-rs's intermediate maps
+    /// (they showed in the profile). Fields that are not text are left out,
+    /// as tally writes only text and integers.
+    fn from_entries(entries: redis::Value) -> Vec<Delivery> {
+        let redis::Value::Array(entries) = entries else {
+            return Vec::new();
+        };
+        entries
+            .into_iter()
+            .filter_map(|entry| {
+                let redis::Value::Array(parts) = entry else {
+                    return None;
+                };
+                let mut parts = parts.into_iter();
+                let stream_id = text(parts.next()?)?;
+                let redis::Value::Array(flat) = parts.next()? else {
+                    return None; // an entry deleted since: nothing to deliver
+                };
+                let mut fields = HashMap::with_capacity(flat.len() / 2);
+                let mut flat = flat.into_iter();
+                while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
+                    if let (Some(name), Some(value)) = (text(name), text(value)) {
+                        fields.insert(name, value);
+                    }
+                }
+                Some(Delivery { stream_id, fields })
+            })
+            .collect()
+    }
+}
+
+fn text(value: redis::Value) -> Option<String> {
+    match value {
+        redis::Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        redis::Value::SimpleString(text) => Some(text),
+        redis::Value::Int(number) => Some(number.to_string()),
+        _ => None,
     }
 }
 
@@ -280,7 +311,8 @@ async fn next_deliveries(
             return Ok(claimed);
         }
     }
-    let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+    // Nil after the block, or one [stream, [entries]] (a map under RESP3).
+    let reply: redis::Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
         .arg(settings.group)
         .arg(&settings.consumer)
@@ -293,12 +325,18 @@ async fn next_deliveries(
         .arg(">")
         .query_async(conn)
         .await?;
-    Ok(read
-        .into_iter()
-        .flat_map(|reply| reply.keys)
-        .flat_map(|key| key.ids)
-        .map(Delivery::from_stream_id)
-        .collect())
+    let entries = match reply {
+        redis::Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|stream| match stream {
+                redis::Value::Array(pair) => pair.into_iter().nth(1),
+                _ => None,
+            })
+            .next(),
+        redis::Value::Map(streams) => streams.into_iter().next().map(|(_, entries)| entries),
+        _ => None,
+    };
+    Ok(entries.map(Delivery::from_entries).unwrap_or_default())
 }
 
 /// Takes over jobs another consumer has left pending for `claim_idle_ms`.
@@ -306,7 +344,8 @@ async fn take_over_pending(
     conn: &mut deadpool_redis::Connection,
     settings: &ConsumerSettings,
 ) -> StoreResult<Vec<Delivery>> {
-    let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+    // [next cursor, [entries], [ids deleted meanwhile]]
+    let reply: redis::Value = redis::cmd("XAUTOCLAIM")
         .arg(settings.stream)
         .arg(settings.group)
         .arg(&settings.consumer)
@@ -316,14 +355,18 @@ async fn take_over_pending(
         .arg(settings.read_count)
         .query_async(conn)
         .await?;
-    for entry in &claimed.claimed {
-        tracing::info!(worker = %settings.consumer, stream_id = %entry.id, "took over a job left pending");
+    let claimed = match reply {
+        redis::Value::Array(parts) => parts
+            .into_iter()
+            .nth(1)
+            .map(Delivery::from_entries)
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    for delivery in &claimed {
+        tracing::info!(worker = %settings.consumer, stream_id = %delivery.stream_id, "took over a job left pending");
     }
-    Ok(claimed
-        .claimed
-        .into_iter()
-        .map(Delivery::from_stream_id)
-        .collect())
+    Ok(claimed)
 }
 
 /// Creates the consumer group (and the stream) if needed; reading from the
@@ -361,6 +404,39 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_become_deliveries_without_their_deleted_ones() {
+        use redis::Value::{Array, BulkString, Nil};
+        let bulk = |text: &str| BulkString(text.as_bytes().to_vec());
+        let entries = Array(vec![
+            Array(vec![
+                bulk("1-0"),
+                Array(vec![
+                    bulk("batch_id"),
+                    bulk("b1"),
+                    bulk("attempt"),
+                    bulk("2"),
+                ]),
+            ]),
+            Array(vec![bulk("2-0"), Nil]), // deleted since it was read
+            Array(vec![
+                bulk("3-0"),
+                Array(vec![bulk("type"), bulk("x"), bulk("odd")]),
+            ]),
+        ]);
+        let deliveries = Delivery::from_entries(entries);
+        assert_eq!(deliveries.len(), 2);
+        assert_eq!(deliveries[0].stream_id, "1-0");
+        assert_eq!(deliveries[0].fields["batch_id"], "b1");
+        assert_eq!(deliveries[0].fields["attempt"], "2");
+        assert_eq!(deliveries[1].stream_id, "3-0");
+        assert_eq!(
+            deliveries[1].fields.len(),
+            1,
+            "a name without a value is dropped"
+        );
+    }
 
     #[test]
     fn backoff_grows_within_bounds() {
