@@ -1,5 +1,7 @@
 //! `tally bench`: measures tally on this machine, everything on one box: its
-//! own redis-server, the API, the workers and a zero-latency exchange-sim.
+//! own redis-server, the API, the workers and a zero-latency exchange-sim. The
+//! workers and the exchange-sim each run on a thread and runtime of their own,
+//! as the separate processes they are in production.
 //!
 //! `tally bench orders` prints, from one run:
 //! - the HTTP ceiling: `GET /health` on the same server, client and concurrency;
@@ -214,12 +216,16 @@ impl Rig {
         CpuTimes::now(self.redis.pid(), self.exchange_tid)
     }
 
+    /// Starts the workers on a thread and runtime of their own, with their
+    /// own Redis connections, as the separate `tally worker` process they
+    /// are in production: their bursts (a read of 64 jobs) then do not queue
+    /// behind, or ahead of, the API's requests in one scheduler.
     fn start_workers(
         &self,
         args: &BenchArgs,
     ) -> (
         watch::Sender<bool>,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
+        tokio::sync::oneshot::Receiver<anyhow::Result<()>>,
     ) {
         let settings = WorkerSettings {
             worker_name: Some("bench".to_owned()),
@@ -230,12 +236,30 @@ impl Rig {
             ..WorkerSettings::default()
         };
         let (stop, stopped) = watch::channel(false);
-        let store = self.store.clone();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let redis = RedisSettings::for_url(&self.redis.url());
         let retention = self.ledger.journal_retention;
-        let handle = tokio::spawn(async move {
-            crate::workers::run_workers(store, &settings, retention, stopped).await
-        });
-        (stop, handle)
+        let spawned = std::thread::Builder::new()
+            .name("bench-workers".to_owned())
+            .spawn(move || {
+                let ran = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|runtime| {
+                        runtime.block_on(async move {
+                            let store = Store::connect(&redis)?;
+                            crate::workers::run_workers(store, &settings, retention, stopped).await
+                        })
+                    });
+                let _ = done.send(ran);
+            });
+        if let Err(err) = spawned {
+            let (done, finished) = tokio::sync::oneshot::channel();
+            let _ = done.send(Err(anyhow::Error::from(err)));
+            return (stop, finished);
+        }
+        (stop, finished)
     }
 
     async fn batch_count(&self) -> anyhow::Result<u64> {
@@ -572,7 +596,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
 
     // The Redis ceiling runs last, with the workers stopped, so it competes with nothing.
     let _ = stop_workers.send(true);
-    workers.await??;
+    workers.await.context("the workers' thread ended")??;
     let redis_per_sec = redis_ceiling(&rig, args.concurrency, args.duration).await?;
     println!(
         "Redis ceiling (pipelined script):  {:>10.0} orders/s",
@@ -628,7 +652,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     let (stop_workers, workers) = rig.start_workers(&args);
     rig.wait_until_settled().await?;
     let _ = stop_workers.send(true);
-    workers.await??;
+    workers.await.context("the workers' thread ended")??;
     let report = BenchReport {
         audit_clean: rig.audit().await?,
         ..report
@@ -658,7 +682,7 @@ pub async fn settle(args: BenchArgs) -> anyhow::Result<bool> {
     let (stop_workers, workers) = rig.start_workers(&args);
     let elapsed = started.elapsed() + rig.wait_until_settled().await?;
     let _ = stop_workers.send(true);
-    workers.await??;
+    workers.await.context("the workers' thread ended")??;
     let per_sec = args.batches as f64 / elapsed.as_secs_f64();
     println!(
         "settled {} batches in {:.2} s: {per_sec:.0} batches/s",
