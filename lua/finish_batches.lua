@@ -31,6 +31,7 @@ local now, worker = ARGV[2], ARGV[3]
 
 local replies = {}
 local stream_ids = {}
+local journal_pending = {} -- index members, written in one ZADD at the end
 local paid = 0
 local settled = 0
 for i = 1, count do
@@ -46,7 +47,7 @@ for i = 1, count do
     replies[#replies + 1] = 'already'
     replies[#replies + 1] = status
   else
-    journal(KEYS[4], KEYS[7], 'at', now, 'kind', 'settlement', 'debit', ARGV[4],
+    journal_deferred(KEYS[4], journal_pending, 'at', now, 'kind', 'settlement', 'debit', ARGV[4],
       'credit', ARGV[5], 'amount', value, 'ref', batch_id, 'status', 'completed', 'reason', '')
     redis.call('HSET', key, 'status', 'settled', 'fill_id', fill_id, 'settled_at', now,
       'last_error', '')
@@ -69,5 +70,6 @@ if settled > 0 then
   redis.call('HINCRBY', KEYS[3], 'balance', total)
   redis.call('HINCRBY', KEYS[8], 'batches_settled', settled)
 end
+index_journal(KEYS[7], journal_pending)
 redis.call('XACK', KEYS[1], ARGV[1], unpack(stream_ids))
 return replies

@@ -38,3 +38,32 @@ local function journal(journal_key, index_key, ...)
   return entry
 end
 
+-- For scripts that journal many entries in one run: writes the entry and
+-- keeps its index member in `pending`; `index_journal` then indexes them all
+-- in one ZADD before the script returns. The script is atomic, so no reader
+-- sees an entry that is not yet indexed. Returns the entry's id.
+local function journal_deferred(journal_key, pending, ...)
+  local entry = redis.call('XADD', journal_key, '*', ...)
+  pending[#pending + 1] = 0
+  pending[#pending + 1] = journal_index_member(entry)
+  return entry
+end
+
+-- Arguments per variadic call: unpack() is bounded by Lua's C stack.
+local UNPACK_CHUNK_MAX = 1000
+
+-- Runs `command key ...values` once per chunk of values (RPUSH, ZADD, HSET:
+-- commands that take any number of values). `per_item` values make one
+-- item (2 for ZADD's score and member), so a chunk never splits one.
+local function call_chunked(command, key, values, per_item)
+  local chunk = UNPACK_CHUNK_MAX - UNPACK_CHUNK_MAX % per_item
+  for first = 1, #values, chunk do
+    redis.call(command, key, unpack(values, first, math.min(first + chunk - 1, #values)))
+  end
+end
+
+-- Indexes the entries `journal_deferred` wrote into `pending`.
+local function index_journal(index_key, pending)
+  call_chunked('ZADD', index_key, pending, 2)
+end
+

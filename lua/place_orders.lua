@@ -43,7 +43,6 @@ if #KEYS ~= 7 + 8 * count or #ARGV ~= 3 + 10 * count then
   return redis.error_reply('place_orders: expected 8 keys and 10 arguments per order')
 end
 local exchange_id = ARGV[2]
-local push_chunk = 1000 -- unpack() is bounded by Lua's C stack
 
 -- Integers go back to Redis as plain digits: a Lua number passed as it is may
 -- be written with an exponent (1e+15). Exact below 2^53, which the API's
@@ -54,29 +53,31 @@ end
 
 -- A group's orders often share a bucket, and all credit @exchange: the
 -- script keeps those in Lua while it runs and writes each once at the end
--- (`flush`). Nothing else reads them in between; the script is atomic.
-local buckets = {} -- bucket key -> {value, quantity, count, epoch, ids, list, dirty}
+-- (`flush`), as it does the journal index and the batch index, which take
+-- any number of members in one call. Nothing else reads them in between;
+-- the script is atomic.
+local buckets = {} -- bucket key -> {value, quantity, count, epoch, stored, ids, list, closed, dirty}
 local exchange_credit = 0
+local journal_pending = {} -- index members of the journal entries written
+local batches_closed = {} -- score, batch id: for the batch index
 
 local function bucket_at(k)
   local key = KEYS[k + 3]
   local bucket = buckets[key]
   if not bucket then
     local stored = redis.call('HMGET', key, 'value', 'quantity', 'count', 'epoch')
+    local count = tonumber(stored[3] or '0')
     bucket = {
       value = tonumber(stored[1] or '0'), quantity = tonumber(stored[2] or '0'),
-      count = tonumber(stored[3] or '0'), epoch = stored[4] or '0',
-      fresh = not stored[4], ids = {}, list = KEYS[k + 4], dirty = false,
+      count = count, epoch = stored[4] or '0', fresh = not stored[4],
+      -- Order ids in the stored list (its length is the stored count), not
+      -- yet moved into a batch by this run.
+      stored = count,
+      ids = {}, list = KEYS[k + 4], epochs = KEYS[k + 5], closed = {}, dirty = false,
     }
     buckets[key] = bucket
   end
   return bucket
-end
-
-local function push_all(key, ids)
-  for first = 1, #ids, push_chunk do
-    redis.call('RPUSH', key, unpack(ids, first, math.min(first + push_chunk - 1, #ids)))
-  end
 end
 
 local function place(k, a)
@@ -103,7 +104,7 @@ local function place(k, a)
   local account_id, order_id, symbol, now = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 10]
   redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])
   exchange_credit = exchange_credit + cost
-  journal(KEYS[2], KEYS[6], 'at', now, 'kind', 'order', 'debit', account_id,
+  journal_deferred(KEYS[2], journal_pending, 'at', now, 'kind', 'order', 'debit', account_id,
     'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
@@ -132,32 +133,40 @@ local function place(k, a)
   -- Close the batch: move the bucket's orders (stored, then this group's)
   -- into it and queue its settle job.
   local batch_id = ARGV[a + 8]
-  local order_ids = redis.call('LRANGE', bucket.list, 0, -1)
+  local order_ids = {}
+  if bucket.stored > 0 then
+    order_ids = redis.call('LRANGE', bucket.list, 0, -1)
+    redis.call('DEL', bucket.list)
+    bucket.stored = 0
+  end
   for _, id in ipairs(bucket.ids) do
     order_ids[#order_ids + 1] = id
   end
-  push_all(KEYS[k + 7], order_ids)
+  call_chunked('RPUSH', KEYS[k + 7], order_ids, 1)
   local value, quantity, orders = bucket.value, bucket.quantity, bucket.count
   local quantity_text = string.format('%d.%08d', math.floor(quantity / 1e8), quantity % 1e8)
   redis.call('HSET', KEYS[k + 6], 'id', batch_id, 'symbol', symbol, 'quantity', int(quantity),
     'value', int(value), 'order_count', int(orders), 'epoch', epoch, 'status', 'settling',
     'attempts', 0, 'created_at', now)
-  redis.call('HSET', KEYS[k + 5], epoch, batch_id)
-  redis.call('DEL', bucket.list)
+  bucket.closed[#bucket.closed + 1] = epoch
+  bucket.closed[#bucket.closed + 1] = batch_id
   bucket.value, bucket.quantity, bucket.count, bucket.ids = 0, 0, 0, {}
   bucket.epoch = int(tonumber(epoch) + 1)
-  redis.call('ZADD', KEYS[4], now, batch_id)
+  batches_closed[#batches_closed + 1] = now
+  batches_closed[#batches_closed + 1] = batch_id
   redis.call('XADD', KEYS[3], '*', 'batch_id', batch_id, 'symbol', symbol,
     'quantity', quantity_text, 'quantity_units', int(quantity), 'value_cents', int(value),
     'order_count', int(orders), 'orders', table.concat(order_ids, ','), 'created_at', now)
   return 'placed', 'settling', batch_id
 end
 
--- Writes what the group kept in Lua: each bucket it changed, and @exchange's credit.
+-- Writes what the group kept in Lua: each bucket it changed, its closed
+-- epochs, @exchange's credit, and the journal and batch index members.
 local function flush()
   for key, bucket in pairs(buckets) do
     if bucket.dirty then
-      push_all(bucket.list, bucket.ids)
+      call_chunked('RPUSH', bucket.list, bucket.ids, 1)
+      call_chunked('HSET', bucket.epochs, bucket.closed, 2)
       redis.call('HSET', key, 'value', int(bucket.value), 'quantity', int(bucket.quantity),
         'count', int(bucket.count), 'epoch', bucket.epoch)
     end
@@ -165,6 +174,8 @@ local function flush()
   if exchange_credit > 0 then
     redis.call('HINCRBY', KEYS[1], 'balance', int(exchange_credit))
   end
+  index_journal(KEYS[6], journal_pending)
+  call_chunked('ZADD', KEYS[4], batches_closed, 2)
 end
 
 local replies = {}
