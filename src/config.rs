@@ -23,6 +23,8 @@ pub const IDEMPOTENCY_TTL_SECS_DEFAULT: u64 = 24 * 60 * 60;
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 pub const WORKER_CONSUMERS_DEFAULT: usize = 1;
 pub const WORKER_READ_COUNT_DEFAULT: usize = 16;
+/// Most runtime worker threads `--threads` accepts.
+pub const RUNTIME_THREADS_MAX: i64 = 256;
 /// A read's jobs go to one script call (and one XACK), whose arguments Lua
 /// unpacks onto its C stack: keep a read well under that bound.
 pub const WORKER_READ_COUNT_MAX: usize = 1_000;
@@ -57,6 +59,10 @@ pub const DEV_REDIS_PORT_DEFAULT: u16 = 6399;
 pub struct Cli {
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Worker threads of this process's runtime. Default: one per core, or
+    /// for `bench`, one fewer (the box also runs Redis and the workers).
+    #[arg(long, env = "TALLY_THREADS", global = true, value_parser = clap::value_parser!(u16).range(1..=RUNTIME_THREADS_MAX))]
+    pub threads: Option<u16>,
     #[command(subcommand)]
     pub command: Command,
 }

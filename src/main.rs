@@ -12,7 +12,16 @@ fn main() -> std::process::ExitCode {
         _ => "info",
     };
     tally::telemetry::init(cli.log_format, default_filter);
-    let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
+    let threads = cli.threads.map(usize::from).or_else(|| {
+        matches!(cli.command, tally::config::Command::Bench { .. })
+            .then(tally::bench::runtime_threads_default)
+    });
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime.build().expect("starting the tokio runtime");
     match runtime.block_on(tally::cli::run(cli.command)) {
         Ok(code) => code,
         Err(err) => {
