@@ -276,7 +276,8 @@ impl Rig {
                 // SAFETY: gettid(2) only reads the calling thread's id, and
                 // setpriority(2) on it changes this thread's priority alone.
                 let tid = unsafe { libc::gettid() };
-                let reniced = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+                let reniced =
+                    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
                 let _ = started.send((tid, reniced == 0));
                 let ran = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -417,12 +418,11 @@ impl CpuTimes {
         let sim = self.exchange_sim.saturating_sub(earlier.exchange_sim);
         let workers = self.workers.saturating_sub(earlier.workers);
         CpuPerRequest {
-            api: per(
-                self.process
-                    .saturating_sub(earlier.process)
-                    .saturating_sub(sim)
-                    .saturating_sub(workers),
-            ),
+            api: per(self
+                .process
+                .saturating_sub(earlier.process)
+                .saturating_sub(sim)
+                .saturating_sub(workers)),
             workers: per(workers),
             exchange_sim: per(sim),
             redis: per(self.redis.saturating_sub(earlier.redis)),

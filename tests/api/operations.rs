@@ -277,3 +277,47 @@ async fn dev_with_a_two_second_period_logs_a_full_repayment() {
     }
     panic!("no full repayment in the logs within 40 s");
 }
+
+/// The bench the README runs: a short run ends with a clean audit, no errors,
+/// and every figure in its JSON; the figures themselves are not judged here.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_orders_runs_end_to_end_and_writes_its_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let output = tokio::process::Command::new(TALLY)
+        .args(["bench", "orders", "--duration", "1s", "--accounts", "20"])
+        .args(["--concurrency", "8", "--json"])
+        .arg(&json_path)
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{printed}");
+    for line in [
+        "HTTP ceiling",
+        "Redis ceiling",
+        "p99.9",
+        "all settled",
+        "audit clean",
+        "targets:",
+    ] {
+        assert!(printed.contains(line), "`{line}` missing from:\n{printed}");
+    }
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(figures["audit_clean"], json!(true), "{figures}");
+    assert_eq!(figures["errors"], json!(0), "{figures}");
+    assert!(figures["orders"].as_u64().unwrap() > 0, "{figures}");
+    assert!(figures["batches"].as_u64().unwrap() > 0, "{figures}");
+    for field in [
+        "http_ceiling_per_sec",
+        "redis_ceiling_per_sec",
+        "orders_per_sec",
+        "latency_p99_ms",
+        "ratio_to_http_ceiling",
+        "orders_cpu_us_workers",
+        "settled_after_load_ms",
+    ] {
+        assert!(figures[field].as_f64().is_some(), "{field} in {figures}");
+    }
+}
