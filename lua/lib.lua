@@ -56,6 +56,7 @@ local UNPACK_CHUNK_MAX = 1000
 -- commands that take any number of values). `per_item` values make one
 -- item (2 for ZADD's score and member), so a chunk never splits one.
 local function call_chunked(command, key, values, per_item)
+  assert(per_item >= 1 and per_item <= UNPACK_CHUNK_MAX, 'call_chunked: bad per_item')
   local chunk = UNPACK_CHUNK_MAX - UNPACK_CHUNK_MAX % per_item
   for first = 1, #values, chunk do
     redis.call(command, key, unpack(values, first, math.min(first + chunk - 1, #values)))

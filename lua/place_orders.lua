@@ -55,7 +55,9 @@ end
 -- script keeps those in Lua while it runs and writes each once at the end
 -- (`flush`), as it does the journal index and the batch index, which take
 -- any number of members in one call. Nothing else reads them in between;
--- the script is atomic.
+-- the script is atomic. (A Lua error part way would leave the orders placed
+-- so far written but these not; Redis does not roll a script back. The
+-- arguments are checked above and built by one Rust function.)
 local buckets = {} -- bucket key -> {value, quantity, count, epoch, stored, ids, list, closed, dirty}
 local exchange_credit = 0
 local journal_pending = {} -- index members of the journal entries written
@@ -66,13 +68,14 @@ local function bucket_at(k)
   local bucket = buckets[key]
   if not bucket then
     local stored = redis.call('HMGET', key, 'value', 'quantity', 'count', 'epoch')
-    local count = tonumber(stored[3] or '0')
+    local stored_count = tonumber(stored[3] or '0')
     bucket = {
       value = tonumber(stored[1] or '0'), quantity = tonumber(stored[2] or '0'),
-      count = count, epoch = stored[4] or '0', fresh = not stored[4],
-      -- Order ids in the stored list (its length is the stored count), not
-      -- yet moved into a batch by this run.
-      stored = count,
+      count = stored_count, epoch = stored[4] or '0', fresh = not stored[4],
+      -- Order ids in the stored list (its length is the stored count: only
+      -- this script writes either, and always both), not yet moved into a
+      -- batch by this run.
+      stored = stored_count,
       ids = {}, list = KEYS[k + 4], epochs = KEYS[k + 5], closed = {}, dirty = false,
     }
     buckets[key] = bucket

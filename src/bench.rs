@@ -276,9 +276,12 @@ impl Rig {
                 // SAFETY: gettid(2) only reads the calling thread's id, and
                 // setpriority(2) on it changes this thread's priority alone.
                 let tid = unsafe { libc::gettid() };
-                let reniced =
-                    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
-                let _ = started.send((tid, reniced == 0));
+                // Level with the process (nice 0) needs no call, and lowering
+                // a nice value may be refused to an unprivileged user.
+                let reniced = nice == 0
+                    || unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) }
+                        == 0;
+                let _ = started.send((tid, reniced));
                 let ran = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

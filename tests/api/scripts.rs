@@ -243,6 +243,80 @@ async fn a_group_closes_the_stored_bucket_and_leaves_what_follows_pending() {
     assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
 }
 
+/// Two batches closed in one call: the writes the script keeps until its end
+/// (closed epochs, the batch index, the journal index) hold both, and the
+/// second batch takes only the orders after the first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_that_closes_two_batches_indexes_both() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let rich = new_account("100.00", None);
+    create_account(&mut conn, &rich).await.unwrap();
+    let stored = order(&rich.id, "2", None);
+    place_order(&mut conn, &stored).await.unwrap(); // 8.00 waits from an earlier call
+
+    let group = [
+        order(&rich.id, "1", None), // 12.00: closes epoch 0 with the stored order
+        order(&rich.id, "2", None), // 8.00 pending in epoch 1
+        order(&rich.id, "3", None), // 20.00: closes epoch 1
+        order(&rich.id, "0.5", None), // 2.00 pending in epoch 2
+    ];
+    let outcomes = place_orders(&mut conn, &group).await.unwrap();
+    assert!(matches!(outcomes[0], Ok(PlaceOrderOutcome::Settling(id)) if id == group[0].batch_id));
+    assert!(matches!(outcomes[1], Ok(PlaceOrderOutcome::Pending)));
+    assert!(matches!(outcomes[2], Ok(PlaceOrderOutcome::Settling(id)) if id == group[2].batch_id));
+    assert!(matches!(outcomes[3], Ok(PlaceOrderOutcome::Pending)));
+
+    let symbol = Symbol::parse("ABAN").unwrap();
+    let epochs: HashMap<String, String> =
+        conn.hgetall(keys::bucket_batches(&symbol)).await.unwrap();
+    assert_eq!(
+        epochs,
+        HashMap::from([
+            ("0".to_owned(), group[0].batch_id.to_string()),
+            ("1".to_owned(), group[2].batch_id.to_string()),
+        ])
+    );
+    for closed in [&group[0], &group[2]] {
+        let score: Option<f64> = conn
+            .zscore(keys::BATCHES, closed.batch_id.to_string())
+            .await
+            .unwrap();
+        assert_eq!(score, Some(closed.created_at_ms as f64));
+    }
+    let first: Vec<String> = conn
+        .lrange(keys::batch_orders(&group[0].batch_id), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        [stored.order_id.to_string(), group[0].order_id.to_string()]
+    );
+    let second: Vec<String> = conn
+        .lrange(keys::batch_orders(&group[2].batch_id), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(
+        second,
+        [group[1].order_id.to_string(), group[2].order_id.to_string()]
+    );
+    let waiting: Vec<String> = conn
+        .lrange(keys::bucket_orders(&symbol), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(waiting, [group[3].order_id.to_string()]);
+    let bucket: HashMap<String, String> = conn.hgetall(keys::bucket(&symbol)).await.unwrap();
+    assert_eq!(
+        (bucket["count"].as_str(), bucket["epoch"].as_str()),
+        ("1", "2")
+    );
+    // Every journal entry (the opening balance and five orders) is in the report's index.
+    let journal_entries: usize = conn.xlen(keys::JOURNAL).await.unwrap();
+    let indexed: usize = conn.zcard(keys::JOURNAL_INDEX).await.unwrap();
+    assert_eq!((journal_entries, indexed), (6, 6));
+    assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn large_round_quantities_are_stored_as_plain_digits() {
     let app = spawn_app().await;
