@@ -23,7 +23,6 @@ pub mod journal;
 pub mod keys;
 pub mod orders;
 pub mod settlement;
-pub mod stream_reader;
 pub mod transfers;
 pub mod wallet;
 
@@ -130,17 +129,6 @@ impl Store {
     /// A connection of its own, for blocking reads.
     pub async fn dedicated_conn(&self) -> StoreResult<deadpool_redis::Connection> {
         Ok(self.pool.get().await?)
-    }
-
-    /// A connection of its own for a consumer's stream reads (see
-    /// [`stream_reader`]).
-    pub async fn stream_connection(&self) -> StoreResult<stream_reader::StreamConnection> {
-        match stream_reader::StreamReader::connect(&self.client, self.timeout).await? {
-            Some(reader) => Ok(stream_reader::StreamConnection::Own(reader)),
-            None => Ok(stream_reader::StreamConnection::Pooled(
-                self.dedicated_conn().await?,
-            )),
-        }
     }
 
     /// Creates the system accounts if they do not exist yet. Safe to run from

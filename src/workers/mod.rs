@@ -23,7 +23,6 @@ use futures::FutureExt;
 use futures::future::join_all;
 use tokio::sync::watch;
 
-use crate::store::stream_reader::StreamConnection;
 use crate::store::{Store, StoreResult, keys};
 
 /// One stream entry delivered to a consumer.
@@ -153,7 +152,7 @@ pub async fn run_consumer<H: JobHandler>(
     let mut group_ready = false;
     // The consumer's own connection for its blocking reads, kept between
     // reads and replaced after an error.
-    let mut reader: Option<StreamConnection> = None;
+    let mut reader: Option<deadpool_redis::Connection> = None;
     let mut last_housekeeping: Option<Instant> = None;
     while !*shutdown.borrow() {
         if !group_ready {
@@ -298,12 +297,12 @@ pub async fn run_workers(
 /// Jobs left pending too long by any consumer first (when `take_over`), then new ones.
 async fn next_deliveries(
     store: &Store,
-    reader: &mut Option<StreamConnection>,
+    reader: &mut Option<deadpool_redis::Connection>,
     settings: &ConsumerSettings,
     take_over: bool,
 ) -> StoreResult<Vec<Delivery>> {
     if reader.is_none() {
-        *reader = Some(store.stream_connection().await?);
+        *reader = Some(store.dedicated_conn().await?);
     }
     let conn = reader.as_mut().expect("a reader connection");
     if take_over {
@@ -313,27 +312,18 @@ async fn next_deliveries(
         }
     }
     // Nil after the block, or one [stream, [entries]] (a map under RESP3).
-    let (count, block_ms) = (
-        settings.read_count.to_string(),
-        settings.block_ms.to_string(),
-    );
-    let reply = conn
-        .query(
-            &[
-                "XREADGROUP",
-                "GROUP",
-                settings.group,
-                &settings.consumer,
-                "COUNT",
-                &count,
-                "BLOCK",
-                &block_ms,
-                "STREAMS",
-                settings.stream,
-                ">",
-            ],
-            settings.block_ms,
-        )
+    let reply: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(settings.group)
+        .arg(&settings.consumer)
+        .arg("COUNT")
+        .arg(settings.read_count)
+        .arg("BLOCK")
+        .arg(settings.block_ms)
+        .arg("STREAMS")
+        .arg(settings.stream)
+        .arg(">")
+        .query_async(conn)
         .await?;
     let entries = match reply {
         redis::Value::Array(streams) => streams
@@ -351,28 +341,19 @@ async fn next_deliveries(
 
 /// Takes over jobs another consumer has left pending for `claim_idle_ms`.
 async fn take_over_pending(
-    conn: &mut StreamConnection,
+    conn: &mut deadpool_redis::Connection,
     settings: &ConsumerSettings,
 ) -> StoreResult<Vec<Delivery>> {
-    let (idle_ms, count) = (
-        settings.claim_idle_ms.to_string(),
-        settings.read_count.to_string(),
-    );
     // [next cursor, [entries], [ids deleted meanwhile]]
-    let reply = conn
-        .query(
-            &[
-                "XAUTOCLAIM",
-                settings.stream,
-                settings.group,
-                &settings.consumer,
-                &idle_ms,
-                "0-0",
-                "COUNT",
-                &count,
-            ],
-            0,
-        )
+    let reply: redis::Value = redis::cmd("XAUTOCLAIM")
+        .arg(settings.stream)
+        .arg(settings.group)
+        .arg(&settings.consumer)
+        .arg(settings.claim_idle_ms)
+        .arg("0-0")
+        .arg("COUNT")
+        .arg(settings.read_count)
+        .query_async(conn)
         .await?;
     let claimed = match reply {
         redis::Value::Array(parts) => parts
