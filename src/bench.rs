@@ -69,7 +69,8 @@ const TARGET_SETTLED_AFTER_LOAD_MS: f64 = 2_000.0;
 /// generator: one core fewer than the machine has, at least one. Redis, the
 /// workers and the exchange-sim share the box; one core is left to Redis,
 /// which every order waits on. Measured against two threads on a 2-core VM:
-/// 8.5 against 14 us of CPU per `GET /health`, 45 against 54 per order.
+/// 8.5 against 14 us of CPU per `GET /health`, 45 against 52 per order in
+/// the process (the API and the workers).
 pub fn runtime_threads_default() -> usize {
     std::thread::available_parallelism()
         .map_or(1, std::num::NonZeroUsize::get)
