@@ -257,7 +257,7 @@ impl Rig {
     /// are in production: their bursts (a read of 64 jobs) then do not queue
     /// behind, or ahead of, the API's requests in one scheduler. The thread
     /// runs at `nice` (setpriority(2) on the thread alone).
-    fn start_workers(&self, args: &BenchArgs, nice: i32) -> anyhow::Result<Workers> {
+    async fn start_workers(&self, args: &BenchArgs, nice: i32) -> anyhow::Result<Workers> {
         let settings = WorkerSettings {
             worker_name: Some("bench".to_owned()),
             consumers: args.workers,
@@ -268,7 +268,7 @@ impl Rig {
         };
         let (stop, stopped) = watch::channel(false);
         let (done, finished) = tokio::sync::oneshot::channel();
-        let (started, thread_id) = std::sync::mpsc::channel();
+        let (started, thread_id) = tokio::sync::oneshot::channel();
         let redis = RedisSettings::for_url(&self.redis.url());
         let retention = self.ledger.journal_retention;
         std::thread::Builder::new()
@@ -296,7 +296,7 @@ impl Rig {
                 let _ = done.send(ran);
             })?;
         let (tid, reniced) = thread_id
-            .recv()
+            .await
             .context("the workers' thread ended before it started")?;
         if !reniced {
             eprintln!("warning: could not set the workers' thread to nice {nice}");
@@ -636,7 +636,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         http.per_sec()
     );
 
-    let workers = rig.start_workers(&args, args.workers_nice)?;
+    let workers = rig.start_workers(&args, args.workers_nice).await?;
     let bodies: Arc<Vec<Bytes>> = Arc::new(
         (0..rig.accounts.len() * QUANTITY_MIX.len())
             .map(|i| {
@@ -734,7 +734,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         report.batches_settled_per_sec, report.settled_after_load_ms
     );
     // The Redis-ceiling orders were never meant to settle; drain them so the audit sees a quiet ledger.
-    let drain = rig.start_workers(&args, 0)?;
+    let drain = rig.start_workers(&args, 0).await?;
     rig.wait_until_settled().await?;
     drain.stop().await?;
     let report = BenchReport {
@@ -807,7 +807,7 @@ pub async fn settle(args: BenchArgs) -> anyhow::Result<bool> {
     }
     drop(conn);
     let started = Instant::now();
-    let workers = rig.start_workers(&args, 0)?;
+    let workers = rig.start_workers(&args, 0).await?;
     let elapsed = started.elapsed() + rig.wait_until_settled().await?;
     workers.stop().await?;
     let per_sec = args.batches as f64 / elapsed.as_secs_f64();
