@@ -278,21 +278,31 @@ async fn dev_with_a_two_second_period_logs_a_full_repayment() {
     panic!("no full repayment in the logs within 40 s");
 }
 
-/// The bench the README runs: a short run ends with a clean audit, no errors,
-/// and every figure in its JSON; the figures themselves are not judged here.
-#[tokio::test(flavor = "multi_thread")]
-async fn bench_orders_runs_end_to_end_and_writes_its_figures() {
+/// Runs a short `tally bench orders` with `extra` arguments; returns what it
+/// printed and its JSON figures, once it has exited 0.
+async fn run_bench_orders(extra: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let json_path = dir.path().join("bench.json");
     let output = tokio::process::Command::new(TALLY)
         .args(["bench", "orders", "--duration", "1s", "--accounts", "20"])
-        .args(["--concurrency", "8", "--json"])
+        .args(["--concurrency", "8"])
+        .args(extra)
+        .arg("--json")
         .arg(&json_path)
         .output()
         .await
         .unwrap();
-    let printed = String::from_utf8_lossy(&output.stdout);
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "{printed}");
+    let figures = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    (printed, figures)
+}
+
+/// The bench the README runs: a short run ends with a clean audit, no errors,
+/// and every figure in its JSON; the figures themselves are not judged here.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_orders_runs_end_to_end_and_writes_its_figures() {
+    let (printed, figures) = run_bench_orders(&[]).await;
     for line in [
         "HTTP ceiling",
         "Redis ceiling",
@@ -303,10 +313,9 @@ async fn bench_orders_runs_end_to_end_and_writes_its_figures() {
     ] {
         assert!(printed.contains(line), "`{line}` missing from:\n{printed}");
     }
-    let figures: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
     assert_eq!(figures["audit_clean"], json!(true), "{figures}");
     assert_eq!(figures["errors"], json!(0), "{figures}");
+    assert_eq!(figures["settle_after_load"], json!(false), "{figures}");
     assert!(figures["orders"].as_u64().unwrap() > 0, "{figures}");
     assert!(figures["batches"].as_u64().unwrap() > 0, "{figures}");
     for field in [
@@ -320,4 +329,22 @@ async fn bench_orders_runs_end_to_end_and_writes_its_figures() {
     ] {
         assert!(figures[field].as_f64().is_some(), "{field} in {figures}");
     }
+}
+
+/// `--settle-after-load` keeps the workers off during the load: nothing is
+/// settled and no worker CPU is spent until it stops; then every batch is
+/// settled and the audit is clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_orders_can_settle_after_the_load() {
+    let (printed, figures) = run_bench_orders(&["--settle-after-load"]).await;
+    assert!(printed.contains("started after the load"), "{printed}");
+    assert!(printed.contains("(0 settled during the load)"), "{printed}");
+    assert_eq!(figures["settle_after_load"], json!(true), "{figures}");
+    assert_eq!(figures["orders_cpu_us_workers"], json!(0.0), "{figures}");
+    assert_eq!(figures["audit_clean"], json!(true), "{figures}");
+    assert!(figures["batches"].as_u64().unwrap() > 0, "{figures}");
+    assert!(
+        figures["batches_settled_per_sec"].as_f64().unwrap() > 0.0,
+        "{figures}"
+    );
 }
