@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use poem::web::Data;
 use poem::{EndpointExt, Request, Route, Server, handler, post};
@@ -14,7 +15,7 @@ use tally::exchange::sim::Faults;
 use tally::store::keys;
 
 use crate::helpers::{
-    TestApp, eventually, spawn_app, spawn_exchange, spawn_workers, stream_entries,
+    TestApp, assert_problem, eventually, spawn_app, spawn_exchange, spawn_workers, stream_entries,
     test_worker_settings, worker_process,
 };
 
@@ -332,6 +333,128 @@ async fn a_wallet_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twi
             .unwrap();
         assert_eq!(txn.applied_seq, Some(txn.accepted_seq));
     }
+}
+
+/// Redis refusing writes for a while (`maxmemory` reached) is a system
+/// failure, not a verdict: the API answers 503 and writes nothing, the
+/// workers leave the jobs in hand pending, and once writes are accepted again
+/// every transaction is applied exactly once, in acceptance order.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_refusing_writes_loses_nothing_and_applies_nothing_twice() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let mut accounts = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let account = app.create_account(&format!("m{i}"), "0").await;
+        for _ in 0..100 {
+            ids.push(accept(&app, &account, "deposit", "1.00").await);
+        }
+        accounts.push(account);
+    }
+    let deposits_applied = || async {
+        app.journal()
+            .await
+            .iter()
+            .filter(|entry| entry["kind"] == "deposit")
+            .count()
+    };
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    eventually("the workers are part way through", || async {
+        deposits_applied().await >= 50
+    })
+    .await;
+    let mut conn = app.redis().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // An apply already running when the limit came may still finish.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let frozen = deposits_applied().await;
+    assert!(frozen < ids.len(), "the refusal came part way through");
+
+    let journal_before = app.journal().await.len();
+    let response = app
+        .post(
+            &format!("/api/v1/accounts/{}/transactions", accounts[0]),
+            &json!({"kind": "deposit", "amount": "5.00"}),
+        )
+        .await;
+    assert_problem(response, 503, "unavailable").await;
+    let response = app.place_order(&accounts[0], "ABAN", "1").await;
+    assert_problem(response, 503, "unavailable").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        deposits_applied().await,
+        frozen,
+        "nothing applied while refused"
+    );
+    assert_eq!(
+        app.journal().await.len(),
+        journal_before,
+        "nothing journaled"
+    );
+    // XPENDING's summary starts with the number of jobs delivered and not acknowledged.
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(keys::WALLET_STREAM)
+        .arg(tally::store::wallet::WALLET_GROUP)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let redis::Value::Array(summary) = &pending else {
+        panic!("XPENDING answered {pending:?}");
+    };
+    assert!(
+        matches!(summary.first(), Some(redis::Value::Int(count)) if *count >= 1),
+        "the jobs in hand stay pending: {pending:?}"
+    );
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eventually("every transaction is applied", || {
+        wallet_drained(&app, &accounts)
+    })
+    .await;
+    workers.stop().await;
+
+    let journal = app.journal().await;
+    let mut applications: BTreeMap<&str, usize> = BTreeMap::new();
+    for entry in journal.iter().filter(|entry| entry["kind"] == "deposit") {
+        *applications.entry(entry["ref"].as_str()).or_default() += 1;
+    }
+    assert_eq!(
+        applications.len(),
+        ids.len(),
+        "none lost, and no refused one applied"
+    );
+    assert!(
+        applications.values().all(|count| *count == 1),
+        "none applied twice"
+    );
+    for account in &accounts {
+        assert_eq!(app.balance(account).await, "100.00");
+    }
+    for id in &ids {
+        let txn = tally::store::wallet::get(&mut conn, id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            txn.applied_seq,
+            Some(txn.accepted_seq),
+            "in acceptance order"
+        );
+    }
+    assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
 }
 
 #[tokio::test(flavor = "multi_thread")]
