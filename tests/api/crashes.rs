@@ -1,5 +1,6 @@
-//! Real `tally worker` processes, killed and stopped: jobs are taken over,
-//! each batch is bought exactly once, nothing is lost.
+//! Real `tally worker` processes, killed, stopped, or refused writes by a
+//! full Redis: jobs are taken over, each batch is bought exactly once,
+//! nothing is lost.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -149,6 +150,70 @@ async fn three_workers_settle_300_batches_each_exactly_once() {
         .map(|event| event["worker"].as_str())
         .collect();
     assert!(workers.len() >= 2, "the work was shared: {workers:?}");
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+/// The exchange fills every batch, then Redis refuses to record the fills
+/// (`maxmemory` reached). The jobs stay pending; once Redis takes writes
+/// again they are taken over, the exchange is called again (it answers with
+/// the fill it already made), and each batch is settled and journaled once.
+#[tokio::test(flavor = "multi_thread")]
+async fn fills_redis_refused_to_record_are_recorded_once_when_writes_are_back() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults {
+        latency_ms: 500,
+        ..Faults::default()
+    })
+    .await;
+    let batches = place_batches(&app, 5).await;
+    let _worker = worker_process(&app, &exchange, "w");
+    eventually("every batch's call is in flight", || async {
+        exchange.orders().await.len() == batches.len()
+    })
+    .await;
+    let mut conn = app.redis().await;
+    let set_maxmemory = |bytes: u64| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(bytes)
+            .to_owned()
+    };
+    let _: () = set_maxmemory(1).query_async(&mut conn).await.unwrap();
+    eventually("the exchange has filled every batch", || async {
+        exchange
+            .orders()
+            .await
+            .iter()
+            .all(|order| order.fill.is_some())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for batch in &batches {
+        assert_eq!(
+            app.batch_status(batch).await,
+            "settling",
+            "not recorded yet"
+        );
+    }
+
+    let _: () = set_maxmemory(0).query_async(&mut conn).await.unwrap();
+    eventually("every batch is settled", || all_settled(&app, &batches)).await;
+    for order in exchange.orders().await {
+        assert!(
+            order.calls >= 2,
+            "called again after the refusal: {order:?}"
+        );
+    }
+    let journal = app.journal().await;
+    for batch in &batches {
+        let settlements = journal
+            .iter()
+            .filter(|entry| entry["kind"] == "settlement" && &entry["ref"] == batch)
+            .count();
+        assert_eq!(settlements, 1, "batch {batch} settled once");
+    }
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
 }
