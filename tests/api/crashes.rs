@@ -1,13 +1,18 @@
-//! Real `tally worker` processes, killed, stopped, or refused writes by a
-//! full Redis: jobs are taken over, each batch is bought exactly once,
-//! nothing is lost.
+//! The failure model: real `tally worker` processes killed, stopped, or
+//! refused writes by a full Redis, and redis-server itself killed and started
+//! again. Jobs are taken over, each batch is bought exactly once, and nothing
+//! acknowledged is lost.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
+use serde_json::{Value, json};
 use tally::exchange::sim::Faults;
+use tally::redis_server::RedisServer;
 
-use crate::helpers::{TestApp, eventually, spawn_app, spawn_exchange, worker_process};
+use crate::helpers::{
+    TestApp, assert_problem, eventually, spawn_app, spawn_app_on, spawn_exchange, worker_process,
+};
 
 async fn place_batches(app: &TestApp, count: usize) -> Vec<String> {
     let customer = app.create_account("many", "100000.00").await;
@@ -214,6 +219,88 @@ async fn fills_redis_refused_to_record_are_recorded_once_when_writes_are_back() 
             .count();
         assert_eq!(settlements, 1, "batch {batch} settled once");
     }
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+/// Requests a test makes while the API reconnects to a restarted Redis.
+const RECONNECT_ATTEMPTS_MAX: usize = 20;
+
+/// redis-server killed (SIGKILL) and started again on its append-only file:
+/// every acknowledged write is there, key for key, and the API goes on
+/// without a restart of its own (it reconnects and loads its scripts again).
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_writes_survive_a_redis_crash_and_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = RedisServer::start_durable(data.path(), port).await.unwrap();
+    let mut app = spawn_app_on(redis, |_| {}).await;
+    let alice = app.create_account("alice", "500.00").await;
+    let bob = app.create_account("bob", "0").await;
+    for quantity in ["1", "3", "0.5", "2"] {
+        assert_eq!(
+            app.place_order(&alice, "ABAN", quantity).await.status(),
+            201
+        );
+    }
+    let transfer = json!({"src_account_id": alice, "dst_account_id": bob, "amount": "25.00", "direction": "debit"});
+    assert_eq!(app.post("/api/v1/transfers", &transfer).await.status(), 201);
+    let deposit = json!({"kind": "deposit", "amount": "7.00"});
+    let path = format!("/api/v1/accounts/{bob}/transactions");
+    assert_eq!(app.post(&path, &deposit).await.status(), 202);
+    let orders_url = app.url("/api/v1/orders");
+    let client = app.client.clone();
+    let keyed = |body: &Value| {
+        client
+            .post(&orders_url)
+            .header("Idempotency-Key", "restart-1")
+            .json(body)
+    };
+    let order = json!({"account_id": alice, "symbol": "ABAN", "quantity": "1.25"});
+    let placed = keyed(&order).send().await.unwrap();
+    assert_eq!(placed.status(), 201);
+    let placed: Value = placed.json().await.unwrap();
+    let before = app.snapshot().await;
+
+    let pid = app.redis.pid().expect("redis-server runs");
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    eventually("the killed redis-server no longer listens", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    })
+    .await;
+    app.redis = RedisServer::start_durable(data.path(), port).await.unwrap();
+    assert_eq!(
+        app.snapshot().await,
+        before,
+        "every key as it was acknowledged"
+    );
+
+    // The API's connection broke with the server: a request may meet that
+    // (503, retry with the same key) before the connection is made again.
+    let mut replayed = keyed(&order).send().await.unwrap();
+    for _ in 0..RECONNECT_ATTEMPTS_MAX {
+        if replayed.status() != 503 {
+            break;
+        }
+        assert_problem(replayed, 503, "retry with the same Idempotency-Key").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        replayed = keyed(&order).send().await.unwrap();
+    }
+    assert_eq!(replayed.status(), 201);
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+    let replayed: Value = replayed.json().await.unwrap();
+    assert_eq!(
+        replayed["id"], placed["id"],
+        "the key still answers the first order"
+    );
+    assert_eq!(app.place_order(&bob, "ABAN", "1").await.status(), 201);
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
 }

@@ -36,12 +36,17 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts redis-server and the API, letting the test adjust the settings.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
-    if std::env::var_os("TEST_LOG").is_some() {
-        tally::telemetry::init(tally::config::LogFormat::Text, "info");
-    }
     let redis = RedisServer::start_ephemeral()
         .await
         .expect("redis-server starts");
+    spawn_app_on(redis, adjust).await
+}
+
+/// Starts the API against `redis`, which the app then owns.
+pub async fn spawn_app_on(redis: RedisServer, adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
+    if std::env::var_os("TEST_LOG").is_some() {
+        tally::telemetry::init(tally::config::LogFormat::Text, "info");
+    }
     let mut settings = ServeArgs {
         redis: RedisSettings::for_url(&redis.url()),
         ledger: LedgerSettings::default(),
