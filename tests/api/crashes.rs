@@ -11,7 +11,8 @@ use tally::exchange::sim::Faults;
 use tally::redis_server::RedisServer;
 
 use crate::helpers::{
-    TestApp, assert_problem, eventually, spawn_app, spawn_app_on, spawn_exchange, worker_process,
+    TestApp, assert_problem, eventually, set_maxmemory, spawn_app, spawn_app_on, spawn_exchange,
+    worker_process,
 };
 
 async fn place_batches(app: &TestApp, count: usize) -> Vec<String> {
@@ -177,15 +178,7 @@ async fn fills_redis_refused_to_record_are_recorded_once_when_writes_are_back() 
         exchange.orders().await.len() == batches.len()
     })
     .await;
-    let mut conn = app.redis().await;
-    let set_maxmemory = |bytes: u64| {
-        redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg(bytes)
-            .to_owned()
-    };
-    let _: () = set_maxmemory(1).query_async(&mut conn).await.unwrap();
+    set_maxmemory(&app, 1).await;
     eventually("the exchange has filled every batch", || async {
         exchange
             .orders()
@@ -203,7 +196,7 @@ async fn fills_redis_refused_to_record_are_recorded_once_when_writes_are_back() 
         );
     }
 
-    let _: () = set_maxmemory(0).query_async(&mut conn).await.unwrap();
+    set_maxmemory(&app, 0).await;
     eventually("every batch is settled", || all_settled(&app, &batches)).await;
     for order in exchange.orders().await {
         assert!(

@@ -161,6 +161,18 @@ impl TestApp {
     }
 }
 
+/// Sets Redis's `maxmemory`: 1 makes it refuse every write that could grow
+/// memory (a full Redis under `noeviction`), 0 lifts the limit.
+pub async fn set_maxmemory(app: &TestApp, bytes: u64) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+}
+
 pub async fn stream_entries(
     conn: &mut redis::aio::MultiplexedConnection,
     key: &str,

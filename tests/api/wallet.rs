@@ -15,8 +15,8 @@ use tally::exchange::sim::Faults;
 use tally::store::keys;
 
 use crate::helpers::{
-    TestApp, assert_problem, eventually, spawn_app, spawn_exchange, spawn_workers, stream_entries,
-    test_worker_settings, worker_process,
+    TestApp, assert_problem, eventually, set_maxmemory, spawn_app, spawn_exchange, spawn_workers,
+    stream_entries, test_worker_settings, worker_process,
 };
 
 async fn accept(app: &TestApp, account: &str, kind: &str, amount: &str) -> String {
@@ -280,29 +280,73 @@ async fn stream_ids(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> 
         .collect()
 }
 
+/// Accounts that each have `per_account` deposits of 1.00 queued: the
+/// accounts, and every transaction id in acceptance order.
+async fn queue_deposits(
+    app: &TestApp,
+    accounts: usize,
+    per_account: usize,
+) -> (Vec<String>, Vec<String>) {
+    let mut account_ids = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..accounts {
+        let account = app.create_account(&format!("d{i}"), "0").await;
+        for _ in 0..per_account {
+            ids.push(accept(app, &account, "deposit", "1.00").await);
+        }
+        account_ids.push(account);
+    }
+    (account_ids, ids)
+}
+
+/// Deposits applied so far, as the journal counts them.
+async fn deposits_applied(app: &TestApp) -> usize {
+    app.journal()
+        .await
+        .iter()
+        .filter(|entry| entry["kind"] == "deposit")
+        .count()
+}
+
+/// After a failure: every one of `ids` was applied exactly once, in its
+/// account's acceptance order, and each account holds what it was given.
+async fn assert_applied_once_in_order(app: &TestApp, accounts: &[String], ids: &[String]) {
+    let journal = app.journal().await;
+    let mut applications: BTreeMap<&str, usize> = BTreeMap::new();
+    for entry in journal.iter().filter(|entry| entry["kind"] == "deposit") {
+        *applications.entry(entry["ref"].as_str()).or_default() += 1;
+    }
+    assert_eq!(applications.len(), ids.len(), "none lost, none extra");
+    assert!(
+        applications.values().all(|count| *count == 1),
+        "none applied twice"
+    );
+    let balance = format!("{}.00", ids.len() / accounts.len());
+    for account in accounts {
+        assert_eq!(app.balance(account).await, balance);
+    }
+    let mut conn = app.redis().await;
+    for id in ids {
+        let txn = tally::store::wallet::get(&mut conn, id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            txn.applied_seq,
+            Some(txn.accepted_seq),
+            "in acceptance order"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wallet_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice() {
     let app = spawn_app().await;
     let exchange = spawn_exchange(Faults::default()).await;
-    let mut accounts = Vec::new();
-    let mut ids = Vec::new();
-    for i in 0..10 {
-        let account = app.create_account(&format!("k{i}"), "0").await;
-        for _ in 0..100 {
-            ids.push(accept(&app, &account, "deposit", "1.00").await);
-        }
-        accounts.push(account);
-    }
+    let (accounts, ids) = queue_deposits(&app, 10, 100).await;
     let mut doomed = worker_process(&app, &exchange, "doomed");
-    let mut conn = app.redis().await;
     eventually("the worker is part way through", || async {
-        let applied: usize = app
-            .journal()
-            .await
-            .iter()
-            .filter(|entry| entry["kind"] == "deposit")
-            .count();
-        applied >= 50
+        deposits_applied(&app).await >= 50
     })
     .await;
     doomed.kill().await.unwrap();
@@ -312,27 +356,7 @@ async fn a_wallet_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twi
         wallet_drained(&app, &accounts)
     })
     .await;
-
-    let journal = app.journal().await;
-    let mut applications: BTreeMap<&str, usize> = BTreeMap::new();
-    for entry in journal.iter().filter(|entry| entry["kind"] == "deposit") {
-        *applications.entry(entry["ref"].as_str()).or_default() += 1;
-    }
-    assert_eq!(applications.len(), ids.len(), "none lost");
-    assert!(
-        applications.values().all(|count| *count == 1),
-        "none applied twice"
-    );
-    for account in &accounts {
-        assert_eq!(app.balance(account).await, "100.00");
-    }
-    for id in &ids {
-        let txn = tally::store::wallet::get(&mut conn, id)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(txn.applied_seq, Some(txn.accepted_seq));
-    }
+    assert_applied_once_in_order(&app, &accounts, &ids).await;
 }
 
 /// Redis refusing writes for a while (`maxmemory` reached) is a system
@@ -343,38 +367,16 @@ async fn a_wallet_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twi
 async fn redis_refusing_writes_loses_nothing_and_applies_nothing_twice() {
     let app = spawn_app().await;
     let exchange = spawn_exchange(Faults::default()).await;
-    let mut accounts = Vec::new();
-    let mut ids = Vec::new();
-    for i in 0..10 {
-        let account = app.create_account(&format!("m{i}"), "0").await;
-        for _ in 0..100 {
-            ids.push(accept(&app, &account, "deposit", "1.00").await);
-        }
-        accounts.push(account);
-    }
-    let deposits_applied = || async {
-        app.journal()
-            .await
-            .iter()
-            .filter(|entry| entry["kind"] == "deposit")
-            .count()
-    };
+    let (accounts, ids) = queue_deposits(&app, 10, 100).await;
     let workers = spawn_workers(&app, test_worker_settings(&exchange));
     eventually("the workers are part way through", || async {
-        deposits_applied().await >= 50
+        deposits_applied(&app).await >= 50
     })
     .await;
-    let mut conn = app.redis().await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg(1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    set_maxmemory(&app, 1).await;
     // An apply already running when the limit came may still finish.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let frozen = deposits_applied().await;
+    let frozen = deposits_applied(&app).await;
     assert!(frozen < ids.len(), "the refusal came part way through");
 
     let journal_before = app.journal().await.len();
@@ -389,7 +391,7 @@ async fn redis_refusing_writes_loses_nothing_and_applies_nothing_twice() {
     assert_problem(response, 503, "unavailable").await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(
-        deposits_applied().await,
+        deposits_applied(&app).await,
         frozen,
         "nothing applied while refused"
     );
@@ -402,7 +404,7 @@ async fn redis_refusing_writes_loses_nothing_and_applies_nothing_twice() {
     let pending: redis::Value = redis::cmd("XPENDING")
         .arg(keys::WALLET_STREAM)
         .arg(tally::store::wallet::WALLET_GROUP)
-        .query_async(&mut conn)
+        .query_async(&mut app.redis().await)
         .await
         .unwrap();
     let redis::Value::Array(summary) = &pending else {
@@ -413,47 +415,14 @@ async fn redis_refusing_writes_loses_nothing_and_applies_nothing_twice() {
         "the jobs in hand stay pending: {pending:?}"
     );
 
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg(0)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    set_maxmemory(&app, 0).await;
     eventually("every transaction is applied", || {
         wallet_drained(&app, &accounts)
     })
     .await;
     workers.stop().await;
 
-    let journal = app.journal().await;
-    let mut applications: BTreeMap<&str, usize> = BTreeMap::new();
-    for entry in journal.iter().filter(|entry| entry["kind"] == "deposit") {
-        *applications.entry(entry["ref"].as_str()).or_default() += 1;
-    }
-    assert_eq!(
-        applications.len(),
-        ids.len(),
-        "none lost, and no refused one applied"
-    );
-    assert!(
-        applications.values().all(|count| *count == 1),
-        "none applied twice"
-    );
-    for account in &accounts {
-        assert_eq!(app.balance(account).await, "100.00");
-    }
-    for id in &ids {
-        let txn = tally::store::wallet::get(&mut conn, id)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            txn.applied_seq,
-            Some(txn.accepted_seq),
-            "in acceptance order"
-        );
-    }
+    assert_applied_once_in_order(&app, &accounts, &ids).await;
     assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
 }
 
