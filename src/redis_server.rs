@@ -100,6 +100,13 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Kills redis-server at once (SIGKILL: no flush, no goodbye), as a crash
+    /// would, and waits until it is gone.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
     /// Asks redis-server to exit (SIGTERM makes it flush the AOF), waiting a
     /// bounded time before killing it.
     pub async fn stop(mut self) -> anyhow::Result<()> {

@@ -63,21 +63,16 @@ async fn accounts_page_in_creation_order() {
 async fn account_creation_is_idempotent_per_key() {
     let app = spawn_app().await;
     let request = |body: Value| {
-        app.client
-            .post(app.url("/api/v1/accounts"))
-            .header("Idempotency-Key", "open-1")
-            .json(&body)
-            .send()
+        let app = &app;
+        async move { app.post_with_key("/api/v1/accounts", "open-1", &body).await }
     };
     let first: Value = request(json!({"name": "a", "balance": "5"}))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     let second: Value = request(json!({"name": "a", "balance": "5.00"}))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -86,7 +81,7 @@ async fn account_creation_is_idempotent_per_key() {
         "the same amount, spelled differently, is the same request"
     );
     assert_eq!(app.balance("@bank").await, "-5.00");
-    let conflict = request(json!({"name": "a", "balance": "6"})).await.unwrap();
+    let conflict = request(json!({"name": "a", "balance": "6"})).await;
     assert_problem(conflict, 409, "another request").await;
 }
 

@@ -11,8 +11,8 @@ use tally::exchange::sim::Faults;
 use tally::redis_server::RedisServer;
 
 use crate::helpers::{
-    TestApp, assert_problem, eventually, set_maxmemory, spawn_app, spawn_app_on, spawn_exchange,
-    worker_process,
+    TestApp, assert_problem, eventually, free_port, set_maxmemory, spawn_app, spawn_app_on,
+    spawn_exchange, worker_process,
 };
 
 async fn place_batches(app: &TestApp, count: usize) -> Vec<String> {
@@ -167,8 +167,10 @@ async fn three_workers_settle_300_batches_each_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn fills_redis_refused_to_record_are_recorded_once_when_writes_are_back() {
     let app = spawn_app().await;
+    // Long enough to set the limit while every call is in flight, and
+    // inside the worker's exchange timeout (1,500 ms).
     let exchange = spawn_exchange(Faults {
-        latency_ms: 500,
+        latency_ms: 1200,
         ..Faults::default()
     })
     .await;
@@ -225,11 +227,7 @@ const RECONNECT_ATTEMPTS_MAX: usize = 20;
 #[tokio::test(flavor = "multi_thread")]
 async fn acknowledged_writes_survive_a_redis_crash_and_restart() {
     let data = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let redis = RedisServer::start_durable(data.path(), port).await.unwrap();
     let mut app = spawn_app_on(redis, |_| {}).await;
     let alice = app.create_account("alice", "500.00").await;
@@ -245,29 +243,26 @@ async fn acknowledged_writes_survive_a_redis_crash_and_restart() {
     let deposit = json!({"kind": "deposit", "amount": "7.00"});
     let path = format!("/api/v1/accounts/{bob}/transactions");
     assert_eq!(app.post(&path, &deposit).await.status(), 202);
-    let orders_url = app.url("/api/v1/orders");
-    let client = app.client.clone();
-    let keyed = |body: &Value| {
-        client
-            .post(&orders_url)
-            .header("Idempotency-Key", "restart-1")
-            .json(body)
-    };
     let order = json!({"account_id": alice, "symbol": "ABAN", "quantity": "1.25"});
-    let placed = keyed(&order).send().await.unwrap();
+    let placed = app
+        .post_with_key("/api/v1/orders", "restart-1", &order)
+        .await;
     assert_eq!(placed.status(), 201);
     let placed: Value = placed.json().await.unwrap();
     let before = app.snapshot().await;
 
-    let pid = app.redis.pid().expect("redis-server runs");
-    // SAFETY: kill(2) on our own child's pid has no memory effects.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    eventually("the killed redis-server no longer listens", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
+    // Under everysec Redis may hold writes back while an fsync runs (see the
+    // README); the contract this checks is for writes handed to the file.
+    eventually("the AOF buffer is written", || async {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut app.redis().await)
             .await
-            .is_err()
+            .unwrap();
+        info.contains("aof_buffer_length:0")
     })
     .await;
+    app.redis.kill().await.unwrap();
     app.redis = RedisServer::start_durable(data.path(), port).await.unwrap();
     assert_eq!(
         app.snapshot().await,
@@ -277,14 +272,18 @@ async fn acknowledged_writes_survive_a_redis_crash_and_restart() {
 
     // The API's connection broke with the server: a request may meet that
     // (503, retry with the same key) before the connection is made again.
-    let mut replayed = keyed(&order).send().await.unwrap();
+    let mut replayed = app
+        .post_with_key("/api/v1/orders", "restart-1", &order)
+        .await;
     for _ in 0..RECONNECT_ATTEMPTS_MAX {
         if replayed.status() != 503 {
             break;
         }
         assert_problem(replayed, 503, "retry with the same Idempotency-Key").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        replayed = keyed(&order).send().await.unwrap();
+        replayed = app
+            .post_with_key("/api/v1/orders", "restart-1", &order)
+            .await;
     }
     assert_eq!(replayed.status(), 201);
     assert_eq!(replayed.headers()["idempotent-replayed"], "true");

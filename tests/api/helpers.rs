@@ -86,6 +86,17 @@ impl TestApp {
             .expect("request is sent")
     }
 
+    /// `post` with an `Idempotency-Key` header.
+    pub async fn post_with_key(&self, path: &str, key: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("request is sent")
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client
             .get(self.url(path))
@@ -171,6 +182,30 @@ pub async fn set_maxmemory(app: &TestApp, bytes: u64) {
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
+}
+
+/// Jobs of `stream` delivered to `group` and not yet acknowledged.
+pub async fn pending_count(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> usize {
+    let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await
+        .unwrap();
+    pending.count()
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub async fn stream_entries(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{free_port, spawn_app};
 
 const TALLY: &str = env!("CARGO_BIN_EXE_tally");
 
@@ -222,14 +222,6 @@ async fn gen_against_dev_ends_with_a_summary_and_a_clean_audit() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(clean, "tally audit passes once the workers are done");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -195,12 +195,8 @@ async fn the_same_idempotency_key_and_body_give_the_same_order_and_one_debit() {
     let customer = app.create_account("idem", "100.00").await;
     let body = json!({"account_id": customer, "symbol": "ABAN", "quantity": "3"});
     let send = |key: &'static str, body: Value| {
-        let request = app
-            .client
-            .post(app.url("/api/v1/orders"))
-            .header("Idempotency-Key", key)
-            .json(&body);
-        async move { request.send().await.unwrap() }
+        let app = &app;
+        async move { app.post_with_key("/api/v1/orders", key, &body).await }
     };
 
     let first = send("key-1", body.clone()).await;

@@ -17,7 +17,7 @@ use tally::store::orders::{
 use tally::store::keys;
 use tally::store::settlement::{self, Filled, JobEnd, JobRef, OperatorError};
 
-use crate::helpers::{redis_snapshot, spawn_app};
+use crate::helpers::{pending_count, redis_snapshot, spawn_app};
 
 fn new_account(balance: &str, key: Option<&str>) -> NewAccount {
     NewAccount {
@@ -423,15 +423,8 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
 }
 
 /// Pending settle jobs of the test consumer.
-async fn pending_jobs(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
-    // XPENDING's summary form starts with the count.
-    let summary: Vec<redis::Value> = redis::cmd("XPENDING")
-        .arg(keys::SETTLE_STREAM)
-        .arg(settlement::SETTLE_GROUP)
-        .query_async(conn)
-        .await
-        .unwrap();
-    redis::from_redis_value(summary[0].clone()).unwrap()
+async fn pending_jobs(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+    pending_count(conn, keys::SETTLE_STREAM, settlement::SETTLE_GROUP).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

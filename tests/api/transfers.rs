@@ -136,12 +136,8 @@ async fn transfers_are_idempotent_per_key() {
     let b = app.create_account("b", "0").await;
     let send = |key: &'static str, amount: &'static str| {
         let body = json!({"src_account_id": a, "dst_account_id": b, "amount": amount, "direction": "debit"});
-        let request = app
-            .client
-            .post(app.url("/api/v1/transfers"))
-            .header("Idempotency-Key", key)
-            .json(&body);
-        async move { request.send().await.unwrap() }
+        let app = &app;
+        async move { app.post_with_key("/api/v1/transfers", key, &body).await }
     };
     let first: Value = send("t1", "4").await.json().await.unwrap();
     let again = send("t1", "4.00").await;

@@ -243,13 +243,8 @@ async fn bad_accounts_and_headers_are_refused() {
         assert_problem(app.post("/api/v1/accounts", &body).await, status, detail).await;
     }
     let response = app
-        .client
-        .post(app.url("/api/v1/accounts"))
-        .header("Idempotency-Key", "has space")
-        .json(&json!({"name": "a"}))
-        .send()
-        .await
-        .unwrap();
+        .post_with_key("/api/v1/accounts", "has space", &json!({"name": "a"}))
+        .await;
     assert_problem(response, 400, "Idempotency-Key").await;
     assert_problem(app.get("/api/v1/accounts?limit=1000").await, 400, "limit").await;
     assert_problem(app.get("/api/v1/accounts?limit=0").await, 400, "limit").await;
