@@ -11,7 +11,7 @@
 -- KEYS[5] journal (stream)             KEYS[6] journal index (sorted set)
 -- KEYS[7] accounting events (stream)   KEYS[8] rejected transactions (stream)
 -- ARGV[1] transaction id   ARGV[2] account id   ARGV[3] counterpart's account id
--- ARGV[4] now, ms          ARGV[5] worker name  ARGV[6] events stream length bound
+-- ARGV[4] now, ms          ARGV[5] worker name  ARGV[6] errors stream length bound (approximate)
 --
 -- Returns {"completed"} | {"rejected", reason} | {"skipped"} (not the head any more)
 
@@ -44,7 +44,7 @@ redis.call('HSET', KEYS[2], 'status', status, 'reason', reason, 'applied_at', no
 journal(KEYS[5], KEYS[6], 'at', now, 'kind', kind, 'debit', debit,
   'credit', credit, 'amount', moved, 'requested', amount, 'ref', id,
   'status', reason == '' and 'completed' or 'failed', 'reason', reason)
-redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 'type', kind .. '.' .. status,
+redis.call('XADD', KEYS[7], '*', 'type', kind .. '.' .. status,
   'ref', id, 'account_id', account_id, 'amount', moved, 'at', now, 'reason', reason)
 if reason ~= '' then
   redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[6], '*', 'transaction_id', id,

@@ -13,8 +13,7 @@
 -- KEYS[7] leased installments (sorted set)   KEYS[8] due installments (sorted set)
 -- KEYS[9] installment jobs (stream)
 -- ARGV[1] "advance_id:n"   ARGV[2] n   ARGV[3] now, ms   ARGV[4] consumer group
--- ARGV[5] the job's stream id   ARGV[6] @bank's id   ARGV[7] events stream length bound
--- ARGV[8] worker name
+-- ARGV[5] the job's stream id   ARGV[6] @bank's id   ARGV[7] worker name
 --
 -- Returns {"paid", amount} | {"failed", amount, carried_to_n} | {"skipped"}
 
@@ -40,8 +39,8 @@ if tonumber(redis.call('HGET', KEYS[2], 'balance')) >= tonumber(amount) then
     'credit', ARGV[6], 'amount', amount, 'ref', ARGV[1], 'status', 'completed', 'reason', '')
   redis.call('HSET', KEYS[1], prefix .. 'status', 'paid', prefix .. 'paid_at', now)
   redis.call('HINCRBY', KEYS[1], 'paid', amount)
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'type', 'installment.paid', 'ref', ARGV[1],
-    'account_id', account_id, 'amount', amount, 'at', now, 'worker', ARGV[8])
+  redis.call('XADD', KEYS[6], '*', 'type', 'installment.paid', 'ref', ARGV[1],
+    'account_id', account_id, 'amount', amount, 'at', now, 'worker', ARGV[7])
   return {'paid', amount}
 end
 
@@ -68,6 +67,6 @@ redis.call('HSET', KEYS[1], prefix .. 'status', 'failed', prefix .. 'carried_to'
 journal(KEYS[4], KEYS[5], 'at', now, 'kind', 'installment', 'debit', account_id,
   'credit', ARGV[6], 'amount', '0', 'requested', amount, 'ref', ARGV[1], 'status', 'failed',
   'reason', 'insufficient funds; carried to installment ' .. target)
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'type', 'installment.failed', 'ref', ARGV[1],
-  'account_id', account_id, 'amount', amount, 'at', now, 'reason', 'insufficient funds', 'worker', ARGV[8])
+redis.call('XADD', KEYS[6], '*', 'type', 'installment.failed', 'ref', ARGV[1],
+  'account_id', account_id, 'amount', amount, 'at', now, 'reason', 'insufficient funds', 'worker', ARGV[7])
 return {'failed', amount, tostring(target)}

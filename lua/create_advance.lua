@@ -10,7 +10,6 @@
 -- ARGV[1] advance id   ARGV[2] account id   ARGV[3] amount, cents
 -- ARGV[4] installments   ARGV[5] period, ms   ARGV[6] now, ms
 -- ARGV[7] idempotency fingerprint or ""   ARGV[8] its ttl, seconds   ARGV[9] @bank's id
--- ARGV[10] events stream length bound
 --
 -- Returns {"created", id} | {"replayed", id} | {"refused", "idempotency_conflict", id}
 --   | {"refused", "account_not_found"}
@@ -45,7 +44,7 @@ journal(KEYS[4], KEYS[5], 'at', ARGV[6], 'kind', 'advance', 'debit', ARGV[9],
   'credit', account_id, 'amount', ARGV[3], 'ref', id, 'status', 'completed', 'reason', '')
 redis.call('ZADD', KEYS[7], now, id)
 redis.call('ZADD', KEYS[8], now, id)
-redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[10], '*', 'type', 'advance.created', 'ref', id,
+redis.call('XADD', KEYS[9], '*', 'type', 'advance.created', 'ref', id,
   'account_id', account_id, 'amount', ARGV[3], 'at', ARGV[6])
 if fingerprint ~= '' then
   redis.call('SET', KEYS[10], id .. ' ' .. fingerprint, 'EX', ARGV[8])

@@ -8,7 +8,7 @@
 -- KEYS[5] accounting events (stream)
 -- ARGV[1] consumer group   ARGV[2] settle job's stream id   ARGV[3] batch id
 -- ARGV[4] the last error   ARGV[5] attempts made            ARGV[6] now, ms
--- ARGV[7] worker name      ARGV[8] events stream length bound (approximate)
+-- ARGV[7] worker name
 --
 -- Returns {"failed"} | {"skipped", status} when the batch is no longer settling.
 
@@ -24,6 +24,6 @@ redis.call('ZADD', KEYS[4], now, batch_id)
 redis.call('XADD', KEYS[3], '*', 'batch_id', batch_id, 'symbol', batch[1],
   'quantity_units', batch[2], 'value_cents', batch[3], 'attempts', ARGV[5],
   'error', ARGV[4], 'failed_at', now, 'worker', ARGV[7])
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', 'type', 'batch.failed',
+redis.call('XADD', KEYS[5], '*', 'type', 'batch.failed',
   'ref', batch_id, 'amount', batch[3], 'at', now, 'reason', ARGV[4], 'worker', ARGV[7])
 return {'failed'}

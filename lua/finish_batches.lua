@@ -15,8 +15,8 @@
 -- then KEYS[8 + i] the i-th batch (hash)
 -- ARGV[1] consumer group    ARGV[2] now, ms since the Unix epoch
 -- ARGV[3] worker name       ARGV[4] @exchange's account id
--- ARGV[5] @bank's account id    ARGV[6] events stream length bound (approximate)
--- then three per batch, at offset a = 6 + 3 * (i - 1):
+-- ARGV[5] @bank's account id
+-- then three per batch, at offset a = 5 + 3 * (i - 1):
 --   a+1 settle job's stream id   a+2 batch id   a+3 the exchange's fill id
 --
 -- Returns two strings per batch, in order:
@@ -24,7 +24,7 @@
 --   "missing", "missing"   for an unknown batch
 
 local count = #KEYS - 8
-if count < 1 or #ARGV ~= 6 + 3 * count then
+if count < 1 or #ARGV ~= 5 + 3 * count then
   return redis.error_reply('finish_batches: expected one batch key and three arguments per batch')
 end
 local now, worker = ARGV[2], ARGV[3]
@@ -35,7 +35,7 @@ local journal_pending = {} -- index members, written in one ZADD at the end
 local paid = 0
 local settled = 0
 for i = 1, count do
-  local key, a = KEYS[8 + i], 6 + 3 * (i - 1)
+  local key, a = KEYS[8 + i], 5 + 3 * (i - 1)
   local stream_id, batch_id, fill_id = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   stream_ids[#stream_ids + 1] = stream_id
   local batch = redis.call('HMGET', key, 'status', 'value')
@@ -54,7 +54,7 @@ for i = 1, count do
     if status == 'failed' then
       redis.call('ZREM', KEYS[5], batch_id)
     end
-    redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', 'type', 'batch.settled',
+    redis.call('XADD', KEYS[6], '*', 'type', 'batch.settled',
       'ref', batch_id, 'amount', value, 'at', now, 'worker', worker)
     paid = paid + tonumber(value)
     settled = settled + 1

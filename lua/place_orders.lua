@@ -22,8 +22,7 @@
 --   k+6 the batch this order would close (hash)   k+7 that batch's order ids (list)
 --   k+8 idempotency key (string "order_id fingerprint")
 -- ARGV[1] number of orders   ARGV[2] @exchange's account id
--- ARGV[3] events stream length bound (approximate)
--- then 10 arguments per order, at offset a = 3 + 10 * (i - 1):
+-- then 10 arguments per order, at offset a = 2 + 10 * (i - 1):
 --   a+1 account id   a+2 order id   a+3 symbol   a+4 quantity, units of 1e-8
 --   a+5 price, cents   a+6 cost, cents   a+7 exchange minimum, cents
 --   a+8 batch id, used only if this order closes a batch
@@ -39,7 +38,7 @@
 --   "refused", "insufficient_funds", balance_cents
 
 local count = tonumber(ARGV[1])
-if #KEYS ~= 7 + 8 * count or #ARGV ~= 3 + 10 * count then
+if #KEYS ~= 7 + 8 * count or #ARGV ~= 2 + 10 * count then
   return redis.error_reply('place_orders: expected 8 keys and 10 arguments per order')
 end
 local exchange_id = ARGV[2]
@@ -109,7 +108,7 @@ local function place(k, a)
   exchange_credit = exchange_credit + cost
   journal_deferred(KEYS[2], journal_pending, 'at', now, 'kind', 'order', 'debit', account_id,
     'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
-  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'type', 'order.placed', 'ref', order_id,
+  redis.call('XADD', KEYS[7], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
 
   local bucket = bucket_at(k)
@@ -183,7 +182,7 @@ end
 
 local replies = {}
 for i = 1, count do
-  local verdict, detail, extra = place(7 + 8 * (i - 1), 3 + 10 * (i - 1))
+  local verdict, detail, extra = place(7 + 8 * (i - 1), 2 + 10 * (i - 1))
   replies[#replies + 1] = verdict
   replies[#replies + 1] = detail
   replies[#replies + 1] = extra

@@ -13,7 +13,7 @@
 -- ARGV[6] now, ms    ARGV[7] "1" if the payer may go negative (a system account)
 -- ARGV[8] the request in canonical form, stored with the transaction
 -- ARGV[9] idempotency fingerprint or ""   ARGV[10] its ttl, seconds
--- ARGV[11] events stream length bound (approximate)   ARGV[12] memo
+-- ARGV[11] memo
 --
 -- Returns {"success", transaction_id} | {"fail", transaction_id, reason}
 --   | {"replayed", transaction_id} | {"refused", "idempotency_conflict", transaction_id}
@@ -44,7 +44,7 @@ else
 end
 journal(KEYS[3], KEYS[4], 'at', now, 'kind', ARGV[4], 'debit', payer,
   'credit', payee, 'amount', moved, 'requested', amount, 'ref', id, 'status', status,
-  'reason', reason, 'memo', ARGV[12])
+  'reason', reason, 'memo', ARGV[11])
 if fingerprint ~= '' then
   -- Kept only to answer a replay of the Idempotency-Key, for as long as the key.
   redis.call('HSET', KEYS[5], 'id', id, 'at', now, 'status', status, 'reason', reason,
@@ -52,7 +52,7 @@ if fingerprint ~= '' then
   redis.call('EXPIRE', KEYS[5], ARGV[10])
   redis.call('SET', KEYS[6], id .. ' ' .. fingerprint, 'EX', ARGV[10])
 end
-redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[4] .. '.' .. status,
+redis.call('XADD', KEYS[7], '*', 'type', ARGV[4] .. '.' .. status,
   'ref', id, 'amount', moved, 'at', now, 'reason', reason)
 if reason ~= '' then
   return {'fail', id, reason}

@@ -41,6 +41,7 @@ pub const EXCHANGE_SIM_LISTEN_DEFAULT: &str = "127.0.0.1:8090";
 pub const WEBHOOK_SECRET_DEFAULT: &str = "tally-development-webhook-secret";
 pub const WEBHOOK_ATTEMPTS_MAX_DEFAULT: u32 = 12;
 pub const WEBHOOK_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const STREAM_RETENTION_MS_DEFAULT: u64 = 60_000;
 pub const ADVANCE_PERIOD_DEFAULT: &str = "7d";
 pub const INSTALLMENT_LEASE_MS_DEFAULT: u64 = 30_000;
 pub const SCHEDULER_INTERVAL_MS_DEFAULT: u64 = 500;
@@ -212,6 +213,11 @@ pub struct WorkerSettings {
     /// Bound on one webhook call.
     #[arg(long, env = "TALLY_WEBHOOK_TIMEOUT_MS", default_value_t = WEBHOOK_TIMEOUT_MS_DEFAULT)]
     pub webhook_timeout_ms: u64,
+    /// How long a job or event stays in its stream once every consumer
+    /// group has acknowledged it (for people looking with redis-cli); an
+    /// entry not yet acknowledged is never trimmed.
+    #[arg(long, env = "TALLY_STREAM_RETENTION_MS", default_value_t = STREAM_RETENTION_MS_DEFAULT)]
+    pub stream_retention_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -232,6 +238,7 @@ impl Default for WorkerSettings {
             webhook_secret: WEBHOOK_SECRET_DEFAULT.to_owned(),
             webhook_attempts_max: WEBHOOK_ATTEMPTS_MAX_DEFAULT,
             webhook_timeout_ms: WEBHOOK_TIMEOUT_MS_DEFAULT,
+            stream_retention_ms: STREAM_RETENTION_MS_DEFAULT,
         }
     }
 }
@@ -255,6 +262,12 @@ impl WorkerSettings {
             return Err(format!(
                 "claim_idle_ms ({}) must exceed exchange_timeout_ms ({}), or jobs in flight would be taken over",
                 self.claim_idle_ms, self.exchange_timeout_ms
+            ));
+        }
+        if self.claim_idle_ms <= self.webhook_timeout_ms {
+            return Err(format!(
+                "claim_idle_ms ({}) must exceed webhook_timeout_ms ({}), or events in flight would be taken over and delivered twice",
+                self.claim_idle_ms, self.webhook_timeout_ms
             ));
         }
         if self.consumers == 0

@@ -7,7 +7,6 @@ use redis::Script;
 
 use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
 use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
-use crate::store::settlement::EVENTS_STREAM_LENGTH_MAX;
 
 static CREATE_ADVANCE: LazyLock<Script> = lua_script!("create_advance.lua");
 static LEASE_DUE: LazyLock<Script> = lua_script!("lease_due_installments.lua");
@@ -74,7 +73,6 @@ pub async fn create(
         .arg(fingerprint)
         .arg(advance.idempotency_ttl_secs)
         .arg(SystemAccount::Bank.id().as_str())
-        .arg(EVENTS_STREAM_LENGTH_MAX)
         .invoke_async(conn)
         .await
         .map_err(StoreError::from)?;
@@ -144,7 +142,6 @@ pub async fn collect(
         .arg(COLLECT_GROUP)
         .arg(stream_id)
         .arg(SystemAccount::Bank.id().as_str())
-        .arg(EVENTS_STREAM_LENGTH_MAX)
         .arg(worker)
         .invoke_async(conn)
         .await?;

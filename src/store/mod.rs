@@ -23,6 +23,7 @@ pub mod journal;
 pub mod keys;
 pub mod orders;
 pub mod settlement;
+pub mod streams;
 pub mod transfers;
 pub mod wallet;
 

@@ -165,12 +165,8 @@ pub fn place_orders_input(orders: &[PlaceOrder]) -> (Vec<String>, Vec<String>) {
         keys::JOURNAL_INDEX.to_owned(),
         keys::EVENTS_STREAM.to_owned(),
     ]);
-    let mut script_args = Vec::with_capacity(3 + 10 * orders.len());
-    script_args.extend([
-        orders.len().to_string(),
-        exchange.to_string(),
-        crate::store::settlement::EVENTS_STREAM_LENGTH_MAX.to_string(),
-    ]);
+    let mut script_args = Vec::with_capacity(2 + 10 * orders.len());
+    script_args.extend([orders.len().to_string(), exchange.to_string()]);
     for order in orders {
         let (idempotency_key, idempotency) = match &order.idempotency {
             Some(idem) => (

@@ -11,9 +11,6 @@ use crate::domain::{AccountId, BatchId, OrderId, SystemAccount};
 
 /// The consumer group of the settlement workers.
 pub const SETTLE_GROUP: &str = "settlers";
-/// Bound on the events stream; the notifier delivers long before it is reached.
-pub const EVENTS_STREAM_LENGTH_MAX: usize = 1_000_000;
-
 static BEGIN_ATTEMPTS: LazyLock<Script> = lua_script!("begin_attempts.lua");
 static FINISH_BATCHES: LazyLock<Script> = lua_script!("finish_batches.lua");
 static RETRY_BATCH: LazyLock<Script> = lua_script!("retry_batch.lua");
@@ -110,8 +107,7 @@ pub async fn finish_batches(
         .arg(now_ms())
         .arg(worker)
         .arg(SystemAccount::Exchange.id().as_str())
-        .arg(SystemAccount::Bank.id().as_str())
-        .arg(EVENTS_STREAM_LENGTH_MAX);
+        .arg(SystemAccount::Bank.id().as_str());
     for fill in filled {
         invocation
             .key(keys::batch(fill.job.batch_id))
@@ -175,7 +171,6 @@ pub async fn dead_letter_batch(
         .arg(attempts)
         .arg(now_ms())
         .arg(job.worker)
-        .arg(EVENTS_STREAM_LENGTH_MAX)
         .invoke_async(conn)
         .await?;
     job_end(reply, "failed")
@@ -278,7 +273,6 @@ pub async fn refund_batch(
         .arg(batch_id.to_string())
         .arg(now_ms())
         .arg(SystemAccount::Exchange.id().as_str())
-        .arg(EVENTS_STREAM_LENGTH_MAX)
         .arg(note);
     for (order_key, account_id) in order_keys.iter().zip(&account_ids) {
         let corrupt = |problem: String| StoreError::Corrupt {

@@ -6,7 +6,6 @@ use redis::Script;
 
 use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
 use crate::domain::{AccountId, Amount, Idempotency};
-use crate::store::settlement::EVENTS_STREAM_LENGTH_MAX;
 
 static TRANSFER: LazyLock<Script> = lua_script!("transfer.lua");
 
@@ -76,7 +75,6 @@ pub async fn move_money(
         .arg(&movement.canonical_request)
         .arg(fingerprint)
         .arg(movement.idempotency_ttl_secs)
-        .arg(EVENTS_STREAM_LENGTH_MAX)
         .arg(&movement.memo)
         .invoke_async(conn)
         .await

@@ -7,7 +7,6 @@ use redis::{AsyncCommands, Script};
 
 use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
 use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
-use crate::store::settlement::EVENTS_STREAM_LENGTH_MAX;
 
 static ENQUEUE: LazyLock<Script> = lua_script!("enqueue_wallet_transaction.lua");
 static APPLY: LazyLock<Script> = lua_script!("apply_wallet_transaction.lua");
@@ -19,6 +18,9 @@ pub fn scripts() -> [&'static Script; 3] {
 
 /// The consumer group of the wallet workers.
 pub const WALLET_GROUP: &str = "wallet";
+/// Bound on `transactions:errors`, a report for people that no consumer
+/// acknowledges: Redis keeps about the newest this many rejections.
+pub const ERRORS_STREAM_LENGTH_MAX: usize = 1_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WalletKind {
@@ -158,7 +160,7 @@ pub async fn apply(
         .arg(counterpart.as_str())
         .arg(super::now_ms())
         .arg(worker)
-        .arg(EVENTS_STREAM_LENGTH_MAX)
+        .arg(ERRORS_STREAM_LENGTH_MAX)
         .invoke_async(conn)
         .await?;
     match verdict(&reply) {

@@ -228,6 +228,11 @@ pub async fn run_workers(
         journal_retention,
         shutdown.clone(),
     ));
+    consumers.spawn(trim_streams_periodically(
+        store.clone(),
+        Duration::from_millis(settings.stream_retention_ms),
+        shutdown.clone(),
+    ));
     let wallet = Arc::new(crate::wallet::WalletWorker::new(store.clone()));
     let collector = Arc::new(crate::advances::Collector::new(store.clone()));
     let notifier = Arc::new(crate::notifier::Notifier::new(
@@ -292,6 +297,49 @@ pub async fn run_workers(
         joined?;
     }
     Ok(())
+}
+
+/// How often a worker process trims what the consumer groups are done with.
+const STREAM_TRIM_INTERVAL: Duration = Duration::from_secs(10);
+/// The streams consumer groups read; each entry is deleted once every group
+/// has acknowledged it and it is older than the retention.
+const CONSUMED_STREAMS: [&str; 4] = [
+    keys::SETTLE_STREAM,
+    keys::WALLET_STREAM,
+    keys::INSTALLMENTS_STREAM,
+    keys::EVENTS_STREAM,
+];
+
+/// Trims the consumed entries of [`CONSUMED_STREAMS`] every
+/// `STREAM_TRIM_INTERVAL` until shutdown. Any number of workers may do this
+/// at once: each trim only deletes what no group needs.
+pub async fn trim_streams_periodically(
+    store: Store,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let older_than_ms = u64::try_from(crate::store::now_ms())
+            .unwrap_or(0)
+            .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        for stream in CONSUMED_STREAMS {
+            let trimmed = match store.conn().await {
+                Ok(mut conn) => {
+                    crate::store::streams::trim_consumed(&mut conn, stream, older_than_ms).await
+                }
+                Err(err) => Err(err),
+            };
+            match trimmed {
+                Ok(0) => {}
+                Ok(count) => tracing::debug!(stream, count, "consumed stream entries trimmed"),
+                Err(err) => tracing::warn!(stream, error = %err, "trimming a stream failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STREAM_TRIM_INTERVAL) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
 }
 
 /// Jobs left pending too long by any consumer first (when `take_over`), then new ones.

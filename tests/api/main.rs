@@ -10,6 +10,7 @@ mod operations;
 mod orders;
 mod scripts;
 mod settlement;
+mod streams;
 mod transfers;
 mod validation;
 mod wallet;
