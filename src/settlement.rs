@@ -15,7 +15,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::domain::{BatchId, Quantity, Symbol};
 use crate::exchange::{Exchange, ExchangeError, ExchangeOrder};
-use crate::store::settlement::{self as scripts, Filled, JobEnd, JobRef};
+use crate::store::settlement::{self as scripts, Begun, Filled, JobRef};
 use crate::store::{Store, keys, now_ms};
 use crate::workers::{Delivery, JobHandler, backoff};
 
@@ -62,14 +62,14 @@ impl SettleJob {
         })
     }
 
-    /// The job for the next attempt, as the JSON the retry schedule holds.
-    fn next_attempt_json(&self) -> String {
+    /// The job for attempt `next`, as the JSON the retry schedule holds.
+    fn next_attempt_json(&self, next: u32) -> String {
         serde_json::json!({
             "batch_id": self.batch_id.to_string(),
             "symbol": self.symbol.as_str(),
             "quantity": self.quantity.to_string(),
             "quantity_units": self.quantity.units().to_string(),
-            "attempt": (self.attempt + 1).to_string(),
+            "attempt": next.to_string(),
         })
         .to_string()
     }
@@ -110,19 +110,27 @@ impl<E: Exchange> Settler<E> {
 
         let mut calls = FuturesUnordered::new();
         for ((job_ref, (_, job)), begun) in refs.iter().zip(jobs).zip(begun) {
-            if let JobEnd::Skipped(status) = begun {
-                // Another delivery already ended this batch: nothing left to do.
-                tracing::info!(worker, batch_id = %job.batch_id, attempt = job.attempt, status, "batch no longer settling; job acknowledged");
-                continue;
-            }
-            tracing::debug!(worker, batch_id = %job.batch_id, attempt = job.attempt, symbol = %job.symbol, quantity = %job.quantity, "calling the exchange");
+            let attempt = match begun {
+                Begun::Call { attempts } => attempts,
+                Begun::Skipped(status) => {
+                    // Another delivery already ended this batch: nothing left to do.
+                    tracing::info!(worker, batch_id = %job.batch_id, attempt = job.attempt, status, "batch no longer settling; job acknowledged");
+                    continue;
+                }
+            };
+            tracing::debug!(worker, batch_id = %job.batch_id, attempt, symbol = %job.symbol, quantity = %job.quantity, "calling the exchange");
             calls.push(async move {
                 let order = ExchangeOrder {
                     client_order_id: job.batch_id,
                     symbol: job.symbol.clone(),
                     quantity: job.quantity,
                 };
-                (job_ref, job, self.exchange.buy_from_exchange(&order).await)
+                (
+                    job_ref,
+                    job,
+                    attempt,
+                    self.exchange.buy_from_exchange(&order).await,
+                )
             });
         }
 
@@ -133,11 +141,11 @@ impl<E: Exchange> Settler<E> {
                 answered.push(next);
             }
             let mut fills = Vec::new();
-            for (job_ref, job, outcome) in answered {
+            for (job_ref, job, attempt, outcome) in answered {
                 match outcome {
                     Ok(fill) => fills.push((job_ref, job, fill)),
                     Err(err) => {
-                        if let Err(step) = self.end_failed_call(job_ref, job, err).await {
+                        if let Err(step) = self.end_failed_call(job_ref, job, attempt, err).await {
                             failed_steps += 1;
                             tracing::warn!(worker, batch_id = %job.batch_id, error = %step, "job left pending for re-delivery");
                         }
@@ -176,34 +184,33 @@ impl<E: Exchange> Settler<E> {
         Ok(())
     }
 
-    /// The exchange refused or could not be reached: retry later, or dead-letter.
+    /// The exchange refused or could not be reached: retry later, or
+    /// dead-letter. `attempt` is the batch's own count of calls, which also
+    /// counts calls whose job was delivered again after a worker died.
     async fn end_failed_call(
         &self,
         job_ref: &JobRef<'_>,
         job: &SettleJob,
+        attempt: u32,
         err: ExchangeError,
     ) -> anyhow::Result<()> {
         let mut conn = self.store.conn().await?;
-        if err.is_retryable() && job.attempt < self.settings.attempts_max {
-            let delay = backoff(
-                job.attempt,
-                self.settings.retry_base,
-                self.settings.retry_max,
-            );
+        if err.is_retryable() && attempt < self.settings.attempts_max {
+            let delay = backoff(attempt, self.settings.retry_base, self.settings.retry_max);
             let due_ms = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             let end = scripts::retry_batch(
                 &mut conn,
                 job_ref,
                 due_ms,
-                &job.next_attempt_json(),
+                &job.next_attempt_json(attempt + 1),
                 &err.to_string(),
             )
             .await?;
-            tracing::warn!(worker = job_ref.worker, batch_id = %job.batch_id, attempt = job.attempt, error = %err, retry_in_ms = delay.as_millis() as u64, ?end, "exchange call failed; retry scheduled");
+            tracing::warn!(worker = job_ref.worker, batch_id = %job.batch_id, attempt, error = %err, retry_in_ms = delay.as_millis() as u64, ?end, "exchange call failed; retry scheduled");
         } else {
-            let end = scripts::dead_letter_batch(&mut conn, job_ref, &err.to_string(), job.attempt)
-                .await?;
-            tracing::error!(worker = job_ref.worker, batch_id = %job.batch_id, attempt = job.attempt, error = %err, ?end, "batch failed; moved to the dead-letter stream");
+            let end =
+                scripts::dead_letter_batch(&mut conn, job_ref, &err.to_string(), attempt).await?;
+            tracing::error!(worker = job_ref.worker, batch_id = %job.batch_id, attempt, error = %err, ?end, "batch failed; moved to the dead-letter stream");
         }
         Ok(())
     }

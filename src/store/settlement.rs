@@ -61,10 +61,20 @@ pub struct JobRef<'a> {
     pub worker: &'a str,
 }
 
+/// What `begin_attempts` decided for one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begun {
+    /// Call the exchange: this is the batch's `attempts`-th call, counted in
+    /// the batch itself, so a job delivered again after a crash counts too.
+    Call { attempts: u32 },
+    /// The batch had moved on (its status, or "missing"): only acknowledged.
+    Skipped(String),
+}
+
 /// Counts the exchange calls about to be made for `jobs` (one read), each
 /// only if its batch is still settling; the others are acknowledged. One
-/// outcome per job, in order: `Done` means call the exchange.
-pub async fn begin_attempts(conn: &mut impl Conn, jobs: &[JobRef<'_>]) -> StoreResult<Vec<JobEnd>> {
+/// outcome per job, in order.
+pub async fn begin_attempts(conn: &mut impl Conn, jobs: &[JobRef<'_>]) -> StoreResult<Vec<Begun>> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
@@ -74,7 +84,17 @@ pub async fn begin_attempts(conn: &mut impl Conn, jobs: &[JobRef<'_>]) -> StoreR
         invocation.key(keys::batch(job.batch_id)).arg(job.stream_id);
     }
     let reply: Vec<String> = invocation.invoke_async(conn).await?;
-    job_ends(reply, jobs.len(), "go")
+    if reply.len() != 2 * jobs.len() {
+        return Err(StoreError::UnexpectedReply(reply));
+    }
+    reply
+        .chunks(2)
+        .map(|pair| match (pair[0].as_str(), pair[1].parse::<u32>()) {
+            ("go", Ok(attempts)) => Ok(Begun::Call { attempts }),
+            ("skipped", _) => Ok(Begun::Skipped(pair[1].clone())),
+            _ => Err(StoreError::UnexpectedReply(pair.to_vec())),
+        })
+        .collect()
 }
 
 /// A batch the exchange filled: its job, and the exchange's fill id.

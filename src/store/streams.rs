@@ -69,11 +69,12 @@ async fn consumed_floor(conn: &mut impl Conn, stream: &str) -> StoreResult<Optio
             .unwrap_or(1);
         if pending > 0 {
             // XPENDING's summary: count, smallest id, greatest id, consumers.
-            let summary: (u64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
-                .arg(stream)
-                .arg(&name)
-                .query_async(conn)
-                .await?;
+            let summary: (u64, Option<String>, Option<String>, redis::Value) =
+                redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(&name)
+                    .query_async(conn)
+                    .await?;
             if let Some(smallest) = summary.1.as_deref().and_then(StreamId::parse) {
                 group_floor = group_floor.min(smallest);
             }

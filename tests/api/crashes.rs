@@ -296,3 +296,69 @@ async fn acknowledged_writes_survive_a_redis_crash_and_restart() {
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_lost_with_its_worker_counts_toward_attempts_max() {
+    use tally::store::{keys, settlement};
+
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults {
+        fail_rate: 1.0,
+        ..Faults::default()
+    })
+    .await;
+    let batch_id = place_batches(&app, 1).await.remove(0);
+
+    // A worker reads the job, counts its call, and dies during it: the job
+    // stays pending with the batch's count at 1.
+    let mut conn = app.redis().await;
+    tally::workers::ensure_group(&mut conn, keys::SETTLE_STREAM, settlement::SETTLE_GROUP)
+        .await
+        .unwrap();
+    let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(settlement::SETTLE_GROUP)
+        .arg("doomed")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(keys::SETTLE_STREAM)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let stream_id = read.keys[0].ids[0].id.clone();
+    let batch = tally::domain::BatchId::parse(&batch_id).unwrap();
+    let job = settlement::JobRef {
+        stream_id: &stream_id,
+        batch_id: &batch,
+        worker: "doomed",
+    };
+    assert_eq!(
+        settlement::begin_attempts(&mut conn, &[job]).await.unwrap(),
+        [settlement::Begun::Call { attempts: 1 }]
+    );
+
+    // The survivor takes the job over (after claim_idle_ms) still marked as
+    // attempt 1, but the batch counts this as its 2nd call: with
+    // attempts_max 2, one failed call dead-letters it, with no retry.
+    let _workers = crate::helpers::spawn_workers(
+        &app,
+        tally::config::WorkerSettings {
+            attempts_max: 2,
+            ..crate::helpers::test_worker_settings(&exchange)
+        },
+    );
+    eventually("the batch is dead-lettered", || async {
+        app.batch_status(&batch_id).await == "failed"
+    })
+    .await;
+    let batch = app.batch(&batch_id).await;
+    assert_eq!(batch["attempts"], json!(2), "{batch}");
+    let order = exchange.order(&batch_id).await.expect("called");
+    assert_eq!(order.calls, 1, "one call after the take-over: {order:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await; // no retry comes later
+    assert_eq!(exchange.order(&batch_id).await.unwrap().calls, 1);
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}

@@ -15,7 +15,7 @@ use tally::store::orders::{
 };
 
 use tally::store::keys;
-use tally::store::settlement::{self, Filled, JobEnd, JobRef, OperatorError};
+use tally::store::settlement::{self, Begun, Filled, JobEnd, JobRef, OperatorError};
 
 use crate::helpers::{pending_count, redis_snapshot, spawn_app};
 
@@ -384,7 +384,7 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
 
     assert_eq!(
         settlement::begin_attempts(&mut conn, &[job]).await.unwrap(),
-        [JobEnd::Done]
+        [Begun::Call { attempts: 1 }]
     );
     let filled = |fill_id| Filled { job, fill_id };
     assert_eq!(
@@ -398,7 +398,7 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
     let skipped = JobEnd::Skipped("settled".to_owned());
     assert_eq!(
         settlement::begin_attempts(&mut conn, &[job]).await.unwrap(),
-        std::slice::from_ref(&skipped)
+        [Begun::Skipped("settled".to_owned())]
     );
     assert_eq!(
         settlement::finish_batches(&mut conn, "test", &[filled("fill-2")])
@@ -458,9 +458,9 @@ async fn group_settlement_scripts_decide_each_job_on_its_own() {
             .await
             .unwrap(),
         [
-            JobEnd::Skipped("settled".to_owned()),
-            JobEnd::Done,
-            JobEnd::Skipped("missing".to_owned())
+            Begun::Skipped("settled".to_owned()),
+            Begun::Call { attempts: 1 },
+            Begun::Skipped("missing".to_owned())
         ]
     );
     let batch: HashMap<String, String> = conn.hgetall(keys::batch(&open_id)).await.unwrap();

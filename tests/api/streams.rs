@@ -38,11 +38,24 @@ async fn trimming_keeps_every_entry_a_group_has_not_acknowledged() {
     let far_future_ms = u64::MAX / 2;
 
     // No stream, then a stream with no group: nothing is consumed, nothing goes.
-    assert_eq!(trim_consumed(&mut conn, STREAM, far_future_ms).await.unwrap(), 0);
+    assert_eq!(
+        trim_consumed(&mut conn, STREAM, far_future_ms)
+            .await
+            .unwrap(),
+        0
+    );
     for n in 1..=10 {
-        let _: String = conn.xadd(STREAM, &format!("{n}-0"), &[("n", n)]).await.unwrap();
+        let _: String = conn
+            .xadd(STREAM, format!("{n}-0"), &[("n", n)])
+            .await
+            .unwrap();
     }
-    assert_eq!(trim_consumed(&mut conn, STREAM, far_future_ms).await.unwrap(), 0);
+    assert_eq!(
+        trim_consumed(&mut conn, STREAM, far_future_ms)
+            .await
+            .unwrap(),
+        0
+    );
 
     // Two groups. "fast" read 6 and acknowledged all but its 4th; "slow" read 3
     // and acknowledged them all.
@@ -56,19 +69,34 @@ async fn trimming_keeps_every_entry_a_group_has_not_acknowledged() {
     let _: u64 = conn.xack(STREAM, "slow", &slow).await.unwrap();
 
     // "slow" has delivered up to 3-0, "fast" still holds 4-0: 1-0 and 2-0 go.
-    assert_eq!(trim_consumed(&mut conn, STREAM, far_future_ms).await.unwrap(), 2);
+    assert_eq!(
+        trim_consumed(&mut conn, STREAM, far_future_ms)
+            .await
+            .unwrap(),
+        2
+    );
     assert_eq!(ids(&mut conn).await[0], "3-0");
 
     // "slow" catches up; "fast" still holds 4-0, so 3-0 is the only one to go.
     let slow = read(&mut conn, "slow", 10).await;
     let _: u64 = conn.xack(STREAM, "slow", &slow).await.unwrap();
-    assert_eq!(trim_consumed(&mut conn, STREAM, far_future_ms).await.unwrap(), 1);
+    assert_eq!(
+        trim_consumed(&mut conn, STREAM, far_future_ms)
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(ids(&mut conn).await[0], "4-0");
 
     // "fast" acknowledges 4-0: everything up to its last delivered entry (6-0)
     // may go but 6-0 itself, and 7-0 to 10-0, which "fast" never read, stay.
     let _: u64 = conn.xack(STREAM, "fast", &["4-0"]).await.unwrap();
-    assert_eq!(trim_consumed(&mut conn, STREAM, far_future_ms).await.unwrap(), 2);
+    assert_eq!(
+        trim_consumed(&mut conn, STREAM, far_future_ms)
+            .await
+            .unwrap(),
+        2
+    );
     assert_eq!(ids(&mut conn).await, ["6-0", "7-0", "8-0", "9-0", "10-0"]);
 
     // The retention keeps consumed entries younger than the cut.
