@@ -7,6 +7,7 @@
 -- KEYS[4] customer account index (sorted set, members ordered by id)
 -- KEYS[5] idempotency key (string "account_id fingerprint"); unused when ARGV[5] is ""
 -- KEYS[6] journal index (sorted set of padded entry ids, for the report)
+-- KEYS[7] accounting events (stream)
 -- ARGV[1] account id         ARGV[2] name
 -- ARGV[3] opening balance, cents (0 for none)
 -- ARGV[4] now, ms since the Unix epoch
@@ -39,6 +40,8 @@ if opening ~= '0' then
     'debit', ARGV[7], 'credit', account_id, 'amount', opening, 'ref', account_id,
     'status', 'completed', 'reason', '')
 end
+redis.call('XADD', KEYS[7], '*', 'type', 'account.opened', 'ref', account_id,
+  'account_id', account_id, 'amount', opening, 'at', ARGV[4])
 if fingerprint ~= '' then
   redis.call('SET', KEYS[5], account_id .. ' ' .. fingerprint, 'EX', ARGV[6])
 end

@@ -443,7 +443,9 @@ pub struct ApiSettings {
     #[arg(long, env = "TALLY_PAGE_SIZE_MAX", default_value_t = PAGE_SIZE_MAX_DEFAULT)]
     pub page_size_max: usize,
     /// How long an Idempotency-Key is remembered.
-    #[arg(long, env = "TALLY_IDEMPOTENCY_TTL_SECS", default_value_t = IDEMPOTENCY_TTL_SECS_DEFAULT)]
+    /// At least 1: Redis refuses `EX 0`, and a script that stops part way
+    /// would leave what it wrote so far.
+    #[arg(long, env = "TALLY_IDEMPOTENCY_TTL_SECS", default_value_t = IDEMPOTENCY_TTL_SECS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
     pub idempotency_ttl_secs: u64,
     /// Bound on handling one request, end to end.
     #[arg(long, env = "TALLY_REQUEST_TIMEOUT_MS", default_value_t = REQUEST_TIMEOUT_MS_DEFAULT)]
@@ -558,5 +560,28 @@ mod tests {
     fn cli_parses_with_defaults() {
         Cli::try_parse_from(["tally", "serve"]).unwrap();
         Cli::try_parse_from(["tally", "dev", "--dev-redis-port", "7000"]).unwrap();
+    }
+
+    #[test]
+    fn an_idempotency_key_is_remembered_at_least_a_second() {
+        let zero = Cli::try_parse_from(["tally", "serve", "--idempotency-ttl-secs", "0"]);
+        assert!(zero.is_err());
+        Cli::try_parse_from(["tally", "serve", "--idempotency-ttl-secs", "1"]).unwrap();
+    }
+
+    #[test]
+    fn claim_idle_must_outlast_a_webhook_call() {
+        let settings = WorkerSettings {
+            claim_idle_ms: 6_000,
+            exchange_timeout_ms: 1_000,
+            webhook_timeout_ms: 6_000,
+            ..WorkerSettings::default()
+        };
+        assert!(
+            settings
+                .validate()
+                .unwrap_err()
+                .contains("webhook_timeout_ms")
+        );
     }
 }

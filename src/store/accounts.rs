@@ -74,6 +74,7 @@ pub async fn create_account(
         .key(keys::ACCOUNTS)
         .key(idempotency_key)
         .key(keys::JOURNAL_INDEX)
+        .key(keys::EVENTS_STREAM)
         .arg(new.id.as_str())
         .arg(new.name.as_str())
         .arg(new.opening_balance.cents())

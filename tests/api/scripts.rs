@@ -60,6 +60,12 @@ async fn create_account_creates_replays_and_refuses() {
     let new = new_account("7.00", Some("k"));
     let created = create_account(&mut conn, &new).await.unwrap();
     assert!(matches!(created, CreateAccountOutcome::Created(ref id) if *id == new.id));
+    // The opening balance is journaled and told to accounting in the same step.
+    let events = crate::helpers::stream_entries(&mut conn, keys::EVENTS_STREAM).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["type"], "account.opened");
+    assert_eq!(events[0]["account_id"], new.id.as_str());
+    assert_eq!(events[0]["amount"], "700");
 
     let before = redis_snapshot(&mut conn).await;
     // Same key, same request (a fresh id, as a retrying client would draw): replayed.

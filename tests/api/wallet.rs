@@ -259,6 +259,7 @@ async fn the_webhook_gets_every_event_signed_even_after_an_outage() {
         .map(|event| event["type"].as_str().unwrap())
         .collect();
     for kind in [
+        "account.opened",
         "order.placed",
         "batch.settled",
         "deposit.completed",
