@@ -1,8 +1,9 @@
 -- collect_installment: collect one leased installment of an advance, in one
 -- atomic step. If the balance covers it, debit it to @bank (journaled) and
 -- mark it paid; otherwise mark it failed and add its amount to the next
--- installment still scheduled, or to a new one a period after the last.
--- Either way emit the accounting event, drop the lease and acknowledge.
+-- installment still scheduled, or to a new one a period after the last; an
+-- advance that has as many installments as it may have (ARGV[8]) keeps the
+-- failed one instead, due again a period after the last. Either way emit the accounting event, drop the lease and acknowledge.
 --
 -- Without a lease (another delivery collected it already) nothing is
 -- written but the acknowledgement.
@@ -14,8 +15,10 @@
 -- KEYS[9] installment jobs (stream)
 -- ARGV[1] "advance_id:n"   ARGV[2] n   ARGV[3] now, ms   ARGV[4] consumer group
 -- ARGV[5] the job's stream id   ARGV[6] @bank's id   ARGV[7] worker name
+-- ARGV[8] most installments an advance may have
 --
 -- Returns {"paid", amount} | {"failed", amount, carried_to_n} | {"skipped"}
+-- (carried_to_n is n itself when the failed installment is due again)
 
 redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
 if not redis.call('ZSCORE', KEYS[7], ARGV[1]) then
@@ -33,8 +36,10 @@ redis.call('ZREM', KEYS[7], ARGV[1])
 local now = ARGV[3]
 
 if tonumber(redis.call('HGET', KEYS[2], 'balance')) >= tonumber(amount) then
-  redis.call('HINCRBY', KEYS[2], 'balance', '-' .. amount)
-  redis.call('HINCRBY', KEYS[3], 'balance', amount)
+  if amount ~= '0' then -- Redis refuses HINCRBY by "-0"
+    redis.call('HINCRBY', KEYS[2], 'balance', '-' .. amount)
+    redis.call('HINCRBY', KEYS[3], 'balance', amount)
+  end
   journal(KEYS[4], KEYS[5], 'at', now, 'kind', 'installment', 'debit', account_id,
     'credit', ARGV[6], 'amount', amount, 'ref', ARGV[1], 'status', 'completed', 'reason', '')
   redis.call('HSET', KEYS[1], prefix .. 'status', 'paid', prefix .. 'paid_at', now)
@@ -54,8 +59,22 @@ for later = n + 1, count do
     break
   end
 end
+local last_due = tonumber(redis.call('HGET', KEYS[1], 'i' .. count .. ':due'))
+if not target and count >= tonumber(ARGV[8]) then
+  -- At the bound: this installment stays scheduled, with its amount, due a
+  -- period after the last (itself, once it has been moved).
+  local own_due = tonumber(redis.call('HGET', KEYS[1], prefix .. 'due'))
+  local due = math.max(last_due, own_due) + period
+  redis.call('HSET', KEYS[1], prefix .. 'due', string.format('%d', due))
+  redis.call('ZADD', KEYS[8], due, ARGV[1])
+  journal(KEYS[4], KEYS[5], 'at', now, 'kind', 'installment', 'debit', account_id,
+    'credit', ARGV[6], 'amount', '0', 'requested', amount, 'ref', ARGV[1], 'status', 'failed',
+    'reason', 'insufficient funds; due again a period after the last installment')
+  redis.call('XADD', KEYS[6], '*', 'type', 'installment.failed', 'ref', ARGV[1],
+    'account_id', account_id, 'amount', amount, 'at', now, 'reason', 'insufficient funds', 'worker', ARGV[7])
+  return {'failed', amount, tostring(n)}
+end
 if not target then
-  local last_due = tonumber(redis.call('HGET', KEYS[1], 'i' .. count .. ':due'))
   count = count + 1
   target = count
   redis.call('HSET', KEYS[1], 'count', count, 'i' .. target .. ':amount', '0',

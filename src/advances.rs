@@ -107,11 +107,16 @@ pub async fn run_scheduler(
 /// Collects installments from the installments stream.
 pub struct Collector {
     store: Store,
+    /// Most installments an advance may grow to; see `TALLY_INSTALLMENTS_MAX`.
+    installments_max: u32,
 }
 
 impl Collector {
-    pub fn new(store: Store) -> Self {
-        Collector { store }
+    pub fn new(store: Store, installments_max: u32) -> Self {
+        Collector {
+            store,
+            installments_max,
+        }
     }
 }
 
@@ -143,6 +148,7 @@ impl JobHandler for Collector {
                 n,
                 &delivery.stream_id,
                 worker,
+                self.installments_max,
             )
             .await?
             {

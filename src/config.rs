@@ -42,6 +42,7 @@ pub const WEBHOOK_SECRET_DEFAULT: &str = "tally-development-webhook-secret";
 pub const WEBHOOK_ATTEMPTS_MAX_DEFAULT: u32 = 12;
 pub const WEBHOOK_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 pub const STREAM_RETENTION_MS_DEFAULT: u64 = 60_000;
+pub const INSTALLMENTS_MAX_DEFAULT: u32 = crate::store::advances::INSTALLMENTS_MAX;
 pub const ADVANCE_PERIOD_DEFAULT: &str = "7d";
 pub const INSTALLMENT_LEASE_MS_DEFAULT: u64 = 30_000;
 pub const SCHEDULER_INTERVAL_MS_DEFAULT: u64 = 500;
@@ -218,6 +219,11 @@ pub struct WorkerSettings {
     /// entry not yet acknowledged is never trimmed.
     #[arg(long, env = "TALLY_STREAM_RETENTION_MS", default_value_t = STREAM_RETENTION_MS_DEFAULT)]
     pub stream_retention_ms: u64,
+    /// Most installments an advance grows to (12, plus one for each failed
+    /// last one); past it a failed last installment is due again a period
+    /// later instead. At most 1000.
+    #[arg(long, env = "TALLY_INSTALLMENTS_MAX", default_value_t = INSTALLMENTS_MAX_DEFAULT)]
+    pub installments_max: u32,
 }
 
 impl Default for WorkerSettings {
@@ -239,6 +245,7 @@ impl Default for WorkerSettings {
             webhook_attempts_max: WEBHOOK_ATTEMPTS_MAX_DEFAULT,
             webhook_timeout_ms: WEBHOOK_TIMEOUT_MS_DEFAULT,
             stream_retention_ms: STREAM_RETENTION_MS_DEFAULT,
+            installments_max: INSTALLMENTS_MAX_DEFAULT,
         }
     }
 }
@@ -279,6 +286,14 @@ impl WorkerSettings {
                 "consumers, read_count, attempts_max and webhook_attempts_max must be at least 1"
                     .to_owned(),
             );
+        }
+        let installments = crate::store::advances::INSTALLMENTS;
+        let installments_max = crate::store::advances::INSTALLMENTS_MAX;
+        if !(installments..=installments_max).contains(&self.installments_max) {
+            return Err(format!(
+                "installments_max ({}) must be from {installments} to {installments_max}",
+                self.installments_max
+            ));
         }
         if self.read_count > WORKER_READ_COUNT_MAX {
             return Err(format!(

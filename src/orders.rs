@@ -162,10 +162,12 @@ async fn collect(
                 }
                 Err(err) => {
                     let message = err.to_string();
+                    let outcome_unknown = err.outcome_unknown();
                     for reply in replies {
-                        let _ = reply.send(Err(PlaceOrderError::Store(StoreError::GroupFailed(
-                            message.clone(),
-                        ))));
+                        let _ = reply.send(Err(PlaceOrderError::Store(StoreError::GroupFailed {
+                            message: message.clone(),
+                            outcome_unknown,
+                        })));
                     }
                 }
             }

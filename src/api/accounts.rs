@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use poem::http::HeaderMap;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
@@ -79,12 +80,14 @@ impl AccountsApi {
     async fn create_account(
         &self,
         body: Json<CreateAccountRequest>,
-        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+        // Declared for the spec only: `idempotency_key` reads the raw header(s).
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        headers: &HeaderMap,
     ) -> Result<CreateAccountResponse, ApiError> {
         let Json(request) = body;
         let name = request.name;
         let opening_balance = request.balance.unwrap_or(Amount::ZERO);
-        let idempotency = idempotency_key(key.0)?.map(|key| {
+        let idempotency = idempotency_key(headers)?.map(|key| {
             Idempotency::new(key, &[name.as_str(), &opening_balance.cents().to_string()])
         });
         let new = NewAccount {

@@ -3,14 +3,15 @@
 
 use std::sync::Arc;
 
+use poem::http::HeaderMap;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::problem::ApiError;
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
-use crate::domain::{AccountId, Amount, Idempotency, format_units};
-use crate::store::advances::{self, Advance, AdvanceError, NewAdvance};
+use crate::domain::{AMOUNT_SCALE, AccountId, Amount, Idempotency, format_units, parse_uuid};
+use crate::store::advances::{self, Advance, AdvanceError, INSTALLMENTS, NewAdvance};
 use crate::store::now_ms;
 
 pub struct AdvancesApi(pub Arc<AppState>);
@@ -19,7 +20,7 @@ pub struct AdvancesApi(pub Arc<AppState>);
 #[oai(deny_unknown_fields)]
 struct NewAdvanceRequest {
     account_id: AccountId,
-    /// USD lent, greater than zero.
+    /// USD lent, at least 0.12 (a cent per installment).
     amount: Amount,
 }
 
@@ -132,7 +133,9 @@ impl AdvancesApi {
     async fn create(
         &self,
         body: Json<NewAdvanceRequest>,
-        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+        // Declared for the spec only: `idempotency_key` reads the raw header(s).
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        headers: &HeaderMap,
     ) -> Result<CreatedResponse, ApiError> {
         let Json(request) = body;
         if request.amount.is_zero() {
@@ -141,6 +144,14 @@ impl AdvancesApi {
                 "amount must be greater than zero",
             ));
         }
+        // At least a cent per installment, or some would be of zero.
+        if request.amount.cents() < i64::from(INSTALLMENTS) {
+            let detail = format!(
+                "amount must be at least {} (one cent for each of the {INSTALLMENTS} installments)",
+                format_units(i64::from(INSTALLMENTS), AMOUNT_SCALE)
+            );
+            return Err(ApiError::bad_request("invalid-amount", detail));
+        }
         if request.account_id.is_system() {
             return Err(ApiError::bad_request(
                 "system-account",
@@ -148,7 +159,7 @@ impl AdvancesApi {
             ));
         }
         let cents = request.amount.cents().to_string();
-        let idempotency = idempotency_key(key.0)?
+        let idempotency = idempotency_key(headers)?
             .map(|key| Idempotency::new(key, &[request.account_id.as_str(), &cents]));
         let advance = NewAdvance {
             id: uuid::Uuid::now_v7().to_string(),
@@ -185,13 +196,10 @@ impl AdvancesApi {
     /// One advance: its installments and the reconciliation figures.
     #[oai(path = "/advances/:id", method = "get")]
     async fn get(&self, id: Path<String>) -> Result<AdvanceResponse, ApiError> {
-        if uuid::Uuid::try_parse(&id.0).is_err() {
-            return Err(ApiError::bad_request(
-                "invalid-advance-id",
-                "the advance id is not a UUID",
-            ));
-        }
-        Ok(AdvanceResponse::Ok(Json(self.view(&id.0).await?)))
+        // Canonical form only, lowercased: one spelling per id, as for accounts.
+        let id = parse_uuid(&id.0)
+            .map_err(|err| ApiError::bad_request("invalid-advance-id", err.to_string()))?;
+        Ok(AdvanceResponse::Ok(Json(self.view(&id.to_string()).await?)))
     }
 
     /// An account's advances, oldest first.

@@ -4,6 +4,7 @@
 mod accounts;
 mod advances;
 mod health;
+mod metrics;
 mod orders;
 pub mod problem;
 mod report;
@@ -14,7 +15,7 @@ mod wallet;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use poem::http::StatusCode;
+use poem::http::{HeaderMap, StatusCode};
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, get};
 use poem_openapi::{OpenApiService, Tags};
 
@@ -94,30 +95,57 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
     let api = service(state.clone());
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint_yaml();
+    let http_metrics = metrics::HttpMetrics::shared();
     Route::new()
         .nest(API_PREFIX, api)
         .nest("/docs", docs)
         .at("/openapi.yaml", spec)
         .at("/health", get(health::health))
+        .at(
+            "/metrics",
+            get(metrics::metrics)
+                .data(state.clone())
+                .data(http_metrics.clone()),
+        )
         .at("/ready", get(health::ready).data(state))
         .around(move |endpoint, request| {
             guard(endpoint, request, body_size_max_bytes, request_timeout)
         })
         .catch_all_error(problem::into_problem_response)
         .map_to_response()
+        .with(metrics::RecordRequests(http_metrics))
         .into_endpoint()
 }
 
 /// Bounds every request: its body is read up to `body_size_max_bytes` (413
 /// beyond, whether or not it announced its length) and it must finish within
-/// `request_timeout`.
+/// `request_timeout`, reading the body included (408 when the body is what
+/// is late, 504 when the handler is).
 async fn guard<E: Endpoint>(
     endpoint: Arc<E>,
     mut request: Request,
     body_size_max_bytes: usize,
     request_timeout: Duration,
 ) -> poem::Result<Response> {
-    let body = match read_body(request.take_body(), body_size_max_bytes).await? {
+    let deadline = tokio::time::Instant::now() + request_timeout;
+    let read = tokio::time::timeout_at(
+        deadline,
+        read_body(request.take_body(), body_size_max_bytes),
+    );
+    let Ok(read) = read.await else {
+        // A client that announces a body and sends it slowly (or never)
+        // would otherwise hold the connection and its task open unbounded.
+        let detail = format!(
+            "the request body did not arrive within {} ms",
+            request_timeout.as_millis()
+        );
+        return Ok(problem_response(Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            detail,
+        )));
+    };
+    let body = match read? {
         Some(body) => body,
         None => {
             let detail = format!("the request body is larger than {body_size_max_bytes} bytes");
@@ -129,7 +157,7 @@ async fn guard<E: Endpoint>(
         }
     };
     request.set_body(body);
-    match tokio::time::timeout(request_timeout, endpoint.call(request)).await {
+    match tokio::time::timeout_at(deadline, endpoint.call(request)).await {
         Ok(result) => result.map(poem::IntoResponse::into_response),
         Err(_) => Ok(problem_response(Problem::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -168,12 +196,29 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
-/// Parses the optional `Idempotency-Key` header.
-fn idempotency_key(header: Option<String>) -> Result<Option<IdempotencyKey>, ApiError> {
-    header
-        .map(|key| IdempotencyKey::parse(&key))
-        .transpose()
-        .map_err(|err| ApiError::bad_request("invalid-idempotency-key", err.to_string()))
+/// The header that makes a POST that moves money safe to retry.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+
+/// Parses the optional `Idempotency-Key` header from the raw headers. The
+/// handlers still declare it as `Header<Option<String>>` for the spec, but
+/// poem-openapi drops a value that is not visible ASCII and takes the first
+/// of several: either would turn a retry into a second charge.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    let refuse = |detail: String| ApiError::bad_request("invalid-idempotency-key", detail);
+    let mut values = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(refuse(format!(
+            "send at most one {IDEMPOTENCY_KEY_HEADER} header"
+        )));
+    }
+    // Lossy: any byte that is not ASCII becomes U+FFFD, which parse refuses.
+    let text = String::from_utf8_lossy(value.as_bytes());
+    IdempotencyKey::parse(&text)
+        .map(Some)
+        .map_err(|err| refuse(err.to_string()))
 }
 
 /// Checks a requested page size against the configured bounds.

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use poem::http::HeaderMap;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
@@ -194,6 +195,11 @@ struct RefundRequest {
 /// Longest operator note kept with a refund.
 const REFUND_NOTE_LENGTH_MAX: usize = 200;
 
+/// Highest `offset` accepted when listing batches: far more failed batches
+/// than an operator will ever page through, and small enough that
+/// `offset + limit` cannot overflow on the way to Redis.
+pub const BATCH_LIST_OFFSET_MAX: u64 = 1_000_000;
+
 #[OpenApi(tag = "ApiTags::Orders")]
 impl OrdersApi {
     /// Buy crypto: debits the customer at once; the purchase reaches the
@@ -203,7 +209,9 @@ impl OrdersApi {
     async fn place_order(
         &self,
         body: Json<PlaceOrderRequest>,
-        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+        // Declared for the spec only: `idempotency_key` reads the raw header(s).
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        headers: &HeaderMap,
     ) -> Result<PlaceOrderResponse, ApiError> {
         let Json(request) = body;
         let request = OrderRequest {
@@ -211,7 +219,7 @@ impl OrdersApi {
             symbol: request.symbol,
             quantity: request.quantity,
         };
-        let key = idempotency_key(key.0)?;
+        let key = idempotency_key(headers)?;
         let order = prepare(
             &request,
             &self.0.ledger,
@@ -331,7 +339,7 @@ impl OrdersApi {
         status: Query<String>,
         /// Page size (default 20, at most the configured maximum).
         limit: Query<Option<u32>>,
-        /// `next_offset` from the previous page.
+        /// `next_offset` from the previous page (at most 1,000,000).
         offset: Query<Option<u64>>,
     ) -> Result<BatchListResponse, ApiError> {
         if status.0 != "failed" {
@@ -340,6 +348,10 @@ impl OrdersApi {
         }
         let limit = page_size(limit.0, &self.0.api)?;
         let offset = offset.0.unwrap_or(0);
+        if offset > BATCH_LIST_OFFSET_MAX {
+            let detail = format!("offset must be at most {BATCH_LIST_OFFSET_MAX}");
+            return Err(ApiError::bad_request("invalid-offset", detail));
+        }
         let mut conn = self.0.store.conn().await?;
         let ids = settlement::failed_batches(&mut conn, offset as usize, limit).await?;
         drop(conn);
@@ -347,7 +359,9 @@ impl OrdersApi {
         for id in &ids {
             items.push(self.batch_view(id).await?);
         }
-        let next_offset = (ids.len() == limit).then_some(offset + limit as u64);
+        let next_offset = (ids.len() == limit)
+            .then(|| offset.checked_add(limit as u64))
+            .flatten();
         Ok(BatchListResponse::Ok(Json(BatchPage {
             items,
             next_offset,
@@ -378,8 +392,12 @@ impl OrdersApi {
             .0
             .note
             .unwrap_or_else(|| "refunded by operator".to_owned());
-        if note.chars().count() > REFUND_NOTE_LENGTH_MAX {
-            let detail = format!("note must be at most {REFUND_NOTE_LENGTH_MAX} characters");
+        // Control characters are refused, as in names and reasons: the note
+        // lands in the journal and in logs.
+        if note.chars().count() > REFUND_NOTE_LENGTH_MAX || note.chars().any(char::is_control) {
+            let detail = format!(
+                "note must be at most {REFUND_NOTE_LENGTH_MAX} characters, with no control characters"
+            );
             return Err(ApiError::bad_request("invalid-note", detail));
         }
         let mut conn = self.0.store.conn().await?;

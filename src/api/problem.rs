@@ -91,8 +91,18 @@ impl ApiError {
     pub fn from_store(err: crate::store::StoreError) -> Self {
         use crate::store::StoreError;
         tracing::error!(error = %err, "store failure");
+        if err.outcome_unknown() {
+            // The script may have run with only its reply lost: the key is
+            // what makes the retry safe.
+            return ApiError::Unavailable(Json(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome-unknown",
+                "the ledger store did not answer, so the request may have been applied; \
+                 retry with the same Idempotency-Key (a retry without one may apply it twice)",
+            )));
+        }
         match err {
-            StoreError::Pool(_) | StoreError::Redis(_) | StoreError::GroupFailed(_) => {
+            StoreError::Pool(_) | StoreError::Redis(_) | StoreError::GroupFailed { .. } => {
                 ApiError::Unavailable(Json(Problem::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",

@@ -284,8 +284,12 @@ impl ReportApi {
                 "start must not be after end",
             ));
         }
-        // A window wholly outside retention (or in the future) is simply empty.
-        let (start_ms, end_ms) = (start_ms.unwrap_or(floor), end_ms.unwrap_or(now));
+        // Index members pad ms to 13 digits, so a time in the future (a 14th
+        // digit from 2286) would compare wrongly as text: clamp both ends. A
+        // start after now leaves low above high, and a window wholly outside
+        // retention or in the future is simply empty.
+        let start_ms = start_ms.unwrap_or(floor).min(now + 1);
+        let end_ms = end_ms.unwrap_or(now).min(now);
         let mut conn = self.0.store.conn().await?;
         let as_of = journal::newest_member(&mut conn).await?.unwrap_or_default();
         let high = index_member(end_ms, 9_999_999_999).min(as_of.clone());

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use poem::http::StatusCode;
+use poem::http::{HeaderMap, StatusCode};
 use poem_openapi::param::Header;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
@@ -142,10 +142,10 @@ impl TransfersApi {
         (payer, payee, amount): (AccountId, AccountId, Amount),
         canonical_request: String,
         memo: String,
-        key: Option<String>,
+        headers: &HeaderMap,
     ) -> Result<Movement, ApiError> {
         let idempotency =
-            idempotency_key(key)?.map(|key| Idempotency::new(key, &[kind, &canonical_request]));
+            idempotency_key(headers)?.map(|key| Idempotency::new(key, &[kind, &canonical_request]));
         Ok(Movement {
             id: uuid::Uuid::now_v7().to_string(),
             kind,
@@ -192,7 +192,9 @@ impl TransfersApi {
     async fn transfer(
         &self,
         body: Json<TransferRequest>,
-        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+        // Declared for the spec only: `idempotency_key` reads the raw header(s).
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        headers: &HeaderMap,
     ) -> Result<TransferResponse, ApiError> {
         let Json(request) = body;
         let amount = positive(request.amount)?;
@@ -230,7 +232,7 @@ impl TransfersApi {
             (payer, payee, amount),
             canonical,
             String::new(),
-            key.0,
+            headers,
         )?;
         let ended = self.run(movement).await?;
         if let Some(reason) = ended.failure {
@@ -256,7 +258,9 @@ impl TransfersApi {
     async fn bank_transaction(
         &self,
         body: Json<BankTransactionRequest>,
-        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+        // Declared for the spec only: `idempotency_key` reads the raw header(s).
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        headers: &HeaderMap,
     ) -> Result<BankTransactionResponse, ApiError> {
         let Json(request) = body;
         let amount = positive(request.amount)?;
@@ -290,7 +294,7 @@ impl TransfersApi {
             (payer, payee, amount),
             canonical,
             reason.clone(),
-            key.0,
+            headers,
         )?;
         let ended = self.run(movement).await?;
         if let Some(failure) = ended.failure {

@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
+use poem::http::HeaderMap;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
 use super::problem::ApiError;
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
-use crate::domain::{AccountId, Amount, Idempotency};
+use crate::domain::{AccountId, Amount, Idempotency, parse_uuid};
 use crate::store::now_ms;
 use crate::store::wallet::{
     self, EnqueueError, EnqueueOutcome, NewWalletTransaction, WalletKind, WalletTransaction,
@@ -120,6 +121,14 @@ fn optional_text(name: &str, text: Option<String>) -> Result<String, ApiError> {
     Ok(text)
 }
 
+/// A wallet transaction id in canonical form (lowercase, hyphenated): one
+/// spelling per id, as for accounts.
+fn transaction_id(id: &str) -> Result<String, ApiError> {
+    parse_uuid(id)
+        .map(|uuid| uuid.to_string())
+        .map_err(|err| ApiError::bad_request("invalid-transaction-id", err.to_string()))
+}
+
 fn customer(id: &str) -> Result<AccountId, ApiError> {
     let id = AccountId::parse(id)
         .map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
@@ -142,7 +151,9 @@ impl WalletApi {
         &self,
         id: Path<String>,
         body: Json<NewTransaction>,
-        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+        // Declared for the spec only: `idempotency_key` reads the raw header(s).
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        headers: &HeaderMap,
     ) -> Result<AcceptedResponse, ApiError> {
         let account_id = customer(&id.0)?;
         let Json(request) = body;
@@ -160,7 +171,7 @@ impl WalletApi {
         let description = optional_text("description", request.description)?;
         let merchant = optional_text("merchant", request.merchant)?;
         let cents = request.amount.cents().to_string();
-        let idempotency = idempotency_key(key.0)?.map(|key| {
+        let idempotency = idempotency_key(headers)?.map(|key| {
             Idempotency::new(
                 key,
                 &[
@@ -231,17 +242,17 @@ impl WalletApi {
                 format!("status `{status}` is not queued, completed or rejected"),
             ));
         }
-        if let Some(cursor) = &cursor.0
-            && uuid::Uuid::try_parse(cursor).is_err()
-        {
-            return Err(ApiError::bad_request(
-                "invalid-cursor",
-                "the cursor is not a transaction id",
-            ));
-        }
+        let cursor = cursor
+            .0
+            .as_deref()
+            .map(transaction_id)
+            .transpose()
+            .map_err(|_| {
+                ApiError::bad_request("invalid-cursor", "the cursor is not a transaction id")
+            })?;
         let mut conn = self.0.store.conn().await?;
         let mut items = Vec::new();
-        let mut before = cursor.0.clone();
+        let mut before = cursor;
         let mut scanned = 0;
         let mut exhausted = false;
         while items.len() < limit && scanned < HISTORY_SCAN_MAX {
@@ -280,20 +291,14 @@ impl WalletApi {
         txn_id: Path<String>,
     ) -> Result<TransactionResponse, ApiError> {
         let account_id = customer(&id.0)?;
-        if uuid::Uuid::try_parse(&txn_id.0).is_err() {
-            return Err(ApiError::bad_request(
-                "invalid-transaction-id",
-                "the transaction id is not a UUID",
-            ));
-        }
+        let txn_id = transaction_id(&txn_id.0)?;
         let mut conn = self.0.store.conn().await?;
-        let txn = wallet::get(&mut conn, &txn_id.0)
+        let txn = wallet::get(&mut conn, &txn_id)
             .await?
             .filter(|txn| txn.account_id == account_id)
             .ok_or_else(|| {
                 ApiError::not_found(format!(
-                    "transaction {} not found for account {account_id}",
-                    txn_id.0
+                    "transaction {txn_id} not found for account {account_id}"
                 ))
             })?;
         Ok(TransactionResponse::Ok(Json(txn.into())))

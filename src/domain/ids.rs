@@ -72,7 +72,9 @@ impl fmt::Display for AccountId {
     }
 }
 
-fn parse_uuid(text: &str) -> Result<Uuid, IdError> {
+/// Parses a UUID in its canonical hyphenated form (any case); `to_string`
+/// then gives the one lowercase spelling ids are stored under.
+pub fn parse_uuid(text: &str) -> Result<Uuid, IdError> {
     // Only the canonical hyphenated form: one spelling per id keeps keys unique.
     if text.len() != 36 {
         return Err(IdError::Malformed(truncate_for_message(text)));

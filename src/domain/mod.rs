@@ -10,7 +10,9 @@ mod symbol;
 pub use idempotency::{
     IDEMPOTENCY_KEY_LENGTH_MAX, Idempotency, IdempotencyKey, IdempotencyKeyError,
 };
-pub use ids::{AccountId, BatchId, IdError, OrderId, SystemAccount, truncate_for_message};
+pub use ids::{
+    AccountId, BatchId, IdError, OrderId, SystemAccount, parse_uuid, truncate_for_message,
+};
 pub use money::{
     AMOUNT_MAX_CENTS, AMOUNT_SCALE, Amount, MoneyError, QUANTITY_MAX_UNITS, QUANTITY_SCALE,
     Quantity, format_units, order_cost,

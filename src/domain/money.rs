@@ -1,15 +1,13 @@
 //! Money and quantities: exact decimals at the edge, integer minor units inside.
 //!
 //! USD amounts are held as cents (scale 2) and crypto quantities as units of
-//! 1e-8 (scale 8). Text is parsed with `rust_decimal`, never through a float,
-//! and every value is bounded so that any sum a Lua script compares stays far
+//! 1e-8 (scale 8). Text is parsed digit by digit, never through a float nor
+//! a rounding decimal parser, and every value is bounded so that any sum a Lua script compares stays far
 //! below 2^53 (where Lua's doubles stop being exact).
 
 use std::fmt;
-use std::str::FromStr;
 
 use rust_decimal::Decimal;
-use rust_decimal::prelude::ToPrimitive;
 
 /// Decimal places of a USD amount.
 pub const AMOUNT_SCALE: u32 = 2;
@@ -37,7 +35,9 @@ pub enum MoneyError {
 }
 
 /// Parses decimal text (optionally with an exponent, as JSON numbers may have)
-/// into integer minor units at `scale`, refusing anything not exact.
+/// into integer minor units at `scale`, refusing anything not exact. The text
+/// is taken apart digit by digit: `Decimal::from_str` would round past 28
+/// digits before the scale could be checked, so `2.999...9` (30 nines) became 3.
 fn parse_units(text: &str, scale: u32, max_units: i64) -> Result<i64, MoneyError> {
     let too_large = || MoneyError::TooLarge(format_units(max_units, scale));
     if text.len() > DECIMAL_TEXT_LENGTH_MAX {
@@ -46,27 +46,80 @@ fn parse_units(text: &str, scale: u32, max_units: i64) -> Result<i64, MoneyError
     if !is_decimal_syntax(text) {
         return Err(MoneyError::NotANumber(text.to_owned()));
     }
-    let parsed = if text.contains(['e', 'E']) {
-        Decimal::from_scientific(text)
-    } else {
-        Decimal::from_str(text)
-    };
-    // The syntax is already known good, so a parse failure means overflow.
-    let value = parsed.map_err(|_| too_large())?.normalize();
-    if value.is_sign_negative() && !value.is_zero() {
+    let exact = ExactDecimal::split(text);
+    if exact.digits.is_empty() {
+        // Zero, however spelled (`-0`, `0e999`, `0.000e-40`).
+        return Ok(0);
+    }
+    if exact.negative {
         return Err(MoneyError::Negative);
     }
-    if value.scale() > scale {
+    if exact.places > i64::from(scale) {
         return Err(MoneyError::TooPrecise(scale));
     }
-    let units = value
-        .checked_mul(Decimal::from(10_i64.pow(scale)))
-        .and_then(|units| units.to_i64())
+    // Units are `digits` followed by `shift` zeros; 18 digits always fit an
+    // i64, and every maximum is far below 10^18.
+    let shift = i64::from(scale).saturating_sub(exact.places);
+    if (exact.digits.len() as i64).saturating_add(shift) > 18 {
+        return Err(too_large());
+    }
+    let units = exact
+        .digits
+        .parse::<i64>()
+        .ok()
+        .and_then(|digits| digits.checked_mul(10_i64.checked_pow(u32::try_from(shift).ok()?)?))
         .ok_or_else(too_large)?;
     if units > max_units {
         return Err(too_large());
     }
     Ok(units)
+}
+
+/// Syntactically valid decimal text, taken apart: its value is `digits` x
+/// 10^-`places`, with `digits` free of leading and trailing zeros (empty for zero).
+struct ExactDecimal {
+    negative: bool,
+    digits: String,
+    places: i64,
+}
+
+impl ExactDecimal {
+    /// `text` must have passed [`is_decimal_syntax`].
+    fn split(text: &str) -> Self {
+        let negative = text.starts_with('-');
+        let text = text.strip_prefix('-').unwrap_or(text);
+        let (mantissa, exponent) = match text.find(['e', 'E']) {
+            Some(at) => (&text[..at], &text[at + 1..]),
+            None => (text, "0"),
+        };
+        let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        // Saturating: the text is at most 64 characters, so any exponent
+        // beyond i64 is decided by its sign alone.
+        let magnitude =
+            exponent
+                .trim_start_matches(['+', '-'])
+                .bytes()
+                .fold(0_i64, |acc, digit| {
+                    acc.saturating_mul(10)
+                        .saturating_add(i64::from(digit - b'0'))
+                });
+        let exponent = if exponent.starts_with('-') {
+            -magnitude
+        } else {
+            magnitude
+        };
+        let all = format!("{whole}{fraction}");
+        let significant = all.trim_end_matches('0');
+        let trailing_zeros = (all.len() - significant.len()) as i64;
+        let places = (fraction.len() as i64)
+            .saturating_sub(trailing_zeros)
+            .saturating_sub(exponent);
+        ExactDecimal {
+            negative,
+            digits: significant.trim_start_matches('0').to_owned(),
+            places,
+        }
+    }
 }
 
 /// `-?digits(.digits)?([eE][+-]?digits)?`: what JSON allows for a number,
@@ -213,6 +266,22 @@ mod tests {
             Amount::parse("1e40"),
             Err(MoneyError::TooLarge(_))
         ));
+        // Past 28 digits a decimal parser rounds; these must not become 12.00.
+        assert_eq!(
+            Amount::parse("12.0000000000000000000000000001"),
+            Err(MoneyError::TooPrecise(2))
+        );
+        assert_eq!(Amount::parse("1e-30"), Err(MoneyError::TooPrecise(2)));
+        assert_eq!(Amount::parse("0e999").unwrap().cents(), 0);
+        assert_eq!(Amount::parse("0.10e1").unwrap().cents(), 100);
+        assert_eq!(
+            Amount::parse("1000000000000000000000e-20").unwrap().cents(),
+            1000
+        );
+        assert!(matches!(
+            Amount::parse("1e999999999999999999999999"),
+            Err(MoneyError::TooLarge(_))
+        ));
         for bad in [
             "", "abc", "1_000", " 1", "1.", ".5", "+1", "0x10", "1e", "NaN", "1.2.3",
         ] {
@@ -230,6 +299,10 @@ mod tests {
         assert_eq!(Quantity::parse("1.5").unwrap().to_string(), "1.5");
         assert_eq!(
             Quantity::parse("0.000000001"),
+            Err(MoneyError::TooPrecise(8))
+        );
+        assert_eq!(
+            Quantity::parse("2.999999999999999999999999999999"),
             Err(MoneyError::TooPrecise(8))
         );
         assert_eq!(Quantity::parse("0"), Err(MoneyError::NotPositive));

@@ -125,6 +125,7 @@ pub async fn collect(
     n: u32,
     stream_id: &str,
     worker: &str,
+    installments_max: u32,
 ) -> StoreResult<Collected> {
     let reply: Vec<String> = COLLECT
         .key(keys::advance(advance_id))
@@ -143,6 +144,7 @@ pub async fn collect(
         .arg(stream_id)
         .arg(SystemAccount::Bank.id().as_str())
         .arg(worker)
+        .arg(installments_max)
         .invoke_async(conn)
         .await?;
     let number = |i: usize| reply.get(i).and_then(|word| word.parse::<i64>().ok());
@@ -205,7 +207,8 @@ impl Advance {
     }
 }
 
-/// Most installments an advance can grow to (12 plus one per failed last one).
+/// Most installments an advance can grow to (12 plus one per failed last
+/// one): the bound on `TALLY_INSTALLMENTS_MAX`, and on what one read returns.
 pub const INSTALLMENTS_MAX: u32 = 1_000;
 
 pub async fn get(conn: &mut impl Conn, id: &str) -> StoreResult<Option<Advance>> {

@@ -52,8 +52,32 @@ pub enum StoreError {
     #[error("unexpected script reply: {0:?}")]
     UnexpectedReply(Vec<String>),
     /// A grouped script call failed as a whole; each order in it gets this.
-    #[error("redis: {0}")]
-    GroupFailed(String),
+    #[error("redis: {message}")]
+    GroupFailed {
+        message: String,
+        /// The call may have run (see [`StoreError::outcome_unknown`]).
+        outcome_unknown: bool,
+    },
+}
+
+impl StoreError {
+    /// Whether the command may have reached Redis and run with only its
+    /// reply lost (an IO error, a timeout, a dropped connection). A pool
+    /// checkout failure or an error reply (a full Redis refusing a write)
+    /// means it did not run.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            StoreError::Redis(err) => {
+                err.is_io_error() || err.is_timeout() || err.is_connection_dropped()
+            }
+            StoreError::GroupFailed {
+                outcome_unknown, ..
+            } => *outcome_unknown,
+            StoreError::Pool(_) | StoreError::Corrupt { .. } | StoreError::UnexpectedReply(_) => {
+                false
+            }
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -234,7 +234,10 @@ pub async fn run_workers(
         shutdown.clone(),
     ));
     let wallet = Arc::new(crate::wallet::WalletWorker::new(store.clone()));
-    let collector = Arc::new(crate::advances::Collector::new(store.clone()));
+    let collector = Arc::new(crate::advances::Collector::new(
+        store.clone(),
+        settings.installments_max,
+    ));
     let notifier = Arc::new(crate::notifier::Notifier::new(
         store.clone(),
         settings.notifier(),

@@ -404,11 +404,11 @@ async fn a_failure_carries_past_a_later_installment_collected_first() {
     // The second is collected first (they are handled concurrently), then the first fails.
     let mut conn = app.redis().await;
     let customer = tally::domain::AccountId::parse(&account).unwrap();
-    let second = tally::store::advances::collect(&mut conn, &id, &customer, 2, "0-1", "test")
+    let second = tally::store::advances::collect(&mut conn, &id, &customer, 2, "0-1", "test", 1000)
         .await
         .unwrap();
     assert_eq!(second, tally::store::advances::Collected::Paid(10_000));
-    let first = tally::store::advances::collect(&mut conn, &id, &customer, 1, "0-2", "test")
+    let first = tally::store::advances::collect(&mut conn, &id, &customer, 1, "0-2", "test", 1000)
         .await
         .unwrap();
     assert_eq!(
@@ -428,4 +428,125 @@ async fn a_failure_carries_past_a_later_installment_collected_first() {
         (advance["paid"].as_str(), advance["reconciled"].as_bool()),
         (Some("100.00"), Some(true))
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_advance_below_a_cent_per_installment_is_refused_and_lends_nothing() {
+    let app = spawn_app().await;
+    let account = app.create_account("small", "0").await;
+    let before = app.snapshot().await;
+    // 0.05 would make eleven installments of 0.00.
+    for amount in ["0.05", "0.11", "0.01"] {
+        let response = app
+            .post(
+                "/api/v1/advances",
+                &json!({"account_id": account, "amount": amount}),
+            )
+            .await;
+        let problem = crate::helpers::assert_problem(response, 400, "at least 0.12").await;
+        assert_eq!(problem["type"], "/problems/invalid-amount", "{amount}");
+        assert_eq!(app.snapshot().await, before, "{amount} lent nothing");
+    }
+    assert_eq!(app.balance(&account).await, "0.00");
+    let listed = app
+        .get_json(&format!("/api/v1/accounts/{account}/advances"))
+        .await;
+    assert_eq!(listed, json!([]));
+
+    // The smallest advance allowed: a cent for each installment.
+    let created = create_advance(&app, &account, "0.12").await;
+    let amounts: Vec<&str> = created["installments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["amount"].as_str().unwrap())
+        .collect();
+    assert_eq!(amounts, ["0.01"; 12]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn advance_ids_are_canonical_uuids_in_any_case() {
+    let app = spawn_app().await;
+    let account = app.create_account("ids", "0").await;
+    let id = create_advance(&app, &account, "120.00").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = app.snapshot().await;
+    let upper = advance(&app, &id.to_uppercase()).await;
+    assert_eq!(
+        upper["id"],
+        id.as_str(),
+        "the same advance, spelled as stored"
+    );
+    for malformed in [id.replace('-', ""), format!("{{{id}}}"), "nope".to_owned()] {
+        let response = app.get(&format!("/api/v1/advances/{malformed}")).await;
+        let problem = crate::helpers::assert_problem(response, 400, "expected a UUID").await;
+        assert_eq!(
+            problem["type"], "/problems/invalid-advance-id",
+            "{malformed}"
+        );
+    }
+    assert_eq!(app.snapshot().await, before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_its_installment_bound_a_failed_last_installment_is_due_again_instead() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let workers = spawn_workers(
+        &app,
+        tally::config::WorkerSettings {
+            installments_max: 13,
+            ..test_worker_settings(&exchange)
+        },
+    );
+    let account = app.create_account("broke", "0").await;
+    let id = create_advance(&app, &account, "12.00").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    bank(&app, &account, "12.00", "debit").await; // spent: every collection fails
+    let clock = ManualClock::starting_at(tally::store::now_ms());
+    for n in 1..=12 {
+        step(&app, &clock, WEEK, &id, n).await;
+    }
+    let grown = advance(&app, &id).await;
+    assert_eq!(grown["installments"].as_array().unwrap().len(), 13);
+    assert_eq!(grown["installments"][12]["amount"], "12.00");
+
+    // The 13th fails twice: the advance stays at 13, the 13th is due again
+    // a period later each time, and everything still reconciles.
+    let mut due = grown["installments"][12]["due_at"].clone();
+    for _ in 0..2 {
+        clock.advance(WEEK);
+        schedule_once(&app.store, &clock, &scheduler_settings())
+            .await
+            .unwrap();
+        eventually("the 13th is due again", || async {
+            let now = advance(&app, &id).await;
+            let last = &now["installments"][12];
+            last["status"] == "scheduled" && last["due_at"] != due
+        })
+        .await;
+        let now = advance(&app, &id).await;
+        assert_eq!(now["installments"].as_array().unwrap().len(), 13, "{now}");
+        assert_eq!(now["reconciled"], true, "{now}");
+        due = now["installments"][12]["due_at"].clone();
+    }
+
+    bank(&app, &account, "12.00", "credit").await;
+    clock.advance(WEEK);
+    schedule_once(&app.store, &clock, &scheduler_settings())
+        .await
+        .unwrap();
+    eventually("the 13th is paid", || async {
+        advance(&app, &id).await["installments"][12]["status"] == "paid"
+    })
+    .await;
+    let repaid = advance(&app, &id).await;
+    assert_eq!(repaid["paid"], "12.00", "{repaid}");
+    let audit = app.get_json("/api/v1/audit").await;
+    assert_eq!(audit["clean"], true, "{}", audit["report"]);
+    workers.stop().await;
 }

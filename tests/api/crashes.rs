@@ -12,7 +12,7 @@ use tally::redis_server::RedisServer;
 
 use crate::helpers::{
     TestApp, assert_problem, eventually, free_port, set_maxmemory, spawn_app, spawn_app_on,
-    spawn_exchange, worker_process,
+    spawn_app_with, spawn_exchange, worker_process,
 };
 
 async fn place_batches(app: &TestApp, count: usize) -> Vec<String> {
@@ -361,4 +361,67 @@ async fn a_call_lost_with_its_worker_counts_toward_attempts_max() {
     assert_eq!(exchange.order(&batch_id).await.unwrap().calls, 1);
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
+}
+
+/// How long Redis holds every command in the lost-reply test; the API gives
+/// up on a reply after `LOST_REPLY_TIMEOUT_MS`.
+const LOST_REPLY_PAUSE_MS: u64 = 1_500;
+const LOST_REPLY_TIMEOUT_MS: u64 = 300;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_redis_reply_is_outcome_unknown_and_the_retry_with_the_key_charges_once() {
+    let app =
+        spawn_app_with(|settings| settings.redis.redis_timeout_ms = LOST_REPLY_TIMEOUT_MS).await;
+    let customer = app.create_account("alice", "100.00").await;
+    let order = json!({"account_id": customer, "symbol": "ABAN", "quantity": "3"});
+    // Redis holds the order's script past the API's reply timeout and runs it
+    // when the pause ends: the request reached Redis, its reply was lost.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(LOST_REPLY_PAUSE_MS)
+        .arg("ALL")
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    let response = app.post_with_key("/api/v1/orders", "lost-1", &order).await;
+    let problem = assert_problem(response, 503, "may have been applied").await;
+    assert_eq!(problem["type"], "/problems/outcome-unknown");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("retry with the same Idempotency-Key")
+    );
+
+    let mut retried = app.post_with_key("/api/v1/orders", "lost-1", &order).await;
+    for _ in 0..RECONNECT_ATTEMPTS_MAX {
+        if retried.status() != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        retried = app.post_with_key("/api/v1/orders", "lost-1", &order).await;
+    }
+    assert_eq!(retried.status(), 201);
+    assert_eq!(app.balance(&customer).await, "88.00", "debited once");
+    let orders = app
+        .journal()
+        .await
+        .into_iter()
+        .filter(|entry| entry["kind"] == "order")
+        .count();
+    assert_eq!(orders, 1, "one order, however many answers were lost");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_refuses_a_write_is_unavailable_not_outcome_unknown() {
+    let app = spawn_app().await;
+    let customer = app.create_account("alice", "100.00").await;
+    let before = app.snapshot().await;
+    set_maxmemory(&app, 1).await;
+    let order = json!({"account_id": customer, "symbol": "ABAN", "quantity": "3"});
+    let response = app.post_with_key("/api/v1/orders", "full-1", &order).await;
+    let problem = assert_problem(response, 503, "unavailable").await;
+    assert_eq!(problem["type"], "/problems/unavailable");
+    set_maxmemory(&app, 0).await;
+    assert_eq!(app.snapshot().await, before, "nothing written");
 }

@@ -6,6 +6,7 @@ mod advances;
 mod concurrency;
 mod crashes;
 mod helpers;
+mod metrics;
 mod operations;
 mod orders;
 mod scripts;

@@ -328,3 +328,108 @@ async fn operator_actions_refuse_bad_input() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_batch_offsets_are_bounded_and_paging_ends() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    let settings = tally::config::WorkerSettings {
+        attempts_max: 1,
+        ..test_worker_settings(&exchange)
+    };
+    let workers = spawn_workers(&app, settings);
+    let customer = app.create_account("unlucky", "100.00").await;
+    let mut batches = Vec::new();
+    for _ in 0..3 {
+        batches.push(app.place_batch(&customer, "3").await);
+    }
+    for batch in &batches {
+        eventually("the batch failed", || async {
+            app.batch_status(batch).await == "failed"
+        })
+        .await;
+    }
+    workers.stop().await;
+    let before = app.snapshot().await;
+
+    // These once wrapped around in Redis: data past the end, or a next
+    // offset of 0 that sent a pager back to the start forever.
+    for query in [
+        "offset=18446744073709551615",
+        "limit=2&offset=18446744073709551614",
+        "offset=1000001",
+    ] {
+        let response = app
+            .get(&format!("/api/v1/batches?status=failed&{query}"))
+            .await;
+        let problem = assert_problem(response, 400, "offset must be at most 1000000").await;
+        assert_eq!(problem["type"], "/problems/invalid-offset", "{query}");
+    }
+    let last = app
+        .get_json("/api/v1/batches?status=failed&offset=1000000")
+        .await;
+    assert_eq!(last["items"], json!([]));
+    assert!(last.get("next_offset").is_none_or(Value::is_null));
+
+    let mut listed = Vec::new();
+    let mut path = "/api/v1/batches?status=failed&limit=2".to_owned();
+    for _ in 0..batches.len() {
+        let page = app.get_json(&path).await;
+        for item in page["items"].as_array().unwrap() {
+            listed.push(item["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_offset"].as_u64() {
+            Some(next) => path = format!("/api/v1/batches?status=failed&limit=2&offset={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        listed, batches,
+        "every failed batch once, and the pager ends"
+    );
+    assert_eq!(app.snapshot().await, before, "listing changed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refund_note_with_control_characters_is_refused_and_refunds_nothing() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    let settings = tally::config::WorkerSettings {
+        attempts_max: 1,
+        ..test_worker_settings(&exchange)
+    };
+    let workers = spawn_workers(&app, settings);
+    let customer = app.create_account("unlucky", "100.00").await;
+    let batch = app.place_batch(&customer, "3").await;
+    eventually("the batch failed", || async {
+        app.batch_status(&batch).await == "failed"
+    })
+    .await;
+    workers.stop().await;
+    let before = app.snapshot().await;
+    for note in [
+        "a\u{0000}b",
+        "line\nbreak",
+        "bell\u{0007}",
+        "esc\u{001b}[31m",
+    ] {
+        let response = app
+            .post(
+                &format!("/api/v1/batches/{batch}/refund"),
+                &json!({"note": note}),
+            )
+            .await;
+        let problem = assert_problem(response, 400, "control characters").await;
+        assert_eq!(problem["type"], "/problems/invalid-note");
+        assert_eq!(app.snapshot().await, before, "{note:?} changed nothing");
+    }
+    assert_eq!(app.batch_status(&batch).await, "failed");
+    assert_eq!(app.balance(&customer).await, "88.00", "not refunded");
+    let refunds = app
+        .journal()
+        .await
+        .into_iter()
+        .filter(|entry| entry["kind"] == "refund")
+        .count();
+    assert_eq!(refunds, 0);
+}

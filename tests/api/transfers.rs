@@ -469,3 +469,33 @@ async fn bad_transfer_and_report_input_is_refused_and_writes_nothing() {
     }
     assert_eq!(app.snapshot().await, before);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn report_times_in_the_future_are_clamped_to_now() {
+    let app = spawn_app().await;
+    let a = app.create_account("a", "10.00").await;
+    let b = app.create_account("b", "10.00").await;
+    assert_eq!(transfer(&app, &a, &b, "1.00", "debit").await.status(), 201);
+    let everything = app.get_json("/api/v1/transactions").await;
+    let total = everything["total_count"].as_u64().unwrap();
+    assert_eq!(total, 3, "two opening balances and a transfer");
+    let before = app.snapshot().await;
+    // Index members pad ms to 13 digits; 2300 has 14 and compared as text
+    // as if it were before 1970.
+    for (query, expected) in [
+        ("end=2300-01-01T00:00:00Z", total),
+        ("end=9999-12-31T23:59:59Z", total),
+        ("start=2300-01-01T00:00:00Z", 0),
+        ("start=2300-01-01T00:00:00Z&end=2400-01-01T00:00:00Z", 0),
+        ("start=2000-01-01T00:00:00Z&end=2300-01-01T00:00:00Z", total),
+    ] {
+        let page = app.get_json(&format!("/api/v1/transactions?{query}")).await;
+        assert_eq!(page["total_count"], expected, "{query}");
+        assert_eq!(
+            page["items"].as_array().unwrap().len() as u64,
+            expected,
+            "{query}"
+        );
+    }
+    assert_eq!(app.snapshot().await, before, "reading changed nothing");
+}

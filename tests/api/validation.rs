@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{assert_problem, spawn_app};
+use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_orders_are_refused_with_a_problem_that_names_it_and_change_nothing() {
@@ -257,4 +257,163 @@ async fn bad_accounts_and_headers_are_refused() {
     )
     .await;
     assert_eq!(app.snapshot().await, before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn money_with_too_many_decimals_is_refused_not_rounded() {
+    let app = spawn_app().await;
+    let customer = app.create_account("buyer", "100.00").await;
+    let order = |quantity: &str| {
+        format!(r#"{{"account_id":"{customer}","symbol":"ABAN","quantity":{quantity}}}"#)
+    };
+    let account = |balance: &str| format!(r#"{{"name":"a","balance":{balance}}}"#);
+    // Past 28 digits a decimal parser rounds: these used to become 3 and 12.00.
+    let cases = [
+        (
+            "/api/v1/orders",
+            order(r#""2.999999999999999999999999999999""#),
+            "more than 8 decimal places",
+        ),
+        (
+            "/api/v1/orders",
+            order(r#""1e-30""#),
+            "more than 8 decimal places",
+        ),
+        (
+            "/api/v1/orders",
+            order("1e-30"),
+            "more than 8 decimal places",
+        ),
+        ("/api/v1/orders", order(r#""0e999""#), "greater than zero"),
+        (
+            "/api/v1/accounts",
+            account(r#""12.0000000000000000000000000001""#),
+            "more than 2 decimal places",
+        ),
+        (
+            "/api/v1/accounts",
+            account("12.0000000000000000000000000001"),
+            "more than 2 decimal places",
+        ),
+        (
+            "/api/v1/accounts",
+            account(r#""1e-30""#),
+            "more than 2 decimal places",
+        ),
+    ];
+    let before = app.snapshot().await;
+    for (path, body, detail) in cases {
+        let response = app
+            .client
+            .post(app.url(path))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, 400, detail).await;
+        assert_eq!(app.snapshot().await, before, "{body} changed nothing");
+    }
+    assert_eq!(app.balance(&customer).await, "100.00");
+    assert_eq!(app.journal().await.len(), 1, "only the opening balance");
+    let accounts = app.get_json("/api/v1/accounts").await;
+    assert_eq!(accounts["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn non_ascii_or_repeated_idempotency_keys_are_refused_and_change_nothing() {
+    let app = spawn_app().await;
+    let customer = app.create_account("buyer", "100.00").await;
+    let other = app.create_account("seller", "0.00").await;
+    let wallet = format!("/api/v1/accounts/{customer}/transactions");
+    let cases = [
+        (
+            "/api/v1/orders",
+            json!({"account_id": customer, "symbol": "ABAN", "quantity": "3"}),
+        ),
+        ("/api/v1/accounts", json!({"name": "a", "balance": "1.00"})),
+        (
+            "/api/v1/transfers",
+            json!({"src_account_id": customer, "dst_account_id": other,
+                   "amount": "1.00", "direction": "debit"}),
+        ),
+        (
+            "/api/v1/bank-transactions",
+            json!({"account_id": customer, "amount": "1.00", "direction": "debit", "reason": "fee"}),
+        ),
+        (&wallet, json!({"kind": "withdrawal", "amount": "1.00"})),
+        (
+            "/api/v1/advances",
+            json!({"account_id": customer, "amount": "12.00"}),
+        ),
+    ];
+    let non_ascii = reqwest::header::HeaderValue::from_bytes("clé-1".as_bytes()).unwrap();
+    let before = app.snapshot().await;
+    let journal_before = app.journal().await.len();
+    for (path, body) in cases {
+        // poem-openapi's header parameter would read this as no key at all.
+        let response = app
+            .client
+            .post(app.url(path))
+            .header("Idempotency-Key", non_ascii.clone())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(response, 400, "visible ASCII").await;
+        assert_eq!(
+            problem["type"], "/problems/invalid-idempotency-key",
+            "{path}"
+        );
+        // ... and this as the first key only.
+        let response = app
+            .client
+            .post(app.url(path))
+            .header("Idempotency-Key", "retry-1")
+            .header("Idempotency-Key", "retry-2")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(response, 400, "at most one Idempotency-Key").await;
+        assert_eq!(
+            problem["type"], "/problems/invalid-idempotency-key",
+            "{path}"
+        );
+        assert_eq!(app.snapshot().await, before, "{path} changed nothing");
+    }
+    assert_eq!(app.balance(&customer).await, "100.00");
+    assert_eq!(app.journal().await.len(), journal_before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_arrives_too_slowly_gets_a_408_and_changes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const REQUEST_TIMEOUT_MS: u64 = 500;
+    let app = spawn_app_with(|settings| settings.api.request_timeout_ms = REQUEST_TIMEOUT_MS).await;
+    let before = app.snapshot().await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    // 100 bytes announced, 12 sent, and the connection left open.
+    let head = "POST /api/v1/accounts HTTP/1.1\r\nHost: tally\r\n\
+                Content-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(br#"{"name":"a","#).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("an answer before the client gives up")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]).to_lowercase();
+    assert!(answer.starts_with("http/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("content-type: application/problem+json"),
+        "{answer}"
+    );
+    assert!(answer.contains("/problems/body-timeout"), "{answer}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(REQUEST_TIMEOUT_MS / 2));
+    assert_eq!(app.snapshot().await, before, "nothing written");
+    let accounts = app.get_json("/api/v1/accounts").await;
+    assert_eq!(accounts["items"], json!([]));
 }

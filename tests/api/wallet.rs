@@ -477,3 +477,33 @@ async fn bad_wallet_requests_are_refused_and_write_nothing() {
         .await;
     assert_eq!(app.snapshot().await, before);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wallet_transaction_ids_are_canonical_uuids_in_any_case() {
+    let app = spawn_app().await;
+    let account = app.create_account("ids", "0").await;
+    let id = accept(&app, &account, "deposit", "5.00").await;
+    let before = app.snapshot().await;
+    let path = format!("/api/v1/accounts/{account}/transactions");
+    let upper = app.get_json(&format!("{path}/{}", id.to_uppercase())).await;
+    assert_eq!(
+        upper["id"],
+        id.as_str(),
+        "the same transaction, spelled as stored"
+    );
+    let listed = app
+        .get_json(&format!("{path}?cursor={}", id.to_uppercase()))
+        .await;
+    assert_eq!(listed["items"], json!([]), "nothing before the first");
+    for malformed in [id.replace('-', ""), format!("{{{id}}}"), "nope".to_owned()] {
+        let response = app.get(&format!("{path}/{malformed}")).await;
+        let problem = assert_problem(response, 400, "expected a UUID").await;
+        assert_eq!(
+            problem["type"], "/problems/invalid-transaction-id",
+            "{malformed}"
+        );
+        let response = app.get(&format!("{path}?cursor={malformed}")).await;
+        assert_problem(response, 400, "cursor").await;
+    }
+    assert_eq!(app.snapshot().await, before);
+}
