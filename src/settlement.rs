@@ -54,7 +54,7 @@ impl SettleJob {
         Ok(SettleJob {
             batch_id: BatchId::parse(field("batch_id")?).map_err(|err| err.to_string())?,
             symbol: Symbol::parse(field("symbol")?).map_err(|err| err.to_string())?,
-            quantity: Quantity::from_units(units).map_err(|err| err.to_string())?,
+            quantity: Quantity::from_total_units(units).map_err(|err| err.to_string())?,
             attempt: fields
                 .get("attempt")
                 .map_or(Ok(1), |attempt| attempt.parse())
@@ -231,7 +231,10 @@ impl<E: Exchange> Settler<E> {
         Ok(jobs)
     }
 
-    /// A job that cannot be parsed goes to the dead-letter stream as it is.
+    /// A job that cannot be parsed goes to the dead-letter stream. If it
+    /// names a batch still settling, the batch fails with it, so an operator
+    /// can retry or refund it: the customers' money must not wait forever on
+    /// a job nobody can read.
     async fn quarantine(
         &self,
         worker: &str,
@@ -239,6 +242,23 @@ impl<E: Exchange> Settler<E> {
         problem: &str,
     ) -> anyhow::Result<()> {
         let mut conn = self.store.conn().await?;
+        let batch_id = delivery
+            .fields
+            .get("batch_id")
+            .and_then(|id| BatchId::parse(id).ok());
+        if let Some(batch_id) = batch_id {
+            let job = JobRef {
+                stream_id: &delivery.stream_id,
+                batch_id: &batch_id,
+                worker,
+            };
+            let error = format!("unreadable settle job: {problem}");
+            let end = scripts::dead_letter_batch(&mut conn, &job, &error, 0).await?;
+            if end == scripts::JobEnd::Done {
+                tracing::error!(worker, stream_id = %delivery.stream_id, %batch_id, problem, "unreadable settle job: its batch failed and was dead-lettered");
+                return Ok(());
+            }
+        }
         let mut fields: Vec<(&str, &str)> = delivery
             .fields
             .iter()

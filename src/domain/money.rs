@@ -17,6 +17,10 @@ pub const QUANTITY_SCALE: u32 = 8;
 pub const AMOUNT_MAX_CENTS: i64 = 100_000_000_000;
 /// Largest quantity accepted in one order: 1,000,000 coins.
 pub const QUANTITY_MAX_UNITS: i64 = 100_000_000_000_000;
+/// Largest total of quantities (a batch, a bucket): a large order takes the
+/// bucket along, so a total may pass one order's bound. The scripts add
+/// quantities in Lua's doubles, which are exact below 2^53.
+pub const QUANTITY_TOTAL_MAX_UNITS: i64 = (1 << 53) - 1;
 /// Longest decimal text we try to parse; anything longer is refused unread.
 pub const DECIMAL_TEXT_LENGTH_MAX: usize = 64;
 
@@ -202,11 +206,26 @@ impl Quantity {
     }
 
     pub fn from_units(units: i64) -> Result<Self, MoneyError> {
+        Self::bounded(units, QUANTITY_MAX_UNITS)
+    }
+
+    /// A total of orders' quantities: a batch, a bucket, a purchase.
+    pub fn parse_total(text: &str) -> Result<Self, MoneyError> {
+        let units = parse_units(text, QUANTITY_SCALE, QUANTITY_TOTAL_MAX_UNITS)?;
+        Self::from_total_units(units)
+    }
+
+    /// A total of orders' quantities read back from Redis.
+    pub fn from_total_units(units: i64) -> Result<Self, MoneyError> {
+        Self::bounded(units, QUANTITY_TOTAL_MAX_UNITS)
+    }
+
+    fn bounded(units: i64, max_units: i64) -> Result<Self, MoneyError> {
         if units <= 0 {
             return Err(MoneyError::NotPositive);
         }
-        if units > QUANTITY_MAX_UNITS {
-            let max = format_units(QUANTITY_MAX_UNITS, QUANTITY_SCALE);
+        if units > max_units {
+            let max = format_units(max_units, QUANTITY_SCALE);
             return Err(MoneyError::TooLarge(max));
         }
         Ok(Quantity(units))
@@ -241,6 +260,24 @@ pub fn order_cost(price: Amount, quantity: Quantity) -> Option<Amount> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn totals_may_pass_one_orders_bound_but_not_lua_exactness() {
+        let past_one_order = QUANTITY_MAX_UNITS + 100_000_000;
+        assert!(Quantity::from_units(past_one_order).is_err());
+        assert_eq!(
+            Quantity::from_total_units(past_one_order)
+                .unwrap()
+                .to_string(),
+            "1000001"
+        );
+        assert_eq!(
+            Quantity::parse_total("1000001").unwrap().units(),
+            past_one_order
+        );
+        assert!(Quantity::from_total_units(1 << 53).is_err());
+        assert!(Quantity::from_total_units(0).is_err());
+    }
 
     #[test]
     fn amounts_parse_exactly() {

@@ -110,7 +110,10 @@ async fn health() -> &'static str {
 
 #[handler]
 async fn place(state: Data<&Arc<SimState>>, body: Json<OrderBody>) -> Response {
-    let (symbol, quantity) = match (Symbol::parse(&body.symbol), Quantity::parse(&body.quantity)) {
+    let (symbol, quantity) = match (
+        Symbol::parse(&body.symbol),
+        Quantity::parse_total(&body.quantity),
+    ) {
         (Ok(symbol), Ok(quantity)) => (symbol, quantity),
         _ => return (StatusCode::BAD_REQUEST, "bad symbol or quantity").into_response(),
     };

@@ -302,7 +302,7 @@ pub async fn get_batch(conn: &mut impl Conn, id: &BatchId) -> StoreResult<Option
     Ok(Some(Batch {
         id: *id,
         symbol: record.parsed("symbol", Symbol::parse)?,
-        quantity: record.parsed("quantity", parse_quantity_units)?,
+        quantity: record.parsed("quantity", parse_total_units)?,
         value: record.parsed("value", parse_cents)?,
         order_ids,
         status: record.parsed("status", SettlementStatus::parse)?,
@@ -399,4 +399,11 @@ fn parse_cents(text: &str) -> Result<Amount, String> {
 fn parse_quantity_units(text: &str) -> Result<Quantity, String> {
     let units = text.parse::<i64>().map_err(|err| err.to_string())?;
     Quantity::from_units(units).map_err(|err| err.to_string())
+}
+
+/// A batch's quantity: a large order takes the bucket along, so it may pass
+/// one order's bound.
+fn parse_total_units(text: &str) -> Result<Quantity, String> {
+    let units = text.parse::<i64>().map_err(|err| err.to_string())?;
+    Quantity::from_total_units(units).map_err(|err| err.to_string())
 }

@@ -433,3 +433,81 @@ async fn a_refund_note_with_control_characters_is_refused_and_refunds_nothing() 
         .count();
     assert_eq!(refunds, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_largest_order_that_takes_the_bucket_along_settles() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(UP).await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let small = app.create_account("small", "4.00").await;
+    assert_eq!(app.place_order(&small, "ABAN", "1").await.status(), 201); // pending
+    let whale = app.create_account("whale", "4000000.00").await;
+    // The largest quantity one order may have: with the pending one, the
+    // batch holds more than one order may.
+    let batch = app.place_batch(&whale, "1000000").await;
+    eventually("the batch is settled", || async {
+        app.batch_status(&batch).await == "settled"
+    })
+    .await;
+    let settled = app.batch(&batch).await;
+    assert_eq!(settled["quantity"], "1000001", "{settled}");
+    let bought = exchange.order(&batch).await.expect("bought");
+    assert_eq!(bought.quantity, "1000001");
+    assert_eq!(bought.calls, 1);
+    let audit = app.get_json("/api/v1/audit").await;
+    assert_eq!(audit["clean"], true, "{}", audit["report"]);
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_settle_job_fails_its_batch_so_it_can_be_refunded() {
+    use redis::AsyncCommands;
+    use tally::store::keys;
+
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(UP).await;
+    let customer = app.create_account("c", "20.00").await;
+    let batch = app.place_batch(&customer, "3").await;
+    // Its job is replaced by one no worker can read (as a bad deploy or a
+    // hand edit might leave it).
+    let mut conn = app.redis().await;
+    let jobs: redis::streams::StreamRangeReply =
+        conn.xrange_all(keys::SETTLE_STREAM).await.unwrap();
+    let _: u64 = conn
+        .xdel(keys::SETTLE_STREAM, &[&jobs.ids[0].id])
+        .await
+        .unwrap();
+    let _: String = conn
+        .xadd(
+            keys::SETTLE_STREAM,
+            "*",
+            &[("batch_id", batch.as_str()), ("quantity_units", "lots")],
+        )
+        .await
+        .unwrap();
+
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    eventually("the batch failed", || async {
+        app.batch_status(&batch).await == "failed"
+    })
+    .await;
+    assert!(exchange.order(&batch).await.is_none(), "never bought");
+    let failed = app.batch(&batch).await;
+    assert!(
+        failed["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("unreadable settle job"),
+        "{failed}"
+    );
+    let dead: usize = conn.xlen(keys::SETTLE_DEAD_STREAM).await.unwrap();
+    assert_eq!(dead, 1);
+    let refunded = app
+        .post(&format!("/api/v1/batches/{batch}/refund"), &json!({}))
+        .await;
+    assert_eq!(refunded.status(), 200);
+    assert_eq!(app.balance(&customer).await, "20.00");
+    let audit = app.get_json("/api/v1/audit").await;
+    assert_eq!(audit["clean"], true, "{}", audit["report"]);
+    workers.stop().await;
+}
