@@ -10,7 +10,8 @@
 //! it is delivered again after `claim_idle_ms`: nothing is lost, and because
 //! every ending script checks state first, nothing is applied twice.
 //!
-//! On shutdown a consumer finishes the deliveries in hand, then returns.
+//! On shutdown a consumer lets a read in flight finish (Redis has already
+//! made its entries pending for it), handles the deliveries in hand, then returns.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -141,7 +142,7 @@ pub async fn run_consumer<H: JobHandler>(
     store: Store,
     settings: ConsumerSettings,
     handler: Arc<H>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let consumer = settings.consumer.as_str();
     tracing::info!(
@@ -170,10 +171,11 @@ pub async fn run_consumer<H: JobHandler>(
                 tracing::warn!(worker = consumer, error = %err, "housekeeping failed");
             }
         }
-        let read = tokio::select! {
-            read = next_deliveries(&store, &mut reader, &settings, housekeeping) => read,
-            _ = shutdown.changed() => break,
-        };
+        // Not raced against shutdown: once Redis has answered a read, its
+        // entries are pending for this consumer, and dropping the answer would
+        // leave them to wait claim_idle_ms for another. A read blocks at most
+        // block_ms, so that is the most shutdown waits for it.
+        let read = next_deliveries(&store, &mut reader, &settings, housekeeping).await;
         let deliveries = match read {
             Ok(deliveries) => deliveries,
             Err(err) => {
