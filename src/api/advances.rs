@@ -9,10 +9,10 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::problem::ApiError;
-use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
+use super::{ApiTags, AppState, idempotency_key, list_offset, page_size, rfc3339};
 use crate::domain::{AMOUNT_SCALE, AccountId, Amount, Idempotency, format_units, parse_uuid};
 use crate::store::advances::{self, Advance, AdvanceError, INSTALLMENTS, NewAdvance};
-use crate::store::now_ms;
+use crate::store::{accounts, now_ms};
 
 pub struct AdvancesApi(pub Arc<AppState>);
 
@@ -202,18 +202,26 @@ impl AdvancesApi {
         Ok(AdvanceResponse::Ok(Json(self.view(&id.to_string()).await?)))
     }
 
-    /// An account's advances, oldest first.
+    /// An account's advances, oldest first. Page with `offset`: the next
+    /// page starts where this one ended, and a page shorter than `limit` is the last.
     #[oai(path = "/accounts/:id/advances", method = "get")]
     async fn list(
         &self,
         id: Path<String>,
+        /// Page size (default 20, at most the configured maximum).
         limit: Query<Option<u32>>,
+        /// Advances to skip, oldest first (at most 1,000,000).
+        offset: Query<Option<u64>>,
     ) -> Result<AdvanceListResponse, ApiError> {
         let account = AccountId::parse(&id.0)
             .map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
         let limit = page_size(limit.0, &self.0.api)?;
+        let offset = list_offset(offset.0)?;
         let mut conn = self.0.store.conn().await?;
-        let ids = advances::ids(&mut conn, Some(&account), 0, limit).await?;
+        if accounts::get_account(&mut conn, &account).await?.is_none() {
+            return Err(ApiError::not_found(format!("account {account} not found")));
+        }
+        let ids = advances::ids(&mut conn, Some(&account), offset as usize, limit).await?;
         drop(conn);
         let mut views = Vec::with_capacity(ids.len());
         for id in ids {

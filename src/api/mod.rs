@@ -222,6 +222,21 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiErr
 }
 
 /// Checks a requested page size against the configured bounds.
+/// Highest `offset` accepted by the listings that page by offset: far more
+/// items than anyone pages through, and small enough that `offset + limit`
+/// cannot overflow on the way to Redis.
+pub const LIST_OFFSET_MAX: u64 = 1_000_000;
+
+/// The `offset` of a listing, or 400 past [`LIST_OFFSET_MAX`].
+fn list_offset(requested: Option<u64>) -> Result<u64, ApiError> {
+    let offset = requested.unwrap_or(0);
+    if offset > LIST_OFFSET_MAX {
+        let detail = format!("offset must be at most {LIST_OFFSET_MAX}");
+        return Err(ApiError::bad_request("invalid-offset", detail));
+    }
+    Ok(offset)
+}
+
 fn page_size(requested: Option<u32>, settings: &ApiSettings) -> Result<usize, ApiError> {
     let size = requested.map_or(settings.page_size, |size| size as usize);
     if size == 0 || size > settings.page_size_max {

@@ -8,7 +8,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::problem::ApiError;
-use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
+use super::{ApiTags, AppState, idempotency_key, list_offset, page_size, rfc3339};
 use crate::domain::{AccountId, BatchId, OrderId, Quantity, Symbol, format_units};
 use crate::orders::{OrderRejection, OrderRequest, prepare};
 use crate::store::orders::{
@@ -195,11 +195,6 @@ struct RefundRequest {
 /// Longest operator note kept with a refund.
 const REFUND_NOTE_LENGTH_MAX: usize = 200;
 
-/// Highest `offset` accepted when listing batches: far more failed batches
-/// than an operator will ever page through, and small enough that
-/// `offset + limit` cannot overflow on the way to Redis.
-pub const BATCH_LIST_OFFSET_MAX: u64 = 1_000_000;
-
 #[OpenApi(tag = "ApiTags::Orders")]
 impl OrdersApi {
     /// Buy crypto: debits the customer at once; the purchase reaches the
@@ -347,11 +342,7 @@ impl OrdersApi {
             return Err(ApiError::bad_request("invalid-status", detail));
         }
         let limit = page_size(limit.0, &self.0.api)?;
-        let offset = offset.0.unwrap_or(0);
-        if offset > BATCH_LIST_OFFSET_MAX {
-            let detail = format!("offset must be at most {BATCH_LIST_OFFSET_MAX}");
-            return Err(ApiError::bad_request("invalid-offset", detail));
-        }
+        let offset = list_offset(offset.0)?;
         let mut conn = self.0.store.conn().await?;
         let ids = settlement::failed_batches(&mut conn, offset as usize, limit).await?;
         drop(conn);

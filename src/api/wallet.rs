@@ -11,10 +11,10 @@ use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 use super::problem::ApiError;
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
 use crate::domain::{AccountId, Amount, Idempotency, parse_uuid};
-use crate::store::now_ms;
 use crate::store::wallet::{
     self, EnqueueError, EnqueueOutcome, NewWalletTransaction, WalletKind, WalletTransaction,
 };
+use crate::store::{accounts, now_ms};
 
 /// Longest description or merchant name kept.
 pub const WALLET_TEXT_LENGTH_MAX: usize = 200;
@@ -251,6 +251,14 @@ impl WalletApi {
                 ApiError::bad_request("invalid-cursor", "the cursor is not a transaction id")
             })?;
         let mut conn = self.0.store.conn().await?;
+        if accounts::get_account(&mut conn, &account_id)
+            .await?
+            .is_none()
+        {
+            return Err(ApiError::not_found(format!(
+                "account {account_id} not found"
+            )));
+        }
         let mut items = Vec::new();
         let mut before = cursor;
         let mut scanned = 0;

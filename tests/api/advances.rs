@@ -550,3 +550,48 @@ async fn at_its_installment_bound_a_failed_last_installment_is_due_again_instead
     assert_eq!(audit["clean"], true, "{}", audit["report"]);
     workers.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_accounts_advances_page_by_offset_and_an_unknown_account_is_404() {
+    let app = spawn_app().await;
+    let account = app.create_account("pager", "0").await;
+    let mut created = Vec::new();
+    for amount in ["12.00", "24.00", "36.00"] {
+        created.push(create_advance(&app, &account, amount).await["id"].clone());
+    }
+    let page = |offset: u32| {
+        let app = &app;
+        let account = account.clone();
+        async move {
+            app.get_json(&format!(
+                "/api/v1/accounts/{account}/advances?limit=2&offset={offset}"
+            ))
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|advance| advance["id"].clone())
+            .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(page(0).await, created[..2]);
+    assert_eq!(page(2).await, created[2..]);
+    assert!(page(3).await.is_empty());
+
+    let before = crate::helpers::redis_snapshot(&mut app.redis().await).await;
+    let too_far = app
+        .get(&format!(
+            "/api/v1/accounts/{account}/advances?offset=1000001"
+        ))
+        .await;
+    crate::helpers::assert_problem(too_far, 400, "offset").await;
+    let unknown = tally::domain::AccountId::new_customer();
+    for path in ["advances", "transactions"] {
+        let response = app.get(&format!("/api/v1/accounts/{unknown}/{path}")).await;
+        crate::helpers::assert_problem(response, 404, "not found").await;
+    }
+    assert_eq!(
+        crate::helpers::redis_snapshot(&mut app.redis().await).await,
+        before
+    );
+}
