@@ -184,6 +184,7 @@ impl Store {
             .chain(transfers::scripts())
             .chain(wallet::scripts())
             .chain(advances::scripts())
+            .chain(streams::scripts())
         {
             script.prepare_invoke().load_async(&mut conn).await?;
         }

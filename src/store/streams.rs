@@ -5,8 +5,20 @@
 //! entry and at or below its last delivered one.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use redis::Script;
 
 use super::{Conn, StoreResult};
+
+static DELETE_IDLE_CONSUMERS: LazyLock<Script> = lua_script!("delete_idle_consumers.lua");
+
+pub fn scripts() -> [&'static Script; 1] {
+    [&DELETE_IDLE_CONSUMERS]
+}
+
+/// Most consumers one call forgets, so one call stays short.
+const IDLE_CONSUMERS_DELETED_MAX: usize = 100;
 
 /// A stream id, `ms-seq`, as numbers so that ids compare as Redis orders them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -31,6 +43,50 @@ impl std::fmt::Display for StreamId {
     }
 }
 
+/// `XINFO GROUPS stream`: each group's fields; none for a stream not made yet.
+async fn groups(
+    conn: &mut impl Conn,
+    stream: &str,
+) -> StoreResult<Vec<HashMap<String, redis::Value>>> {
+    let groups: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    match groups {
+        Ok(groups) => Ok(groups),
+        Err(err) if err.to_string().contains("no such key") => Ok(Vec::new()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Forgets the consumers of every group on `stream` that hold no job and
+/// have been idle at least `idle_ms`. Returns how many it forgot.
+pub async fn delete_idle_consumers(
+    conn: &mut impl Conn,
+    stream: &str,
+    idle_ms: u64,
+) -> StoreResult<u64> {
+    let mut deleted = 0;
+    for group in groups(conn, stream).await? {
+        let Some(name) = group
+            .get("name")
+            .and_then(|value| redis::from_redis_value::<String>(value.clone()).ok())
+        else {
+            continue;
+        };
+        let count: u64 = DELETE_IDLE_CONSUMERS
+            .key(stream)
+            .arg(&name)
+            .arg(idle_ms)
+            .arg(IDLE_CONSUMERS_DELETED_MAX)
+            .invoke_async(conn)
+            .await?;
+        deleted += count;
+    }
+    Ok(deleted)
+}
+
 /// The lowest id any consumer group on `stream` may still need, or `None`
 /// when the stream has no group (nothing is consumed, so nothing may go).
 ///
@@ -38,17 +94,10 @@ impl std::fmt::Display for StreamId {
 /// entries can only be acknowledged and its last delivered id only grow, so
 /// the floor found stays at or below the true one.
 async fn consumed_floor(conn: &mut impl Conn, stream: &str) -> StoreResult<Option<StreamId>> {
-    let groups: redis::RedisResult<Vec<HashMap<String, redis::Value>>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await;
-    let groups = match groups {
-        Ok(groups) => groups,
-        // No stream yet: nothing to trim.
-        Err(err) if err.to_string().contains("no such key") => return Ok(None),
-        Err(err) => return Err(err.into()),
-    };
+    let groups = groups(conn, stream).await?;
+    if groups.is_empty() {
+        return Ok(None); // no stream, or nothing consumes it
+    }
     let mut floor: Option<StreamId> = None;
     for group in groups {
         let text = |field: &str| -> Option<String> {

@@ -306,6 +306,9 @@ pub async fn run_workers(
 
 /// How often a worker process trims what the consumer groups are done with.
 const STREAM_TRIM_INTERVAL: Duration = Duration::from_secs(10);
+/// A consumer that holds no job and has not read for this long belongs to a
+/// worker process that is gone (a live one reads every `block_ms`).
+const CONSUMER_IDLE_FORGET_MS: u64 = 60 * 60 * 1000;
 /// The streams consumer groups read; each entry is deleted once every group
 /// has acknowledged it and it is older than the retention.
 const CONSUMED_STREAMS: [&str; 4] = [
@@ -315,9 +318,10 @@ const CONSUMED_STREAMS: [&str; 4] = [
     keys::EVENTS_STREAM,
 ];
 
-/// Trims the consumed entries of [`CONSUMED_STREAMS`] every
-/// `STREAM_TRIM_INTERVAL` until shutdown. Any number of workers may do this
-/// at once: each trim only deletes what no group needs.
+/// Trims the consumed entries of [`CONSUMED_STREAMS`], and forgets their
+/// long-idle consumers that hold no job, every `STREAM_TRIM_INTERVAL` until
+/// shutdown. Any number of workers may do this at once: each step only
+/// deletes what no group needs.
 pub async fn trim_streams_periodically(
     store: Store,
     retention: Duration,
@@ -338,6 +342,24 @@ pub async fn trim_streams_periodically(
                 Ok(0) => {}
                 Ok(count) => tracing::debug!(stream, count, "consumed stream entries trimmed"),
                 Err(err) => tracing::warn!(stream, error = %err, "trimming a stream failed"),
+            }
+            let forgotten = match store.conn().await {
+                Ok(mut conn) => {
+                    crate::store::streams::delete_idle_consumers(
+                        &mut conn,
+                        stream,
+                        CONSUMER_IDLE_FORGET_MS,
+                    )
+                    .await
+                }
+                Err(err) => Err(err),
+            };
+            match forgotten {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(stream, count, "idle consumers with no jobs forgotten"),
+                Err(err) => {
+                    tracing::warn!(stream, error = %err, "forgetting idle consumers failed")
+                }
             }
         }
         tokio::select! {

@@ -1,7 +1,7 @@
 //! Trimming the job and event streams: only what every consumer group is done with goes.
 
 use redis::AsyncCommands;
-use tally::store::streams::trim_consumed;
+use tally::store::streams::{delete_idle_consumers, trim_consumed};
 
 use crate::helpers::spawn_app;
 
@@ -17,8 +17,17 @@ async fn read(
     group: &str,
     count: usize,
 ) -> Vec<String> {
+    read_as(conn, group, "reader", count).await
+}
+
+async fn read_as(
+    conn: &mut redis::aio::MultiplexedConnection,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) -> Vec<String> {
     let options = redis::streams::StreamReadOptions::default()
-        .group(group, "reader")
+        .group(group, consumer)
         .count(count);
     let reply: redis::streams::StreamReadReply = conn
         .xread_options(&[STREAM], &[">"], &options)
@@ -104,4 +113,52 @@ async fn trimming_keeps_every_entry_a_group_has_not_acknowledged() {
     let _: u64 = conn.xack(STREAM, "fast", &fast).await.unwrap();
     assert_eq!(trim_consumed(&mut conn, STREAM, 8).await.unwrap(), 2);
     assert_eq!(ids(&mut conn).await, ["8-0", "9-0", "10-0"]);
+}
+
+#[tokio::test]
+async fn only_idle_consumers_that_hold_no_job_are_forgotten() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    assert_eq!(
+        delete_idle_consumers(&mut conn, STREAM, 0).await.unwrap(),
+        0
+    );
+    for n in 1..=3 {
+        let _: String = conn
+            .xadd(STREAM, format!("{n}-0"), &[("n", n)])
+            .await
+            .unwrap();
+    }
+    let _: () = conn.xgroup_create(STREAM, "workers", "0").await.unwrap();
+    let gone = read_as(&mut conn, "workers", "gone-host-1", 1).await;
+    let _: u64 = conn.xack(STREAM, "workers", &gone).await.unwrap();
+    let held = read_as(&mut conn, "workers", "busy-host-2", 1).await;
+
+    // Neither has been idle an hour: nothing is forgotten.
+    assert_eq!(
+        delete_idle_consumers(&mut conn, STREAM, 3_600_000)
+            .await
+            .unwrap(),
+        0
+    );
+    // Past the idle bound, only the one that holds no job goes.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(
+        delete_idle_consumers(&mut conn, STREAM, 10).await.unwrap(),
+        1
+    );
+    let consumers: redis::streams::StreamInfoConsumersReply =
+        conn.xinfo_consumers(STREAM, "workers").await.unwrap();
+    let names: Vec<&str> = consumers
+        .consumers
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["busy-host-2"]);
+    // Its job is still pending and can be taken over.
+    let claimed: redis::streams::StreamClaimReply = conn
+        .xclaim(STREAM, "workers", "survivor", 0, &held)
+        .await
+        .unwrap();
+    assert_eq!(claimed.ids.len(), 1);
 }
