@@ -22,7 +22,8 @@ use poem_openapi::{OpenApiService, Tags};
 use crate::config::{ApiSettings, LedgerSettings};
 use crate::domain::IdempotencyKey;
 use crate::store::Store;
-use problem::{ApiError, Problem, problem_response};
+use poem::IntoResponse;
+use problem::{ApiError, Problem};
 
 pub const API_PREFIX: &str = "/api/v1";
 
@@ -139,31 +140,26 @@ async fn guard<E: Endpoint>(
             "the request body did not arrive within {} ms",
             request_timeout.as_millis()
         );
-        return Ok(problem_response(Problem::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body-timeout",
-            detail,
-        )));
+        let problem = Problem::new(StatusCode::REQUEST_TIMEOUT, "body-timeout", detail);
+        return Ok(ApiError::BodyTimeout(poem_openapi::payload::Json(problem)).into_response());
     };
     let body = match read? {
         Some(body) => body,
         None => {
             let detail = format!("the request body is larger than {body_size_max_bytes} bytes");
-            return Ok(problem_response(Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body-too-large",
-                detail,
-            )));
+            let problem = Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", detail);
+            return Ok(ApiError::BodyTooLarge(poem_openapi::payload::Json(problem)).into_response());
         }
     };
     request.set_body(body);
     match tokio::time::timeout_at(deadline, endpoint.call(request)).await {
         Ok(result) => result.map(poem::IntoResponse::into_response),
-        Err(_) => Ok(problem_response(Problem::new(
+        Err(_) => Ok(ApiError::Timeout(poem_openapi::payload::Json(Problem::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             "the request took too long; retry with the same Idempotency-Key",
-        ))),
+        )))
+        .into_response()),
     }
 }
 

@@ -51,18 +51,30 @@ pub enum ApiError {
     /// The resource does not exist.
     #[oai(status = 404, content_type = "application/problem+json")]
     NotFound(Json<Problem>),
+    /// The request body did not arrive within the request timeout; nothing was done.
+    #[oai(status = 408, content_type = "application/problem+json")]
+    BodyTimeout(Json<Problem>),
     /// The Idempotency-Key was already used for a different request.
     #[oai(status = 409, content_type = "application/problem+json")]
     Conflict(Json<Problem>),
+    /// The request body is larger than the configured bound; nothing was done.
+    #[oai(status = 413, content_type = "application/problem+json")]
+    BodyTooLarge(Json<Problem>),
     /// The request is well formed but cannot be carried out (unknown account, insufficient funds).
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),
     /// Something failed on our side; nothing was half done.
     #[oai(status = 500, content_type = "application/problem+json")]
     Internal(Json<Problem>),
-    /// A dependency (Redis) is unavailable; retry later with the same Idempotency-Key.
+    /// Redis refused or could not be reached (`unavailable`: nothing was written), or its
+    /// answer was lost (`outcome-unknown`: it may have been applied). Retry with the same
+    /// Idempotency-Key.
     #[oai(status = 503, content_type = "application/problem+json")]
     Unavailable(Json<Problem>),
+    /// The request took longer than the request timeout; it may have been applied. Retry with
+    /// the same Idempotency-Key.
+    #[oai(status = 504, content_type = "application/problem+json")]
+    Timeout(Json<Problem>),
 }
 
 impl ApiError {
