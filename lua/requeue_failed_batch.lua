@@ -1,5 +1,8 @@
 -- requeue_failed_batch: an operator sends a failed batch back to the
--- exchange. It becomes settling again with a fresh settle job (attempt 1).
+-- exchange. It becomes settling again with a fresh settle job (attempt 1),
+-- and its count of calls starts again: the workers decide retry or
+-- dead-letter from that count, so the replay gets attempts_max calls anew
+-- (the dead-letter stream keeps the earlier rounds).
 --
 -- KEYS[1] the batch (hash)   KEYS[2] settle jobs (stream)
 -- KEYS[3] failed batches (sorted set)
@@ -14,7 +17,7 @@ end
 local batch = redis.call('HMGET', KEYS[1], 'symbol', 'quantity', 'value', 'order_count')
 local quantity = tonumber(batch[2])
 local quantity_text = string.format('%d.%08d', math.floor(quantity / 1e8), quantity % 1e8)
-redis.call('HSET', KEYS[1], 'status', 'settling', 'requeued_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'settling', 'requeued_at', ARGV[2], 'attempts', 0)
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('XADD', KEYS[2], '*', 'batch_id', ARGV[1], 'symbol', batch[1],
   'quantity', quantity_text, 'quantity_units', batch[2], 'value_cents', batch[3],

@@ -306,8 +306,11 @@ pub async fn run_workers(
 
 /// How often a worker process trims what the consumer groups are done with.
 const STREAM_TRIM_INTERVAL: Duration = Duration::from_secs(10);
-/// A consumer that holds no job and has not read for this long belongs to a
-/// worker process that is gone (a live one reads every `block_ms`).
+/// A consumer that holds no job and has not read for this long most likely
+/// belongs to a worker process that is gone. (On Redis 7.0 a read that
+/// returns nothing does not reset a consumer's idle time, so a live one on a
+/// quiet stream may be forgotten too: harmless, as it holds no job and its
+/// next read makes it again.)
 const CONSUMER_IDLE_FORGET_MS: u64 = 60 * 60 * 1000;
 /// The streams consumer groups read; each entry is deleted once every group
 /// has acknowledged it and it is older than the retention.

@@ -511,3 +511,46 @@ async fn an_unreadable_settle_job_fails_its_batch_so_it_can_be_refunded() {
     assert_eq!(audit["clean"], true, "{}", audit["report"]);
     workers.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_batch_gets_attempts_max_calls_again() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    let settings = tally::config::WorkerSettings {
+        attempts_max: 3,
+        ..test_worker_settings(&exchange)
+    };
+    let workers = spawn_workers(&app, settings);
+    let customer = app.create_account("twice", "100.00").await;
+    let batch = app.place_batch(&customer, "3").await;
+    eventually("the batch failed", || async {
+        app.batch_status(&batch).await == "failed"
+    })
+    .await;
+    assert_eq!(exchange.order(&batch).await.unwrap().calls, 3);
+
+    // Replayed while the exchange is still down: three more calls, with
+    // backoff, before it fails again.
+    let retried = app
+        .post(&format!("/api/v1/batches/{batch}/retry"), &json!({}))
+        .await;
+    assert_eq!(retried.status(), 200);
+    eventually("the replay failed after three calls", || async {
+        exchange.order(&batch).await.unwrap().calls == 6
+            && app.batch_status(&batch).await == "failed"
+    })
+    .await;
+    assert_eq!(app.batch(&batch).await["attempts"], 3);
+    let dead = crate::helpers::stream_entries(
+        &mut app.redis().await,
+        tally::store::keys::SETTLE_DEAD_STREAM,
+    )
+    .await;
+    assert_eq!(
+        dead.iter()
+            .map(|entry| entry["attempts"].as_str())
+            .collect::<Vec<_>>(),
+        ["3", "3"]
+    );
+    workers.stop().await;
+}
