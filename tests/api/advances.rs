@@ -338,12 +338,7 @@ async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
         pending.count() == 0
     })
     .await;
-    let collections = app
-        .journal()
-        .await
-        .iter()
-        .filter(|entry| entry["kind"] == "installment")
-        .count();
+    let collections = app.journal_count("installment").await;
     assert_eq!(collections, 1);
     assert_eq!(app.balance(&account).await, "110.00");
     workers.stop().await;

@@ -11,8 +11,8 @@ use tally::exchange::sim::Faults;
 use tally::redis_server::RedisServer;
 
 use crate::helpers::{
-    TestApp, assert_problem, eventually, free_port, set_maxmemory, spawn_app, spawn_app_on,
-    spawn_app_with, spawn_exchange, worker_process,
+    TestApp, assert_problem, eventually, free_port, read_settle_job, set_maxmemory, spawn_app,
+    spawn_app_on, spawn_app_with, spawn_exchange, worker_process,
 };
 
 async fn place_batches(app: &TestApp, count: usize) -> Vec<String> {
@@ -299,7 +299,7 @@ async fn acknowledged_writes_survive_a_redis_crash_and_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_call_lost_with_its_worker_counts_toward_attempts_max() {
-    use tally::store::{keys, settlement};
+    use tally::store::settlement;
 
     let app = spawn_app().await;
     let exchange = spawn_exchange(Faults {
@@ -312,22 +312,7 @@ async fn a_call_lost_with_its_worker_counts_toward_attempts_max() {
     // A worker reads the job, counts its call, and dies during it: the job
     // stays pending with the batch's count at 1.
     let mut conn = app.redis().await;
-    tally::workers::ensure_group(&mut conn, keys::SETTLE_STREAM, settlement::SETTLE_GROUP)
-        .await
-        .unwrap();
-    let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(settlement::SETTLE_GROUP)
-        .arg("doomed")
-        .arg("COUNT")
-        .arg(1)
-        .arg("STREAMS")
-        .arg(keys::SETTLE_STREAM)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let stream_id = read.keys[0].ids[0].id.clone();
+    let stream_id = read_settle_job(&mut conn, "doomed").await;
     let batch = tally::domain::BatchId::parse(&batch_id).unwrap();
     let job = settlement::JobRef {
         stream_id: &stream_id,
@@ -403,12 +388,7 @@ async fn a_lost_redis_reply_is_outcome_unknown_and_the_retry_with_the_key_charge
     }
     assert_eq!(retried.status(), 201);
     assert_eq!(app.balance(&customer).await, "88.00", "debited once");
-    let orders = app
-        .journal()
-        .await
-        .into_iter()
-        .filter(|entry| entry["kind"] == "order")
-        .count();
+    let orders = app.journal_count("order").await;
     assert_eq!(orders, 1, "one order, however many answers were lost");
 }
 

@@ -166,6 +166,15 @@ impl TestApp {
         stream_entries(&mut self.redis().await, tally::store::keys::JOURNAL).await
     }
 
+    /// Journal entries of one `kind` (order, refund, deposit, ...).
+    pub async fn journal_count(&self, kind: &str) -> usize {
+        self.journal()
+            .await
+            .iter()
+            .filter(|entry| entry["kind"] == kind)
+            .count()
+    }
+
     /// Everything in Redis, to show that a refused request changed nothing.
     pub async fn snapshot(&self) -> BTreeMap<String, String> {
         redis_snapshot(&mut self.redis().await).await
@@ -218,6 +227,31 @@ pub async fn stream_entries(
         .iter()
         .map(|entry| tally::store::stream_fields(entry).into_iter().collect())
         .collect()
+}
+
+/// Reads the next settle job as `consumer` of the settlers group (made if
+/// missing), as a worker would; returns its stream id, now pending.
+pub async fn read_settle_job(
+    conn: &mut redis::aio::MultiplexedConnection,
+    consumer: &str,
+) -> String {
+    use tally::store::{keys, settlement};
+    tally::workers::ensure_group(conn, keys::SETTLE_STREAM, settlement::SETTLE_GROUP)
+        .await
+        .unwrap();
+    let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(settlement::SETTLE_GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(keys::SETTLE_STREAM)
+        .arg(">")
+        .query_async(conn)
+        .await
+        .unwrap();
+    read.keys[0].ids[0].id.clone()
 }
 
 /// Every key with its type and full contents, rendered as text.

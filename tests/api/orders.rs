@@ -211,12 +211,7 @@ async fn the_same_idempotency_key_and_body_give_the_same_order_and_one_debit() {
     assert_eq!(first["id"], second["id"]);
     assert_eq!(app.balance(&customer).await, "88.00");
     assert_eq!(app.settle_jobs().await.len(), 1);
-    let orders = app
-        .journal()
-        .await
-        .into_iter()
-        .filter(|entry| entry["kind"] == "order")
-        .count();
+    let orders = app.journal_count("order").await;
     assert_eq!(orders, 1);
 
     let before = app.snapshot().await;

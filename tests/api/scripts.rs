@@ -17,7 +17,7 @@ use tally::store::orders::{
 use tally::store::keys;
 use tally::store::settlement::{self, Begun, Filled, JobEnd, JobRef, OperatorError};
 
-use crate::helpers::{pending_count, redis_snapshot, spawn_app};
+use crate::helpers::{pending_count, read_settle_job, redis_snapshot, spawn_app};
 
 fn new_account(balance: &str, key: Option<&str>) -> NewAccount {
     NewAccount {
@@ -347,22 +347,7 @@ async fn settling_batch(app: &crate::helpers::TestApp) -> (BatchId, String) {
     create_account(&mut conn, &customer).await.unwrap();
     let placed = order(&customer.id, "3", None);
     place_order(&mut conn, &placed).await.unwrap();
-    tally::workers::ensure_group(&mut conn, keys::SETTLE_STREAM, settlement::SETTLE_GROUP)
-        .await
-        .unwrap();
-    let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(settlement::SETTLE_GROUP)
-        .arg("test")
-        .arg("COUNT")
-        .arg(1)
-        .arg("STREAMS")
-        .arg(keys::SETTLE_STREAM)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    (placed.batch_id, read.keys[0].ids[0].id.clone())
+    (placed.batch_id, read_settle_job(&mut conn, "test").await)
 }
 
 #[tokio::test(flavor = "multi_thread")]

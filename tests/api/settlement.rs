@@ -5,7 +5,8 @@ use serde_json::{Value, json};
 use tally::exchange::sim::Faults;
 
 use crate::helpers::{
-    assert_problem, eventually, spawn_app, spawn_exchange, spawn_workers, test_worker_settings,
+    TestApp, TestExchange, TestWorkers, assert_problem, eventually, spawn_app, spawn_exchange,
+    spawn_workers, test_worker_settings,
 };
 
 const DOWN: Faults = Faults {
@@ -131,23 +132,29 @@ async fn an_exchange_outage_is_retried_with_growing_delays_and_settles_once() {
     workers.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_batch_past_attempts_max_is_dead_lettered_then_retried_once() {
-    let app = spawn_app().await;
-    let exchange = spawn_exchange(DOWN).await;
+/// A batch dead-lettered after three calls to an exchange that is down,
+/// and the workers (attempts_max 3) that failed it, still running.
+async fn batch_failed_three_times(app: &TestApp, exchange: &TestExchange) -> (TestWorkers, String) {
     let settings = tally::config::WorkerSettings {
         attempts_max: 3,
-        ..test_worker_settings(&exchange)
+        ..test_worker_settings(exchange)
     };
-    let workers = spawn_workers(&app, settings);
+    let workers = spawn_workers(app, settings);
     let customer = app.create_account("unlucky", "100.00").await;
     let batch = app.place_batch(&customer, "3").await;
-
     eventually("the batch failed", || async {
         app.batch_status(&batch).await == "failed"
     })
     .await;
     assert_eq!(exchange.order(&batch).await.unwrap().calls, 3);
+    (workers, batch)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_past_attempts_max_is_dead_lettered_then_retried_once() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    let (workers, batch) = batch_failed_three_times(&app, &exchange).await;
     let dead = crate::helpers::stream_entries(
         &mut app.redis().await,
         tally::store::keys::SETTLE_DEAD_STREAM,
@@ -252,12 +259,7 @@ async fn a_refund_restores_every_customer_exactly() {
     }
     assert_eq!(app.balance(&customers[4]).await, "50.00");
     assert_eq!(app.balance("@exchange").await, "0.00");
-    let refunds = app
-        .journal()
-        .await
-        .into_iter()
-        .filter(|entry| entry["kind"] == "refund")
-        .count();
+    let refunds = app.journal_count("refund").await;
     assert_eq!(refunds, 5);
     assert_problem(
         app.post(&format!("/api/v1/batches/{batch}/refund"), &json!({}))
@@ -425,12 +427,7 @@ async fn a_refund_note_with_control_characters_is_refused_and_refunds_nothing() 
     }
     assert_eq!(app.batch_status(&batch).await, "failed");
     assert_eq!(app.balance(&customer).await, "88.00", "not refunded");
-    let refunds = app
-        .journal()
-        .await
-        .into_iter()
-        .filter(|entry| entry["kind"] == "refund")
-        .count();
+    let refunds = app.journal_count("refund").await;
     assert_eq!(refunds, 0);
 }
 
@@ -516,18 +513,7 @@ async fn an_unreadable_settle_job_fails_its_batch_so_it_can_be_refunded() {
 async fn a_replayed_batch_gets_attempts_max_calls_again() {
     let app = spawn_app().await;
     let exchange = spawn_exchange(DOWN).await;
-    let settings = tally::config::WorkerSettings {
-        attempts_max: 3,
-        ..test_worker_settings(&exchange)
-    };
-    let workers = spawn_workers(&app, settings);
-    let customer = app.create_account("twice", "100.00").await;
-    let batch = app.place_batch(&customer, "3").await;
-    eventually("the batch failed", || async {
-        app.batch_status(&batch).await == "failed"
-    })
-    .await;
-    assert_eq!(exchange.order(&batch).await.unwrap().calls, 3);
+    let (workers, batch) = batch_failed_three_times(&app, &exchange).await;
 
     // Replayed while the exchange is still down: three more calls, with
     // backoff, before it fails again.

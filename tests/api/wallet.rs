@@ -304,11 +304,7 @@ async fn queue_deposits(app: &TestApp, accounts: &[String], per_account: usize) 
 
 /// Deposits applied so far, as the journal counts them.
 async fn deposits_applied(app: &TestApp) -> usize {
-    app.journal()
-        .await
-        .iter()
-        .filter(|entry| entry["kind"] == "deposit")
-        .count()
+    app.journal_count("deposit").await
 }
 
 /// After a failure: every one of `ids` was applied exactly once, in its
