@@ -44,12 +44,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub const REDIS_SCRAPE_TIMEOUT_MAX: Duration = Duration::from_millis(2_000);
 
 /// The job streams, by label: the consumers' work queues.
-const JOB_STREAMS: [(&str, &str); 4] = [
-    ("settle", keys::SETTLE_STREAM),
-    ("wallet", keys::WALLET_STREAM),
-    ("installments", keys::INSTALLMENTS_STREAM),
-    ("events", keys::EVENTS_STREAM),
-];
+const JOB_STREAMS: [(&str, &str); 4] = keys::CONSUMED_STREAMS;
 
 /// Streams of jobs that failed for good, by the job stream they came from.
 const DEAD_LETTER_STREAMS: [(&str, &str); 2] = [

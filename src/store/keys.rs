@@ -111,6 +111,15 @@ pub const INSTALLMENTS_DUE: &str = "tally:installments:due";
 pub const INSTALLMENTS_LEASED: &str = "tally:installments:leased";
 /// Installment jobs (stream).
 pub const INSTALLMENTS_STREAM: &str = "tally:installments";
+
+/// The streams consumer groups read, each with a short label (metrics):
+/// the workers trim each of them once every group is done with an entry.
+pub const CONSUMED_STREAMS: [(&str, &str); 4] = [
+    ("settle", SETTLE_STREAM),
+    ("wallet", WALLET_STREAM),
+    ("installments", INSTALLMENTS_STREAM),
+    ("events", EVENTS_STREAM),
+];
 /// Every advance by creation time (sorted set).
 pub const ADVANCES: &str = "tally:advances";
 

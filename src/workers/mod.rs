@@ -312,16 +312,8 @@ const STREAM_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 /// quiet stream may be forgotten too: harmless, as it holds no job and its
 /// next read makes it again.)
 const CONSUMER_IDLE_FORGET_MS: u64 = 60 * 60 * 1000;
-/// The streams consumer groups read; each entry is deleted once every group
-/// has acknowledged it and it is older than the retention.
-const CONSUMED_STREAMS: [&str; 4] = [
-    keys::SETTLE_STREAM,
-    keys::WALLET_STREAM,
-    keys::INSTALLMENTS_STREAM,
-    keys::EVENTS_STREAM,
-];
 
-/// Trims the consumed entries of [`CONSUMED_STREAMS`], and forgets their
+/// Trims the consumed entries of [`keys::CONSUMED_STREAMS`], and forgets their
 /// long-idle consumers that hold no job, every `STREAM_TRIM_INTERVAL` until
 /// shutdown. Any number of workers may do this at once: each step only
 /// deletes what no group needs.
@@ -334,7 +326,7 @@ pub async fn trim_streams_periodically(
         let older_than_ms = u64::try_from(crate::store::now_ms())
             .unwrap_or(0)
             .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
-        for stream in CONSUMED_STREAMS {
+        for (_, stream) in keys::CONSUMED_STREAMS {
             let trimmed = match store.conn().await {
                 Ok(mut conn) => {
                     crate::store::streams::trim_consumed(&mut conn, stream, older_than_ms).await
