@@ -41,6 +41,8 @@ pub const EXCHANGE_SIM_LISTEN_DEFAULT: &str = "127.0.0.1:8090";
 pub const WEBHOOK_SECRET_DEFAULT: &str = "tally-development-webhook-secret";
 pub const WEBHOOK_ATTEMPTS_MAX_DEFAULT: u32 = 12;
 pub const WEBHOOK_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const WEBHOOK_RETRY_BASE_MS_DEFAULT: u64 = 1_000;
+pub const WEBHOOK_RETRY_MAX_MS_DEFAULT: u64 = 300_000;
 pub const STREAM_RETENTION_MS_DEFAULT: u64 = 60_000;
 pub const INSTALLMENTS_MAX_DEFAULT: u32 = crate::store::advances::INSTALLMENTS_MAX;
 pub const ADVANCE_PERIOD_DEFAULT: &str = "7d";
@@ -214,6 +216,13 @@ pub struct WorkerSettings {
     /// Bound on one webhook call.
     #[arg(long, env = "TALLY_WEBHOOK_TIMEOUT_MS", default_value_t = WEBHOOK_TIMEOUT_MS_DEFAULT)]
     pub webhook_timeout_ms: u64,
+    /// Backoff between webhook deliveries of one event: doubles from this...
+    #[arg(long, env = "TALLY_WEBHOOK_RETRY_BASE_MS", default_value_t = WEBHOOK_RETRY_BASE_MS_DEFAULT)]
+    pub webhook_retry_base_ms: u64,
+    /// ...up to this, with jitter. An accounting system can be down longer
+    /// than an exchange call is worth waiting for, so it has its own bounds.
+    #[arg(long, env = "TALLY_WEBHOOK_RETRY_MAX_MS", default_value_t = WEBHOOK_RETRY_MAX_MS_DEFAULT)]
+    pub webhook_retry_max_ms: u64,
     /// How long a job or event stays in its stream once every consumer
     /// group has acknowledged it (for people looking with redis-cli); an
     /// entry not yet acknowledged is never trimmed.
@@ -244,6 +253,8 @@ impl Default for WorkerSettings {
             webhook_secret: WEBHOOK_SECRET_DEFAULT.to_owned(),
             webhook_attempts_max: WEBHOOK_ATTEMPTS_MAX_DEFAULT,
             webhook_timeout_ms: WEBHOOK_TIMEOUT_MS_DEFAULT,
+            webhook_retry_base_ms: WEBHOOK_RETRY_BASE_MS_DEFAULT,
+            webhook_retry_max_ms: WEBHOOK_RETRY_MAX_MS_DEFAULT,
             stream_retention_ms: STREAM_RETENTION_MS_DEFAULT,
             installments_max: INSTALLMENTS_MAX_DEFAULT,
         }
@@ -309,8 +320,8 @@ impl WorkerSettings {
             webhook_url: self.accounting_webhook_url.clone(),
             secret: self.webhook_secret.clone(),
             attempts_max: self.webhook_attempts_max,
-            retry_base: Duration::from_millis(self.retry_base_ms),
-            retry_max: Duration::from_millis(self.retry_max_ms),
+            retry_base: Duration::from_millis(self.webhook_retry_base_ms),
+            retry_max: Duration::from_millis(self.webhook_retry_max_ms),
             timeout: Duration::from_millis(self.webhook_timeout_ms),
         }
     }
@@ -582,6 +593,20 @@ mod tests {
         let zero = Cli::try_parse_from(["tally", "serve", "--idempotency-ttl-secs", "0"]);
         assert!(zero.is_err());
         Cli::try_parse_from(["tally", "serve", "--idempotency-ttl-secs", "1"]).unwrap();
+    }
+
+    #[test]
+    fn webhook_deliveries_back_off_on_their_own_bounds() {
+        let settings = WorkerSettings {
+            retry_base_ms: 10,
+            retry_max_ms: 20,
+            webhook_retry_base_ms: 30,
+            webhook_retry_max_ms: 40,
+            ..WorkerSettings::default()
+        };
+        let notifier = settings.notifier();
+        assert_eq!(notifier.retry_base, Duration::from_millis(30));
+        assert_eq!(notifier.retry_max, Duration::from_millis(40));
     }
 
     #[test]

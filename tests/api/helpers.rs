@@ -394,6 +394,8 @@ pub fn test_worker_settings(exchange: &TestExchange) -> WorkerSettings {
         webhook_timeout_ms: 1_500,
         retry_base_ms: 50,
         retry_max_ms: 800,
+        webhook_retry_base_ms: 50,
+        webhook_retry_max_ms: 800,
         exchange_url: Some(exchange.url.clone()),
         ..WorkerSettings::default()
     }
