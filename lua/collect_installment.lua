@@ -3,7 +3,8 @@
 -- mark it paid; otherwise mark it failed and add its amount to the next
 -- installment still scheduled, or to a new one a period after the last; an
 -- advance that has as many installments as it may have (ARGV[8]) keeps the
--- failed one instead, due again a period after the last. Either way emit the accounting event, drop the lease and acknowledge.
+-- failed one instead, due again a period after the last. Either way emit
+-- the accounting event, drop the lease and acknowledge.
 --
 -- Without a lease (another delivery collected it already) nothing is
 -- written but the acknowledgement.
