@@ -132,11 +132,15 @@ async fn an_exchange_outage_is_retried_with_growing_delays_and_settles_once() {
     workers.stop().await;
 }
 
-/// A batch dead-lettered after three calls to an exchange that is down,
-/// and the workers (attempts_max 3) that failed it, still running.
-async fn batch_failed_three_times(app: &TestApp, exchange: &TestExchange) -> (TestWorkers, String) {
+/// A batch dead-lettered after `attempts_max` calls to an exchange that is
+/// down, its customer, and the workers that failed it, still running.
+async fn failed_batch(
+    app: &TestApp,
+    exchange: &TestExchange,
+    attempts_max: u32,
+) -> (TestWorkers, String, String) {
     let settings = tally::config::WorkerSettings {
-        attempts_max: 3,
+        attempts_max,
         ..test_worker_settings(exchange)
     };
     let workers = spawn_workers(app, settings);
@@ -146,15 +150,16 @@ async fn batch_failed_three_times(app: &TestApp, exchange: &TestExchange) -> (Te
         app.batch_status(&batch).await == "failed"
     })
     .await;
-    assert_eq!(exchange.order(&batch).await.unwrap().calls, 3);
-    (workers, batch)
+    let calls = exchange.order(&batch).await.unwrap().calls;
+    assert_eq!(calls, u64::from(attempts_max));
+    (workers, customer, batch)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_past_attempts_max_is_dead_lettered_then_retried_once() {
     let app = spawn_app().await;
     let exchange = spawn_exchange(DOWN).await;
-    let (workers, batch) = batch_failed_three_times(&app, &exchange).await;
+    let (workers, _, batch) = failed_batch(&app, &exchange, 3).await;
     let dead = crate::helpers::stream_entries(
         &mut app.redis().await,
         tally::store::keys::SETTLE_DEAD_STREAM,
@@ -396,17 +401,7 @@ async fn failed_batch_offsets_are_bounded_and_paging_ends() {
 async fn a_refund_note_with_control_characters_is_refused_and_refunds_nothing() {
     let app = spawn_app().await;
     let exchange = spawn_exchange(DOWN).await;
-    let settings = tally::config::WorkerSettings {
-        attempts_max: 1,
-        ..test_worker_settings(&exchange)
-    };
-    let workers = spawn_workers(&app, settings);
-    let customer = app.create_account("unlucky", "100.00").await;
-    let batch = app.place_batch(&customer, "3").await;
-    eventually("the batch failed", || async {
-        app.batch_status(&batch).await == "failed"
-    })
-    .await;
+    let (workers, customer, batch) = failed_batch(&app, &exchange, 1).await;
     workers.stop().await;
     let before = app.snapshot().await;
     for note in [
@@ -513,7 +508,7 @@ async fn an_unreadable_settle_job_fails_its_batch_so_it_can_be_refunded() {
 async fn a_replayed_batch_gets_attempts_max_calls_again() {
     let app = spawn_app().await;
     let exchange = spawn_exchange(DOWN).await;
-    let (workers, batch) = batch_failed_three_times(&app, &exchange).await;
+    let (workers, _, batch) = failed_batch(&app, &exchange, 3).await;
 
     // Replayed while the exchange is still down: three more calls, with
     // backoff, before it fails again.
