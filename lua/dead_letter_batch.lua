@@ -9,6 +9,7 @@
 -- ARGV[1] consumer group   ARGV[2] settle job's stream id   ARGV[3] batch id
 -- ARGV[4] the last error   ARGV[5] attempts made            ARGV[6] now, ms
 -- ARGV[7] worker name
+-- ARGV[8] "1" if the last call got no answer, so the exchange may have filled it
 --
 -- Returns {"failed"} | {"skipped", status} when the batch is no longer settling.
 
@@ -20,6 +21,9 @@ end
 local batch_id, now = ARGV[3], ARGV[6]
 local batch = redis.call('HMGET', KEYS[1], 'symbol', 'quantity', 'value')
 redis.call('HSET', KEYS[1], 'status', 'failed', 'last_error', ARGV[4], 'failed_at', now)
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[1], 'fill_unknown', 1) -- see refund_batch
+end
 redis.call('ZADD', KEYS[4], now, batch_id)
 redis.call('XADD', KEYS[3], '*', 'batch_id', batch_id, 'symbol', batch[1],
   'quantity_units', batch[2], 'value_cents', batch[3], 'attempts', ARGV[5],

@@ -2,6 +2,12 @@
 -- goes back from @exchange to its customer, journaled one entry per order,
 -- and the batch becomes refunded, in one atomic step.
 --
+-- A call that got no answer may have been filled (`fill_unknown` on the
+-- batch): refunding then would pay the customers back for coins the house
+-- bought. Such a batch is refunded only when the operator confirms the
+-- exchange did not fill it; a retry is the safe way to find out, since the
+-- exchange fills each batch id once.
+--
 -- The caller passes each order's key and its customer's account key; the
 -- script checks them against the batch before it writes anything.
 --
@@ -13,23 +19,28 @@
 --   order (hash) and its customer's account (hash)
 -- ARGV[1] batch id   ARGV[2] now, ms   ARGV[3] @exchange's account id
 -- ARGV[4] operator's note
--- ARGV[5], ARGV[6], ...: for each order, its customer's account id
+-- ARGV[5] "1" if the operator confirms the exchange did not fill the batch
+-- ARGV[6], ARGV[7], ...: for each order, its customer's account id
 --
 -- Returns {"refunded", order_count, value} | {"refused", "not_failed", status}
---   | {"refused", "stale_orders"} when the keys passed are not the batch's.
+--   | {"refused", "stale_orders"} when the keys passed are not the batch's
+--   | {"refused", "fill_unknown"} when it may be filled and that is not confirmed.
 
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'failed' then
   return {'refused', 'not_failed', status or 'missing'}
 end
+if redis.call('HGET', KEYS[1], 'fill_unknown') == '1' and ARGV[5] ~= '1' then
+  return {'refused', 'fill_unknown'}
+end
 local order_ids = redis.call('LRANGE', KEYS[2], 0, -1)
-if #KEYS ~= 7 + 2 * #order_ids or #ARGV ~= 4 + #order_ids then
+if #KEYS ~= 7 + 2 * #order_ids or #ARGV ~= 5 + #order_ids then
   return {'refused', 'stale_orders'}
 end
 local costs, total = {}, 0
 for i, order_id in ipairs(order_ids) do
   local order = redis.call('HMGET', KEYS[6 + 2 * i], 'id', 'account_id', 'cost')
-  if order[1] ~= order_id or order[2] ~= ARGV[4 + i] then
+  if order[1] ~= order_id or order[2] ~= ARGV[5 + i] then
     return {'refused', 'stale_orders'}
   end
   costs[i] = order[3]
@@ -45,7 +56,7 @@ for i, order_id in ipairs(order_ids) do
   redis.call('HINCRBY', KEYS[7 + 2 * i], 'balance', costs[i])
   redis.call('HINCRBY', KEYS[3], 'balance', '-' .. costs[i])
   journal(KEYS[4], KEYS[7], 'at', now, 'kind', 'refund', 'debit', ARGV[3],
-    'credit', ARGV[4 + i], 'amount', costs[i], 'ref', order_id, 'status', 'completed',
+    'credit', ARGV[5 + i], 'amount', costs[i], 'ref', order_id, 'status', 'completed',
     'reason', 'batch ' .. batch_id .. ' refunded')
 end
 redis.call('HSET', KEYS[1], 'status', 'refunded', 'refunded_at', now, 'refund_note', ARGV[4])

@@ -211,9 +211,15 @@ async fn batches(redis: &RedisSettings, action: BatchAction) -> anyhow::Result<E
             settlement::requeue_failed_batch(&mut conn, &parse(&batch_id)?).await?;
             println!("batch {batch_id} is back on the settle stream");
         }
-        BatchAction::Refund { batch_id, note } => {
+        BatchAction::Refund {
+            batch_id,
+            note,
+            exchange_confirmed_unfilled,
+        } => {
+            let batch_id = parse(&batch_id)?;
             let (orders, cents) =
-                settlement::refund_batch(&mut conn, &parse(&batch_id)?, &note).await?;
+                settlement::refund_batch(&mut conn, &batch_id, &note, exchange_confirmed_unfilled)
+                    .await?;
             println!(
                 "batch {batch_id} refunded: {orders} orders, {}",
                 crate::domain::format_units(cents, 2)

@@ -156,6 +156,10 @@ pub enum BatchAction {
         /// Why, for the record.
         #[arg(long, default_value = "refunded by operator")]
         note: String,
+        /// Needed when an exchange call got no answer: you checked that the
+        /// exchange did not fill the batch (otherwise retry it).
+        #[arg(long)]
+        exchange_confirmed_unfilled: bool,
     },
 }
 

@@ -204,12 +204,19 @@ impl<E: Exchange> Settler<E> {
                 due_ms,
                 &job.next_attempt_json(attempt + 1),
                 &err.to_string(),
+                err.may_have_filled(),
             )
             .await?;
             tracing::warn!(worker = job_ref.worker, batch_id = %job.batch_id, attempt, error = %err, retry_in_ms = delay.as_millis() as u64, ?end, "exchange call failed; retry scheduled");
         } else {
-            let end =
-                scripts::dead_letter_batch(&mut conn, job_ref, &err.to_string(), attempt).await?;
+            let end = scripts::dead_letter_batch(
+                &mut conn,
+                job_ref,
+                &err.to_string(),
+                attempt,
+                err.may_have_filled(),
+            )
+            .await?;
             tracing::error!(worker = job_ref.worker, batch_id = %job.batch_id, attempt, error = %err, ?end, "batch failed; moved to the dead-letter stream");
         }
         Ok(())
@@ -253,7 +260,7 @@ impl<E: Exchange> Settler<E> {
                 worker,
             };
             let error = format!("unreadable settle job: {problem}");
-            let end = scripts::dead_letter_batch(&mut conn, &job, &error, 0).await?;
+            let end = scripts::dead_letter_batch(&mut conn, &job, &error, 0, false).await?;
             if end == scripts::JobEnd::Done {
                 tracing::error!(worker, stream_id = %delivery.stream_id, %batch_id, problem, "unreadable settle job: its batch failed and was dead-lettered");
                 return Ok(());

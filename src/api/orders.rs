@@ -190,6 +190,12 @@ struct BatchPage {
 struct RefundRequest {
     /// Why the batch is refunded, for the record (at most 200 characters).
     note: Option<String>,
+    /// Needed when an exchange call for the batch got no answer, so the
+    /// exchange may have filled it: `true` says you checked that it did not.
+    /// Otherwise retry the batch, which finds out (the exchange fills each
+    /// batch once).
+    #[oai(default)]
+    exchange_confirmed_unfilled: bool,
 }
 
 /// Longest operator note kept with a refund.
@@ -392,7 +398,8 @@ impl OrdersApi {
             return Err(ApiError::bad_request("invalid-note", detail));
         }
         let mut conn = self.0.store.conn().await?;
-        let (orders, cents) = settlement::refund_batch(&mut conn, &id, &note)
+        let confirmed = body.0.exchange_confirmed_unfilled;
+        let (orders, cents) = settlement::refund_batch(&mut conn, &id, &note, confirmed)
             .await
             .map_err(operator_refusal)?;
         tracing::info!(batch_id = %id, orders, cents, "failed batch refunded by operator");
@@ -422,6 +429,7 @@ fn operator_refusal(err: OperatorError) -> ApiError {
         err @ (OperatorError::NotFailed(..) | OperatorError::StaleOrders(_)) => {
             ApiError::conflict("batch-not-failed", err.to_string())
         }
+        err @ OperatorError::MayBeFilled(_) => ApiError::conflict("may-be-filled", err.to_string()),
         OperatorError::Store(err) => err.into(),
     }
 }

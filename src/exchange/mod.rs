@@ -34,9 +34,15 @@ pub struct Fill {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ExchangeError {
-    /// Worth trying again later: a timeout, a refused connection, a 5xx.
+    /// Worth trying again later: a refused connection, a 5xx. The exchange
+    /// did not take the order.
     #[error("exchange unavailable: {0}")]
     Unavailable(String),
+    /// Sent, but no answer came back (a timeout, a connection lost, a fill
+    /// that could not be read): worth trying again, and the exchange may
+    /// have filled it. A retry finds out, since it fills each id once.
+    #[error("exchange did not answer: {0}")]
+    NoAnswer(String),
     /// The exchange refused the order (4xx): trying again will not help.
     #[error("exchange rejected the order: {0}")]
     Rejected(String),
@@ -44,7 +50,15 @@ pub enum ExchangeError {
 
 impl ExchangeError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ExchangeError::Unavailable(_))
+        matches!(
+            self,
+            ExchangeError::Unavailable(_) | ExchangeError::NoAnswer(_)
+        )
+    }
+
+    /// The order may have been filled although no fill came back.
+    pub fn may_have_filled(&self) -> bool {
+        matches!(self, ExchangeError::NoAnswer(_))
     }
 }
 
@@ -108,13 +122,20 @@ impl Exchange for HttpExchange {
             .json(&body)
             .send()
             .await
-            .map_err(|err| ExchangeError::Unavailable(err.to_string()))?;
+            .map_err(|err| {
+                // Only a failed connection proves the order never arrived.
+                if err.is_connect() {
+                    ExchangeError::Unavailable(err.to_string())
+                } else {
+                    ExchangeError::NoAnswer(err.to_string())
+                }
+            })?;
         let status = response.status();
         if status.is_success() {
             return response
                 .json::<Fill>()
                 .await
-                .map_err(|err| ExchangeError::Unavailable(format!("unreadable fill: {err}")));
+                .map_err(|err| ExchangeError::NoAnswer(format!("unreadable fill: {err}")));
         }
         let text = response.text().await.unwrap_or_default();
         let text: String = text.chars().take(EXCHANGE_ERROR_LENGTH_MAX).collect();

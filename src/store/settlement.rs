@@ -157,6 +157,7 @@ pub async fn retry_batch(
     due_ms: i64,
     next_job: &str,
     error: &str,
+    may_have_filled: bool,
 ) -> StoreResult<JobEnd> {
     let reply: Vec<String> = RETRY_BATCH
         .key(keys::batch(job.batch_id))
@@ -167,6 +168,7 @@ pub async fn retry_batch(
         .arg(due_ms)
         .arg(next_job)
         .arg(error)
+        .arg(flag(may_have_filled))
         .invoke_async(conn)
         .await?;
     job_end(reply, "scheduled")
@@ -177,6 +179,7 @@ pub async fn dead_letter_batch(
     job: &JobRef<'_>,
     error: &str,
     attempts: u32,
+    may_have_filled: bool,
 ) -> StoreResult<JobEnd> {
     let reply: Vec<String> = DEAD_LETTER_BATCH
         .key(keys::batch(job.batch_id))
@@ -191,9 +194,15 @@ pub async fn dead_letter_batch(
         .arg(attempts)
         .arg(now_ms())
         .arg(job.worker)
+        .arg(flag(may_have_filled))
         .invoke_async(conn)
         .await?;
     job_end(reply, "failed")
+}
+
+/// A script's yes/no argument.
+fn flag(yes: bool) -> &'static str {
+    if yes { "1" } else { "0" }
 }
 
 /// Moves at most `limit` due jobs from `schedule` onto `stream`; returns how many.
@@ -220,6 +229,10 @@ pub enum OperatorError {
     NotFailed(BatchId, String),
     #[error("batch {0} changed while it was being refunded; try again")]
     StaleOrders(BatchId),
+    #[error(
+        "batch {0} may have been filled: an exchange call got no answer. Retry it to find out (the exchange fills each batch once), or refund it confirming the exchange did not fill it"
+    )]
+    MayBeFilled(BatchId),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -230,6 +243,7 @@ fn operator_refusal(reply: &[String], batch_id: &BatchId) -> OperatorError {
             OperatorError::NotFailed(*batch_id, reply.get(2).cloned().unwrap_or_default())
         }
         Some("stale_orders") => OperatorError::StaleOrders(*batch_id),
+        Some("fill_unknown") => OperatorError::MayBeFilled(*batch_id),
         _ => StoreError::UnexpectedReply(reply.to_vec()).into(),
     }
 }
@@ -255,10 +269,13 @@ pub async fn requeue_failed_batch(
 }
 
 /// Refunds every customer of a failed batch; returns (orders, value in cents).
+/// A batch an exchange call may have filled is refunded only when
+/// `confirmed_unfilled`.
 pub async fn refund_batch(
     conn: &mut impl Conn,
     batch_id: &BatchId,
     note: &str,
+    confirmed_unfilled: bool,
 ) -> Result<(usize, i64), OperatorError> {
     // Read the orders' customers; the script checks them again before writing.
     let order_ids: Vec<String> = conn
@@ -293,7 +310,8 @@ pub async fn refund_batch(
         .arg(batch_id.to_string())
         .arg(now_ms())
         .arg(SystemAccount::Exchange.id().as_str())
-        .arg(note);
+        .arg(note)
+        .arg(flag(confirmed_unfilled));
     for (order_key, account_id) in order_keys.iter().zip(&account_ids) {
         let corrupt = |problem: String| StoreError::Corrupt {
             key: order_key.clone(),

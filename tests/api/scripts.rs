@@ -368,7 +368,7 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
         Err(OperatorError::NotFailed(..))
     ));
     assert!(matches!(
-        settlement::refund_batch(&mut conn, &batch_id, "x").await,
+        settlement::refund_batch(&mut conn, &batch_id, "x", false).await,
         Err(OperatorError::NotFailed(..))
     ));
     assert_eq!(redis_snapshot(&mut conn).await, before);
@@ -398,13 +398,13 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
         std::slice::from_ref(&skipped)
     );
     assert_eq!(
-        settlement::retry_batch(&mut conn, &job, 0, "{}", "late")
+        settlement::retry_batch(&mut conn, &job, 0, "{}", "late", false)
             .await
             .unwrap(),
         skipped
     );
     assert_eq!(
-        settlement::dead_letter_batch(&mut conn, &job, "late", 9)
+        settlement::dead_letter_batch(&mut conn, &job, "late", 9, false)
             .await
             .unwrap(),
         skipped
@@ -523,7 +523,7 @@ async fn a_refund_refuses_keys_that_are_not_the_batchs() {
         worker: "test",
     };
     assert_eq!(
-        settlement::dead_letter_batch(&mut conn, &job, "gone", 1)
+        settlement::dead_letter_batch(&mut conn, &job, "gone", 1, false)
             .await
             .unwrap(),
         JobEnd::Done
@@ -543,12 +543,54 @@ async fn a_refund_refuses_keys_that_are_not_the_batchs() {
         .await
         .unwrap();
     let before = redis_snapshot(&mut conn).await;
-    let refused = settlement::refund_batch(&mut conn, &batch_id, "x").await;
+    let refused = settlement::refund_batch(&mut conn, &batch_id, "x", false).await;
     assert!(
         matches!(refused, Err(OperatorError::StaleOrders(_))),
         "{refused:?}"
     );
     assert_eq!(redis_snapshot(&mut conn).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_an_unanswered_call_may_have_filled_is_refunded_only_when_confirmed() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let (batch_id, stream_id) = settling_batch(&app).await;
+    let job = JobRef {
+        stream_id: &stream_id,
+        batch_id: &batch_id,
+        worker: "test",
+    };
+    // A call that got no answer, then one the exchange answered with a 503.
+    assert_eq!(
+        settlement::retry_batch(&mut conn, &job, 0, "{}", "timed out", true)
+            .await
+            .unwrap(),
+        JobEnd::Done
+    );
+    assert_eq!(
+        settlement::dead_letter_batch(&mut conn, &job, "503", 2, false)
+            .await
+            .unwrap(),
+        JobEnd::Done
+    );
+
+    let before = redis_snapshot(&mut conn).await;
+    let refused = settlement::refund_batch(&mut conn, &batch_id, "x", false).await;
+    assert!(
+        matches!(refused, Err(OperatorError::MayBeFilled(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        redis_snapshot(&mut conn).await,
+        before,
+        "refused: nothing written"
+    );
+    let (orders, cents) = settlement::refund_batch(&mut conn, &batch_id, "checked", true)
+        .await
+        .unwrap();
+    assert_eq!((orders, cents), (1, 1200));
+    assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
 }
 
 #[tokio::test(flavor = "multi_thread")]

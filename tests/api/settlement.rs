@@ -535,3 +535,49 @@ async fn a_replayed_batch_gets_attempts_max_calls_again() {
     );
     workers.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_whose_call_timed_out_is_not_refunded_unconfirmed_and_a_retry_finds_its_fill() {
+    let app = spawn_app().await;
+    // Slower than the workers' exchange timeout (1.5 s): the call times out,
+    // and the exchange fills the batch anyway.
+    let exchange = spawn_exchange(Faults {
+        latency_ms: 1_700,
+        ..UP
+    })
+    .await;
+    let (workers, customer, batch) = failed_batch(&app, &exchange, 1).await;
+    eventually("the exchange filled it after all", || async {
+        exchange.order(&batch).await.unwrap().fill.is_some()
+    })
+    .await;
+
+    let before = app.snapshot().await;
+    let refund = app
+        .post(&format!("/api/v1/batches/{batch}/refund"), &json!({}))
+        .await;
+    let problem = assert_problem(refund, 409, "may have been filled").await;
+    assert_eq!(problem["type"], "/problems/may-be-filled");
+    assert_eq!(app.snapshot().await, before, "refused: nothing written");
+
+    // The safe path: a retry gets the exchange's first fill back.
+    exchange.set_faults(UP).await;
+    let retried = app
+        .post(&format!("/api/v1/batches/{batch}/retry"), &json!({}))
+        .await;
+    assert_eq!(retried.status(), 200);
+    eventually("the batch is settled", || async {
+        app.batch_status(&batch).await == "settled"
+    })
+    .await;
+    let bought = exchange.order(&batch).await.unwrap();
+    assert_eq!(bought.calls, 2, "{bought:?}");
+    assert_eq!(
+        app.balance(&customer).await,
+        "88.00",
+        "charged once, never refunded"
+    );
+    let audit = app.get_json("/api/v1/audit").await;
+    assert_eq!(audit["clean"], true, "{}", audit["report"]);
+    workers.stop().await;
+}
