@@ -117,6 +117,9 @@ struct BatchView {
     /// Exchange calls made so far.
     attempts: i64,
     last_error: Option<String>,
+    /// An exchange call got no answer, so the exchange may have filled the
+    /// batch: retry it to find out before refunding.
+    may_be_filled: bool,
     created_at: String,
 }
 
@@ -131,6 +134,7 @@ impl From<Batch> for BatchView {
             status: batch.status.as_str().to_owned(),
             attempts: batch.attempts,
             last_error: batch.last_error,
+            may_be_filled: batch.fill_unknown,
             created_at: rfc3339(batch.created_at_ms),
         }
     }

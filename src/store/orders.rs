@@ -72,6 +72,8 @@ pub struct Batch {
     pub status: SettlementStatus,
     pub attempts: i64,
     pub last_error: Option<String>,
+    /// An exchange call got no answer, so the exchange may have filled it.
+    pub fill_unknown: bool,
     pub created_at_ms: i64,
 }
 
@@ -308,6 +310,7 @@ pub async fn get_batch(conn: &mut impl Conn, id: &BatchId) -> StoreResult<Option
         status: record.parsed("status", SettlementStatus::parse)?,
         attempts: record.integer("attempts")?,
         last_error: record.optional_text("last_error").map(str::to_owned),
+        fill_unknown: record.optional_text("fill_unknown") == Some("1"),
         created_at_ms: record.integer("created_at")?,
     }))
 }

@@ -522,6 +522,11 @@ async fn a_replayed_batch_gets_attempts_max_calls_again() {
     })
     .await;
     assert_eq!(app.batch(&batch).await["attempts"], 3);
+    assert_eq!(
+        app.batch(&batch).await["may_be_filled"],
+        false,
+        "the exchange answered each call"
+    );
     let dead = crate::helpers::stream_entries(
         &mut app.redis().await,
         tally::store::keys::SETTLE_DEAD_STREAM,
@@ -552,6 +557,7 @@ async fn a_batch_whose_call_timed_out_is_not_refunded_unconfirmed_and_a_retry_fi
     })
     .await;
 
+    assert_eq!(app.batch(&batch).await["may_be_filled"], true);
     let before = app.snapshot().await;
     let refund = app
         .post(&format!("/api/v1/batches/{batch}/refund"), &json!({}))
