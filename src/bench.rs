@@ -580,7 +580,7 @@ where
     Ok(load)
 }
 
-/// One pipelined connection running `place_order.lua` as fast as Redis allows.
+/// One pipelined connection running `place_orders.lua` as fast as Redis allows.
 async fn redis_ceiling(rig: &Rig, depth: usize, duration: Duration) -> anyhow::Result<f64> {
     let client = redis::Client::open(rig.redis.url())?;
     let mut conn = client.get_multiplexed_async_connection().await?;

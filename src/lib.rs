@@ -6,7 +6,7 @@
 //! - [`domain`]: newtypes that validate at the edge (`Amount`, `Quantity`, ids).
 //! - [`store`]: Redis: the pool, the key names ([`store::keys`]), one typed
 //!   wrapper per Lua script in `lua/`.
-//! - [`orders`]: pricing purchase orders before `place_order.lua` runs.
+//! - [`orders`]: pricing purchase orders before `place_orders.lua` runs.
 //! - [`settlement`]: workers that buy batches from the exchange, retry with
 //!   backoff, dead-letter, and the operator's retry and refund.
 //! - [`advances`]: the scheduler that leases due installments, and their collection.

@@ -1,7 +1,7 @@
 //! Purchase orders: pricing and the checks that come before the script.
 //!
 //! The API parses the request into domain types; this module prices it and
-//! builds the one atomic step (`place_order.lua`) that debits the customer,
+//! builds the one atomic step (`place_orders.lua`) that debits the customer,
 //! journals it, and buckets or batches the order.
 
 use crate::config::LedgerSettings;
