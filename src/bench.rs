@@ -25,6 +25,7 @@
 //! page 1 and page 200 (of 50 entries) of one snapshot, alternately, side by side.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -111,6 +112,11 @@ pub struct BenchArgs {
     /// what settlement on the same box costs the orders.
     #[arg(long)]
     pub settle_after_load: bool,
+    /// The bench's redis-server persistence: `aof` (the default) appends
+    /// every write to a file fsynced every second, as `tally dev` and
+    /// docker-compose.yml run it; `none` keeps everything in memory only.
+    #[arg(long, value_enum, default_value_t = Persistence::Aof)]
+    pub redis_persistence: Persistence,
     /// Batches to queue before the workers start (`bench settle` only).
     #[arg(long, default_value_t = 2_000)]
     pub batches: usize,
@@ -123,6 +129,14 @@ pub struct BenchArgs {
     /// Also write the figures here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Persistence {
+    #[default]
+    Aof,
+    None,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -152,6 +166,8 @@ pub struct BenchReport {
     pub orders_cpu_us_redis: f64,
     /// Worker threads of the runtime that carries the API and the client.
     pub runtime_threads: usize,
+    /// The bench's redis-server persistence.
+    pub redis_persistence: Persistence,
     /// The workers' thread's nice value.
     pub workers_nice: i32,
     /// True when the workers started only after the load (`--settle-after-load`).
@@ -209,6 +225,8 @@ fn start_exchange_sim(
 /// Everything a bench run needs, on this machine, torn down on drop.
 struct Rig {
     redis: RedisServer,
+    /// The AOF's folder, removed when the rig is dropped.
+    redis_dir: Option<PathBuf>,
     store: Store,
     api_url: String,
     api_addr: SocketAddr,
@@ -222,7 +240,17 @@ struct Rig {
 
 impl Rig {
     async fn start(args: &BenchArgs) -> anyhow::Result<Self> {
-        let redis = RedisServer::start_ephemeral().await?;
+        let (redis, redis_dir) = match args.redis_persistence {
+            Persistence::None => (RedisServer::start_ephemeral().await?, None),
+            Persistence::Aof => {
+                let dir = std::env::temp_dir().join(format!(
+                    "tally-bench-{}-{}",
+                    std::process::id(),
+                    crate::store::now_ms()
+                ));
+                (RedisServer::start_durable_on_free_port(&dir).await?, Some(dir))
+            }
+        };
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
             let _ = stopped.wait_for(|stop| *stop).await;
@@ -249,6 +277,7 @@ impl Rig {
         let accounts = create_accounts(&store, args.accounts).await?;
         Ok(Rig {
             redis,
+            redis_dir,
             store,
             api_url,
             api_addr,
@@ -366,6 +395,9 @@ impl Drop for Rig {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
         let _ = &self.redis;
+        if let Some(dir) = &self.redis_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -621,7 +653,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     let runtime_threads = tokio::runtime::Handle::current().metrics().num_workers();
     println!(
         "tally bench orders: {:?} per phase, concurrency {}, {} accounts, {} workers at nice {} ({}), \
-         exchange latency {} ms, {} runtime threads for the API and the client",
+         exchange latency {} ms, {} runtime threads for the API and the client, Redis persistence {}",
         args.duration,
         args.concurrency,
         args.accounts,
@@ -633,7 +665,11 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
             "running during the load"
         },
         args.exchange_latency_ms,
-        runtime_threads
+        runtime_threads,
+        match args.redis_persistence {
+            Persistence::Aof => "AOF (fsync every second)",
+            Persistence::None => "none",
+        }
     );
     let rig = Arc::new(Rig::start(&args).await?);
 
@@ -749,6 +785,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         orders_cpu_us_exchange_sim: orders_cpu.exchange_sim,
         orders_cpu_us_redis: orders_cpu.redis,
         runtime_threads,
+        redis_persistence: args.redis_persistence,
         workers_nice: args.workers_nice,
         settle_after_load: args.settle_after_load,
         drain_cpu_us_workers: drain_cpu.map(|cpu| cpu.workers),

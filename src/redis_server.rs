@@ -28,19 +28,25 @@ impl RedisServer {
     /// Starts redis-server with the append-only file under `data_dir`
     /// (fsync every second), on `port`.
     pub async fn start_durable(data_dir: &Path, port: u16) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating data folder {}", data_dir.display()))?;
-        let data_dir = std::fs::canonicalize(data_dir)?;
-        let args = durable_args(&data_dir);
-        Self::spawn(port, &args).await
+        Self::spawn(port, &durable_args(&prepare_data_dir(data_dir)?)).await
     }
 
     /// Starts a throwaway redis-server (no persistence) on a free port.
     pub async fn start_ephemeral() -> anyhow::Result<Self> {
         let args = ["--save", "", "--appendonly", "no"].map(String::from);
+        Self::spawn_on_free_port(&args).await
+    }
+
+    /// Starts redis-server as `start_durable` does (AOF, fsync every
+    /// second), on a free port: the bench measures what production runs.
+    pub async fn start_durable_on_free_port(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::spawn_on_free_port(&durable_args(&prepare_data_dir(data_dir)?)).await
+    }
+
+    async fn spawn_on_free_port(args: &[String]) -> anyhow::Result<Self> {
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS_MAX {
-            match Self::spawn(free_port()?, &args).await {
+            match Self::spawn(free_port()?, args).await {
                 Ok(server) => return Ok(server),
                 Err(err) => last_error = Some(err),
             }
@@ -122,6 +128,13 @@ impl RedisServer {
         }
         Ok(())
     }
+}
+
+/// Creates `data_dir` if needed and returns its absolute path.
+fn prepare_data_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data folder {}", data_dir.display()))?;
+    Ok(std::fs::canonicalize(data_dir)?)
 }
 
 fn durable_args(data_dir: &Path) -> Vec<String> {
