@@ -248,7 +248,10 @@ impl Rig {
                     std::process::id(),
                     crate::store::now_ms()
                 ));
-                (RedisServer::start_durable_on_free_port(&dir).await?, Some(dir))
+                (
+                    RedisServer::start_durable_on_free_port(&dir).await?,
+                    Some(dir),
+                )
             }
         };
         let (stop, stopped) = watch::channel(false);

@@ -64,6 +64,12 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.api.cursor_secret == crate::config::CURSOR_SECRET_DEFAULT {
+        // Anyone can read the default in the source and sign cursors with it.
+        tracing::warn!(
+            "TALLY_CURSOR_SECRET is not set: report cursors are signed with the public development value; set a secret of your own in production"
+        );
+    }
     let app = Application::build(args).await?;
     app.run_until_stopped(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -83,6 +89,14 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     args.worker
         .validate_with(&args.redis)
         .map_err(anyhow::Error::msg)?;
+    if args.worker.accounting_webhook_url.is_some()
+        && args.worker.webhook_secret == crate::config::WEBHOOK_SECRET_DEFAULT
+    {
+        // The receiver could not tell tally's deliveries from anyone's.
+        tracing::warn!(
+            "TALLY_WEBHOOK_SECRET is not set: webhook deliveries are signed with the public development value; set a secret of your own in production"
+        );
+    }
     let store = Store::connect(&args.redis)?;
     store
         .ensure_system_accounts()

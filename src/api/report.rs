@@ -202,6 +202,17 @@ impl ReportApi {
                         "the cursor is malformed or was altered",
                     )
                 })?;
+                // The signature proves the cursor came from a tally API, yet
+                // its numbers are still checked: a leaked secret must not turn
+                // into a panic (limit 0) or an unbounded page.
+                let in_bounds = (1..=self.0.api.page_size_max).contains(&listing.limit)
+                    && listing.offset < REPORT_PAGE_MAX as usize * listing.limit;
+                if !in_bounds {
+                    return Err(ApiError::bad_request(
+                        "invalid-cursor",
+                        "the cursor's limit or offset is out of bounds",
+                    ));
+                }
                 if limit.0.is_some_and(|limit| limit as usize != listing.limit) {
                     return Err(ApiError::bad_request(
                         "invalid-limit",

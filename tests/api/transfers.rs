@@ -470,6 +470,47 @@ async fn bad_transfer_and_report_input_is_refused_and_writes_nothing() {
     assert_eq!(app.snapshot().await, before);
 }
 
+/// `cursor` with its limit and offset replaced, signed again with `secret`:
+/// what someone who learned the secret could send.
+fn resign_cursor(cursor: &str, secret: &str, limit: &str, offset: &str) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    let (payload, _) = cursor.rsplit_once('.').unwrap();
+    let mut parts: Vec<&str> = payload.split('.').collect();
+    parts[3] = limit;
+    parts[4] = offset;
+    let payload = parts.join(".");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(payload.as_bytes());
+    format!("{payload}.{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_validly_signed_cursor_with_numbers_out_of_bounds_is_refused() {
+    let app = spawn_app().await;
+    let a = app.create_account("a", "10.00").await;
+    let b = app.create_account("b", "10.00").await;
+    transfer(&app, &a, &b, "1.00", "debit").await;
+    let first = app.get_json("/api/v1/transactions?limit=1").await;
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let secret = tally::config::CURSOR_SECRET_DEFAULT;
+    // The re-signing is right: the same numbers give a cursor that works.
+    let same = resign_cursor(&cursor, secret, "1", "1");
+    let page = app
+        .get_json(&format!("/api/v1/transactions?cursor={same}"))
+        .await;
+    assert_eq!(page["page"], 2);
+    for (limit, offset) in [("0", "0"), ("100000", "0"), ("1", "18446744073709551615")] {
+        let forged = resign_cursor(&cursor, secret, limit, offset);
+        assert_problem(
+            app.get(&format!("/api/v1/transactions?cursor={forged}"))
+                .await,
+            400,
+            "out of bounds",
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn report_times_in_the_future_are_clamped_to_now() {
     let app = spawn_app().await;
