@@ -4,9 +4,17 @@
 --
 -- KEYS[1] journal (stream)   KEYS[2] journal index (sorted set)
 -- KEYS[3] carried sums (hash: account id -> cents, "kind:<kind>" -> cents)
+-- KEYS[4] trim pauses (sorted set: audit token -> until, ms)
 -- ARGV[1] cutoff: the lowest index member to keep   ARGV[2] most entries per call
+-- ARGV[3] now, ms since the Unix epoch
 --
--- Returns the number of entries trimmed.
+-- Returns the number of entries trimmed: 0 while an audit is reading the
+-- journal (a pause until a time after now), since an entry moved to the
+-- carried sums mid-audit would be missing from both of its reads.
+
+if redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[3], '+inf') > 0 then
+  return 0
+end
 
 local old = redis.call('ZRANGE', KEYS[2], '-', '(' .. ARGV[1], 'BYLEX', 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(old) do

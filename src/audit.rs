@@ -8,11 +8,13 @@
 //! 5. Every advance reconciles: paid + scheduled + processing = its amount.
 //!
 //! The audit reads in bounded pages and is not one atomic snapshot: run it on
-//! a quiet system (or twice) before calling a mismatch a breach.
+//! a quiet system (or twice) before calling a mismatch a breach. The journal
+//! trim, which runs whether or not there is traffic, waits while it reads.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
+use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 
 use crate::domain::{AccountId, SystemAccount, format_units};
@@ -117,8 +119,29 @@ impl fmt::Display for AuditReport {
     }
 }
 
+/// How long an audit holds the journal trim off, from its last page read.
+pub const AUDIT_TRIM_PAUSE_MS: i64 = 60_000;
+
 pub async fn run(store: &Store) -> StoreResult<AuditReport> {
     let mut conn = store.conn().await?;
+    // The trim moves entries from the journal to the carried sums, which the
+    // audit reads at different times: it waits while an audit runs.
+    let token = uuid::Uuid::now_v7().to_string();
+    let pause_until = || crate::store::now_ms() + AUDIT_TRIM_PAUSE_MS;
+    journal::pause_trim(&mut conn, &token, pause_until()).await?;
+    let report = check(conn.clone(), &token, pause_until).await;
+    // A pause not ended here runs out on its own.
+    let resumed = journal::resume_trim(&mut conn, &token).await;
+    let report = report?;
+    resumed?;
+    Ok(report)
+}
+
+async fn check(
+    mut conn: ConnectionManager,
+    token: &str,
+    pause_until: impl Fn() -> i64,
+) -> StoreResult<AuditReport> {
     let balances = accounts::all_balances(&mut conn, AUDIT_PAGE_SIZE).await?;
     let mut report = AuditReport {
         accounts_checked: balances.len(),
@@ -146,6 +169,7 @@ pub async fn run(store: &Store) -> StoreResult<AuditReport> {
             .query_async(&mut conn)
             .await?;
         let Some(last) = page.ids.last() else { break };
+        journal::pause_trim(&mut conn, token, pause_until()).await?;
         start = format!("({}", last.id);
         for entry in &page.ids {
             let field = |name: &str| -> StoreResult<String> {

@@ -110,8 +110,10 @@ pub async fn trim(conn: &mut impl Conn, cutoff_ms: u64, batches_max: usize) -> S
             .key(keys::JOURNAL)
             .key(keys::JOURNAL_INDEX)
             .key(keys::JOURNAL_CARRIED)
+            .key(keys::JOURNAL_TRIM_PAUSES)
             .arg(&cutoff)
             .arg(TRIM_BATCH_MAX)
+            .arg(super::now_ms())
             .invoke_async(conn)
             .await?;
         trimmed += count;
@@ -120,6 +122,29 @@ pub async fn trim(conn: &mut impl Conn, cutoff_ms: u64, batches_max: usize) -> S
         }
     }
     Ok(trimmed)
+}
+
+/// Holds the trim off until `until_ms` for the audit `token` (set again to
+/// extend it), and forgets pauses that ran out (an audit that died).
+pub async fn pause_trim(conn: &mut impl Conn, token: &str, until_ms: i64) -> StoreResult<()> {
+    redis::pipe()
+        .zrembyscore(keys::JOURNAL_TRIM_PAUSES, "-inf", super::now_ms())
+        .ignore()
+        .zadd(keys::JOURNAL_TRIM_PAUSES, token, until_ms)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Ends the audit `token`'s pause; other audits' pauses stay.
+pub async fn resume_trim(conn: &mut impl Conn, token: &str) -> StoreResult<()> {
+    redis::cmd("ZREM")
+        .arg(keys::JOURNAL_TRIM_PAUSES)
+        .arg(token)
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
 }
 
 /// What trimmed entries had moved: per account, and per kind (`kind:<kind>`).

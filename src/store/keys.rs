@@ -15,6 +15,10 @@ pub const JOURNAL_INDEX: &str = "tally:journal:index";
 /// Sums of journal entries trimmed past retention (hash: account id -> cents,
 /// and `kind:<kind>` -> cents), so the audit still adds up after a trim.
 pub const JOURNAL_CARRIED: &str = "tally:journal:carried";
+/// Audits reading the journal (sorted set: audit token -> until, ms). While
+/// one is in force the trim waits, so an entry cannot leave the journal for
+/// the carried sums between the audit's read of the two.
+pub const JOURNAL_TRIM_PAUSES: &str = "tally:journal:trim_pauses";
 /// A transfer or bank transaction (hash), for Idempotency-Key replays.
 pub fn transaction(id: &str) -> String {
     format!("tally:transaction:{id}")

@@ -417,6 +417,43 @@ async fn entries_past_retention_leave_the_report_and_redis_and_the_audit_still_a
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_trim_waits_while_an_audit_reads_the_journal() {
+    use tally::store::journal::{pause_trim, resume_trim, trim};
+    use tally::store::now_ms;
+    let app = spawn_app_with(|settings| {
+        settings.ledger.journal_retention = std::time::Duration::from_millis(300)
+    })
+    .await;
+    let a = app.create_account("a", "0").await;
+    write_entries(&app, &a, 5).await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await; // let the window pass
+    let cutoff_ms = u64::try_from(now_ms()).unwrap() - 300;
+    let mut conn = app.redis().await;
+
+    pause_trim(&mut conn, "dead-audit", now_ms() - 1)
+        .await
+        .unwrap();
+    pause_trim(&mut conn, "audit", now_ms() + 60_000)
+        .await
+        .unwrap();
+    let before = app.snapshot().await;
+    assert_eq!(trim(&mut conn, cutoff_ms, 10).await.unwrap(), 0);
+    assert_eq!(app.snapshot().await, before, "a paused trim writes nothing");
+
+    // A pause that ran out (its audit died) does not hold the trim.
+    resume_trim(&mut conn, "audit").await.unwrap();
+    assert_eq!(trim(&mut conn, cutoff_ms, 10).await.unwrap(), 5);
+
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    let pauses: Vec<String> = conn.zrange(keys::JOURNAL_TRIM_PAUSES, 0, -1).await.unwrap();
+    assert!(
+        pauses.is_empty(),
+        "the audit ended its pause and forgot the one that ran out: {pauses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_transfer_and_report_input_is_refused_and_writes_nothing() {
     let app = spawn_app().await;
     let a = app.create_account("a", "10.00").await;
