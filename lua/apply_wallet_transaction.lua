@@ -26,8 +26,13 @@ if kind == 'deposit' then
   debit, credit = counterpart, account_id
 end
 local reason = ''
-if kind ~= 'deposit' and tonumber(redis.call('HGET', KEYS[3], 'balance')) < tonumber(amount) then
+local balance = redis.call('HGET', KEYS[3], 'balance')
+local delta = kind == 'deposit' and tonumber(amount) or -tonumber(amount)
+if kind ~= 'deposit' and tonumber(balance) < tonumber(amount) then
   reason = 'insufficient funds'
+elseif not within_balance_limit(balance, delta)
+    or not within_balance_limit(redis.call('HGET', KEYS[4], 'balance'), -delta) then
+  reason = 'a balance would pass the largest amount held'
 end
 
 local status, moved = 'completed', amount

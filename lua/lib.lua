@@ -49,6 +49,19 @@ local function journal_deferred(journal_key, pending, ...)
   return entry
 end
 
+-- The largest balance, either way, a script keeps exact: Lua compares
+-- balances as doubles, exact to 2^53 - 1 cents, and HINCRBY fails past 2^63
+-- after the other side of a move was already written. Scripts refuse a move
+-- that would take a balance past it before they write anything.
+local BALANCE_LIMIT = 9007199254740991
+
+-- True when `balance` (text, nil for none) moved by `delta` cents stays
+-- within BALANCE_LIMIT.
+local function within_balance_limit(balance, delta)
+  local after = tonumber(balance or '0') + delta
+  return after <= BALANCE_LIMIT and after >= -BALANCE_LIMIT
+end
+
 -- Arguments per variadic call: unpack() is bounded by Lua's C stack.
 local UNPACK_CHUNK_MAX = 1000
 

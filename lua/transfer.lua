@@ -27,12 +27,16 @@ end
 local payer, payee, amount, id, now = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]
 local reason = ''
 local payer_balance = redis.call('HGET', KEYS[1], 'balance')
+local payee_balance = redis.call('HGET', KEYS[2], 'balance')
 if not payer_balance then
   reason = 'account ' .. payer .. ' not found'
-elseif redis.call('EXISTS', KEYS[2]) == 0 then
+elseif not payee_balance then
   reason = 'account ' .. payee .. ' not found'
 elseif ARGV[7] ~= '1' and tonumber(payer_balance) < tonumber(amount) then
   reason = 'insufficient funds: account ' .. payer .. ' holds less than the amount'
+elseif not within_balance_limit(payer_balance, -tonumber(amount))
+    or not within_balance_limit(payee_balance, tonumber(amount)) then
+  reason = 'a balance would pass the largest amount held'
 end
 
 local status, moved = 'completed', amount
@@ -53,7 +57,8 @@ if fingerprint ~= '' then
   redis.call('SET', KEYS[6], id .. ' ' .. fingerprint, 'EX', ARGV[10])
 end
 redis.call('XADD', KEYS[7], '*', 'type', ARGV[4] .. '.' .. status,
-  'ref', id, 'amount', moved, 'at', now, 'reason', reason)
+  'ref', id, 'debit', payer, 'credit', payee, 'amount', moved, 'requested', amount,
+  'at', now, 'reason', reason)
 if reason ~= '' then
   return {'fail', id, reason}
 end

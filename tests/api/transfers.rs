@@ -96,6 +96,56 @@ async fn a_transfer_moves_money_either_way_and_a_refusal_is_journaled() {
     assert!(problem["transaction_id"].is_string());
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
+
+    // The accounting events say who paid whom.
+    let events = crate::helpers::stream_entries(&mut app.redis().await, keys::EVENTS_STREAM).await;
+    let completed = events
+        .iter()
+        .find(|event| event["type"] == "transfer.completed")
+        .unwrap();
+    let fields = ["debit", "credit", "amount", "requested"].map(|name| completed[name].as_str());
+    assert_eq!(fields, [a.as_str(), b.as_str(), "2000", "2000"]);
+    let failed = events
+        .iter()
+        .find(|event| event["ref"] == failed_id)
+        .unwrap();
+    let fields =
+        ["type", "debit", "credit", "amount", "requested"].map(|name| failed[name].as_str());
+    assert_eq!(
+        fields,
+        ["transfer.failed", b.as_str(), a.as_str(), "0", "2501"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transfer_that_would_pass_the_balance_limit_is_refused_and_moves_nothing() {
+    let app = spawn_app().await;
+    let a = app.create_account("a", "10.00").await;
+    let b = app.create_account("b", "0").await;
+    // Set by hand: reaching it honestly takes about 10^7 transfers of the largest amount.
+    let b_id = tally::domain::AccountId::parse(&b).unwrap();
+    let near_limit = 9_007_199_254_740_991_i64 - 100;
+    let _: () = app
+        .redis()
+        .await
+        .hset(keys::account(&b_id), "balance", near_limit)
+        .await
+        .unwrap();
+    assert_problem(
+        transfer(&app, &a, &b, "1.01", "debit").await,
+        422,
+        "largest amount",
+    )
+    .await;
+    assert_eq!(app.balance(&a).await, "10.00");
+    let balance: i64 = app
+        .redis()
+        .await
+        .hget(keys::account(&b_id), "balance")
+        .await
+        .unwrap();
+    assert_eq!(balance, near_limit);
+    assert_eq!(transfer(&app, &a, &b, "1.00", "debit").await.status(), 201);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -164,6 +164,54 @@ async fn a_withdrawal_beyond_the_balance_is_rejected_with_a_reason() {
     workers.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deposit_that_would_pass_the_balance_limit_is_rejected_before_anything_moves() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let account = app.create_account("rich", "0").await;
+    // Set by hand: reaching it honestly takes about 10^7 deposits of the largest amount.
+    let id = tally::domain::AccountId::parse(&account).unwrap();
+    let near_limit = 9_007_199_254_740_991_i64 - 100;
+    let _: () = app
+        .redis()
+        .await
+        .hset(keys::account(&id), "balance", near_limit)
+        .await
+        .unwrap();
+    let before = app.balance("@bank").await;
+    let txn = accept(&app, &account, "deposit", "1.01").await;
+    let path = format!("/api/v1/accounts/{account}/transactions/{txn}");
+    eventually("the deposit is decided", || async {
+        app.get_json(&path).await["status"] != "queued"
+    })
+    .await;
+    let decided = app.get_json(&path).await;
+    assert_eq!(decided["status"], "rejected");
+    assert!(
+        decided["reason"]
+            .as_str()
+            .unwrap()
+            .contains("largest amount"),
+        "{decided}"
+    );
+    let balance: i64 = app
+        .redis()
+        .await
+        .hget(keys::account(&id), "balance")
+        .await
+        .unwrap();
+    assert_eq!((balance, app.balance("@bank").await), (near_limit, before));
+    // One cent less fits, and is applied.
+    let fits = accept(&app, &account, "deposit", "1.00").await;
+    let fits_path = format!("/api/v1/accounts/{account}/transactions/{fits}");
+    eventually("the deposit that fits is applied", || async {
+        app.get_json(&fits_path).await["status"] == "completed"
+    })
+    .await;
+    workers.stop().await;
+}
+
 #[derive(Default)]
 struct Receiver {
     failing: AtomicBool,
