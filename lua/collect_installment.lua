@@ -21,8 +21,8 @@
 -- Returns {"paid", amount} | {"failed", amount, carried_to_n} | {"skipped"}
 -- (carried_to_n is n itself when the failed installment is due again)
 
-redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
 if not redis.call('ZSCORE', KEYS[7], ARGV[1]) then
+  redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
   return {'skipped'}
 end
 local n = tonumber(ARGV[2])
@@ -31,12 +31,21 @@ local advance = redis.call('HMGET', KEYS[1], 'id', 'account_id', 'count', 'perio
 local id, account_id, count, period, amount, status = advance[1], advance[2], tonumber(advance[3]), tonumber(advance[4]), advance[5], advance[6]
 if status ~= 'scheduled' then
   redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
   return {'skipped'}
 end
+-- Read and check everything before the first write: Redis does not roll a
+-- script back, and a lease dropped by a script that then failed would leave
+-- the installment scheduled with nothing to collect it.
+local balance = tonumber(redis.call('HGET', KEYS[2], 'balance'))
+if not balance or not tonumber(amount) or not count or not period then
+  return redis.error_reply('collect_installment: advance ' .. ARGV[1] .. ' or its account is malformed')
+end
 redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
 local now = ARGV[3]
 
-if tonumber(redis.call('HGET', KEYS[2], 'balance')) >= tonumber(amount) then
+if balance >= tonumber(amount) then
   if amount ~= '0' then -- Redis refuses HINCRBY by "-0"
     redis.call('HINCRBY', KEYS[2], 'balance', '-' .. amount)
     redis.call('HINCRBY', KEYS[3], 'balance', amount)

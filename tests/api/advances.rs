@@ -426,6 +426,39 @@ async fn a_failure_carries_past_a_later_installment_collected_first() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_collection_that_cannot_read_its_account_writes_nothing_and_keeps_its_lease() {
+    let app = spawn_app().await;
+    let account = app.create_account("broken", "0").await;
+    let id = create_advance(&app, &account, "120.00").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let clock = ManualClock::starting_at(tally::store::now_ms());
+    clock.advance(WEEK);
+    assert_eq!(
+        schedule_once(&app.store, &clock, &scheduler_settings())
+            .await
+            .unwrap(),
+        (1, 0)
+    );
+    // Damaged by hand: the balance field is gone.
+    let customer = tally::domain::AccountId::parse(&account).unwrap();
+    let mut conn = app.redis().await;
+    let _: () = redis::AsyncCommands::hdel(&mut conn, keys::account(&customer), "balance")
+        .await
+        .unwrap();
+    let before = app.snapshot().await;
+    let collected =
+        tally::store::advances::collect(&mut conn, &id, &customer, 1, "0-1", "test", 1000).await;
+    assert!(collected.is_err(), "{collected:?}");
+    assert_eq!(
+        app.snapshot().await,
+        before,
+        "the lease and the job stay, for a later delivery to collect"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_advance_below_a_cent_per_installment_is_refused_and_lends_nothing() {
     let app = spawn_app().await;
     let account = app.create_account("small", "0").await;
