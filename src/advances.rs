@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::domain::AccountId;
 use crate::store::advances::{self, Collected};
-use crate::store::{Store, now_ms};
+use crate::store::{Store, keys, now_ms};
 use crate::workers::{Delivery, JobHandler};
 
 /// Where "now" comes from: the system clock, or a hand-moved one in tests.
@@ -127,12 +127,26 @@ impl JobHandler for Collector {
             .get("installment")
             .cloned()
             .unwrap_or_default();
-        let (advance_id, n) = member
+        let parsed = member
             .rsplit_once(':')
-            .and_then(|(id, n)| Some((id.to_owned(), n.parse::<u32>().ok()?)))
-            .ok_or_else(|| {
-                anyhow::anyhow!("installment job {} is malformed", delivery.stream_id)
-            })?;
+            .and_then(|(id, n)| Some((id.to_owned(), n.parse::<u32>().ok()?)));
+        let Some((advance_id, n)) = parsed else {
+            // No delivery will ever read it: keep it for an operator instead.
+            let mut conn = self.store.conn().await?;
+            crate::store::streams::dead_letter_unreadable(
+                &mut conn,
+                keys::INSTALLMENTS_STREAM,
+                advances::COLLECT_GROUP,
+                keys::INSTALLMENTS_DEAD_STREAM,
+                &delivery.stream_id,
+                &delivery.fields,
+                "the job names no installment",
+                worker,
+            )
+            .await?;
+            tracing::error!(worker, stream_id = %delivery.stream_id, "installment job names no installment: dead-lettered");
+            return Ok(());
+        };
         let span =
             tracing::info_span!("collect", worker, advance_id = %advance_id, installment = n);
         async {

@@ -266,23 +266,17 @@ impl<E: Exchange> Settler<E> {
                 return Ok(());
             }
         }
-        let mut fields: Vec<(&str, &str)> = delivery
-            .fields
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        fields.push(("error", problem));
-        fields.push(("worker", worker));
-        redis::pipe()
-            .atomic()
-            .xadd(keys::SETTLE_DEAD_STREAM, "*", &fields)
-            .xack(
-                keys::SETTLE_STREAM,
-                scripts::SETTLE_GROUP,
-                &[&delivery.stream_id],
-            )
-            .query_async::<()>(&mut conn)
-            .await?;
+        crate::store::streams::dead_letter_unreadable(
+            &mut conn,
+            keys::SETTLE_STREAM,
+            scripts::SETTLE_GROUP,
+            keys::SETTLE_DEAD_STREAM,
+            &delivery.stream_id,
+            &delivery.fields,
+            problem,
+            worker,
+        )
+        .await?;
         tracing::error!(worker, stream_id = %delivery.stream_id, problem, "malformed settle job dead-lettered");
         Ok(())
     }

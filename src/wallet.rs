@@ -10,8 +10,8 @@
 use tracing::Instrument;
 
 use crate::domain::AccountId;
-use crate::store::Store;
 use crate::store::wallet::{self, Applied};
+use crate::store::{Store, keys};
 use crate::workers::{Delivery, JobHandler};
 
 /// Most transactions one delivery applies before the account goes to the
@@ -64,8 +64,24 @@ impl JobHandler for WalletWorker {
         let account = delivery
             .fields
             .get("account_id")
-            .and_then(|id| AccountId::parse(id).ok())
-            .ok_or_else(|| anyhow::anyhow!("wallet job {} names no account", delivery.stream_id))?;
+            .and_then(|id| AccountId::parse(id).ok());
+        let Some(account) = account else {
+            // No delivery will ever read it: keep it for an operator instead.
+            let mut conn = self.store.conn().await?;
+            crate::store::streams::dead_letter_unreadable(
+                &mut conn,
+                keys::WALLET_STREAM,
+                wallet::WALLET_GROUP,
+                keys::WALLET_DEAD_STREAM,
+                &delivery.stream_id,
+                &delivery.fields,
+                "the job names no account",
+                worker,
+            )
+            .await?;
+            tracing::error!(worker, stream_id = %delivery.stream_id, "wallet job names no account: dead-lettered");
+            return Ok(());
+        };
         let span = tracing::info_span!("wallet", worker, account_id = %account);
         self.work_account(worker, &account, &delivery.stream_id)
             .instrument(span)

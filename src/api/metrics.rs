@@ -47,9 +47,11 @@ pub const REDIS_SCRAPE_TIMEOUT_MAX: Duration = Duration::from_millis(2_000);
 const JOB_STREAMS: [(&str, &str); 4] = keys::CONSUMED_STREAMS;
 
 /// Streams of jobs that failed for good, by the job stream they came from.
-const DEAD_LETTER_STREAMS: [(&str, &str); 2] = [
+const DEAD_LETTER_STREAMS: [(&str, &str); 4] = [
     ("settle", keys::SETTLE_DEAD_STREAM),
     ("events", keys::EVENTS_DEAD_STREAM),
+    ("wallet", keys::WALLET_DEAD_STREAM),
+    ("installments", keys::INSTALLMENTS_DEAD_STREAM),
 ];
 
 /// Sorted sets of jobs waiting for their next attempt, by queue.

@@ -82,6 +82,8 @@ pub fn idempotency(scope: &str, key: &str) -> String {
 
 /// Wallet jobs (stream): one entry per account with queued transactions.
 pub const WALLET_STREAM: &str = "tally:wallet";
+/// Wallet jobs no worker could read (stream), for operators.
+pub const WALLET_DEAD_STREAM: &str = "tally:wallet:dead";
 /// Rejected wallet transactions (stream), with their reasons.
 pub const WALLET_ERRORS_STREAM: &str = "transactions:errors";
 /// Event deliveries waiting for their next attempt (sorted set: job JSON by due ms).
@@ -115,6 +117,8 @@ pub const INSTALLMENTS_DUE: &str = "tally:installments:due";
 pub const INSTALLMENTS_LEASED: &str = "tally:installments:leased";
 /// Installment jobs (stream).
 pub const INSTALLMENTS_STREAM: &str = "tally:installments";
+/// Installment jobs no worker could read (stream), for operators.
+pub const INSTALLMENTS_DEAD_STREAM: &str = "tally:installments:dead";
 
 /// The streams consumer groups read, each with a short label (metrics):
 /// the workers trim each of them once every group is done with an entry.

@@ -17,6 +17,41 @@ pub fn scripts() -> [&'static Script; 1] {
     [&DELETE_IDLE_CONSUMERS]
 }
 
+/// Moves a job no worker can read to `dead_stream`, with the `problem` and
+/// the worker's name, and acknowledges it, in one MULTI: it is kept for an
+/// operator, not handed out forever (a pending entry would also hold back
+/// the stream's trim).
+#[allow(clippy::too_many_arguments)]
+pub async fn dead_letter_unreadable(
+    conn: &mut impl Conn,
+    stream: &str,
+    group: &str,
+    dead_stream: &str,
+    stream_id: &str,
+    fields: &HashMap<String, String>,
+    problem: &str,
+    worker: &str,
+) -> StoreResult<()> {
+    let mut entry: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    entry.extend([
+        ("stream_id", stream_id),
+        ("error", problem),
+        ("worker", worker),
+    ]);
+    redis::pipe()
+        .atomic()
+        .xadd(dead_stream, "*", &entry)
+        .ignore()
+        .xack(stream, group, &[stream_id])
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
 /// Most consumers one call forgets, so one call stays short.
 const IDLE_CONSUMERS_DELETED_MAX: usize = 100;
 

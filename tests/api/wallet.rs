@@ -212,6 +212,66 @@ async fn a_deposit_that_would_pass_the_balance_limit_is_rejected_before_anything
     workers.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_no_worker_can_read_are_dead_lettered_and_the_rest_go_on() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(Faults::default()).await;
+    let mut conn = app.redis().await;
+    let wallet_job: String = conn
+        .xadd(
+            keys::WALLET_STREAM,
+            "*",
+            &[("account_id", "not-an-account")],
+        )
+        .await
+        .unwrap();
+    let installment_job: String = conn
+        .xadd(
+            keys::INSTALLMENTS_STREAM,
+            "*",
+            &[("installment", "no-number")],
+        )
+        .await
+        .unwrap();
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let account = app.create_account("after", "0").await;
+    let txn = accept(&app, &account, "deposit", "1.00").await;
+    let path = format!("/api/v1/accounts/{account}/transactions/{txn}");
+    eventually("the good job is applied", || async {
+        app.get_json(&path).await["status"] == "completed"
+    })
+    .await;
+    for (stream, group, dead, job, problem) in [
+        (
+            keys::WALLET_STREAM,
+            tally::store::wallet::WALLET_GROUP,
+            keys::WALLET_DEAD_STREAM,
+            &wallet_job,
+            "no account",
+        ),
+        (
+            keys::INSTALLMENTS_STREAM,
+            tally::store::advances::COLLECT_GROUP,
+            keys::INSTALLMENTS_DEAD_STREAM,
+            &installment_job,
+            "no installment",
+        ),
+    ] {
+        eventually("the unreadable job is dead-lettered", || async {
+            stream_entries(&mut app.redis().await, dead).await.len() == 1
+        })
+        .await;
+        let entry = &stream_entries(&mut app.redis().await, dead).await[0];
+        assert_eq!(entry["stream_id"], *job);
+        assert!(entry["error"].contains(problem), "{entry:?}");
+        assert_eq!(
+            pending_count(&mut app.redis().await, stream, group).await,
+            0
+        );
+    }
+    workers.stop().await;
+}
+
 #[derive(Default)]
 struct Receiver {
     failing: AtomicBool,
