@@ -11,9 +11,10 @@
 -- ARGV[1] transaction id   ARGV[2] account id   ARGV[3] kind   ARGV[4] amount, cents
 -- ARGV[5] description      ARGV[6] merchant     ARGV[7] idempotency fingerprint or ""
 -- ARGV[8] idempotency ttl, seconds              ARGV[9] now, ms
+-- ARGV[10] most transactions the account may have waiting
 --
 -- Returns {"queued", id} | {"replayed", id} | {"refused", "idempotency_conflict", id}
---   | {"refused", "account_not_found"}
+--   | {"refused", "account_not_found"} | {"refused", "queue_full", waiting}
 
 local fingerprint = ARGV[7]
 local prior = idempotency_reply(KEYS[7], fingerprint)
@@ -22,6 +23,10 @@ if prior then
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'refused', 'account_not_found'}
+end
+local waiting = redis.call('LLEN', KEYS[3])
+if waiting >= tonumber(ARGV[10]) then
+  return {'refused', 'queue_full', tostring(waiting)}
 end
 
 local id = ARGV[1]

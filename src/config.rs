@@ -19,6 +19,8 @@ pub const EXCHANGE_MINIMUM_DEFAULT: &str = "10.00";
 pub const BODY_SIZE_MAX_BYTES_DEFAULT: usize = 16 * 1024;
 pub const PAGE_SIZE_DEFAULT: usize = 20;
 pub const PAGE_SIZE_MAX_DEFAULT: usize = 100;
+/// Most wallet transactions one account may have waiting to be applied.
+pub const WALLET_QUEUE_MAX_DEFAULT: usize = 1_000;
 pub const IDEMPOTENCY_TTL_SECS_DEFAULT: u64 = 24 * 60 * 60;
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 pub const WORKER_CONSUMERS_DEFAULT: usize = 1;
@@ -480,6 +482,9 @@ pub struct ApiSettings {
     /// Bound on handling one request, end to end.
     #[arg(long, env = "TALLY_REQUEST_TIMEOUT_MS", default_value_t = REQUEST_TIMEOUT_MS_DEFAULT)]
     pub request_timeout_ms: u64,
+    /// Most wallet transactions one account may have waiting; past it a new one gets 429.
+    #[arg(long, env = "TALLY_WALLET_QUEUE_MAX", default_value_t = WALLET_QUEUE_MAX_DEFAULT, value_parser = parse_at_least_one)]
+    pub wallet_queue_max: usize,
     /// Signs report cursors so they cannot be forged. Set the same secret on every API process.
     #[arg(long, env = "TALLY_CURSOR_SECRET", default_value = CURSOR_SECRET_DEFAULT, hide_default_value = true)]
     pub cursor_secret: String,
@@ -496,8 +501,16 @@ impl Default for ApiSettings {
             page_size_max: PAGE_SIZE_MAX_DEFAULT,
             idempotency_ttl_secs: IDEMPOTENCY_TTL_SECS_DEFAULT,
             request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
+            wallet_queue_max: WALLET_QUEUE_MAX_DEFAULT,
             cursor_secret: CURSOR_SECRET_DEFAULT.to_owned(),
         }
+    }
+}
+
+fn parse_at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{text}` is not a whole number of at least 1")),
     }
 }
 

@@ -63,6 +63,10 @@ pub enum ApiError {
     /// The request is well formed but cannot be carried out (unknown account, insufficient funds).
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),
+    /// Too much is waiting already (an account's wallet queue is full); nothing was done.
+    /// Retry once some of it is applied.
+    #[oai(status = 429, content_type = "application/problem+json")]
+    TooManyRequests(Json<Problem>),
     /// Something failed on our side; nothing was half done.
     #[oai(status = 500, content_type = "application/problem+json")]
     Internal(Json<Problem>),
@@ -92,6 +96,11 @@ impl ApiError {
 
     pub fn conflict(code: &str, detail: impl Into<String>) -> Self {
         ApiError::Conflict(Json(Problem::new(StatusCode::CONFLICT, code, detail)))
+    }
+
+    pub fn too_many_requests(code: &str, detail: impl Into<String>) -> Self {
+        let status = StatusCode::TOO_MANY_REQUESTS;
+        ApiError::TooManyRequests(Json(Problem::new(status, code, detail)))
     }
 
     pub fn unprocessable(code: &str, detail: impl Into<String>) -> Self {

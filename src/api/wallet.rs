@@ -193,6 +193,7 @@ impl WalletApi {
             idempotency,
             idempotency_ttl_secs: self.0.api.idempotency_ttl_secs,
             at_ms: now_ms(),
+            queue_max: self.0.api.wallet_queue_max,
         };
         let mut conn = self.0.store.conn().await?;
         let (id, replayed) = match wallet::enqueue(&mut conn, &txn).await {
@@ -203,6 +204,15 @@ impl WalletApi {
                     "account {} not found",
                     txn.account_id
                 )));
+            }
+            Err(EnqueueError::QueueFull { waiting }) => {
+                return Err(ApiError::too_many_requests(
+                    "queue-full",
+                    format!(
+                        "account {} has {waiting} transactions waiting, the most it may have; retry once some are applied",
+                        txn.account_id
+                    ),
+                ));
             }
             Err(EnqueueError::IdempotencyConflict(id)) => {
                 return Err(ApiError::conflict(

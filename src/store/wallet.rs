@@ -66,6 +66,8 @@ pub struct NewWalletTransaction {
     pub idempotency: Option<Idempotency>,
     pub idempotency_ttl_secs: u64,
     pub at_ms: i64,
+    /// Most transactions the account may have waiting, this one included.
+    pub queue_max: usize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -78,6 +80,8 @@ pub enum EnqueueOutcome {
 pub enum EnqueueError {
     #[error("account not found")]
     AccountNotFound,
+    #[error("the account already has {waiting} transactions waiting")]
+    QueueFull { waiting: usize },
     #[error("the Idempotency-Key was used for another request (transaction {0})")]
     IdempotencyConflict(String),
     #[error(transparent)]
@@ -112,6 +116,7 @@ pub async fn enqueue(
         .arg(fingerprint)
         .arg(txn.idempotency_ttl_secs)
         .arg(txn.at_ms)
+        .arg(txn.queue_max)
         .invoke_async(conn)
         .await
         .map_err(StoreError::from)?;
@@ -120,6 +125,10 @@ pub async fn enqueue(
         ("queued", _) => Ok(EnqueueOutcome::Queued(word(1))),
         ("replayed", _) => Ok(EnqueueOutcome::Replayed(word(1))),
         ("refused", "account_not_found") => Err(EnqueueError::AccountNotFound),
+        ("refused", "queue_full") => match word(2).parse() {
+            Ok(waiting) => Err(EnqueueError::QueueFull { waiting }),
+            Err(_) => Err(StoreError::UnexpectedReply(reply).into()),
+        },
         ("refused", "idempotency_conflict") => Err(EnqueueError::IdempotencyConflict(word(2))),
         _ => Err(StoreError::UnexpectedReply(reply).into()),
     }

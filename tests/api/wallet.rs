@@ -583,6 +583,26 @@ async fn bad_wallet_requests_are_refused_and_write_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_full_wallet_queue_refuses_with_429_and_writes_nothing() {
+    let app = crate::helpers::spawn_app_with(|settings| settings.api.wallet_queue_max = 2).await;
+    let account = app.create_account("busy", "5.00").await;
+    let other = app.create_account("calm", "5.00").await;
+    // No workers run: the queue only fills.
+    accept(&app, &account, "deposit", "1.00").await;
+    accept(&app, &account, "withdrawal", "1.00").await;
+    let before = app.snapshot().await;
+    let path = format!("/api/v1/accounts/{account}/transactions");
+    let body = json!({"kind": "deposit", "amount": "1"});
+    let problem =
+        crate::helpers::assert_problem(app.post(&path, &body).await, 429, "2 transactions waiting")
+            .await;
+    assert_eq!(problem["type"], "/problems/queue-full");
+    assert_eq!(app.snapshot().await, before);
+    // The bound is per account.
+    accept(&app, &other, "deposit", "1.00").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn wallet_transaction_ids_are_canonical_uuids_in_any_case() {
     let app = spawn_app().await;
     let account = app.create_account("ids", "0").await;
