@@ -66,12 +66,12 @@ pub struct SchedulerSettings {
     pub batch_max: usize,
 }
 
-/// One scheduler step at the clock's now; returns (leased, re-leased).
+/// One scheduler step at the clock's now; returns what `lease_due` does.
 pub async fn schedule_once(
     store: &Store,
     clock: &dyn Clock,
     settings: &SchedulerSettings,
-) -> anyhow::Result<(u64, u64)> {
+) -> anyhow::Result<(u64, u64, u64)> {
     let mut conn = store.conn().await?;
     let lease_ms = u64::try_from(settings.lease.as_millis()).unwrap_or(u64::MAX);
     Ok(advances::lease_due(&mut conn, clock.now_ms(), lease_ms, settings.batch_max).await?)
@@ -90,9 +90,14 @@ pub async fn run_scheduler(
     );
     loop {
         match schedule_once(&store, clock.as_ref(), &settings).await {
-            Ok((0, 0)) => {}
-            Ok((leased, released)) => {
-                tracing::info!(leased, released, "installments handed to the collectors")
+            Ok((0, 0, 0)) => {}
+            Ok((leased, requeued, extended)) => {
+                tracing::info!(
+                    leased,
+                    requeued,
+                    extended,
+                    "installments handed to the collectors"
+                )
             }
             Err(err) => tracing::warn!(error = %err, "scheduling failed"),
         }

@@ -87,20 +87,22 @@ pub async fn create(
 }
 
 /// The scheduler's step: lease what is due at `now_ms`, re-lease what expired.
-/// Returns (leased, re-leased).
+/// Returns (leased, re-leased with a new job, re-leased without one because
+/// the collectors had not read its job yet).
 pub async fn lease_due(
     conn: &mut impl Conn,
     now_ms: i64,
     lease_ms: u64,
     limit: usize,
-) -> StoreResult<(u64, u64)> {
-    let moved: (u64, u64) = LEASE_DUE
+) -> StoreResult<(u64, u64, u64)> {
+    let moved: (u64, u64, u64) = LEASE_DUE
         .key(keys::INSTALLMENTS_DUE)
         .key(keys::INSTALLMENTS_LEASED)
         .key(keys::INSTALLMENTS_STREAM)
         .arg(now_ms)
         .arg(lease_ms)
         .arg(limit)
+        .arg(COLLECT_GROUP)
         .invoke_async(conn)
         .await?;
     Ok(moved)

@@ -100,7 +100,7 @@ async fn an_advance_is_repaid_in_twelve_weekly_installments() {
         schedule_once(&app.store, &early, &scheduler_settings())
             .await
             .unwrap(),
-        (0, 0)
+        (0, 0, 0)
     );
     for n in 1..=12 {
         let advance = step(&app, &clock, WEEK, &id, n).await;
@@ -280,7 +280,7 @@ async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
         schedule_once(&app.store, &clock, &scheduler_settings())
             .await
             .unwrap(),
-        (1, 0)
+        (1, 0, 0)
     );
 
     // A worker takes the job and dies holding the lease: it never acknowledges.
@@ -313,14 +313,14 @@ async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
         schedule_once(&app.store, &clock, &scheduler_settings())
             .await
             .unwrap(),
-        (0, 0)
+        (0, 0, 0)
     );
     clock.advance(Duration::from_secs(2));
     assert_eq!(
         schedule_once(&app.store, &clock, &scheduler_settings())
             .await
             .unwrap(),
-        (0, 1)
+        (0, 1, 0)
     );
     let workers = spawn_workers(&app, test_worker_settings(&exchange));
     eventually("the installment is paid", || async {
@@ -342,6 +342,57 @@ async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
     assert_eq!(collections, 1);
     assert_eq!(app.balance(&account).await, "110.00");
     workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_lease_whose_job_is_still_unread_is_extended_without_a_new_job() {
+    let app = spawn_app().await;
+    let account = app.create_account("behind", "0").await;
+    create_advance(&app, &account, "120.00").await;
+    let clock = ManualClock::starting_at(tally::store::now_ms());
+    clock.advance(WEEK);
+    let settings = scheduler_settings();
+    let step = || schedule_once(&app.store, &clock, &settings);
+    assert_eq!(step().await.unwrap(), (1, 0, 0));
+    let mut conn = app.redis().await;
+    let jobs = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let length: usize = redis::AsyncCommands::xlen(&mut conn, keys::INSTALLMENTS_STREAM)
+            .await
+            .unwrap();
+        length
+    };
+
+    // No collector has read the stream (no group yet, then a group that has
+    // not read): each expiry only extends the lease.
+    for _ in 0..3 {
+        clock.advance(Duration::from_secs(31));
+        assert_eq!(step().await.unwrap(), (0, 0, 1));
+    }
+    tally::workers::ensure_group(
+        &mut conn,
+        keys::INSTALLMENTS_STREAM,
+        tally::store::advances::COLLECT_GROUP,
+    )
+    .await
+    .unwrap();
+    clock.advance(Duration::from_secs(31));
+    assert_eq!(step().await.unwrap(), (0, 0, 1));
+    assert_eq!(jobs(conn.clone()).await, 1, "no duplicate jobs");
+
+    // A worker reads the job and dies: the next expiry queues it again.
+    let _: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(tally::store::advances::COLLECT_GROUP)
+        .arg("doomed")
+        .arg("STREAMS")
+        .arg(keys::INSTALLMENTS_STREAM)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(31));
+    assert_eq!(step().await.unwrap(), (0, 1, 0));
+    assert_eq!(jobs(conn.clone()).await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -393,7 +444,7 @@ async fn a_failure_carries_past_a_later_installment_collected_first() {
         schedule_once(&app.store, &clock, &scheduler_settings())
             .await
             .unwrap(),
-        (2, 0)
+        (2, 0, 0)
     );
 
     // The second is collected first (they are handled concurrently), then the first fails.
@@ -439,7 +490,7 @@ async fn a_collection_that_cannot_read_its_account_writes_nothing_and_keeps_its_
         schedule_once(&app.store, &clock, &scheduler_settings())
             .await
             .unwrap(),
-        (1, 0)
+        (1, 0, 0)
     );
     // Damaged by hand: the balance field is gone.
     let customer = tally::domain::AccountId::parse(&account).unwrap();
