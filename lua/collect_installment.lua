@@ -20,6 +20,8 @@
 --
 -- Returns {"paid", amount} | {"failed", amount, carried_to_n} | {"skipped"}
 -- (carried_to_n is n itself when the failed installment is due again)
+--   | {"malformed", what}: the advance or the account lacks a field this
+--     needs; nothing is written, and the worker dead-letters the job.
 
 if not redis.call('ZSCORE', KEYS[7], ARGV[1]) then
   redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
@@ -38,8 +40,13 @@ end
 -- script back, and a lease dropped by a script that then failed would leave
 -- the installment scheduled with nothing to collect it.
 local balance = tonumber(redis.call('HGET', KEYS[2], 'balance'))
-if not balance or not tonumber(amount) or not count or not period then
-  return redis.error_reply('collect_installment: advance ' .. ARGV[1] .. ' or its account is malformed')
+local dues = count and redis.call('HMGET', KEYS[1], 'i' .. count .. ':due', prefix .. 'due') or {}
+local last_due, own_due = tonumber(dues[1]), tonumber(dues[2])
+if not balance then
+  return {'malformed', 'account ' .. tostring(account_id) .. ' has no balance'}
+end
+if not (id and account_id and tonumber(amount) and count and period and last_due and own_due) then
+  return {'malformed', 'advance ' .. ARGV[1] .. ' lacks its id, account, amount, count, period or due times'}
 end
 redis.call('ZREM', KEYS[7], ARGV[1])
 redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
@@ -69,11 +76,9 @@ for later = n + 1, count do
     break
   end
 end
-local last_due = tonumber(redis.call('HGET', KEYS[1], 'i' .. count .. ':due'))
 if not target and count >= tonumber(ARGV[8]) then
   -- At the bound: this installment stays scheduled, with its amount, due a
   -- period after the last (itself, once it has been moved).
-  local own_due = tonumber(redis.call('HGET', KEYS[1], prefix .. 'due'))
   local due = math.max(last_due, own_due) + period
   redis.call('HSET', KEYS[1], prefix .. 'due', string.format('%d', due))
   redis.call('ZADD', KEYS[8], due, ARGV[1])

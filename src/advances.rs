@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::domain::AccountId;
 use crate::store::advances::{self, Collected};
-use crate::store::{Store, keys, now_ms};
+use crate::store::{Store, StoreError, keys, now_ms};
 use crate::workers::{Delivery, JobHandler};
 
 /// Where "now" comes from: the system clock, or a hand-moved one in tests.
@@ -125,6 +125,33 @@ impl Collector {
     }
 }
 
+impl Collector {
+    /// Keeps a job no delivery will ever carry out for an operator (in
+    /// `tally:installments:dead`), acknowledged, instead of handing it out
+    /// forever.
+    async fn dead_letter(
+        &self,
+        worker: &str,
+        delivery: &Delivery,
+        problem: &str,
+    ) -> anyhow::Result<()> {
+        let mut conn = self.store.conn().await?;
+        crate::store::streams::dead_letter_unreadable(
+            &mut conn,
+            keys::INSTALLMENTS_STREAM,
+            advances::COLLECT_GROUP,
+            keys::INSTALLMENTS_DEAD_STREAM,
+            &delivery.stream_id,
+            &delivery.fields,
+            problem,
+            worker,
+        )
+        .await?;
+        tracing::error!(worker, stream_id = %delivery.stream_id, problem, "installment job dead-lettered");
+        Ok(())
+    }
+}
+
 impl JobHandler for Collector {
     async fn handle(&self, worker: &str, delivery: Delivery) -> anyhow::Result<()> {
         let member = delivery
@@ -136,29 +163,25 @@ impl JobHandler for Collector {
             .rsplit_once(':')
             .and_then(|(id, n)| Some((id.to_owned(), n.parse::<u32>().ok()?)));
         let Some((advance_id, n)) = parsed else {
-            // No delivery will ever read it: keep it for an operator instead.
-            let mut conn = self.store.conn().await?;
-            crate::store::streams::dead_letter_unreadable(
-                &mut conn,
-                keys::INSTALLMENTS_STREAM,
-                advances::COLLECT_GROUP,
-                keys::INSTALLMENTS_DEAD_STREAM,
-                &delivery.stream_id,
-                &delivery.fields,
-                "the job names no installment",
-                worker,
-            )
-            .await?;
-            tracing::error!(worker, stream_id = %delivery.stream_id, "installment job names no installment: dead-lettered");
-            return Ok(());
+            return self
+                .dead_letter(worker, &delivery, "the job names no installment")
+                .await;
         };
         let span =
             tracing::info_span!("collect", worker, advance_id = %advance_id, installment = n);
         async {
             let mut conn = self.store.conn().await?;
-            let advance = advances::get(&mut conn, &advance_id)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("advance {advance_id} not found"))?;
+            let advance = match advances::get(&mut conn, &advance_id).await {
+                Ok(Some(advance)) => advance,
+                Ok(None) => {
+                    let problem = format!("advance {advance_id} not found");
+                    return self.dead_letter(worker, &delivery, &problem).await;
+                }
+                Err(err @ StoreError::Corrupt { .. }) => {
+                    return self.dead_letter(worker, &delivery, &err.to_string()).await;
+                }
+                Err(err) => return Err(err.into()),
+            };
             let account: AccountId = advance.account_id.clone();
             match advances::collect(
                 &mut conn,
@@ -186,6 +209,12 @@ impl JobHandler for Collector {
                     )
                 }
                 Collected::Skipped => tracing::info!("no lease: collected by another delivery"),
+                Collected::Malformed(problem) => {
+                    // Nothing was written and the lease stays: once an
+                    // operator repairs the record, the lease's expiry queues
+                    // the installment again.
+                    return self.dead_letter(worker, &delivery, &problem).await;
+                }
             }
             Ok(())
         }

@@ -118,6 +118,9 @@ pub enum Collected {
     },
     /// No lease: another delivery collected it.
     Skipped,
+    /// The advance or the account lacks a field the collection needs;
+    /// nothing was written.
+    Malformed(String),
 }
 
 pub async fn collect(
@@ -159,6 +162,7 @@ pub async fn collect(
                 carried_to: to as u32,
             }),
         "skipped" => Some(Collected::Skipped),
+        "malformed" => reply.get(1).cloned().map(Collected::Malformed),
         _ => None,
     }
     .ok_or_else(|| StoreError::UnexpectedReply(reply.clone()))

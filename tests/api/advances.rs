@@ -477,7 +477,8 @@ async fn a_failure_carries_past_a_later_installment_collected_first() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_collection_that_cannot_read_its_account_writes_nothing_and_keeps_its_lease() {
+async fn a_collection_that_cannot_read_its_records_writes_nothing_and_keeps_its_lease() {
+    use tally::store::advances::{Collected, collect};
     let app = spawn_app().await;
     let account = app.create_account("broken", "0").await;
     let id = create_advance(&app, &account, "120.00").await["id"]
@@ -492,21 +493,32 @@ async fn a_collection_that_cannot_read_its_account_writes_nothing_and_keeps_its_
             .unwrap(),
         (1, 0, 0)
     );
-    // Damaged by hand: the balance field is gone.
     let customer = tally::domain::AccountId::parse(&account).unwrap();
     let mut conn = app.redis().await;
-    let _: () = redis::AsyncCommands::hdel(&mut conn, keys::account(&customer), "balance")
-        .await
-        .unwrap();
-    let before = app.snapshot().await;
-    let collected =
-        tally::store::advances::collect(&mut conn, &id, &customer, 1, "0-1", "test", 1000).await;
-    assert!(collected.is_err(), "{collected:?}");
-    assert_eq!(
-        app.snapshot().await,
-        before,
-        "the lease and the job stay, for a later delivery to collect"
-    );
+    // Damaged by hand, one field at a time: the last installment's due time
+    // (read only on the path where the balance falls short), then the balance.
+    let damages = [
+        (keys::advance(&id), "i12:due", "lacks"),
+        (keys::account(&customer), "balance", "no balance"),
+    ];
+    for (key, field, problem) in damages {
+        let _: () = redis::AsyncCommands::hdel(&mut conn, &key, field)
+            .await
+            .unwrap();
+        let before = app.snapshot().await;
+        let collected = collect(&mut conn, &id, &customer, 1, "0-1", "test", 1000)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&collected, Collected::Malformed(what) if what.contains(problem)),
+            "{collected:?}"
+        );
+        assert_eq!(
+            app.snapshot().await,
+            before,
+            "the lease and the job stay, for a collection once the record is repaired"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
