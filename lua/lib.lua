@@ -51,8 +51,10 @@ end
 
 -- The largest balance, either way, a script keeps exact: Lua compares
 -- balances as doubles, exact to 2^53 - 1 cents, and HINCRBY fails past 2^63
--- after the other side of a move was already written. Scripts refuse a move
--- that would take a balance past it before they write anything.
+-- after the other side of a move was already written. The scripts where a
+-- client can move money again and again (transfer, apply_wallet_transaction)
+-- refuse a move that would pass it before they write anything; the others
+-- move amounts bounded per request and by what was paid in.
 local BALANCE_LIMIT = 9007199254740991
 
 -- True when `balance` (text, nil for none) moved by `delta` cents stays

@@ -121,27 +121,84 @@ impl fmt::Display for AuditReport {
 
 /// How long an audit holds the journal trim off, from its last page read.
 pub const AUDIT_TRIM_PAUSE_MS: i64 = 60_000;
+/// Audits in a row that may find the journal trimmed under them (the pause
+/// ran out: a stalled audit, clocks far apart) before the run gives up.
+pub const AUDIT_ATTEMPTS_MAX: u32 = 3;
+
+/// The audit's hold on the journal trim. Ended when the audit ends, or, if
+/// the audit is dropped part way (a timed-out HTTP request), by a task the
+/// drop starts; failing both, it runs out on its own.
+struct TrimPause {
+    store: Store,
+    token: String,
+    ended: bool,
+}
+
+impl TrimPause {
+    async fn start(store: &Store, conn: &mut ConnectionManager) -> StoreResult<Self> {
+        let pause = TrimPause {
+            store: store.clone(),
+            token: uuid::Uuid::now_v7().to_string(),
+            ended: false,
+        };
+        pause.renew(conn).await?;
+        Ok(pause)
+    }
+
+    async fn renew(&self, conn: &mut ConnectionManager) -> StoreResult<()> {
+        let until = crate::store::now_ms() + AUDIT_TRIM_PAUSE_MS;
+        journal::pause_trim(conn, &self.token, until).await
+    }
+
+    async fn end(mut self, conn: &mut ConnectionManager) -> StoreResult<()> {
+        self.ended = true;
+        journal::resume_trim(conn, &self.token).await
+    }
+}
+
+impl Drop for TrimPause {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (store, token) = (self.store.clone(), std::mem::take(&mut self.token));
+            runtime.spawn(async move {
+                if let Ok(mut conn) = store.conn().await {
+                    let _ = journal::resume_trim(&mut conn, &token).await;
+                }
+            });
+        }
+    }
+}
 
 pub async fn run(store: &Store) -> StoreResult<AuditReport> {
     let mut conn = store.conn().await?;
     // The trim moves entries from the journal to the carried sums, which the
-    // audit reads at different times: it waits while an audit runs.
-    let token = uuid::Uuid::now_v7().to_string();
-    let pause_until = || crate::store::now_ms() + AUDIT_TRIM_PAUSE_MS;
-    journal::pause_trim(&mut conn, &token, pause_until()).await?;
-    let report = check(conn.clone(), &token, pause_until).await;
-    // A pause not ended here runs out on its own.
-    let resumed = journal::resume_trim(&mut conn, &token).await;
+    // audit reads at different times: it waits while an audit runs. If it ran
+    // anyway, the carried sums differ at the end, and the audit starts over.
+    let pause = TrimPause::start(store, &mut conn).await?;
+    let mut attempt = 1;
+    let report = loop {
+        match check(conn.clone(), &pause).await {
+            Ok(None) if attempt < AUDIT_ATTEMPTS_MAX => attempt += 1,
+            Ok(None) => {
+                break Err(StoreError::Contended(format!(
+                    "the journal was trimmed while each of {AUDIT_ATTEMPTS_MAX} audits read it"
+                )));
+            }
+            Ok(Some(report)) => break Ok(report),
+            Err(err) => break Err(err),
+        }
+    };
+    let resumed = pause.end(&mut conn).await;
     let report = report?;
     resumed?;
     Ok(report)
 }
 
-async fn check(
-    mut conn: ConnectionManager,
-    token: &str,
-    pause_until: impl Fn() -> i64,
-) -> StoreResult<AuditReport> {
+/// One pass over the ledger; None when the journal was trimmed during it.
+async fn check(mut conn: ConnectionManager, pause: &TrimPause) -> StoreResult<Option<AuditReport>> {
     let balances = accounts::all_balances(&mut conn, AUDIT_PAGE_SIZE).await?;
     let mut report = AuditReport {
         accounts_checked: balances.len(),
@@ -151,11 +208,12 @@ async fn check(
 
     // Entries trimmed past retention count through what they carried.
     let mut journal_sums: BTreeMap<String, i64> = BTreeMap::new();
-    for (name, cents) in journal::carried(&mut conn).await? {
+    let carried = journal::carried(&mut conn).await?;
+    for (name, &cents) in &carried {
         match name.strip_prefix("kind:") {
             Some("order") => report.orders_value_cents += cents,
             Some(_) => {}
-            None => *journal_sums.entry(name).or_default() += cents,
+            None => *journal_sums.entry(name.clone()).or_default() += cents,
         }
     }
     let mut start = "-".to_owned();
@@ -169,7 +227,7 @@ async fn check(
             .query_async(&mut conn)
             .await?;
         let Some(last) = page.ids.last() else { break };
-        journal::pause_trim(&mut conn, token, pause_until()).await?;
+        pause.renew(&mut conn).await?;
         start = format!("({}", last.id);
         for entry in &page.ids {
             let field = |name: &str| -> StoreResult<String> {
@@ -189,6 +247,9 @@ async fn check(
             }
             report.journal_entries += 1;
         }
+    }
+    if journal::carried(&mut conn).await? != carried {
+        return Ok(None); // a trim moved entries between the two reads
     }
     for (id, balance) in &balances {
         let journal = journal_sums.remove(id.as_str()).unwrap_or(0);
@@ -247,5 +308,5 @@ async fn check(
             }
         }
     }
-    Ok(report)
+    Ok(Some(report))
 }

@@ -397,8 +397,12 @@ impl Rig {
 impl Drop for Rig {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-        let _ = &self.redis;
         if let Some(dir) = &self.redis_dir {
+            // Stopped first, so it writes nothing more into the folder.
+            if let Some(pid) = self.redis.pid() {
+                // SAFETY: kill(2) on our own child's pid has no memory effects.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
             let _ = std::fs::remove_dir_all(dir);
         }
     }

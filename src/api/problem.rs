@@ -72,7 +72,7 @@ pub enum ApiError {
     Internal(Json<Problem>),
     /// Redis refused or could not be reached (`unavailable`: nothing was written), or its
     /// answer was lost (`outcome-unknown`: it may have been applied). Retry with the same
-    /// Idempotency-Key.
+    /// Idempotency-Key. An audit that could not read a steady journal answers `contended`.
     #[oai(status = 503, content_type = "application/problem+json")]
     Unavailable(Json<Problem>),
     /// The request took longer than the request timeout; it may have been applied. Retry with
@@ -130,6 +130,11 @@ impl ApiError {
                     "the ledger store is unavailable; retry with the same Idempotency-Key",
                 )))
             }
+            StoreError::Contended(detail) => ApiError::Unavailable(Json(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "contended",
+                format!("{detail}; nothing was written, run it again"),
+            ))),
             StoreError::Corrupt { .. } | StoreError::UnexpectedReply(_) => {
                 ApiError::Internal(Json(Problem::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -206,7 +206,7 @@ impl ReportApi {
                 // its numbers are still checked: a leaked secret must not turn
                 // into a panic (limit 0) or an unbounded page.
                 let in_bounds = (1..=self.0.api.page_size_max).contains(&listing.limit)
-                    && listing.offset < REPORT_PAGE_MAX as usize * listing.limit;
+                    && listing.offset <= REPORT_PAGE_MAX as usize * listing.limit;
                 if !in_bounds {
                     return Err(ApiError::bad_request(
                         "invalid-cursor",

@@ -51,6 +51,10 @@ pub enum StoreError {
     Corrupt { key: String, problem: String },
     #[error("unexpected script reply: {0:?}")]
     UnexpectedReply(Vec<String>),
+    /// What a multi-step read depends on kept changing under it (the journal
+    /// trimmed during an audit); nothing was written. Run it again.
+    #[error("{0}")]
+    Contended(String),
     /// A grouped script call failed as a whole; each order in it gets this.
     #[error("redis: {message}")]
     GroupFailed {
@@ -73,9 +77,10 @@ impl StoreError {
             StoreError::GroupFailed {
                 outcome_unknown, ..
             } => *outcome_unknown,
-            StoreError::Pool(_) | StoreError::Corrupt { .. } | StoreError::UnexpectedReply(_) => {
-                false
-            }
+            StoreError::Pool(_)
+            | StoreError::Corrupt { .. }
+            | StoreError::UnexpectedReply(_)
+            | StoreError::Contended(_) => false,
         }
     }
 }

@@ -480,9 +480,6 @@ async fn the_trim_waits_while_an_audit_reads_the_journal() {
     let cutoff_ms = u64::try_from(now_ms()).unwrap() - 300;
     let mut conn = app.redis().await;
 
-    pause_trim(&mut conn, "dead-audit", now_ms() - 1)
-        .await
-        .unwrap();
     pause_trim(&mut conn, "audit", now_ms() + 60_000)
         .await
         .unwrap();
@@ -492,6 +489,10 @@ async fn the_trim_waits_while_an_audit_reads_the_journal() {
 
     // A pause that ran out (its audit died) does not hold the trim.
     resume_trim(&mut conn, "audit").await.unwrap();
+    let _: () = conn
+        .zadd(keys::JOURNAL_TRIM_PAUSES, "dead-audit", now_ms() - 1)
+        .await
+        .unwrap();
     assert_eq!(trim(&mut conn, cutoff_ms, 10).await.unwrap(), 5);
 
     let report = tally::audit::run(&app.store).await.unwrap();
@@ -501,6 +502,37 @@ async fn the_trim_waits_while_an_audit_reads_the_journal() {
         pauses.is_empty(),
         "the audit ended its pause and forgot the one that ran out: {pauses:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_audit_that_finds_the_journal_trimmed_under_it_says_so_instead_of_a_breach() {
+    let app = spawn_app().await;
+    let a = app.create_account("a", "0").await;
+    write_entries(&app, &a, 3_000).await; // a few pages, so each audit takes a while
+    // A trim that ignores the pause (its clock far off), over and over: the
+    // carried sums change while every audit reads.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trimmer = {
+        let (stop, mut conn) = (stop.clone(), app.redis().await);
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _: i64 = conn
+                    .hincr(keys::JOURNAL_CARRIED, "kind:seed", 1)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let audited = tally::audit::run(&app.store).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    trimmer.await.unwrap();
+    assert!(
+        matches!(&audited, Err(tally::store::StoreError::Contended(_))),
+        "{audited:?}"
+    );
+    // Left alone, the same ledger audits clean.
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
