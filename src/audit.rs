@@ -5,7 +5,9 @@
 //! 3. Every cent paid for orders is in exactly one place: a batch or a bucket.
 //! 4. `@exchange` holds exactly what is still owed to the exchange: the
 //!    buckets and the batches not yet settled or refunded.
-//! 5. Every advance reconciles: paid + scheduled + processing = its amount.
+//! 5. Every advance reconciles: paid + scheduled + processing = its amount,
+//!    and every scheduled installment is due or leased (something will
+//!    collect it).
 //!
 //! The audit reads in bounded pages and is not one atomic snapshot: run it on
 //! a quiet system (or twice) before calling a mismatch a breach. The journal
@@ -40,6 +42,9 @@ pub struct AuditReport {
     pub advances_checked: usize,
     /// Advances whose installments do not add up to their amount.
     pub unreconciled_advances: Vec<String>,
+    /// Installments (`advance_id:n`) scheduled but neither due nor leased:
+    /// nothing would ever collect them.
+    pub stranded_installments: Vec<String>,
 }
 
 impl AuditReport {
@@ -50,6 +55,7 @@ impl AuditReport {
             && self.exchange_balance_cents
                 == self.open_batches_value_cents + self.buckets_value_cents
             && self.unreconciled_advances.is_empty()
+            && self.stranded_installments.is_empty()
     }
 }
 
@@ -106,6 +112,15 @@ impl fmt::Display for AuditReport {
         )?;
         for id in &self.unreconciled_advances {
             writeln!(f, "       advance {id} does not reconcile")?;
+        }
+        writeln!(
+            f,
+            "{} every scheduled installment is due or leased ({} stranded)",
+            mark(self.stranded_installments.is_empty()),
+            self.stranded_installments.len()
+        )?;
+        for member in &self.stranded_installments {
+            writeln!(f, "       installment {member} would never be collected")?;
         }
         write!(
             f,
@@ -298,9 +313,14 @@ async fn check(mut conn: ConnectionManager, pause: &TrimPause) -> StoreResult<Op
         }
         offset += ids.len();
         for id in ids {
-            let reconciles = advances::get(&mut conn, &id)
-                .await?
-                .is_some_and(|advance| advance.reconciles());
+            let advance = advances::get(&mut conn, &id).await?;
+            let reconciles = advance.as_ref().is_some_and(|advance| advance.reconciles());
+            if let Some(advance) = &advance {
+                for n in advances::stranded(&mut conn, advance).await? {
+                    tracing::error!(advance_id = %id, installment = n, "installment scheduled but neither due nor leased");
+                    report.stranded_installments.push(format!("{id}:{n}"));
+                }
+            }
             report.advances_checked += 1;
             if !reconciles {
                 tracing::error!(advance_id = %id, "advance does not reconcile: paid + scheduled + processing differs from its amount");

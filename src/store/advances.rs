@@ -257,6 +257,36 @@ pub async fn get(conn: &mut impl Conn, id: &str) -> StoreResult<Option<Advance>>
     }))
 }
 
+/// Installments of `advance` that are `scheduled` (not leased, since a
+/// leased one reads `processing`) yet not in the due set either: nothing
+/// would ever collect them. Only a script that failed part way could leave
+/// one, so the audit looks for them.
+pub async fn stranded(conn: &mut impl Conn, advance: &Advance) -> StoreResult<Vec<u32>> {
+    let scheduled: Vec<u32> = advance
+        .installments
+        .iter()
+        .filter(|i| i.status == "scheduled")
+        .map(|i| i.n)
+        .collect();
+    let mut pipe = redis::pipe();
+    for n in &scheduled {
+        pipe.cmd("ZSCORE")
+            .arg(keys::INSTALLMENTS_DUE)
+            .arg(format!("{}:{n}", advance.id));
+    }
+    let due: Vec<Option<String>> = if scheduled.is_empty() {
+        Vec::new()
+    } else {
+        pipe.query_async(conn).await?
+    };
+    Ok(scheduled
+        .into_iter()
+        .zip(due)
+        .filter(|(_, due)| due.is_none())
+        .map(|(n, _)| n)
+        .collect())
+}
+
 /// Advance ids, oldest first: all of them, or one account's.
 pub async fn ids(
     conn: &mut impl Conn,
