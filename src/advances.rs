@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::domain::AccountId;
 use crate::store::advances::{self, Collected};
-use crate::store::{Store, StoreError, keys, now_ms};
+use crate::store::{Store, StoreError, now_ms};
 use crate::workers::{Delivery, JobHandler};
 
 /// Where "now" comes from: the system clock, or a hand-moved one in tests.
@@ -138,9 +138,7 @@ impl Collector {
         let mut conn = self.store.conn().await?;
         crate::store::streams::dead_letter_unreadable(
             &mut conn,
-            keys::INSTALLMENTS_STREAM,
-            advances::COLLECT_GROUP,
-            keys::INSTALLMENTS_DEAD_STREAM,
+            &advances::INSTALLMENT_JOBS,
             &delivery.stream_id,
             &delivery.fields,
             problem,

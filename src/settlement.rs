@@ -268,9 +268,7 @@ impl<E: Exchange> Settler<E> {
         }
         crate::store::streams::dead_letter_unreadable(
             &mut conn,
-            keys::SETTLE_STREAM,
-            scripts::SETTLE_GROUP,
-            keys::SETTLE_DEAD_STREAM,
+            &scripts::SETTLE_JOBS,
             &delivery.stream_id,
             &delivery.fields,
             problem,

@@ -10,8 +10,8 @@
 use tracing::Instrument;
 
 use crate::domain::AccountId;
+use crate::store::Store;
 use crate::store::wallet::{self, Applied};
-use crate::store::{Store, keys};
 use crate::workers::{Delivery, JobHandler};
 
 /// Most transactions one delivery applies before the account goes to the
@@ -70,9 +70,7 @@ impl JobHandler for WalletWorker {
             let mut conn = self.store.conn().await?;
             crate::store::streams::dead_letter_unreadable(
                 &mut conn,
-                keys::WALLET_STREAM,
-                wallet::WALLET_GROUP,
-                keys::WALLET_DEAD_STREAM,
+                &wallet::WALLET_JOBS,
                 &delivery.stream_id,
                 &delivery.fields,
                 "the job names no account",

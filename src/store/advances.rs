@@ -18,6 +18,12 @@ pub fn scripts() -> [&'static Script; 3] {
 
 /// The consumer group of the installment collectors.
 pub const COLLECT_GROUP: &str = "collectors";
+/// The installment jobs, and where the unreadable ones go.
+pub const INSTALLMENT_JOBS: super::streams::JobStream = super::streams::JobStream {
+    stream: keys::INSTALLMENTS_STREAM,
+    group: COLLECT_GROUP,
+    dead: keys::INSTALLMENTS_DEAD_STREAM,
+};
 /// Installments per advance.
 pub const INSTALLMENTS: u32 = 12;
 

@@ -11,6 +11,12 @@ use crate::domain::{AccountId, BatchId, OrderId, SystemAccount};
 
 /// The consumer group of the settlement workers.
 pub const SETTLE_GROUP: &str = "settlers";
+/// The settle jobs, and where the unreadable ones go.
+pub const SETTLE_JOBS: super::streams::JobStream = super::streams::JobStream {
+    stream: keys::SETTLE_STREAM,
+    group: SETTLE_GROUP,
+    dead: keys::SETTLE_DEAD_STREAM,
+};
 static BEGIN_ATTEMPTS: LazyLock<Script> = lua_script!("begin_attempts.lua");
 static FINISH_BATCHES: LazyLock<Script> = lua_script!("finish_batches.lua");
 static RETRY_BATCH: LazyLock<Script> = lua_script!("retry_batch.lua");

@@ -17,16 +17,21 @@ pub fn scripts() -> [&'static Script; 1] {
     [&DELETE_IDLE_CONSUMERS]
 }
 
-/// Moves a job no worker can read to `dead_stream`, with the `problem` and
-/// the worker's name, and acknowledges it, in one MULTI: it is kept for an
-/// operator, not handed out forever (a pending entry would also hold back
-/// the stream's trim).
-#[allow(clippy::too_many_arguments)]
+/// A job stream, the consumer group that works it, and the stream where jobs
+/// no worker can read are kept for an operator.
+pub struct JobStream {
+    pub stream: &'static str,
+    pub group: &'static str,
+    pub dead: &'static str,
+}
+
+/// Moves a job no worker can read to its dead-letter stream, with the
+/// `problem` and the worker's name, and acknowledges it, in one MULTI: it is
+/// kept for an operator, not handed out forever (a pending entry would also
+/// hold back the stream's trim).
 pub async fn dead_letter_unreadable(
     conn: &mut impl Conn,
-    stream: &str,
-    group: &str,
-    dead_stream: &str,
+    jobs: &JobStream,
     stream_id: &str,
     fields: &HashMap<String, String>,
     problem: &str,
@@ -43,9 +48,9 @@ pub async fn dead_letter_unreadable(
     ]);
     redis::pipe()
         .atomic()
-        .xadd(dead_stream, "*", &entry)
+        .xadd(jobs.dead, "*", &entry)
         .ignore()
-        .xack(stream, group, &[stream_id])
+        .xack(jobs.stream, jobs.group, &[stream_id])
         .ignore()
         .query_async::<()>(conn)
         .await?;

@@ -18,6 +18,12 @@ pub fn scripts() -> [&'static Script; 3] {
 
 /// The consumer group of the wallet workers.
 pub const WALLET_GROUP: &str = "wallet";
+/// The wallet jobs, and where the unreadable ones go.
+pub const WALLET_JOBS: super::streams::JobStream = super::streams::JobStream {
+    stream: keys::WALLET_STREAM,
+    group: WALLET_GROUP,
+    dead: keys::WALLET_DEAD_STREAM,
+};
 /// Bound on `transactions:errors`, a report for people that no consumer
 /// acknowledges: Redis keeps about the newest this many rejections.
 pub const ERRORS_STREAM_LENGTH_MAX: usize = 1_000_000;
