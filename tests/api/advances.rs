@@ -52,6 +52,25 @@ fn statuses(advance: &Value) -> Vec<String> {
 
 /// Moves the clock one period, runs the scheduler once, and waits until
 /// installment `n` is no longer scheduled or processing.
+/// A new account with nothing in it and an advance of 120.00, a week on, with
+/// its first installment just leased: (account, advance id, the clock).
+async fn first_installment_leased(app: &TestApp, name: &str) -> (String, String, ManualClock) {
+    let account = app.create_account(name, "0").await;
+    let id = create_advance(app, &account, "120.00").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let clock = ManualClock::starting_at(tally::store::now_ms());
+    clock.advance(WEEK);
+    assert_eq!(
+        schedule_once(&app.store, &clock, &scheduler_settings())
+            .await
+            .unwrap(),
+        (1, 0, 0)
+    );
+    (account, id, clock)
+}
+
 async fn step(app: &TestApp, clock: &ManualClock, period: Duration, id: &str, n: usize) -> Value {
     clock.advance(period);
     schedule_once(&app.store, clock, &scheduler_settings())
@@ -269,19 +288,7 @@ async fn two_schedulers_and_three_workers_collect_every_installment_once() {
 async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
     let app = spawn_app().await;
     let exchange = spawn_exchange(Faults::default()).await;
-    let account = app.create_account("lease", "0").await;
-    let id = create_advance(&app, &account, "120.00").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let clock = ManualClock::starting_at(tally::store::now_ms());
-    clock.advance(WEEK);
-    assert_eq!(
-        schedule_once(&app.store, &clock, &scheduler_settings())
-            .await
-            .unwrap(),
-        (1, 0, 0)
-    );
+    let (account, id, clock) = first_installment_leased(&app, "lease").await;
 
     // A worker takes the job and dies holding the lease: it never acknowledges.
     let mut conn = app.redis().await;
@@ -347,13 +354,9 @@ async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_lease_whose_job_is_still_unread_is_extended_without_a_new_job() {
     let app = spawn_app().await;
-    let account = app.create_account("behind", "0").await;
-    create_advance(&app, &account, "120.00").await;
-    let clock = ManualClock::starting_at(tally::store::now_ms());
-    clock.advance(WEEK);
+    let (_, _, clock) = first_installment_leased(&app, "behind").await;
     let settings = scheduler_settings();
     let step = || schedule_once(&app.store, &clock, &settings);
-    assert_eq!(step().await.unwrap(), (1, 0, 0));
     let mut conn = app.redis().await;
     let jobs = |mut conn: redis::aio::MultiplexedConnection| async move {
         let length: usize = redis::AsyncCommands::xlen(&mut conn, keys::INSTALLMENTS_STREAM)
@@ -501,19 +504,7 @@ async fn a_failure_carries_past_a_later_installment_collected_first() {
 async fn a_collection_that_cannot_read_its_records_writes_nothing_and_keeps_its_lease() {
     use tally::store::advances::{Collected, collect};
     let app = spawn_app().await;
-    let account = app.create_account("broken", "0").await;
-    let id = create_advance(&app, &account, "120.00").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let clock = ManualClock::starting_at(tally::store::now_ms());
-    clock.advance(WEEK);
-    assert_eq!(
-        schedule_once(&app.store, &clock, &scheduler_settings())
-            .await
-            .unwrap(),
-        (1, 0, 0)
-    );
+    let (account, id, _) = first_installment_leased(&app, "broken").await;
     let customer = tally::domain::AccountId::parse(&account).unwrap();
     let mut conn = app.redis().await;
     // Damaged by hand, one field at a time: the last installment's due time
