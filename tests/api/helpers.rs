@@ -9,10 +9,13 @@ use tally::app::Application;
 use tally::config::{ApiSettings, LedgerSettings, RedisSettings, ServeArgs, WorkerSettings};
 use tally::exchange::sim::{ExchangeSim, Faults, SimOrder};
 use tally::redis_server::RedisServer;
-use tally::store::Store;
+use tally::store::{Store, keys};
 use tokio::sync::{oneshot, watch};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
+/// The largest balance the scripts keep exact, 2^53 - 1 cents (`BALANCE_LIMIT`
+/// in lua/lib.lua).
+pub const BALANCE_LIMIT_CENTS: i64 = 9_007_199_254_740_991;
 
 pub struct TestApp {
     pub address: String,
@@ -139,6 +142,29 @@ impl TestApp {
             .get_json(&format!("/api/v1/accounts/{account_id}"))
             .await;
         account["balance"].as_str().unwrap().to_owned()
+    }
+
+    /// A customer's balance in cents, read from Redis (the API answers in
+    /// dollars, and rounds nothing, but tests near the limits want integers).
+    pub async fn balance_cents(&self, account_id: &str) -> i64 {
+        let id = tally::domain::AccountId::parse(account_id).unwrap();
+        AsyncCommands::hget(&mut self.redis().await, keys::account(&id), "balance")
+            .await
+            .unwrap()
+    }
+
+    /// Sets a balance by hand, for states no test could reach through the API
+    /// in its time (the journal no longer matches: no audit after this).
+    pub async fn set_balance_cents(&self, account_id: &str, cents: i64) {
+        let id = tally::domain::AccountId::parse(account_id).unwrap();
+        let _: () = AsyncCommands::hset(
+            &mut self.redis().await,
+            keys::account(&id),
+            "balance",
+            cents,
+        )
+        .await
+        .unwrap();
     }
 
     pub async fn bucket(&self, symbol: &str) -> Value {

@@ -7,7 +7,7 @@ use redis::AsyncCommands;
 use serde_json::{Value, json};
 use tally::store::keys;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app, spawn_app_with};
+use crate::helpers::{BALANCE_LIMIT_CENTS, TestApp, assert_problem, spawn_app, spawn_app_with};
 
 fn cents(text: &str) -> i64 {
     let negative = text.starts_with('-');
@@ -123,14 +123,8 @@ async fn a_transfer_that_would_pass_the_balance_limit_is_refused_and_moves_nothi
     let a = app.create_account("a", "10.00").await;
     let b = app.create_account("b", "0").await;
     // Set by hand: reaching it honestly takes about 10^7 transfers of the largest amount.
-    let b_id = tally::domain::AccountId::parse(&b).unwrap();
-    let near_limit = 9_007_199_254_740_991_i64 - 100;
-    let _: () = app
-        .redis()
-        .await
-        .hset(keys::account(&b_id), "balance", near_limit)
-        .await
-        .unwrap();
+    let near_limit = BALANCE_LIMIT_CENTS - 100;
+    app.set_balance_cents(&b, near_limit).await;
     assert_problem(
         transfer(&app, &a, &b, "1.01", "debit").await,
         422,
@@ -138,13 +132,7 @@ async fn a_transfer_that_would_pass_the_balance_limit_is_refused_and_moves_nothi
     )
     .await;
     assert_eq!(app.balance(&a).await, "10.00");
-    let balance: i64 = app
-        .redis()
-        .await
-        .hget(keys::account(&b_id), "balance")
-        .await
-        .unwrap();
-    assert_eq!(balance, near_limit);
+    assert_eq!(app.balance_cents(&b).await, near_limit);
     assert_eq!(transfer(&app, &a, &b, "1.00", "debit").await.status(), 201);
 }
 

@@ -171,14 +171,8 @@ async fn a_deposit_that_would_pass_the_balance_limit_is_rejected_before_anything
     let workers = spawn_workers(&app, test_worker_settings(&exchange));
     let account = app.create_account("rich", "0").await;
     // Set by hand: reaching it honestly takes about 10^7 deposits of the largest amount.
-    let id = tally::domain::AccountId::parse(&account).unwrap();
-    let near_limit = 9_007_199_254_740_991_i64 - 100;
-    let _: () = app
-        .redis()
-        .await
-        .hset(keys::account(&id), "balance", near_limit)
-        .await
-        .unwrap();
+    let near_limit = crate::helpers::BALANCE_LIMIT_CENTS - 100;
+    app.set_balance_cents(&account, near_limit).await;
     let before = app.balance("@bank").await;
     let txn = accept(&app, &account, "deposit", "1.01").await;
     let path = format!("/api/v1/accounts/{account}/transactions/{txn}");
@@ -195,13 +189,13 @@ async fn a_deposit_that_would_pass_the_balance_limit_is_rejected_before_anything
             .contains("largest amount"),
         "{decided}"
     );
-    let balance: i64 = app
-        .redis()
-        .await
-        .hget(keys::account(&id), "balance")
-        .await
-        .unwrap();
-    assert_eq!((balance, app.balance("@bank").await), (near_limit, before));
+    assert_eq!(
+        (
+            app.balance_cents(&account).await,
+            app.balance("@bank").await
+        ),
+        (near_limit, before)
+    );
     // One cent less fits, and is applied.
     let fits = accept(&app, &account, "deposit", "1.00").await;
     let fits_path = format!("/api/v1/accounts/{account}/transactions/{fits}");
