@@ -38,8 +38,10 @@ impl Application {
         let local_addr = *acceptor.local_addr()[0]
             .as_socket_addr()
             .context("the listener has a socket address")?;
+        let access = crate::access::Authenticator::new(store.clone(), settings.access)?;
         let state = Arc::new(AppState {
             orders: crate::orders::OrderGrouper::new(store.clone()),
+            access,
             store,
             ledger: settings.ledger,
             api: settings.api,

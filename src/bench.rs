@@ -270,6 +270,10 @@ impl Rig {
                 listen: "127.0.0.1:0".parse()?,
                 ..ApiSettings::default()
             },
+            access: crate::config::AccessSettings {
+                api_key_pepper: Some(crate::access::Pepper::generate_text()),
+                ..crate::config::AccessSettings::default()
+            },
         };
         let ledger = settings.ledger.clone();
         let app = Application::build(settings).await?;

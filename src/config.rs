@@ -53,6 +53,12 @@ pub const SCHEDULER_INTERVAL_MS_DEFAULT: u64 = 500;
 pub const SCHEDULER_BATCH_MAX: usize = 500;
 pub const JOURNAL_RETENTION_DEFAULT: &str = "5d";
 pub const CURSOR_SECRET_DEFAULT: &str = "tally-development-cursor-secret";
+pub const API_KEY_CACHE_MS_DEFAULT: u64 = 500;
+pub const RATE_LIMIT_READS_PER_S_DEFAULT: u32 = 200;
+pub const RATE_LIMIT_WRITES_PER_S_DEFAULT: u32 = 100;
+pub const RATE_LIMIT_BURST_S_DEFAULT: u32 = 2;
+pub const AUTH_FAILURES_PER_S_DEFAULT: u32 = 1;
+pub const AUTH_FAILURE_BURST_DEFAULT: u32 = 20;
 pub const DEV_DATA_DIR_DEFAULT: &str = ".tally";
 pub const DEV_REDIS_PORT_DEFAULT: u16 = 6399;
 
@@ -131,6 +137,70 @@ pub struct ServeArgs {
     pub ledger: LedgerSettings,
     #[command(flatten)]
     pub api: ApiSettings,
+    #[command(flatten)]
+    pub access: AccessSettings,
+}
+
+/// API keys and rate limits.
+#[derive(Debug, Clone, Args)]
+pub struct AccessSettings {
+    /// Keys the HMAC-SHA256 of every API key's secret; Redis keeps only that
+    /// hash. At least 32 bytes, the same on every process; required by
+    /// `serve` and `keys`. `tally dev` keeps one in its data folder.
+    #[arg(long, env = "TALLY_API_KEY_PEPPER", hide_env_values = true)]
+    pub api_key_pepper: Option<String>,
+    /// How long a process trusts a key record it read from Redis. At most
+    /// 1,000: a revoked key is refused everywhere within this.
+    #[arg(long, env = "TALLY_API_KEY_CACHE_MS", default_value_t = API_KEY_CACHE_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(0..=crate::access::KEY_CACHE_MS_MAX))]
+    pub api_key_cache_ms: u64,
+    /// Reads (GET) per second one key may make, unless the key sets its own.
+    #[arg(long, env = "TALLY_RATE_LIMIT_READS_PER_S", default_value_t = RATE_LIMIT_READS_PER_S_DEFAULT, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit_reads_per_s: u32,
+    /// Writes (POST, DELETE) per second one key may make, unless the key sets its own.
+    #[arg(long, env = "TALLY_RATE_LIMIT_WRITES_PER_S", default_value_t = RATE_LIMIT_WRITES_PER_S_DEFAULT, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit_writes_per_s: u32,
+    /// Seconds' worth of requests a quiet key may send at once (the burst).
+    #[arg(long, env = "TALLY_RATE_LIMIT_BURST_S", default_value_t = RATE_LIMIT_BURST_S_DEFAULT, value_parser = clap::value_parser!(u32).range(1..=60))]
+    pub rate_limit_burst_s: u32,
+    /// Failed authentications per second one client address may make; past
+    /// the burst below, it gets 429 instead of 401.
+    #[arg(long, env = "TALLY_AUTH_FAILURES_PER_S", default_value_t = AUTH_FAILURES_PER_S_DEFAULT, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub auth_failures_per_s: u32,
+    /// Failed authentications one client address may make at once.
+    #[arg(long, env = "TALLY_AUTH_FAILURE_BURST", default_value_t = AUTH_FAILURE_BURST_DEFAULT, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub auth_failure_burst: u32,
+    /// Off only inside `tally bench`, to measure what authentication costs:
+    /// no flag or variable turns it off.
+    #[arg(skip = true)]
+    pub authentication: bool,
+}
+
+impl Default for AccessSettings {
+    fn default() -> Self {
+        AccessSettings {
+            api_key_pepper: None,
+            api_key_cache_ms: API_KEY_CACHE_MS_DEFAULT,
+            rate_limit_reads_per_s: RATE_LIMIT_READS_PER_S_DEFAULT,
+            rate_limit_writes_per_s: RATE_LIMIT_WRITES_PER_S_DEFAULT,
+            rate_limit_burst_s: RATE_LIMIT_BURST_S_DEFAULT,
+            auth_failures_per_s: AUTH_FAILURES_PER_S_DEFAULT,
+            auth_failure_burst: AUTH_FAILURE_BURST_DEFAULT,
+            authentication: true,
+        }
+    }
+}
+
+impl AccessSettings {
+    /// The pepper, or why there is none to use.
+    pub fn pepper(&self) -> anyhow::Result<crate::access::Pepper> {
+        let text = self.api_key_pepper.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "TALLY_API_KEY_PEPPER is not set: set a secret of at least {} bytes (the same on every process), e.g. `openssl rand -hex 32`",
+                crate::access::PEPPER_LENGTH_MIN
+            )
+        })?;
+        crate::access::Pepper::new(text).map_err(|err| anyhow::anyhow!("TALLY_API_KEY_PEPPER: {err}"))
+    }
 }
 
 #[derive(Debug, Subcommand)]

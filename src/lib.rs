@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`access`]: API keys, their roles, and rate limits shared by every API process.
 //! - [`config`]: settings from flags and `TALLY_*` variables; every limit named.
 //! - [`domain`]: newtypes that validate at the edge (`Amount`, `Quantity`, ids).
 //! - [`store`]: Redis: the pool, the key names ([`store::keys`]), one typed
@@ -27,6 +28,7 @@
 
 // ApiError carries its problem+json body inline: built once per refused
 // request, its size does not matter, and boxing it would blur every handler.
+pub mod access;
 pub mod advances;
 #[allow(clippy::result_large_err)]
 pub mod api;

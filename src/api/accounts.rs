@@ -7,7 +7,9 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
+use super::access::ApiKey;
 use super::problem::ApiError;
+use crate::access::Role;
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
 use crate::domain::{AccountId, AccountName, Amount, Idempotency, format_units};
 use crate::store::accounts::{self, Account, CreateAccountError, CreateAccountOutcome, NewAccount};
@@ -76,18 +78,22 @@ enum ListAccountsResponse {
 #[OpenApi(tag = "ApiTags::Accounts")]
 impl AccountsApi {
     /// Open a customer account, optionally with an opening balance.
+    ///
+    /// Role: `bank` or `admin`.
     #[oai(path = "/accounts", method = "post")]
     async fn create_account(
         &self,
+        auth: ApiKey,
         body: Json<CreateAccountRequest>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
         #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
         headers: &HeaderMap,
     ) -> Result<CreateAccountResponse, ApiError> {
+        let caller = auth.require(&[Role::Bank, Role::Admin])?;
         let Json(request) = body;
         let name = request.name;
         let opening_balance = request.balance.unwrap_or(Amount::ZERO);
-        let idempotency = idempotency_key(headers)?.map(|key| {
+        let idempotency = idempotency_key(headers, caller)?.map(|key| {
             Idempotency::new(key, &[name.as_str(), &opening_balance.cents().to_string()])
         });
         let new = NewAccount {
@@ -126,26 +132,39 @@ impl AccountsApi {
     }
 
     /// One account, customer or system (`@bank`, `@exchange`, `@card`).
+    ///
+    /// Role: `customer` (its own account only: any other answers 404, as a
+    /// missing one does), `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/accounts/:id", method = "get")]
-    async fn get_account(&self, id: Path<String>) -> Result<GetAccountResponse, ApiError> {
+    async fn get_account(
+        &self,
+        auth: ApiKey,
+        id: Path<String>,
+    ) -> Result<GetAccountResponse, ApiError> {
         let id = AccountId::parse(&id.0)
             .map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
+        let not_found = || ApiError::not_found(format!("account {id} not found"));
+        auth.read_account(&id, not_found)?;
         let mut conn = self.0.store.conn().await?;
         let account = accounts::get_account(&mut conn, &id)
             .await?
-            .ok_or_else(|| ApiError::not_found(format!("account {id} not found")))?;
+            .ok_or_else(not_found)?;
         Ok(GetAccountResponse::Ok(Json(account.into())))
     }
 
     /// Customer accounts in creation order, a page at a time.
+    ///
+    /// Role: `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/accounts", method = "get")]
     async fn list_accounts(
         &self,
+        auth: ApiKey,
         /// Page size (default 20, at most the configured maximum, 100 by default).
         limit: Query<Option<u32>>,
         /// `next_cursor` from the previous page.
         cursor: Query<Option<String>>,
     ) -> Result<ListAccountsResponse, ApiError> {
+        auth.require_reader()?;
         let limit = page_size(limit.0, &self.0.api)?;
         let after = cursor
             .0

@@ -8,7 +8,9 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
+use super::access::ApiKey;
 use super::problem::ApiError;
+use crate::access::Role;
 use super::{ApiTags, AppState, idempotency_key, list_offset, page_size, rfc3339};
 use crate::domain::{AMOUNT_SCALE, AccountId, Amount, Idempotency, format_units, parse_uuid};
 use crate::store::advances::{self, Advance, AdvanceError, INSTALLMENTS, NewAdvance};
@@ -129,14 +131,18 @@ impl AdvancesApi {
     /// Lend a customer money from @bank, repaid in 12 installments one period
     /// apart (the remainder on the last). A failed installment's amount moves
     /// to the next one, or to a new one a period after the last.
+    ///
+    /// Role: `bank` or `admin`.
     #[oai(path = "/advances", method = "post")]
     async fn create(
         &self,
+        auth: ApiKey,
         body: Json<NewAdvanceRequest>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
         #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
         headers: &HeaderMap,
     ) -> Result<CreatedResponse, ApiError> {
+        let caller = auth.require(&[Role::Bank, Role::Admin])?;
         let Json(request) = body;
         if request.amount.is_zero() {
             return Err(ApiError::bad_request(
@@ -159,7 +165,7 @@ impl AdvancesApi {
             ));
         }
         let cents = request.amount.cents().to_string();
-        let idempotency = idempotency_key(headers)?
+        let idempotency = idempotency_key(headers, caller)?
             .map(|key| Idempotency::new(key, &[request.account_id.as_str(), &cents]));
         let advance = NewAdvance {
             id: uuid::Uuid::now_v7().to_string(),
@@ -194,19 +200,32 @@ impl AdvancesApi {
     }
 
     /// One advance: its installments and the reconciliation figures.
+    ///
+    /// Role: `customer` (its own advances only: any other answers 404, as a
+    /// missing one does), `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/advances/:id", method = "get")]
-    async fn get(&self, id: Path<String>) -> Result<AdvanceResponse, ApiError> {
+    async fn get(&self, auth: ApiKey, id: Path<String>) -> Result<AdvanceResponse, ApiError> {
         // Canonical form only, lowercased: one spelling per id, as for accounts.
         let id = parse_uuid(&id.0)
             .map_err(|err| ApiError::bad_request("invalid-advance-id", err.to_string()))?;
-        Ok(AdvanceResponse::Ok(Json(self.view(&id.to_string()).await?)))
+        auth.require(&[Role::Customer, Role::Read, Role::Ops, Role::Bank, Role::Admin])?;
+        let view = self.view(&id.to_string()).await?;
+        let owner = AccountId::parse(&view.account_id).ok();
+        if !owner.is_some_and(|owner| auth.0.may_read_account(&owner)) {
+            return Err(ApiError::not_found(format!("advance {id} not found")));
+        }
+        Ok(AdvanceResponse::Ok(Json(view)))
     }
 
     /// An account's advances, oldest first. Page with `offset`: the next
     /// page starts where this one ended, and a page shorter than `limit` is the last.
+    ///
+    /// Role: `customer` (its own account only: any other answers 404, as a
+    /// missing one does), `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/accounts/:id/advances", method = "get")]
     async fn list(
         &self,
+        auth: ApiKey,
         id: Path<String>,
         /// Page size (default 20, at most the configured maximum).
         limit: Query<Option<u32>>,
@@ -215,6 +234,9 @@ impl AdvancesApi {
     ) -> Result<AdvanceListResponse, ApiError> {
         let account = AccountId::parse(&id.0)
             .map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
+        auth.read_account(&account, || {
+            ApiError::not_found(format!("account {account} not found"))
+        })?;
         let limit = page_size(limit.0, &self.0.api)?;
         let offset = list_offset(offset.0)?;
         let mut conn = self.0.store.conn().await?;
@@ -231,8 +253,26 @@ impl AdvancesApi {
     }
 
     /// The ledger's invariants, as `tally audit` checks them, with every advance reconciled.
+    /// One audit runs at a time across every API process; another asked for
+    /// meanwhile answers 409 `audit-running`.
+    ///
+    /// Role: `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/audit", method = "get")]
-    async fn audit(&self) -> Result<AuditResponse, ApiError> {
+    async fn audit(&self, auth: ApiKey) -> Result<AuditResponse, ApiError> {
+        auth.require_reader()?;
+        let lock_ms = self.0.api.request_timeout_ms;
+        let Some(_lock) = crate::store::locks::Lock::acquire(
+            &self.0.store,
+            crate::store::keys::AUDIT_RUNNING,
+            lock_ms,
+        )
+        .await?
+        else {
+            return Err(ApiError::conflict(
+                "audit-running",
+                "an audit is running already (one at a time, across every API process); retry in a few seconds",
+            ));
+        };
         let report = crate::audit::run(&self.0.store).await?;
         Ok(AuditResponse::Ok(Json(AuditView {
             clean: report.is_clean(),

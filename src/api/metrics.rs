@@ -192,7 +192,22 @@ impl<E: Endpoint> Endpoint for RecordRequestsEndpoint<E> {
 
 /// Every metric, Redis's read now and this process's.
 #[handler]
-pub async fn metrics(state: Data<&Arc<AppState>>, http: Data<&Arc<HttpMetrics>>) -> Response {
+pub async fn metrics(
+    state: Data<&Arc<AppState>>,
+    http: Data<&Arc<HttpMetrics>>,
+    caller: Data<&crate::access::Caller>,
+) -> Response {
+    use crate::access::Role;
+    if !(caller.role.reads_everything() || caller.role == Role::Metrics) {
+        let detail = format!(
+            "/metrics needs a key with one of the roles metrics, read, ops, bank, admin; this key's role is {}",
+            caller.role
+        );
+        return poem::IntoResponse::into_response(super::problem::ApiError::forbidden(
+            "forbidden",
+            detail,
+        ));
+    }
     let started = Instant::now();
     let timeout = scrape_timeout(&state.api);
     let snapshot = match tokio::time::timeout(timeout, read_redis(&state.store)).await {

@@ -1,6 +1,7 @@
 //! The HTTP API: poem + poem-openapi under `/api/v1`, Swagger UI at `/docs`,
 //! the spec at `/openapi.yaml`, `/health` and `/ready`.
 
+pub mod access;
 mod accounts;
 mod advances;
 mod health;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub orders: crate::orders::OrderGrouper,
     pub ledger: LedgerSettings,
     pub api: ApiSettings,
+    /// Checks API keys and rate limits.
+    pub access: crate::access::Authenticator,
 }
 
 #[derive(Tags)]
@@ -80,8 +83,14 @@ fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
 /// The OpenAPI spec as YAML, exactly as `/openapi.yaml` serves it.
 pub fn spec_yaml() -> String {
     let store = Store::unconnected();
+    let access = crate::config::AccessSettings {
+        api_key_pepper: Some(crate::access::Pepper::generate_text()),
+        ..crate::config::AccessSettings::default()
+    };
     let state = Arc::new(AppState {
         orders: crate::orders::OrderGrouper::new(store.clone()),
+        access: crate::access::Authenticator::new(store.clone(), access)
+            .expect("a generated pepper is long enough"),
         store,
         ledger: LedgerSettings::default(),
         api: ApiSettings::default(),
@@ -97,6 +106,7 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint_yaml();
     let http_metrics = metrics::HttpMetrics::shared();
+    let access_state = state.clone();
     Route::new()
         .nest(API_PREFIX, api)
         .nest("/docs", docs)
@@ -111,6 +121,10 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
         .at("/ready", get(health::ready).data(state))
         .around(move |endpoint, request| {
             guard(endpoint, request, body_size_max_bytes, request_timeout)
+        })
+        // Outside the guard: a stranger is refused before any body is read.
+        .around(move |endpoint, request| {
+            access::authenticate(endpoint, request, access_state.clone())
         })
         .catch_all_error(problem::into_problem_response)
         .map_to_response()
@@ -199,7 +213,11 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
 /// handlers still declare it as `Header<Option<String>>` for the spec, but
 /// poem-openapi drops a value that is not visible ASCII and takes the first
 /// of several: either would turn a retry into a second charge.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+/// The key is scoped by the caller's API key.
+fn idempotency_key(
+    headers: &HeaderMap,
+    caller: &crate::access::Caller,
+) -> Result<Option<IdempotencyKey>, ApiError> {
     let refuse = |detail: String| ApiError::bad_request("invalid-idempotency-key", detail);
     let mut values = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
     let Some(value) = values.next() else {
@@ -213,7 +231,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiErr
     // Lossy: any byte that is not ASCII becomes U+FFFD, which parse refuses.
     let text = String::from_utf8_lossy(value.as_bytes());
     IdempotencyKey::parse(&text)
-        .map(Some)
+        .map(|key| Some(key.scoped(caller.key_id.as_str())))
         .map_err(|err| refuse(err.to_string()))
 }
 

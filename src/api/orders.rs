@@ -7,7 +7,9 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
+use super::access::ApiKey;
 use super::problem::ApiError;
+use crate::access::Role;
 use super::{ApiTags, AppState, idempotency_key, list_offset, page_size, rfc3339};
 use crate::domain::{AccountId, BatchId, OrderId, Quantity, Symbol, format_units};
 use crate::orders::{OrderRejection, OrderRequest, prepare};
@@ -210,21 +212,25 @@ impl OrdersApi {
     /// Buy crypto: debits the customer at once; the purchase reaches the
     /// exchange alone (at or above the minimum) or with others once their
     /// bucket reaches it.
+    ///
+    /// Role: `customer` (paying from its own account only) or `admin`.
     #[oai(path = "/orders", method = "post")]
     async fn place_order(
         &self,
+        auth: ApiKey,
         body: Json<PlaceOrderRequest>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
         #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
         headers: &HeaderMap,
     ) -> Result<PlaceOrderResponse, ApiError> {
         let Json(request) = body;
+        auth.pay_from(&request.account_id, &[Role::Admin])?;
         let request = OrderRequest {
             account_id: request.account_id,
             symbol: request.symbol,
             quantity: request.quantity,
         };
-        let key = idempotency_key(headers)?;
+        let key = idempotency_key(headers, &auth.0)?;
         let order = prepare(
             &request,
             &self.0.ledger,
@@ -281,20 +287,29 @@ impl OrdersApi {
     }
 
     /// One order, with its status and batch.
+    ///
+    /// Role: `customer` (its own orders only: any other answers 404, as a
+    /// missing one does), `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/orders/:id", method = "get")]
-    async fn get_order(&self, id: Path<String>) -> Result<OrderResponse, ApiError> {
+    async fn get_order(&self, auth: ApiKey, id: Path<String>) -> Result<OrderResponse, ApiError> {
         let id = OrderId::parse(&id.0)
             .map_err(|err| ApiError::bad_request("invalid-order-id", err.to_string()))?;
+        let not_found = || ApiError::not_found(format!("order {id} not found"));
+        auth.require(&[Role::Customer, Role::Read, Role::Ops, Role::Bank, Role::Admin])?;
         let mut conn = self.0.store.conn().await?;
         let order = store_orders::get_order(&mut conn, &id)
             .await?
-            .ok_or_else(|| ApiError::not_found(format!("order {id} not found")))?;
+            .ok_or_else(not_found)?;
+        auth.read_account(&order.account_id, not_found)?;
         Ok(OrderResponse::Ok(Json(order.into())))
     }
 
     /// Prices in USD per unit, and the exchange minimum.
+    ///
+    /// Role: `customer`, `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/prices", method = "get")]
-    async fn prices(&self) -> PricesResponse {
+    async fn prices(&self, auth: ApiKey) -> Result<PricesResponse, ApiError> {
+        auth.require(&[Role::Customer, Role::Read, Role::Ops, Role::Bank, Role::Admin])?;
         let prices = self
             .0
             .ledger
@@ -306,15 +321,18 @@ impl OrdersApi {
             })
             .collect();
         let exchange_minimum = self.0.ledger.exchange_minimum.to_string();
-        PricesResponse::Ok(Json(PriceList {
+        Ok(PricesResponse::Ok(Json(PriceList {
             prices,
             exchange_minimum,
-        }))
+        })))
     }
 
     /// What waits for the exchange minimum, per symbol.
+    ///
+    /// Role: `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/buckets", method = "get")]
-    async fn buckets(&self) -> Result<BucketsResponse, ApiError> {
+    async fn buckets(&self, auth: ApiKey) -> Result<BucketsResponse, ApiError> {
+        auth.require_reader()?;
         let symbols: Vec<Symbol> = self
             .0
             .ledger
@@ -330,23 +348,30 @@ impl OrdersApi {
     }
 
     /// One batch: what was (or is being) bought from the exchange in one call.
+    ///
+    /// Role: `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/batches/:id", method = "get")]
-    async fn get_batch(&self, id: Path<String>) -> Result<BatchResponse, ApiError> {
+    async fn get_batch(&self, auth: ApiKey, id: Path<String>) -> Result<BatchResponse, ApiError> {
+        auth.require_reader()?;
         let id = parse_batch_id(&id.0)?;
         Ok(BatchResponse::Ok(Json(self.batch_view(&id).await?)))
     }
 
     /// Batches by status, oldest first. Only `failed` (dead-lettered batches,
     /// waiting for an operator) is listable.
+    ///
+    /// Role: `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/batches", method = "get")]
     async fn list_batches(
         &self,
+        auth: ApiKey,
         status: Query<String>,
         /// Page size (default 20, at most the configured maximum).
         limit: Query<Option<u32>>,
         /// `next_offset` from the previous page (at most 1,000,000).
         offset: Query<Option<u64>>,
     ) -> Result<BatchListResponse, ApiError> {
+        auth.require_reader()?;
         if status.0 != "failed" {
             let detail = format!("status `{}` cannot be listed; only `failed` can", status.0);
             return Err(ApiError::bad_request("invalid-status", detail));
@@ -370,24 +395,31 @@ impl OrdersApi {
     }
 
     /// Send a failed batch back to the exchange (attempts start over).
+    ///
+    /// Role: `ops` or `admin`.
     #[oai(path = "/batches/:id/retry", method = "post")]
-    async fn retry_batch(&self, id: Path<String>) -> Result<BatchResponse, ApiError> {
+    async fn retry_batch(&self, auth: ApiKey, id: Path<String>) -> Result<BatchResponse, ApiError> {
+        let caller = auth.require(&[Role::Ops, Role::Admin])?;
         let id = parse_batch_id(&id.0)?;
         let mut conn = self.0.store.conn().await?;
         settlement::requeue_failed_batch(&mut conn, &id)
             .await
             .map_err(operator_refusal)?;
-        tracing::info!(batch_id = %id, "failed batch requeued by operator");
+        tracing::info!(batch_id = %id, key_id = %caller.key_id, "failed batch requeued by operator");
         Ok(BatchResponse::Ok(Json(self.batch_view(&id).await?)))
     }
 
     /// Give every customer of a failed batch their money back, atomically and journaled.
+    ///
+    /// Role: `ops` or `admin`.
     #[oai(path = "/batches/:id/refund", method = "post")]
     async fn refund_batch(
         &self,
+        auth: ApiKey,
         id: Path<String>,
         body: Json<RefundRequest>,
     ) -> Result<BatchResponse, ApiError> {
+        let caller = auth.require(&[Role::Ops, Role::Admin])?;
         let id = parse_batch_id(&id.0)?;
         let note = body
             .0
@@ -406,7 +438,7 @@ impl OrdersApi {
         let (orders, cents) = settlement::refund_batch(&mut conn, &id, &note, confirmed)
             .await
             .map_err(operator_refusal)?;
-        tracing::info!(batch_id = %id, orders, cents, "failed batch refunded by operator");
+        tracing::info!(batch_id = %id, orders, cents, key_id = %caller.key_id, "failed batch refunded by operator");
         Ok(BatchResponse::Ok(Json(self.batch_view(&id).await?)))
     }
 }

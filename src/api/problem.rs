@@ -48,7 +48,18 @@ pub enum ApiError {
     /// The request is malformed: bad JSON, a wrong type, a missing field, an invalid value.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
-    /// The resource does not exist.
+    /// No valid API key: none, malformed, unknown, expired or revoked. Send
+    /// `Authorization: Bearer <key>`.
+    #[oai(status = 401, content_type = "application/problem+json")]
+    Unauthorized(
+        Json<Problem>,
+        #[oai(header = "WWW-Authenticate")] String,
+    ),
+    /// The key's role does not allow this operation, or a customer key names
+    /// another account as the payer; nothing was done.
+    #[oai(status = 403, content_type = "application/problem+json")]
+    Forbidden(Json<Problem>),
+    /// The resource does not exist (or belongs to another customer).
     #[oai(status = 404, content_type = "application/problem+json")]
     NotFound(Json<Problem>),
     /// The request body did not arrive within the request timeout; nothing was done.
@@ -63,10 +74,14 @@ pub enum ApiError {
     /// The request is well formed but cannot be carried out (unknown account, insufficient funds).
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),
-    /// Too much is waiting already (an account's wallet queue is full); nothing was done.
-    /// Retry once some of it is applied.
+    /// The key (or, for failed authentications, the client address) is past its rate limit
+    /// (`rate-limited`: retry after `Retry-After` seconds), or too much is waiting already
+    /// (`queue-full`: an account's wallet queue); nothing was done.
     #[oai(status = 429, content_type = "application/problem+json")]
-    TooManyRequests(Json<Problem>),
+    TooManyRequests(
+        Json<Problem>,
+        #[oai(header = "Retry-After")] Option<u64>,
+    ),
     /// Something failed on our side; nothing was half done.
     #[oai(status = 500, content_type = "application/problem+json")]
     Internal(Json<Problem>),
@@ -100,7 +115,17 @@ impl ApiError {
 
     pub fn too_many_requests(code: &str, detail: impl Into<String>) -> Self {
         let status = StatusCode::TOO_MANY_REQUESTS;
-        ApiError::TooManyRequests(Json(Problem::new(status, code, detail)))
+        ApiError::TooManyRequests(Json(Problem::new(status, code, detail)), None)
+    }
+
+    /// 401 with the challenge RFC 6750 asks for.
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        let problem = Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", detail);
+        ApiError::Unauthorized(Json(problem), r#"Bearer realm="tally""#.to_owned())
+    }
+
+    pub fn forbidden(code: &str, detail: impl Into<String>) -> Self {
+        ApiError::Forbidden(Json(Problem::new(StatusCode::FORBIDDEN, code, detail)))
     }
 
     pub fn unprocessable(code: &str, detail: impl Into<String>) -> Self {

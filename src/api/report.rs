@@ -167,9 +167,12 @@ impl ReportApi {
     /// (5 days by default). The first page pins a snapshot (`as_of`); follow
     /// `next_cursor`, or ask for `page=N` with the same `cursor`, and every page
     /// comes from that snapshot.
+    ///
+    /// Role: `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/transactions", method = "get")]
     async fn transactions(
         &self,
+        auth: super::access::ApiKey,
         /// Earliest entry time, RFC 3339 UTC (default: the start of the retention window).
         start: Query<Option<String>>,
         /// Latest entry time, RFC 3339 UTC, inclusive (default: now).
@@ -181,6 +184,7 @@ impl ReportApi {
         /// A page number, from 1, in the snapshot of `cursor` (or a new one).
         page: Query<Option<u64>>,
     ) -> Result<ReportResponse, ApiError> {
+        auth.require_reader()?;
         if page
             .0
             .is_some_and(|page| page == 0 || page > REPORT_PAGE_MAX)

@@ -8,6 +8,8 @@ use poem_openapi::param::Header;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
+use super::access::ApiKey;
+use crate::access::{Caller, Role};
 use super::problem::{ApiError, Problem};
 use super::{ApiTags, AppState, idempotency_key, rfc3339};
 use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
@@ -142,10 +144,10 @@ impl TransfersApi {
         (payer, payee, amount): (AccountId, AccountId, Amount),
         canonical_request: String,
         memo: String,
-        headers: &HeaderMap,
+        (headers, caller): (&HeaderMap, &Caller),
     ) -> Result<Movement, ApiError> {
-        let idempotency =
-            idempotency_key(headers)?.map(|key| Idempotency::new(key, &[kind, &canonical_request]));
+        let idempotency = idempotency_key(headers, caller)?
+            .map(|key| Idempotency::new(key, &[kind, &canonical_request]));
         Ok(Movement {
             id: uuid::Uuid::now_v7().to_string(),
             kind,
@@ -188,9 +190,13 @@ impl TransfersApi {
     /// Move money between two customer accounts at once. `debit`: src pays
     /// dst; `credit`: dst pays src. A refusal (insufficient funds, unknown
     /// account) is journaled with its reason and answered 422.
+    ///
+    /// Role: `customer` (its own account must be the payer: `src` for
+    /// `debit`, `dst` for `credit`) or `admin`.
     #[oai(path = "/transfers", method = "post")]
     async fn transfer(
         &self,
+        auth: ApiKey,
         body: Json<TransferRequest>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
         #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
@@ -220,6 +226,7 @@ impl TransfersApi {
                 request.src_account_id.clone(),
             ),
         };
+        auth.pay_from(&payer, &[Role::Admin])?;
         let canonical = format!(
             "{} {} {} {:?}",
             request.src_account_id,
@@ -232,7 +239,7 @@ impl TransfersApi {
             (payer, payee, amount),
             canonical,
             String::new(),
-            headers,
+            (headers, &auth.0),
         )?;
         let ended = self.run(movement).await?;
         if let Some(reason) = ended.failure {
@@ -254,14 +261,18 @@ impl TransfersApi {
 
     /// Move money between an account and @bank. `debit` takes from the
     /// account; `credit` gives to it.
+    ///
+    /// Role: `bank` or `admin`.
     #[oai(path = "/bank-transactions", method = "post")]
     async fn bank_transaction(
         &self,
+        auth: ApiKey,
         body: Json<BankTransactionRequest>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
         #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
         headers: &HeaderMap,
     ) -> Result<BankTransactionResponse, ApiError> {
+        auth.require(&[Role::Bank, Role::Admin])?;
         let Json(request) = body;
         let amount = positive(request.amount)?;
         let reason = request.reason.trim().to_owned();
@@ -294,7 +305,7 @@ impl TransfersApi {
             (payer, payee, amount),
             canonical,
             reason.clone(),
-            headers,
+            (headers, &auth.0),
         )?;
         let ended = self.run(movement).await?;
         if let Some(failure) = ended.failure {

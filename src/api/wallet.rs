@@ -8,7 +8,9 @@ use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
+use super::access::ApiKey;
 use super::problem::ApiError;
+use crate::access::Role;
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
 use crate::domain::{AccountId, Amount, Idempotency, parse_uuid};
 use crate::store::wallet::{
@@ -146,9 +148,14 @@ impl WalletApi {
     /// Accept a deposit, withdrawal or card payment. It is applied shortly by
     /// a worker, after every earlier transaction of the account; a withdrawal
     /// or card payment the balance cannot cover is `rejected` with a reason.
+    ///
+    /// Role: deposits `bank` or `admin`; withdrawals and card payments also
+    /// `customer` (from its own account only: any other answers 404, as a
+    /// missing one does).
     #[oai(path = "/accounts/:id/transactions", method = "post")]
     async fn accept(
         &self,
+        auth: ApiKey,
         id: Path<String>,
         body: Json<NewTransaction>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
@@ -157,6 +164,14 @@ impl WalletApi {
     ) -> Result<AcceptedResponse, ApiError> {
         let account_id = customer(&id.0)?;
         let Json(request) = body;
+        match request.kind {
+            Kind::Deposit => auth.require(&[Role::Bank, Role::Admin])?,
+            Kind::Withdrawal | Kind::CardPayment => {
+                let not_found = || ApiError::not_found(format!("account {account_id} not found"));
+                auth.read_account(&account_id, not_found)?;
+                auth.require(&[Role::Customer, Role::Bank, Role::Admin])?
+            }
+        };
         if request.amount.is_zero() {
             return Err(ApiError::bad_request(
                 "invalid-amount",
@@ -171,7 +186,7 @@ impl WalletApi {
         let description = optional_text("description", request.description)?;
         let merchant = optional_text("merchant", request.merchant)?;
         let cents = request.amount.cents().to_string();
-        let idempotency = idempotency_key(headers)?.map(|key| {
+        let idempotency = idempotency_key(headers, &auth.0)?.map(|key| {
             Idempotency::new(
                 key,
                 &[
@@ -232,9 +247,13 @@ impl WalletApi {
     }
 
     /// An account's wallet transactions, newest first.
+    ///
+    /// Role: `customer` (its own account only: any other answers 404, as a
+    /// missing one does), `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/accounts/:id/transactions", method = "get")]
     async fn list(
         &self,
+        auth: ApiKey,
         id: Path<String>,
         /// Only this status: `queued`, `completed` or `rejected`.
         status: Query<Option<String>>,
@@ -243,6 +262,9 @@ impl WalletApi {
         cursor: Query<Option<String>>,
     ) -> Result<PageResponse, ApiError> {
         let account_id = customer(&id.0)?;
+        auth.read_account(&account_id, || {
+            ApiError::not_found(format!("account {account_id} not found"))
+        })?;
         let limit = page_size(limit.0, &self.0.api)?;
         if let Some(status) = &status.0
             && !["queued", "completed", "rejected"].contains(&status.as_str())
@@ -302,14 +324,23 @@ impl WalletApi {
     }
 
     /// One wallet transaction of an account.
+    ///
+    /// Role: `customer` (its own account only: any other answers 404, as a
+    /// missing one does), `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/accounts/:id/transactions/:txn_id", method = "get")]
     async fn get(
         &self,
+        auth: ApiKey,
         id: Path<String>,
         txn_id: Path<String>,
     ) -> Result<TransactionResponse, ApiError> {
         let account_id = customer(&id.0)?;
         let txn_id = transaction_id(&txn_id.0)?;
+        auth.read_account(&account_id, || {
+            ApiError::not_found(format!(
+                "transaction {txn_id} not found for account {account_id}"
+            ))
+        })?;
         let mut conn = self.0.store.conn().await?;
         let txn = wallet::get(&mut conn, &txn_id)
             .await?

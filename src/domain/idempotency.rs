@@ -25,6 +25,12 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key as one API key's own: two clients that pick the same text
+    /// neither collide nor learn of each other's requests.
+    pub fn scoped(&self, api_key_id: &str) -> Self {
+        IdempotencyKey(format!("{api_key_id}/{}", self.0))
+    }
 }
 
 /// An Idempotency-Key together with what the request asked for, so a replay

@@ -140,3 +140,23 @@ pub fn advance(id: &str) -> String {
 pub fn account_advances(account: &AccountId) -> String {
     format!("tally:account:{account}:advances")
 }
+
+/// Every API key by creation time (sorted set: key id by ms).
+pub const API_KEYS: &str = "tally:api_keys";
+
+/// An API key's record (hash: role, bound account, secret hash, times, limits).
+/// The secret itself is never stored.
+pub fn api_key(id: &crate::access::KeyId) -> String {
+    format!("tally:api_key:{id}")
+}
+
+/// A rate-limit bucket (string: GCRA arrival time, µs), expiring once full.
+/// `holder` is a key id and its class (`reads`, `writes`), or a client
+/// address for failed authentications.
+pub fn rate_limit(holder: &str) -> String {
+    format!("tally:rate_limit:{holder}")
+}
+
+/// Held while an API process runs an audit (string: the holder's token,
+/// expiring after the request timeout), so two audits never run at once.
+pub const AUDIT_RUNNING: &str = "tally:audit:running";

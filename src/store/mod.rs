@@ -19,9 +19,12 @@ macro_rules! lua_script {
 
 pub mod accounts;
 pub mod advances;
+pub mod api_keys;
 pub mod journal;
 pub mod keys;
+pub mod locks;
 pub mod orders;
+pub mod rate_limits;
 pub mod settlement;
 pub mod streams;
 pub mod transfers;
@@ -190,6 +193,8 @@ impl Store {
             .chain(wallet::scripts())
             .chain(advances::scripts())
             .chain(streams::scripts())
+            .chain(api_keys::scripts())
+            .chain([&*rate_limits::TAKE_RATE_TOKENS, &*locks::RELEASE_LOCK])
         {
             script.prepare_invoke().load_async(&mut conn).await?;
         }

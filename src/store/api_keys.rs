@@ -1,0 +1,161 @@
+//! API keys in Redis: their records (a keyed hash of the secret, never the
+//! secret), their creation, listing and revocation.
+
+use std::sync::LazyLock;
+
+use redis::{AsyncCommands, Script};
+
+use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
+use crate::access::{KeyId, Role};
+use crate::domain::AccountId;
+
+pub static CREATE_API_KEY: LazyLock<Script> = lua_script!("create_api_key.lua");
+pub static REVOKE_API_KEY: LazyLock<Script> = lua_script!("revoke_api_key.lua");
+
+pub fn scripts() -> [&'static Script; 2] {
+    [&CREATE_API_KEY, &REVOKE_API_KEY]
+}
+
+/// A key as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub role: Role,
+    /// The account a `customer` key is bound to.
+    pub account: Option<AccountId>,
+    /// Hex HMAC-SHA256(pepper, id ":" secret).
+    pub secret_hash: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+    pub revoked_at_ms: Option<i64>,
+    pub label: Option<String>,
+    /// Per-key limits; `None` takes the server's default.
+    pub reads_per_s: Option<u32>,
+    pub writes_per_s: Option<u32>,
+}
+
+impl KeyRecord {
+    fn from_record(record: &Record) -> StoreResult<Self> {
+        let positive = |field: &str| -> StoreResult<Option<i64>> {
+            let value = record.integer(field)?;
+            Ok((value > 0).then_some(value))
+        };
+        let limit = |field: &str| -> StoreResult<Option<u32>> {
+            positive(field)?
+                .map(|value| {
+                    u32::try_from(value)
+                        .map_err(|_| record.corrupt(format!("`{field}` is out of range")))
+                })
+                .transpose()
+        };
+        Ok(KeyRecord {
+            id: record.parsed("id", KeyId::parse)?,
+            role: record.parsed("role", Role::parse)?,
+            account: record
+                .optional_text("account")
+                .map(AccountId::parse)
+                .transpose()
+                .map_err(|err| record.corrupt(format!("field `account`: {err}")))?,
+            secret_hash: record.text("secret_hash")?.to_owned(),
+            created_at_ms: record.integer("created_at")?,
+            expires_at_ms: positive("expires_at")?,
+            revoked_at_ms: positive("revoked_at")?,
+            label: record.optional_text("label").map(str::to_owned),
+            reads_per_s: limit("reads_per_s")?,
+            writes_per_s: limit("writes_per_s")?,
+        })
+    }
+
+    /// Whether the key may be used at `now_ms`.
+    pub fn is_live(&self, now_ms: i64) -> bool {
+        self.revoked_at_ms.is_none() && self.expires_at_ms.is_none_or(|at| now_ms < at)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateKeyError {
+    #[error("a key with id {0} exists")]
+    KeyExists(KeyId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[tracing::instrument(skip_all, fields(key_id = %key.id, role = %key.role))]
+pub async fn create_api_key(conn: &mut impl Conn, key: &KeyRecord) -> Result<(), CreateKeyError> {
+    let reply: Vec<String> = CREATE_API_KEY
+        .key(keys::api_key(&key.id))
+        .key(keys::API_KEYS)
+        .arg(key.id.as_str())
+        .arg(key.role.as_str())
+        .arg(key.account.as_ref().map_or("", AccountId::as_str))
+        .arg(&key.secret_hash)
+        .arg(key.created_at_ms)
+        .arg(key.expires_at_ms.unwrap_or(0))
+        .arg(key.label.as_deref().unwrap_or(""))
+        .arg(key.reads_per_s.unwrap_or(0))
+        .arg(key.writes_per_s.unwrap_or(0))
+        .invoke_async(conn)
+        .await
+        .map_err(StoreError::from)?;
+    match verdict(&reply) {
+        "created" => Ok(()),
+        "refused" if reply.get(1).map(String::as_str) == Some("key_exists") => {
+            Err(CreateKeyError::KeyExists(key.id.clone()))
+        }
+        _ => Err(StoreError::UnexpectedReply(reply).into()),
+    }
+}
+
+pub async fn get_api_key(conn: &mut impl Conn, id: &KeyId) -> StoreResult<Option<KeyRecord>> {
+    let key = keys::api_key(id);
+    let fields = conn.hgetall(&key).await?;
+    Record::new(key, fields)
+        .map(|record| KeyRecord::from_record(&record))
+        .transpose()
+}
+
+/// Keys by creation, oldest first: `limit` of them from `offset`.
+pub async fn list_api_keys(
+    conn: &mut impl Conn,
+    offset: usize,
+    limit: usize,
+) -> StoreResult<Vec<KeyRecord>> {
+    let last = isize::try_from(offset + limit).unwrap_or(isize::MAX) - 1;
+    let ids: Vec<String> = conn
+        .zrange(keys::API_KEYS, offset as isize, last)
+        .await?;
+    let mut records = Vec::with_capacity(ids.len());
+    for id in ids {
+        let id = KeyId::parse(&id).map_err(|err| StoreError::Corrupt {
+            key: keys::API_KEYS.to_owned(),
+            problem: err.to_string(),
+        })?;
+        if let Some(record) = get_api_key(conn, &id).await? {
+            records.push(record);
+        }
+    }
+    Ok(records)
+}
+
+/// Revokes a key; returns when it was revoked (the first time, if it already
+/// was), or `None` for an unknown id.
+#[tracing::instrument(skip_all, fields(key_id = %id))]
+pub async fn revoke_api_key(
+    conn: &mut impl Conn,
+    id: &KeyId,
+    now_ms: i64,
+) -> StoreResult<Option<i64>> {
+    let reply: Vec<String> = REVOKE_API_KEY
+        .key(keys::api_key(id))
+        .arg(now_ms)
+        .invoke_async(conn)
+        .await?;
+    match (verdict(&reply), reply.get(1).map(String::as_str)) {
+        ("revoked", Some(at)) => at
+            .parse()
+            .map(Some)
+            .map_err(|_| StoreError::UnexpectedReply(reply.clone())),
+        ("refused", Some("not_found")) => Ok(None),
+        _ => Err(StoreError::UnexpectedReply(reply)),
+    }
+}

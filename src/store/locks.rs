@@ -1,0 +1,60 @@
+//! Short exclusive locks (`SET NX PX`), for work that must not run twice at
+//! once across processes. A lock runs out on its own, so a holder that dies
+//! cannot keep it.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use super::{Store, StoreResult};
+
+pub static RELEASE_LOCK: LazyLock<Script> = lua_script!("release_lock.lua");
+
+/// A held lock; dropping it releases it (in the background, so a request
+/// dropped by its timeout releases it too).
+pub struct Lock {
+    store: Store,
+    key: &'static str,
+    token: String,
+}
+
+impl Lock {
+    /// The lock, or `None` while someone else holds it.
+    pub async fn acquire(store: &Store, key: &'static str, ttl_ms: u64) -> StoreResult<Option<Self>> {
+        let token = uuid::Uuid::now_v7().to_string();
+        let mut conn = store.conn().await?;
+        let acquired: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut conn)
+            .await?;
+        Ok(acquired.map(|_| Lock {
+            store: store.clone(),
+            key,
+            token,
+        }))
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let (store, key, token) = (self.store.clone(), self.key, std::mem::take(&mut self.token));
+        tokio::spawn(async move {
+            let released = async {
+                let mut conn = store.conn().await?;
+                RELEASE_LOCK
+                    .key(key)
+                    .arg(&token)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map_err(super::StoreError::from)
+            };
+            if let Err(err) = released.await {
+                tracing::warn!(error = %err, key, "releasing a lock failed; it runs out on its own");
+            }
+        });
+    }
+}
