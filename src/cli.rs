@@ -6,15 +6,16 @@ use anyhow::Context;
 use futures::FutureExt;
 use tokio::sync::watch;
 
+use crate::access::{KeyId, KeyRequest, Role, issue_key};
 use crate::app::{Application, shutdown_signal};
 use crate::config::{
-    BatchAction, BenchScenario, Command, DevArgs, ExchangeSimArgs, RedisSettings, ServeArgs,
-    WorkerArgs,
+    BatchAction, BenchScenario, Command, DevArgs, ExchangeSimArgs, KeyAction, KeysArgs,
+    RedisSettings, ServeArgs, WorkerArgs,
 };
-use crate::domain::BatchId;
+use crate::domain::{AccountId, BatchId};
 use crate::exchange::sim::{ExchangeSim, Faults};
 use crate::redis_server::RedisServer;
-use crate::store::{Store, orders, settlement};
+use crate::store::{Store, api_keys, orders, settlement};
 
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
@@ -60,7 +61,78 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { redis } => audit(&redis).await,
+        Command::Keys(args) => keys(args).await,
     }
+}
+
+async fn keys(args: KeysArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::connect(&args.redis)?;
+    match args.action {
+        KeyAction::Create {
+            role,
+            account,
+            expires,
+            label,
+            reads_per_s,
+            writes_per_s,
+        } => {
+            let pepper = crate::config::pepper_from(args.api_key_pepper.as_deref())?;
+            let account = account
+                .map(|account| AccountId::parse(&account))
+                .transpose()?;
+            let request = KeyRequest {
+                role,
+                account,
+                expires_in: expires,
+                label,
+                reads_per_s,
+                writes_per_s,
+            };
+            let (generated, record) = issue_key(&store, &pepper, request).await?;
+            println!("{}", describe_key(&record));
+            println!("{}", generated.plaintext);
+        }
+        KeyAction::List { limit, offset } => {
+            let mut conn = store.conn().await?;
+            for record in api_keys::list_api_keys(&mut conn, offset, limit).await? {
+                println!("{}", describe_key(&record));
+            }
+        }
+        KeyAction::Revoke { id } => {
+            let id = KeyId::parse(&id)?;
+            let mut conn = store.conn().await?;
+            match api_keys::revoke_api_key(&mut conn, &id, crate::store::now_ms()).await? {
+                Some(_) => {
+                    println!("key {id} revoked: every API process refuses it within a second")
+                }
+                None => anyhow::bail!("key {id} not found"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line per key: id, role, account, state, label.
+fn describe_key(record: &api_keys::KeyRecord) -> String {
+    let time = |ms: i64| {
+        let at = std::time::UNIX_EPOCH
+            + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+        humantime::format_rfc3339_seconds(at).to_string()
+    };
+    let state = match (record.revoked_at_ms, record.expires_at_ms) {
+        (Some(at), _) => format!("revoked {}", time(at)),
+        (None, Some(at)) if at <= crate::store::now_ms() => format!("expired {}", time(at)),
+        (None, Some(at)) => format!("expires {}", time(at)),
+        (None, None) => "live".to_owned(),
+    };
+    format!(
+        "{} {} account={} created={} {state} label={:?}",
+        record.id,
+        record.role,
+        record.account.as_ref().map_or("-", AccountId::as_str),
+        time(record.created_at_ms),
+        record.label.as_deref().unwrap_or("")
+    )
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -138,6 +210,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     worker
         .validate_with(&serve.redis)
         .map_err(anyhow::Error::msg)?;
+    if serve.access.api_key_pepper.is_none() {
+        serve.access.api_key_pepper = Some(dev_pepper(&data_dir)?);
+    }
     let private_redis = match serve.redis.redis_url {
         Some(_) => None,
         None => {
@@ -169,6 +244,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     }
     let app = Application::build(serve.clone()).await?;
     let store = app.store();
+    let pepper = serve.access.pepper()?;
+    print_dev_keys(&store, &pepper, &data_dir, app.local_addr()).await?;
     let stop = until_stopped(stopped.clone());
     tasks.spawn(async move {
         app.run_until_stopped(stop)
@@ -199,6 +276,119 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("private redis-server stopped");
     }
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// `tally dev`'s pepper: `TALLY_API_KEY_PEPPER` if set, else one kept in the
+/// data folder (made on first use), so keys outlive a restart of `tally dev`.
+fn dev_pepper(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("api-key-pepper");
+    if let Ok(pepper) = std::fs::read_to_string(&path) {
+        return Ok(pepper.trim().to_owned());
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let pepper = crate::access::Pepper::generate_text();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, pepper.as_bytes())?;
+    Ok(pepper)
+}
+
+/// How long the keys `tally dev` prints stay valid.
+const DEV_KEY_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 60 * 60);
+/// Requests per second the dev admin key may make: `tally gen` runs on it.
+const DEV_ADMIN_RATE_PER_S: u32 = 10_000;
+/// The demo customer's opening balance, in USD.
+const DEV_DEMO_BALANCE: &str = "1000.00";
+
+/// Makes an admin key and a demo customer's key for this run and prints
+/// them (also to `<data dir>/dev-keys.env`, readable by the owner only, for
+/// scripts). The demo customer is opened once and kept.
+async fn print_dev_keys(
+    store: &Store,
+    pepper: &crate::access::Pepper,
+    data_dir: &std::path::Path,
+    address: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let demo = dev_demo_account(store).await?;
+    let key = |role, account, rate| KeyRequest {
+        role,
+        account,
+        expires_in: Some(DEV_KEY_LIFETIME),
+        label: Some("tally dev".to_owned()),
+        reads_per_s: rate,
+        writes_per_s: rate,
+    };
+    let (admin, _) = issue_key(
+        store,
+        pepper,
+        key(Role::Admin, None, Some(DEV_ADMIN_RATE_PER_S)),
+    )
+    .await?;
+    let (customer, _) =
+        issue_key(store, pepper, key(Role::Customer, Some(demo.clone()), None)).await?;
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("dev-keys.env");
+    let _ = std::fs::remove_file(&path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(
+        &mut file,
+        format!(
+            "TALLY_ADMIN_KEY={}\nTALLY_CUSTOMER_KEY={}\nTALLY_DEMO_ACCOUNT={demo}\n",
+            admin.plaintext, customer.plaintext
+        )
+        .as_bytes(),
+    )?;
+    println!(
+        "\ntally dev: API keys for this run (valid 30 days; also in {}):\n  \
+         admin     {}\n  \
+         customer  {}  (account {demo}, the demo customer)\n\
+         Try:  curl -H 'Authorization: Bearer {}' http://{address}/api/v1/accounts\n\
+         Swagger UI: http://{address}/docs (Authorize, then paste a key)\n",
+        path.display(),
+        admin.plaintext,
+        customer.plaintext,
+        admin.plaintext,
+    );
+    Ok(())
+}
+
+/// The demo customer's account: opened with an opening balance on the first
+/// `tally dev`, and found again (`tally:dev:demo_account`) on later ones.
+async fn dev_demo_account(store: &Store) -> anyhow::Result<AccountId> {
+    use redis::AsyncCommands;
+    let mut conn = store.conn().await?;
+    let known: Option<String> = conn.get(crate::store::keys::DEV_DEMO_ACCOUNT).await?;
+    if let Some(id) = known.and_then(|id| AccountId::parse(&id).ok())
+        && crate::store::accounts::get_account(&mut conn, &id)
+            .await?
+            .is_some()
+    {
+        return Ok(id);
+    }
+    let new = crate::store::accounts::NewAccount {
+        id: AccountId::new_customer(),
+        name: crate::domain::AccountName::parse("Demo customer")?,
+        opening_balance: crate::domain::Amount::parse(DEV_DEMO_BALANCE)?,
+        idempotency: None,
+        idempotency_ttl_secs: 1,
+    };
+    crate::store::accounts::create_account(&mut conn, &new).await?;
+    let _: () = conn
+        .set(crate::store::keys::DEV_DEMO_ACCOUNT, new.id.as_str())
+        .await?;
+    Ok(new.id)
 }
 
 async fn batches(redis: &RedisSettings, action: BatchAction) -> anyhow::Result<ExitCode> {

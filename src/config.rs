@@ -122,6 +122,9 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// API keys, straight against Redis: create (the key alone on the last
+    /// line of standard output, shown once), list, revoke.
+    Keys(KeysArgs),
     /// Check the ledger invariants; exits non-zero on any breach.
     Audit {
         #[command(flatten)]
@@ -193,14 +196,19 @@ impl Default for AccessSettings {
 impl AccessSettings {
     /// The pepper, or why there is none to use.
     pub fn pepper(&self) -> anyhow::Result<crate::access::Pepper> {
-        let text = self.api_key_pepper.as_deref().ok_or_else(|| {
-            anyhow::anyhow!(
-                "TALLY_API_KEY_PEPPER is not set: set a secret of at least {} bytes (the same on every process), e.g. `openssl rand -hex 32`",
-                crate::access::PEPPER_LENGTH_MIN
-            )
-        })?;
-        crate::access::Pepper::new(text).map_err(|err| anyhow::anyhow!("TALLY_API_KEY_PEPPER: {err}"))
+        pepper_from(self.api_key_pepper.as_deref())
     }
+}
+
+/// `TALLY_API_KEY_PEPPER` checked, or why it cannot be used.
+pub fn pepper_from(text: Option<&str>) -> anyhow::Result<crate::access::Pepper> {
+    let text = text.ok_or_else(|| {
+        anyhow::anyhow!(
+            "TALLY_API_KEY_PEPPER is not set: set a secret of at least {} bytes (the same on every process), e.g. `openssl rand -hex 32`",
+            crate::access::PEPPER_LENGTH_MIN
+        )
+    })?;
+    crate::access::Pepper::new(text).map_err(|err| anyhow::anyhow!("TALLY_API_KEY_PEPPER: {err}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,6 +241,57 @@ pub enum BatchAction {
         #[arg(long)]
         exchange_confirmed_unfilled: bool,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    pub redis: RedisSettings,
+    /// Keys the hash of each key's secret: the API processes' own value.
+    #[arg(
+        long,
+        env = "TALLY_API_KEY_PEPPER",
+        hide_env_values = true,
+        global = true
+    )]
+    pub api_key_pepper: Option<String>,
+    #[command(subcommand)]
+    pub action: KeyAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeyAction {
+    /// Make a key and print it (last line of standard output). Only a keyed
+    /// hash of its secret is stored: this is its only copy.
+    Create {
+        /// customer, bank, read, metrics, ops or admin.
+        #[arg(long, value_parser = |text: &str| crate::access::Role::parse(text).map_err(|err| err.to_string()))]
+        role: crate::access::Role,
+        /// The account a customer key is bound to.
+        #[arg(long)]
+        account: Option<String>,
+        /// How long until the key stops working, e.g. `90d` (default: never).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        /// What the key is for, shown in listings.
+        #[arg(long)]
+        label: Option<String>,
+        /// The key's own limit on reads per second (default: the server's).
+        #[arg(long)]
+        reads_per_s: Option<u32>,
+        /// The key's own limit on writes per second (default: the server's).
+        #[arg(long)]
+        writes_per_s: Option<u32>,
+    },
+    /// List keys, oldest first (never their secrets).
+    List {
+        #[arg(long, default_value_t = PAGE_SIZE_MAX_DEFAULT)]
+        limit: usize,
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+    },
+    /// Revoke a key by id: every API process refuses it within a second.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Clone, Args)]

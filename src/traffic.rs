@@ -23,6 +23,23 @@ pub struct GenArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// An `admin` API key (it opens accounts and places orders for them);
+    /// `tally dev` prints one and writes it to `.tally/dev-keys.env`.
+    #[arg(long, env = "TALLY_API_KEY", hide_env_values = true)]
+    pub key: String,
+}
+
+/// A client that sends `key` as its bearer token with every request.
+pub fn authorized_client(key: &str) -> anyhow::Result<reqwest::Client> {
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+        .context("the API key is not a valid header value")?;
+    // Never printed in a Debug dump of the client or a request.
+    value.set_sensitive(true);
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
 }
 
 /// Most requests one run sends.
@@ -34,7 +51,7 @@ pub async fn run(args: GenArgs) -> anyhow::Result<bool> {
         bail!("count must be at most {GEN_COUNT_MAX}; accounts and concurrency at least 1");
     }
     let base = args.url.trim_end_matches('/').to_owned();
-    let client = reqwest::Client::new();
+    let client = authorized_client(&args.key)?;
     let accounts = Arc::new(ensure_accounts(&client, &base, args.accounts).await?);
     let started = Instant::now();
     let mut outcomes: BTreeMap<(&'static str, &'static str), usize> = BTreeMap::new();

@@ -273,7 +273,10 @@ mod tests {
         assert!(!presented.matches(&pepper, &other.secret_hash));
         let other_pepper = Pepper::new(&"q".repeat(PEPPER_LENGTH_MIN)).unwrap();
         assert!(!presented.matches(&other_pepper, &key.secret_hash));
-        assert!(!key.secret_hash.contains(&key.plaintext[key.plaintext.len() - 64..]));
+        assert!(
+            !key.secret_hash
+                .contains(&key.plaintext[key.plaintext.len() - 64..])
+        );
     }
 
     #[test]
@@ -287,7 +290,11 @@ mod tests {
             key.replacen("admin", "root", 1),
             key[..key.len() - 1].to_owned(),
             format!("{key}0"),
-            format!("{}{}", &key[..secret_start], key[secret_start..].to_uppercase()),
+            format!(
+                "{}{}",
+                &key[..secret_start],
+                key[secret_start..].to_uppercase()
+            ),
             key.replacen('_', "", 3),
         ] {
             assert!(PresentedKey::parse(&bad).is_none(), "{bad}");

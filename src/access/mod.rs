@@ -28,6 +28,9 @@ use crate::store::{Store, StoreError, now_ms};
 
 /// Most key records one process keeps; past it, stale ones are dropped.
 pub const KEY_CACHE_ENTRIES_MAX: usize = 100_000;
+/// While Redis cannot be reached, how long a key this process checked may
+/// still make reads (which then learn that Redis is down).
+pub const KEY_STALE_IF_ERROR: Duration = Duration::from_secs(60);
 /// The longest `TALLY_API_KEY_CACHE_MS` may be: revocation must reach every
 /// process within a second.
 pub const KEY_CACHE_MS_MAX: u64 = 1_000;
@@ -112,12 +115,22 @@ impl Authenticator {
     }
 
     /// The caller a bearer token names, if it is a live key of ours.
-    pub async fn authenticate(&self, token: &str) -> Result<Caller, Denied> {
+    pub async fn authenticate(&self, token: &str, class: RequestClass) -> Result<Caller, Denied> {
         const INVALID: &str = "the API key is not valid (unknown, expired or revoked)";
         let presented = PresentedKey::parse(token).ok_or(Denied::Unauthenticated(
             "the bearer token is not a tally API key (tally_<role>_<id>_<secret>)",
         ))?;
-        let Some(record) = self.cache.get(&self.store, &presented.id).await? else {
+        let record = match self.cache.get(&self.store, &presented.id).await {
+            Ok(record) => record,
+            // Redis is out of reach, so no request can touch the ledger: a
+            // read may still learn that (503s, `/metrics` with redis_up 0)
+            // with a key this process checked lately. Writes stay refused.
+            Err(err) if class == RequestClass::Read => {
+                Some(self.cache.stale(&presented.id).ok_or(Denied::Store(err))?)
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let Some(record) = record else {
             return Err(Denied::Unauthenticated(INVALID));
         };
         // The role is part of what the client sent: a key whose prefix was
@@ -149,7 +162,9 @@ impl Authenticator {
         };
         let limit = RateLimit {
             per_s,
-            burst: per_s.saturating_mul(self.settings.rate_limit_burst_s).max(1),
+            burst: per_s
+                .saturating_mul(self.settings.rate_limit_burst_s)
+                .max(1),
         };
         let holder = match class {
             RequestClass::Read => format!("{}:reads", caller.key_id),
@@ -169,10 +184,17 @@ impl Authenticator {
         self.take(&format!("auth_failures:{client}"), limit).await
     }
 
+    /// A limit Redis cannot check lets the request through: the limits
+    /// guard capacity, not the ledger, and a request that needs Redis fails
+    /// on its own (a full Redis refusing writes still serves reads).
     async fn take(&self, holder: &str, limit: RateLimit) -> Result<(), Denied> {
-        match self.limiter.take(&self.store, holder, limit).await? {
-            Ok(()) => Ok(()),
-            Err(retry_after) => Err(Denied::RateLimited { retry_after }),
+        match self.limiter.take(&self.store, holder, limit).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(retry_after)) => Err(Denied::RateLimited { retry_after }),
+            Err(err) => {
+                tracing::warn!(error = %err, holder, "rate limit unchecked: Redis did not answer");
+                Ok(())
+            }
         }
     }
 }
@@ -222,4 +244,119 @@ impl KeyCache {
         entries.insert(id.clone(), (read_at, record.clone()));
         Ok(Some(record))
     }
+
+    /// The record last read, if it was read within [`KEY_STALE_IF_ERROR`].
+    fn stale(&self, id: &KeyId) -> Option<Arc<KeyRecord>> {
+        let entries = self.entries.lock().expect("key cache lock");
+        let (read_at, record) = entries.get(id)?;
+        (read_at.elapsed() < KEY_STALE_IF_ERROR).then(|| record.clone())
+    }
+}
+
+/// Longest label a key may carry.
+pub const KEY_LABEL_LENGTH_MAX: usize = 100;
+/// Longest a key may live: about ten years.
+pub const KEY_LIFETIME_MAX: Duration = Duration::from_secs(10 * 366 * 24 * 60 * 60);
+
+/// What a new key is to be.
+#[derive(Debug, Clone)]
+pub struct KeyRequest {
+    pub role: Role,
+    pub account: Option<AccountId>,
+    pub expires_in: Option<Duration>,
+    pub label: Option<String>,
+    pub reads_per_s: Option<u32>,
+    pub writes_per_s: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The request itself is wrong (a customer key with no account, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The customer account to bind to does not exist.
+    #[error("account {0} not found")]
+    AccountNotFound(AccountId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Makes a key and stores its record: the plaintext is in the returned
+/// [`GeneratedKey`] and nowhere else. Used by `tally keys create` (straight
+/// against Redis: that is how the first admin key is made) and by `POST /keys`.
+pub async fn issue_key(
+    store: &Store,
+    pepper: &Pepper,
+    request: KeyRequest,
+) -> Result<(GeneratedKey, KeyRecord), IssueError> {
+    let invalid = |detail: &str| Err(IssueError::Invalid(detail.to_owned()));
+    match (&request.role, &request.account) {
+        (Role::Customer, None) => {
+            return invalid("a customer key needs the account it is bound to");
+        }
+        (Role::Customer, Some(account)) if account.is_system() => {
+            return invalid("a customer key is bound to a customer account, not a system one");
+        }
+        (Role::Customer, Some(_)) | (_, None) => {}
+        (_, Some(_)) => return invalid("only customer keys are bound to an account"),
+    }
+    if let Some(label) = &request.label
+        && (label.chars().count() > KEY_LABEL_LENGTH_MAX || label.chars().any(char::is_control))
+    {
+        return Err(IssueError::Invalid(format!(
+            "label must be at most {KEY_LABEL_LENGTH_MAX} characters, with no control characters"
+        )));
+    }
+    if request
+        .expires_in
+        .is_some_and(|expires_in| expires_in.is_zero() || expires_in > KEY_LIFETIME_MAX)
+    {
+        return invalid("a key expires between 1 second and about 10 years from now");
+    }
+    let limits = [request.reads_per_s, request.writes_per_s];
+    if limits
+        .into_iter()
+        .flatten()
+        .any(|per_s| !(1..=1_000_000).contains(&per_s))
+    {
+        return invalid("a key's rate limits are 1 to 1,000,000 per second");
+    }
+    let mut conn = store.conn().await?;
+    if let Some(account) = &request.account {
+        // Accounts are never deleted, so one that exists now still will when
+        // the key is stored.
+        if crate::store::accounts::get_account(&mut conn, account)
+            .await?
+            .is_none()
+        {
+            return Err(IssueError::AccountNotFound(account.clone()));
+        }
+    }
+    let generated = GeneratedKey::new(request.role, pepper);
+    let now = now_ms();
+    let record = KeyRecord {
+        id: generated.id.clone(),
+        role: request.role,
+        account: request.account,
+        secret_hash: generated.secret_hash.clone(),
+        created_at_ms: now,
+        expires_at_ms: request
+            .expires_in
+            .map(|expires_in| now + i64::try_from(expires_in.as_millis()).unwrap_or(i64::MAX / 2)),
+        revoked_at_ms: None,
+        label: request.label,
+        reads_per_s: request.reads_per_s,
+        writes_per_s: request.writes_per_s,
+    };
+    crate::store::api_keys::create_api_key(&mut conn, &record)
+        .await
+        .map_err(|err| match err {
+            crate::store::api_keys::CreateKeyError::Store(err) => err,
+            // A fresh random id that exists already is a bug, not a request error.
+            err @ crate::store::api_keys::CreateKeyError::KeyExists(_) => {
+                StoreError::UnexpectedReply(vec![err.to_string()])
+            }
+        })?;
+    tracing::info!(key_id = %record.id, role = %record.role, "API key created");
+    Ok((generated, record))
 }

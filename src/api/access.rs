@@ -68,7 +68,13 @@ impl ApiKey {
         account: &AccountId,
         not_found: impl FnOnce() -> ApiError,
     ) -> Result<(), ApiError> {
-        self.require(&[Role::Customer, Role::Read, Role::Ops, Role::Bank, Role::Admin])?;
+        self.require(&[
+            Role::Customer,
+            Role::Read,
+            Role::Ops,
+            Role::Bank,
+            Role::Admin,
+        ])?;
         if self.0.may_read_account(account) {
             Ok(())
         } else {
@@ -98,8 +104,7 @@ impl ApiKey {
 /// Swagger UI. Everything else needs one, unknown paths included (default
 /// deny: a route added later is not open by mistake).
 fn is_open(path: &str) -> bool {
-    matches!(path, "/health" | "/ready" | "/openapi.yaml" | "/docs")
-        || path.starts_with("/docs/")
+    matches!(path, "/health" | "/ready" | "/openapi.yaml" | "/docs") || path.starts_with("/docs/")
 }
 
 /// Checks the bearer key and the caller's rate limit, then runs `endpoint`
@@ -110,7 +115,10 @@ pub async fn authenticate<E: Endpoint>(
     state: Arc<AppState>,
 ) -> poem::Result<Response> {
     if is_open(request.uri().path()) {
-        return endpoint.call(request).await.map(IntoResponse::into_response);
+        return endpoint
+            .call(request)
+            .await
+            .map(IntoResponse::into_response);
     }
     let access = &state.access;
     if !access.settings().authentication {
@@ -122,10 +130,17 @@ pub async fn authenticate<E: Endpoint>(
             reads_per_s: None,
             writes_per_s: None,
         });
-        return endpoint.call(request).await.map(IntoResponse::into_response);
+        return endpoint
+            .call(request)
+            .await
+            .map(IntoResponse::into_response);
     }
+    let class = match *request.method() {
+        Method::GET | Method::HEAD => RequestClass::Read,
+        _ => RequestClass::Write,
+    };
     let caller = match bearer_token(request.headers()) {
-        Ok(token) => access.authenticate(token).await,
+        Ok(token) => access.authenticate(token, class).await,
         Err(detail) => Err(Denied::Unauthenticated(detail)),
     };
     let caller = match caller {
@@ -143,15 +158,14 @@ pub async fn authenticate<E: Endpoint>(
         }
         Err(denied) => return Ok(refusal(denied, "").into_response()),
     };
-    let class = match *request.method() {
-        Method::GET | Method::HEAD => RequestClass::Read,
-        _ => RequestClass::Write,
-    };
     if let Err(denied) = access.limit(&caller, class).await {
         return Ok(refusal(denied, "this key is past its rate limit").into_response());
     }
     request.extensions_mut().insert(caller);
-    endpoint.call(request).await.map(IntoResponse::into_response)
+    endpoint
+        .call(request)
+        .await
+        .map(IntoResponse::into_response)
 }
 
 fn refusal(denied: Denied, rate_limited: &str) -> ApiError {

@@ -9,8 +9,8 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::ApiError;
-use crate::access::Role;
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
+use crate::access::Role;
 use crate::domain::{AccountId, AccountName, Amount, Idempotency, format_units};
 use crate::store::accounts::{self, Account, CreateAccountError, CreateAccountOutcome, NewAccount};
 

@@ -10,8 +10,8 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::ApiError;
-use crate::access::Role;
 use super::{ApiTags, AppState, idempotency_key, list_offset, page_size, rfc3339};
+use crate::access::Role;
 use crate::domain::{AMOUNT_SCALE, AccountId, Amount, Idempotency, format_units, parse_uuid};
 use crate::store::advances::{self, Advance, AdvanceError, INSTALLMENTS, NewAdvance};
 use crate::store::{accounts, now_ms};
@@ -208,7 +208,13 @@ impl AdvancesApi {
         // Canonical form only, lowercased: one spelling per id, as for accounts.
         let id = parse_uuid(&id.0)
             .map_err(|err| ApiError::bad_request("invalid-advance-id", err.to_string()))?;
-        auth.require(&[Role::Customer, Role::Read, Role::Ops, Role::Bank, Role::Admin])?;
+        auth.require(&[
+            Role::Customer,
+            Role::Read,
+            Role::Ops,
+            Role::Bank,
+            Role::Admin,
+        ])?;
         let view = self.view(&id.to_string()).await?;
         let owner = AccountId::parse(&view.account_id).ok();
         if !owner.is_some_and(|owner| auth.0.may_read_account(&owner)) {

@@ -5,6 +5,7 @@ pub mod access;
 mod accounts;
 mod advances;
 mod health;
+mod keys;
 mod metrics;
 mod orders;
 pub mod problem;
@@ -49,6 +50,8 @@ enum ApiTags {
     Transfers,
     /// The journal, newest first, paged inside a snapshot.
     Report,
+    /// API keys: make, list, revoke (admin keys only).
+    Keys,
 }
 
 type Apis = (
@@ -58,6 +61,7 @@ type Apis = (
     report::ReportApi,
     wallet::WalletApi,
     advances::AdvancesApi,
+    keys::KeysApi,
 );
 
 fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
@@ -68,14 +72,17 @@ fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
             transfers::TransfersApi(state.clone()),
             report::ReportApi(state.clone()),
             wallet::WalletApi(state.clone()),
-            advances::AdvancesApi(state),
+            advances::AdvancesApi(state.clone()),
+            keys::KeysApi(state),
         ),
         "tally",
         env!("CARGO_PKG_VERSION"),
     )
     .description(
         "A Redis-native ledger and settlement service. Amounts are decimal strings in USD; \
-         every POST that moves money takes an optional Idempotency-Key header.",
+         every POST that moves money takes an optional Idempotency-Key header (scoped to the \
+         API key). Every operation needs an API key, `Authorization: Bearer \
+         tally_<role>_<id>_<secret>`; each says which roles may call it.",
     )
     .server(API_PREFIX)
 }

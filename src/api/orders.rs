@@ -9,8 +9,8 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::ApiError;
-use crate::access::Role;
 use super::{ApiTags, AppState, idempotency_key, list_offset, page_size, rfc3339};
+use crate::access::Role;
 use crate::domain::{AccountId, BatchId, OrderId, Quantity, Symbol, format_units};
 use crate::orders::{OrderRejection, OrderRequest, prepare};
 use crate::store::orders::{
@@ -295,7 +295,13 @@ impl OrdersApi {
         let id = OrderId::parse(&id.0)
             .map_err(|err| ApiError::bad_request("invalid-order-id", err.to_string()))?;
         let not_found = || ApiError::not_found(format!("order {id} not found"));
-        auth.require(&[Role::Customer, Role::Read, Role::Ops, Role::Bank, Role::Admin])?;
+        auth.require(&[
+            Role::Customer,
+            Role::Read,
+            Role::Ops,
+            Role::Bank,
+            Role::Admin,
+        ])?;
         let mut conn = self.0.store.conn().await?;
         let order = store_orders::get_order(&mut conn, &id)
             .await?
@@ -309,7 +315,13 @@ impl OrdersApi {
     /// Role: `customer`, `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/prices", method = "get")]
     async fn prices(&self, auth: ApiKey) -> Result<PricesResponse, ApiError> {
-        auth.require(&[Role::Customer, Role::Read, Role::Ops, Role::Bank, Role::Admin])?;
+        auth.require(&[
+            Role::Customer,
+            Role::Read,
+            Role::Ops,
+            Role::Bank,
+            Role::Admin,
+        ])?;
         let prices = self
             .0
             .ledger

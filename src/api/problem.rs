@@ -51,10 +51,7 @@ pub enum ApiError {
     /// No valid API key: none, malformed, unknown, expired or revoked. Send
     /// `Authorization: Bearer <key>`.
     #[oai(status = 401, content_type = "application/problem+json")]
-    Unauthorized(
-        Json<Problem>,
-        #[oai(header = "WWW-Authenticate")] String,
-    ),
+    Unauthorized(Json<Problem>, #[oai(header = "WWW-Authenticate")] String),
     /// The key's role does not allow this operation, or a customer key names
     /// another account as the payer; nothing was done.
     #[oai(status = 403, content_type = "application/problem+json")]
@@ -78,10 +75,7 @@ pub enum ApiError {
     /// (`rate-limited`: retry after `Retry-After` seconds), or too much is waiting already
     /// (`queue-full`: an account's wallet queue); nothing was done.
     #[oai(status = 429, content_type = "application/problem+json")]
-    TooManyRequests(
-        Json<Problem>,
-        #[oai(header = "Retry-After")] Option<u64>,
-    ),
+    TooManyRequests(Json<Problem>, #[oai(header = "Retry-After")] Option<u64>),
     /// Something failed on our side; nothing was half done.
     #[oai(status = 500, content_type = "application/problem+json")]
     Internal(Json<Problem>),

@@ -9,9 +9,9 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
 use super::access::ApiKey;
-use crate::access::{Caller, Role};
 use super::problem::{ApiError, Problem};
 use super::{ApiTags, AppState, idempotency_key, rfc3339};
+use crate::access::{Caller, Role};
 use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
 use crate::store::now_ms;
 use crate::store::transfers::{

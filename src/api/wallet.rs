@@ -10,8 +10,8 @@ use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::ApiError;
-use crate::access::Role;
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
+use crate::access::Role;
 use crate::domain::{AccountId, Amount, Idempotency, parse_uuid};
 use crate::store::wallet::{
     self, EnqueueError, EnqueueOutcome, NewWalletTransaction, WalletKind, WalletTransaction,

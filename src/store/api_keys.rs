@@ -121,9 +121,7 @@ pub async fn list_api_keys(
     limit: usize,
 ) -> StoreResult<Vec<KeyRecord>> {
     let last = isize::try_from(offset + limit).unwrap_or(isize::MAX) - 1;
-    let ids: Vec<String> = conn
-        .zrange(keys::API_KEYS, offset as isize, last)
-        .await?;
+    let ids: Vec<String> = conn.zrange(keys::API_KEYS, offset as isize, last).await?;
     let mut records = Vec::with_capacity(ids.len());
     for id in ids {
         let id = KeyId::parse(&id).map_err(|err| StoreError::Corrupt {

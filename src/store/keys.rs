@@ -160,3 +160,6 @@ pub fn rate_limit(holder: &str) -> String {
 /// Held while an API process runs an audit (string: the holder's token,
 /// expiring after the request timeout), so two audits never run at once.
 pub const AUDIT_RUNNING: &str = "tally:audit:running";
+
+/// `tally dev`'s demo customer account (string: its id).
+pub const DEV_DEMO_ACCOUNT: &str = "tally:dev:demo_account";

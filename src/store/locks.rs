@@ -20,7 +20,11 @@ pub struct Lock {
 
 impl Lock {
     /// The lock, or `None` while someone else holds it.
-    pub async fn acquire(store: &Store, key: &'static str, ttl_ms: u64) -> StoreResult<Option<Self>> {
+    pub async fn acquire(
+        store: &Store,
+        key: &'static str,
+        ttl_ms: u64,
+    ) -> StoreResult<Option<Self>> {
         let token = uuid::Uuid::now_v7().to_string();
         let mut conn = store.conn().await?;
         let acquired: Option<String> = redis::cmd("SET")
@@ -41,7 +45,11 @@ impl Lock {
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        let (store, key, token) = (self.store.clone(), self.key, std::mem::take(&mut self.token));
+        let (store, key, token) = (
+            self.store.clone(),
+            self.key,
+            std::mem::take(&mut self.token),
+        );
         tokio::spawn(async move {
             let released = async {
                 let mut conn = store.conn().await?;

@@ -97,6 +97,10 @@ struct Dev {
     base: String,
     redis_port: u16,
     data_dir: tempfile::TempDir,
+    /// The admin key `tally dev` printed (and wrote to dev-keys.env).
+    admin_key: String,
+    /// Sends the admin key.
+    client: reqwest::Client,
 }
 
 /// How long a `tally dev` gets to stop its redis-server before it is killed.
@@ -139,11 +143,13 @@ async fn spawn_dev_with(env: &[(&str, &str)], stderr: Stdio) -> Dev {
         .stderr(stderr)
         .spawn()
         .unwrap();
-    let dev = Dev {
+    let mut dev = Dev {
         process,
         base: format!("http://127.0.0.1:{api_port}"),
         redis_port,
         data_dir,
+        admin_key: String::new(),
+        client: reqwest::Client::new(),
     };
     let client = reqwest::Client::new();
     let mut ready = false;
@@ -157,13 +163,25 @@ async fn spawn_dev_with(env: &[(&str, &str)], stderr: Stdio) -> Dev {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ready, "tally dev became ready");
+    // It writes its keys before it starts answering.
+    let keys = std::fs::read_to_string(dev.data_dir.path().join("dev-keys.env")).unwrap();
+    dev.admin_key = dev_key(&keys, "TALLY_ADMIN_KEY");
+    dev.client = tally::traffic::authorized_client(&dev.admin_key).unwrap();
     dev
+}
+
+/// One `NAME=value` of dev-keys.env.
+fn dev_key(keys: &str, name: &str) -> String {
+    keys.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{name} in {keys}"))
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_runs_its_own_durable_redis_and_stops_it_on_exit() {
     let mut dev = spawn_dev().await;
-    let client = reqwest::Client::new();
+    let client = dev.client.clone();
     let response = client
         .post(format!("{}/api/v1/accounts", dev.base))
         .json(&json!({"name": "dev", "balance": "1"}))
@@ -194,7 +212,7 @@ async fn dev_runs_its_own_durable_redis_and_stops_it_on_exit() {
 async fn gen_against_dev_ends_with_a_summary_and_a_clean_audit() {
     let dev = spawn_dev().await;
     let output = tokio::process::Command::new(TALLY)
-        .args(["gen", "1000", "--url", &dev.base])
+        .args(["gen", "1000", "--url", &dev.base, "--key", &dev.admin_key])
         .output()
         .await
         .unwrap();
@@ -236,7 +254,7 @@ async fn dev_with_a_two_second_period_logs_a_full_repayment() {
         Stdio::from(log.reopen().unwrap()),
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = dev.client.clone();
     let account: serde_json::Value = client
         .post(format!("{}/api/v1/accounts", dev.base))
         .json(&json!({"name": "demo", "balance": "10.00"}))

@@ -395,8 +395,11 @@ async fn a_body_that_arrives_too_slowly_gets_a_408_and_changes_nothing() {
     let address = app.address.trim_start_matches("http://").to_owned();
     let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
     // 100 bytes announced, 12 sent, and the connection left open.
-    let head = "POST /api/v1/accounts HTTP/1.1\r\nHost: tally\r\n\
-                Content-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    let head = format!(
+        "POST /api/v1/accounts HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+        app.admin_key
+    );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(br#"{"name":"a","#).await.unwrap();
     let started = std::time::Instant::now();
