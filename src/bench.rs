@@ -129,6 +129,10 @@ pub struct BenchArgs {
     /// Also write the figures here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Run the API without authentication, to measure what it costs (only
+    /// the bench can: no setting turns it off in `serve`).
+    #[arg(long)]
+    pub no_auth: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -168,6 +172,8 @@ pub struct BenchReport {
     pub runtime_threads: usize,
     /// The bench's redis-server persistence.
     pub redis_persistence: Persistence,
+    /// Whether the API checked a key on every order (off with `--no-auth`).
+    pub authentication: bool,
     /// The workers' thread's nice value.
     pub workers_nice: i32,
     /// True when the workers started only after the load (`--settle-after-load`).
@@ -235,6 +241,11 @@ struct Rig {
     exchange_tid: i32,
     stop: watch::Sender<bool>,
     accounts: Vec<AccountId>,
+    /// A customer key per account (`accounts[i]`'s is `account_keys[i]`),
+    /// sent with each order as production clients would.
+    account_keys: Vec<String>,
+    /// An admin key, for the report's reads.
+    admin_key: String,
     ledger: LedgerSettings,
 }
 
@@ -272,9 +283,11 @@ impl Rig {
             },
             access: crate::config::AccessSettings {
                 api_key_pepper: Some(crate::access::Pepper::generate_text()),
+                authentication: !args.no_auth,
                 ..crate::config::AccessSettings::default()
             },
         };
+        let pepper = settings.access.pepper()?;
         let ledger = settings.ledger.clone();
         let app = Application::build(settings).await?;
         let api_addr = app.local_addr();
@@ -282,6 +295,7 @@ impl Rig {
         let store = app.store();
         tokio::spawn(app.run_until_stopped(until_stopped(stopped.clone())));
         let accounts = create_accounts(&store, args.accounts).await?;
+        let (account_keys, admin_key) = create_keys(&store, &pepper, &accounts).await?;
         Ok(Rig {
             redis,
             redis_dir,
@@ -292,6 +306,8 @@ impl Rig {
             exchange_tid,
             stop,
             accounts,
+            account_keys,
+            admin_key,
             ledger,
         })
     }
@@ -425,6 +441,36 @@ impl Workers {
         let _ = self.stop.send(true);
         self.finished.await.context("the workers' thread ended")?
     }
+}
+
+/// A customer key for each account, with the server's default limits (the
+/// load spreads over the accounts well below them), and an admin key.
+async fn create_keys(
+    store: &Store,
+    pepper: &crate::access::Pepper,
+    accounts: &[AccountId],
+) -> anyhow::Result<(Vec<String>, String)> {
+    use crate::access::{KeyRequest, Role, issue_key};
+    let request = |role, account| KeyRequest {
+        role,
+        account,
+        expires_in: None,
+        label: Some("bench".to_owned()),
+        reads_per_s: None,
+        writes_per_s: None,
+    };
+    let mut keys = Vec::with_capacity(accounts.len());
+    for account in accounts {
+        let (key, _) = issue_key(
+            store,
+            pepper,
+            request(Role::Customer, Some(account.clone())),
+        )
+        .await?;
+        keys.push(key.plaintext);
+    }
+    let (admin, _) = issue_key(store, pepper, request(Role::Admin, None)).await?;
+    Ok((keys, admin.plaintext))
 }
 
 async fn create_accounts(store: &Store, count: usize) -> anyhow::Result<Vec<AccountId>> {
@@ -664,7 +710,8 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     let runtime_threads = tokio::runtime::Handle::current().metrics().num_workers();
     println!(
         "tally bench orders: {:?} per phase, concurrency {}, {} accounts, {} workers at nice {} ({}), \
-         exchange latency {} ms, {} runtime threads for the API and the client, Redis persistence {}",
+         exchange latency {} ms, {} runtime threads for the API and the client, Redis persistence {}, \
+         authentication {}",
         args.duration,
         args.concurrency,
         args.accounts,
@@ -680,6 +727,11 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         match args.redis_persistence {
             Persistence::Aof => "AOF (fsync every second)",
             Persistence::None => "none",
+        },
+        if args.no_auth {
+            "off (--no-auth)"
+        } else {
+            "on (a customer key per account)"
         }
     );
     let rig = Arc::new(Rig::start(&args).await?);
@@ -709,14 +761,19 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     } else {
         Some(rig.start_workers(&args, args.workers_nice).await?)
     };
-    let bodies: Arc<Vec<Bytes>> = Arc::new(
+    // Each order carries its account's own customer key.
+    let bodies: Arc<Vec<(Bytes, http::HeaderValue)>> = Arc::new(
         (0..rig.accounts.len() * QUANTITY_MIX.len())
             .map(|i| {
                 let account = &rig.accounts[i % rig.accounts.len()];
+                let key = &rig.account_keys[i % rig.accounts.len()];
                 let quantity = QUANTITY_MIX[(i / rig.accounts.len()) % QUANTITY_MIX.len()];
-                Bytes::from(format!(
+                let body = Bytes::from(format!(
                     r#"{{"account_id":"{account}","symbol":"ABAN","quantity":"{quantity}"}}"#
-                ))
+                ));
+                let authorization = http::HeaderValue::from_str(&format!("Bearer {key}"))
+                    .expect("a key is a valid header value");
+                (body, authorization)
             })
             .collect(),
     );
@@ -727,10 +784,12 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         args.duration,
         StatusCode::CREATED,
         move |n| {
+            let (body, authorization) = &bodies[(n as usize) % bodies.len()];
             http::Request::post("/api/v1/orders")
                 .header(http::header::HOST, "tally")
                 .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(bodies[(n as usize) % bodies.len()].clone()))
+                .header(http::header::AUTHORIZATION, authorization.clone())
+                .body(Full::new(body.clone()))
                 .expect("a valid request")
         },
     )
@@ -797,6 +856,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         orders_cpu_us_redis: orders_cpu.redis,
         runtime_threads,
         redis_persistence: args.redis_persistence,
+        authentication: !args.no_auth,
         workers_nice: args.workers_nice,
         settle_after_load: args.settle_after_load,
         drain_cpu_us_workers: drain_cpu.map(|cpu| cpu.workers),
@@ -979,7 +1039,7 @@ pub async fn report(args: BenchArgs) -> anyhow::Result<bool> {
         };
         crate::store::transfers::move_money(&mut conn, &movement).await?;
     }
-    let client = reqwest::Client::new();
+    let client = crate::traffic::authorized_client(&rig.admin_key)?;
     let listing: serde_json::Value = client
         .get(format!(
             "{}/api/v1/transactions?limit={REPORT_PAGE_SIZE}",
