@@ -1,6 +1,7 @@
 //! All integration tests, in one binary: each test starts its own
 //! redis-server and its own API on port 0.
 
+mod access;
 mod accounts;
 mod advances;
 mod concurrency;
