@@ -171,9 +171,7 @@ impl TransfersApi {
 fn refused(id: String, reason: String, refusal: Option<Refusal>) -> ApiError {
     let code = match refusal {
         Some(Refusal::BalanceLimit) => "balance-limit",
-        Some(Refusal::AccountNotFound | Refusal::InsufficientFunds) | None => {
-            "transaction-refused"
-        }
+        Some(Refusal::AccountNotFound | Refusal::InsufficientFunds) | None => "transaction-refused",
     };
     let mut problem = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, reason.clone());
     problem.transaction_id = Some(id);

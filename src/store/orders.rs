@@ -241,10 +241,10 @@ fn parse_outcome(words: &[String]) -> Result<PlaceOrderOutcome, PlaceOrderError>
                 }),
             )
         }
-        ("refused", "balance_limit", account) => AccountId::parse(account)
-            .map_or_else(|_| Err(unexpected()), |account| {
-                Err(PlaceOrderError::BalanceLimit(account))
-            }),
+        ("refused", "balance_limit", account) => AccountId::parse(account).map_or_else(
+            |_| Err(unexpected()),
+            |account| Err(PlaceOrderError::BalanceLimit(account)),
+        ),
         ("refused", "idempotency_conflict", order_id) => {
             Err(PlaceOrderError::IdempotencyConflict(order_id.to_owned()))
         }

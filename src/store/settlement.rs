@@ -246,7 +246,9 @@ pub enum OperatorError {
     MayBeFilled(BatchId),
     /// Refunding would take this account (a customer, or @exchange) past the
     /// balance limit; nothing was refunded.
-    #[error("refunding batch {0} would take the balance of account {1} past the largest amount held")]
+    #[error(
+        "refunding batch {0} would take the balance of account {1} past the largest amount held"
+    )]
     BalanceLimit(BatchId, AccountId),
     #[error(transparent)]
     Store(#[from] StoreError),

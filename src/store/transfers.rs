@@ -54,7 +54,10 @@ impl Refusal {
 pub enum MovementOutcome {
     Success,
     /// Refused and journaled with this reason; no balance moved.
-    Fail { refusal: Refusal, reason: String },
+    Fail {
+        refusal: Refusal,
+        reason: String,
+    },
     /// The Idempotency-Key was seen before with the same request.
     Replayed(String),
 }

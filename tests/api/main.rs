@@ -3,6 +3,7 @@
 
 mod accounts;
 mod advances;
+mod balance_limits;
 mod concurrency;
 mod crashes;
 mod helpers;
