@@ -14,6 +14,9 @@
 -- ARGV[4] now, ms          ARGV[5] worker name  ARGV[6] errors stream length bound (approximate)
 --
 -- Returns {"completed"} | {"rejected", reason} | {"skipped"} (not the head any more)
+-- A rejection is for insufficient funds, or for a move that would take the
+-- account or its counterpart past BALANCE_LIMIT (the reason names which);
+-- both are decided before the first write, and no balance moves.
 
 local id, account_id, counterpart, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('LINDEX', KEYS[1], 0) ~= id then
@@ -30,9 +33,11 @@ local balance = redis.call('HGET', KEYS[3], 'balance')
 local delta = kind == 'deposit' and tonumber(amount) or -tonumber(amount)
 if kind ~= 'deposit' and tonumber(balance) < tonumber(amount) then
   reason = 'insufficient funds'
-elseif not within_balance_limit(balance, delta)
-    or not within_balance_limit(redis.call('HGET', KEYS[4], 'balance'), -delta) then
-  reason = 'a balance would pass the largest amount held'
+elseif not within_balance_limit(balance, delta) then
+  reason = 'the balance of account ' .. account_id .. ' would pass the largest amount held'
+elseif not within_balance_limit(redis.call('HGET', KEYS[4], 'balance'), -delta) then
+  -- The system side too: @bank and @card take every customer's moves.
+  reason = 'the balance of account ' .. counterpart .. ' would pass the largest amount held'
 end
 
 local status, moved = 'completed', amount

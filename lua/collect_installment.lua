@@ -22,6 +22,13 @@
 -- (carried_to_n is n itself when the failed installment is due again)
 --   | {"malformed", what}: the advance or the account lacks a field this
 --     needs; nothing is written, and the worker dead-letters the job.
+--   | {"balance_limit", account_id}: paying would take the customer or @bank
+--     past BALANCE_LIMIT. Nothing is written: the installment stays
+--     leased, as for "malformed", and the worker dead-letters the job with
+--     the reason. When the lease expires the scheduler queues the
+--     installment again, so it is collected once the balance is back in
+--     range. It is not failed: the customer could pay, and carrying the
+--     amount forward would blame them for the ledger's limit.
 
 if not redis.call('ZSCORE', KEYS[7], ARGV[1]) then
   redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
@@ -48,11 +55,23 @@ end
 if not (id and account_id and tonumber(amount) and count and period and last_due and own_due) then
   return {'malformed', 'advance ' .. ARGV[1] .. ' lacks its id, account, amount, count, period or due times'}
 end
+local covered = balance >= tonumber(amount)
+if covered then
+  -- Both sides of the payment, before the first write: @bank takes every
+  -- installment. The customer stays at or above zero; only a balance
+  -- already past the limit (set by hand) stays past it.
+  if not within_limit(balance - tonumber(amount)) then
+    return {'balance_limit', account_id}
+  end
+  if not within_balance_limit(redis.call('HGET', KEYS[3], 'balance'), tonumber(amount)) then
+    return {'balance_limit', ARGV[6]}
+  end
+end
 redis.call('ZREM', KEYS[7], ARGV[1])
 redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
 local now = ARGV[3]
 
-if balance >= tonumber(amount) then
+if covered then
   if amount ~= '0' then -- Redis refuses HINCRBY by "-0"
     redis.call('HINCRBY', KEYS[2], 'balance', '-' .. amount)
     redis.call('HINCRBY', KEYS[3], 'balance', amount)

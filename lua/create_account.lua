@@ -20,6 +20,8 @@
 --   {"replayed", account_id}                   same key, same request: nothing written
 --   {"refused", "idempotency_conflict", account_id}
 --   {"refused", "account_exists"}
+--   {"refused", "balance_limit", account_id}  the opening balance would take
+--     this account (the new one, or @bank, which funds it) past BALANCE_LIMIT
 
 local fingerprint = ARGV[5]
 local prior = idempotency_reply(KEYS[5], fingerprint)
@@ -31,6 +33,15 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 
 local account_id, opening = ARGV[1], ARGV[3]
+-- Both sides of the opening move, before the first write. @bank funds every
+-- opening balance, so enough openings would take it past the limit however
+-- small each one is.
+if not within_balance_limit('0', tonumber(opening)) then
+  return {'refused', 'balance_limit', account_id}
+end
+if not within_balance_limit(redis.call('HGET', KEYS[2], 'balance'), -tonumber(opening)) then
+  return {'refused', 'balance_limit', ARGV[7]}
+end
 redis.call('HSET', KEYS[1], 'id', account_id, 'name', ARGV[2], 'balance', opening,
   'created_at', ARGV[4])
 redis.call('ZADD', KEYS[4], 0, account_id)

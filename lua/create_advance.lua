@@ -13,6 +13,8 @@
 --
 -- Returns {"created", id} | {"replayed", id} | {"refused", "idempotency_conflict", id}
 --   | {"refused", "account_not_found"}
+--   | {"refused", "balance_limit", account_id}: the advance would take the
+--     customer or @bank (which lends it) past BALANCE_LIMIT
 
 local fingerprint = ARGV[7]
 local prior = idempotency_reply(KEYS[10], fingerprint)
@@ -24,6 +26,14 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 
 local id, account_id, amount, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[6])
+-- Both sides of the loan, before the first write: @bank lends every advance,
+-- so enough of them would take it past the limit.
+if not within_balance_limit(redis.call('HGET', KEYS[2], 'balance'), amount) then
+  return {'refused', 'balance_limit', account_id}
+end
+if not within_balance_limit(redis.call('HGET', KEYS[3], 'balance'), -amount) then
+  return {'refused', 'balance_limit', ARGV[9]}
+end
 local count, period = tonumber(ARGV[4]), tonumber(ARGV[5])
 local base = math.floor(amount / count)
 redis.call('HSET', KEYS[1], 'id', id, 'account_id', account_id, 'amount', ARGV[3],

@@ -19,9 +19,19 @@
 -- then three per batch, at offset a = 5 + 3 * (i - 1):
 --   a+1 settle job's stream id   a+2 batch id   a+3 the exchange's fill id
 --
+-- A batch whose settlement would take @exchange or @bank past
+-- BALANCE_LIMIT (counting the batches settled before it in this call) is
+-- refused: nothing is written for it, not even the acknowledgement, so its
+-- job stays pending. The worker then dead-letters the batch with the reason
+-- (dead_letter_batch.lua, flagged as possibly filled, so a refund needs the
+-- operator to confirm), and an operator retries it once the balance is back
+-- in range: the exchange fills a batch id once, so the retry finds the same
+-- fill. Nothing is lost, and no balance moves half way.
+--
 -- Returns two strings per batch, in order:
 --   "settled", ""      | "already", status (settled or refunded before)
 --   "missing", "missing"   for an unknown batch
+--   "balance_limit", account_id   refused, the job left pending (see above)
 
 local count = #KEYS - 8
 if count < 1 or #ARGV ~= 5 + 3 * count then
@@ -34,19 +44,41 @@ local stream_ids = {}
 local journal_pending = {} -- index members, written in one ZADD at the end
 local paid = 0
 local settled = 0
+-- The two balances the settlements move, read at the first batch to settle.
+local exchange_balance, bank_balance
 for i = 1, count do
   local key, a = KEYS[8 + i], 5 + 3 * (i - 1)
   local stream_id, batch_id, fill_id = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  stream_ids[#stream_ids + 1] = stream_id
   local batch = redis.call('HMGET', key, 'status', 'value')
   local status, value = batch[1], batch[2]
-  if not status then
+  local settles = status == 'settling' or status == 'failed'
+  local past -- the account this batch's settlement would take past the limit
+  if settles then
+    if not exchange_balance then
+      exchange_balance = tonumber(redis.call('HGET', KEYS[2], 'balance') or '0')
+      bank_balance = tonumber(redis.call('HGET', KEYS[3], 'balance') or '0')
+    end
+    local moved = paid + tonumber(value)
+    if not within_limit(exchange_balance - moved) then
+      past = ARGV[4]
+    elseif not within_limit(bank_balance + moved) then
+      past = ARGV[5]
+    end
+  end
+  if past then
+    -- Refused: not acknowledged, nothing written (see the header).
+    replies[#replies + 1] = 'balance_limit'
+    replies[#replies + 1] = past
+  elseif not status then
+    stream_ids[#stream_ids + 1] = stream_id
     replies[#replies + 1] = 'missing'
     replies[#replies + 1] = 'missing'
-  elseif status ~= 'settling' and status ~= 'failed' then
+  elseif not settles then
+    stream_ids[#stream_ids + 1] = stream_id
     replies[#replies + 1] = 'already'
     replies[#replies + 1] = status
   else
+    stream_ids[#stream_ids + 1] = stream_id
     journal_deferred(KEYS[4], journal_pending, 'at', now, 'kind', 'settlement', 'debit', ARGV[4],
       'credit', ARGV[5], 'amount', value, 'ref', batch_id, 'status', 'completed', 'reason', '')
     redis.call('HSET', key, 'status', 'settled', 'fill_id', fill_id, 'settled_at', now,
@@ -71,5 +103,7 @@ if settled > 0 then
   redis.call('HINCRBY', KEYS[8], 'batches_settled', settled)
 end
 index_journal(KEYS[7], journal_pending)
-redis.call('XACK', KEYS[1], ARGV[1], unpack(stream_ids))
+if #stream_ids > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(stream_ids))
+end
 return replies

@@ -51,17 +51,28 @@ end
 
 -- The largest balance, either way, a script keeps exact: Lua compares
 -- balances as doubles, exact to 2^53 - 1 cents, and HINCRBY fails past 2^63
--- after the other side of a move was already written. The scripts where a
--- client can move money again and again (transfer, apply_wallet_transaction)
--- refuse a move that would pass it before they write anything; the others
--- move amounts bounded per request and by what was paid in.
+-- after the other side of a move was already written. Every script that
+-- moves money (create_account, create_advance, transfer, place_orders,
+-- refund_batch, finish_batches, collect_installment,
+-- apply_wallet_transaction) checks both sides of each move, customer and
+-- system account alike, before its first write, and refuses a move that
+-- would take either past it: a system account (@bank above all) collects
+-- every customer's moves, so no per-request bound keeps it in range.
+--
+-- A sum computed in doubles is exact while it stays within the limit, and
+-- rounding keeps order, so a sum past it still compares past it: the
+-- comparisons below are exact for any balance and amount below 2^53.
 local BALANCE_LIMIT = 9007199254740991
+
+-- True when `cents` (a number) is within BALANCE_LIMIT either way.
+local function within_limit(cents)
+  return cents <= BALANCE_LIMIT and cents >= -BALANCE_LIMIT
+end
 
 -- True when `balance` (text, nil for none) moved by `delta` cents stays
 -- within BALANCE_LIMIT.
 local function within_balance_limit(balance, delta)
-  local after = tonumber(balance or '0') + delta
-  return after <= BALANCE_LIMIT and after >= -BALANCE_LIMIT
+  return within_limit(tonumber(balance or '0') + delta)
 end
 
 -- Arguments per variadic call: unpack() is bounded by Lua's C stack.

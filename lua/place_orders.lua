@@ -36,6 +36,9 @@
 --   "refused", "idempotency_conflict", order_id
 --   "refused", "account_not_found", ""
 --   "refused", "insufficient_funds", balance_cents
+--   "refused", "balance_limit", account_id   the order would take the customer
+--     or @exchange past BALANCE_LIMIT (counting the orders placed before it
+--     in this call)
 
 local count = tonumber(ARGV[1])
 if #KEYS ~= 7 + 8 * count or #ARGV ~= 2 + 10 * count then
@@ -59,6 +62,10 @@ end
 -- arguments are checked above and built by one Rust function.)
 local buckets = {} -- bucket key -> {value, quantity, count, epoch, stored, ids, list, closed, dirty}
 local exchange_credit = 0
+-- @exchange's balance with this call's credit so far: read once, at the
+-- first order that passes its funds check, so that each order checks the
+-- limit against a Lua number and not another call into Redis.
+local exchange_balance
 local journal_pending = {} -- index members of the journal entries written
 local batches_closed = {} -- score, batch id: for the batch index
 
@@ -99,9 +106,24 @@ local function place(k, a)
     return 'refused', 'account_not_found', ''
   end
   local cost = tonumber(ARGV[a + 6])
-  if tonumber(balance) < cost then
+  local customer_after = tonumber(balance) - cost
+  if customer_after < 0 then
     return 'refused', 'insufficient_funds', balance
   end
+  -- Both sides within the limit, before this order's first write. The funds
+  -- check keeps the customer at or above zero; only a balance already past
+  -- the limit (set by hand) stays past it. @exchange takes every order.
+  if customer_after > BALANCE_LIMIT then
+    return 'refused', 'balance_limit', ARGV[a + 1]
+  end
+  if not exchange_balance then
+    exchange_balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
+  end
+  local exchange_after = exchange_balance + cost
+  if not within_limit(exchange_after) then
+    return 'refused', 'balance_limit', exchange_id
+  end
+  exchange_balance = exchange_after
 
   local account_id, order_id, symbol, now = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 10]
   redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])

@@ -24,7 +24,10 @@
 --
 -- Returns {"refunded", order_count, value} | {"refused", "not_failed", status}
 --   | {"refused", "stale_orders"} when the keys passed are not the batch's
---   | {"refused", "fill_unknown"} when it may be filled and that is not confirmed.
+--   | {"refused", "fill_unknown"} when it may be filled and that is not confirmed
+--   | {"refused", "balance_limit", account_id} when a refund would take that
+--     account (a customer, or @exchange) past BALANCE_LIMIT; nothing is
+--     refunded.
 
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'failed' then
@@ -49,6 +52,25 @@ end
 local value = redis.call('HGET', KEYS[1], 'value')
 if total ~= tonumber(value) then
   return {'refused', 'stale_orders'}
+end
+
+-- Every refund, both sides, before the first write, counting what the
+-- refunds before it moved (a customer may have several orders in the batch).
+-- The batch is refunded whole or not at all.
+local exchange_after = tonumber(redis.call('HGET', KEYS[3], 'balance') or '0')
+local customers_after = {} -- account key -> balance after the refunds so far
+for i, cost in ipairs(costs) do
+  local amount = tonumber(cost)
+  exchange_after = exchange_after - amount
+  if not within_limit(exchange_after) then
+    return {'refused', 'balance_limit', ARGV[3]}
+  end
+  local key = KEYS[7 + 2 * i]
+  local after = (customers_after[key] or tonumber(redis.call('HGET', key, 'balance') or '0')) + amount
+  if not within_limit(after) then
+    return {'refused', 'balance_limit', ARGV[5 + i]}
+  end
+  customers_after[key] = after
 end
 
 local batch_id, now = ARGV[1], ARGV[2]

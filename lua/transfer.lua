@@ -15,7 +15,11 @@
 -- ARGV[9] idempotency fingerprint or ""   ARGV[10] its ttl, seconds
 -- ARGV[11] memo
 --
--- Returns {"success", transaction_id} | {"fail", transaction_id, reason}
+-- Returns {"success", transaction_id}
+--   | {"fail", transaction_id, reason, code}: code is account_not_found,
+--     insufficient_funds or balance_limit (the move would take the payer or
+--     the payee past BALANCE_LIMIT; for a bank transaction one of them is
+--     @bank, which every bank transaction moves). The reason says which.
 --   | {"replayed", transaction_id} | {"refused", "idempotency_conflict", transaction_id}
 
 local fingerprint = ARGV[9]
@@ -25,18 +29,29 @@ if prior then
 end
 
 local payer, payee, amount, id, now = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]
-local reason = ''
+local reason, code = '', ''
 local payer_balance = redis.call('HGET', KEYS[1], 'balance')
 local payee_balance = redis.call('HGET', KEYS[2], 'balance')
 if not payer_balance then
-  reason = 'account ' .. payer .. ' not found'
+  reason, code = 'account ' .. payer .. ' not found', 'account_not_found'
 elseif not payee_balance then
-  reason = 'account ' .. payee .. ' not found'
+  reason, code = 'account ' .. payee .. ' not found', 'account_not_found'
 elseif ARGV[7] ~= '1' and tonumber(payer_balance) < tonumber(amount) then
   reason = 'insufficient funds: account ' .. payer .. ' holds less than the amount'
-elseif not within_balance_limit(payer_balance, -tonumber(amount))
-    or not within_balance_limit(payee_balance, tonumber(amount)) then
-  reason = 'a balance would pass the largest amount held'
+  code = 'insufficient_funds'
+else
+  -- Both sides, before the first write: a system payer (@bank) may go
+  -- negative, but not past the limit either.
+  local past
+  if not within_balance_limit(payer_balance, -tonumber(amount)) then
+    past = payer
+  elseif not within_balance_limit(payee_balance, tonumber(amount)) then
+    past = payee
+  end
+  if past then
+    reason = 'the balance of account ' .. past .. ' would pass the largest amount held'
+    code = 'balance_limit'
+  end
 end
 
 local status, moved = 'completed', amount
@@ -52,7 +67,7 @@ journal(KEYS[3], KEYS[4], 'at', now, 'kind', ARGV[4], 'debit', payer,
 if fingerprint ~= '' then
   -- Kept only to answer a replay of the Idempotency-Key, for as long as the key.
   redis.call('HSET', KEYS[5], 'id', id, 'at', now, 'status', status, 'reason', reason,
-    'request', ARGV[8])
+    'code', code, 'request', ARGV[8])
   redis.call('EXPIRE', KEYS[5], ARGV[10])
   redis.call('SET', KEYS[6], id .. ' ' .. fingerprint, 'EX', ARGV[10])
 end
@@ -60,6 +75,6 @@ redis.call('XADD', KEYS[7], '*', 'type', ARGV[4] .. '.' .. status,
   'ref', id, 'debit', payer, 'credit', payee, 'amount', moved, 'requested', amount,
   'at', now, 'reason', reason)
 if reason ~= '' then
-  return {'fail', id, reason}
+  return {'fail', id, reason, code}
 end
 return {'success', id}

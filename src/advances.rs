@@ -207,6 +207,19 @@ impl JobHandler for Collector {
                     )
                 }
                 Collected::Skipped => tracing::info!("no lease: collected by another delivery"),
+                Collected::BalanceLimit(account) => {
+                    // Nothing was written and the lease stays, as for a
+                    // malformed record: the lease's expiry queues the
+                    // installment again, and it is collected once the
+                    // balance is back in range. The job goes to the
+                    // dead-letter stream so an operator sees why.
+                    let problem = format!(
+                        "paying it would take the balance of account {account} past the largest \
+                         amount held; the installment stays leased and is queued again when the \
+                         lease expires"
+                    );
+                    return self.dead_letter(worker, &delivery, &problem).await;
+                }
                 Collected::Malformed(problem) => {
                     // Nothing was written and the lease stays: once an
                     // operator repairs the record, the lease's expiry queues

@@ -8,6 +8,10 @@
 //! 5. Every advance reconciles: paid + scheduled + processing = its amount,
 //!    and every scheduled installment is due or leased (something will
 //!    collect it).
+//! 6. Every balance, customer and system, is within ±(2^53 - 1) cents
+//!    ([`BALANCE_LIMIT_CENTS`]), the range the scripts keep exact and refuse
+//!    to move past. One outside it was set by hand, or by a script that did
+//!    not check: the scripts' comparisons on it are no longer exact.
 //!
 //! The audit reads in bounded pages and is not one atomic snapshot: run it on
 //! a quiet system (or twice) before calling a mismatch a breach. The journal
@@ -19,7 +23,7 @@ use std::fmt;
 use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 
-use crate::domain::{AccountId, SystemAccount, format_units};
+use crate::domain::{AccountId, BALANCE_LIMIT_CENTS, SystemAccount, format_units};
 use crate::store::orders::SettlementStatus;
 use crate::store::{Store, StoreError, StoreResult, accounts, advances, journal, keys, orders};
 
@@ -33,6 +37,8 @@ pub struct AuditReport {
     pub balances_sum_cents: i64,
     /// Accounts whose balance differs from their journal: (id, balance, journal sum).
     pub mismatched_accounts: Vec<(AccountId, i64, i64)>,
+    /// Accounts whose balance is outside ±[`BALANCE_LIMIT_CENTS`]: (id, balance).
+    pub out_of_range_accounts: Vec<(AccountId, i64)>,
     pub orders_value_cents: i64,
     pub batches_value_cents: i64,
     pub buckets_value_cents: i64,
@@ -51,6 +57,7 @@ impl AuditReport {
     pub fn is_clean(&self) -> bool {
         self.balances_sum_cents == 0
             && self.mismatched_accounts.is_empty()
+            && self.out_of_range_accounts.is_empty()
             && self.orders_value_cents == self.batches_value_cents + self.buckets_value_cents
             && self.exchange_balance_cents
                 == self.open_batches_value_cents + self.buckets_value_cents
@@ -84,6 +91,16 @@ impl fmt::Display for AuditReport {
                 usd(*balance),
                 usd(*journal)
             )?;
+        }
+        writeln!(
+            f,
+            "{} every balance is within ±{} ({} outside)",
+            mark(self.out_of_range_accounts.is_empty()),
+            usd(BALANCE_LIMIT_CENTS),
+            self.out_of_range_accounts.len()
+        )?;
+        for (id, balance) in &self.out_of_range_accounts {
+            writeln!(f, "       {id}: balance {} is out of range", usd(*balance))?;
         }
         let settled = self.batches_value_cents + self.buckets_value_cents;
         writeln!(
@@ -212,14 +229,30 @@ pub async fn run(store: &Store) -> StoreResult<AuditReport> {
     Ok(report)
 }
 
+/// The sum of `balances`, exact in i128: balances out of range (set by hand)
+/// could overflow an i64 sum. A sum beyond i64 reads as its nearest bound,
+/// which is not zero, so it is a breach either way.
+fn sum_cents(balances: impl Iterator<Item = i64>) -> i64 {
+    let sum: i128 = balances.map(i128::from).sum();
+    i64::try_from(sum).unwrap_or(if sum > 0 { i64::MAX } else { i64::MIN })
+}
+
 /// One pass over the ledger; None when the journal was trimmed during it.
 async fn check(mut conn: ConnectionManager, pause: &TrimPause) -> StoreResult<Option<AuditReport>> {
     let balances = accounts::all_balances(&mut conn, AUDIT_PAGE_SIZE).await?;
     let mut report = AuditReport {
         accounts_checked: balances.len(),
-        balances_sum_cents: balances.iter().map(|(_, balance)| balance).sum(),
+        balances_sum_cents: sum_cents(balances.iter().map(|(_, balance)| *balance)),
+        out_of_range_accounts: balances
+            .iter()
+            .filter(|(_, balance)| !(-BALANCE_LIMIT_CENTS..=BALANCE_LIMIT_CENTS).contains(balance))
+            .cloned()
+            .collect(),
         ..AuditReport::default()
     };
+    for (id, balance) in &report.out_of_range_accounts {
+        tracing::error!(account_id = %id, balance_cents = balance, "balance outside the range the scripts keep exact");
+    }
 
     // Entries trimmed past retention count through what they carried.
     let mut journal_sums: BTreeMap<String, i64> = BTreeMap::new();

@@ -143,7 +143,7 @@ impl<E: Exchange> Settler<E> {
             let mut fills = Vec::new();
             for (job_ref, job, attempt, outcome) in answered {
                 match outcome {
-                    Ok(fill) => fills.push((job_ref, job, fill)),
+                    Ok(fill) => fills.push((job_ref, job, attempt, fill)),
                     Err(err) => {
                         if let Err(step) = self.end_failed_call(job_ref, job, attempt, err).await {
                             failed_steps += 1;
@@ -157,7 +157,7 @@ impl<E: Exchange> Settler<E> {
             }
             let filled: Vec<Filled<'_>> = fills
                 .iter()
-                .map(|(job_ref, _, fill)| Filled {
+                .map(|(job_ref, _, _, fill)| Filled {
                     job: **job_ref,
                     fill_id: &fill.fill_id,
                 })
@@ -168,7 +168,17 @@ impl<E: Exchange> Settler<E> {
             };
             match finished {
                 Ok(ends) => {
-                    for ((_, job, fill), end) in fills.iter().zip(ends) {
+                    for ((job_ref, job, attempt, fill), end) in fills.iter().zip(ends) {
+                        if let scripts::JobEnd::BalanceLimit(account) = &end {
+                            let refused = self
+                                .dead_letter_filled(job_ref, *attempt, &fill.fill_id, account)
+                                .await;
+                            if let Err(step) = refused {
+                                failed_steps += 1;
+                                tracing::warn!(worker, batch_id = %job.batch_id, error = %step, "job left pending for re-delivery");
+                            }
+                            continue;
+                        }
                         tracing::info!(worker, batch_id = %job.batch_id, attempt = job.attempt, fill_id = %fill.fill_id, duplicate = fill.duplicate, ?end, "batch settled");
                     }
                 }
@@ -219,6 +229,32 @@ impl<E: Exchange> Settler<E> {
             .await?;
             tracing::error!(worker = job_ref.worker, batch_id = %job.batch_id, attempt, error = %err, ?end, "batch failed; moved to the dead-letter stream");
         }
+        Ok(())
+    }
+
+    /// The exchange filled the batch, but settling it would take `account`
+    /// (@exchange or @bank) past the balance limit, so `finish_batches`
+    /// wrote nothing and left the job pending. Retrying cannot help until an
+    /// operator brings that balance back, so the batch is dead-lettered at
+    /// once, with the fill in its error: it stays `failed` with its money at
+    /// @exchange, flagged as possibly filled so that a refund needs the
+    /// operator's confirmation, until an operator retries it (the exchange
+    /// fills a batch id once, so the retry settles this same fill).
+    async fn dead_letter_filled(
+        &self,
+        job_ref: &JobRef<'_>,
+        attempt: u32,
+        fill_id: &str,
+        account: &crate::domain::AccountId,
+    ) -> anyhow::Result<()> {
+        let error = format!(
+            "the exchange filled it (fill {fill_id}), but settling it would take the balance of \
+             account {account} past the largest amount held; retry the batch once that balance \
+             is back in range"
+        );
+        let mut conn = self.store.conn().await?;
+        let end = scripts::dead_letter_batch(&mut conn, job_ref, &error, attempt, true).await?;
+        tracing::error!(worker = job_ref.worker, batch_id = %job_ref.batch_id, attempt, fill_id, %account, ?end, "filled batch not settled: a balance would pass the limit; dead-lettered for an operator to retry");
         Ok(())
     }
 

@@ -118,6 +118,9 @@ impl AccountsApi {
                     crate::store::StoreError::UnexpectedReply(vec![err.to_string()]).into(),
                 );
             }
+            Err(err @ CreateAccountError::BalanceLimit(_)) => {
+                return Err(ApiError::balance_limit(err));
+            }
             Err(CreateAccountError::Store(err)) => return Err(err.into()),
         };
         let account = accounts::get_account(&mut conn, &id)

@@ -83,6 +83,9 @@ struct AuditView {
     accounts_checked: u64,
     journal_entries: u64,
     mismatched_accounts: Vec<String>,
+    /// Accounts whose balance is outside ±90,071,992,547,409.91 (2^53 - 1
+    /// cents), the range every operation keeps balances in.
+    out_of_range_accounts: Vec<String>,
     advances_checked: u64,
     unreconciled_advances: Vec<String>,
     /// The report as `tally audit` prints it.
@@ -191,6 +194,7 @@ impl AdvancesApi {
                     format!("this Idempotency-Key made advance {id} with another request"),
                 ));
             }
+            Err(err @ AdvanceError::BalanceLimit(_)) => return Err(ApiError::balance_limit(err)),
             Err(AdvanceError::Store(err)) => return Err(err.into()),
         };
         Ok(CreatedResponse::Created(
@@ -289,6 +293,11 @@ impl AdvancesApi {
                 .mismatched_accounts
                 .iter()
                 .map(|(id, _, _)| id.to_string())
+                .collect(),
+            out_of_range_accounts: report
+                .out_of_range_accounts
+                .iter()
+                .map(|(id, _)| id.to_string())
                 .collect(),
             advances_checked: report.advances_checked as u64,
             unreconciled_advances: report.unreconciled_advances.clone(),

@@ -478,6 +478,7 @@ fn operator_refusal(err: OperatorError) -> ApiError {
             ApiError::conflict("batch-not-failed", err.to_string())
         }
         err @ OperatorError::MayBeFilled(_) => ApiError::conflict("may-be-filled", err.to_string()),
+        err @ OperatorError::BalanceLimit(..) => ApiError::balance_limit(err),
         OperatorError::Store(err) => err.into(),
     }
 }
@@ -492,6 +493,7 @@ fn refusal(err: PlaceOrderError, account_id: &AccountId) -> ApiError {
             "insufficient-funds",
             format!("insufficient funds: account {account_id} holds {balance}"),
         ),
+        err @ PlaceOrderError::BalanceLimit(_) => ApiError::balance_limit(err),
         PlaceOrderError::IdempotencyConflict(id) => ApiError::conflict(
             "idempotency-conflict",
             format!("this Idempotency-Key placed order {id} with another request"),

@@ -127,6 +127,16 @@ impl ApiError {
         ApiError::Unprocessable(Json(Problem::new(status, code, detail)))
     }
 
+    /// A request that would take a balance past the largest amount the
+    /// ledger keeps exact: 422 `balance-limit`. `refusal` names the account.
+    pub fn balance_limit(refusal: impl std::fmt::Display) -> Self {
+        let limit = crate::domain::format_units(crate::domain::BALANCE_LIMIT_CENTS, 2);
+        Self::unprocessable(
+            "balance-limit",
+            format!("{refusal} (±{limit}); nothing was done"),
+        )
+    }
+
     /// Store failures: logged in full, answered without internals.
     pub fn from_store(err: crate::store::StoreError) -> Self {
         use crate::store::StoreError;

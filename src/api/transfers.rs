@@ -15,7 +15,7 @@ use crate::access::{Caller, Role};
 use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
 use crate::store::now_ms;
 use crate::store::transfers::{
-    Movement, MovementError, MovementOutcome, move_money, stored_movement,
+    Movement, MovementError, MovementOutcome, Refusal, move_money, stored_movement,
 };
 
 /// Longest bank-transaction reason kept.
@@ -100,6 +100,7 @@ struct Ended {
     id: String,
     at_ms: i64,
     failure: Option<String>,
+    refusal: Option<Refusal>,
     replayed: Option<bool>,
 }
 
@@ -111,12 +112,14 @@ impl TransfersApi {
                 id: movement.id,
                 at_ms: movement.at_ms,
                 failure: None,
+                refusal: None,
                 replayed: None,
             }),
-            Ok(MovementOutcome::Fail(reason)) => Ok(Ended {
+            Ok(MovementOutcome::Fail { refusal, reason }) => Ok(Ended {
                 id: movement.id,
                 at_ms: movement.at_ms,
                 failure: Some(reason),
+                refusal: Some(refusal),
                 replayed: None,
             }),
             Ok(MovementOutcome::Replayed(id)) => {
@@ -127,6 +130,7 @@ impl TransfersApi {
                     id: stored.id,
                     at_ms: stored.at_ms,
                     failure: stored.failure,
+                    refusal: stored.refusal,
                     replayed: Some(true),
                 })
             }
@@ -164,12 +168,14 @@ impl TransfersApi {
 }
 
 /// A refusal journaled as a failed transaction: 422 with its id and reason.
-fn refused(id: String, reason: String) -> ApiError {
-    let mut problem = Problem::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "transaction-refused",
-        reason.clone(),
-    );
+/// One that would take a balance past the limit is `balance-limit`, as it is
+/// for every operation; the others are `transaction-refused`.
+fn refused(id: String, reason: String, refusal: Option<Refusal>) -> ApiError {
+    let code = match refusal {
+        Some(Refusal::BalanceLimit) => "balance-limit",
+        Some(Refusal::AccountNotFound | Refusal::InsufficientFunds) | None => "transaction-refused",
+    };
+    let mut problem = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, reason.clone());
     problem.transaction_id = Some(id);
     problem.reason = Some(reason);
     ApiError::Unprocessable(Json(problem))
@@ -243,7 +249,7 @@ impl TransfersApi {
         )?;
         let ended = self.run(movement).await?;
         if let Some(reason) = ended.failure {
-            return Err(refused(ended.id, reason));
+            return Err(refused(ended.id, reason, ended.refusal));
         }
         Ok(TransferResponse::Created(
             Json(TransferView {
@@ -309,7 +315,7 @@ impl TransfersApi {
         )?;
         let ended = self.run(movement).await?;
         if let Some(failure) = ended.failure {
-            return Err(refused(ended.id, failure));
+            return Err(refused(ended.id, failure, ended.refusal));
         }
         Ok(BankTransactionResponse::Created(
             Json(BankTransactionView {

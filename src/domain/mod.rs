@@ -14,8 +14,8 @@ pub use ids::{
     AccountId, BatchId, IdError, OrderId, SystemAccount, parse_uuid, truncate_for_message,
 };
 pub use money::{
-    AMOUNT_MAX_CENTS, AMOUNT_SCALE, Amount, MoneyError, QUANTITY_MAX_UNITS, QUANTITY_SCALE,
-    Quantity, format_units, order_cost,
+    AMOUNT_MAX_CENTS, AMOUNT_SCALE, Amount, BALANCE_LIMIT_CENTS, MoneyError, QUANTITY_MAX_UNITS,
+    QUANTITY_SCALE, Quantity, format_units, order_cost,
 };
 pub use name::{ACCOUNT_NAME_LENGTH_MAX, AccountName, AccountNameError};
 pub use symbol::{Symbol, SymbolError};

@@ -21,6 +21,11 @@ pub const QUANTITY_MAX_UNITS: i64 = 100_000_000_000_000;
 /// bucket along, so a total may pass one order's bound. The scripts add
 /// quantities in Lua's doubles, which are exact below 2^53.
 pub const QUANTITY_TOTAL_MAX_UNITS: i64 = (1 << 53) - 1;
+/// The largest balance, either way, the Lua scripts keep exact: 2^53 - 1
+/// cents (`BALANCE_LIMIT` in `lua/lib.lua`). Every script that moves money
+/// refuses a move that would take either side past it, and the audit
+/// reports any balance outside it.
+pub const BALANCE_LIMIT_CENTS: i64 = (1 << 53) - 1;
 /// Longest decimal text we try to parse; anything longer is refused unread.
 pub const DECIMAL_TEXT_LENGTH_MAX: usize = 64;
 
@@ -260,6 +265,13 @@ pub fn order_cost(price: Amount, quantity: Quantity) -> Option<Amount> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_balance_limit_is_the_one_the_scripts_check() {
+        let lib = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/lib.lua"));
+        let declared = format!("local BALANCE_LIMIT = {BALANCE_LIMIT_CENTS}\n");
+        assert!(lib.contains(&declared), "lua/lib.lua declares {declared}");
+    }
 
     #[test]
     fn totals_may_pass_one_orders_bound_but_not_lua_exactness() {

@@ -50,6 +50,12 @@ pub enum CreateAccountError {
     IdempotencyConflict(String),
     #[error("an account with this id exists")]
     AccountExists,
+    /// The opening balance would take this account (the new one, or @bank,
+    /// which funds it) past the balance limit; nothing was written.
+    #[error(
+        "the opening balance would take the balance of account {0} past the largest amount held"
+    )]
+    BalanceLimit(AccountId),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -98,6 +104,12 @@ pub async fn create_account(
             reply.get(2).cloned().unwrap_or_default(),
         )),
         ("refused", Some("account_exists")) => Err(CreateAccountError::AccountExists),
+        ("refused", Some("balance_limit")) if reply.len() == 3 => {
+            match super::balance_limit_account(reply.get(2)) {
+                Some(account) => Err(CreateAccountError::BalanceLimit(account)),
+                None => Err(StoreError::UnexpectedReply(reply).into()),
+            }
+        }
         _ => Err(StoreError::UnexpectedReply(reply).into()),
     }
 }

@@ -43,6 +43,10 @@ pub enum AdvanceError {
     AccountNotFound,
     #[error("the Idempotency-Key was used for another request (advance {0})")]
     IdempotencyConflict(String),
+    /// The advance would take this account (the customer, or @bank, which
+    /// lends it) past the balance limit; nothing was written.
+    #[error("the advance would take the balance of account {0} past the largest amount held")]
+    BalanceLimit(AccountId),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -88,6 +92,12 @@ pub async fn create(
         ("replayed", _) => Ok((word(1), true)),
         ("refused", "account_not_found") => Err(AdvanceError::AccountNotFound),
         ("refused", "idempotency_conflict") => Err(AdvanceError::IdempotencyConflict(word(2))),
+        ("refused", "balance_limit") if reply.len() == 3 => {
+            match super::balance_limit_account(reply.get(2)) {
+                Some(account) => Err(AdvanceError::BalanceLimit(account)),
+                None => Err(StoreError::UnexpectedReply(reply).into()),
+            }
+        }
         _ => Err(StoreError::UnexpectedReply(reply).into()),
     }
 }
@@ -127,6 +137,10 @@ pub enum Collected {
     /// The advance or the account lacks a field the collection needs;
     /// nothing was written.
     Malformed(String),
+    /// Paying would take this account (the customer, or @bank) past the
+    /// balance limit. Nothing was written: the lease and the job stay, and
+    /// the installment is neither paid nor failed.
+    BalanceLimit(AccountId),
 }
 
 pub async fn collect(
@@ -169,6 +183,9 @@ pub async fn collect(
             }),
         "skipped" => Some(Collected::Skipped),
         "malformed" => reply.get(1).cloned().map(Collected::Malformed),
+        "balance_limit" if reply.len() == 2 => {
+            super::balance_limit_account(reply.get(1)).map(Collected::BalanceLimit)
+        }
         _ => None,
     }
     .ok_or_else(|| StoreError::UnexpectedReply(reply.clone()))

@@ -41,7 +41,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
 use crate::config::RedisSettings;
-use crate::domain::SystemAccount;
+use crate::domain::{AccountId, SystemAccount};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -263,6 +263,13 @@ impl Record {
 /// The first word of a script's reply, which every script uses as its verdict.
 pub fn verdict(reply: &[String]) -> &str {
     reply.first().map(String::as_str).unwrap_or("")
+}
+
+/// The account a `balance_limit` refusal names (the one the move would take
+/// past [`crate::domain::BALANCE_LIMIT_CENTS`]), parsed strictly: `None` for
+/// anything else, which the caller reports as an unexpected reply.
+pub fn balance_limit_account(word: Option<&String>) -> Option<AccountId> {
+    word.and_then(|id| AccountId::parse(id).ok())
 }
 
 /// A stream entry's fields as text (tally writes only text and integers).

@@ -119,6 +119,10 @@ pub enum PlaceOrderError {
     AccountNotFound,
     #[error("insufficient funds: the balance is {balance}")]
     InsufficientFunds { balance: Amount },
+    /// The order would take this account (the customer, or @exchange) past
+    /// the balance limit; nothing was written for it.
+    #[error("the order would take the balance of account {0} past the largest amount held")]
+    BalanceLimit(AccountId),
     #[error("the Idempotency-Key was used for another request (order {0})")]
     IdempotencyConflict(String),
     #[error(transparent)]
@@ -237,6 +241,10 @@ fn parse_outcome(words: &[String]) -> Result<PlaceOrderOutcome, PlaceOrderError>
                 }),
             )
         }
+        ("refused", "balance_limit", account) => AccountId::parse(account).map_or_else(
+            |_| Err(unexpected()),
+            |account| Err(PlaceOrderError::BalanceLimit(account)),
+        ),
         ("refused", "idempotency_conflict", order_id) => {
             Err(PlaceOrderError::IdempotencyConflict(order_id.to_owned()))
         }

@@ -44,6 +44,11 @@ pub enum JobEnd {
     Done,
     /// The batch had moved on (settled or refunded by another delivery): only acknowledged.
     Skipped(String),
+    /// `finish_batches` only: settling the batch would take this account
+    /// (@exchange or @bank) past the balance limit. Nothing was written, not
+    /// even the acknowledgement: the job is still pending, for the worker to
+    /// dead-letter.
+    BalanceLimit(AccountId),
 }
 
 fn job_end(reply: Vec<String>, done: &str) -> StoreResult<JobEnd> {
@@ -142,17 +147,17 @@ pub async fn finish_batches(
             .arg(fill.fill_id);
     }
     let reply: Vec<String> = invocation.invoke_async(conn).await?;
-    job_ends(reply, filled.len(), "settled")
-}
-
-/// A group script's reply: two strings per job, `done` or a skip with its reason.
-fn job_ends(reply: Vec<String>, jobs: usize, done: &str) -> StoreResult<Vec<JobEnd>> {
-    if reply.len() != 2 * jobs {
+    if reply.len() != 2 * filled.len() {
         return Err(StoreError::UnexpectedReply(reply));
     }
     reply
         .chunks(2)
-        .map(|pair| job_end(pair.to_vec(), done))
+        .map(|pair| match pair[0].as_str() {
+            "balance_limit" => super::balance_limit_account(pair.get(1))
+                .map(JobEnd::BalanceLimit)
+                .ok_or_else(|| StoreError::UnexpectedReply(pair.to_vec())),
+            _ => job_end(pair.to_vec(), "settled"),
+        })
         .collect()
 }
 
@@ -239,6 +244,12 @@ pub enum OperatorError {
         "batch {0} may have been filled: an exchange call got no answer. Retry it to find out (the exchange fills each batch once), or refund it confirming the exchange did not fill it"
     )]
     MayBeFilled(BatchId),
+    /// Refunding would take this account (a customer, or @exchange) past the
+    /// balance limit; nothing was refunded.
+    #[error(
+        "refunding batch {0} would take the balance of account {1} past the largest amount held"
+    )]
+    BalanceLimit(BatchId, AccountId),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -250,6 +261,12 @@ fn operator_refusal(reply: &[String], batch_id: &BatchId) -> OperatorError {
         }
         Some("stale_orders") => OperatorError::StaleOrders(*batch_id),
         Some("fill_unknown") => OperatorError::MayBeFilled(*batch_id),
+        Some("balance_limit") if reply.len() == 3 => {
+            match super::balance_limit_account(reply.get(2)) {
+                Some(account) => OperatorError::BalanceLimit(*batch_id, account),
+                None => StoreError::UnexpectedReply(reply.to_vec()).into(),
+            }
+        }
         _ => StoreError::UnexpectedReply(reply.to_vec()).into(),
     }
 }

@@ -29,11 +29,35 @@ pub struct Movement {
     pub idempotency_ttl_secs: u64,
 }
 
+/// Why a movement was refused: the script's code, kept with the transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    AccountNotFound,
+    InsufficientFunds,
+    /// The move would take the payer or the payee past the balance limit
+    /// (the reason names which).
+    BalanceLimit,
+}
+
+impl Refusal {
+    fn parse(code: &str) -> Option<Self> {
+        match code {
+            "account_not_found" => Some(Self::AccountNotFound),
+            "insufficient_funds" => Some(Self::InsufficientFunds),
+            "balance_limit" => Some(Self::BalanceLimit),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum MovementOutcome {
     Success,
-    /// Refused and journaled with this reason.
-    Fail(String),
+    /// Refused and journaled with this reason; no balance moved.
+    Fail {
+        refusal: Refusal,
+        reason: String,
+    },
     /// The Idempotency-Key was seen before with the same request.
     Replayed(String),
 }
@@ -82,7 +106,13 @@ pub async fn move_money(
     let word = |i: usize| reply.get(i).cloned().unwrap_or_default();
     match verdict(&reply) {
         "success" => Ok(MovementOutcome::Success),
-        "fail" => Ok(MovementOutcome::Fail(word(2))),
+        "fail" if reply.len() == 4 => match Refusal::parse(&word(3)) {
+            Some(refusal) => Ok(MovementOutcome::Fail {
+                refusal,
+                reason: word(2),
+            }),
+            None => Err(StoreError::UnexpectedReply(reply).into()),
+        },
         "replayed" => Ok(MovementOutcome::Replayed(word(1))),
         "refused" => Err(MovementError::IdempotencyConflict(word(2))),
         _ => Err(StoreError::UnexpectedReply(reply).into()),
@@ -94,6 +124,9 @@ pub struct StoredMovement {
     pub id: String,
     pub at_ms: i64,
     pub failure: Option<String>,
+    /// Why it failed; `None` when it succeeded, or for a failure kept
+    /// before the scripts kept the code with it.
+    pub refusal: Option<Refusal>,
 }
 
 pub async fn stored_movement(
@@ -105,10 +138,17 @@ pub async fn stored_movement(
     let Some(record) = Record::new(key, fields) else {
         return Ok(None);
     };
+    let refusal = record
+        .optional_text("code")
+        .map(|code| {
+            Refusal::parse(code).ok_or_else(|| record.corrupt(format!("unknown code `{code}`")))
+        })
+        .transpose()?;
     Ok(Some(StoredMovement {
         id: record.text("id")?.to_owned(),
         at_ms: record.integer("at")?,
         failure: (record.text("status")? == "failed")
             .then(|| record.optional_text("reason").unwrap_or("").to_owned()),
+        refusal,
     }))
 }

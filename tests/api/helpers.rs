@@ -329,7 +329,12 @@ pub async fn read_settle_job(
     read.keys[0].ids[0].id.clone()
 }
 
-/// Every key with its type and full contents, rendered as text.
+/// Every key with its type, its expiry and its full contents, rendered as
+/// text. A stream also carries its `DUMP` bytes: they hold what its entries
+/// alone do not show (entry ids, consumer groups, pending entries), so an
+/// acknowledgement or a delivery shows too. The other types are rendered
+/// canonically rather than dumped: a dump of a hash table follows its
+/// buckets, which a mere read can rehash.
 pub async fn redis_snapshot(
     conn: &mut redis::aio::MultiplexedConnection,
 ) -> BTreeMap<String, String> {
@@ -343,6 +348,12 @@ pub async fn redis_snapshot(
         .filter(|key| !key.starts_with(&rate_limits))
     {
         let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(conn)
+            .await
+            .unwrap();
+        // Absolute, so that it does not count down between two snapshots.
+        let expires_at_ms: i64 = redis::cmd("PEXPIRETIME")
             .arg(&key)
             .query_async(conn)
             .await
@@ -370,10 +381,18 @@ pub async fn redis_snapshot(
                     .await
                     .unwrap()
             ),
-            "stream" => format!("{:?}", stream_entries(conn, &key).await),
+            "stream" => {
+                let dump: Vec<u8> = redis::cmd("DUMP")
+                    .arg(&key)
+                    .query_async(conn)
+                    .await
+                    .unwrap();
+                let hex: String = dump.iter().map(|byte| format!("{byte:02x}")).collect();
+                format!("{:?} dump {hex}", stream_entries(conn, &key).await)
+            }
             other => panic!("unexpected type {other} for {key}"),
         };
-        snapshot.insert(key, format!("{kind} {contents}"));
+        snapshot.insert(key, format!("{kind} expires {expires_at_ms} {contents}"));
     }
     snapshot
 }

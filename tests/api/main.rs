@@ -4,6 +4,7 @@
 mod access;
 mod accounts;
 mod advances;
+mod balance_limits;
 mod concurrency;
 mod crashes;
 mod helpers;
