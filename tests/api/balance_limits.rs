@@ -673,7 +673,7 @@ async fn a_bank_transaction_that_would_take_the_bank_past_the_limit_is_a_422_and
         keys::JOURNAL.to_owned(),
         keys::JOURNAL_INDEX.to_owned(),
         keys::EVENTS_STREAM.to_owned(),
-        keys::idempotency("bank_transaction", "b1"),
+        keys::idempotency("bank_transaction", &format!("{}/b1", app.admin_key_id())),
         transaction,
     ];
     assert_eq!(changed_keys(&before, &after), BTreeSet::from(expected));

@@ -120,6 +120,11 @@ impl TestApp {
         issue_test_key(&self.store, &pepper, role, account).await
     }
 
+    /// The id of [`TestApp::admin_key`] (what idempotency keys are scoped by).
+    pub fn admin_key_id(&self) -> String {
+        self.admin_key.split('_').nth(2).unwrap().to_owned()
+    }
+
     /// A client that sends `key` as its bearer token.
     pub fn client_with(&self, key: &str) -> reqwest::Client {
         tally::traffic::authorized_client(key).unwrap()
