@@ -705,3 +705,130 @@ async fn keys_made_with_the_cli_leave_no_byte_of_their_secret_in_redis() {
     assert!(!without_pepper.status.success());
     assert!(String::from_utf8_lossy(&without_pepper.stderr).contains("TALLY_API_KEY_PEPPER"));
 }
+
+/// A `tally serve` process against `app`'s Redis, ready to answer.
+async fn serve_process(
+    app: &TestApp,
+    extra_env: &[(&str, &str)],
+) -> (tokio::process::Child, String) {
+    let port = crate::helpers::free_port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--redis-url", &app.redis.url()])
+        .env("TALLY_API_KEY_PEPPER", TEST_PEPPER)
+        .env("RUST_LOG", "warn")
+        .envs(extra_env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    crate::helpers::eventually("tally serve answers", || {
+        let url = format!("{base}/ready");
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == 200)
+        }
+    })
+    .await;
+    (child, base)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_revoked_through_one_process_is_refused_by_both_within_a_second() {
+    let app = crate::helpers::spawn_app().await;
+    // The longest cache a process may be given.
+    let env = [("TALLY_API_KEY_CACHE_MS", "1000")];
+    let (_one, one) = serve_process(&app, &env).await;
+    let (_two, two) = serve_process(&app, &env).await;
+    let key = app.key(Role::Read, None).await;
+    let reader = app.client_with(&key);
+    let admin = app.client_with(&app.admin_key);
+    for base in [&one, &two] {
+        let response = reader
+            .get(format!("{base}/api/v1/accounts"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "both processes know the key");
+    }
+    let id = key.split('_').nth(2).unwrap();
+    let revoked = admin
+        .delete(format!("{one}/api/v1/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    // Both processes read the key before the revocation was stored, so a
+    // second after it their copies have run out, whatever the timing.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    for base in [&one, &two] {
+        let response = reader
+            .get(format!("{base}/api/v1/accounts"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{base} refuses the revoked key");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limit_holds_across_two_processes() {
+    let app = crate::helpers::spawn_app().await;
+    // 5 reads a second with a burst of 5, shared by both processes.
+    let env = [
+        ("TALLY_RATE_LIMIT_READS_PER_S", "5"),
+        ("TALLY_RATE_LIMIT_BURST_S", "1"),
+    ];
+    let (_one, one) = serve_process(&app, &env).await;
+    let (_two, two) = serve_process(&app, &env).await;
+    let reader = app.client_with(&app.key(Role::Read, None).await);
+    let started = std::time::Instant::now();
+    let (mut ok, mut limited) = ([0u64; 2], [0u64; 2]);
+    for request in 0..40 {
+        let (index, base) = if request % 2 == 0 {
+            (0, &one)
+        } else {
+            (1, &two)
+        };
+        let response = reader
+            .get(format!("{base}/api/v1/prices"))
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => ok[index] += 1,
+            429 => {
+                limited[index] += 1;
+                let retry_after: u64 = response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(retry_after >= 1);
+                let problem: Value = response.json().await.unwrap();
+                assert_eq!(problem["type"], "/problems/rate-limited");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Every token spent was granted by the one bucket in Redis: the burst,
+    // plus what refilled meanwhile.
+    let allowed = 5.0 + 5.0 * elapsed;
+    assert!(
+        (ok[0] + ok[1]) as f64 <= allowed.floor() + 1.0,
+        "{ok:?} answered in {elapsed:.2} s"
+    );
+    assert!(
+        limited[0] > 0 && limited[1] > 0,
+        "both refused: {limited:?}"
+    );
+    assert!(ok[0] > 0 && ok[1] > 0, "both served: {ok:?}");
+}
