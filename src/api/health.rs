@@ -21,12 +21,13 @@ pub async fn ready(state: Data<&Arc<AppState>>) -> Response {
     match state.store.ready().await {
         Ok(()) => "ready".into_response(),
         Err(err) => {
+            // The error stays in the log: /ready is open to anyone, and
+            // Redis's error text can name hosts and configuration.
             tracing::warn!(error = %err, "not ready");
-            let detail = format!("redis is not ready: {err}");
             problem_response(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not-ready",
-                detail,
+                "the ledger store is not ready",
             ))
         }
     }

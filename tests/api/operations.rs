@@ -43,6 +43,9 @@ async fn readiness_fails_when_redis_is_gone() {
         .await;
     let response = app.get("/ready").await;
     assert_eq!(response.status(), 503);
+    let problem: serde_json::Value = response.json().await.unwrap();
+    // Open to anyone: it says what, never Redis's own words.
+    assert_eq!(problem["detail"], "the ledger store is not ready");
     let response = app
         .place_order("01900000-0000-7000-8000-000000000000", "ABAN", "1")
         .await;
