@@ -93,6 +93,9 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once at start-up and moved a few times: its size does not matter,
+// and boxing the large variants would only blur the match in cli.rs.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API (Swagger UI at /docs).
