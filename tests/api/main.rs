@@ -5,6 +5,7 @@ mod accounts;
 mod advances;
 mod concurrency;
 mod crashes;
+mod hardening;
 mod helpers;
 mod metrics;
 mod operations;
