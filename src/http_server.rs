@@ -10,11 +10,15 @@
 //! - **Header-read time** ([`ServerSettings::header_read_timeout`]): hyper's
 //!   `header_read_timeout`, armed when hyper starts waiting for a request's
 //!   head. Tried against hyper 1.12 (the test
-//!   `hyper_cuts_an_idle_keep_alive_connection_at_the_header_read_timeout`):
-//!   hyper arms it also while a keep-alive connection waits idle for its next
-//!   request, from the moment the previous response was written, so a
-//!   connection idle longer than this is closed whatever the keep-alive
-//!   timeout says. A connection cut this way gets no response at all.
+//!   `hyper_cuts_an_idle_keep_alive_connection_at_the_header_read_timeout`,
+//!   and `proto/h1/conn.rs`): hyper arms it also while a keep-alive
+//!   connection waits idle for its next request, as soon as the previous
+//!   response is written, and ends the connection with a timeout error when
+//!   no head has arrived by then. So a connection idle longer than this is
+//!   closed whatever the keep-alive timeout says, and the keep-alive timeout
+//!   only matters below it (hence its lower default). A connection cut this
+//!   way gets no response at all (hyper answers 400 or 431 to a malformed or
+//!   oversized head, never to a late one).
 //! - **Idle keep-alive time** ([`ServerSettings::keep_alive_timeout`]): each
 //!   connection keeps, from its service function, its requests in flight and
 //!   when the last one finished ([`Activity`]); one timer per connection

@@ -1,7 +1,8 @@
 //! The HTTP layer against a stranger: idle, slow and surplus connections
 //! cannot stop the service for others; ambiguous JSON and cross-site form
 //! posts are refused and write nothing; answers are never sniffed, cached or
-//! shared with other sites unless an origin is listed.
+//! shared with other sites unless an origin is listed; on shutdown, idle
+//! connections close at once and requests in flight finish.
 //!
 //! Waits are bounded by [`HANG_BOUND`] only to fail on a hang, never to time
 //! the server.
@@ -15,8 +16,10 @@ use reqwest::header::{
     ACCESS_CONTROL_REQUEST_METHOD, CACHE_CONTROL, CONTENT_TYPE, ORIGIN, X_CONTENT_TYPE_OPTIONS,
 };
 use serde_json::json;
-use tally::config::OriginList;
+use tally::app::Application;
+use tally::config::{ApiSettings, LedgerSettings, OriginList, RedisSettings, ServeArgs};
 use tally::exchange::sim::Faults;
+use tally::redis_server::RedisServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -556,4 +559,59 @@ async fn cors_answers_the_listed_origins_only() {
         .unwrap();
     assert_eq!(prices.status(), 200);
     assert!(prices.headers().get(ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_shutdown_idle_connections_close_at_once_and_a_request_in_flight_finishes() {
+    let redis = RedisServer::start_ephemeral().await.unwrap();
+    let settings = ServeArgs {
+        redis: RedisSettings::for_url(&redis.url()),
+        ledger: LedgerSettings::default(),
+        api: ApiSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            header_read_timeout_ms: NEVER_MS,
+            keep_alive_timeout_ms: NEVER_MS,
+            ..ApiSettings::default()
+        },
+    };
+    let app = Application::build(settings).await.unwrap();
+    let address = app.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let mut idle = TcpStream::connect(address).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    idle.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let mut busy = busy_connection(address).await;
+
+    stop.send(()).unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(HANG_BOUND, idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed at once")
+        .unwrap();
+    eventually("new connections are refused", || async {
+        TcpStream::connect(address).await.is_err()
+    })
+    .await;
+    // The request in flight still gets its answer, and then the close.
+    let body = format!("{:<100}", r#"{"name":"Ada","balance":"1.00"}"#);
+    busy.write_all(body.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(HANG_BOUND, busy.read_to_end(&mut received))
+        .await
+        .expect("the request in flight finishes")
+        .unwrap();
+    let received = String::from_utf8(received).unwrap();
+    assert!(received.starts_with("HTTP/1.1 201"), "{received}");
+    tokio::time::timeout(HANG_BOUND, server)
+        .await
+        .expect("the server stops once its connections are done")
+        .unwrap()
+        .unwrap();
 }
