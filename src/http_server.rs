@@ -335,6 +335,12 @@ impl Connection {
 }
 
 /// A connection's requests, as its service function sees them.
+///
+/// A request is in flight from its head to the handler's response, body
+/// reading included (bounded by the guard's request timeout). Writing the
+/// response counts as idle on purpose: what the kernel cannot buffer must be
+/// read by the client within the keep-alive timeout, or it is cut, so that a
+/// client reading a byte now and then cannot hold a connection for ever.
 struct Activity {
     /// When the server started; times below are milliseconds since.
     epoch: Instant,
