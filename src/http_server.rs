@@ -142,33 +142,8 @@ where
     // Every connection task holds a sender; `recv` answers `None` once the
     // last one has ended (the pattern of mini-redis's shutdown_complete).
     let (connection_ended, mut all_ended) = mpsc::channel::<()>(1);
-    let mut accept_failing = false;
     tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, remote_addr) = match accepted {
-            Ok(accepted) => {
-                accept_failing = false;
-                accepted
-            }
-            // The client gave up during the handshake: nothing is wrong here.
-            Err(err) if is_connection_error(&err) => continue,
-            Err(err) => {
-                if !accept_failing {
-                    tracing::warn!(error = %err, "accepting connections fails; backing off");
-                } else {
-                    tracing::debug!(error = %err, "accepting connections still fails");
-                }
-                accept_failing = true;
-                tokio::select! {
-                    () = &mut shutdown => break,
-                    () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
-                }
-            }
-        };
+    while let Some((stream, remote_addr)) = accept(&listener, &mut shutdown).await {
         let Some(slot) = connections.admit() else {
             tracing::debug!(remote = %remote_addr, "connection refused: every connection has a request in flight");
             drop(stream);
@@ -201,6 +176,38 @@ where
         let _ = all_ended.recv().await;
     }
     Ok(())
+}
+
+/// The next connection, or `None` once `shutdown` resolves. An accept error
+/// that is not one client's (out of descriptors) is logged at warn once per
+/// streak, and retried after [`ACCEPT_ERROR_BACKOFF`].
+async fn accept<F: Future<Output = ()>>(
+    listener: &TcpListener,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Option<(TcpStream, SocketAddr)> {
+    let mut failing = false;
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.as_mut() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(accepted) => return Some(accepted),
+            // The client gave up during the handshake: nothing is wrong here.
+            Err(err) if is_connection_error(&err) => continue,
+            Err(err) if failing => {
+                tracing::debug!(error = %err, "accepting connections still fails");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "accepting connections fails; backing off");
+                failing = true;
+            }
+        }
+        tokio::select! {
+            () = shutdown.as_mut() => return None,
+            () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+        }
+    }
 }
 
 /// Errors of one connection that `accept` reports: retrying at once is right.
