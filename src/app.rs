@@ -7,18 +7,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use poem::Server;
-use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
+use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::config::ServeArgs;
+use crate::http_server::{self, ServerSettings};
 use crate::store::Store;
 
 /// How long in-flight requests get to finish after shutdown is signalled.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 pub struct Application {
-    acceptor: TcpAcceptor,
+    listener: TcpListener,
     local_addr: SocketAddr,
     state: Arc<AppState>,
 }
@@ -31,12 +31,11 @@ impl Application {
             .ensure_system_accounts()
             .await
             .with_context(|| format!("preparing Redis at {}", settings.redis.url()))?;
-        let acceptor = TcpListener::bind(settings.api.listen)
-            .into_acceptor()
+        let listener = TcpListener::bind(settings.api.listen)
             .await
             .with_context(|| format!("listening on {}", settings.api.listen))?;
-        let local_addr = *acceptor.local_addr()[0]
-            .as_socket_addr()
+        let local_addr = listener
+            .local_addr()
             .context("the listener has a socket address")?;
         let access = crate::access::Authenticator::new(store.clone(), settings.access)?;
         let state = Arc::new(AppState {
@@ -47,7 +46,7 @@ impl Application {
             api: settings.api,
         });
         Ok(Application {
-            acceptor,
+            listener,
             local_addr,
             state,
         })
@@ -66,9 +65,8 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send,
     ) -> std::io::Result<()> {
         tracing::info!(address = %self.local_addr, "API listening; Swagger UI at /docs");
-        Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(api::app(self.state), shutdown, Some(SHUTDOWN_GRACE))
-            .await
+        let settings = ServerSettings::from_api(&self.state.api, SHUTDOWN_GRACE);
+        http_server::serve(self.listener, api::app(self.state), settings, shutdown).await
     }
 }
 

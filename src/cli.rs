@@ -40,6 +40,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Bench { scenario } => {
+            raise_open_files_limit(crate::config::CONNECTIONS_MAX_DEFAULT);
             let passed = match scenario {
                 BenchScenario::Orders(args) => crate::bench::orders(args).await?,
                 BenchScenario::Settle(args) => crate::bench::settle(args).await?,
@@ -142,9 +143,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "TALLY_CURSOR_SECRET is not set: report cursors are signed with the public development value; set a secret of your own in production"
         );
     }
+    raise_open_files_limit(args.api.connections_max);
     let app = Application::build(args).await?;
     app.run_until_stopped(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// So that TALLY_CONNECTIONS_MAX, not the descriptor limit, bounds the API's
+/// connections. A failure is no reason not to serve: the limit stays as it was.
+fn raise_open_files_limit(connections_max: usize) {
+    if let Err(err) = crate::http_server::raise_open_files_limit(connections_max) {
+        tracing::warn!(error = %err, "could not raise the open files limit");
+    }
 }
 
 /// A watch that turns true on SIGINT or SIGTERM.
@@ -213,6 +223,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     if serve.access.api_key_pepper.is_none() {
         serve.access.api_key_pepper = Some(dev_pepper(&data_dir)?);
     }
+    raise_open_files_limit(serve.api.connections_max);
     let private_redis = match serve.redis.redis_url {
         Some(_) => None,
         None => {

@@ -61,6 +61,20 @@ pub const AUTH_FAILURES_PER_S_DEFAULT: u32 = 1;
 pub const AUTH_FAILURE_BURST_DEFAULT: u32 = 20;
 pub const DEV_DATA_DIR_DEFAULT: &str = ".tally";
 pub const DEV_REDIS_PORT_DEFAULT: u16 = 6399;
+/// A request's headers must all arrive within this of the server starting to
+/// wait for them: honest clients send them in one packet, and a client that
+/// trickles them would otherwise hold its connection as long as it likes.
+pub const HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// A connection with no request in flight for this long is closed. Below the
+/// header-read timeout on purpose: hyper arms that one too while a keep-alive
+/// connection waits for its next request (see `http_server`), so this is the
+/// bound that decides by default.
+pub const KEEP_ALIVE_TIMEOUT_MS_DEFAULT: u64 = 4_000;
+/// Open connections one API process keeps: far more than its runtime can
+/// serve at once, and far fewer than the file descriptors it raises its limit to.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
+/// No origin gets CORS headers unless named.
+pub const CORS_ALLOWED_ORIGINS_DEFAULT: &str = "";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -85,6 +99,9 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once at start-up and moved a few times: its size does not matter,
+// and boxing the large variants would only blur the match in cli.rs.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API (Swagger UI at /docs).
@@ -617,6 +634,26 @@ pub struct ApiSettings {
     /// Signs report cursors so they cannot be forged. Set the same secret on every API process.
     #[arg(long, env = "TALLY_CURSOR_SECRET", default_value = CURSOR_SECRET_DEFAULT, hide_default_value = true)]
     pub cursor_secret: String,
+    /// A request's headers must all arrive within this, counted from when the
+    /// server starts waiting for them (also between two requests of a
+    /// keep-alive connection); past it the connection is closed unanswered.
+    #[arg(long, env = "TALLY_HEADER_READ_TIMEOUT_MS", default_value_t = HEADER_READ_TIMEOUT_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed. The
+    /// header-read timeout also applies while a connection waits for its next
+    /// request, so idle connections last at most the smaller of the two.
+    #[arg(long, env = "TALLY_KEEP_ALIVE_TIMEOUT_MS", default_value_t = KEEP_ALIVE_TIMEOUT_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_alive_timeout_ms: u64,
+    /// Most open connections. At the bound, the connections idle longest are
+    /// closed to make room; when every one has a request in flight, a new
+    /// connection is closed at once.
+    #[arg(long, env = "TALLY_CONNECTIONS_MAX", default_value_t = CONNECTIONS_MAX_DEFAULT, value_parser = parse_at_least_one)]
+    pub connections_max: usize,
+    /// Origins that get CORS answers (preflight included), as exact origins
+    /// separated by commas, e.g. `https://app.example.com`. Empty: no CORS
+    /// headers at all, so browsers keep other sites' pages from reading answers.
+    #[arg(long, env = "TALLY_CORS_ALLOWED_ORIGINS", default_value = CORS_ALLOWED_ORIGINS_DEFAULT, value_parser = OriginList::parse)]
+    pub cors_allowed_origins: OriginList,
 }
 
 impl Default for ApiSettings {
@@ -632,7 +669,66 @@ impl Default for ApiSettings {
             request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
             wallet_queue_max: WALLET_QUEUE_MAX_DEFAULT,
             cursor_secret: CURSOR_SECRET_DEFAULT.to_owned(),
+            header_read_timeout_ms: HEADER_READ_TIMEOUT_MS_DEFAULT,
+            keep_alive_timeout_ms: KEEP_ALIVE_TIMEOUT_MS_DEFAULT,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            cors_allowed_origins: OriginList::parse(CORS_ALLOWED_ORIGINS_DEFAULT)
+                .expect("the default origin list parses"),
         }
+    }
+}
+
+/// Origins allowed cross-origin requests, each exactly as a browser sends it
+/// in `Origin` (scheme, host and port only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OriginList(Vec<String>);
+
+impl OriginList {
+    /// Most origins one process allows: a list longer than this is a
+    /// configuration mistake, not a set of front ends.
+    pub const ORIGINS_MAX: usize = 64;
+
+    /// Parses `https://app.example.com,http://localhost:3000`; empty is none.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut origins: Vec<String> = Vec::new();
+        for origin in text
+            .split(',')
+            .map(str::trim)
+            .filter(|origin| !origin.is_empty())
+        {
+            let Some((scheme, authority)) = origin.split_once("://") else {
+                return Err(format!(
+                    "`{origin}` is not an origin like https://host:port"
+                ));
+            };
+            let well_formed = matches!(scheme, "http" | "https")
+                && !authority.is_empty()
+                && authority
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b".-:[]".contains(&byte));
+            if !well_formed {
+                // No wildcards and no paths: a browser's Origin never has a
+                // path, and `*` would let every site read the answers.
+                return Err(format!(
+                    "`{origin}` is not an exact origin (scheme://host[:port], no path, no wildcard)"
+                ));
+            }
+            if !origins.iter().any(|known| known == origin) {
+                origins.push(origin.to_owned());
+            }
+        }
+        if origins.len() > Self::ORIGINS_MAX {
+            return Err(format!("at most {} origins", Self::ORIGINS_MAX));
+        }
+        Ok(OriginList(origins))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -732,6 +828,24 @@ mod tests {
     fn cli_parses_with_defaults() {
         Cli::try_parse_from(["tally", "serve"]).unwrap();
         Cli::try_parse_from(["tally", "dev", "--dev-redis-port", "7000"]).unwrap();
+    }
+
+    #[test]
+    fn cors_origins_must_be_exact() {
+        assert!(OriginList::parse("").unwrap().is_empty());
+        let origins = OriginList::parse("https://app.example.com, http://localhost:3000").unwrap();
+        let listed: Vec<&str> = origins.iter().collect();
+        assert_eq!(listed, ["https://app.example.com", "http://localhost:3000"]);
+        for bad in [
+            "*",
+            "https://*.example.com",
+            "app.example.com",
+            "https://app.example.com/",
+            "ftp://example.com",
+            "https://",
+        ] {
+            assert!(OriginList::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! - [`exchange`]: `buy_from_exchange` over HTTP, and the `exchange-sim` server.
 //! - [`api`]: the poem-openapi HTTP API and its problem+json errors.
 //! - [`app`]: building and running the API (injectable listener and shutdown).
+//! - [`http_server`]: the accept loop around hyper that bounds header-read
+//!   time, idle keep-alive time and open connections.
 //! - [`bench`]: `tally bench`, throughput against this machine's ceilings.
 //! - [`traffic`]: `tally gen N`, random traffic through the HTTP API.
 //! - [`audit`]: the ledger invariants, checked from what Redis holds.
@@ -39,6 +41,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod exchange;
+pub mod http_server;
 pub mod notifier;
 pub mod orders;
 pub mod redis_server;

@@ -4,6 +4,8 @@
 pub mod access;
 mod accounts;
 mod advances;
+mod cors;
+mod duplicate_keys;
 mod health;
 mod keys;
 mod metrics;
@@ -17,7 +19,9 @@ mod wallet;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use poem::http::{HeaderMap, StatusCode};
+use poem::http::header::{CACHE_CONTROL, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
+use poem::http::{HeaderMap, Method, StatusCode};
+use poem::middleware::SetHeader;
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, get};
 use poem_openapi::{OpenApiService, Tags};
 
@@ -109,12 +113,13 @@ pub fn spec_yaml() -> String {
 pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
     let body_size_max_bytes = state.api.body_size_max_bytes;
     let request_timeout = Duration::from_millis(state.api.request_timeout_ms);
+    let cors_allowed_origins = state.api.cors_allowed_origins.clone();
     let api = service(state.clone());
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint_yaml();
     let http_metrics = metrics::HttpMetrics::shared();
     let access_state = state.clone();
-    Route::new()
+    let routes = Route::new()
         .nest(API_PREFIX, api)
         .nest("/docs", docs)
         .at("/openapi.yaml", spec)
@@ -130,11 +135,25 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
             guard(endpoint, request, body_size_max_bytes, request_timeout)
         })
         // Outside the guard: a stranger is refused before any body is read.
+        // Inside CORS: a browser's preflight carries no key.
         .around(move |endpoint, request| {
             access::authenticate(endpoint, request, access_state.clone())
         })
+        // Inside the CORS layer too: poem's `Cors` would answer an error
+        // with poem's plain text rather than problem+json.
+        .catch_all_error(problem::into_problem_response);
+    cors::CorsForListedOrigins::new(routes, &cors_allowed_origins)
         .catch_all_error(problem::into_problem_response)
         .map_to_response()
+        // On every answer, refusals and preflights included, so outermost:
+        // no browser guesses a type other than the one sent (a problem body
+        // echoing input is never run as HTML), and nothing about money is
+        // kept by a cache between the client and us.
+        .with(
+            SetHeader::new()
+                .overriding(X_CONTENT_TYPE_OPTIONS, "nosniff")
+                .overriding(CACHE_CONTROL, "no-store"),
+        )
         .with(metrics::RecordRequests(http_metrics))
         .into_endpoint()
 }
@@ -142,7 +161,9 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
 /// Bounds every request: its body is read up to `body_size_max_bytes` (413
 /// beyond, whether or not it announced its length) and it must finish within
 /// `request_timeout`, reading the body included (408 when the body is what
-/// is late, 504 when the handler is).
+/// is late, 504 when the handler is). A POST must say its body is JSON (415
+/// otherwise), and a JSON body must name each key of an object once (400
+/// `duplicate-key`). Each refusal writes nothing.
 async fn guard<E: Endpoint>(
     endpoint: Arc<E>,
     mut request: Request,
@@ -172,6 +193,11 @@ async fn guard<E: Endpoint>(
             return Ok(ApiError::BodyTooLarge(poem_openapi::payload::Json(problem)).into_response());
         }
     };
+    // Checked once the body is read, so that a client still sending gets
+    // the answer rather than a reset connection.
+    if let Err(refusal) = check_json_body(&request, &body) {
+        return Ok(refusal.into_response());
+    }
     request.set_body(body);
     match tokio::time::timeout_at(deadline, endpoint.call(request)).await {
         Ok(result) => result.map(poem::IntoResponse::into_response),
@@ -182,6 +208,61 @@ async fn guard<E: Endpoint>(
         )))
         .into_response()),
     }
+}
+
+/// Refuses a POST whose `Content-Type` is not JSON, and a JSON body that
+/// repeats a key.
+///
+/// Every POST, bodiless ones like `/batches/{id}/retry` included: a form
+/// post or a `text/plain` one is a "simple" request that any web page can
+/// make a browser send cross-site, cookies or not, without a preflight; a
+/// JSON one needs the preflight that CORS then refuses.
+fn check_json_body(request: &Request, body: &[u8]) -> Result<(), ApiError> {
+    let is_json = is_json_content_type(request.headers());
+    if request.method() == Method::POST && !is_json {
+        let sent = match request.headers().get(CONTENT_TYPE) {
+            Some(value) => format!(
+                "`{}`",
+                String::from_utf8_lossy(value.as_bytes())
+                    .chars()
+                    .take(CONTENT_TYPE_ECHO_MAX_CHARS)
+                    .collect::<String>()
+            ),
+            None => "none".to_owned(),
+        };
+        return Err(ApiError::UnsupportedMediaType(poem_openapi::payload::Json(
+            Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                format!("a POST must carry Content-Type: application/json (sent: {sent})"),
+            ),
+        )));
+    }
+    if is_json
+        && !body.is_empty()
+        && let Some(key) = duplicate_keys::duplicate_key(body)
+    {
+        let detail = format!("the key `{key}` appears twice in one object");
+        return Err(ApiError::bad_request("duplicate-key", detail));
+    }
+    Ok(())
+}
+
+/// How much of a refused Content-Type the 415 repeats.
+const CONTENT_TYPE_ECHO_MAX_CHARS: usize = 64;
+
+/// Exactly one `Content-Type`, `application/json` in any case, with any
+/// parameters (`; charset=utf-8`).
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(CONTENT_TYPE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let Ok(text) = value.to_str() else {
+        return false;
+    };
+    let essence = text.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
 }
 
 /// How much of an oversized body is still read (and dropped) before the 413,

@@ -68,6 +68,10 @@ pub enum ApiError {
     /// The request body is larger than the configured bound; nothing was done.
     #[oai(status = 413, content_type = "application/problem+json")]
     BodyTooLarge(Json<Problem>),
+    /// A POST without `Content-Type: application/json` (bodiless ones included); nothing
+    /// was done.
+    #[oai(status = 415, content_type = "application/problem+json")]
+    UnsupportedMediaType(Json<Problem>),
     /// The request is well formed but cannot be carried out (unknown account, insufficient funds).
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),

@@ -7,6 +7,7 @@ mod advances;
 mod balance_limits;
 mod concurrency;
 mod crashes;
+mod hardening;
 mod helpers;
 mod metrics;
 mod operations;

@@ -347,14 +347,15 @@ async fn failed_batch_offsets_are_bounded_and_paging_ends() {
     let workers = spawn_workers(&app, settings);
     let customer = app.create_account("unlucky", "100.00").await;
     let mut batches = Vec::new();
+    // One at a time: the listing is oldest failure first, and batches the
+    // workers read together fail in any order.
     for _ in 0..3 {
-        batches.push(app.place_batch(&customer, "3").await);
-    }
-    for batch in &batches {
+        let batch = app.place_batch(&customer, "3").await;
         eventually("the batch failed", || async {
-            app.batch_status(batch).await == "failed"
+            app.batch_status(&batch).await == "failed"
         })
         .await;
+        batches.push(batch);
     }
     workers.stop().await;
     let before = app.snapshot().await;
