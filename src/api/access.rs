@@ -33,6 +33,9 @@ async fn checked_caller(request: &Request, _bearer: Bearer) -> Option<Caller> {
     request.extensions().get::<Caller>().cloned()
 }
 
+/// The roles that read every account.
+const READERS: [Role; 4] = [Role::Read, Role::Ops, Role::Bank, Role::Admin];
+
 fn role_list(roles: &[Role]) -> String {
     roles
         .iter()
@@ -57,7 +60,19 @@ impl ApiKey {
 
     /// 403 unless the key reads every account (bank, read, ops, admin).
     pub fn require_reader(&self) -> Result<&Caller, ApiError> {
-        self.require(&[Role::Read, Role::Ops, Role::Bank, Role::Admin])
+        self.require(&READERS)
+    }
+
+    /// 403 unless the key reads every account or is a customer's (which
+    /// then sees only its own: [`ApiKey::read_account`]).
+    pub fn require_reader_or_customer(&self) -> Result<&Caller, ApiError> {
+        self.require(&[
+            Role::Customer,
+            Role::Read,
+            Role::Ops,
+            Role::Bank,
+            Role::Admin,
+        ])
     }
 
     /// Readers see every account; a customer key only its own, and for any
@@ -68,13 +83,7 @@ impl ApiKey {
         account: &AccountId,
         not_found: impl FnOnce() -> ApiError,
     ) -> Result<(), ApiError> {
-        self.require(&[
-            Role::Customer,
-            Role::Read,
-            Role::Ops,
-            Role::Bank,
-            Role::Admin,
-        ])?;
+        self.require_reader_or_customer()?;
         if self.0.may_read_account(account) {
             Ok(())
         } else {

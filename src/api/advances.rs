@@ -212,13 +212,7 @@ impl AdvancesApi {
         // Canonical form only, lowercased: one spelling per id, as for accounts.
         let id = parse_uuid(&id.0)
             .map_err(|err| ApiError::bad_request("invalid-advance-id", err.to_string()))?;
-        auth.require(&[
-            Role::Customer,
-            Role::Read,
-            Role::Ops,
-            Role::Bank,
-            Role::Admin,
-        ])?;
+        auth.require_reader_or_customer()?;
         let view = self.view(&id.to_string()).await?;
         let owner = AccountId::parse(&view.account_id).ok();
         if !owner.is_some_and(|owner| auth.0.may_read_account(&owner)) {

@@ -295,13 +295,7 @@ impl OrdersApi {
         let id = OrderId::parse(&id.0)
             .map_err(|err| ApiError::bad_request("invalid-order-id", err.to_string()))?;
         let not_found = || ApiError::not_found(format!("order {id} not found"));
-        auth.require(&[
-            Role::Customer,
-            Role::Read,
-            Role::Ops,
-            Role::Bank,
-            Role::Admin,
-        ])?;
+        auth.require_reader_or_customer()?;
         let mut conn = self.0.store.conn().await?;
         let order = store_orders::get_order(&mut conn, &id)
             .await?
@@ -315,13 +309,7 @@ impl OrdersApi {
     /// Role: `customer`, `read`, `ops`, `bank` or `admin`.
     #[oai(path = "/prices", method = "get")]
     async fn prices(&self, auth: ApiKey) -> Result<PricesResponse, ApiError> {
-        auth.require(&[
-            Role::Customer,
-            Role::Read,
-            Role::Ops,
-            Role::Bank,
-            Role::Admin,
-        ])?;
+        auth.require_reader_or_customer()?;
         let prices = self
             .0
             .ledger
