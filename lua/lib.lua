@@ -94,3 +94,33 @@ local function index_journal(index_key, pending)
   call_chunked('ZADD', index_key, pending, 2)
 end
 
+
+-- Rate limits (GCRA, the generic cell rate algorithm). A bucket is one
+-- number, its theoretical arrival time (TAT, microseconds on Redis's own
+-- clock): when it would be full again if nothing more came. Takes up to
+-- `want` tokens, at most a quarter of the burst at once (a process leases
+-- them: src/access/rate_limit.rs), and returns granted, retry_after_us:
+-- granted > 0 and 0, or 0 and how long until one token is free.
+local RATE_LEASE_SHARE_OF_BURST = 4
+
+local function redis_now_us()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000000 + tonumber(time[2])
+end
+
+local function gcra_take(bucket_key, interval, burst, want, now)
+  want = math.min(want, math.max(1, math.floor(burst / RATE_LEASE_SHARE_OF_BURST)))
+  local tat = tonumber(redis.call('GET', bucket_key) or '0') or 0
+  if tat < now then
+    tat = now
+  end
+  -- A full bucket has TAT = now; each token taken moves it one interval on.
+  local available = math.floor((now + burst * interval - tat) / interval)
+  local granted = math.min(want, available)
+  if granted < 1 then
+    return 0, tat + interval - burst * interval - now
+  end
+  tat = tat + granted * interval
+  redis.call('SET', bucket_key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  return granted, 0
+end

@@ -336,6 +336,7 @@ async fn print_dev_keys(
         reads_per_s: rate,
         writes_per_s: rate,
     };
+    revoke_earlier_dev_keys(store).await?;
     let (admin, _) = issue_key(
         store,
         pepper,
@@ -344,6 +345,12 @@ async fn print_dev_keys(
     .await?;
     let (customer, _) =
         issue_key(store, pepper, key(Role::Customer, Some(demo.clone()), None)).await?;
+    {
+        use redis::AsyncCommands;
+        let mut conn = store.conn().await?;
+        let ids = [admin.id.as_str(), customer.id.as_str()];
+        let _: () = conn.sadd(crate::store::keys::DEV_KEYS, &ids).await?;
+    }
     std::fs::create_dir_all(data_dir)?;
     let path = data_dir.join("dev-keys.env");
     let _ = std::fs::remove_file(&path);
@@ -362,7 +369,7 @@ async fn print_dev_keys(
         .as_bytes(),
     )?;
     println!(
-        "\ntally dev: API keys for this run (valid 30 days; also in {}):\n  \
+        "\ntally dev: API keys for this run (valid 30 days, or until the next run; also in {}):\n  \
          admin     {}\n  \
          customer  {}  (account {demo}, the demo customer)\n\
          Try:  curl -H 'Authorization: Bearer {}' http://{address}/api/v1/accounts\n\
@@ -372,6 +379,19 @@ async fn print_dev_keys(
         customer.plaintext,
         admin.plaintext,
     );
+    Ok(())
+}
+
+/// Revokes the keys an earlier `tally dev` printed: each run's keys replace
+/// the last run's, so they do not pile up live.
+async fn revoke_earlier_dev_keys(store: &Store) -> anyhow::Result<()> {
+    use redis::AsyncCommands;
+    let mut conn = store.conn().await?;
+    let earlier: Vec<String> = conn.smembers(crate::store::keys::DEV_KEYS).await?;
+    for id in earlier.iter().filter_map(|id| KeyId::parse(id).ok()) {
+        api_keys::revoke_api_key(&mut conn, &id, crate::store::now_ms()).await?;
+    }
+    let _: () = conn.del(crate::store::keys::DEV_KEYS).await?;
     Ok(())
 }
 

@@ -220,6 +220,12 @@ impl PresentedKey {
     pub fn matches(&self, pepper: &Pepper, stored_hash: &str) -> bool {
         pepper.verify(&self.id, &self.secret, stored_hash)
     }
+
+    /// The hash Redis would hold for this key, for `authenticate_key.lua`
+    /// to decide whether to take tokens.
+    pub fn secret_hash(&self, pepper: &Pepper) -> String {
+        pepper.secret_hash(&self.id, &self.secret)
+    }
 }
 
 /// A key just made: the plaintext exists only here, to be shown once.

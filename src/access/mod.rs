@@ -18,18 +18,18 @@ use std::time::{Duration, Instant};
 pub use keys::{
     GeneratedKey, KEY_PREFIX, KeyError, KeyId, PEPPER_LENGTH_MIN, Pepper, PresentedKey, Role,
 };
-use rate_limit::RateLimiter;
+use rate_limit::{LeaseBook, Spend};
 
 use crate::config::AccessSettings;
 use crate::domain::AccountId;
-use crate::store::api_keys::{KeyRecord, get_api_key};
-use crate::store::rate_limits::RateLimit;
+use crate::store::api_keys::{KeyCheck, KeyRecord, authenticate_key, get_api_key};
+use crate::store::rate_limits::{RateLimit, Take, take_rate_tokens};
 use crate::store::{Store, StoreError, now_ms};
 
 /// Most key records one process keeps; past it, stale ones are dropped.
 pub const KEY_CACHE_ENTRIES_MAX: usize = 100_000;
 /// While Redis cannot be reached, how long a key this process checked may
-/// still make reads (which then learn that Redis is down).
+/// still read `/metrics` (which then says that Redis is down).
 pub const KEY_STALE_IF_ERROR: Duration = Duration::from_secs(60);
 /// The longest `TALLY_API_KEY_CACHE_MS` may be: revocation must reach every
 /// process within a second.
@@ -46,9 +46,6 @@ pub struct Caller {
     pub role: Role,
     /// The account a `customer` key is bound to.
     pub account: Option<AccountId>,
-    /// The key's own limits; `None` takes the server's default.
-    pub reads_per_s: Option<u32>,
-    pub writes_per_s: Option<u32>,
 }
 
 impl Caller {
@@ -68,6 +65,16 @@ impl Caller {
 pub enum RequestClass {
     Read,
     Write,
+}
+
+impl RequestClass {
+    /// Names the bucket, and the key record's own limit (`<class>_per_s`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestClass::Read => "reads",
+            RequestClass::Write => "writes",
+        }
+    }
 }
 
 /// Why a request was not let in.
@@ -91,7 +98,11 @@ pub struct Authenticator {
     pepper: Pepper,
     settings: AccessSettings,
     cache: KeyCache,
-    limiter: RateLimiter,
+    /// Leased tokens of keys, per class.
+    leases: LeaseBook,
+    /// Leased tokens of client addresses' failed authentications: a book of
+    /// their own, so addresses cannot crowd out keys' leases.
+    failures: LeaseBook,
 }
 
 impl Authenticator {
@@ -99,7 +110,8 @@ impl Authenticator {
         let pepper = settings.pepper()?;
         Ok(Authenticator {
             cache: KeyCache::new(Duration::from_millis(settings.api_key_cache_ms)),
-            limiter: RateLimiter::new(),
+            leases: LeaseBook::new(),
+            failures: LeaseBook::new(),
             store,
             pepper,
             settings,
@@ -114,89 +126,199 @@ impl Authenticator {
         &self.pepper
     }
 
-    /// The caller a bearer token names, if it is a live key of ours.
-    pub async fn authenticate(&self, token: &str, class: RequestClass) -> Result<Caller, Denied> {
-        const INVALID: &str = "the API key is not valid (unknown, expired or revoked)";
+    /// The caller a bearer token names, if it is a live key of ours with a
+    /// token to spend for `class`. With a fresh record and a leased token in
+    /// hand this makes no Redis call; otherwise one (`authenticate_key.lua`).
+    /// `allow_stale` lets a key checked in the last minute through while
+    /// Redis is out of reach (for `/metrics`, which answers from this
+    /// process's own figures then). While the client's address is refused
+    /// for failed authentications (`address_refused`), only a key this
+    /// process holds a fresh record of gets in: guesses from that address
+    /// cost no Redis work.
+    pub async fn admit(
+        &self,
+        token: &str,
+        class: RequestClass,
+        allow_stale: bool,
+        address_refused: Option<Duration>,
+    ) -> Result<Caller, Denied> {
         let presented = PresentedKey::parse(token).ok_or(Denied::Unauthenticated(
             "the bearer token is not a tally API key (tally_<role>_<id>_<secret>)",
         ))?;
-        let record = match self.cache.get(&self.store, &presented.id).await {
-            Ok(record) => record,
-            // Redis is out of reach, so no request can touch the ledger: a
-            // read may still learn that (503s, `/metrics` with redis_up 0)
-            // with a key this process checked lately. Writes stay refused.
-            Err(err) if class == RequestClass::Read => {
-                Some(self.cache.stale(&presented.id).ok_or(Denied::Store(err))?)
+        let holder = format!("{}:{}", presented.id, class.as_str());
+        let fresh = self.cache.fresh(&presented.id);
+        if let (None, Some(retry_after)) = (&fresh, address_refused) {
+            return Err(Denied::RateLimited { retry_after });
+        }
+        let (in_hand, want) = match self.leases.spend(&holder) {
+            Spend::Spent => (Some(Ok(())), 0),
+            Spend::Refused(retry_after) => (Some(Err(retry_after)), 0),
+            Spend::Need(want) => (None, want),
+        };
+        if let Some(record) = &fresh {
+            let caller = self.check(&presented, record)?;
+            match in_hand {
+                Some(Ok(())) => return Ok(caller),
+                Some(Err(retry_after)) => return Err(Denied::RateLimited { retry_after }),
+                None => {}
             }
-            Err(err) => return Err(err.into()),
+        }
+        let read_at = Instant::now();
+        let check = KeyCheck {
+            secret_hash: &presented.secret_hash(&self.pepper),
+            class: class.as_str(),
+            default_per_s: match class {
+                RequestClass::Read => self.settings.rate_limit_reads_per_s,
+                RequestClass::Write => self.settings.rate_limit_writes_per_s,
+            },
+            burst_s: self.settings.rate_limit_burst_s,
+            want,
         };
-        let Some(record) = record else {
-            return Err(Denied::Unauthenticated(INVALID));
+        let checked = async {
+            let mut conn = self.store.conn().await?;
+            authenticate_key(&mut conn, &presented.id, check).await
         };
+        let (record, take) = match checked.await {
+            Ok(Some(checked)) => checked,
+            Ok(None) => {
+                self.cache.forget(&presented.id);
+                return Err(Denied::Unauthenticated(INVALID_KEY));
+            }
+            Err(err) => {
+                return self
+                    .admit_unchecked(&presented, fresh, allow_stale, err)
+                    .await;
+            }
+        };
+        let record = self.cache.insert(read_at, record);
+        let caller = self.check(&presented, &record)?;
+        match (in_hand, take) {
+            (Some(Ok(())), _) => Ok(caller),
+            (Some(Err(retry_after)), _) => Err(Denied::RateLimited { retry_after }),
+            (None, Some(Take::Granted(granted))) => {
+                self.leases.grant(&holder, granted);
+                Ok(caller)
+            }
+            (None, Some(Take::Refused { retry_after })) => {
+                self.leases.refuse(&holder, retry_after);
+                Err(Denied::RateLimited { retry_after })
+            }
+            // The script took nothing, yet the record checks: it changed
+            // between the two reads. Refuse; the next request reads again.
+            (None, None) => Err(Denied::Unauthenticated(INVALID_KEY)),
+        }
+    }
+
+    /// Redis did not run the check: a full Redis refuses every script that
+    /// may write, and one out of reach answers nothing. A limit Redis cannot
+    /// check lets the request through (limits guard capacity, not the
+    /// ledger, and a request that needs Redis then fails on its own), but
+    /// the key is still checked, against a plain read of its record.
+    async fn admit_unchecked(
+        &self,
+        presented: &PresentedKey,
+        fresh: Option<Arc<KeyRecord>>,
+        allow_stale: bool,
+        err: StoreError,
+    ) -> Result<Caller, Denied> {
+        tracing::warn!(error = %err, key_id = %presented.id, "rate limit unchecked: Redis did not run the key check");
+        if let Some(record) = fresh {
+            return self.check(presented, &record);
+        }
+        let read_at = Instant::now();
+        let read = async {
+            let mut conn = self.store.conn().await?;
+            get_api_key(&mut conn, &presented.id).await
+        };
+        match read.await {
+            Ok(Some(record)) => {
+                let record = self.cache.insert(read_at, record);
+                self.check(presented, &record)
+            }
+            Ok(None) => Err(Denied::Unauthenticated(INVALID_KEY)),
+            Err(err) => match self.cache.stale(&presented.id).filter(|_| allow_stale) {
+                Some(record) => self.check(presented, &record),
+                None => Err(err.into()),
+            },
+        }
+    }
+
+    /// The caller, if the presented key is this record's and it is live.
+    fn check(&self, presented: &PresentedKey, record: &KeyRecord) -> Result<Caller, Denied> {
         // The role is part of what the client sent: a key whose prefix was
         // edited does not pass, even with the right secret.
         if record.role != presented.role
             || !record.is_live(now_ms())
             || !presented.matches(&self.pepper, &record.secret_hash)
         {
-            return Err(Denied::Unauthenticated(INVALID));
+            return Err(Denied::Unauthenticated(INVALID_KEY));
         }
         Ok(Caller {
             key_id: record.id.clone(),
             role: record.role,
             account: record.account.clone(),
-            reads_per_s: record.reads_per_s,
-            writes_per_s: record.writes_per_s,
         })
     }
 
-    /// Spends one of the caller's tokens for `class`.
-    pub async fn limit(&self, caller: &Caller, class: RequestClass) -> Result<(), Denied> {
-        let per_s = match class {
-            RequestClass::Read => caller
-                .reads_per_s
-                .unwrap_or(self.settings.rate_limit_reads_per_s),
-            RequestClass::Write => caller
-                .writes_per_s
-                .unwrap_or(self.settings.rate_limit_writes_per_s),
-        };
-        let limit = RateLimit {
-            per_s,
-            burst: per_s
-                .saturating_mul(self.settings.rate_limit_burst_s)
-                .max(1),
-        };
-        let holder = match class {
-            RequestClass::Read => format!("{}:reads", caller.key_id),
-            RequestClass::Write => format!("{}:writes", caller.key_id),
-        };
-        self.take(&holder, limit).await
+    /// Whether `client` is refused for failed authentications right now,
+    /// without asking Redis: checked first, so an address past its limit
+    /// costs no Redis work with every guess.
+    pub fn failures_refused(&self, client: &str) -> Option<Duration> {
+        self.failures.refused(&failure_holder(client))
     }
 
     /// Counts a failed authentication against the client's address: past
     /// the limit, the answer is 429 rather than 401, and guessing keys from
     /// one address is slowed to `TALLY_AUTH_FAILURES_PER_S`.
     pub async fn note_failure(&self, client: &str) -> Result<(), Denied> {
+        let holder = failure_holder(client);
+        let want = match self.failures.spend(&holder) {
+            Spend::Spent => return Ok(()),
+            Spend::Refused(retry_after) => return Err(Denied::RateLimited { retry_after }),
+            Spend::Need(want) => want,
+        };
         let limit = RateLimit {
             per_s: self.settings.auth_failures_per_s,
             burst: self.settings.auth_failure_burst,
         };
-        self.take(&format!("auth_failures:{client}"), limit).await
-    }
-
-    /// A limit Redis cannot check lets the request through: the limits
-    /// guard capacity, not the ledger, and a request that needs Redis fails
-    /// on its own (a full Redis refusing writes still serves reads).
-    async fn take(&self, holder: &str, limit: RateLimit) -> Result<(), Denied> {
-        match self.limiter.take(&self.store, holder, limit).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(retry_after)) => Err(Denied::RateLimited { retry_after }),
+        let take = async {
+            let mut conn = self.store.conn().await?;
+            take_rate_tokens(&mut conn, &holder, limit, want).await
+        };
+        match take.await {
+            Ok(Take::Granted(granted)) => {
+                self.failures.grant(&holder, granted);
+                Ok(())
+            }
+            Ok(Take::Refused { retry_after }) => {
+                self.failures.refuse(&holder, retry_after);
+                Err(Denied::RateLimited { retry_after })
+            }
             Err(err) => {
-                tracing::warn!(error = %err, holder, "rate limit unchecked: Redis did not answer");
+                tracing::warn!(error = %err, "failed-authentication limit unchecked: Redis did not answer");
                 Ok(())
             }
         }
     }
+}
+
+const INVALID_KEY: &str = "the API key is not valid (unknown, expired or revoked)";
+
+/// A client address's bucket for failed authentications. IPv6 clients are
+/// counted per /64, the block one host is usually given, so rotating through
+/// its addresses does not multiply the limit.
+fn failure_holder(client: &str) -> String {
+    let block = match client.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(address)) => {
+            let segments = address.segments();
+            format!(
+                "{:x}:{:x}:{:x}:{:x}::/64",
+                segments[0], segments[1], segments[2], segments[3]
+            )
+        }
+        _ => client.to_owned(),
+    };
+    format!("auth_failures:{block}")
 }
 
 /// Key records read from Redis, trusted for a bounded time.
@@ -213,36 +335,11 @@ impl KeyCache {
         }
     }
 
-    /// The key's record, read again once the cached one is older than the
-    /// TTL. Unknown ids are not cached, so guesses cannot fill the cache.
-    async fn get(&self, store: &Store, id: &KeyId) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        {
-            let entries = self.entries.lock().expect("key cache lock");
-            if let Some((read_at, record)) = entries.get(id)
-                && read_at.elapsed() < self.ttl
-            {
-                return Ok(Some(record.clone()));
-            }
-        }
-        // Timed from before the read: a revocation that lands while the read
-        // is on its way is seen within the TTL of when it landed.
-        let read_at = Instant::now();
-        let mut conn = store.conn().await?;
-        let Some(record) = get_api_key(&mut conn, id).await? else {
-            self.entries.lock().expect("key cache lock").remove(id);
-            return Ok(None);
-        };
-        let record = Arc::new(record);
-        let mut entries = self.entries.lock().expect("key cache lock");
-        if entries.len() >= KEY_CACHE_ENTRIES_MAX {
-            let ttl = self.ttl;
-            entries.retain(|_, (at, _)| at.elapsed() < ttl);
-            if entries.len() >= KEY_CACHE_ENTRIES_MAX {
-                entries.clear();
-            }
-        }
-        entries.insert(id.clone(), (read_at, record.clone()));
-        Ok(Some(record))
+    /// The record, if it was read less than the TTL ago.
+    fn fresh(&self, id: &KeyId) -> Option<Arc<KeyRecord>> {
+        let entries = self.entries.lock().expect("key cache lock");
+        let (read_at, record) = entries.get(id)?;
+        (read_at.elapsed() < self.ttl).then(|| record.clone())
     }
 
     /// The record last read, if it was read within [`KEY_STALE_IF_ERROR`].
@@ -250,6 +347,27 @@ impl KeyCache {
         let entries = self.entries.lock().expect("key cache lock");
         let (read_at, record) = entries.get(id)?;
         (read_at.elapsed() < KEY_STALE_IF_ERROR).then(|| record.clone())
+    }
+
+    /// Keeps a record read at `read_at` (timed from before the read: a
+    /// revocation that lands while the read is on its way is seen within the
+    /// TTL of when it landed). Only records of existing keys are kept, so
+    /// guesses cannot fill the cache.
+    fn insert(&self, read_at: Instant, record: KeyRecord) -> Arc<KeyRecord> {
+        let record = Arc::new(record);
+        let mut entries = self.entries.lock().expect("key cache lock");
+        if entries.len() >= KEY_CACHE_ENTRIES_MAX && !entries.contains_key(&record.id) {
+            entries.retain(|_, (at, _)| at.elapsed() < KEY_STALE_IF_ERROR);
+            if entries.len() >= KEY_CACHE_ENTRIES_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(record.id.clone(), (read_at, record.clone()));
+        record
+    }
+
+    fn forget(&self, id: &KeyId) {
+        self.entries.lock().expect("key cache lock").remove(id);
     }
 }
 

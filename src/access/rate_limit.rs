@@ -1,30 +1,27 @@
 //! Rate limits that hold across every API process without a Redis round
 //! trip per request.
 //!
-//! The bucket lives in Redis (`take_rate_tokens.lua`, GCRA). A process leases
-//! a few tokens at a time and spends them locally; a lease it does not spend
-//! within [`LEASE_MS`] lapses. The lease grows (doubling, up to a quarter of
-//! the burst) while the process spends each one before it lapses, and
-//! shrinks when it does not, so a quiet key costs one round trip a request
-//! and a busy one a round trip every few requests. Every token spent was
-//! granted by Redis, so the limit holds however many processes share a key;
-//! a lapsed lease only ever makes the limit stricter. After a refusal the
-//! process answers 429 locally until the time Redis gave, so a client
-//! hammering past its limit costs no Redis work.
+//! The bucket lives in Redis (GCRA, `gcra_take` in `lua/lib.lua`). A process
+//! leases a few tokens at a time and spends them locally; a lease it does not
+//! spend within [`LEASE_MS`] lapses. The lease doubles while the process
+//! spends each one before it lapses and halves when it does not (Redis
+//! grants at most a quarter of the burst at once), so a quiet key costs one
+//! round trip a request and a busy one a round trip every few requests.
+//! Every token spent was granted by Redis, so the limit holds however many
+//! processes share a key; a lapsed lease only makes the limit stricter.
+//! After a refusal the process answers 429 locally until the time Redis
+//! gave, so a client hammering past its limit costs no Redis work.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::store::rate_limits::{RateLimit, Take, take_rate_tokens};
-use crate::store::{Store, StoreResult};
-
 /// How long leased tokens stay spendable in one process.
-pub const LEASE_MS: u64 = 500;
-/// A lease is at most this share of the burst (1/4), so no process holds
-/// most of a key's tokens while another is refused.
-const LEASE_SHARE_OF_BURST: u32 = 4;
-/// Most buckets one process tracks; past it, lapsed leases are dropped.
+pub const LEASE_MS: u64 = 1_000;
+/// Most tokens one process asks for at once (Redis grants at most a
+/// quarter of the burst).
+pub const LEASE_WANT_MAX: u32 = 1_024;
+/// Most buckets one book tracks; past it, lapsed leases are dropped.
 pub const LEASES_MAX: usize = 100_000;
 
 #[derive(Debug, Default)]
@@ -35,77 +32,115 @@ struct Lease {
     refused_until: Option<Instant>,
 }
 
+/// What spending a token found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spend {
+    /// A leased token was spent.
+    Spent,
+    /// Redis refused lately: retry after this.
+    Refused(Duration),
+    /// No token in hand: ask Redis for this many.
+    Need(u32),
+}
+
+/// The leases of one process, by holder (a key and class, or an address).
 #[derive(Default)]
-pub struct RateLimiter {
+pub struct LeaseBook {
     leases: Mutex<HashMap<String, Lease>>,
 }
 
-impl RateLimiter {
+impl LeaseBook {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Spends one token of `holder`'s bucket: `Ok(Err(retry_after))` when
-    /// there is none.
-    pub async fn take(
-        &self,
-        store: &Store,
-        holder: &str,
-        limit: RateLimit,
-    ) -> StoreResult<Result<(), Duration>> {
+    /// Spends a leased token of `holder`'s, if there is one.
+    pub fn spend(&self, holder: &str) -> Spend {
         let now = Instant::now();
-        let lease_max = (limit.burst / LEASE_SHARE_OF_BURST).max(1);
-        let want = {
-            let mut leases = self.leases.lock().expect("rate limit lock");
-            match leases.get_mut(holder) {
-                Some(lease) => {
-                    if let Some(until) = lease.refused_until {
-                        if now < until {
-                            return Ok(Err(until - now));
-                        }
-                        lease.refused_until = None;
-                    }
-                    let live = lease.until.is_some_and(|until| now < until);
-                    if live && lease.tokens > 0 {
-                        lease.tokens -= 1;
-                        return Ok(Ok(()));
-                    }
-                    if live {
-                        (lease.size * 2).clamp(1, lease_max)
-                    } else {
-                        (lease.size / 2).clamp(1, lease_max)
-                    }
-                }
-                None => 1,
-            }
+        let mut leases = self.leases.lock().expect("lease book lock");
+        let Some(lease) = leases.get_mut(holder) else {
+            return Spend::Need(1);
         };
-        let mut conn = store.conn().await?;
-        let take = take_rate_tokens(&mut conn, holder, limit, want).await?;
-        let mut leases = self.leases.lock().expect("rate limit lock");
-        if leases.len() >= LEASES_MAX {
+        if let Some(until) = lease.refused_until {
+            if now < until {
+                return Spend::Refused(until - now);
+            }
+            lease.refused_until = None;
+        }
+        let live = lease.until.is_some_and(|until| now < until);
+        if live && lease.tokens > 0 {
+            lease.tokens -= 1;
+            return Spend::Spent;
+        }
+        // Spent before it lapsed: ask for more; lapsed unspent: for less.
+        let want = if live { lease.size * 2 } else { lease.size / 2 };
+        Spend::Need(want.clamp(1, LEASE_WANT_MAX))
+    }
+
+    /// When `holder` was refused and until when, without spending.
+    pub fn refused(&self, holder: &str) -> Option<Duration> {
+        let now = Instant::now();
+        let leases = self.leases.lock().expect("lease book lock");
+        let until = leases.get(holder)?.refused_until?;
+        (now < until).then(|| until - now)
+    }
+
+    /// Records `granted` tokens from Redis and spends one of them.
+    pub fn grant(&self, holder: &str, granted: u32) {
+        let now = Instant::now();
+        self.with_lease(holder, |lease| {
+            // Another request of this process may have leased meanwhile:
+            // add to what is still live rather than drop it.
+            let live = lease.until.is_some_and(|until| now < until);
+            lease.tokens = if live { lease.tokens } else { 0 } + granted.saturating_sub(1);
+            lease.until = Some(now + Duration::from_millis(LEASE_MS));
+            lease.size = granted;
+            lease.refused_until = None;
+        });
+    }
+
+    /// Records a refusal: answered locally until it runs out.
+    pub fn refuse(&self, holder: &str, retry_after: Duration) {
+        let now = Instant::now();
+        self.with_lease(holder, |lease| {
+            lease.refused_until = Some(now + retry_after)
+        });
+    }
+
+    fn with_lease(&self, holder: &str, change: impl FnOnce(&mut Lease)) {
+        let now = Instant::now();
+        let mut leases = self.leases.lock().expect("lease book lock");
+        if leases.len() >= LEASES_MAX && !leases.contains_key(holder) {
             leases.retain(|_, lease| {
                 lease.until.is_some_and(|until| now < until)
                     || lease.refused_until.is_some_and(|until| now < until)
             });
             if leases.len() >= LEASES_MAX {
+                // Forgetting leases only loses tokens: the limit stays.
                 leases.clear();
             }
         }
-        let lease = leases.entry(holder.to_owned()).or_default();
-        match take {
-            Take::Granted(granted) => {
-                // Another request of this process may have leased meanwhile:
-                // add to what is still live rather than drop it.
-                let live = lease.until.is_some_and(|until| now < until);
-                lease.tokens = if live { lease.tokens } else { 0 } + granted - 1;
-                lease.until = Some(now + Duration::from_millis(LEASE_MS));
-                lease.size = granted;
-                Ok(Ok(()))
-            }
-            Take::Refused { retry_after } => {
-                lease.refused_until = Some(now + retry_after);
-                Ok(Err(retry_after))
-            }
-        }
+        change(leases.entry(holder.to_owned()).or_default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_spent_then_grows_and_a_refusal_is_kept() {
+        let book = LeaseBook::new();
+        assert_eq!(book.spend("k"), Spend::Need(1));
+        book.grant("k", 1);
+        // Spent before it lapsed: the next ask doubles.
+        assert_eq!(book.spend("k"), Spend::Need(2));
+        book.grant("k", 2);
+        assert_eq!(book.spend("k"), Spend::Spent);
+        assert_eq!(book.spend("k"), Spend::Need(4));
+        book.refuse("k", Duration::from_secs(60));
+        assert!(matches!(book.spend("k"), Spend::Refused(_)));
+        assert!(book.refused("k").is_some());
+        assert!(book.refused("other").is_none());
     }
 }

@@ -136,8 +136,6 @@ pub async fn authenticate<E: Endpoint>(
             key_id: KeyId::parse(&"0".repeat(32)).expect("a well-formed id"),
             role: Role::Admin,
             account: None,
-            reads_per_s: None,
-            writes_per_s: None,
         });
         return endpoint
             .call(request)
@@ -148,34 +146,46 @@ pub async fn authenticate<E: Endpoint>(
         Method::GET | Method::HEAD => RequestClass::Read,
         _ => RequestClass::Write,
     };
-    let caller = match bearer_token(request.headers()) {
-        Ok(token) => access.authenticate(token, class).await,
+    let client = request
+        .remote_addr()
+        .as_socket_addr()
+        .map_or_else(|| "unknown".to_owned(), |address| address.ip().to_string());
+    let allow_stale = request.uri().path() == "/metrics";
+    let address_refused = access.failures_refused(&client);
+    let admitted = match bearer_token(request.headers()) {
+        Ok(token) => {
+            access
+                .admit(token, class, allow_stale, address_refused)
+                .await
+        }
         Err(detail) => Err(Denied::Unauthenticated(detail)),
     };
-    let caller = match caller {
+    let caller = match admitted {
         Ok(caller) => caller,
+        Err(Denied::Unauthenticated(_)) if address_refused.is_some() => {
+            let denied = Denied::RateLimited {
+                retry_after: address_refused.unwrap_or_default(),
+            };
+            return Ok(refusal(denied, TOO_MANY_FAILURES).into_response());
+        }
         Err(Denied::Unauthenticated(detail)) => {
-            let client = request
-                .remote_addr()
-                .as_socket_addr()
-                .map_or_else(|| "unknown".to_owned(), |address| address.ip().to_string());
             return Ok(match access.note_failure(&client).await {
                 Ok(()) => ApiError::unauthorized(detail).into_response(),
-                Err(denied) => refusal(denied, "too many failed authentications from this address")
-                    .into_response(),
+                Err(denied) => refusal(denied, TOO_MANY_FAILURES).into_response(),
             });
         }
-        Err(denied) => return Ok(refusal(denied, "").into_response()),
+        Err(denied) => {
+            return Ok(refusal(denied, "this key is past its rate limit").into_response());
+        }
     };
-    if let Err(denied) = access.limit(&caller, class).await {
-        return Ok(refusal(denied, "this key is past its rate limit").into_response());
-    }
     request.extensions_mut().insert(caller);
     endpoint
         .call(request)
         .await
         .map(IntoResponse::into_response)
 }
+
+const TOO_MANY_FAILURES: &str = "too many failed authentications from this address";
 
 fn refusal(denied: Denied, rate_limited: &str) -> ApiError {
     match denied {

@@ -5,15 +5,17 @@ use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
 
+use super::rate_limits::Take;
 use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
 use crate::access::{KeyId, Role};
 use crate::domain::AccountId;
 
 pub static CREATE_API_KEY: LazyLock<Script> = lua_script!("create_api_key.lua");
 pub static REVOKE_API_KEY: LazyLock<Script> = lua_script!("revoke_api_key.lua");
+pub static AUTHENTICATE_KEY: LazyLock<Script> = lua_script!("authenticate_key.lua");
 
-pub fn scripts() -> [&'static Script; 2] {
-    [&CREATE_API_KEY, &REVOKE_API_KEY]
+pub fn scripts() -> [&'static Script; 3] {
+    [&CREATE_API_KEY, &REVOKE_API_KEY, &AUTHENTICATE_KEY]
 }
 
 /// A key as stored.
@@ -156,4 +158,66 @@ pub async fn revoke_api_key(
         ("refused", Some("not_found")) => Ok(None),
         _ => Err(StoreError::UnexpectedReply(reply)),
     }
+}
+
+/// What `authenticate_key.lua` is asked: the presented secret's hash, the
+/// request's class and its limits, and how many tokens to lease.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyCheck<'a> {
+    pub secret_hash: &'a str,
+    /// `reads` or `writes`: names the bucket and the record's own limit.
+    pub class: &'a str,
+    /// The server's limit per second for the class, for keys with none.
+    pub default_per_s: u32,
+    pub burst_s: u32,
+    /// 0 only reads the record.
+    pub want: u32,
+}
+
+/// Reads a key's record and, when the secret matches and the key is live,
+/// takes tokens from its bucket, in one round trip. `None` for an unknown
+/// key; the take is `None` when the script took nothing because the key did
+/// not pass (the caller checks the record again itself).
+#[tracing::instrument(skip_all, fields(key_id = %id))]
+pub async fn authenticate_key(
+    conn: &mut impl Conn,
+    id: &KeyId,
+    check: KeyCheck<'_>,
+) -> StoreResult<Option<(KeyRecord, Option<Take>)>> {
+    let record_key = keys::api_key(id);
+    let reply: Vec<String> = AUTHENTICATE_KEY
+        .key(&record_key)
+        .key(keys::rate_limit(&format!("{id}:{}", check.class)))
+        .arg(check.secret_hash)
+        .arg(format!("{}_per_s", check.class))
+        .arg(check.default_per_s)
+        .arg(check.burst_s)
+        .arg(check.want)
+        .invoke_async(conn)
+        .await?;
+    match verdict(&reply) {
+        "missing" => return Ok(None),
+        "checked" if reply.len() >= 3 && reply.len() % 2 == 1 => {}
+        _ => return Err(StoreError::UnexpectedReply(reply)),
+    }
+    let number = |index: usize| -> StoreResult<u64> {
+        reply[index]
+            .parse()
+            .map_err(|_| StoreError::UnexpectedReply(reply.clone()))
+    };
+    let (granted, retry_after_us) = (number(1)?, number(2)?);
+    let fields = reply[3..]
+        .chunks(2)
+        .map(|pair| (pair[0].clone(), pair[1].clone()))
+        .collect();
+    let record = Record::new(record_key, fields)
+        .ok_or_else(|| StoreError::UnexpectedReply(reply.clone()))?;
+    let take = match (granted, retry_after_us) {
+        (0, 0) => None,
+        (0, retry_after_us) => Some(Take::Refused {
+            retry_after: std::time::Duration::from_micros(retry_after_us),
+        }),
+        (granted, _) => Some(Take::Granted(u32::try_from(granted).unwrap_or(u32::MAX))),
+    };
+    Ok(Some((KeyRecord::from_record(&record)?, take)))
 }

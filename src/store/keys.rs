@@ -163,3 +163,6 @@ pub const AUDIT_RUNNING: &str = "tally:audit:running";
 
 /// `tally dev`'s demo customer account (string: its id).
 pub const DEV_DEMO_ACCOUNT: &str = "tally:dev:demo_account";
+
+/// The ids of the keys the last `tally dev` printed (set), revoked by the next.
+pub const DEV_KEYS: &str = "tally:dev:keys";

@@ -17,8 +17,9 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
+    /// Rounded up: a limit is never looser than asked.
     fn interval_us(self) -> u64 {
-        (1_000_000 / u64::from(self.per_s.max(1))).max(1)
+        1_000_000u64.div_ceil(u64::from(self.per_s.max(1)))
     }
 }
 
@@ -29,7 +30,8 @@ pub enum Take {
     Refused { retry_after: Duration },
 }
 
-/// Takes up to `want` tokens from `holder`'s bucket.
+/// Takes up to `want` tokens from `holder`'s bucket (at most a quarter of
+/// its burst at once).
 pub async fn take_rate_tokens(
     conn: &mut impl Conn,
     holder: &str,

@@ -547,8 +547,9 @@ async fn keys_over_http_are_shown_once_listed_without_secrets_and_revoked() {
     assert_eq!(revoked.status(), 200);
     let revoked: Value = revoked.json().await.unwrap();
     assert!(revoked["revoked_at"].is_string());
-    // The cache trusts a record at most TALLY_API_KEY_CACHE_MS (500 ms here).
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The cache trusts a record at most TALLY_API_KEY_CACHE_MS (1 s), timed
+    // from before a read that came before the revocation.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
     let refused = customer
         .get(app.url(&format!("/api/v1/accounts/{account}")))
         .send()
@@ -571,6 +572,8 @@ async fn failed_authentications_from_one_address_are_limited() {
         settings.access.auth_failures_per_s = 1;
     })
     .await;
+    // The good key's record is fresh in the API's cache (read within 1 s).
+    assert_eq!(app.get("/api/v1/accounts").await.status(), 200);
     let anonymous = reqwest::Client::new();
     let mut statuses = Vec::new();
     for _ in 0..6 {
@@ -592,8 +595,16 @@ async fn failed_authentications_from_one_address_are_limited() {
     }
     assert_eq!(&statuses[..3], &[401, 401, 401], "{statuses:?}");
     assert!(statuses[3..].contains(&429), "{statuses:?}");
-    // A good key from the same address is not held back by the guesses.
+    // A good key this process knows is not held back by the guesses from
+    // its address; an unknown one is refused without a Redis read.
     assert_eq!(app.get("/api/v1/accounts").await.status(), 200);
+    let fresh_key = app.client_with(&app.key(Role::Read, None).await);
+    let refused = fresh_key
+        .get(app.url("/api/v1/accounts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
 }
 
 /// What `tally keys create` printed: the key, alone on the last line.
@@ -831,4 +842,162 @@ async fn a_rate_limit_holds_across_two_processes() {
         "both refused: {limited:?}"
     );
     assert!(ok[0] > 0 && ok[1] > 0, "both served: {ok:?}");
+}
+
+/// The key scripts, straight against Redis: every answer each can give.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
+    use tally::store::api_keys::{KeyCheck, authenticate_key, revoke_api_key};
+    use tally::store::rate_limits::{RateLimit, Take, take_rate_tokens};
+    let app = crate::helpers::spawn_app().await;
+    let mut conn = app.redis().await;
+    let pepper = Pepper::new(TEST_PEPPER).unwrap();
+    let generated = GeneratedKey::new(Role::Read, &pepper);
+    let record = KeyRecord {
+        id: generated.id.clone(),
+        role: Role::Read,
+        account: None,
+        secret_hash: generated.secret_hash.clone(),
+        created_at_ms: tally::store::now_ms(),
+        expires_at_ms: None,
+        revoked_at_ms: None,
+        label: Some("scripts".to_owned()),
+        reads_per_s: Some(2),
+        writes_per_s: None,
+    };
+
+    // create_api_key: created, then refused for an id that exists.
+    create_api_key(&mut conn, &record).await.unwrap();
+    let before = app.snapshot().await;
+    let again = create_api_key(&mut conn, &record).await;
+    assert!(matches!(
+        again,
+        Err(tally::store::api_keys::CreateKeyError::KeyExists(_))
+    ));
+    assert_eq!(
+        app.snapshot().await,
+        before,
+        "a refused create writes nothing"
+    );
+
+    // authenticate_key: the key's own limit (2/s, burst 2 x 1 s).
+    let check = |secret_hash, want| KeyCheck {
+        secret_hash,
+        class: "reads",
+        default_per_s: 1_000,
+        burst_s: 1,
+        want,
+    };
+    let (read, take) = authenticate_key(&mut conn, &record.id, check(&record.secret_hash, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read, record);
+    assert_eq!(take, Some(Take::Granted(1)));
+    // A wrong secret reads the record and takes nothing.
+    let wrong = "0".repeat(64);
+    let before = app.snapshot().await;
+    let (_, take) = authenticate_key(&mut conn, &record.id, check(&wrong, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(take, None);
+    // Wanting nothing only reads.
+    let (_, take) = authenticate_key(&mut conn, &record.id, check(&record.secret_hash, 0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(take, None);
+    let bucket = tally::store::keys::rate_limit(&format!("{}:reads", record.id));
+    let tat: Option<String> = conn.get(&bucket).await.unwrap();
+    assert!(tat.is_some(), "the one token taken is recorded");
+    assert_eq!(app.snapshot().await, before, "nothing else was written");
+    // The burst is 2: one more, then a refusal with the time until the next.
+    let (_, take) = authenticate_key(&mut conn, &record.id, check(&record.secret_hash, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(take, Some(Take::Granted(1)));
+    let (_, take) = authenticate_key(&mut conn, &record.id, check(&record.secret_hash, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(Take::Refused { retry_after }) = take else {
+        panic!("refused past the burst: {take:?}");
+    };
+    assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_millis(500));
+    // An unknown key.
+    let unknown = tally::access::KeyId::new();
+    let missing = authenticate_key(&mut conn, &unknown, check(&wrong, 1))
+        .await
+        .unwrap();
+    assert!(missing.is_none());
+
+    // revoke_api_key: revoked, the same answer again, and an unknown id.
+    assert_eq!(
+        revoke_api_key(&mut conn, &record.id, 42).await.unwrap(),
+        Some(42)
+    );
+    assert_eq!(
+        revoke_api_key(&mut conn, &record.id, 99).await.unwrap(),
+        Some(42)
+    );
+    let before = app.snapshot().await;
+    assert_eq!(revoke_api_key(&mut conn, &unknown, 1).await.unwrap(), None);
+    assert_eq!(app.snapshot().await, before);
+    // A revoked key takes nothing, even with its secret.
+    conn.del::<_, ()>(&bucket).await.unwrap();
+    let (read, take) = authenticate_key(&mut conn, &record.id, check(&record.secret_hash, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((read.revoked_at_ms, take), (Some(42), None));
+    // An expired one neither.
+    let expired = GeneratedKey::new(Role::Read, &pepper);
+    let expired_record = KeyRecord {
+        id: expired.id.clone(),
+        secret_hash: expired.secret_hash.clone(),
+        expires_at_ms: Some(tally::store::now_ms() - 1),
+        ..record.clone()
+    };
+    create_api_key(&mut conn, &expired_record).await.unwrap();
+    let (_, take) = authenticate_key(&mut conn, &expired.id, check(&expired.secret_hash, 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(take, None);
+
+    // take_rate_tokens: at most a quarter of the burst at once, then refused.
+    let limit = RateLimit { per_s: 1, burst: 8 };
+    let take = take_rate_tokens(&mut conn, "scripts", limit, 100)
+        .await
+        .unwrap();
+    assert_eq!(take, Take::Granted(2), "a quarter of the burst of 8");
+    for _ in 0..3 {
+        take_rate_tokens(&mut conn, "scripts", limit, 2)
+            .await
+            .unwrap();
+    }
+    let take = take_rate_tokens(&mut conn, "scripts", limit, 1)
+        .await
+        .unwrap();
+    assert!(matches!(take, Take::Refused { retry_after } if retry_after <= Duration::from_secs(1)));
+
+    // release_lock: only its holder releases it.
+    let lock = tally::store::keys::AUDIT_RUNNING;
+    conn.set::<_, _, ()>(lock, "holder").await.unwrap();
+    let release = |token: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            tally::store::locks::RELEASE_LOCK
+                .key(lock)
+                .arg(token)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(release("someone else").await, 0);
+    assert_eq!(release("holder").await, 1);
+    assert!(!conn.exists::<_, bool>(lock).await.unwrap());
 }
