@@ -38,6 +38,10 @@ impl Application {
             .local_addr()
             .context("the listener has a socket address")?;
         let access = crate::access::Authenticator::new(store.clone(), settings.access)?;
+        access
+            .start()
+            .await
+            .with_context(|| format!("reading API keys' state at {}", settings.redis.url()))?;
         let state = Arc::new(AppState {
             orders: crate::orders::OrderGrouper::new(store.clone()),
             access,

@@ -169,8 +169,9 @@ pub struct AccessSettings {
     /// `serve` and `keys`. `tally dev` keeps one in its data folder.
     #[arg(long, env = "TALLY_API_KEY_PEPPER", hide_env_values = true)]
     pub api_key_pepper: Option<String>,
-    /// How long a process trusts a key record it read from Redis. At most
-    /// 1,000: a revoked key is refused everywhere within this.
+    /// How long a process trusts its copies of key records without having
+    /// confirmed that no key was revoked since (it checks five times a
+    /// second). At most 1,000: a revoked key is refused everywhere within it.
     #[arg(long, env = "TALLY_API_KEY_CACHE_MS", default_value_t = API_KEY_CACHE_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(0..=crate::access::KEY_CACHE_MS_MAX))]
     pub api_key_cache_ms: u64,
     /// Reads (GET) per second one key may make, unless the key sets its own.

@@ -100,6 +100,8 @@ pub struct Authenticator {
     cache: KeyCache,
     /// Leased tokens of keys, per class.
     leases: LeaseBook,
+    /// Whether a key was revoked lately, read a few times a second.
+    watch: Arc<RevocationWatch>,
     /// Leased tokens of client addresses' failed authentications: a book of
     /// their own, so addresses cannot crowd out keys' leases.
     failures: LeaseBook,
@@ -112,6 +114,7 @@ impl Authenticator {
             cache: KeyCache::new(Duration::from_millis(settings.api_key_cache_ms)),
             leases: LeaseBook::new(),
             failures: LeaseBook::new(),
+            watch: Arc::new(RevocationWatch::default()),
             store,
             pepper,
             settings,
@@ -120,6 +123,18 @@ impl Authenticator {
 
     pub fn settings(&self) -> &AccessSettings {
         &self.settings
+    }
+
+    /// Reads the revocation epoch once, then follows it in the background
+    /// for as long as this authenticator lives. Until it runs, no cached
+    /// record is trusted (every request reads its key).
+    pub async fn start(&self) -> Result<(), StoreError> {
+        let asked_at = Instant::now();
+        let mut conn = self.store.conn().await?;
+        let epoch = crate::store::api_keys::revocation_epoch(&mut conn).await?;
+        self.watch.confirm(epoch, asked_at);
+        self.watch.start(&self.store);
+        Ok(())
     }
 
     pub fn pepper(&self) -> &Pepper {
@@ -146,23 +161,32 @@ impl Authenticator {
             "the bearer token is not a tally API key (tally_<role>_<id>_<secret>)",
         ))?;
         let holder = format!("{}:{}", presented.id, class.as_str());
-        let fresh = self.cache.fresh(&presented.id);
+        let fresh = self
+            .watch
+            .current(self.cache.ttl)
+            .and_then(|epoch| self.cache.fresh(&presented.id, epoch));
         if let (None, Some(retry_after)) = (&fresh, address_refused) {
             return Err(Denied::RateLimited { retry_after });
         }
         let (in_hand, want) = match self.leases.spend(&holder) {
-            Spend::Spent => (Some(Ok(())), 0),
+            // With a stale record the round trip is made anyway: it tops up
+            // a lease that is half gone, so a steady key makes one a second.
+            Spend::Spent { top_up } => (Some(Ok(())), top_up),
             Spend::Refused(retry_after) => (Some(Err(retry_after)), 0),
             Spend::Need(want) => (None, want),
         };
         if let Some(record) = &fresh {
             let caller = self.check(&presented, record)?;
-            match in_hand {
-                Some(Ok(())) => return Ok(caller),
-                Some(Err(retry_after)) => return Err(Denied::RateLimited { retry_after }),
-                None => {}
-            }
+            return match in_hand {
+                Some(Ok(())) => Ok(caller),
+                Some(Err(retry_after)) => Err(Denied::RateLimited { retry_after }),
+                None => self
+                    .refill(&holder, record, class, want)
+                    .await
+                    .map(|()| caller),
+            };
         }
+        let epoch = self.watch.current(self.cache.ttl);
         let read_at = Instant::now();
         let check = KeyCheck {
             secret_hash: &presented.secret_hash(&self.pepper),
@@ -190,9 +214,13 @@ impl Authenticator {
                     .await;
             }
         };
-        let record = self.cache.insert(read_at, record);
+        let record = self.cache.insert(read_at, epoch, record);
         let caller = self.check(&presented, &record)?;
         match (in_hand, take) {
+            (Some(Ok(())), Some(Take::Granted(granted))) => {
+                self.leases.top_up(&holder, granted);
+                Ok(caller)
+            }
             (Some(Ok(())), _) => Ok(caller),
             (Some(Err(retry_after)), _) => Err(Denied::RateLimited { retry_after }),
             (None, Some(Take::Granted(granted))) => {
@@ -225,6 +253,7 @@ impl Authenticator {
         if let Some(record) = fresh {
             return self.check(presented, &record);
         }
+        let epoch = self.watch.current(self.cache.ttl);
         let read_at = Instant::now();
         let read = async {
             let mut conn = self.store.conn().await?;
@@ -232,7 +261,7 @@ impl Authenticator {
         };
         match read.await {
             Ok(Some(record)) => {
-                let record = self.cache.insert(read_at, record);
+                let record = self.cache.insert(read_at, epoch, record);
                 self.check(presented, &record)
             }
             Ok(None) => Err(Denied::Unauthenticated(INVALID_KEY)),
@@ -240,6 +269,47 @@ impl Authenticator {
                 Some(record) => self.check(presented, &record),
                 None => Err(err.into()),
             },
+        }
+    }
+
+    /// Leases tokens for a key whose record is fresh: a plain take, with the
+    /// key's own limit. A limit Redis cannot check lets the request through.
+    async fn refill(
+        &self,
+        holder: &str,
+        record: &KeyRecord,
+        class: RequestClass,
+        want: u32,
+    ) -> Result<(), Denied> {
+        let per_s = match class {
+            RequestClass::Read => record
+                .reads_per_s
+                .unwrap_or(self.settings.rate_limit_reads_per_s),
+            RequestClass::Write => record
+                .writes_per_s
+                .unwrap_or(self.settings.rate_limit_writes_per_s),
+        };
+        let limit = RateLimit {
+            per_s,
+            burst: per_s.saturating_mul(self.settings.rate_limit_burst_s),
+        };
+        let take = async {
+            let mut conn = self.store.conn().await?;
+            take_rate_tokens(&mut conn, holder, limit, want).await
+        };
+        match take.await {
+            Ok(Take::Granted(granted)) => {
+                self.leases.grant(holder, granted);
+                Ok(())
+            }
+            Ok(Take::Refused { retry_after }) => {
+                self.leases.refuse(holder, retry_after);
+                Err(Denied::RateLimited { retry_after })
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, holder, "rate limit unchecked: Redis did not answer");
+                Ok(())
+            }
         }
     }
 
@@ -273,7 +343,7 @@ impl Authenticator {
     pub async fn note_failure(&self, client: &str) -> Result<(), Denied> {
         let holder = failure_holder(client);
         let want = match self.failures.spend(&holder) {
-            Spend::Spent => return Ok(()),
+            Spend::Spent { .. } => return Ok(()),
             Spend::Refused(retry_after) => return Err(Denied::RateLimited { retry_after }),
             Spend::Need(want) => want,
         };
@@ -321,10 +391,21 @@ fn failure_holder(client: &str) -> String {
     format!("auth_failures:{block}")
 }
 
-/// Key records read from Redis, trusted for a bounded time.
+/// Key records read from Redis. A record is trusted while no key has been
+/// revoked since it was read (the [`RevocationWatch`] says), for at most
+/// [`KEY_RECORD_TTL`]: a record changes only when its key is revoked, and
+/// expiry is checked against the clock on every request.
 struct KeyCache {
+    /// How long the watch may go unconfirmed (`TALLY_API_KEY_CACHE_MS`).
     ttl: Duration,
-    entries: Mutex<HashMap<KeyId, (Instant, Arc<KeyRecord>)>>,
+    entries: Mutex<HashMap<KeyId, CachedKey>>,
+}
+
+struct CachedKey {
+    read_at: Instant,
+    /// The revocation epoch known before the read.
+    epoch: Option<u64>,
+    record: Arc<KeyRecord>,
 }
 
 impl KeyCache {
@@ -335,39 +416,111 @@ impl KeyCache {
         }
     }
 
-    /// The record, if it was read less than the TTL ago.
-    fn fresh(&self, id: &KeyId) -> Option<Arc<KeyRecord>> {
+    /// The record, if no key was revoked since it was read (`epoch` is the
+    /// watch's, confirmed within the TTL) and it is younger than the TTL of
+    /// records.
+    fn fresh(&self, id: &KeyId, epoch: u64) -> Option<Arc<KeyRecord>> {
         let entries = self.entries.lock().expect("key cache lock");
-        let (read_at, record) = entries.get(id)?;
-        (read_at.elapsed() < self.ttl).then(|| record.clone())
+        let cached = entries.get(id)?;
+        (cached.epoch == Some(epoch) && cached.read_at.elapsed() < KEY_RECORD_TTL)
+            .then(|| cached.record.clone())
     }
 
     /// The record last read, if it was read within [`KEY_STALE_IF_ERROR`].
     fn stale(&self, id: &KeyId) -> Option<Arc<KeyRecord>> {
         let entries = self.entries.lock().expect("key cache lock");
-        let (read_at, record) = entries.get(id)?;
-        (read_at.elapsed() < KEY_STALE_IF_ERROR).then(|| record.clone())
+        let cached = entries.get(id)?;
+        (cached.read_at.elapsed() < KEY_STALE_IF_ERROR).then(|| cached.record.clone())
     }
 
-    /// Keeps a record read at `read_at` (timed from before the read: a
-    /// revocation that lands while the read is on its way is seen within the
-    /// TTL of when it landed). Only records of existing keys are kept, so
-    /// guesses cannot fill the cache.
-    fn insert(&self, read_at: Instant, record: KeyRecord) -> Arc<KeyRecord> {
+    /// Keeps a record read at `read_at`, tagged with the revocation epoch
+    /// known before the read: a revocation that lands while the read is on
+    /// its way moves the epoch on, and the record is read again. Only
+    /// records of existing keys are kept, so guesses cannot fill the cache.
+    fn insert(&self, read_at: Instant, epoch: Option<u64>, record: KeyRecord) -> Arc<KeyRecord> {
         let record = Arc::new(record);
         let mut entries = self.entries.lock().expect("key cache lock");
         if entries.len() >= KEY_CACHE_ENTRIES_MAX && !entries.contains_key(&record.id) {
-            entries.retain(|_, (at, _)| at.elapsed() < KEY_STALE_IF_ERROR);
+            entries.retain(|_, cached| cached.read_at.elapsed() < KEY_STALE_IF_ERROR);
             if entries.len() >= KEY_CACHE_ENTRIES_MAX {
                 entries.clear();
             }
         }
-        entries.insert(record.id.clone(), (read_at, record.clone()));
+        let cached = CachedKey {
+            read_at,
+            epoch,
+            record: record.clone(),
+        };
+        entries.insert(record.id.clone(), cached);
         record
     }
 
     fn forget(&self, id: &KeyId) {
         self.entries.lock().expect("key cache lock").remove(id);
+    }
+}
+
+/// How often a process reads the revocation epoch.
+pub const REVOCATION_POLL: Duration = Duration::from_millis(200);
+/// Longest a key record is kept without being read again.
+pub const KEY_RECORD_TTL: Duration = Duration::from_secs(60);
+
+/// Follows `tally:api_keys:epoch`, which every revocation moves on, with one
+/// small read every [`REVOCATION_POLL`] per process, whatever the number of
+/// keys. Cached records are trusted only while the epoch they were read at
+/// is the current one and the watch confirmed it within the cache TTL: a
+/// process that cannot reach Redis stops trusting its copies within a second.
+struct RevocationWatch {
+    started: std::sync::Once,
+    state: Mutex<Option<(u64, Instant)>>,
+}
+
+impl Default for RevocationWatch {
+    fn default() -> Self {
+        RevocationWatch {
+            started: std::sync::Once::new(),
+            state: Mutex::new(None),
+        }
+    }
+}
+
+impl RevocationWatch {
+    /// The epoch, if confirmed within `within`.
+    fn current(&self, within: Duration) -> Option<u64> {
+        let state = self.state.lock().expect("revocation watch lock");
+        let (epoch, confirmed_at) = (*state)?;
+        (confirmed_at.elapsed() < within).then_some(epoch)
+    }
+
+    fn confirm(&self, epoch: u64, asked_at: Instant) {
+        *self.state.lock().expect("revocation watch lock") = Some((epoch, asked_at));
+    }
+
+    /// Starts the poll (once), for as long as the authenticator lives.
+    fn start(self: &Arc<Self>, store: &Store) {
+        self.started.call_once(|| {
+            let watch = Arc::downgrade(self);
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(REVOCATION_POLL);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    let Some(watch) = watch.upgrade() else {
+                        return;
+                    };
+                    let asked_at = Instant::now();
+                    let read = async {
+                        let mut conn = store.conn().await?;
+                        crate::store::api_keys::revocation_epoch(&mut conn).await
+                    };
+                    match read.await {
+                        Ok(epoch) => watch.confirm(epoch, asked_at),
+                        Err(err) => tracing::debug!(error = %err, "revocation epoch unread"),
+                    }
+                }
+            });
+        });
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! The bucket lives in Redis (GCRA, `gcra_take` in `lua/lib.lua`). A process
 //! leases a few tokens at a time and spends them locally; a lease it does not
-//! spend within [`LEASE_MS`] lapses. The lease doubles while the process
+//! spend within [`LEASE_MS`] (5 s) lapses. The lease doubles while the process
 //! spends each one before it lapses and halves when it does not (Redis
 //! grants at most a quarter of the burst at once), so a quiet key costs one
 //! round trip a request and a busy one a round trip every few requests.
@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long leased tokens stay spendable in one process.
-pub const LEASE_MS: u64 = 1_000;
+pub const LEASE_MS: u64 = 5_000;
 /// Most tokens one process asks for at once (Redis grants at most a
 /// quarter of the burst).
 pub const LEASE_WANT_MAX: u32 = 1_024;
@@ -35,8 +35,9 @@ struct Lease {
 /// What spending a token found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Spend {
-    /// A leased token was spent.
-    Spent,
+    /// A leased token was spent; `top_up` more would refill a lease that
+    /// is half gone (0 when it is not), for a caller that asks Redis anyway.
+    Spent { top_up: u32 },
     /// Redis refused lately: retry after this.
     Refused(Duration),
     /// No token in hand: ask Redis for this many.
@@ -70,7 +71,12 @@ impl LeaseBook {
         let live = lease.until.is_some_and(|until| now < until);
         if live && lease.tokens > 0 {
             lease.tokens -= 1;
-            return Spend::Spent;
+            let top_up = if lease.tokens < lease.size / 2 {
+                lease.size
+            } else {
+                0
+            };
+            return Spend::Spent { top_up };
         }
         // Spent before it lapsed: ask for more; lapsed unspent: for less.
         let want = if live { lease.size * 2 } else { lease.size / 2 };
@@ -96,6 +102,17 @@ impl LeaseBook {
             lease.until = Some(now + Duration::from_millis(LEASE_MS));
             lease.size = granted;
             lease.refused_until = None;
+        });
+    }
+
+    /// Adds `granted` tokens to a lease whose request already spent one
+    /// (a top-up taken along with a read of the key's record).
+    pub fn top_up(&self, holder: &str, granted: u32) {
+        let now = Instant::now();
+        self.with_lease(holder, |lease| {
+            let live = lease.until.is_some_and(|until| now < until);
+            lease.tokens = if live { lease.tokens } else { 0 } + granted;
+            lease.until = Some(now + Duration::from_millis(LEASE_MS));
         });
     }
 
@@ -136,8 +153,16 @@ mod tests {
         // Spent before it lapsed: the next ask doubles.
         assert_eq!(book.spend("k"), Spend::Need(2));
         book.grant("k", 2);
-        assert_eq!(book.spend("k"), Spend::Spent);
+        assert_eq!(book.spend("k"), Spend::Spent { top_up: 2 });
         assert_eq!(book.spend("k"), Spend::Need(4));
+        book.grant("k", 4);
+        assert_eq!(book.spend("k"), Spend::Spent { top_up: 0 });
+        book.top_up("k", 4);
+        // 2 left and 4 more.
+        for _ in 0..6 {
+            assert!(matches!(book.spend("k"), Spend::Spent { .. }));
+        }
+        assert_eq!(book.spend("k"), Spend::Need(8));
         book.refuse("k", Duration::from_secs(60));
         assert!(matches!(book.spend("k"), Spend::Refused(_)));
         assert!(book.refused("k").is_some());

@@ -147,6 +147,7 @@ pub async fn revoke_api_key(
 ) -> StoreResult<Option<i64>> {
     let reply: Vec<String> = REVOKE_API_KEY
         .key(keys::api_key(id))
+        .key(keys::API_KEYS_EPOCH)
         .arg(now_ms)
         .invoke_async(conn)
         .await?;
@@ -220,4 +221,10 @@ pub async fn authenticate_key(
         (granted, _) => Some(Take::Granted(u32::try_from(granted).unwrap_or(u32::MAX))),
     };
     Ok(Some((KeyRecord::from_record(&record)?, take)))
+}
+
+/// The revocation epoch: how many revocations there have been.
+pub async fn revocation_epoch(conn: &mut impl Conn) -> StoreResult<u64> {
+    let epoch: Option<u64> = conn.get(keys::API_KEYS_EPOCH).await?;
+    Ok(epoch.unwrap_or(0))
 }

@@ -144,6 +144,10 @@ pub fn account_advances(account: &AccountId) -> String {
 /// Every API key by creation time (sorted set: key id by ms).
 pub const API_KEYS: &str = "tally:api_keys";
 
+/// Moved on by every revocation (string: a counter): API processes read it
+/// a few times a second and drop their cached key records when it moves.
+pub const API_KEYS_EPOCH: &str = "tally:api_keys:epoch";
+
 /// An API key's record (hash: role, bound account, secret hash, times, limits).
 /// The secret itself is never stored.
 pub fn api_key(id: &crate::access::KeyId) -> String {

@@ -934,13 +934,29 @@ async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
     assert!(missing.is_none());
 
     // revoke_api_key: revoked, the same answer again, and an unknown id.
+    let epoch = |mut conn: redis::aio::MultiplexedConnection| async move {
+        tally::store::api_keys::revocation_epoch(&mut conn)
+            .await
+            .unwrap()
+    };
+    let epoch_before = epoch(conn.clone()).await;
     assert_eq!(
         revoke_api_key(&mut conn, &record.id, 42).await.unwrap(),
         Some(42)
     );
     assert_eq!(
+        epoch(conn.clone()).await,
+        epoch_before + 1,
+        "every process hears of it"
+    );
+    assert_eq!(
         revoke_api_key(&mut conn, &record.id, 99).await.unwrap(),
         Some(42)
+    );
+    assert_eq!(
+        epoch(conn.clone()).await,
+        epoch_before + 1,
+        "the second time moves nothing"
     );
     let before = app.snapshot().await;
     assert_eq!(revoke_api_key(&mut conn, &unknown, 1).await.unwrap(), None);
