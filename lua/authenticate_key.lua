@@ -1,8 +1,8 @@
 -- authenticate_key: read an API key's record and, if the presented secret
 -- matches it and the key is live, take rate-limit tokens for the request's
--- class, in one round trip. A process calls it only when its copy of the
--- record is older than TALLY_API_KEY_CACHE_MS or its leased tokens ran out
--- (src/access/mod.rs), so a busy key costs no round trip of its own.
+-- class, in one round trip. A process calls it only when it holds no
+-- trusted copy of the record (none yet, or a key was revoked since it read
+-- it: src/access/mod.rs), so a busy key costs no round trip of its own.
 -- Rust checks the record again (the secret in constant time) before it
 -- trusts it; this script's check only decides whether to take tokens, so a
 -- caller who knows a key's id but not its secret cannot drain its bucket.
@@ -14,7 +14,7 @@
 -- ARGV[3] the server's limit per second for the class, used when the key has none
 -- ARGV[4] burst, in seconds' worth of the limit
 -- ARGV[5] tokens wanted; 0 only reads the record (the process has a token
---         in hand, or a refusal, and only its copy of the record ran out)
+--         in hand, or a refusal, and only needs the record again)
 --
 -- Returns one of
 --   {"missing"}

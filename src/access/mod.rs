@@ -2,11 +2,13 @@
 //! rate limits that hold across every API process.
 //!
 //! A request's key is checked without a Redis round trip of its own on the
-//! hot path: a process trusts a key record it read for at most
-//! `TALLY_API_KEY_CACHE_MS` (at most 1 s, so revocation takes effect within
-//! it everywhere), and spends rate-limit tokens it leased from Redis in small
-//! batches ([`rate_limit`]). The secret is checked on every request, in
-//! constant time, against the keyed hash Redis keeps.
+//! hot path: a process keeps the key records it read while no key is
+//! revoked (every revocation moves an epoch on, which each process reads five
+//! times a second; it stops trusting its copies if it has not confirmed the
+//! epoch within `TALLY_API_KEY_CACHE_MS`, at most 1 s), and spends rate-limit
+//! tokens it leased from Redis in small batches ([`rate_limit`]). The secret
+//! is checked on every request, in constant time, against the keyed hash
+//! Redis keeps.
 
 mod keys;
 pub mod rate_limit;

@@ -547,8 +547,7 @@ async fn keys_over_http_are_shown_once_listed_without_secrets_and_revoked() {
     assert_eq!(revoked.status(), 200);
     let revoked: Value = revoked.json().await.unwrap();
     assert!(revoked["revoked_at"].is_string());
-    // The cache trusts a record at most TALLY_API_KEY_CACHE_MS (1 s), timed
-    // from before a read that came before the revocation.
+    // Every process hears of a revocation within TALLY_API_KEY_CACHE_MS (1 s).
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let refused = customer
         .get(app.url(&format!("/api/v1/accounts/{account}")))
