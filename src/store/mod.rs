@@ -69,11 +69,13 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the command may have reached Redis and run with only its
-    /// reply lost (an IO error, a timeout, a dropped connection). A pool
-    /// checkout failure or an error reply (a full Redis refusing a write)
-    /// means it did not run.
+    /// reply lost (an IO error, a timeout, a dropped connection). A refused
+    /// connection, a pool checkout failure or an error reply (a full Redis
+    /// refusing a write) means it did not run.
     pub fn outcome_unknown(&self) -> bool {
         match self {
+            // A refused connection never carried the command: nothing ran.
+            StoreError::Redis(err) if err.is_connection_refusal() => false,
             StoreError::Redis(err) => {
                 err.is_io_error() || err.is_timeout() || err.is_connection_dropped()
             }
