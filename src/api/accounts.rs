@@ -49,6 +49,7 @@ impl From<Account> for AccountView {
 struct AccountPage {
     items: Vec<AccountView>,
     /// Pass as `cursor` for the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
     next_cursor: Option<String>,
 }
 

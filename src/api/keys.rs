@@ -41,12 +41,18 @@ struct KeyView {
     id: String,
     role: String,
     /// The account a `customer` key is bound to.
+    #[oai(skip_serializing_if_is_none)]
     account_id: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
     label: Option<String>,
     created_at: String,
+    #[oai(skip_serializing_if_is_none)]
     expires_at: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
     revoked_at: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
     reads_per_s: Option<u32>,
+    #[oai(skip_serializing_if_is_none)]
     writes_per_s: Option<u32>,
 }
 
@@ -86,6 +92,7 @@ enum CreatedKeyResponse {
 struct KeyPage {
     items: Vec<KeyView>,
     /// Pass as `offset` for the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
     next_offset: Option<u64>,
 }
 

@@ -45,10 +45,12 @@ struct OrderView {
     /// `pending` (waiting in the bucket), `settling`, `settled`, `failed` or `refunded`.
     status: String,
     /// The batch that carries the order to the exchange, once there is one.
+    #[oai(skip_serializing_if_is_none)]
     batch_id: Option<String>,
     /// Exchange calls made for the order's batch so far.
     attempts: i64,
     /// Why the batch's last exchange call failed, if it did.
+    #[oai(skip_serializing_if_is_none)]
     last_error: Option<String>,
     created_at: String,
 }
@@ -118,6 +120,7 @@ struct BatchView {
     status: String,
     /// Exchange calls made so far.
     attempts: i64,
+    #[oai(skip_serializing_if_is_none)]
     last_error: Option<String>,
     /// An exchange call got no answer, so the exchange may have filled the
     /// batch: retry it to find out before refunding.
@@ -188,6 +191,7 @@ enum BatchListResponse {
 struct BatchPage {
     items: Vec<BatchView>,
     /// Pass as `offset` for the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
     next_offset: Option<u64>,
 }
 

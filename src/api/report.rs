@@ -41,10 +41,12 @@ struct ReportEntry {
     /// USD moved: 0.00 when the operation failed.
     amount: String,
     /// USD asked for, when it differs from what moved (failed transfers).
+    #[oai(skip_serializing_if_is_none)]
     requested_amount: Option<String>,
     /// `completed` or `failed`.
     status: String,
     /// Why it failed, or what it was for.
+    #[oai(skip_serializing_if_is_none)]
     reason: Option<String>,
     /// The order, batch, account or transaction the entry belongs to.
     reference: String,
@@ -86,6 +88,7 @@ struct ReportPage {
     /// The snapshot: the listing holds nothing written after this.
     as_of: String,
     /// Pass as `cursor` for the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
     next_cursor: Option<String>,
     /// Entries in the whole listing (the snapshot's window).
     total_count: u64,

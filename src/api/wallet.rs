@@ -57,13 +57,17 @@ struct TransactionView {
     account_id: String,
     kind: String,
     amount: String,
+    #[oai(skip_serializing_if_is_none)]
     description: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
     merchant: Option<String>,
     /// `queued`, `completed` or `rejected`.
     status: String,
     /// Why it was rejected.
+    #[oai(skip_serializing_if_is_none)]
     reason: Option<String>,
     created_at: String,
+    #[oai(skip_serializing_if_is_none)]
     applied_at: Option<String>,
 }
 
@@ -89,6 +93,7 @@ impl From<WalletTransaction> for TransactionView {
 struct TransactionPage {
     items: Vec<TransactionView>,
     /// Pass as `cursor` for the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
     next_cursor: Option<String>,
 }
 
