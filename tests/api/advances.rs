@@ -16,9 +16,9 @@ use crate::helpers::{
     test_worker_settings,
 };
 
-const WEEK: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+pub(crate) const WEEK: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
-fn scheduler_settings() -> SchedulerSettings {
+pub(crate) fn scheduler_settings() -> SchedulerSettings {
     SchedulerSettings {
         lease: Duration::from_secs(30),
         interval: Duration::from_millis(20),

@@ -12,10 +12,8 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use serde_json::{Value, json};
-use tally::advances::{ManualClock, SchedulerSettings, schedule_once};
-use tally::domain::{
-    AccountId, AccountName, Amount, BatchId, OrderId, Quantity, Symbol, SystemAccount,
-};
+use tally::advances::{ManualClock, schedule_once};
+use tally::domain::{AccountId, AccountName, Amount, BatchId, SystemAccount};
 use tally::exchange::sim::Faults;
 use tally::store::accounts::{CreateAccountError, NewAccount, create_account};
 use tally::store::advances::{self, AdvanceError, Collected, NewAdvance};
@@ -56,23 +54,9 @@ fn new_account(balance: &str) -> NewAccount {
     }
 }
 
-/// An order of `quantity` ABAN at 4.00, against a minimum of 10.00.
+/// An order of `quantity` ABAN at 4.00, without an Idempotency-Key.
 fn order(account: &AccountId, quantity: &str) -> PlaceOrder {
-    let quantity = Quantity::parse(quantity).unwrap();
-    let price = Amount::parse("4.00").unwrap();
-    PlaceOrder {
-        order_id: OrderId::new(),
-        account_id: account.clone(),
-        symbol: Symbol::parse("ABAN").unwrap(),
-        quantity,
-        price,
-        cost: tally::domain::order_cost(price, quantity).unwrap(),
-        exchange_minimum: Amount::parse("10.00").unwrap(),
-        batch_id: BatchId::new(),
-        idempotency: None,
-        idempotency_ttl_secs: 60,
-        created_at_ms: now_ms(),
-    }
+    crate::scripts::order(account, quantity, None)
 }
 
 /// The keys whose type, expiry or contents differ between two snapshots.
@@ -465,15 +449,7 @@ async fn finish_batches_counts_the_batches_before_it_in_the_call() {
     assert_eq!(settle_pending(&mut conn).await, 1, "the second job only");
 }
 
-const WEEK: Duration = Duration::from_secs(7 * 24 * 60 * 60);
-
-fn scheduler_settings() -> SchedulerSettings {
-    SchedulerSettings {
-        lease: Duration::from_secs(30),
-        interval: Duration::from_millis(20),
-        batch_max: 500,
-    }
-}
+use crate::advances::{WEEK, scheduler_settings};
 
 /// A customer with an advance of 120.00, a week on, with its first
 /// installment (10.00) leased: (customer, advance id, the clock). `before_lease`

@@ -253,16 +253,7 @@ async fn acknowledged_writes_survive_a_redis_crash_and_restart() {
 
     // Under everysec Redis may hold writes back while an fsync runs (see the
     // README); the contract this checks is for writes handed to the file.
-    eventually("the AOF buffer is written", || async {
-        let info: String = redis::cmd("INFO")
-            .arg("persistence")
-            .query_async(&mut app.redis().await)
-            .await
-            .unwrap();
-        info.contains("aof_buffer_length:0")
-    })
-    .await;
-    app.redis.kill().await.unwrap();
+    kill_redis_once_its_aof_is_written(&mut app).await;
     app.redis = RedisServer::start_durable(data.path(), port).await.unwrap();
     assert_eq!(
         app.snapshot().await,
@@ -423,16 +414,7 @@ async fn a_redis_that_refuses_connections_answers_unavailable_and_nothing_is_wri
     let mut app = spawn_app_on(redis, |_| {}).await;
     let alice = app.create_account("alice", "100.00").await;
     let before = app.snapshot().await;
-    eventually("the AOF buffer is written", || async {
-        let info: String = redis::cmd("INFO")
-            .arg("persistence")
-            .query_async(&mut app.redis().await)
-            .await
-            .unwrap();
-        info.contains("aof_buffer_length:0")
-    })
-    .await;
-    app.redis.kill().await.unwrap();
+    kill_redis_once_its_aof_is_written(&mut app).await;
 
     let order = json!({"account_id": alice, "symbol": "ABAN", "quantity": "1"});
     let deposit = json!({"kind": "deposit", "amount": "1.00"});
@@ -471,4 +453,20 @@ async fn a_redis_that_refuses_connections_answers_unavailable_and_nothing_is_wri
 
     app.redis = RedisServer::start_durable(data.path(), port).await.unwrap();
     assert_eq!(app.snapshot().await, before, "nothing was written");
+}
+
+/// Kills the app's (durable) redis-server once everything it acknowledged
+/// is in the AOF: under everysec Redis may hold writes back while an fsync
+/// runs (see the README), and the contract is for writes handed to the file.
+async fn kill_redis_once_its_aof_is_written(app: &mut crate::helpers::TestApp) {
+    eventually("the AOF buffer is written", || async {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut app.redis().await)
+            .await
+            .unwrap();
+        info.contains("aof_buffer_length:0")
+    })
+    .await;
+    app.redis.kill().await.unwrap();
 }

@@ -30,7 +30,8 @@ fn new_account(balance: &str, key: Option<&str>) -> NewAccount {
     }
 }
 
-fn order(account_id: &AccountId, quantity: &str, key: Option<&str>) -> PlaceOrder {
+/// An order of `quantity` ABAN at 4.00, against a minimum of 10.00.
+pub(crate) fn order(account_id: &AccountId, quantity: &str, key: Option<&str>) -> PlaceOrder {
     let quantity = Quantity::parse(quantity).unwrap();
     let price = Amount::parse("4.00").unwrap();
     PlaceOrder {
