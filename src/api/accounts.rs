@@ -9,6 +9,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::ApiError;
+use super::schema::IdempotencyKeyHeader;
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
 use crate::access::Role;
 use crate::domain::{AccountId, AccountName, Amount, Idempotency, format_units};
@@ -81,13 +82,13 @@ impl AccountsApi {
     /// Open a customer account, optionally with an opening balance.
     ///
     /// Role: `bank` or `admin`.
-    #[oai(path = "/accounts", method = "post")]
+    #[oai(path = "/accounts", method = "post", operation_id = "createAccount")]
     async fn create_account(
         &self,
         auth: ApiKey,
         body: Json<CreateAccountRequest>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
-        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<IdempotencyKeyHeader>>,
         headers: &HeaderMap,
     ) -> Result<CreateAccountResponse, ApiError> {
         let caller = auth.require(&[Role::Bank, Role::Admin])?;
@@ -139,14 +140,13 @@ impl AccountsApi {
     ///
     /// Role: `customer` (its own account only: any other answers 404, as a
     /// missing one does), `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/accounts/:id", method = "get")]
+    #[oai(path = "/accounts/:id", method = "get", operation_id = "getAccount")]
     async fn get_account(
         &self,
         auth: ApiKey,
-        id: Path<String>,
+        id: Path<AccountId>,
     ) -> Result<GetAccountResponse, ApiError> {
-        let id = AccountId::parse(&id.0)
-            .map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
+        let Path(id) = id;
         let not_found = || ApiError::not_found(format!("account {id} not found"));
         auth.read_account(&id, not_found)?;
         let mut conn = self.0.store.conn().await?;
@@ -159,22 +159,18 @@ impl AccountsApi {
     /// Customer accounts in creation order, a page at a time.
     ///
     /// Role: `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/accounts", method = "get")]
+    #[oai(path = "/accounts", method = "get", operation_id = "listAccounts")]
     async fn list_accounts(
         &self,
         auth: ApiKey,
         /// Page size (default 20, at most the configured maximum, 100 by default).
         limit: Query<Option<u32>>,
         /// `next_cursor` from the previous page.
-        cursor: Query<Option<String>>,
+        cursor: Query<Option<AccountId>>,
     ) -> Result<ListAccountsResponse, ApiError> {
         auth.require_reader()?;
         let limit = page_size(limit.0, &self.0.api)?;
-        let after = cursor
-            .0
-            .map(|cursor| AccountId::parse(&cursor))
-            .transpose()
-            .map_err(|err| ApiError::bad_request("invalid-cursor", format!("cursor: {err}")))?;
+        let after = cursor.0;
         let mut conn = self.0.store.conn().await?;
         let page = accounts::list_accounts(&mut conn, after.as_ref(), limit).await?;
         let next_cursor = (page.len() == limit).then(|| page[page.len() - 1].id.to_string());

@@ -10,10 +10,11 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::ApiError;
+use super::schema::{AdvanceAmount, CustomerAccountId, IdempotencyKeyHeader, Uuid};
 use super::{ApiTags, AppState, idempotency_key, list_offset, page_size, rfc3339};
 use crate::access::Role;
-use crate::domain::{AMOUNT_SCALE, AccountId, Amount, Idempotency, format_units, parse_uuid};
-use crate::store::advances::{self, Advance, AdvanceError, INSTALLMENTS, NewAdvance};
+use crate::domain::{AccountId, Idempotency, format_units};
+use crate::store::advances::{self, Advance, AdvanceError, NewAdvance};
 use crate::store::{accounts, now_ms};
 
 pub struct AdvancesApi(pub Arc<AppState>);
@@ -21,9 +22,8 @@ pub struct AdvancesApi(pub Arc<AppState>);
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct NewAdvanceRequest {
-    account_id: AccountId,
-    /// USD lent, at least 0.12 (a cent per installment).
-    amount: Amount,
+    account_id: CustomerAccountId,
+    amount: AdvanceAmount,
 }
 
 #[derive(Debug, Object)]
@@ -136,44 +136,26 @@ impl AdvancesApi {
     /// to the next one, or to a new one a period after the last.
     ///
     /// Role: `bank` or `admin`.
-    #[oai(path = "/advances", method = "post")]
+    #[oai(path = "/advances", method = "post", operation_id = "createAdvance")]
     async fn create(
         &self,
         auth: ApiKey,
         body: Json<NewAdvanceRequest>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
-        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<IdempotencyKeyHeader>>,
         headers: &HeaderMap,
     ) -> Result<CreatedResponse, ApiError> {
         let caller = auth.require(&[Role::Bank, Role::Admin])?;
         let Json(request) = body;
-        if request.amount.is_zero() {
-            return Err(ApiError::bad_request(
-                "invalid-amount",
-                "amount must be greater than zero",
-            ));
-        }
-        // At least a cent per installment, or some would be of zero.
-        if request.amount.cents() < i64::from(INSTALLMENTS) {
-            let detail = format!(
-                "amount must be at least {} (one cent for each of the {INSTALLMENTS} installments)",
-                format_units(i64::from(INSTALLMENTS), AMOUNT_SCALE)
-            );
-            return Err(ApiError::bad_request("invalid-amount", detail));
-        }
-        if request.account_id.is_system() {
-            return Err(ApiError::bad_request(
-                "system-account",
-                "advances are for customer accounts",
-            ));
-        }
-        let cents = request.amount.cents().to_string();
+        let account_id = request.account_id.0;
+        let amount = request.amount.0;
+        let cents = amount.cents().to_string();
         let idempotency = idempotency_key(headers, caller)?
-            .map(|key| Idempotency::new(key, &[request.account_id.as_str(), &cents]));
+            .map(|key| Idempotency::new(key, &[account_id.as_str(), &cents]));
         let advance = NewAdvance {
             id: uuid::Uuid::now_v7().to_string(),
-            account_id: request.account_id,
-            amount: request.amount,
+            account_id,
+            amount,
             period_ms: u64::try_from(self.0.ledger.advance_period.as_millis()).unwrap_or(u64::MAX),
             now_ms: now_ms(),
             idempotency,
@@ -207,11 +189,10 @@ impl AdvancesApi {
     ///
     /// Role: `customer` (its own advances only: any other answers 404, as a
     /// missing one does), `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/advances/:id", method = "get")]
-    async fn get(&self, auth: ApiKey, id: Path<String>) -> Result<AdvanceResponse, ApiError> {
+    #[oai(path = "/advances/:id", method = "get", operation_id = "getAdvance")]
+    async fn get(&self, auth: ApiKey, id: Path<Uuid>) -> Result<AdvanceResponse, ApiError> {
         // Canonical form only, lowercased: one spelling per id, as for accounts.
-        let id = parse_uuid(&id.0)
-            .map_err(|err| ApiError::bad_request("invalid-advance-id", err.to_string()))?;
+        let id = id.0.0;
         auth.require_reader_or_customer()?;
         let view = self.view(&id.to_string()).await?;
         let owner = AccountId::parse(&view.account_id).ok();
@@ -226,18 +207,21 @@ impl AdvancesApi {
     ///
     /// Role: `customer` (its own account only: any other answers 404, as a
     /// missing one does), `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/accounts/:id/advances", method = "get")]
+    #[oai(
+        path = "/accounts/:id/advances",
+        method = "get",
+        operation_id = "listAdvances"
+    )]
     async fn list(
         &self,
         auth: ApiKey,
-        id: Path<String>,
+        id: Path<AccountId>,
         /// Page size (default 20, at most the configured maximum).
         limit: Query<Option<u32>>,
         /// Advances to skip, oldest first (at most 1,000,000).
         offset: Query<Option<u64>>,
     ) -> Result<AdvanceListResponse, ApiError> {
-        let account = AccountId::parse(&id.0)
-            .map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
+        let Path(account) = id;
         auth.read_account(&account, || {
             ApiError::not_found(format!("account {account} not found"))
         })?;
@@ -261,7 +245,7 @@ impl AdvancesApi {
     /// meanwhile answers 409 `audit-running`.
     ///
     /// Role: `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/audit", method = "get")]
+    #[oai(path = "/audit", method = "get", operation_id = "runAudit")]
     async fn audit(&self, auth: ApiKey) -> Result<AuditResponse, ApiError> {
         auth.require_reader()?;
         let lock_ms = self.0.api.request_timeout_ms;

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, Object, OpenApi};
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::ApiError;
+use super::schema::{CustomerAccountId, Label, Text};
 use super::{ApiTags, AppState, list_offset, page_size, rfc3339};
 use crate::access::{IssueError, KeyId, KeyRequest, Role, issue_key};
-use crate::domain::AccountId;
 use crate::store::api_keys::{self, KeyRecord};
 use crate::store::now_ms;
 
@@ -21,18 +21,55 @@ pub struct KeysApi(pub Arc<AppState>);
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct NewKeyRequest {
-    /// `customer`, `bank`, `read`, `metrics`, `ops` or `admin`.
-    role: String,
-    /// For a `customer` key (and only for one): the account it is bound to.
-    account_id: Option<AccountId>,
-    /// Seconds until the key stops working (default: never).
+    role: RoleName,
+    /// For a `customer` key (and only for one, else 422): the account it is
+    /// bound to.
+    account_id: Option<CustomerAccountId>,
+    /// Seconds until the key stops working, up to about 10 years (default: never).
+    #[oai(validator(minimum(value = "1"), maximum(value = "316224000")))]
     expires_in_secs: Option<u64>,
-    /// What the key is for, shown in listings (at most 100 characters).
-    label: Option<String>,
+    /// What the key is for, shown in listings.
+    label: Option<Text<Label>>,
     /// The key's own limit on reads per second (default: the server's).
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000")))]
     reads_per_s: Option<u32>,
     /// The key's own limit on writes per second (default: the server's).
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000")))]
     writes_per_s: Option<u32>,
+}
+
+// The bounds above, as `issue_key` checks them too.
+const _: () = assert!(crate::access::KEY_LIFETIME_MAX.as_secs() == 316_224_000);
+
+/// A key's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+enum RoleName {
+    /// Bound to one customer account: reads it, and spends from it.
+    Customer,
+    /// The banking system's integration.
+    Bank,
+    /// Operators who look: every GET.
+    Read,
+    /// `/metrics` only.
+    Metrics,
+    /// Operators who act on failed batches.
+    Ops,
+    /// Everything, keys included.
+    Admin,
+}
+
+impl From<RoleName> for Role {
+    fn from(role: RoleName) -> Self {
+        match role {
+            RoleName::Customer => Role::Customer,
+            RoleName::Bank => Role::Bank,
+            RoleName::Read => Role::Read,
+            RoleName::Metrics => Role::Metrics,
+            RoleName::Ops => Role::Ops,
+            RoleName::Admin => Role::Admin,
+        }
+    }
 }
 
 #[derive(Debug, Object)]
@@ -108,16 +145,12 @@ enum KeyResponse {
     Ok(Json<KeyView>),
 }
 
-fn parse_key_id(id: &str) -> Result<KeyId, ApiError> {
-    KeyId::parse(id).map_err(|err| ApiError::bad_request("invalid-key-id", err.to_string()))
-}
-
 #[OpenApi(tag = "ApiTags::Keys")]
 impl KeysApi {
     /// Make an API key. The answer holds the key itself, once.
     ///
     /// Role: `admin` (no key can make a key broader than its own).
-    #[oai(path = "/keys", method = "post")]
+    #[oai(path = "/keys", method = "post", operation_id = "createKey")]
     async fn create(
         &self,
         auth: ApiKey,
@@ -125,24 +158,27 @@ impl KeysApi {
     ) -> Result<CreatedKeyResponse, ApiError> {
         let caller = auth.require(&[Role::Admin])?;
         let Json(request) = body;
-        let role = Role::parse(&request.role)
-            .map_err(|err| ApiError::bad_request("invalid-role", err.to_string()))?;
+        let role = Role::from(request.role);
         if !caller.role.covers(role) {
             let detail = format!("a {} key cannot make a {role} key", caller.role);
             return Err(ApiError::forbidden("forbidden", detail));
         }
         let request = KeyRequest {
             role,
-            account: request.account_id,
+            account: request.account_id.map(|account| account.0),
             expires_in: request.expires_in_secs.map(Duration::from_secs),
-            label: request.label,
+            label: request.label.map(Text::into_inner),
             reads_per_s: request.reads_per_s,
             writes_per_s: request.writes_per_s,
         };
         let (generated, record) = issue_key(&self.0.store, self.0.access.pepper(), request)
             .await
             .map_err(|err| match err {
-                IssueError::Invalid(detail) => ApiError::bad_request("invalid-key-request", detail),
+                // What is left once the body parsed: the role and the
+                // account must go together, a rule the schema cannot state.
+                IssueError::Invalid(detail) => {
+                    ApiError::unprocessable("invalid-key-request", detail)
+                }
                 err @ IssueError::AccountNotFound(_) => {
                     ApiError::unprocessable("account-not-found", err.to_string())
                 }
@@ -158,7 +194,7 @@ impl KeysApi {
     /// Every API key, oldest first (never their secrets).
     ///
     /// Role: `admin`.
-    #[oai(path = "/keys", method = "get")]
+    #[oai(path = "/keys", method = "get", operation_id = "listKeys")]
     async fn list(
         &self,
         auth: ApiKey,
@@ -180,13 +216,22 @@ impl KeysApi {
     }
 
     /// Revoke a key: every API process refuses it within a second. Revoking
-    /// one twice answers as the first time did.
+    /// one twice answers as the first time did. The key making the request
+    /// cannot revoke itself (409 `own-key`).
     ///
     /// Role: `admin`.
-    #[oai(path = "/keys/:id", method = "delete")]
-    async fn revoke(&self, auth: ApiKey, id: Path<String>) -> Result<KeyResponse, ApiError> {
+    #[oai(path = "/keys/:id", method = "delete", operation_id = "revokeKey")]
+    async fn revoke(&self, auth: ApiKey, id: Path<KeyId>) -> Result<KeyResponse, ApiError> {
         let caller = auth.require(&[Role::Admin])?;
-        let id = parse_key_id(&id.0)?;
+        let Path(id) = id;
+        // Over HTTP a key cannot lock its holder out: the last admin key
+        // would take the API with it. `tally keys revoke` can.
+        if id == caller.key_id {
+            return Err(ApiError::conflict(
+                "own-key",
+                "a key cannot revoke itself; use another admin key or `tally keys revoke`",
+            ));
+        }
         let not_found = || ApiError::not_found(format!("key {id} not found"));
         let mut conn = self.0.store.conn().await?;
         api_keys::revoke_api_key(&mut conn, &id, now_ms())

@@ -13,6 +13,7 @@ mod orders;
 pub mod problem;
 mod report;
 mod schema;
+mod spec;
 mod transfers;
 mod wallet;
 
@@ -83,15 +84,23 @@ fn service(state: Arc<AppState>) -> OpenApiService<Apis, ()> {
         env!("CARGO_PKG_VERSION"),
     )
     .description(
-        "A Redis-native ledger and settlement service. Amounts are decimal strings in USD; \
-         every POST that moves money takes an optional Idempotency-Key header (scoped to the \
-         API key). Every operation needs an API key, `Authorization: Bearer \
-         tally_<role>_<id>_<secret>`; each says which roles may call it.",
+        "A Redis-native ledger and settlement service. Amounts are decimal strings in USD \
+         (a JSON number is read exactly, too); every POST that moves money takes an optional \
+         Idempotency-Key header (scoped to the API key). Every operation needs an API key, \
+         `Authorization: Bearer tally_<role>_<id>_<secret>`; each says which roles may call \
+         it.\n\n\
+         Every error is `application/problem+json`. 400 means the request breaks this \
+         document (a pattern, a bound, an unknown field); 422 means it keeps to it but the \
+         ledger refuses it (an unknown account, insufficient funds, a rule between fields \
+         such as `src_account_id` = `dst_account_id`). A method a path does not have \
+         answers 405 with `Allow`. A POST with a body must send it as \
+         `Content-Type: application/json` (415 otherwise).",
     )
     .server(API_PREFIX)
 }
 
-/// The OpenAPI spec as YAML, exactly as `/openapi.yaml` serves it.
+/// The OpenAPI spec as YAML, exactly as `/openapi.yaml` serves it with the
+/// default settings.
 pub fn spec_yaml() -> String {
     let store = Store::unconnected();
     let access = crate::config::AccessSettings {
@@ -106,7 +115,7 @@ pub fn spec_yaml() -> String {
         ledger: LedgerSettings::default(),
         api: ApiSettings::default(),
     });
-    service(state).spec_yaml()
+    spec::Spec::refine(&service(state.clone()).spec(), &state.api).yaml()
 }
 
 /// The whole HTTP application.
@@ -115,8 +124,18 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
     let request_timeout = Duration::from_millis(state.api.request_timeout_ms);
     let cors_allowed_origins = state.api.cors_allowed_origins.clone();
     let api = service(state.clone());
-    let docs = api.swagger_ui();
-    let spec = api.spec_endpoint_yaml();
+    let poem_json = api.spec();
+    let published = spec::Spec::refine(&poem_json, &state.api);
+    // Swagger UI embeds the document it is given: give it the published one.
+    let docs_html = api.swagger_ui_html().replace(&poem_json, &published.json());
+    let docs = poem::endpoint::make_sync(move |_| poem::web::Html(docs_html.clone()));
+    let spec_text = published.yaml();
+    let spec = poem::endpoint::make_sync(move |_| {
+        Response::builder()
+            .content_type("application/x-yaml")
+            .header("Content-Disposition", "inline; filename=\"openapi.yaml\"")
+            .body(spec_text.clone())
+    });
     let http_metrics = metrics::HttpMetrics::shared();
     let access_state = state.clone();
     let routes = Route::new()
@@ -210,16 +229,17 @@ async fn guard<E: Endpoint>(
     }
 }
 
-/// Refuses a POST whose `Content-Type` is not JSON, and a JSON body that
+/// Refuses a POST whose body is not declared JSON, and a JSON body that
 /// repeats a key.
 ///
-/// Every POST, bodiless ones like `/batches/{id}/retry` included: a form
-/// post or a `text/plain` one is a "simple" request that any web page can
-/// make a browser send cross-site, cookies or not, without a preflight; a
-/// JSON one needs the preflight that CORS then refuses.
+/// A form post or a `text/plain` one is a "simple" request that any web page
+/// can make a browser send cross-site without a preflight; a JSON one needs
+/// the preflight that CORS then refuses. A bodiless POST (`/batches/{id}/retry`)
+/// has no type to declare, and cannot carry a key cross-site: the key travels
+/// in `Authorization`, which no simple request may set.
 fn check_json_body(request: &Request, body: &[u8]) -> Result<(), ApiError> {
     let is_json = is_json_content_type(request.headers());
-    if request.method() == Method::POST && !is_json {
+    if request.method() == Method::POST && !is_json && !body.is_empty() {
         let sent = match request.headers().get(CONTENT_TYPE) {
             Some(value) => format!(
                 "`{}`",
@@ -234,7 +254,9 @@ fn check_json_body(request: &Request, body: &[u8]) -> Result<(), ApiError> {
             Problem::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",
-                format!("a POST must carry Content-Type: application/json (sent: {sent})"),
+                format!(
+                    "a POST body must be sent as Content-Type: application/json (sent: {sent})"
+                ),
             ),
         )));
     }

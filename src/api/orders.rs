@@ -5,10 +5,11 @@ use std::sync::Arc;
 use poem::http::HeaderMap;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, Object, OpenApi};
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::ApiError;
+use super::schema::{CustomerAccountId, IdempotencyKeyHeader, Note, Text};
 use super::{ApiTags, AppState, idempotency_key, list_offset, page_size, rfc3339};
 use crate::access::Role;
 use crate::domain::{AccountId, BatchId, OrderId, Quantity, Symbol, format_units};
@@ -25,7 +26,7 @@ pub struct OrdersApi(pub Arc<AppState>);
 #[oai(deny_unknown_fields)]
 struct PlaceOrderRequest {
     /// The paying customer account.
-    account_id: AccountId,
+    account_id: CustomerAccountId,
     /// What to buy; see GET /prices.
     symbol: Symbol,
     /// How much to buy, up to 8 decimal places.
@@ -199,7 +200,7 @@ struct BatchPage {
 #[oai(deny_unknown_fields)]
 struct RefundRequest {
     /// Why the batch is refunded, for the record (at most 200 characters).
-    note: Option<String>,
+    note: Option<Text<Note>>,
     /// Needed when an exchange call for the batch got no answer, so the
     /// exchange may have filled it: `true` says you checked that it did not.
     /// Otherwise retry the batch, which finds out (the exchange fills each
@@ -208,8 +209,16 @@ struct RefundRequest {
     exchange_confirmed_unfilled: bool,
 }
 
+/// The batches `GET /batches` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+enum ListedBatchStatus {
+    /// Dead-lettered, waiting for an operator to retry or refund.
+    Failed,
+}
+
 /// Longest operator note kept with a refund.
-const REFUND_NOTE_LENGTH_MAX: usize = 200;
+pub const REFUND_NOTE_LENGTH_MAX: usize = 200;
 
 #[OpenApi(tag = "ApiTags::Orders")]
 impl OrdersApi {
@@ -218,19 +227,20 @@ impl OrdersApi {
     /// bucket reaches it.
     ///
     /// Role: `customer` (paying from its own account only) or `admin`.
-    #[oai(path = "/orders", method = "post")]
+    #[oai(path = "/orders", method = "post", operation_id = "placeOrder")]
     async fn place_order(
         &self,
         auth: ApiKey,
         body: Json<PlaceOrderRequest>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
-        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<IdempotencyKeyHeader>>,
         headers: &HeaderMap,
     ) -> Result<PlaceOrderResponse, ApiError> {
         let Json(request) = body;
-        auth.pay_from(&request.account_id, &[Role::Admin])?;
+        let account_id = request.account_id.0;
+        auth.pay_from(&account_id, &[Role::Admin])?;
         let request = OrderRequest {
-            account_id: request.account_id,
+            account_id,
             symbol: request.symbol,
             quantity: request.quantity,
         };
@@ -294,10 +304,9 @@ impl OrdersApi {
     ///
     /// Role: `customer` (its own orders only: any other answers 404, as a
     /// missing one does), `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/orders/:id", method = "get")]
-    async fn get_order(&self, auth: ApiKey, id: Path<String>) -> Result<OrderResponse, ApiError> {
-        let id = OrderId::parse(&id.0)
-            .map_err(|err| ApiError::bad_request("invalid-order-id", err.to_string()))?;
+    #[oai(path = "/orders/:id", method = "get", operation_id = "getOrder")]
+    async fn get_order(&self, auth: ApiKey, id: Path<OrderId>) -> Result<OrderResponse, ApiError> {
+        let Path(id) = id;
         let not_found = || ApiError::not_found(format!("order {id} not found"));
         auth.require_reader_or_customer()?;
         let mut conn = self.0.store.conn().await?;
@@ -311,7 +320,7 @@ impl OrdersApi {
     /// Prices in USD per unit, and the exchange minimum.
     ///
     /// Role: `customer`, `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/prices", method = "get")]
+    #[oai(path = "/prices", method = "get", operation_id = "listPrices")]
     async fn prices(&self, auth: ApiKey) -> Result<PricesResponse, ApiError> {
         auth.require_reader_or_customer()?;
         let prices = self
@@ -334,7 +343,7 @@ impl OrdersApi {
     /// What waits for the exchange minimum, per symbol.
     ///
     /// Role: `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/buckets", method = "get")]
+    #[oai(path = "/buckets", method = "get", operation_id = "listBuckets")]
     async fn buckets(&self, auth: ApiKey) -> Result<BucketsResponse, ApiError> {
         auth.require_reader()?;
         let symbols: Vec<Symbol> = self
@@ -354,10 +363,10 @@ impl OrdersApi {
     /// One batch: what was (or is being) bought from the exchange in one call.
     ///
     /// Role: `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/batches/:id", method = "get")]
-    async fn get_batch(&self, auth: ApiKey, id: Path<String>) -> Result<BatchResponse, ApiError> {
+    #[oai(path = "/batches/:id", method = "get", operation_id = "getBatch")]
+    async fn get_batch(&self, auth: ApiKey, id: Path<BatchId>) -> Result<BatchResponse, ApiError> {
         auth.require_reader()?;
-        let id = parse_batch_id(&id.0)?;
+        let Path(id) = id;
         Ok(BatchResponse::Ok(Json(self.batch_view(&id).await?)))
     }
 
@@ -365,21 +374,19 @@ impl OrdersApi {
     /// waiting for an operator) is listable.
     ///
     /// Role: `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/batches", method = "get")]
+    #[oai(path = "/batches", method = "get", operation_id = "listBatches")]
     async fn list_batches(
         &self,
         auth: ApiKey,
-        status: Query<String>,
+        /// Only `failed` can be listed.
+        #[oai(name = "status")]
+        _status: Query<ListedBatchStatus>,
         /// Page size (default 20, at most the configured maximum).
         limit: Query<Option<u32>>,
         /// `next_offset` from the previous page (at most 1,000,000).
         offset: Query<Option<u64>>,
     ) -> Result<BatchListResponse, ApiError> {
         auth.require_reader()?;
-        if status.0 != "failed" {
-            let detail = format!("status `{}` cannot be listed; only `failed` can", status.0);
-            return Err(ApiError::bad_request("invalid-status", detail));
-        }
         let limit = page_size(limit.0, &self.0.api)?;
         let offset = list_offset(offset.0)?;
         let mut conn = self.0.store.conn().await?;
@@ -401,10 +408,18 @@ impl OrdersApi {
     /// Send a failed batch back to the exchange (attempts start over).
     ///
     /// Role: `ops` or `admin`.
-    #[oai(path = "/batches/:id/retry", method = "post")]
-    async fn retry_batch(&self, auth: ApiKey, id: Path<String>) -> Result<BatchResponse, ApiError> {
+    #[oai(
+        path = "/batches/:id/retry",
+        method = "post",
+        operation_id = "retryBatch"
+    )]
+    async fn retry_batch(
+        &self,
+        auth: ApiKey,
+        id: Path<BatchId>,
+    ) -> Result<BatchResponse, ApiError> {
         let caller = auth.require(&[Role::Ops, Role::Admin])?;
-        let id = parse_batch_id(&id.0)?;
+        let Path(id) = id;
         let mut conn = self.0.store.conn().await?;
         settlement::requeue_failed_batch(&mut conn, &id)
             .await
@@ -416,27 +431,25 @@ impl OrdersApi {
     /// Give every customer of a failed batch their money back, atomically and journaled.
     ///
     /// Role: `ops` or `admin`.
-    #[oai(path = "/batches/:id/refund", method = "post")]
+    #[oai(
+        path = "/batches/:id/refund",
+        method = "post",
+        operation_id = "refundBatch"
+    )]
     async fn refund_batch(
         &self,
         auth: ApiKey,
-        id: Path<String>,
+        id: Path<BatchId>,
         body: Json<RefundRequest>,
     ) -> Result<BatchResponse, ApiError> {
         let caller = auth.require(&[Role::Ops, Role::Admin])?;
-        let id = parse_batch_id(&id.0)?;
+        let Path(id) = id;
+        // Control characters are refused (by its type), as in names and
+        // reasons: the note lands in the journal and in logs.
         let note = body
             .0
             .note
-            .unwrap_or_else(|| "refunded by operator".to_owned());
-        // Control characters are refused, as in names and reasons: the note
-        // lands in the journal and in logs.
-        if note.chars().count() > REFUND_NOTE_LENGTH_MAX || note.chars().any(char::is_control) {
-            let detail = format!(
-                "note must be at most {REFUND_NOTE_LENGTH_MAX} characters, with no control characters"
-            );
-            return Err(ApiError::bad_request("invalid-note", detail));
-        }
+            .map_or_else(|| "refunded by operator".to_owned(), Text::into_inner);
         let mut conn = self.0.store.conn().await?;
         let confirmed = body.0.exchange_confirmed_unfilled;
         let (orders, cents) = settlement::refund_batch(&mut conn, &id, &note, confirmed)
@@ -455,10 +468,6 @@ impl OrdersApi {
             .ok_or_else(|| ApiError::not_found(format!("batch {id} not found")))?;
         Ok(batch.into())
     }
-}
-
-fn parse_batch_id(id: &str) -> Result<BatchId, ApiError> {
-    BatchId::parse(id).map_err(|err| ApiError::bad_request("invalid-batch-id", err.to_string()))
 }
 
 fn operator_refusal(err: OperatorError) -> ApiError {

@@ -192,6 +192,20 @@ pub async fn into_problem_response(err: poem::Error) -> Response {
         return err.into_response();
     }
     let status = err.status();
+    // A parameter the spec bounds (a pattern, a page size) names itself:
+    // `invalid-limit`, `invalid-idempotency-key`. Every path parameter is an
+    // id, and poem knows them only by position (`param0`).
+    if let Some(parse) = err.downcast_ref::<poem_openapi::error::ParseParamError>() {
+        let code = format!(
+            "invalid-{}",
+            parse.name.to_ascii_lowercase().replace('_', "-")
+        );
+        return problem_response(Problem::new(status, &code, err.to_string()));
+    }
+    if let Some(parse) = err.downcast_ref::<poem_openapi::error::ParsePathError>() {
+        let detail = format!("an id in the path: {}", parse.reason);
+        return problem_response(Problem::new(status, "invalid-id", detail));
+    }
     let code = match status {
         StatusCode::BAD_REQUEST => "bad-request",
         StatusCode::NOT_FOUND => "not-found",

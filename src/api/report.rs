@@ -8,7 +8,6 @@
 //! so a forged or edited one is refused.
 
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
 
 use hmac::{Hmac, KeyInit, Mac};
 use poem_openapi::param::Query;
@@ -17,6 +16,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 use sha2::Sha256;
 
 use super::problem::ApiError;
+use super::schema::Timestamp;
 use super::{ApiTags, AppState, page_size, rfc3339};
 use crate::domain::format_units;
 use crate::store::journal::{self, JournalEntry, index_member};
@@ -151,19 +151,6 @@ fn signature(secret: &str, payload: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
-fn parse_time(name: &str, text: &str) -> Result<u64, ApiError> {
-    let at = humantime::parse_rfc3339(text).map_err(|err| {
-        ApiError::bad_request(
-            "invalid-time",
-            format!("{name} `{text}` is not an RFC 3339 UTC time: {err}"),
-        )
-    })?;
-    let ms = at
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| ApiError::bad_request("invalid-time", format!("{name} is before 1970")))?;
-    Ok(u64::try_from(ms.as_millis()).unwrap_or(u64::MAX))
-}
-
 #[OpenApi(tag = "ApiTags::Report")]
 impl ReportApi {
     /// Journal entries of every kind, newest first, from the retention window
@@ -172,17 +159,21 @@ impl ReportApi {
     /// comes from that snapshot.
     ///
     /// Role: `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/transactions", method = "get")]
+    #[oai(path = "/transactions", method = "get", operation_id = "listJournal")]
     async fn transactions(
         &self,
         auth: super::access::ApiKey,
-        /// Earliest entry time, RFC 3339 UTC (default: the start of the retention window).
-        start: Query<Option<String>>,
-        /// Latest entry time, RFC 3339 UTC, inclusive (default: now).
-        end: Query<Option<String>>,
+        /// Earliest entry time, RFC 3339 (default: the start of the retention
+        /// window). Not with `cursor`, which fixes the window (422).
+        start: Query<Option<Timestamp>>,
+        /// Latest entry time, RFC 3339, inclusive (default: now); not before
+        /// `start` (422). Not with `cursor` (422).
+        end: Query<Option<Timestamp>>,
         /// Page size (default 20, at most the configured maximum).
         limit: Query<Option<u32>>,
         /// `next_cursor` from the previous page: continues the same snapshot.
+        /// Opaque and signed: one this server did not issue answers 422.
+        #[oai(validator(min_length = 1, max_length = 512))]
         cursor: Query<Option<String>>,
         /// A page number, from 1, in the snapshot of `cursor` (or a new one).
         page: Query<Option<u64>>,
@@ -197,14 +188,15 @@ impl ReportApi {
         }
         let mut listing = match &cursor.0 {
             Some(text) => {
+                // Rules between parameters, which the schema cannot state: 422.
                 if start.0.is_some() || end.0.is_some() {
-                    return Err(ApiError::bad_request(
+                    return Err(ApiError::unprocessable(
                         "invalid-cursor",
                         "a cursor already fixes start and end",
                     ));
                 }
                 let listing = Cursor::decode(text, &self.0.api.cursor_secret).ok_or_else(|| {
-                    ApiError::bad_request(
+                    ApiError::unprocessable(
                         "invalid-cursor",
                         "the cursor is malformed or was altered",
                     )
@@ -215,13 +207,13 @@ impl ReportApi {
                 let in_bounds = (1..=self.0.api.page_size_max).contains(&listing.limit)
                     && listing.offset <= REPORT_PAGE_MAX as usize * listing.limit;
                 if !in_bounds {
-                    return Err(ApiError::bad_request(
+                    return Err(ApiError::unprocessable(
                         "invalid-cursor",
                         "the cursor's limit or offset is out of bounds",
                     ));
                 }
                 if limit.0.is_some_and(|limit| limit as usize != listing.limit) {
-                    return Err(ApiError::bad_request(
+                    return Err(ApiError::unprocessable(
                         "invalid-limit",
                         "limit must match the cursor's",
                     ));
@@ -230,8 +222,8 @@ impl ReportApi {
             }
             None => {
                 self.new_listing(
-                    start.0.as_deref(),
-                    end.0.as_deref(),
+                    start.0.map(|at| at.0),
+                    end.0.map(|at| at.0),
                     page_size(limit.0, &self.0.api)?,
                 )
                 .await?
@@ -284,20 +276,18 @@ impl ReportApi {
     /// the newest entry now.
     async fn new_listing(
         &self,
-        start: Option<&str>,
-        end: Option<&str>,
+        start_ms: Option<u64>,
+        end_ms: Option<u64>,
         limit: usize,
     ) -> Result<Cursor, ApiError> {
         let now = u64::try_from(now_ms()).unwrap_or(0);
         let retention =
             u64::try_from(self.0.ledger.journal_retention.as_millis()).unwrap_or(u64::MAX);
         let floor = now.saturating_sub(retention);
-        let start_ms = start.map(|text| parse_time("start", text)).transpose()?;
-        let end_ms = end.map(|text| parse_time("end", text)).transpose()?;
         if let (Some(start_ms), Some(end_ms)) = (start_ms, end_ms)
             && start_ms > end_ms
         {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::unprocessable(
                 "invalid-time",
                 "start must not be after end",
             ));

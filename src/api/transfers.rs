@@ -10,6 +10,7 @@ use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::{ApiError, Problem};
+use super::schema::{CustomerAccountId, IdempotencyKeyHeader, PositiveAmount, Reason, Text};
 use super::{ApiTags, AppState, idempotency_key, rfc3339};
 use crate::access::{Caller, Role};
 use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
@@ -35,10 +36,10 @@ pub enum Direction {
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct TransferRequest {
-    src_account_id: AccountId,
-    dst_account_id: AccountId,
-    /// USD, greater than zero.
-    amount: Amount,
+    src_account_id: CustomerAccountId,
+    /// Another customer account than `src_account_id`.
+    dst_account_id: CustomerAccountId,
+    amount: PositiveAmount,
     direction: Direction,
 }
 
@@ -57,12 +58,11 @@ struct TransferView {
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct BankTransactionRequest {
-    account_id: AccountId,
-    /// USD, greater than zero.
-    amount: Amount,
+    account_id: CustomerAccountId,
+    amount: PositiveAmount,
     direction: Direction,
-    /// What the money is for, 1 to 200 characters (kept in the journal).
-    reason: String,
+    /// What the money is for, kept in the journal; trimmed.
+    reason: Text<Reason>,
 }
 
 #[derive(Debug, Object)]
@@ -181,16 +181,6 @@ fn refused(id: String, reason: String, refusal: Option<Refusal>) -> ApiError {
     ApiError::Unprocessable(Json(problem))
 }
 
-fn positive(amount: Amount) -> Result<Amount, ApiError> {
-    if amount.is_zero() {
-        return Err(ApiError::bad_request(
-            "invalid-amount",
-            "amount must be greater than zero",
-        ));
-    }
-    Ok(amount)
-}
-
 #[OpenApi(tag = "ApiTags::Transfers")]
 impl TransfersApi {
     /// Move money between two customer accounts at once. `debit`: src pays
@@ -199,47 +189,31 @@ impl TransfersApi {
     ///
     /// Role: `customer` (its own account must be the payer: `src` for
     /// `debit`, `dst` for `credit`) or `admin`.
-    #[oai(path = "/transfers", method = "post")]
+    #[oai(path = "/transfers", method = "post", operation_id = "createTransfer")]
     async fn transfer(
         &self,
         auth: ApiKey,
         body: Json<TransferRequest>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
-        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<IdempotencyKeyHeader>>,
         headers: &HeaderMap,
     ) -> Result<TransferResponse, ApiError> {
         let Json(request) = body;
-        let amount = positive(request.amount)?;
-        if request.src_account_id == request.dst_account_id {
-            return Err(ApiError::bad_request(
+        let amount = request.amount.0;
+        let (src, dst) = (request.src_account_id.0, request.dst_account_id.0);
+        // The one rule of the body that a JSON Schema cannot state: 422.
+        if src == dst {
+            return Err(ApiError::unprocessable(
                 "same-account",
                 "src_account_id and dst_account_id must differ",
             ));
         }
-        if request.src_account_id.is_system() || request.dst_account_id.is_system() {
-            return Err(ApiError::bad_request(
-                "system-account",
-                "transfers are between customer accounts; use /bank-transactions for @bank",
-            ));
-        }
         let (payer, payee) = match request.direction {
-            Direction::Debit => (
-                request.src_account_id.clone(),
-                request.dst_account_id.clone(),
-            ),
-            Direction::Credit => (
-                request.dst_account_id.clone(),
-                request.src_account_id.clone(),
-            ),
+            Direction::Debit => (src.clone(), dst.clone()),
+            Direction::Credit => (dst.clone(), src.clone()),
         };
         auth.pay_from(&payer, &[Role::Admin])?;
-        let canonical = format!(
-            "{} {} {} {:?}",
-            request.src_account_id,
-            request.dst_account_id,
-            amount.cents(),
-            request.direction
-        );
+        let canonical = format!("{} {} {} {:?}", src, dst, amount.cents(), request.direction);
         let movement = self.movement(
             "transfer",
             (payer, payee, amount),
@@ -255,8 +229,8 @@ impl TransfersApi {
             Json(TransferView {
                 transaction_id: ended.id,
                 transaction_timestamp: rfc3339(ended.at_ms),
-                src_account_id: request.src_account_id.to_string(),
-                dst_account_id: request.dst_account_id.to_string(),
+                src_account_id: src.to_string(),
+                dst_account_id: dst.to_string(),
                 amount: amount.to_string(),
                 direction: request.direction,
                 status: "success".to_owned(),
@@ -269,40 +243,32 @@ impl TransfersApi {
     /// account; `credit` gives to it.
     ///
     /// Role: `bank` or `admin`.
-    #[oai(path = "/bank-transactions", method = "post")]
+    #[oai(
+        path = "/bank-transactions",
+        method = "post",
+        operation_id = "createBankTransaction"
+    )]
     async fn bank_transaction(
         &self,
         auth: ApiKey,
         body: Json<BankTransactionRequest>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
-        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<IdempotencyKeyHeader>>,
         headers: &HeaderMap,
     ) -> Result<BankTransactionResponse, ApiError> {
         auth.require(&[Role::Bank, Role::Admin])?;
         let Json(request) = body;
-        let amount = positive(request.amount)?;
-        let reason = request.reason.trim().to_owned();
-        if reason.is_empty()
-            || reason.chars().count() > REASON_LENGTH_MAX
-            || reason.chars().any(char::is_control)
-        {
-            let detail = format!("reason must be 1 to {REASON_LENGTH_MAX} characters");
-            return Err(ApiError::bad_request("invalid-reason", detail));
-        }
-        if request.account_id.is_system() {
-            return Err(ApiError::bad_request(
-                "system-account",
-                "bank transactions are for customer accounts",
-            ));
-        }
+        let amount = request.amount.0;
+        let reason = request.reason.into_inner();
+        let account_id = request.account_id.0;
         let bank = SystemAccount::Bank.id();
         let (payer, payee) = match request.direction {
-            Direction::Debit => (request.account_id.clone(), bank),
-            Direction::Credit => (bank, request.account_id.clone()),
+            Direction::Debit => (account_id.clone(), bank),
+            Direction::Credit => (bank, account_id.clone()),
         };
         let canonical = format!(
             "{} {} {:?} {reason}",
-            request.account_id,
+            account_id,
             amount.cents(),
             request.direction
         );
@@ -321,7 +287,7 @@ impl TransfersApi {
             Json(BankTransactionView {
                 transaction_id: ended.id,
                 transaction_timestamp: rfc3339(ended.at_ms),
-                account_id: request.account_id.to_string(),
+                account_id: account_id.to_string(),
                 amount: amount.to_string(),
                 direction: request.direction,
                 reason,

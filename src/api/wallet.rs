@@ -10,9 +10,13 @@ use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::ApiError;
+use super::schema::{
+    CustomerAccountId, Description, IdempotencyKeyHeader, Merchant, PositiveAmount, Text,
+    TextField, Uuid,
+};
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
 use crate::access::Role;
-use crate::domain::{AccountId, Amount, Idempotency, parse_uuid};
+use crate::domain::Idempotency;
 use crate::store::wallet::{
     self, EnqueueError, EnqueueOutcome, NewWalletTransaction, WalletKind, WalletTransaction,
 };
@@ -37,11 +41,10 @@ enum Kind {
 #[oai(deny_unknown_fields)]
 struct NewTransaction {
     kind: Kind,
-    /// USD, greater than zero.
-    amount: Amount,
-    description: Option<String>,
+    amount: PositiveAmount,
+    description: Option<Text<Description>>,
     /// For card payments: where the card was used.
-    merchant: Option<String>,
+    merchant: Option<Text<Merchant>>,
 }
 
 #[derive(Debug, Object)]
@@ -119,33 +122,31 @@ enum PageResponse {
     Ok(Json<TransactionPage>),
 }
 
-fn optional_text(name: &str, text: Option<String>) -> Result<String, ApiError> {
-    let text = text.unwrap_or_default().trim().to_owned();
-    if text.chars().count() > WALLET_TEXT_LENGTH_MAX || text.chars().any(char::is_control) {
-        let detail = format!("{name} must be at most {WALLET_TEXT_LENGTH_MAX} characters");
-        return Err(ApiError::bad_request("invalid-text", detail));
-    }
-    Ok(text)
+/// Free text kept with a transaction: trimmed, empty when absent.
+fn optional_text<F: TextField>(text: Option<Text<F>>) -> String {
+    text.map(Text::into_inner)
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
-/// A wallet transaction id in canonical form (lowercase, hyphenated): one
-/// spelling per id, as for accounts.
-fn transaction_id(id: &str) -> Result<String, ApiError> {
-    parse_uuid(id)
-        .map(|uuid| uuid.to_string())
-        .map_err(|err| ApiError::bad_request("invalid-transaction-id", err.to_string()))
+/// The statuses a wallet transaction can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+enum Status {
+    Queued,
+    Completed,
+    Rejected,
 }
 
-fn customer(id: &str) -> Result<AccountId, ApiError> {
-    let id = AccountId::parse(id)
-        .map_err(|err| ApiError::bad_request("invalid-account-id", err.to_string()))?;
-    if id.is_system() {
-        return Err(ApiError::bad_request(
-            "system-account",
-            "wallet transactions are for customer accounts",
-        ));
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Completed => "completed",
+            Status::Rejected => "rejected",
+        }
     }
-    Ok(id)
 }
 
 #[OpenApi(tag = "ApiTags::Accounts")]
@@ -157,17 +158,21 @@ impl WalletApi {
     /// Role: deposits `bank` or `admin`; withdrawals and card payments also
     /// `customer` (from its own account only: any other answers 404, as a
     /// missing one does).
-    #[oai(path = "/accounts/:id/transactions", method = "post")]
+    #[oai(
+        path = "/accounts/:id/transactions",
+        method = "post",
+        operation_id = "createWalletTransaction"
+    )]
     async fn accept(
         &self,
         auth: ApiKey,
-        id: Path<String>,
+        id: Path<CustomerAccountId>,
         body: Json<NewTransaction>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
-        #[oai(name = "Idempotency-Key")] _key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key")] _key: Header<Option<IdempotencyKeyHeader>>,
         headers: &HeaderMap,
     ) -> Result<AcceptedResponse, ApiError> {
-        let account_id = customer(&id.0)?;
+        let account_id = id.0.0;
         let Json(request) = body;
         match request.kind {
             Kind::Deposit => auth.require(&[Role::Bank, Role::Admin])?,
@@ -177,20 +182,15 @@ impl WalletApi {
                 auth.require(&[Role::Customer, Role::Bank, Role::Admin])?
             }
         };
-        if request.amount.is_zero() {
-            return Err(ApiError::bad_request(
-                "invalid-amount",
-                "amount must be greater than zero",
-            ));
-        }
         let kind = match request.kind {
             Kind::Deposit => WalletKind::Deposit,
             Kind::Withdrawal => WalletKind::Withdrawal,
             Kind::CardPayment => WalletKind::CardPayment,
         };
-        let description = optional_text("description", request.description)?;
-        let merchant = optional_text("merchant", request.merchant)?;
-        let cents = request.amount.cents().to_string();
+        let description = optional_text(request.description);
+        let merchant = optional_text(request.merchant);
+        let amount = request.amount.0;
+        let cents = amount.cents().to_string();
         let idempotency = idempotency_key(headers, &auth.0)?.map(|key| {
             Idempotency::new(
                 key,
@@ -207,7 +207,7 @@ impl WalletApi {
             id: uuid::Uuid::now_v7().to_string(),
             account_id,
             kind,
-            amount: request.amount,
+            amount,
             description,
             merchant,
             idempotency,
@@ -255,38 +255,27 @@ impl WalletApi {
     ///
     /// Role: `customer` (its own account only: any other answers 404, as a
     /// missing one does), `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/accounts/:id/transactions", method = "get")]
+    #[oai(
+        path = "/accounts/:id/transactions",
+        method = "get",
+        operation_id = "listWalletTransactions"
+    )]
     async fn list(
         &self,
         auth: ApiKey,
-        id: Path<String>,
+        id: Path<CustomerAccountId>,
         /// Only this status: `queued`, `completed` or `rejected`.
-        status: Query<Option<String>>,
+        status: Query<Option<Status>>,
         limit: Query<Option<u32>>,
         /// `next_cursor` from the previous page.
-        cursor: Query<Option<String>>,
+        cursor: Query<Option<Uuid>>,
     ) -> Result<PageResponse, ApiError> {
-        let account_id = customer(&id.0)?;
+        let account_id = id.0.0;
         auth.read_account(&account_id, || {
             ApiError::not_found(format!("account {account_id} not found"))
         })?;
         let limit = page_size(limit.0, &self.0.api)?;
-        if let Some(status) = &status.0
-            && !["queued", "completed", "rejected"].contains(&status.as_str())
-        {
-            return Err(ApiError::bad_request(
-                "invalid-status",
-                format!("status `{status}` is not queued, completed or rejected"),
-            ));
-        }
-        let cursor = cursor
-            .0
-            .as_deref()
-            .map(transaction_id)
-            .transpose()
-            .map_err(|_| {
-                ApiError::bad_request("invalid-cursor", "the cursor is not a transaction id")
-            })?;
+        let cursor = cursor.0.map(|id| id.0);
         let mut conn = self.0.store.conn().await?;
         if accounts::get_account(&mut conn, &account_id)
             .await?
@@ -307,7 +296,7 @@ impl WalletApi {
                 scanned += 1;
                 before = Some(id.clone());
                 if let Some(txn) = wallet::get(&mut conn, id).await?
-                    && status.0.as_ref().is_none_or(|status| *status == txn.status)
+                    && status.0.is_none_or(|status| status.as_str() == txn.status)
                 {
                     items.push(TransactionView::from(txn));
                     if items.len() == limit {
@@ -332,15 +321,19 @@ impl WalletApi {
     ///
     /// Role: `customer` (its own account only: any other answers 404, as a
     /// missing one does), `read`, `ops`, `bank` or `admin`.
-    #[oai(path = "/accounts/:id/transactions/:txn_id", method = "get")]
+    #[oai(
+        path = "/accounts/:id/transactions/:txn_id",
+        method = "get",
+        operation_id = "getWalletTransaction"
+    )]
     async fn get(
         &self,
         auth: ApiKey,
-        id: Path<String>,
-        txn_id: Path<String>,
+        id: Path<CustomerAccountId>,
+        txn_id: Path<Uuid>,
     ) -> Result<TransactionResponse, ApiError> {
-        let account_id = customer(&id.0)?;
-        let txn_id = transaction_id(&txn_id.0)?;
+        let account_id = id.0.0;
+        let txn_id = txn_id.0.0;
         auth.read_account(&account_id, || {
             ApiError::not_found(format!(
                 "transaction {txn_id} not found for account {account_id}"

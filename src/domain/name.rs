@@ -13,9 +13,12 @@ pub struct AccountName(String);
 
 impl AccountName {
     pub fn parse(text: &str) -> Result<Self, AccountNameError> {
+        // Length and controls are judged on the text as sent, as the spec
+        // states them; only then is it trimmed.
         let name = text.trim();
-        let length = name.chars().count();
-        if length == 0 || length > ACCOUNT_NAME_LENGTH_MAX || name.chars().any(char::is_control) {
+        let length = text.chars().count();
+        if name.is_empty() || length > ACCOUNT_NAME_LENGTH_MAX || text.chars().any(char::is_control)
+        {
             return Err(AccountNameError);
         }
         Ok(AccountName(name.to_owned()))
@@ -39,7 +42,14 @@ mod tests {
     #[test]
     fn names_are_trimmed_and_bounded() {
         assert_eq!(AccountName::parse("  Ada ").unwrap().as_str(), "Ada");
-        for bad in ["", "   ", "a\nb", &"x".repeat(201)] {
+        for bad in [
+            "",
+            "   ",
+            "a\nb",
+            "Ada\n",
+            &"x".repeat(201),
+            &format!(" {}", "x".repeat(200)),
+        ] {
             assert!(AccountName::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -105,8 +105,8 @@ async fn bad_orders_are_refused_with_a_problem_that_names_it_and_change_nothing(
         (
             "system account",
             json!({"account_id": "@bank", "symbol": "ABAN", "quantity": "1"}).to_string(),
-            422,
-            "system account",
+            400,
+            "is a system account",
         ),
         (
             "missing quantity",

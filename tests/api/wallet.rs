@@ -616,10 +616,7 @@ async fn wallet_transaction_ids_are_canonical_uuids_in_any_case() {
     for malformed in [id.replace('-', ""), format!("{{{id}}}"), "nope".to_owned()] {
         let response = app.get(&format!("{path}/{malformed}")).await;
         let problem = assert_problem(response, 400, "expected a UUID").await;
-        assert_eq!(
-            problem["type"], "/problems/invalid-transaction-id",
-            "{malformed}"
-        );
+        assert_eq!(problem["type"], "/problems/invalid-id", "{malformed}");
         let response = app.get(&format!("{path}?cursor={malformed}")).await;
         assert_problem(response, 400, "cursor").await;
     }
