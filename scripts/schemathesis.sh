@@ -115,6 +115,8 @@ fi
 export TALLY_ADMIN_KEY
 echo "tally dev is ready at $origin (data in $data_dir, log in $log)"
 
+# Hypothesis (under schemathesis) keeps its files under target/, not in the tree.
+export HYPOTHESIS_STORAGE_DIRECTORY="$reports/hypothesis"
 started=$(date +%s)
 set +e
 "$venv/bin/schemathesis" --config-file .ci/schemathesis.toml run \
