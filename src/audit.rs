@@ -20,10 +20,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 
 use crate::domain::{AccountId, BALANCE_LIMIT_CENTS, SystemAccount, format_units};
+use crate::store::connection::Conn;
 use crate::store::orders::SettlementStatus;
 use crate::store::{Store, StoreError, StoreResult, accounts, advances, journal, keys, orders};
 
@@ -167,7 +167,7 @@ struct TrimPause {
 }
 
 impl TrimPause {
-    async fn start(store: &Store, conn: &mut ConnectionManager) -> StoreResult<Self> {
+    async fn start(store: &Store, conn: &mut Conn) -> StoreResult<Self> {
         let pause = TrimPause {
             store: store.clone(),
             token: uuid::Uuid::now_v7().to_string(),
@@ -177,12 +177,12 @@ impl TrimPause {
         Ok(pause)
     }
 
-    async fn renew(&self, conn: &mut ConnectionManager) -> StoreResult<()> {
+    async fn renew(&self, conn: &mut Conn) -> StoreResult<()> {
         let until = crate::store::now_ms() + AUDIT_TRIM_PAUSE_MS;
         journal::pause_trim(conn, &self.token, until).await
     }
 
-    async fn end(mut self, conn: &mut ConnectionManager) -> StoreResult<()> {
+    async fn end(mut self, conn: &mut Conn) -> StoreResult<()> {
         self.ended = true;
         journal::resume_trim(conn, &self.token).await
     }
@@ -238,7 +238,7 @@ fn sum_cents(balances: impl Iterator<Item = i64>) -> i64 {
 }
 
 /// One pass over the ledger; None when the journal was trimmed during it.
-async fn check(mut conn: ConnectionManager, pause: &TrimPause) -> StoreResult<Option<AuditReport>> {
+async fn check(mut conn: Conn, pause: &TrimPause) -> StoreResult<Option<AuditReport>> {
     let balances = accounts::all_balances(&mut conn, AUDIT_PAGE_SIZE).await?;
     let mut report = AuditReport {
         accounts_checked: balances.len(),

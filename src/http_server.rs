@@ -33,6 +33,19 @@
 //!   rather than spin while the process is out of file descriptors.
 //!
 //! Connection closes are logged at debug: a flood must not flood the logs.
+//!
+//! A request head hyper cannot parse never reaches poem, so it gets no
+//! problem+json: hyper 1.12 answers it itself (`proto/h1/conn.rs`,
+//! `on_parse_error`, with the status from `Server::on_error` in
+//! `proto/h1/role.rs`: 400 for a bad method, URI, version or header, which
+//! covers a space in the path, a bare CR in a header and two different
+//! `Content-Length`s; 431 for a head past [`READ_BUFFER_MAX_BYTES`]; 414 for a
+//! URI too long) with a status line, `connection: close`, `content-length: 0`
+//! and `date`, then ends the connection with the parse error. hyper offers no
+//! hook for that answer; rewriting its bytes in an IO wrapper would hang on
+//! their exact spelling and on write boundaries, so we leave it (the test
+//! `a_head_hyper_cannot_parse_gets_its_bodiless_400_and_a_closed_connection`
+//! pins it).
 
 use std::collections::{BinaryHeap, HashMap};
 use std::convert::Infallible;

@@ -8,6 +8,7 @@ mod cors;
 mod duplicate_keys;
 mod health;
 mod keys;
+mod methods;
 mod metrics;
 mod orders;
 pub mod problem;
@@ -23,7 +24,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use poem::http::header::{CACHE_CONTROL, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
 use poem::http::{HeaderMap, Method, StatusCode};
 use poem::middleware::SetHeader;
-use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, get};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route};
 use poem_openapi::{OpenApiService, Tags};
 
 use crate::config::{ApiSettings, LedgerSettings};
@@ -138,20 +139,27 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
     });
     let http_metrics = metrics::HttpMetrics::shared();
     let access_state = state.clone();
-    let routes = Route::new()
-        .nest(API_PREFIX, api)
-        .nest("/docs", docs)
-        .at("/openapi.yaml", spec)
-        .at("/health", get(health::health))
-        .at(
-            "/metrics",
-            get(metrics::metrics)
-                .data(state.clone())
-                .data(http_metrics.clone()),
-        )
-        .at("/ready", get(health::ready).data(state))
+    // Every route but the API's goes through `method_table`, which notes the
+    // methods it takes for the `Allow` header of a 405.
+    let mut method_table = methods::MethodTable::from_openapi::<Apis>(API_PREFIX);
+    let routes = Route::new().nest(API_PREFIX, api);
+    let routes = method_table.get_nest(routes, "/docs", docs);
+    let routes = method_table.get_at(routes, "/openapi.yaml", spec);
+    let routes = method_table.get_at(routes, "/health", health::health);
+    let metrics_endpoint = metrics::metrics
+        .data(state.clone())
+        .data(http_metrics.clone());
+    let routes = method_table.get_at(routes, "/metrics", metrics_endpoint);
+    let routes = method_table.get_at(routes, "/ready", health::ready.data(state));
+    let method_table = Arc::new(method_table);
+    let routes = routes
         .around(move |endpoint, request| {
             guard(endpoint, request, body_size_max_bytes, request_timeout)
+        })
+        // Outside the guard: a method the path does not take is answered
+        // 405 whatever the body; inside authentication, which comes first.
+        .around(move |endpoint, request| {
+            methods::refuse_other_methods(endpoint, request, method_table.clone())
         })
         // Outside the guard: a stranger is refused before any body is read.
         // Inside CORS: a browser's preflight carries no key.

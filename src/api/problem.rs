@@ -156,13 +156,14 @@ impl ApiError {
             )));
         }
         match err {
-            StoreError::Pool(_) | StoreError::Redis(_) | StoreError::GroupFailed { .. } => {
-                ApiError::Unavailable(Json(Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "the ledger store is unavailable; retry with the same Idempotency-Key",
-                )))
-            }
+            StoreError::Connect(_)
+            | StoreError::Pool(_)
+            | StoreError::Redis(_)
+            | StoreError::GroupFailed { .. } => ApiError::Unavailable(Json(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the ledger store is unavailable; retry with the same Idempotency-Key",
+            ))),
             StoreError::Contended(detail) => ApiError::Unavailable(Json(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "contended",

@@ -20,6 +20,7 @@ macro_rules! lua_script {
 pub mod accounts;
 pub mod advances;
 pub mod api_keys;
+pub mod connection;
 pub mod journal;
 pub mod keys;
 pub mod locks;
@@ -33,12 +34,8 @@ pub mod wallet;
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use std::sync::Arc;
-
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::AsyncConnectionConfig;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::OnceCell;
 
 use crate::config::RedisSettings;
 use crate::domain::{AccountId, SystemAccount};
@@ -47,6 +44,10 @@ use crate::domain::{AccountId, SystemAccount};
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// No connection to Redis could be made (refused, timed out, the
+    /// handshake failed): no command was sent.
+    #[error("redis connect: {0}")]
+    Connect(redis::RedisError),
     #[error("redis pool: {0}")]
     Pool(#[from] deadpool_redis::PoolError),
     /// Data in Redis that tally could not have written: a broken invariant.
@@ -69,9 +70,9 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the command may have reached Redis and run with only its
-    /// reply lost (an IO error, a timeout, a dropped connection). A refused
-    /// connection, a pool checkout failure or an error reply (a full Redis
-    /// refusing a write) means it did not run.
+    /// reply lost (an IO error, a timeout, a dropped connection). A failed
+    /// connect (refused or timed out), a pool checkout failure or an error
+    /// reply (a full Redis refusing a write) means it did not run.
     pub fn outcome_unknown(&self) -> bool {
         match self {
             // A refused connection never carried the command: nothing ran.
@@ -82,7 +83,8 @@ impl StoreError {
             StoreError::GroupFailed {
                 outcome_unknown, ..
             } => *outcome_unknown,
-            StoreError::Pool(_)
+            StoreError::Connect(_)
+            | StoreError::Pool(_)
             | StoreError::Corrupt { .. }
             | StoreError::UnexpectedReply(_)
             | StoreError::Contended(_) => false,
@@ -91,10 +93,6 @@ impl StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
-
-/// Reconnection attempts per command before the shared connection reports
-/// Redis unavailable.
-const CONNECT_RETRIES_MAX: usize = 3;
 
 /// Any async Redis connection the wrappers can run on: a pooled one in the
 /// app, a plain one in tests.
@@ -111,9 +109,7 @@ impl<T: redis::aio::ConnectionLike + Send + Sync> Conn for T {}
 /// the pool.
 #[derive(Clone)]
 pub struct Store {
-    shared: Arc<OnceCell<ConnectionManager>>,
-    client: redis::Client,
-    timeout: std::time::Duration,
+    shared: connection::SharedConnection,
     pool: Pool,
 }
 
@@ -123,7 +119,7 @@ impl Store {
             .set_connection_timeout(Some(settings.timeout()))
             .set_response_timeout(Some(settings.timeout()));
         let client = redis::Client::open(settings.url())?;
-        let manager = Manager::new_with_config(settings.url(), connection)?;
+        let manager = Manager::new_with_config(settings.url(), connection.clone())?;
         let pool = Pool::builder(manager)
             .max_size(settings.redis_pool_size_max)
             .wait_timeout(Some(settings.timeout()))
@@ -132,9 +128,7 @@ impl Store {
             .runtime(Runtime::Tokio1)
             .build()?;
         Ok(Store {
-            shared: Arc::new(OnceCell::new()),
-            client,
-            timeout: settings.timeout(),
+            shared: connection::SharedConnection::new(client, connection),
             pool,
         })
     }
@@ -146,19 +140,10 @@ impl Store {
         Self::connect(&settings).expect("the default Redis URL parses")
     }
 
-    /// The shared connection, for every command that does not block.
-    pub async fn conn(&self) -> StoreResult<ConnectionManager> {
-        let shared = self
-            .shared
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(CONNECT_RETRIES_MAX);
-                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            })
-            .await?;
-        Ok(shared.clone())
+    /// The shared connection, for every command that does not block; a
+    /// failure here ([`StoreError::Connect`]) means nothing was sent.
+    pub async fn conn(&self) -> StoreResult<connection::Conn> {
+        self.shared.get().await
     }
 
     /// A connection of its own, for blocking reads.

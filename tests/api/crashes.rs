@@ -11,8 +11,8 @@ use tally::exchange::sim::Faults;
 use tally::redis_server::RedisServer;
 
 use crate::helpers::{
-    TestApp, assert_problem, eventually, free_port, read_settle_job, set_maxmemory, spawn_app,
-    spawn_app_on, spawn_app_with, spawn_exchange, worker_process,
+    EVENTUALLY_MAX, TestApp, assert_problem, eventually, free_port, read_settle_job, set_maxmemory,
+    spawn_app, spawn_app_on, spawn_app_with, spawn_exchange, worker_process,
 };
 
 async fn place_batches(app: &TestApp, count: usize) -> Vec<String> {
@@ -469,4 +469,209 @@ async fn kill_redis_once_its_aof_is_written(app: &mut crate::helpers::TestApp) {
     })
     .await;
     app.redis.kill().await.unwrap();
+}
+
+/// What [`RedisProxy`] does with the API's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyMode {
+    /// Both ways, untouched.
+    Forward,
+    /// Forwards the next request that runs a script (`EVALSHA`, or `EVAL`
+    /// after a NOSCRIPT) to Redis, then closes the API's side instead of
+    /// passing the reply back; forwards again after that.
+    LoseNextScriptReply,
+    /// Closes every connection, and accepts new ones without ever answering
+    /// (the API's connect, handshake included, times out).
+    Blackhole,
+}
+
+/// A loopback TCP proxy between the API and a real redis-server.
+struct RedisProxy {
+    port: u16,
+    mode: std::sync::Arc<tokio::sync::watch::Sender<ProxyMode>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RedisProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        // Connection tasks end when they see the mode channel close.
+        self.mode.send_replace(ProxyMode::Blackhole);
+    }
+}
+
+/// How long the proxy keeps Redis's side of a connection whose reply it
+/// lost open, so that Redis reads the script before it sees the close.
+const PROXY_LINGER: Duration = Duration::from_secs(2);
+
+impl RedisProxy {
+    async fn start(redis_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = std::sync::Arc::new(tokio::sync::watch::channel(ProxyMode::Forward).0);
+        let task = tokio::spawn({
+            let mode = mode.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    tokio::spawn(proxy_connection(client, redis_port, mode.clone()));
+                }
+            }
+        });
+        RedisProxy { port, mode, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn set(&self, mode: ProxyMode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+async fn proxy_connection(
+    mut client: tokio::net::TcpStream,
+    redis_port: u16,
+    mode: std::sync::Arc<tokio::sync::watch::Sender<ProxyMode>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut changes = mode.subscribe();
+    if *changes.borrow_and_update() == ProxyMode::Blackhole {
+        // Accepted, never answered: hold it until the test ends.
+        let _ = tokio::time::timeout(EVENTUALLY_MAX, changes.wait_for(|_| false)).await;
+        return;
+    }
+    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
+        .await
+        .unwrap();
+    let (mut from_client, mut to_client) = client.split();
+    let (mut from_redis, mut to_redis) = redis.split();
+    let mut request = vec![0u8; 64 * 1024];
+    let mut reply = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            read = from_client.read(&mut request) => {
+                let Ok(read @ 1..) = read else { return };
+                let chunk = &request[..read];
+                let runs_script = chunk.windows(4).any(|window| window.eq_ignore_ascii_case(b"EVAL"));
+                to_redis.write_all(chunk).await.unwrap();
+                if runs_script && *mode.borrow() == ProxyMode::LoseNextScriptReply {
+                    mode.send_replace(ProxyMode::Forward);
+                    drop(client);
+                    tokio::time::sleep(PROXY_LINGER).await;
+                    return;
+                }
+            }
+            read = from_redis.read(&mut reply) => {
+                let Ok(read @ 1..) = read else { return };
+                if to_client.write_all(&reply[..read]).await.is_err() {
+                    return;
+                }
+            }
+            changed = changes.changed() => {
+                if changed.is_err() || *changes.borrow_and_update() == ProxyMode::Blackhole {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The API's bound on connecting to Redis and on each reply, in the proxy tests.
+const PROXY_REDIS_TIMEOUT_MS: u64 = 300;
+
+/// An app whose Redis connections go through `proxy`, with authentication
+/// off: the key check would make Redis calls of its own.
+async fn spawn_app_behind(proxy: &RedisProxy, redis: RedisServer) -> TestApp {
+    let proxy_url = proxy.url();
+    spawn_app_on(redis, |settings| {
+        settings.redis = tally::config::RedisSettings::for_url(&proxy_url);
+        settings.redis.redis_timeout_ms = PROXY_REDIS_TIMEOUT_MS;
+        settings.access.authentication = false;
+    })
+    .await
+}
+
+/// Redis reachable but never answering a new connection: the connect times
+/// out, no command was sent, so the answer is `unavailable`, not
+/// `outcome-unknown`; and nothing is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connect_that_times_out_answers_unavailable_and_nothing_is_written() {
+    let redis = RedisServer::start_ephemeral().await.unwrap();
+    let proxy = RedisProxy::start(redis.port()).await;
+    let app = spawn_app_behind(&proxy, redis).await;
+    let alice = app.create_account("alice", "100.00").await;
+    let before = app.snapshot().await;
+    proxy.set(ProxyMode::Blackhole);
+
+    let order = json!({"account_id": alice, "symbol": "ABAN", "quantity": "1"});
+    let (app, order) = (&app, &order);
+    let send = |attempt: usize| {
+        let key = format!("blackhole-{attempt}");
+        async move {
+            let started = std::time::Instant::now();
+            let response = app.post_with_key("/api/v1/orders", &key, order).await;
+            assert!(started.elapsed() < Duration::from_secs(5), "bounded");
+            let problem = assert_problem(response, 503, "").await;
+            problem["type"].as_str().unwrap().to_owned()
+        }
+    };
+    // The first request may meet the old connection, which the proxy
+    // closed, breaking (a command sent on it may be lost: outcome-unknown).
+    let mut attempt = 0;
+    while send(attempt).await != "/problems/unavailable" {
+        attempt += 1;
+        assert!(attempt < RECONNECT_ATTEMPTS_MAX, "never unavailable");
+    }
+    // From then on every request must connect, and every connect times out.
+    for attempt in 100..103 {
+        assert_eq!(send(attempt).await, "/problems/unavailable");
+    }
+    let read = app.get(&format!("/api/v1/accounts/{alice}")).await;
+    let problem = assert_problem(read, 503, "unavailable").await;
+    assert_eq!(problem["type"], "/problems/unavailable");
+    assert_eq!(app.snapshot().await, before, "nothing was written");
+}
+
+/// The order's script reaches Redis and runs, and the connection is cut
+/// before its reply comes back: `outcome-unknown`, and the retry with the
+/// same Idempotency-Key answers the first order without charging again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_dropped_after_the_script_was_sent_is_outcome_unknown_and_charges_once() {
+    let redis = RedisServer::start_ephemeral().await.unwrap();
+    let proxy = RedisProxy::start(redis.port()).await;
+    let app = spawn_app_behind(&proxy, redis).await;
+    let customer = app.create_account("alice", "100.00").await;
+    let order = json!({"account_id": customer, "symbol": "ABAN", "quantity": "3"});
+    // Loads the order script into Redis's cache: otherwise the EVALSHA the
+    // proxy cuts after would only have met NOSCRIPT, and nothing would run.
+    let warm = json!({"account_id": customer, "symbol": "ABAN", "quantity": "1"});
+    assert_eq!(app.post("/api/v1/orders", &warm).await.status(), 201);
+
+    proxy.set(ProxyMode::LoseNextScriptReply);
+    let response = app.post_with_key("/api/v1/orders", "cut-1", &order).await;
+    let problem = assert_problem(response, 503, "may have been applied").await;
+    assert_eq!(problem["type"], "/problems/outcome-unknown");
+    assert_eq!(*proxy.mode.borrow(), ProxyMode::Forward, "the cut happened");
+    eventually("Redis ran the order", || async {
+        app.journal_count("order").await == 2
+    })
+    .await;
+
+    let mut retried = app.post_with_key("/api/v1/orders", "cut-1", &order).await;
+    for _ in 0..RECONNECT_ATTEMPTS_MAX {
+        if retried.status() != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        retried = app.post_with_key("/api/v1/orders", "cut-1", &order).await;
+    }
+    assert_eq!(retried.status(), 201);
+    assert_eq!(retried.headers()["idempotent-replayed"], "true");
+    assert_eq!(app.balance(&customer).await, "84.00", "debited once");
+    assert_eq!(
+        app.journal_count("order").await,
+        2,
+        "one order besides the first"
+    );
 }

@@ -12,6 +12,7 @@ mod helpers;
 mod metrics;
 mod operations;
 mod orders;
+mod protocol;
 mod scripts;
 mod settlement;
 mod streams;
