@@ -5,8 +5,8 @@ pub mod access;
 mod accounts;
 mod advances;
 mod cors;
-mod duplicate_keys;
 mod health;
+mod json_body;
 mod keys;
 mod methods;
 mod metrics;
@@ -190,7 +190,8 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
 /// `request_timeout`, reading the body included (408 when the body is what
 /// is late, 504 when the handler is). A POST must say its body is JSON (415
 /// otherwise), and a JSON body must name each key of an object once (400
-/// `duplicate-key`). Each refusal writes nothing.
+/// `duplicate-key`) and hold no null (400 `null-value`). Each refusal writes
+/// nothing.
 async fn guard<E: Endpoint>(
     endpoint: Arc<E>,
     mut request: Request,
@@ -238,7 +239,7 @@ async fn guard<E: Endpoint>(
 }
 
 /// Refuses a POST whose body is not declared JSON, and a JSON body that
-/// repeats a key.
+/// repeats a key or holds a null.
 ///
 /// A form post or a `text/plain` one is a "simple" request that any web page
 /// can make a browser send cross-site without a preflight; a JSON one needs
@@ -268,12 +269,21 @@ fn check_json_body(request: &Request, body: &[u8]) -> Result<(), ApiError> {
             ),
         )));
     }
-    if is_json
-        && !body.is_empty()
-        && let Some(key) = duplicate_keys::duplicate_key(body)
-    {
-        let detail = format!("the key `{key}` appears twice in one object");
-        return Err(ApiError::bad_request("duplicate-key", detail));
+    if is_json && !body.is_empty() {
+        match json_body::check(body) {
+            Some(json_body::Finding::DuplicateKey(key)) => {
+                let detail = format!("the key `{key}` appears twice in one object");
+                return Err(ApiError::bad_request("duplicate-key", detail));
+            }
+            Some(json_body::Finding::Null(key)) => {
+                let at = key.map_or_else(|| "the body".to_owned(), |key| format!("`{key}`"));
+                let detail = format!(
+                    "{at} is null: no field takes null; leave an optional field out instead"
+                );
+                return Err(ApiError::bad_request("null-value", detail));
+            }
+            None => {}
+        }
     }
     Ok(())
 }

@@ -11,12 +11,11 @@ use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 use super::access::ApiKey;
 use super::problem::ApiError;
 use super::schema::{
-    CustomerAccountId, Description, IdempotencyKeyHeader, Merchant, PositiveAmount, Text,
-    TextField, Uuid,
+    Description, IdempotencyKeyHeader, Merchant, PositiveAmount, Text, TextField, Uuid,
 };
 use super::{ApiTags, AppState, idempotency_key, page_size, rfc3339};
 use crate::access::Role;
-use crate::domain::Idempotency;
+use crate::domain::{AccountId, Idempotency};
 use crate::store::wallet::{
     self, EnqueueError, EnqueueOutcome, NewWalletTransaction, WalletKind, WalletTransaction,
 };
@@ -166,13 +165,21 @@ impl WalletApi {
     async fn accept(
         &self,
         auth: ApiKey,
-        id: Path<CustomerAccountId>,
+        id: Path<AccountId>,
         body: Json<NewTransaction>,
         // Declared for the spec only: `idempotency_key` reads the raw header(s).
         #[oai(name = "Idempotency-Key")] _key: Header<Option<IdempotencyKeyHeader>>,
         headers: &HeaderMap,
     ) -> Result<AcceptedResponse, ApiError> {
-        let account_id = id.0.0;
+        let Path(account_id) = id;
+        // An account id the spec admits, but the ledger keeps no wallet for
+        // a system account: 422.
+        if account_id.is_system() {
+            return Err(ApiError::unprocessable(
+                "system-account",
+                "wallet transactions are for customer accounts",
+            ));
+        }
         let Json(request) = body;
         match request.kind {
             Kind::Deposit => auth.require(&[Role::Bank, Role::Admin])?,
@@ -263,14 +270,14 @@ impl WalletApi {
     async fn list(
         &self,
         auth: ApiKey,
-        id: Path<CustomerAccountId>,
+        id: Path<AccountId>,
         /// Only this status: `queued`, `completed` or `rejected`.
         status: Query<Option<Status>>,
         limit: Query<Option<u32>>,
         /// `next_cursor` from the previous page.
         cursor: Query<Option<Uuid>>,
     ) -> Result<PageResponse, ApiError> {
-        let account_id = id.0.0;
+        let Path(account_id) = id;
         auth.read_account(&account_id, || {
             ApiError::not_found(format!("account {account_id} not found"))
         })?;
@@ -329,10 +336,10 @@ impl WalletApi {
     async fn get(
         &self,
         auth: ApiKey,
-        id: Path<CustomerAccountId>,
+        id: Path<AccountId>,
         txn_id: Path<Uuid>,
     ) -> Result<TransactionResponse, ApiError> {
-        let account_id = id.0.0;
+        let Path(account_id) = id;
         let txn_id = txn_id.0.0;
         auth.read_account(&account_id, || {
             ApiError::not_found(format!(

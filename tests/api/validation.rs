@@ -462,3 +462,34 @@ async fn answers_leave_out_absent_fields_rather_than_send_null() {
     }
     assert!(order.get("batch_id").is_none(), "{order}");
 }
+
+/// Requests hold no null either: no field is nullable in the spec, so
+/// `"merchant": null` is refused rather than read as absent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_null_in_a_request_is_refused_and_writes_nothing() {
+    let app = spawn_app().await;
+    let customer = app.create_account("a", "100.00").await;
+    let before = app.snapshot().await;
+    let cases = [
+        (
+            format!("/api/v1/accounts/{customer}/transactions"),
+            json!({"kind": "deposit", "amount": "1.00", "merchant": null}),
+            "`merchant` is null",
+        ),
+        (
+            "/api/v1/keys".to_owned(),
+            json!({"role": "ops", "account_id": null}),
+            "`account_id` is null",
+        ),
+        (
+            "/api/v1/accounts".to_owned(),
+            json!({"name": "b", "balance": null}),
+            "`balance` is null",
+        ),
+    ];
+    for (path, body, detail) in cases {
+        let problem = assert_problem(app.post(&path, &body).await, 400, detail).await;
+        assert_eq!(problem["type"], "/problems/null-value", "{body}");
+    }
+    assert_eq!(app.snapshot().await, before);
+}

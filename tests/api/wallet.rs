@@ -573,6 +573,16 @@ async fn bad_wallet_requests_are_refused_and_write_nothing() {
     .await;
     crate::helpers::assert_problem(app.get(&format!("{path}?status=lost")).await, 400, "status")
         .await;
+    // A system account is an account id the spec admits; it has no wallet.
+    let problem = crate::helpers::assert_problem(
+        app.post("/api/v1/accounts/@bank/transactions", &body).await,
+        422,
+        "customer accounts",
+    )
+    .await;
+    assert_eq!(problem["type"], "/problems/system-account");
+    let listed = app.get_json("/api/v1/accounts/@bank/transactions").await;
+    assert_eq!(listed["items"], json!([]), "{listed}");
     assert_eq!(app.snapshot().await, before);
 }
 
