@@ -21,6 +21,54 @@ fn openapi_yaml_matches_the_code() {
     );
 }
 
+/// The README's API section and the spec say the same thing: every
+/// operation has a `curl` line, and every status an operation documents is
+/// in the README's list of status codes.
+#[test]
+fn the_readme_shows_every_operation_and_status_of_the_spec() {
+    let spec: serde_yaml::Value = serde_yaml::from_str(&tally::api::spec_yaml()).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let lines: Vec<&str> = readme.lines().collect();
+    let mut statuses = std::collections::BTreeSet::new();
+    for (path, operations) in spec["paths"].as_mapping().unwrap() {
+        let path = path.as_str().unwrap();
+        // `{id}` stands for a placeholder such as ORDER_ID or @exchange.
+        let template = regex::Regex::new(r"\\\{[a-z_]+\\\}").unwrap();
+        let escaped = regex::escape(&format!("/api/v1{path}"));
+        let pattern = template.replace_all(&escaped, "[A-Za-z0-9_@$.-]+");
+        let pattern = regex::Regex::new(&format!("{pattern}([\\s'?]|$)")).unwrap();
+        for (method, operation) in operations.as_mapping().unwrap() {
+            let method = method.as_str().unwrap().to_uppercase();
+            let shown = lines.iter().any(|line| {
+                pattern.is_match(line)
+                    && if method == "GET" {
+                        !line.contains("-X")
+                    } else {
+                        line.contains(&format!("-X{method}"))
+                            || line.contains(&format!("-X {method}"))
+                    }
+            });
+            assert!(shown, "README shows no curl line for {method} {path}");
+            for status in operation["responses"].as_mapping().unwrap().keys() {
+                statuses.insert(status.as_str().unwrap().to_owned());
+            }
+        }
+    }
+    let status_list = &readme[readme.find("- **Status codes**").expect("a status list")..];
+    for status in statuses
+        .iter()
+        .filter(|status| status.starts_with(['4', '5']))
+    {
+        assert!(
+            status_list.contains(&format!("- {status}"))
+                || status_list.contains(&format!("/ {status}"))
+                || status_list.contains(&format!("; {status}")),
+            "README's status codes do not list {status}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_readiness_docs_and_spec_are_served() {
     let app = spawn_app().await;
