@@ -99,7 +99,10 @@ for _ in $(seq 300); do
   if ! kill -0 "$tally_pid" 2>/dev/null; then
     break
   fi
-  if [ -s "$data_dir/dev-keys.env" ] && curl -fsS --max-time 2 "$origin/ready" >/dev/null 2>&1; then
+  # Python rather than curl, which a fresh Debian may lack.
+  if [ -s "$data_dir/dev-keys.env" ] && "$venv/bin/python" -c \
+    'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+    "$origin/ready" >/dev/null 2>&1; then
     ready=yes
     break
   fi
