@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
+use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::access::ApiKey;
 use super::problem::ApiError;
@@ -21,7 +21,7 @@ pub struct KeysApi(pub Arc<AppState>);
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 struct NewKeyRequest {
-    role: RoleName,
+    role: Role,
     /// For a `customer` key (and only for one, else 422): the account it is
     /// bound to.
     account_id: Option<CustomerAccountId>,
@@ -40,37 +40,6 @@ struct NewKeyRequest {
 
 // The bounds above, as `issue_key` checks them too.
 const _: () = assert!(crate::access::KEY_LIFETIME_MAX.as_secs() == 316_224_000);
-
-/// A key's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
-#[oai(rename_all = "lowercase")]
-enum RoleName {
-    /// Bound to one customer account: reads it, and spends from it.
-    Customer,
-    /// The banking system's integration.
-    Bank,
-    /// Operators who look: every GET.
-    Read,
-    /// `/metrics` only.
-    Metrics,
-    /// Operators who act on failed batches.
-    Ops,
-    /// Everything, keys included.
-    Admin,
-}
-
-impl From<RoleName> for Role {
-    fn from(role: RoleName) -> Self {
-        match role {
-            RoleName::Customer => Role::Customer,
-            RoleName::Bank => Role::Bank,
-            RoleName::Read => Role::Read,
-            RoleName::Metrics => Role::Metrics,
-            RoleName::Ops => Role::Ops,
-            RoleName::Admin => Role::Admin,
-        }
-    }
-}
 
 #[derive(Debug, Object)]
 struct KeyView {
@@ -158,7 +127,7 @@ impl KeysApi {
     ) -> Result<CreatedKeyResponse, ApiError> {
         let caller = auth.require(&[Role::Admin])?;
         let Json(request) = body;
-        let role = Role::from(request.role);
+        let role = request.role;
         if !caller.role.covers(role) {
             let detail = format!("a {} key cannot make a {role} key", caller.role);
             return Err(ApiError::forbidden("forbidden", detail));

@@ -578,49 +578,49 @@ impl<F: TextField> ToJSON for Text<F> {
 /// value that is not visible ASCII and take the first of several, and either
 /// would turn a retry into a second charge.
 #[derive(Debug, Clone)]
-pub struct IdempotencyKeyHeader;
+pub struct IdempotencyKeyHeader(IdempotencyKey);
 
-impl Type for IdempotencyKeyHeader {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = Self;
-    type RawElementValueType = Self;
-
-    fn name() -> Cow<'static, str> {
-        "idempotency_key".into()
-    }
-
-    fn schema_ref() -> MetaSchemaRef {
-        MetaSchemaRef::Inline(Box::new(MetaSchema {
-            min_length: Some(1),
-            max_length: Some(crate::domain::IDEMPOTENCY_KEY_LENGTH_MAX),
-            ..string_schema(
-                None,
-                patterns::IDEMPOTENCY_KEY,
-                "1 to 128 visible ASCII characters, unique per request you mean once; \
-                 scoped to your API key",
-                "order-2026-11-30-0001",
-            )
-        }))
-    }
-
-    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
-        Some(self)
-    }
-
-    fn raw_element_iter<'a>(
-        &'a self,
-    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
-        Box::new(self.as_raw_value().into_iter())
+impl std::fmt::Display for IdempotencyKeyHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str())
     }
 }
 
-impl ParseFromParameter for IdempotencyKeyHeader {
-    fn parse_from_parameter(text: &str) -> ParseResult<Self> {
-        IdempotencyKey::parse(text)
-            .map(|_| IdempotencyKeyHeader)
-            .map_err(ParseError::custom)
-    }
-}
+string_schema_type!(
+    IdempotencyKeyHeader,
+    "idempotency_key",
+    schema = MetaSchema {
+        min_length: Some(1),
+        max_length: Some(crate::domain::IDEMPOTENCY_KEY_LENGTH_MAX),
+        ..string_schema(
+            None,
+            patterns::IDEMPOTENCY_KEY,
+            "1 to 128 visible ASCII characters, unique per request you mean once; \
+             scoped to your API key",
+            "order-2026-11-30-0001",
+        )
+    },
+    parse = |text: &str, _| IdempotencyKey::parse(text)
+        .map(IdempotencyKeyHeader)
+        .map_err(|err| err.to_string()),
+    numbers = false
+);
+
+string_schema_type!(
+    crate::access::Role,
+    "role",
+    // From the roles themselves, so a new role is in the spec at once.
+    schema = MetaSchema {
+        enum_items: crate::access::Role::ALL
+            .iter()
+            .map(|role| Value::String(role.as_str().to_owned()))
+            .collect(),
+        description: Some("A key's role (see Access in the README)"),
+        ..MetaSchema::new("string")
+    },
+    parse = |text: &str, _| crate::access::Role::parse(text).map_err(|err| err.to_string()),
+    numbers = false
+);
 
 /// An instant given as RFC 3339 with any offset, as ms since the Unix epoch
 /// (0 for instants before it: a range that starts earlier starts there).
