@@ -31,10 +31,10 @@ fn the_readme_shows_every_operation_and_status_of_the_spec() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let lines: Vec<&str> = readme.lines().collect();
     let mut statuses = std::collections::BTreeSet::new();
+    // `{id}` stands for a placeholder such as ORDER_ID or @exchange.
+    let template = regex::Regex::new(r"\\\{[a-z_]+\\\}").unwrap();
     for (path, operations) in spec["paths"].as_mapping().unwrap() {
         let path = path.as_str().unwrap();
-        // `{id}` stands for a placeholder such as ORDER_ID or @exchange.
-        let template = regex::Regex::new(r"\\\{[a-z_]+\\\}").unwrap();
         let escaped = regex::escape(&format!("/api/v1{path}"));
         let pattern = template.replace_all(&escaped, "[A-Za-z0-9_@$.-]+");
         let pattern = regex::Regex::new(&format!("{pattern}([\\s'?]|$)")).unwrap();
