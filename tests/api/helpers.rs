@@ -357,6 +357,9 @@ pub async fn redis_snapshot(
             .query_async(conn)
             .await
             .unwrap();
+        if kind == "none" {
+            continue; // expired since KEYS listed it: no longer state
+        }
         // Absolute, so that it does not count down between two snapshots.
         let expires_at_ms: i64 = redis::cmd("PEXPIRETIME")
             .arg(&key)
