@@ -130,6 +130,167 @@ impl RedisServer {
     }
 }
 
+/// How long a new cluster has to agree it is whole (`cluster_state:ok` on
+/// every node, every replica linked to its master).
+pub const CLUSTER_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Below the ephemeral range, with room for each node's cluster bus at port
+/// + 10,000 (CLUSTER.md).
+const CLUSTER_PORTS: std::ops::Range<u16> = 20_000..29_000;
+
+/// A private Redis Cluster on loopback: its masters split the slots evenly,
+/// each with its replicas; persistence off. Every node is a child process,
+/// killed on drop.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    masters: usize,
+}
+
+impl RedisCluster {
+    /// Starts `masters` masters with `replicas_per_master` replicas each,
+    /// every node keeping its `nodes.conf` under `data_dir`, and waits until
+    /// the cluster is whole.
+    pub async fn start(
+        masters: usize,
+        replicas_per_master: usize,
+        data_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        if which("redis-cli").is_none() {
+            bail!(INSTALL_HINT);
+        }
+        let count = masters * (1 + replicas_per_master);
+        let data_dir = prepare_data_dir(data_dir)?;
+        let mut last_error = None;
+        for _ in 0..PORT_ATTEMPTS_MAX {
+            let base = free_cluster_ports(count)?;
+            match Self::start_on(base, masters, replicas_per_master, count, &data_dir).await {
+                Ok(cluster) => return Ok(cluster),
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.expect("at least one attempt was made"))
+    }
+
+    async fn start_on(
+        base: u16,
+        masters: usize,
+        replicas_per_master: usize,
+        count: usize,
+        data_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut nodes = Vec::with_capacity(count);
+        for port in (base..).take(count) {
+            let dir = prepare_data_dir(&data_dir.join(port.to_string()))?;
+            let dir = dir.display().to_string();
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &format!("{dir}/nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+                "--dir",
+                &dir,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(String::from);
+            nodes.push(RedisServer::spawn(port, &args).await?);
+        }
+        // `--cluster create` makes the first `masters` nodes masters, with
+        // equal runs of slots, and the rest their replicas.
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas_per_master.to_string()])
+            .arg("--cluster-yes")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running redis-cli --cluster create")?;
+        if !created.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&created.stdout)
+            );
+        }
+        let cluster = RedisCluster { nodes, masters };
+        cluster.wait_until_whole().await?;
+        Ok(cluster)
+    }
+
+    async fn wait_until_whole(&self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + CLUSTER_START_TIMEOUT;
+        for (index, node) in self.nodes.iter().enumerate() {
+            let client = redis::Client::open(node.url())?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            loop {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await?;
+                let replication: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut conn)
+                    .await?;
+                let whole = info.contains("cluster_state:ok")
+                    && (index < self.masters || replication.contains("master_link_status:up"));
+                if whole {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!("the cluster was not whole within {CLUSTER_START_TIMEOUT:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every node, masters first, as `redis-cli --cluster create` was given them.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// The masters as the cluster was made (a failover may change that).
+    pub fn masters(&self) -> &[RedisServer] {
+        &self.nodes[..self.masters]
+    }
+
+    /// Every node's URL, comma-separated: a seed list for a cluster client.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(RedisServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The first of `count` consecutive ports in [`CLUSTER_PORTS`], starting at
+/// a random place, that are free, each with its bus port (+10,000) free too.
+fn free_cluster_ports(count: usize) -> anyhow::Result<u16> {
+    let span = CLUSTER_PORTS.end - CLUSTER_PORTS.start - count as u16;
+    for _ in 0..100 {
+        let base = CLUSTER_PORTS.start + fastrand::u16(..span);
+        let free = (base..).take(count).all(|port| {
+            [port, port + 10_000]
+                .iter()
+                .all(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        });
+        if free {
+            return Ok(base);
+        }
+    }
+    bail!("no {count} free ports below {}", CLUSTER_PORTS.end)
+}
+
 /// Creates `data_dir` if needed and returns its absolute path.
 fn prepare_data_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(data_dir)

@@ -27,6 +27,7 @@ pub mod locks;
 pub mod orders;
 pub mod rate_limits;
 pub mod settlement;
+pub mod slots;
 pub mod streams;
 pub mod transfers;
 pub mod wallet;

@@ -5,6 +5,7 @@ mod access;
 mod accounts;
 mod advances;
 mod balance_limits;
+mod cluster;
 mod concurrency;
 mod crashes;
 mod hardening;
