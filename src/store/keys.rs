@@ -1,6 +1,7 @@
 //! Every Redis key tally uses is spelled here and nowhere else. Scripts get
 //! their keys from these functions through `KEYS`, never by concatenating
-//! inside Lua, so that a later move to Redis Cluster only needs hash tags here.
+//! inside Lua. (Redis Cluster needs more than hash tags here: most scripts
+//! write global keys beside an account's; see `slots.rs` and CLUSTER.md.)
 
 use crate::domain::{AccountId, BatchId, OrderId, Symbol};
 
