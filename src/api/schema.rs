@@ -103,6 +103,25 @@ fn decimal_schema(
     }
 }
 
+/// Newtypes shown as what they wrap.
+macro_rules! display_as_inner {
+    ($($ty:ty),*) => {
+        $(impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        })*
+    };
+}
+
+display_as_inner!(
+    PositiveAmount,
+    AdvanceAmount,
+    CustomerAccountId,
+    Uuid,
+    Timestamp
+);
+
 /// Implements the poem-openapi traits for a type read from one string (and,
 /// for money, a JSON number) and written as a string.
 macro_rules! string_schema_type {
@@ -219,12 +238,6 @@ string_schema_type!(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PositiveAmount(pub Amount);
 
-impl std::fmt::Display for PositiveAmount {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
 string_schema_type!(
     PositiveAmount,
     "amount",
@@ -252,12 +265,6 @@ pub const ADVANCE_AMOUNT_MIN_CENTS: i64 = crate::store::advances::INSTALLMENTS a
 /// An advance's amount: at least [`ADVANCE_AMOUNT_MIN_CENTS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdvanceAmount(pub Amount);
-
-impl std::fmt::Display for AdvanceAmount {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 fn parse_advance_amount(text: &str) -> Result<AdvanceAmount, String> {
     let amount = Amount::parse(text).map_err(|err| err.to_string())?;
@@ -342,12 +349,6 @@ string_schema_type!(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomerAccountId(pub AccountId);
 
-impl std::fmt::Display for CustomerAccountId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
 fn parse_customer_account_id(text: &str) -> Result<CustomerAccountId, String> {
     if text.starts_with('@') {
         return Err(format!(
@@ -402,12 +403,6 @@ string_schema_type!(
 /// A UUID in canonical form (lower case, hyphenated): one spelling per id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uuid(pub String);
-
-impl std::fmt::Display for Uuid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 string_schema_type!(
     Uuid,
@@ -626,12 +621,6 @@ string_schema_type!(
 /// (0 for instants before it: a range that starts earlier starts there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timestamp(pub u64);
-
-impl std::fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
 
 string_schema_type!(
     Timestamp,
