@@ -494,6 +494,20 @@ async fn idempotency_keys_are_scoped_by_api_key() {
     );
 }
 
+/// Over HTTP a key cannot revoke itself (the last admin key would take the
+/// API with it); it still works afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_cannot_revoke_itself_over_http() {
+    let app = crate::helpers::spawn_app().await;
+    let before = app.snapshot().await;
+    let own = format!("/api/v1/keys/{}", app.admin_key_id());
+    let response = app.client.delete(app.url(&own)).send().await.unwrap();
+    let problem = crate::helpers::assert_problem(response, 409, "cannot revoke itself").await;
+    assert_eq!(problem["type"], "/problems/own-key");
+    assert_eq!(app.snapshot().await, before);
+    assert_eq!(app.get("/api/v1/keys").await.status(), 200, "still works");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_over_http_are_shown_once_listed_without_secrets_and_revoked() {
     let app = crate::helpers::spawn_app().await;
