@@ -21,6 +21,7 @@ use futures::future::{BoxFuture, Shared};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
+use super::slots::SlotRecorder;
 use super::{StoreError, StoreResult};
 
 type Attempt = Shared<BoxFuture<'static, RedisResult<MultiplexedConnection>>>;
@@ -37,6 +38,8 @@ pub struct SharedConnection {
     client: redis::Client,
     config: AsyncConnectionConfig,
     current: Arc<Mutex<Current>>,
+    /// Set by tests that measure how the scripts' keys fall on slots.
+    recorder: Arc<std::sync::OnceLock<Arc<SlotRecorder>>>,
 }
 
 impl SharedConnection {
@@ -50,7 +53,13 @@ impl SharedConnection {
                 generation: 0,
                 attempt,
             })),
+            recorder: Arc::default(),
         }
+    }
+
+    /// Has every later script call, on every clone, noted in `recorder`.
+    pub fn record_script_slots(&self, recorder: Arc<SlotRecorder>) {
+        let _ = self.recorder.set(recorder);
     }
 
     /// The connection, once it is up. A failure here means no command was
@@ -127,6 +136,9 @@ impl Conn {
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        if let Some(recorder) = self.owner.recorder.get() {
+            recorder.record(cmd);
+        }
         async move {
             let result = self.inner.req_packed_command(cmd).await;
             self.note(result)
@@ -140,6 +152,9 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
+        if let Some(recorder) = self.owner.recorder.get() {
+            pipeline.cmd_iter().for_each(|cmd| recorder.record(cmd));
+        }
         async move {
             let result = self
                 .inner

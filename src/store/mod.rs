@@ -147,6 +147,12 @@ impl Store {
         self.shared.get().await
     }
 
+    /// Notes every later script call's keys in `recorder`, on this store
+    /// and every clone of it (tests: how far the layout is from a cluster's).
+    pub fn record_script_slots(&self, recorder: std::sync::Arc<slots::SlotRecorder>) {
+        self.shared.record_script_slots(recorder);
+    }
+
     /// A connection of its own, for blocking reads.
     pub async fn dedicated_conn(&self) -> StoreResult<deadpool_redis::Connection> {
         Ok(self.pool.get().await?)

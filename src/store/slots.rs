@@ -123,6 +123,74 @@ fn tag_in_range(shard: u16, count: u16) -> String {
         .expect("some suffix lands in every range")
 }
 
+/// What one script's calls looked like: how many there were, and how many
+/// named keys of more than one slot (a cluster refuses those: `CROSSSLOT`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScriptSlots {
+    pub calls: u64,
+    pub crossing: u64,
+    /// The keys of the first crossing call, to show which keys disagree.
+    pub first_crossing: Option<Vec<String>>,
+}
+
+/// Records every script call's keys by script (its SHA1), so that a test can
+/// say which scripts a cluster would refuse. Off unless a test attaches it to
+/// a `Store` (`Store::record_script_slots`).
+#[derive(Debug, Default)]
+pub struct SlotRecorder {
+    scripts: std::sync::Mutex<std::collections::BTreeMap<String, ScriptSlots>>,
+}
+
+impl SlotRecorder {
+    /// Notes `cmd` if it runs a script (`EVALSHA` or `EVAL`).
+    pub fn record(&self, cmd: &redis::Cmd) {
+        let args: Vec<&[u8]> = cmd
+            .args_iter()
+            .filter_map(|arg| match arg {
+                redis::Arg::Simple(bytes) => Some(bytes),
+                _ => None,
+            })
+            .collect();
+        let Some(name) = args.first() else { return };
+        let script = if name.eq_ignore_ascii_case(b"EVALSHA") {
+            String::from_utf8_lossy(args.get(1).copied().unwrap_or_default()).into_owned()
+        } else if name.eq_ignore_ascii_case(b"EVAL") {
+            let body = String::from_utf8_lossy(args.get(1).copied().unwrap_or_default());
+            redis::Script::new(&body).get_hash().to_owned()
+        } else {
+            return;
+        };
+        let count = args
+            .get(2)
+            .and_then(|count| std::str::from_utf8(count).ok()?.parse::<usize>().ok())
+            .unwrap_or(0);
+        let keys = args.iter().skip(3).take(count);
+        let slots: std::collections::BTreeSet<u16> =
+            keys.clone().map(|key| hash_slot(key)).collect();
+        let mut scripts = self
+            .scripts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = scripts.entry(script).or_default();
+        entry.calls += 1;
+        if slots.len() > 1 {
+            entry.crossing += 1;
+            entry.first_crossing.get_or_insert_with(|| {
+                keys.map(|key| String::from_utf8_lossy(key).into_owned())
+                    .collect()
+            });
+        }
+    }
+
+    /// Every script called so far, by SHA1.
+    pub fn scripts(&self) -> std::collections::BTreeMap<String, ScriptSlots> {
+        self.scripts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

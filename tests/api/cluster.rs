@@ -106,3 +106,196 @@ async fn a_real_cluster_agrees_on_every_slot_and_holds_the_shards_evenly() {
         "{err}"
     );
 }
+
+/// Every script in `lua/` by the SHA1 Redis knows it by (`lib.lua` comes
+/// first in each, as `lua_script!` builds them).
+fn scripts_by_sha() -> BTreeMap<String, String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/lua");
+    let lib = std::fs::read_to_string(format!("{dir}/lib.lua")).unwrap();
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".lua") && name != "lib.lua")
+        .map(|name| {
+            let body = std::fs::read_to_string(format!("{dir}/{name}")).unwrap();
+            let sha = redis::Script::new(&format!("{lib}{body}"))
+                .get_hash()
+                .to_owned();
+            (sha, name)
+        })
+        .collect()
+}
+
+/// Scripts whose keys span several slots today, so that a cluster refuses
+/// them (`CROSSSLOT`): 20 of the 24. What the sharded layout and its sagas
+/// must bring to none; the list may only shrink. (The other four name one
+/// key: `page_journal`, `take_rate_tokens`, `release_lock`,
+/// `delete_idle_consumers`.)
+const CROSSING_TODAY: [&str; 20] = [
+    "apply_wallet_transaction.lua",
+    "authenticate_key.lua",
+    "begin_attempts.lua",
+    "collect_installment.lua",
+    "create_account.lua",
+    "create_advance.lua",
+    "create_api_key.lua",
+    "dead_letter_batch.lua",
+    "enqueue_wallet_transaction.lua",
+    "finish_batches.lua",
+    "lease_due_installments.lua",
+    "place_orders.lua",
+    "promote_due_jobs.lua",
+    "refund_batch.lua",
+    "release_wallet_account.lua",
+    "requeue_failed_batch.lua",
+    "retry_batch.lua",
+    "revoke_api_key.lua",
+    "transfer.lua",
+    "trim_journal.lua",
+];
+
+/// Scripts the scenario below does not reach.
+const NOT_REACHED: [&str; 0] = [];
+
+/// Runs every kind of operation through the API and the workers with every
+/// script call's keys recorded, then says which scripts a cluster would
+/// refuse: the measure of how far the layout is from Redis Cluster.
+#[tokio::test(flavor = "multi_thread")]
+async fn which_scripts_name_keys_of_several_slots() {
+    use std::sync::Arc;
+    use tally::exchange::sim::Faults;
+
+    use crate::helpers::{
+        eventually, spawn_app, spawn_exchange, spawn_workers, test_worker_settings,
+    };
+
+    let app = spawn_app().await;
+    let recorder = Arc::new(tally::store::slots::SlotRecorder::default());
+    app.store.record_script_slots(recorder.clone());
+    let exchange = spawn_exchange(Faults::default()).await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+
+    // Keys: made, used cold (authenticated, rate-limited), revoked.
+    let made: serde_json::Value = app
+        .post("/api/v1/keys", &serde_json::json!({"role": "read"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let reader = app.client_with(made["key"].as_str().unwrap());
+    let prices = reader.get(app.url("/api/v1/prices")).send().await.unwrap();
+    assert_eq!(prices.status(), 200);
+    let revoked = app
+        .client
+        .delete(app.url(&format!("/api/v1/keys/{}", made["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+
+    // Money: accounts, a settled batch, transfers, a wallet transaction.
+    let a = app.create_account("a", "1000.00").await;
+    let b = app.create_account("b", "0").await;
+    let settled = app.place_batch(&a, "3").await;
+    eventually("the batch settled", || async {
+        app.batch_status(&settled).await == "settled"
+    })
+    .await;
+    let transfer = serde_json::json!({"src_account_id": a, "dst_account_id": b, "amount": "5.00", "direction": "debit"});
+    assert_eq!(app.post("/api/v1/transfers", &transfer).await.status(), 201);
+    let deposit = serde_json::json!({"kind": "deposit", "amount": "1.00"});
+    let accepted: serde_json::Value = app
+        .post(&format!("/api/v1/accounts/{a}/transactions"), &deposit)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let txn = format!(
+        "/api/v1/accounts/{a}/transactions/{}",
+        accepted["id"].as_str().unwrap()
+    );
+    eventually("the deposit is applied", || async {
+        app.get_json(&txn).await["status"] == "completed"
+    })
+    .await;
+
+    // An advance, its first installment leased and collected.
+    let advance = serde_json::json!({"account_id": b, "amount": "120.00"});
+    assert_eq!(app.post("/api/v1/advances", &advance).await.status(), 201);
+    let clock = tally::advances::ManualClock::starting_at(tally::store::now_ms());
+    clock.advance(crate::advances::WEEK);
+    tally::advances::schedule_once(&app.store, &clock, &crate::advances::scheduler_settings())
+        .await
+        .unwrap();
+
+    // A batch the exchange keeps failing: retried with backoff, then
+    // dead-lettered; retried by an operator, failed again, refunded.
+    exchange
+        .set_faults(Faults {
+            fail_rate: 1.0,
+            ..Faults::default()
+        })
+        .await;
+    let failed = app.place_batch(&a, "3").await;
+    eventually("the batch failed", || async {
+        app.batch_status(&failed).await == "failed"
+    })
+    .await;
+    let retry = format!("/api/v1/batches/{failed}/retry");
+    assert_eq!(
+        app.client
+            .post(app.url(&retry))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    eventually("the batch failed again", || async {
+        app.batch_status(&failed).await == "failed"
+    })
+    .await;
+    let refund = format!("/api/v1/batches/{failed}/refund");
+    assert_eq!(
+        app.post(&refund, &serde_json::json!({})).await.status(),
+        200
+    );
+
+    // Reading: the report, the audit; and the journal's trim.
+    assert_eq!(app.get("/api/v1/transactions?limit=5").await.status(), 200);
+    assert_eq!(app.get("/api/v1/audit").await.status(), 200);
+    let mut conn = app.store.conn().await.unwrap();
+    tally::store::journal::trim(&mut conn, 0, 1).await.unwrap();
+    workers.stop().await;
+
+    let names = scripts_by_sha();
+    let recorded = recorder.scripts();
+    let mut crossing = Vec::new();
+    for (sha, slots) in &recorded {
+        let name = names.get(sha).map_or(sha.as_str(), String::as_str);
+        if slots.crossing > 0 {
+            println!(
+                "{name}: {} of {} calls cross, e.g. {:?}",
+                slots.crossing, slots.calls, slots.first_crossing
+            );
+            crossing.push(name.to_owned());
+        }
+    }
+    let reached: Vec<&String> = names
+        .iter()
+        .filter(|(sha, _)| recorded.contains_key(*sha))
+        .map(|(_, name)| name)
+        .collect();
+    let mut not_reached: Vec<&str> = names
+        .values()
+        .filter(|name| !reached.contains(name))
+        .map(String::as_str)
+        .collect();
+    not_reached.sort();
+    crossing.sort();
+    assert_eq!(
+        not_reached, NOT_REACHED,
+        "scripts the scenario did not reach"
+    );
+    assert_eq!(crossing, CROSSING_TODAY, "scripts whose keys span slots");
+}
