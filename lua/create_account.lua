@@ -19,17 +19,19 @@
 --   {"created", account_id}
 --   {"replayed", account_id}                   same key, same request: nothing written
 --   {"refused", "idempotency_conflict", account_id}
---   {"refused", "account_exists"}
 --   {"refused", "balance_limit", account_id}  the opening balance would take
 --     this account (the new one, or @bank, which funds it) past BALANCE_LIMIT
 
+-- Safe to run twice: the API draws a fresh id for each request, so an
+-- account with this id means this very call ran already (its reply lost, the
+-- call sent again): answer as it did, writing nothing.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'created', ARGV[1]}
+end
 local fingerprint = ARGV[5]
 local prior = idempotency_reply(KEYS[5], fingerprint)
 if prior then
   return prior
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {'refused', 'account_exists'}
 end
 
 local account_id, opening = ARGV[1], ARGV[3]

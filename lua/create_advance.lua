@@ -16,6 +16,11 @@
 --   | {"refused", "balance_limit", account_id}: the advance would take the
 --     customer or @bank (which lends it) past BALANCE_LIMIT
 
+-- Safe to run twice: an advance with this (fresh) id means this very call
+-- ran already; answer as it did, writing nothing.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'created', ARGV[1]}
+end
 local fingerprint = ARGV[7]
 local prior = idempotency_reply(KEYS[10], fingerprint)
 if prior then

@@ -12,12 +12,12 @@
 -- ARGV[8] reads per second, or "0" for the server's default
 -- ARGV[9] writes per second, or "0" for the server's default
 --
--- Returns one of
---   {"created", key_id}
---   {"refused", "key_exists"}      an id is random: only a repeated call finds one
+-- Returns {"created", key_id}.
 
+-- Safe to run twice: an id is random, so a record with this id means this
+-- very call ran already; answer as it did, writing nothing.
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {'refused', 'key_exists'}
+  return {'created', ARGV[1]}
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'role', ARGV[2], 'account', ARGV[3],
   'secret_hash', ARGV[4], 'created_at', ARGV[5], 'expires_at', ARGV[6],

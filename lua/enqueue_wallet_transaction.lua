@@ -16,6 +16,11 @@
 -- Returns {"queued", id} | {"replayed", id} | {"refused", "idempotency_conflict", id}
 --   | {"refused", "account_not_found"} | {"refused", "queue_full", waiting}
 
+-- Safe to run twice: a transaction with this (fresh) id means this very call
+-- ran already; answer as it did, writing nothing.
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {'queued', ARGV[1]}
+end
 local fingerprint = ARGV[7]
 local prior = idempotency_reply(KEYS[7], fingerprint)
 if prior then

@@ -5,7 +5,8 @@
 --
 -- KEYS[1] payer account (hash: balance)   KEYS[2] payee account (hash)
 -- KEYS[3] journal (stream)                KEYS[4] journal index (sorted set)
--- KEYS[5] the transaction (hash), for replays
+-- KEYS[5] the transaction (hash): answers a replay of its Idempotency-Key, and
+--         a second run of this very call (kept for the idempotency ttl)
 -- KEYS[6] idempotency key (string "transaction_id fingerprint"); unused when ARGV[9] is ""
 -- KEYS[7] accounting events (stream)
 -- ARGV[1] payer id   ARGV[2] payee id   ARGV[3] amount, cents
@@ -22,6 +23,15 @@
 --     @bank, which every bank transaction moves). The reason says which.
 --   | {"replayed", transaction_id} | {"refused", "idempotency_conflict", transaction_id}
 
+-- Safe to run twice: the API draws a fresh transaction id for each request,
+-- so a record of this id means this very call ran already (its reply lost,
+-- the call sent again): answer as it did, writing nothing.
+local done = redis.call('HMGET', KEYS[5], 'status', 'reason', 'code')
+if done[1] == 'failed' then
+  return {'fail', ARGV[5], done[2], done[3]}
+elseif done[1] then
+  return {'success', ARGV[5]}
+end
 local fingerprint = ARGV[9]
 local prior = idempotency_reply(KEYS[6], fingerprint)
 if prior then
@@ -64,11 +74,12 @@ end
 journal(KEYS[3], KEYS[4], 'at', now, 'kind', ARGV[4], 'debit', payer,
   'credit', payee, 'amount', moved, 'requested', amount, 'ref', id, 'status', status,
   'reason', reason, 'memo', ARGV[11])
+-- Kept to answer a second run of this call and a replay of its
+-- Idempotency-Key, for as long as the key.
+redis.call('HSET', KEYS[5], 'id', id, 'at', now, 'status', status, 'reason', reason,
+  'code', code, 'request', ARGV[8])
+redis.call('EXPIRE', KEYS[5], ARGV[10])
 if fingerprint ~= '' then
-  -- Kept only to answer a replay of the Idempotency-Key, for as long as the key.
-  redis.call('HSET', KEYS[5], 'id', id, 'at', now, 'status', status, 'reason', reason,
-    'code', code, 'request', ARGV[8])
-  redis.call('EXPIRE', KEYS[5], ARGV[10])
   redis.call('SET', KEYS[6], id .. ' ' .. fingerprint, 'EX', ARGV[10])
 end
 redis.call('XADD', KEYS[7], '*', 'type', ARGV[4] .. '.' .. status,

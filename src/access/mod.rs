@@ -621,15 +621,7 @@ pub async fn issue_key(
         reads_per_s: request.reads_per_s,
         writes_per_s: request.writes_per_s,
     };
-    crate::store::api_keys::create_api_key(&mut conn, &record)
-        .await
-        .map_err(|err| match err {
-            crate::store::api_keys::CreateKeyError::Store(err) => err,
-            // A fresh random id that exists already is a bug, not a request error.
-            err @ crate::store::api_keys::CreateKeyError::KeyExists(_) => {
-                StoreError::UnexpectedReply(vec![err.to_string()])
-            }
-        })?;
+    crate::store::api_keys::create_api_key(&mut conn, &record).await?;
     tracing::info!(key_id = %record.id, role = %record.role, "API key created");
     Ok((generated, record))
 }

@@ -114,12 +114,6 @@ impl AccountsApi {
                     format!("this Idempotency-Key opened account {id} with another request");
                 return Err(ApiError::conflict("idempotency-conflict", detail));
             }
-            // Ids are fresh UUIDv7s: a clash is a bug, not a client error.
-            Err(err @ CreateAccountError::AccountExists) => {
-                return Err(
-                    crate::store::StoreError::UnexpectedReply(vec![err.to_string()]).into(),
-                );
-            }
             Err(err @ CreateAccountError::BalanceLimit(_)) => {
                 return Err(ApiError::balance_limit(err));
             }

@@ -37,7 +37,7 @@ pub struct NewAccount {
     pub idempotency_ttl_secs: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum CreateAccountOutcome {
     Created(AccountId),
     /// The Idempotency-Key was seen before with the same request.
@@ -48,8 +48,6 @@ pub enum CreateAccountOutcome {
 pub enum CreateAccountError {
     #[error("the Idempotency-Key was used for another request (account {0})")]
     IdempotencyConflict(String),
-    #[error("an account with this id exists")]
-    AccountExists,
     /// The opening balance would take this account (the new one, or @bank,
     /// which funds it) past the balance limit; nothing was written.
     #[error(
@@ -103,7 +101,6 @@ pub async fn create_account(
         ("refused", Some("idempotency_conflict")) => Err(CreateAccountError::IdempotencyConflict(
             reply.get(2).cloned().unwrap_or_default(),
         )),
-        ("refused", Some("account_exists")) => Err(CreateAccountError::AccountExists),
         ("refused", Some("balance_limit")) if reply.len() == 3 => {
             match super::balance_limit_account(reply.get(2)) {
                 Some(account) => Err(CreateAccountError::BalanceLimit(account)),

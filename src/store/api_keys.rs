@@ -74,16 +74,8 @@ impl KeyRecord {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum CreateKeyError {
-    #[error("a key with id {0} exists")]
-    KeyExists(KeyId),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 #[tracing::instrument(skip_all, fields(key_id = %key.id, role = %key.role))]
-pub async fn create_api_key(conn: &mut impl Conn, key: &KeyRecord) -> Result<(), CreateKeyError> {
+pub async fn create_api_key(conn: &mut impl Conn, key: &KeyRecord) -> StoreResult<()> {
     let reply: Vec<String> = CREATE_API_KEY
         .key(keys::api_key(&key.id))
         .key(keys::API_KEYS)
@@ -101,10 +93,7 @@ pub async fn create_api_key(conn: &mut impl Conn, key: &KeyRecord) -> Result<(),
         .map_err(StoreError::from)?;
     match verdict(&reply) {
         "created" => Ok(()),
-        "refused" if reply.get(1).map(String::as_str) == Some("key_exists") => {
-            Err(CreateKeyError::KeyExists(key.id.clone()))
-        }
-        _ => Err(StoreError::UnexpectedReply(reply).into()),
+        _ => Err(StoreError::UnexpectedReply(reply)),
     }
 }
 

@@ -20,7 +20,8 @@ pub const JOURNAL_CARRIED: &str = "tally:journal:carried";
 /// one is in force the trim waits, so an entry cannot leave the journal for
 /// the carried sums between the audit's read of the two.
 pub const JOURNAL_TRIM_PAUSES: &str = "tally:journal:trim_pauses";
-/// A transfer or bank transaction (hash), for Idempotency-Key replays.
+/// A transfer or bank transaction (hash), kept for the idempotency ttl: it
+/// answers a replay of its Idempotency-Key and a second run of its call.
 pub fn transaction(id: &str) -> String {
     format!("tally:transaction:{id}")
 }

@@ -186,9 +186,8 @@ async fn transfer_refuses_a_bank_transaction_that_would_take_either_side_past_th
             app.balance_cents(&customer).await,
         );
         let before = redis_snapshot(&mut conn).await;
-        let outcome = move_money(&mut conn, &movement(payer, payee, "1.01"))
-            .await
-            .unwrap();
+        let movement = movement(payer, payee, "1.01");
+        let outcome = move_money(&mut conn, &movement).await.unwrap();
         match &outcome {
             MovementOutcome::Fail {
                 refusal: Refusal::BalanceLimit,
@@ -204,14 +203,18 @@ async fn transfer_refuses_a_bank_transaction_that_would_take_either_side_past_th
             balances,
             "no balance moved"
         );
-        // What a refusal writes by design (the report shows failed attempts),
-        // and nothing else.
+        // What a refusal writes by design (the report shows failed attempts;
+        // the transaction's record answers a second run of the call), and
+        // nothing else.
         let after = redis_snapshot(&mut conn).await;
         assert_eq!(
             changed_keys(&before, &after),
-            BTreeSet::from(
-                [keys::JOURNAL, keys::JOURNAL_INDEX, keys::EVENTS_STREAM].map(str::to_owned)
-            )
+            BTreeSet::from([
+                keys::JOURNAL.to_owned(),
+                keys::JOURNAL_INDEX.to_owned(),
+                keys::EVENTS_STREAM.to_owned(),
+                keys::transaction(&movement.id),
+            ])
         );
         let entry = last_journal_entry(&app).await;
         let fields = ["status", "amount", "requested"].map(|name| entry[name].as_str());

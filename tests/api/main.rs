@@ -14,6 +14,7 @@ mod metrics;
 mod operations;
 mod orders;
 mod protocol;
+mod run_twice;
 mod scripts;
 mod settlement;
 mod streams;

@@ -1,0 +1,191 @@
+//! Every script that creates something is safe to run twice with the same
+//! arguments: a Redis Cluster client re-sends a call whose connection dropped
+//! (CLUSTER.md), so a call whose reply was lost can run again. The second run
+//! answers as the first did and writes nothing. (Orders get the same property
+//! from the order saga's steps, issue 17.)
+
+use tally::domain::{AccountId, AccountName, Amount, Idempotency, IdempotencyKey};
+use tally::store::accounts::{CreateAccountOutcome, NewAccount, create_account};
+use tally::store::advances::{self, NewAdvance};
+use tally::store::now_ms;
+use tally::store::transfers::{Movement, MovementOutcome, Refusal, move_money};
+use tally::store::wallet::{self, EnqueueOutcome, NewWalletTransaction, WalletKind};
+
+use crate::helpers::{redis_snapshot, spawn_app};
+
+fn key(text: &str) -> Option<Idempotency> {
+    Some(Idempotency::new(
+        IdempotencyKey::parse(text).unwrap(),
+        &[text],
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_account_run_twice_opens_and_funds_once() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    for idempotency in [None, key("open-1")] {
+        let new = NewAccount {
+            id: AccountId::new_customer(),
+            name: AccountName::parse("twice").unwrap(),
+            opening_balance: Amount::parse("10.00").unwrap(),
+            idempotency,
+            idempotency_ttl_secs: 60,
+        };
+        let first = create_account(&mut conn, &new).await.unwrap();
+        assert_eq!(first, CreateAccountOutcome::Created(new.id.clone()));
+        let after_first = redis_snapshot(&mut conn).await;
+        let second = create_account(&mut conn, &new).await.unwrap();
+        assert_eq!(second, first, "answers as the first run did");
+        assert_eq!(
+            redis_snapshot(&mut conn).await,
+            after_first,
+            "writes nothing"
+        );
+    }
+    assert_eq!(
+        app.journal_count("opening_balance").await,
+        2,
+        "funded once each"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transfer_run_twice_moves_once_and_a_refusal_is_journaled_once() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let a = AccountId::parse(&app.create_account("a", "10.00").await).unwrap();
+    let b = AccountId::parse(&app.create_account("b", "0").await).unwrap();
+    let movement = |amount: &str, idempotency| Movement {
+        id: uuid::Uuid::now_v7().to_string(),
+        kind: "transfer",
+        payer: a.clone(),
+        payee: b.clone(),
+        amount: Amount::parse(amount).unwrap(),
+        canonical_request: format!("a b {amount}"),
+        memo: String::new(),
+        at_ms: now_ms(),
+        idempotency,
+        idempotency_ttl_secs: 60,
+    };
+    let cases = [
+        (movement("4.00", None), "moved"),
+        (movement("4.00", key("move-1")), "moved"),
+        (movement("100.00", None), "refused"),
+    ];
+    for (movement, what) in cases {
+        let first = move_money(&mut conn, &movement).await.unwrap();
+        let after_first = redis_snapshot(&mut conn).await;
+        let second = move_money(&mut conn, &movement).await.unwrap();
+        assert_eq!(second, first, "{what}: answers as the first run did");
+        assert_eq!(
+            redis_snapshot(&mut conn).await,
+            after_first,
+            "{what}: writes nothing"
+        );
+    }
+    assert_eq!(
+        app.balance(a.as_str()).await,
+        "2.00",
+        "8.00 moved, once each"
+    );
+    assert_eq!(app.balance(b.as_str()).await, "8.00");
+    assert_eq!(
+        app.journal_count("transfer").await,
+        3,
+        "two moves and one refusal"
+    );
+    let refused = move_money(&mut conn, &movement("100.00", None))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            refused,
+            MovementOutcome::Fail {
+                refusal: Refusal::InsufficientFunds,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_advance_run_twice_lends_once() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let customer = AccountId::parse(&app.create_account("borrower", "0").await).unwrap();
+    let advance = NewAdvance {
+        id: uuid::Uuid::now_v7().to_string(),
+        account_id: customer.clone(),
+        amount: Amount::parse("120.00").unwrap(),
+        period_ms: 60_000,
+        now_ms: now_ms(),
+        idempotency: None,
+        idempotency_ttl_secs: 60,
+    };
+    let first = advances::create(&mut conn, &advance).await.unwrap();
+    assert_eq!(first, (advance.id.clone(), false));
+    let after_first = redis_snapshot(&mut conn).await;
+    let second = advances::create(&mut conn, &advance).await.unwrap();
+    assert_eq!(second, first, "answers as the first run did");
+    assert_eq!(
+        redis_snapshot(&mut conn).await,
+        after_first,
+        "writes nothing"
+    );
+    assert_eq!(app.balance(customer.as_str()).await, "120.00", "lent once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enqueue_wallet_transaction_run_twice_queues_once() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let account = AccountId::parse(&app.create_account("w", "0").await).unwrap();
+    let txn = NewWalletTransaction {
+        id: uuid::Uuid::now_v7().to_string(),
+        account_id: account,
+        kind: WalletKind::Deposit,
+        amount: Amount::parse("1.00").unwrap(),
+        description: String::new(),
+        merchant: String::new(),
+        idempotency: None,
+        idempotency_ttl_secs: 60,
+        at_ms: now_ms(),
+        queue_max: 10,
+    };
+    let first = wallet::enqueue(&mut conn, &txn).await.unwrap();
+    assert_eq!(first, EnqueueOutcome::Queued(txn.id.clone()));
+    let after_first = redis_snapshot(&mut conn).await;
+    let second = wallet::enqueue(&mut conn, &txn).await.unwrap();
+    assert_eq!(second, first, "answers as the first run did");
+    assert_eq!(redis_snapshot(&mut conn).await, after_first, "queued once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_api_key_run_twice_stores_once() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let pepper = tally::access::Pepper::new(crate::helpers::TEST_PEPPER).unwrap();
+    let generated = tally::access::GeneratedKey::new(tally::access::Role::Read, &pepper);
+    let record = tally::store::api_keys::KeyRecord {
+        id: generated.id.clone(),
+        role: tally::access::Role::Read,
+        account: None,
+        secret_hash: generated.secret_hash.clone(),
+        created_at_ms: now_ms(),
+        expires_at_ms: None,
+        revoked_at_ms: None,
+        label: None,
+        reads_per_s: None,
+        writes_per_s: None,
+    };
+    tally::store::api_keys::create_api_key(&mut conn, &record)
+        .await
+        .unwrap();
+    let after_first = redis_snapshot(&mut conn).await;
+    tally::store::api_keys::create_api_key(&mut conn, &record)
+        .await
+        .expect("answers as the first run did");
+    assert_eq!(redis_snapshot(&mut conn).await, after_first, "stores once");
+}
