@@ -6,6 +6,10 @@
 //! - The bounds of `limit`, `offset` and `page`, which come from this server's
 //!   settings (`TALLY_PAGE_SIZE`, `TALLY_PAGE_SIZE_MAX`) or from constants the
 //!   handlers check.
+//! - OpenAPI links: which answer's ids a client passes to which operation
+//!   (an account's id to an order, an order's batch to the batch). Clients
+//!   and Swagger UI show them; schemathesis follows them in its stateful
+//!   phase, so that it reaches past the 404s and 422s of made-up ids.
 
 use serde_yaml::{Mapping, Value};
 
@@ -24,6 +28,7 @@ impl Spec {
             serde_yaml::from_str(poem_json).expect("poem-openapi writes valid JSON");
         close_request_bodies(&mut document);
         bound_listing_parameters(&mut document, settings);
+        add_links(&mut document);
         Spec(document)
     }
 
@@ -130,5 +135,267 @@ fn bound_listing_parameters(document: &mut Value, settings: &ApiSettings) {
                 }
             }
         }
+    }
+}
+
+/// One OpenAPI link: from an operation's answer to another operation, with
+/// runtime expressions for the target's parameters and body fields.
+struct Link {
+    from: &'static str,
+    status: &'static str,
+    name: &'static str,
+    to: &'static str,
+    parameters: &'static [(&'static str, &'static str)],
+    body: &'static [(&'static str, &'static str)],
+}
+
+const ACCOUNT_ID: &str = "$response.body#/id";
+
+const LINKS: &[Link] = &[
+    Link {
+        from: "createAccount",
+        status: "201",
+        name: "GetAccount",
+        to: "getAccount",
+        parameters: &[("path.id", ACCOUNT_ID)],
+        body: &[],
+    },
+    Link {
+        from: "createAccount",
+        status: "201",
+        name: "PlaceOrder",
+        to: "placeOrder",
+        parameters: &[],
+        body: &[
+            ("account_id", ACCOUNT_ID),
+            ("symbol", "ABAN"),
+            ("quantity", "1"),
+        ],
+    },
+    Link {
+        from: "createAccount",
+        status: "201",
+        name: "TransferFrom",
+        to: "createTransfer",
+        parameters: &[],
+        body: &[("src_account_id", ACCOUNT_ID)],
+    },
+    Link {
+        from: "createAccount",
+        status: "201",
+        name: "TransferTo",
+        to: "createTransfer",
+        parameters: &[],
+        body: &[("dst_account_id", ACCOUNT_ID)],
+    },
+    Link {
+        from: "createAccount",
+        status: "201",
+        name: "BankTransaction",
+        to: "createBankTransaction",
+        parameters: &[],
+        body: &[("account_id", ACCOUNT_ID)],
+    },
+    Link {
+        from: "createAccount",
+        status: "201",
+        name: "Advance",
+        to: "createAdvance",
+        parameters: &[],
+        body: &[("account_id", ACCOUNT_ID)],
+    },
+    Link {
+        from: "createAccount",
+        status: "201",
+        name: "WalletTransaction",
+        to: "createWalletTransaction",
+        parameters: &[("path.id", ACCOUNT_ID)],
+        body: &[],
+    },
+    Link {
+        from: "createAccount",
+        status: "201",
+        name: "WalletTransactions",
+        to: "listWalletTransactions",
+        parameters: &[("path.id", ACCOUNT_ID)],
+        body: &[],
+    },
+    Link {
+        from: "createAccount",
+        status: "201",
+        name: "Advances",
+        to: "listAdvances",
+        parameters: &[("path.id", ACCOUNT_ID)],
+        body: &[],
+    },
+    Link {
+        from: "createAccount",
+        status: "201",
+        name: "CustomerKey",
+        to: "createKey",
+        parameters: &[],
+        body: &[("role", "customer"), ("account_id", ACCOUNT_ID)],
+    },
+    Link {
+        from: "createBankTransaction",
+        status: "201",
+        name: "PlaceOrder",
+        to: "placeOrder",
+        parameters: &[],
+        body: &[
+            ("account_id", "$response.body#/account_id"),
+            ("symbol", "ABAN"),
+            ("quantity", "1"),
+        ],
+    },
+    Link {
+        from: "placeOrder",
+        status: "201",
+        name: "GetOrder",
+        to: "getOrder",
+        parameters: &[("path.id", "$response.body#/id")],
+        body: &[],
+    },
+    Link {
+        from: "placeOrder",
+        status: "201",
+        name: "GetBatch",
+        to: "getBatch",
+        parameters: &[("path.id", "$response.body#/batch_id")],
+        body: &[],
+    },
+    Link {
+        from: "getOrder",
+        status: "200",
+        name: "GetBatch",
+        to: "getBatch",
+        parameters: &[("path.id", "$response.body#/batch_id")],
+        body: &[],
+    },
+    Link {
+        from: "listBatches",
+        status: "200",
+        name: "RetryBatch",
+        to: "retryBatch",
+        parameters: &[("path.id", "$response.body#/items/0/id")],
+        body: &[],
+    },
+    Link {
+        from: "listBatches",
+        status: "200",
+        name: "RefundBatch",
+        to: "refundBatch",
+        parameters: &[("path.id", "$response.body#/items/0/id")],
+        body: &[],
+    },
+    Link {
+        from: "createWalletTransaction",
+        status: "202",
+        name: "GetWalletTransaction",
+        to: "getWalletTransaction",
+        parameters: &[
+            ("path.id", "$request.path.id"),
+            ("path.txn_id", "$response.body#/id"),
+        ],
+        body: &[],
+    },
+    Link {
+        from: "createAdvance",
+        status: "201",
+        name: "GetAdvance",
+        to: "getAdvance",
+        parameters: &[("path.id", "$response.body#/id")],
+        body: &[],
+    },
+    Link {
+        from: "createKey",
+        status: "201",
+        name: "RevokeKey",
+        to: "revokeKey",
+        parameters: &[("path.id", "$response.body#/id")],
+        body: &[],
+    },
+];
+
+fn add_links(document: &mut Value) {
+    let Some(paths) = get_mut(document, "paths").and_then(Value::as_mapping_mut) else {
+        return;
+    };
+    for operation in paths
+        .values_mut()
+        .filter_map(Value::as_mapping_mut)
+        .flat_map(Mapping::values_mut)
+    {
+        let Some(id) = get(operation, "operationId")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        for link in LINKS.iter().filter(|link| link.from == id) {
+            let response = get_mut(operation, "responses")
+                .and_then(|responses| get_mut(responses, link.status))
+                .and_then(Value::as_mapping_mut)
+                .unwrap_or_else(|| panic!("{id} answers {}", link.status));
+            let links = response
+                .entry("links".into())
+                .or_insert_with(|| Value::Mapping(Mapping::new()))
+                .as_mapping_mut()
+                .expect("links is a mapping");
+            let mut definition = Mapping::new();
+            definition.insert("operationId".into(), link.to.into());
+            let pairs = |pairs: &[(&str, &str)]| -> Mapping {
+                pairs
+                    .iter()
+                    .map(|&(name, expression)| (name.into(), expression.into()))
+                    .collect()
+            };
+            if !link.parameters.is_empty() {
+                definition.insert("parameters".into(), Value::Mapping(pairs(link.parameters)));
+            }
+            if !link.body.is_empty() {
+                definition.insert("requestBody".into(), Value::Mapping(pairs(link.body)));
+            }
+            links.insert(link.name.into(), Value::Mapping(definition));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every link starts at an operation of the document and ends at one: a
+    /// misspelt operationId would drop it without a word.
+    #[test]
+    fn every_link_joins_two_operations_of_the_document() {
+        let document: Value = serde_yaml::from_str(&crate::api::spec_yaml()).unwrap();
+        let operations: Vec<&Value> = document["paths"]
+            .as_mapping()
+            .unwrap()
+            .values()
+            .flat_map(|path| path.as_mapping().unwrap().values())
+            .collect();
+        let ids: Vec<&str> = operations
+            .iter()
+            .map(|operation| operation["operationId"].as_str().unwrap())
+            .collect();
+        let mut found = 0;
+        for operation in &operations {
+            for response in operation["responses"].as_mapping().unwrap().values() {
+                for link in response["links"]
+                    .as_mapping()
+                    .into_iter()
+                    .flat_map(Mapping::values)
+                {
+                    assert!(
+                        ids.contains(&link["operationId"].as_str().unwrap()),
+                        "{link:?}"
+                    );
+                    found += 1;
+                }
+            }
+        }
+        assert_eq!(found, LINKS.len());
     }
 }
