@@ -4,8 +4,9 @@
 -- fills a worker has in hand, so a busy worker pays one script run for many.
 --
 -- Safe to run twice: a batch already settled (or refunded) is only
--- acknowledged again. A failed batch the exchange filled after all (a late
--- answer) settles too.
+-- acknowledged again, and the same call run again (the batch settled by this
+-- job with this fill) answers "settled" as it did. A failed batch the
+-- exchange filled after all (a late answer) settles too.
 --
 -- KEYS[1] settle jobs (stream)       KEYS[2] @exchange account (hash)
 -- KEYS[3] @bank account (hash)       KEYS[4] journal (stream)
@@ -49,8 +50,9 @@ local exchange_balance, bank_balance
 for i = 1, count do
   local key, a = KEYS[8 + i], 5 + 3 * (i - 1)
   local stream_id, batch_id, fill_id = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local batch = redis.call('HMGET', key, 'status', 'value')
+  local batch = redis.call('HMGET', key, 'status', 'value', 'settled_job', 'fill_id')
   local status, value = batch[1], batch[2]
+  local this_call = status == 'settled' and batch[3] == stream_id and batch[4] == fill_id
   local settles = status == 'settling' or status == 'failed'
   local past -- the account this batch's settlement would take past the limit
   if settles then
@@ -73,6 +75,10 @@ for i = 1, count do
     stream_ids[#stream_ids + 1] = stream_id
     replies[#replies + 1] = 'missing'
     replies[#replies + 1] = 'missing'
+  elseif this_call then
+    stream_ids[#stream_ids + 1] = stream_id
+    replies[#replies + 1] = 'settled'
+    replies[#replies + 1] = ''
   elseif not settles then
     stream_ids[#stream_ids + 1] = stream_id
     replies[#replies + 1] = 'already'
@@ -82,7 +88,7 @@ for i = 1, count do
     journal_deferred(KEYS[4], journal_pending, 'at', now, 'kind', 'settlement', 'debit', ARGV[4],
       'credit', ARGV[5], 'amount', value, 'ref', batch_id, 'status', 'completed', 'reason', '')
     redis.call('HSET', key, 'status', 'settled', 'fill_id', fill_id, 'settled_at', now,
-      'last_error', '')
+      'last_error', '', 'settled_job', stream_id)
     if status == 'failed' then
       redis.call('ZREM', KEYS[5], batch_id)
     end

@@ -86,11 +86,22 @@ pub enum Begun {
 /// only if its batch is still settling; the others are acknowledged. One
 /// outcome per job, in order.
 pub async fn begin_attempts(conn: &mut impl Conn, jobs: &[JobRef<'_>]) -> StoreResult<Vec<Begun>> {
+    let token = format!("{:016x}", fastrand::u64(..));
+    begin_attempts_as(conn, jobs, &token).await
+}
+
+/// [`begin_attempts`] under the attempt token `token`: the same call run
+/// twice (as a cluster client re-sends one whose reply was lost) counts once.
+pub async fn begin_attempts_as(
+    conn: &mut impl Conn,
+    jobs: &[JobRef<'_>],
+    token: &str,
+) -> StoreResult<Vec<Begun>> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
     let mut invocation = BEGIN_ATTEMPTS.key(keys::SETTLE_STREAM);
-    invocation.arg(SETTLE_GROUP);
+    invocation.arg(SETTLE_GROUP).arg(token);
     for job in jobs {
         invocation.key(keys::batch(job.batch_id)).arg(job.stream_id);
     }

@@ -189,3 +189,66 @@ async fn create_api_key_run_twice_stores_once() {
         .expect("answers as the first run did");
     assert_eq!(redis_snapshot(&mut conn).await, after_first, "stores once");
 }
+
+/// A batch of one order (3 ABAN) with its settle job read by a consumer.
+async fn settling_batch(app: &crate::helpers::TestApp) -> (tally::domain::BatchId, String) {
+    let mut conn = app.redis().await;
+    let customer = AccountId::parse(&app.create_account("buyer", "100.00").await).unwrap();
+    let placed = crate::scripts::order(&customer, "3", None);
+    tally::store::orders::place_order(&mut conn, &placed)
+        .await
+        .unwrap();
+    (
+        placed.batch_id,
+        crate::helpers::read_settle_job(&mut conn, "test").await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_run_twice_counts_once_and_a_settlement_pays_once() {
+    use tally::store::settlement::{self, Begun, Filled, JobEnd, JobRef};
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let (batch_id, stream_id) = settling_batch(&app).await;
+    let job = JobRef {
+        stream_id: &stream_id,
+        batch_id: &batch_id,
+        worker: "test",
+    };
+
+    // begin_attempts: the same call (the same attempt token) counts once; a
+    // new attempt counts again.
+    let first = settlement::begin_attempts_as(&mut conn, &[job], "attempt-1")
+        .await
+        .unwrap();
+    assert_eq!(first, [Begun::Call { attempts: 1 }]);
+    let after_first = redis_snapshot(&mut conn).await;
+    let second = settlement::begin_attempts_as(&mut conn, &[job], "attempt-1")
+        .await
+        .unwrap();
+    assert_eq!(second, first, "answers as the first run did");
+    assert_eq!(
+        redis_snapshot(&mut conn).await,
+        after_first,
+        "counts nothing more"
+    );
+    let next = settlement::begin_attempts(&mut conn, &[job]).await.unwrap();
+    assert_eq!(next, [Begun::Call { attempts: 2 }], "a new attempt counts");
+
+    // finish_batches: settled once, and the same call again answers "settled".
+    let filled = [Filled {
+        job,
+        fill_id: "fill-1",
+    }];
+    let first = settlement::finish_batches(&mut conn, "test", &filled)
+        .await
+        .unwrap();
+    assert_eq!(first, [JobEnd::Done]);
+    let after_first = redis_snapshot(&mut conn).await;
+    let second = settlement::finish_batches(&mut conn, "test", &filled)
+        .await
+        .unwrap();
+    assert_eq!(second, first, "answers as the first run did");
+    assert_eq!(redis_snapshot(&mut conn).await, after_first, "pays once");
+    assert_eq!(app.journal_count("settlement").await, 1);
+}
