@@ -20,6 +20,16 @@
 
 local id, account_id, counterpart, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('LINDEX', KEYS[1], 0) ~= id then
+  -- Safe to run twice: the same call run again (this worker, this moment)
+  -- finds the transaction it applied and answers as it did; any other
+  -- delivery only skips it.
+  local done = redis.call('HMGET', KEYS[2], 'status', 'reason', 'applied_at', 'worker')
+  if done[3] == now and done[4] == ARGV[5] then
+    if done[1] == 'rejected' then
+      return {'rejected', done[2]}
+    end
+    return {'completed'}
+  end
   return {'skipped'}
 end
 local txn = redis.call('HMGET', KEYS[2], 'kind', 'amount')

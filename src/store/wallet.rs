@@ -160,6 +160,20 @@ pub async fn apply(
     kind: WalletKind,
     worker: &str,
 ) -> StoreResult<Applied> {
+    apply_at(conn, account, txn_id, kind, worker, super::now_ms()).await
+}
+
+/// [`apply`] at the moment `now_ms`: the same call run twice (as a cluster
+/// client re-sends one whose reply was lost) applies once and answers as it
+/// did; another delivery's call is `Skipped`.
+pub async fn apply_at(
+    conn: &mut impl Conn,
+    account: &AccountId,
+    txn_id: &str,
+    kind: WalletKind,
+    worker: &str,
+    now_ms: i64,
+) -> StoreResult<Applied> {
     let counterpart = kind.counterpart();
     let reply: Vec<String> = APPLY
         .key(keys::wallet_queue(account))
@@ -173,7 +187,7 @@ pub async fn apply(
         .arg(txn_id)
         .arg(account.as_str())
         .arg(counterpart.as_str())
-        .arg(super::now_ms())
+        .arg(now_ms)
         .arg(worker)
         .arg(ERRORS_STREAM_LENGTH_MAX)
         .invoke_async(conn)

@@ -252,3 +252,49 @@ async fn an_attempt_run_twice_counts_once_and_a_settlement_pays_once() {
     assert_eq!(redis_snapshot(&mut conn).await, after_first, "pays once");
     assert_eq!(app.journal_count("settlement").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wallet_transaction_applied_twice_moves_once() {
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let account = AccountId::parse(&app.create_account("w", "5.00").await).unwrap();
+    for (kind, amount, expected) in [
+        (WalletKind::Deposit, "1.00", wallet::Applied::Completed),
+        (
+            WalletKind::Withdrawal,
+            "100.00",
+            wallet::Applied::Rejected("insufficient funds".to_owned()),
+        ),
+    ] {
+        let txn = NewWalletTransaction {
+            id: uuid::Uuid::now_v7().to_string(),
+            account_id: account.clone(),
+            kind,
+            amount: Amount::parse(amount).unwrap(),
+            description: String::new(),
+            merchant: String::new(),
+            idempotency: None,
+            idempotency_ttl_secs: 60,
+            at_ms: now_ms(),
+            queue_max: 10,
+        };
+        wallet::enqueue(&mut conn, &txn).await.unwrap();
+        let at = now_ms();
+        let first = wallet::apply_at(&mut conn, &account, &txn.id, kind, "test", at)
+            .await
+            .unwrap();
+        assert_eq!(first, expected);
+        let after_first = redis_snapshot(&mut conn).await;
+        let second = wallet::apply_at(&mut conn, &account, &txn.id, kind, "test", at)
+            .await
+            .unwrap();
+        assert_eq!(second, first, "answers as the first run did");
+        assert_eq!(redis_snapshot(&mut conn).await, after_first, "moves once");
+        // Another delivery (another moment) only skips it.
+        let other = wallet::apply_at(&mut conn, &account, &txn.id, kind, "test", at + 1)
+            .await
+            .unwrap();
+        assert_eq!(other, wallet::Applied::Skipped);
+    }
+    assert_eq!(app.balance(account.as_str()).await, "6.00");
+}
