@@ -298,3 +298,31 @@ async fn a_wallet_transaction_applied_twice_moves_once() {
     }
     assert_eq!(app.balance(account.as_str()).await, "6.00");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_scheduled_twice_is_scheduled_once() {
+    use tally::store::settlement::{self, JobEnd, JobRef};
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let (batch_id, stream_id) = settling_batch(&app).await;
+    let job = JobRef {
+        stream_id: &stream_id,
+        batch_id: &batch_id,
+        worker: "test",
+    };
+    settlement::begin_attempts(&mut conn, &[job]).await.unwrap();
+    let first = settlement::retry_batch(&mut conn, &job, 1_000, "{}", "503", false)
+        .await
+        .unwrap();
+    assert_eq!(first, JobEnd::Done);
+    let after_first = redis_snapshot(&mut conn).await;
+    let second = settlement::retry_batch(&mut conn, &job, 1_000, "{}", "503", false)
+        .await
+        .unwrap();
+    assert_eq!(second, first, "answers as the first run did");
+    assert_eq!(
+        redis_snapshot(&mut conn).await,
+        after_first,
+        "scheduled once"
+    );
+}
