@@ -12,9 +12,16 @@
 -- ARGV[8] "1" if the last call got no answer, so the exchange may have filled it
 --
 -- Returns {"failed"} | {"skipped", status} when the batch is no longer settling.
+--
+-- Safe to run twice: the same call run again (the batch failed at this
+-- moment, with this error) answers "failed" as it did, writing nothing.
 
-local status = redis.call('HGET', KEYS[1], 'status')
+local current = redis.call('HMGET', KEYS[1], 'status', 'failed_at', 'last_error')
+local status = current[1]
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+if current[2] == ARGV[6] and current[3] == ARGV[4] then
+  return {'failed'}
+end
 if status ~= 'settling' then
   return {'skipped', status or 'missing'}
 end

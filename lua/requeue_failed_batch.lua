@@ -9,8 +9,15 @@
 -- ARGV[1] batch id           ARGV[2] now, ms since the Unix epoch
 --
 -- Returns {"queued"} | {"refused", "not_failed", status}
+--
+-- Safe to run twice: the same call run again (requeued at this moment)
+-- answers "queued" as it did, writing nothing, whatever the batch did since.
 
-local status = redis.call('HGET', KEYS[1], 'status')
+local current = redis.call('HMGET', KEYS[1], 'status', 'requeued_at')
+local status = current[1]
+if current[2] == ARGV[2] then
+  return {'queued'}
+end
 if status ~= 'failed' then
   return {'refused', 'not_failed', status or 'missing'}
 end

@@ -203,6 +203,20 @@ pub async fn dead_letter_batch(
     attempts: u32,
     may_have_filled: bool,
 ) -> StoreResult<JobEnd> {
+    dead_letter_batch_at(conn, job, error, attempts, may_have_filled, now_ms()).await
+}
+
+/// [`dead_letter_batch`] at the moment `now_ms`: the same call run twice
+/// (as a cluster client re-sends one whose reply was lost) answers as it did
+/// and writes nothing more.
+pub async fn dead_letter_batch_at(
+    conn: &mut impl Conn,
+    job: &JobRef<'_>,
+    error: &str,
+    attempts: u32,
+    may_have_filled: bool,
+    now_ms: i64,
+) -> StoreResult<JobEnd> {
     let reply: Vec<String> = DEAD_LETTER_BATCH
         .key(keys::batch(job.batch_id))
         .key(keys::SETTLE_STREAM)
@@ -214,7 +228,7 @@ pub async fn dead_letter_batch(
         .arg(job.batch_id.to_string())
         .arg(error)
         .arg(attempts)
-        .arg(now_ms())
+        .arg(now_ms)
         .arg(job.worker)
         .arg(flag(may_have_filled))
         .invoke_async(conn)
@@ -287,12 +301,22 @@ pub async fn requeue_failed_batch(
     conn: &mut impl Conn,
     batch_id: &BatchId,
 ) -> Result<(), OperatorError> {
+    requeue_failed_batch_at(conn, batch_id, now_ms()).await
+}
+
+/// [`requeue_failed_batch`] at the moment `now_ms`: the same call run twice
+/// queues the batch once and answers as it did.
+pub async fn requeue_failed_batch_at(
+    conn: &mut impl Conn,
+    batch_id: &BatchId,
+    now_ms: i64,
+) -> Result<(), OperatorError> {
     let reply: Vec<String> = REQUEUE_FAILED_BATCH
         .key(keys::batch(batch_id))
         .key(keys::SETTLE_STREAM)
         .key(keys::FAILED_BATCHES)
         .arg(batch_id.to_string())
-        .arg(now_ms())
+        .arg(now_ms)
         .invoke_async(conn)
         .await
         .map_err(StoreError::from)?;

@@ -326,3 +326,49 @@ async fn a_retry_scheduled_twice_is_scheduled_once() {
         "scheduled once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_and_an_operators_requeue_run_twice_act_once() {
+    use tally::store::settlement::{self, JobEnd, JobRef};
+    let app = spawn_app().await;
+    let mut conn = app.redis().await;
+    let (batch_id, stream_id) = settling_batch(&app).await;
+    let job = JobRef {
+        stream_id: &stream_id,
+        batch_id: &batch_id,
+        worker: "test",
+    };
+    settlement::begin_attempts(&mut conn, &[job]).await.unwrap();
+
+    let at = now_ms();
+    let first = settlement::dead_letter_batch_at(&mut conn, &job, "rejected", 1, false, at)
+        .await
+        .unwrap();
+    assert_eq!(first, JobEnd::Done);
+    let after_first = redis_snapshot(&mut conn).await;
+    let second = settlement::dead_letter_batch_at(&mut conn, &job, "rejected", 1, false, at)
+        .await
+        .unwrap();
+    assert_eq!(second, first, "answers as the first run did");
+    assert_eq!(
+        redis_snapshot(&mut conn).await,
+        after_first,
+        "dead-lettered once"
+    );
+
+    let at = now_ms() + 1;
+    settlement::requeue_failed_batch_at(&mut conn, &batch_id, at)
+        .await
+        .unwrap();
+    let after_first = redis_snapshot(&mut conn).await;
+    settlement::requeue_failed_batch_at(&mut conn, &batch_id, at)
+        .await
+        .expect("answers as the first run did");
+    assert_eq!(redis_snapshot(&mut conn).await, after_first, "queued once");
+    // Another operator's request (another moment) is refused: not failed.
+    assert!(
+        settlement::requeue_failed_batch_at(&mut conn, &batch_id, at + 1)
+            .await
+            .is_err()
+    );
+}
