@@ -28,8 +28,15 @@
 --   | {"refused", "balance_limit", account_id} when a refund would take that
 --     account (a customer, or @exchange) past BALANCE_LIMIT; nothing is
 --     refunded.
+--
+-- Safe to run twice: the same call run again (refunded at this moment) answers
+-- "refunded" as it did, writing nothing.
 
-local status = redis.call('HGET', KEYS[1], 'status')
+local current = redis.call('HMGET', KEYS[1], 'status', 'refunded_at', 'value')
+local status = current[1]
+if status == 'refunded' and current[2] == ARGV[2] then
+  return {'refunded', tostring(redis.call('LLEN', KEYS[2])), current[3]}
+end
 if status ~= 'failed' then
   return {'refused', 'not_failed', status or 'missing'}
 end

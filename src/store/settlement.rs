@@ -335,6 +335,18 @@ pub async fn refund_batch(
     note: &str,
     confirmed_unfilled: bool,
 ) -> Result<(usize, i64), OperatorError> {
+    refund_batch_at(conn, batch_id, note, confirmed_unfilled, now_ms()).await
+}
+
+/// [`refund_batch`] at the moment `now_ms`: the same call run twice refunds
+/// once and answers as it did.
+pub async fn refund_batch_at(
+    conn: &mut impl Conn,
+    batch_id: &BatchId,
+    note: &str,
+    confirmed_unfilled: bool,
+    now_ms: i64,
+) -> Result<(usize, i64), OperatorError> {
     // Read the orders' customers; the script checks them again before writing.
     let order_ids: Vec<String> = conn
         .lrange(keys::batch_orders(batch_id), 0, -1)
@@ -366,7 +378,7 @@ pub async fn refund_batch(
         .key(keys::EVENTS_STREAM)
         .key(keys::JOURNAL_INDEX)
         .arg(batch_id.to_string())
-        .arg(now_ms())
+        .arg(now_ms)
         .arg(SystemAccount::Exchange.id().as_str())
         .arg(note)
         .arg(flag(confirmed_unfilled));

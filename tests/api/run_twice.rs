@@ -371,4 +371,32 @@ async fn a_dead_letter_and_an_operators_requeue_run_twice_act_once() {
             .await
             .is_err()
     );
+
+    // Failed again, then refunded: the same refund run twice pays back once.
+    let stream_id = crate::helpers::read_settle_job(&mut conn, "test").await;
+    let job = JobRef {
+        stream_id: &stream_id,
+        batch_id: &batch_id,
+        worker: "test",
+    };
+    settlement::begin_attempts(&mut conn, &[job]).await.unwrap();
+    settlement::dead_letter_batch(&mut conn, &job, "rejected", 1, false)
+        .await
+        .unwrap();
+    let at = now_ms() + 2;
+    let first = settlement::refund_batch_at(&mut conn, &batch_id, "delisted", false, at)
+        .await
+        .unwrap();
+    assert_eq!(first, (1, 1_200));
+    let after_first = redis_snapshot(&mut conn).await;
+    let second = settlement::refund_batch_at(&mut conn, &batch_id, "delisted", false, at)
+        .await
+        .unwrap();
+    assert_eq!(second, first, "answers as the first run did");
+    assert_eq!(
+        redis_snapshot(&mut conn).await,
+        after_first,
+        "refunded once"
+    );
+    assert_eq!(app.journal_count("refund").await, 1);
 }
