@@ -12,6 +12,7 @@ use tally::store::transfers::{Movement, MovementOutcome, Refusal, move_money};
 use tally::store::wallet::{self, EnqueueOutcome, NewWalletTransaction, WalletKind};
 
 use crate::helpers::{redis_snapshot, spawn_app};
+use crate::scripts::settling_batch;
 
 fn key(text: &str) -> Option<Idempotency> {
     Some(Idempotency::new(
@@ -188,20 +189,6 @@ async fn create_api_key_run_twice_stores_once() {
         .await
         .expect("answers as the first run did");
     assert_eq!(redis_snapshot(&mut conn).await, after_first, "stores once");
-}
-
-/// A batch of one order (3 ABAN) with its settle job read by a consumer.
-async fn settling_batch(app: &crate::helpers::TestApp) -> (tally::domain::BatchId, String) {
-    let mut conn = app.redis().await;
-    let customer = AccountId::parse(&app.create_account("buyer", "100.00").await).unwrap();
-    let placed = crate::scripts::order(&customer, "3", None);
-    tally::store::orders::place_order(&mut conn, &placed)
-        .await
-        .unwrap();
-    (
-        placed.batch_id,
-        crate::helpers::read_settle_job(&mut conn, "test").await,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

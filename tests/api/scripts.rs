@@ -343,7 +343,7 @@ async fn large_round_quantities_are_stored_as_plain_digits() {
 }
 
 /// A batch of one order (3 ABAN), as a settle job on the stream, read by a consumer.
-async fn settling_batch(app: &crate::helpers::TestApp) -> (BatchId, String) {
+pub(crate) async fn settling_batch(app: &crate::helpers::TestApp) -> (BatchId, String) {
     let mut conn = app.redis().await;
     let customer = new_account("100.00", None);
     create_account(&mut conn, &customer).await.unwrap();
