@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::domain::AccountId;
 use crate::store::advances::{self, Collected};
+use crate::store::slots::Shard;
 use crate::store::{Store, StoreError, now_ms};
 use crate::workers::{Delivery, JobHandler};
 
@@ -74,7 +75,21 @@ pub async fn schedule_once(
 ) -> anyhow::Result<(u64, u64, u64)> {
     let mut conn = store.conn().await?;
     let lease_ms = u64::try_from(settings.lease.as_millis()).unwrap_or(u64::MAX);
-    Ok(advances::lease_due(&mut conn, clock.now_ms(), lease_ms, settings.batch_max).await?)
+    let now_ms = clock.now_ms();
+    let mut total = (0, 0, 0);
+    for shard in store.keys().shards() {
+        let (leased, requeued, extended) = advances::lease_due(
+            &mut conn,
+            store.keys(),
+            shard,
+            now_ms,
+            lease_ms,
+            settings.batch_max,
+        )
+        .await?;
+        total = (total.0 + leased, total.1 + requeued, total.2 + extended);
+    }
+    Ok(total)
 }
 
 /// Runs the scheduler until shutdown. Any number may run at once.
@@ -132,12 +147,15 @@ impl Collector {
     async fn dead_letter(
         &self,
         worker: &str,
+        shard: Shard,
         delivery: &Delivery,
         problem: &str,
     ) -> anyhow::Result<()> {
         let mut conn = self.store.conn().await?;
         crate::store::streams::dead_letter_unreadable(
             &mut conn,
+            self.store.keys(),
+            shard,
             &advances::INSTALLMENT_JOBS,
             &delivery.stream_id,
             &delivery.fields,
@@ -151,7 +169,8 @@ impl Collector {
 }
 
 impl JobHandler for Collector {
-    async fn handle(&self, worker: &str, delivery: Delivery) -> anyhow::Result<()> {
+    async fn handle(&self, worker: &str, shard: Shard, delivery: Delivery) -> anyhow::Result<()> {
+        let keys = self.store.keys();
         let member = delivery
             .fields
             .get("installment")
@@ -159,30 +178,33 @@ impl JobHandler for Collector {
             .unwrap_or_default();
         let parsed = member
             .rsplit_once(':')
-            .and_then(|(id, n)| Some((id.to_owned(), n.parse::<u32>().ok()?)));
+            .and_then(|(id, n)| Some((id.to_owned(), n.parse::<u32>().ok()?)))
+            // Only an advance of this shard: its job could have come from no other stream.
+            .filter(|(id, _)| keys.shard_of_text_id(id) == shard);
         let Some((advance_id, n)) = parsed else {
             return self
-                .dead_letter(worker, &delivery, "the job names no installment")
+                .dead_letter(worker, shard, &delivery, "the job names no installment of this shard")
                 .await;
         };
         let span =
             tracing::info_span!("collect", worker, advance_id = %advance_id, installment = n);
         async {
             let mut conn = self.store.conn().await?;
-            let advance = match advances::get(&mut conn, &advance_id).await {
+            let advance = match advances::get(&mut conn, keys, &advance_id).await {
                 Ok(Some(advance)) => advance,
                 Ok(None) => {
                     let problem = format!("advance {advance_id} not found");
-                    return self.dead_letter(worker, &delivery, &problem).await;
+                    return self.dead_letter(worker, shard, &delivery, &problem).await;
                 }
                 Err(err @ StoreError::Corrupt { .. }) => {
-                    return self.dead_letter(worker, &delivery, &err.to_string()).await;
+                    return self.dead_letter(worker, shard, &delivery, &err.to_string()).await;
                 }
                 Err(err) => return Err(err.into()),
             };
             let account: AccountId = advance.account_id.clone();
             match advances::collect(
                 &mut conn,
+                keys,
                 &advance_id,
                 &account,
                 n,
@@ -218,13 +240,13 @@ impl JobHandler for Collector {
                          amount held; the installment stays leased and is queued again when the \
                          lease expires"
                     );
-                    return self.dead_letter(worker, &delivery, &problem).await;
+                    return self.dead_letter(worker, shard, &delivery, &problem).await;
                 }
                 Collected::Malformed(problem) => {
                     // Nothing was written and the lease stays: once an
                     // operator repairs the record, the lease's expiry queues
                     // the installment again.
-                    return self.dead_letter(worker, &delivery, &problem).await;
+                    return self.dead_letter(worker, shard, &delivery, &problem).await;
                 }
             }
             Ok(())

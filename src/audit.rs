@@ -25,7 +25,8 @@ use redis::streams::StreamRangeReply;
 use crate::domain::{AccountId, BALANCE_LIMIT_CENTS, SystemAccount, format_units};
 use crate::store::connection::Conn;
 use crate::store::orders::SettlementStatus;
-use crate::store::{Store, StoreError, StoreResult, accounts, advances, journal, keys, orders};
+use crate::store::keys::Keys;
+use crate::store::{Store, StoreError, StoreResult, accounts, advances, journal, orders};
 
 /// Entries, accounts or batches read per Redis call.
 pub const AUDIT_PAGE_SIZE: usize = 1_000;
@@ -179,12 +180,12 @@ impl TrimPause {
 
     async fn renew(&self, conn: &mut Conn) -> StoreResult<()> {
         let until = crate::store::now_ms() + AUDIT_TRIM_PAUSE_MS;
-        journal::pause_trim(conn, &self.token, until).await
+        journal::pause_trim(conn, self.store.keys(), &self.token, until).await
     }
 
     async fn end(mut self, conn: &mut Conn) -> StoreResult<()> {
         self.ended = true;
-        journal::resume_trim(conn, &self.token).await
+        journal::resume_trim(conn, self.store.keys(), &self.token).await
     }
 }
 
@@ -197,7 +198,7 @@ impl Drop for TrimPause {
             let (store, token) = (self.store.clone(), std::mem::take(&mut self.token));
             runtime.spawn(async move {
                 if let Ok(mut conn) = store.conn().await {
-                    let _ = journal::resume_trim(&mut conn, &token).await;
+                    let _ = journal::resume_trim(&mut conn, store.keys(), &token).await;
                 }
             });
         }
@@ -212,7 +213,7 @@ pub async fn run(store: &Store) -> StoreResult<AuditReport> {
     let pause = TrimPause::start(store, &mut conn).await?;
     let mut attempt = 1;
     let report = loop {
-        match check(conn.clone(), &pause).await {
+        match check(conn.clone(), store.keys(), &pause).await {
             Ok(None) if attempt < AUDIT_ATTEMPTS_MAX => attempt += 1,
             Ok(None) => {
                 break Err(StoreError::Contended(format!(
@@ -238,8 +239,10 @@ fn sum_cents(balances: impl Iterator<Item = i64>) -> i64 {
 }
 
 /// One pass over the ledger; None when the journal was trimmed during it.
-async fn check(mut conn: Conn, pause: &TrimPause) -> StoreResult<Option<AuditReport>> {
-    let balances = accounts::all_balances(&mut conn, AUDIT_PAGE_SIZE).await?;
+/// Every shard's journal is read; system accounts are checked as the sums of
+/// their sub-accounts (each alone may be negative: see CLUSTER.md).
+async fn check(mut conn: Conn, keys: &Keys, pause: &TrimPause) -> StoreResult<Option<AuditReport>> {
+    let balances = accounts::all_balances(&mut conn, keys, AUDIT_PAGE_SIZE).await?;
     let mut report = AuditReport {
         accounts_checked: balances.len(),
         balances_sum_cents: sum_cents(balances.iter().map(|(_, balance)| *balance)),
@@ -256,48 +259,51 @@ async fn check(mut conn: Conn, pause: &TrimPause) -> StoreResult<Option<AuditRep
 
     // Entries trimmed past retention count through what they carried.
     let mut journal_sums: BTreeMap<String, i64> = BTreeMap::new();
-    let carried = journal::carried(&mut conn).await?;
-    for (name, &cents) in &carried {
-        match name.strip_prefix("kind:") {
-            Some("order") => report.orders_value_cents += cents,
-            Some(_) => {}
-            None => *journal_sums.entry(name.clone()).or_default() += cents,
-        }
-    }
-    let mut start = "-".to_owned();
-    loop {
-        let page: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(keys::JOURNAL)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(AUDIT_PAGE_SIZE)
-            .query_async(&mut conn)
-            .await?;
-        let Some(last) = page.ids.last() else { break };
-        pause.renew(&mut conn).await?;
-        start = format!("({}", last.id);
-        for entry in &page.ids {
-            let field = |name: &str| -> StoreResult<String> {
-                entry.get(name).ok_or_else(|| StoreError::Corrupt {
-                    key: format!("{} {}", keys::JOURNAL, entry.id),
-                    problem: format!("field `{name}` is missing or malformed"),
-                })
-            };
-            let amount: i64 = entry.get("amount").ok_or_else(|| StoreError::Corrupt {
-                key: format!("{} {}", keys::JOURNAL, entry.id),
-                problem: "amount is missing or not an integer".to_owned(),
-            })?;
-            *journal_sums.entry(field("debit")?).or_default() -= amount;
-            *journal_sums.entry(field("credit")?).or_default() += amount;
-            if field("kind")? == "order" {
-                report.orders_value_cents += amount;
+    for shard in keys.shards() {
+        let carried = journal::carried(&mut conn, keys, shard).await?;
+        for (name, &cents) in &carried {
+            match name.strip_prefix("kind:") {
+                Some("order") => report.orders_value_cents += cents,
+                Some(_) => {}
+                None => *journal_sums.entry(name.clone()).or_default() += cents,
             }
-            report.journal_entries += 1;
         }
-    }
-    if journal::carried(&mut conn).await? != carried {
-        return Ok(None); // a trim moved entries between the two reads
+        let journal_key = keys.journal(shard);
+        let mut start = "-".to_owned();
+        loop {
+            let page: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&journal_key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(AUDIT_PAGE_SIZE)
+                .query_async(&mut conn)
+                .await?;
+            let Some(last) = page.ids.last() else { break };
+            pause.renew(&mut conn).await?;
+            start = format!("({}", last.id);
+            for entry in &page.ids {
+                let field = |name: &str| -> StoreResult<String> {
+                    entry.get(name).ok_or_else(|| StoreError::Corrupt {
+                        key: format!("{journal_key} {}", entry.id),
+                        problem: format!("field `{name}` is missing or malformed"),
+                    })
+                };
+                let amount: i64 = entry.get("amount").ok_or_else(|| StoreError::Corrupt {
+                    key: format!("{journal_key} {}", entry.id),
+                    problem: "amount is missing or not an integer".to_owned(),
+                })?;
+                *journal_sums.entry(field("debit")?).or_default() -= amount;
+                *journal_sums.entry(field("credit")?).or_default() += amount;
+                if field("kind")? == "order" {
+                    report.orders_value_cents += amount;
+                }
+                report.journal_entries += 1;
+            }
+        }
+        if journal::carried(&mut conn, keys, shard).await? != carried {
+            return Ok(None); // a trim moved entries between the two reads
+        }
     }
     for (id, balance) in &balances {
         let journal = journal_sums.remove(id.as_str()).unwrap_or(0);
@@ -314,13 +320,13 @@ async fn check(mut conn: Conn, pause: &TrimPause) -> StoreResult<Option<AuditRep
         .filter(|(_, journal)| *journal != 0)
     {
         let id = AccountId::parse(&id).map_err(|err| StoreError::Corrupt {
-            key: keys::JOURNAL.to_owned(),
+            key: "the journals".to_owned(),
             problem: err.to_string(),
         })?;
         report.mismatched_accounts.push((id, 0, journal));
     }
 
-    let batches = orders::batch_values(&mut conn, AUDIT_PAGE_SIZE).await?;
+    let batches = orders::batch_values(&mut conn, keys, AUDIT_PAGE_SIZE).await?;
     for (_, value, status) in batches {
         report.batches_value_cents += value;
         if matches!(
@@ -334,32 +340,44 @@ async fn check(mut conn: Conn, pause: &TrimPause) -> StoreResult<Option<AuditRep
         .iter()
         .find(|(id, _)| *id == SystemAccount::Exchange.id())
         .map_or(0, |(_, balance)| *balance);
-    let symbols = orders::ordered_symbols(&mut conn).await?;
-    let buckets = orders::buckets(&mut conn, &symbols).await?;
+    let symbols = orders::ordered_symbols(&mut conn, keys).await?;
+    let buckets = orders::buckets(&mut conn, keys, &symbols).await?;
     report.buckets_value_cents = buckets.iter().map(|bucket| bucket.value_cents).sum();
 
-    let mut offset = 0;
-    loop {
-        let ids = advances::ids(&mut conn, None, offset, AUDIT_PAGE_SIZE).await?;
-        if ids.is_empty() {
-            break;
-        }
-        offset += ids.len();
-        for id in ids {
-            let advance = advances::get(&mut conn, &id).await?;
-            let reconciles = advance.as_ref().is_some_and(|advance| advance.reconciles());
-            if let Some(advance) = &advance {
-                for n in advances::stranded(&mut conn, advance).await? {
-                    tracing::error!(advance_id = %id, installment = n, "installment scheduled but neither due nor leased");
-                    report.stranded_installments.push(format!("{id}:{n}"));
-                }
+    for shard in keys.shards() {
+        let mut offset = 0;
+        loop {
+            let ids = advances::ids_on(&mut conn, keys, shard, offset, AUDIT_PAGE_SIZE).await?;
+            if ids.is_empty() {
+                break;
             }
-            report.advances_checked += 1;
-            if !reconciles {
-                tracing::error!(advance_id = %id, "advance does not reconcile: paid + scheduled + processing differs from its amount");
-                report.unreconciled_advances.push(id);
+            offset += ids.len();
+            for id in ids {
+                check_advance(&mut conn, keys, &id, &mut report).await?;
             }
         }
     }
     Ok(Some(report))
+}
+
+async fn check_advance(
+    conn: &mut Conn,
+    keys: &Keys,
+    id: &str,
+    report: &mut AuditReport,
+) -> StoreResult<()> {
+    let advance = advances::get(conn, keys, id).await?;
+    let reconciles = advance.as_ref().is_some_and(|advance| advance.reconciles());
+    if let Some(advance) = &advance {
+        for n in advances::stranded(conn, keys, advance).await? {
+            tracing::error!(advance_id = %id, installment = n, "installment scheduled but neither due nor leased");
+            report.stranded_installments.push(format!("{id}:{n}"));
+        }
+    }
+    report.advances_checked += 1;
+    if !reconciles {
+        tracing::error!(advance_id = %id, "advance does not reconcile: paid + scheduled + processing differs from its amount");
+        report.unreconciled_advances.push(id.to_owned());
+    }
+    Ok(())
 }

@@ -48,7 +48,7 @@ use crate::store::accounts::{NewAccount, create_account};
 use crate::store::orders::{
     PLACE_ORDERS, parse_place_orders_reply, place_order, place_orders_input,
 };
-use crate::store::{Store, keys};
+use crate::store::Store;
 
 /// Quantities the load mixes, at ABAN 4.00: 2.00 to 12.00 USD, so some
 /// orders wait in the bucket and some cross the minimum alone.
@@ -376,23 +376,33 @@ impl Rig {
         })
     }
 
+    /// Batches made so far, on every shard.
     async fn batch_count(&self) -> anyhow::Result<u64> {
         let mut conn = self.store.conn().await?;
-        Ok(redis::cmd("ZCARD")
-            .arg(keys::BATCHES)
-            .query_async(&mut conn)
-            .await?)
+        let mut count = 0;
+        for shard in self.store.keys().shards() {
+            let batches: u64 = redis::cmd("ZCARD")
+                .arg(self.store.keys().batches(shard))
+                .query_async(&mut conn)
+                .await?;
+            count += batches;
+        }
+        Ok(count)
     }
 
-    /// Batches settled so far, as `finish_batches.lua` counts them.
+    /// Batches settled so far, as `finish_batches.lua` counts them on every shard.
     async fn settled_count(&self) -> anyhow::Result<u64> {
         let mut conn = self.store.conn().await?;
-        let settled: Option<u64> = redis::cmd("HGET")
-            .arg(keys::STATS)
-            .arg("batches_settled")
-            .query_async(&mut conn)
-            .await?;
-        Ok(settled.unwrap_or(0))
+        let mut count = 0;
+        for shard in self.store.keys().shards() {
+            let settled: Option<u64> = redis::cmd("HGET")
+                .arg(self.store.keys().stats(shard))
+                .arg("batches_settled")
+                .query_async(&mut conn)
+                .await?;
+            count += settled.unwrap_or(0);
+        }
+        Ok(count)
     }
 
     async fn wait_until_settled(&self) -> anyhow::Result<Duration> {
@@ -484,7 +494,7 @@ async fn create_accounts(store: &Store, count: usize) -> anyhow::Result<Vec<Acco
             idempotency: None,
             idempotency_ttl_secs: 0,
         };
-        create_account(&mut conn, &new).await?;
+        create_account(&mut conn, store.keys(), &new).await?;
         accounts.push(new.id);
     }
     Ok(accounts)
@@ -687,8 +697,9 @@ async fn redis_ceiling(rig: &Rig, depth: usize, duration: Duration) -> anyhow::R
                 quantity: Quantity::parse(QUANTITY_MIX[next % QUANTITY_MIX.len()])?,
             };
             next += 1;
-            let order = prepare(&request, &rig.ledger, None, 0)?;
-            let (script_keys, script_args) = place_orders_input(std::slice::from_ref(&order));
+            let order = prepare(&request, rig.store.keys(), &rig.ledger, None, 0)?;
+            let (script_keys, script_args) =
+                place_orders_input(rig.store.keys(), std::slice::from_ref(&order));
             pipe.cmd("EVALSHA")
                 .arg(&hash)
                 .arg(script_keys.len())
@@ -974,7 +985,7 @@ pub async fn settle(args: BenchArgs) -> anyhow::Result<bool> {
             symbol: symbol.clone(),
             quantity: Quantity::parse("3")?,
         };
-        place_order(&mut conn, &prepare(&request, &rig.ledger, None, 0)?).await?;
+        place_order(&mut conn, rig.store.keys(), &prepare(&request, rig.store.keys(), &rig.ledger, None, 0)?).await?;
     }
     drop(conn);
     let started = Instant::now();
@@ -1025,8 +1036,9 @@ pub async fn report(args: BenchArgs) -> anyhow::Result<bool> {
     let mut conn = rig.store.conn().await?;
     let bank = crate::domain::SystemAccount::Bank.id();
     for i in 0..args.entries {
+        let keys = rig.store.keys();
         let movement = crate::store::transfers::Movement {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: keys.new_id_in(keys.account_shard(&rig.accounts[0])).to_string(),
             kind: "bank_transaction",
             payer: bank.clone(),
             payee: rig.accounts[0].clone(),
@@ -1037,7 +1049,7 @@ pub async fn report(args: BenchArgs) -> anyhow::Result<bool> {
             idempotency: None,
             idempotency_ttl_secs: 0,
         };
-        crate::store::transfers::move_money(&mut conn, &movement).await?;
+        crate::store::transfers::move_money(&mut conn, rig.store.keys(), &movement).await?;
     }
     let client = crate::traffic::authorized_client(&rig.admin_key)?;
     let listing: serde_json::Value = client

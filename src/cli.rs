@@ -95,14 +95,14 @@ async fn keys(args: KeysArgs) -> anyhow::Result<ExitCode> {
         }
         KeyAction::List { limit, offset } => {
             let mut conn = store.conn().await?;
-            for record in api_keys::list_api_keys(&mut conn, offset, limit).await? {
+            for record in api_keys::list_api_keys(&mut conn, store.keys(), offset, limit).await? {
                 println!("{}", describe_key(&record));
             }
         }
         KeyAction::Revoke { id } => {
             let id = KeyId::parse(&id)?;
             let mut conn = store.conn().await?;
-            match api_keys::revoke_api_key(&mut conn, &id, crate::store::now_ms()).await? {
+            match api_keys::revoke_api_key(&mut conn, store.keys(), &id, crate::store::now_ms()).await? {
                 Some(_) => {
                     println!("key {id} revoked: every API process refuses it within a second")
                 }
@@ -389,7 +389,7 @@ async fn revoke_earlier_dev_keys(store: &Store) -> anyhow::Result<()> {
     let mut conn = store.conn().await?;
     let earlier: Vec<String> = conn.smembers(crate::store::keys::DEV_KEYS).await?;
     for id in earlier.iter().filter_map(|id| KeyId::parse(id).ok()) {
-        api_keys::revoke_api_key(&mut conn, &id, crate::store::now_ms()).await?;
+        api_keys::revoke_api_key(&mut conn, store.keys(), &id, crate::store::now_ms()).await?;
     }
     let _: () = conn.del(crate::store::keys::DEV_KEYS).await?;
     Ok(())
@@ -402,7 +402,7 @@ async fn dev_demo_account(store: &Store) -> anyhow::Result<AccountId> {
     let mut conn = store.conn().await?;
     let known: Option<String> = conn.get(crate::store::keys::DEV_DEMO_ACCOUNT).await?;
     if let Some(id) = known.and_then(|id| AccountId::parse(&id).ok())
-        && crate::store::accounts::get_account(&mut conn, &id)
+        && crate::store::accounts::get_account(&mut conn, store.keys(), &id)
             .await?
             .is_some()
     {
@@ -415,7 +415,7 @@ async fn dev_demo_account(store: &Store) -> anyhow::Result<AccountId> {
         idempotency: None,
         idempotency_ttl_secs: 1,
     };
-    crate::store::accounts::create_account(&mut conn, &new).await?;
+    crate::store::accounts::create_account(&mut conn, store.keys(), &new).await?;
     let _: () = conn
         .set(crate::store::keys::DEV_DEMO_ACCOUNT, new.id.as_str())
         .await?;
@@ -428,8 +428,8 @@ async fn batches(redis: &RedisSettings, action: BatchAction) -> anyhow::Result<E
     let parse = |id: &str| BatchId::parse(id).map_err(anyhow::Error::from);
     match action {
         BatchAction::List { limit } => {
-            for id in settlement::failed_batches(&mut conn, 0, limit).await? {
-                if let Some(batch) = orders::get_batch(&mut conn, &id).await? {
+            for id in settlement::failed_batches(&mut conn, store.keys(), 0, limit).await? {
+                if let Some(batch) = orders::get_batch(&mut conn, store.keys(), &id).await? {
                     println!(
                         "{id} {} {} value {} orders {} attempts {} error: {}",
                         batch.symbol,
@@ -443,7 +443,7 @@ async fn batches(redis: &RedisSettings, action: BatchAction) -> anyhow::Result<E
             }
         }
         BatchAction::Retry { batch_id } => {
-            settlement::requeue_failed_batch(&mut conn, &parse(&batch_id)?).await?;
+            settlement::requeue_failed_batch(&mut conn, store.keys(), &parse(&batch_id)?).await?;
             println!("batch {batch_id} is back on the settle stream");
         }
         BatchAction::Refund {
@@ -453,7 +453,7 @@ async fn batches(redis: &RedisSettings, action: BatchAction) -> anyhow::Result<E
         } => {
             let batch_id = parse(&batch_id)?;
             let (orders, cents) =
-                settlement::refund_batch(&mut conn, &batch_id, &note, exchange_confirmed_unfilled)
+                settlement::refund_batch(&mut conn, store.keys(), &batch_id, &note, exchange_confirmed_unfilled)
                     .await?;
             println!(
                 "batch {batch_id} refunded: {orders} orders, {}",

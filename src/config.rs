@@ -11,8 +11,16 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::domain::{Amount, Symbol};
 
 pub const REDIS_URL_DEFAULT: &str = "redis://127.0.0.1:6379";
-pub const REDIS_POOL_SIZE_MAX_DEFAULT: usize = 64;
+/// Enough for a worker's blocking readers at the defaults: one per stream
+/// (4) per shard (16) per consumer (1).
+pub const REDIS_POOL_SIZE_MAX_DEFAULT: usize = 128;
 pub const REDIS_TIMEOUT_MS_DEFAULT: u64 = 2_000;
+/// Logical shards the keys are spread over (see CLUSTER.md): fixed once data exists.
+pub const SHARDS_DEFAULT: u16 = 16;
+/// Most logical shards a deployment may have: far more than masters anyone
+/// runs, and few enough that every shard's per-shard work (a stream reader, a
+/// sweeper) stays cheap.
+pub const SHARDS_MAX: u16 = 1_024;
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
 pub const PRICES_DEFAULT: &str = "ABAN=4.00";
 pub const EXCHANGE_MINIMUM_DEFAULT: &str = "10.00";
@@ -558,6 +566,11 @@ pub struct RedisSettings {
     /// Bound on connecting, waiting for a pooled connection, and each reply.
     #[arg(long, env = "TALLY_REDIS_TIMEOUT_MS", default_value_t = REDIS_TIMEOUT_MS_DEFAULT)]
     pub redis_timeout_ms: u64,
+    /// Logical shards the keys are spread over (1 to 1024). Fixed once data
+    /// exists: a process started with another count than the data's refuses.
+    #[arg(long, env = "TALLY_SHARDS", default_value_t = SHARDS_DEFAULT,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(SHARDS_MAX)))]
+    pub shards: u16,
 }
 
 impl RedisSettings {
@@ -574,6 +587,7 @@ impl RedisSettings {
             redis_url: Some(url.to_owned()),
             redis_pool_size_max: REDIS_POOL_SIZE_MAX_DEFAULT,
             redis_timeout_ms: REDIS_TIMEOUT_MS_DEFAULT,
+            shards: SHARDS_DEFAULT,
         }
     }
 }

@@ -17,7 +17,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use crate::config::RETRY_PROMOTE_LIMIT_DEFAULT;
-use crate::store::{Store, keys, now_ms};
+use crate::store::slots::Shard;
+use crate::store::{Store, now_ms};
 use futures::future::join_all;
 
 use crate::workers::{Delivery, JobHandler, backoff};
@@ -101,13 +102,15 @@ impl Notifier {
     /// One delivery attempt of one event. Retries are not slept through here:
     /// they go on a schedule, so a consumer never holds an event longer than
     /// one webhook call (well inside `claim_idle_ms`).
-    async fn attempt(&self, worker: &str, delivery: &Delivery) -> Attempt {
-        // A retried event keeps the id it was first written with: receivers dedupe on it.
+    async fn attempt(&self, worker: &str, shard: Shard, delivery: &Delivery) -> Attempt {
+        // A retried event keeps the id it was first written with: receivers
+        // dedupe on it. Each shard has its own events stream, so the id names
+        // the shard before the stream id.
         let event_id = delivery
             .fields
             .get("event_id")
-            .unwrap_or(&delivery.stream_id)
-            .clone();
+            .cloned()
+            .unwrap_or_else(|| format!("s{}-{}", shard.index(), delivery.stream_id));
         let attempt: u32 = delivery
             .fields
             .get("attempt")
@@ -166,19 +169,20 @@ impl Notifier {
 }
 
 impl JobHandler for Notifier {
-    async fn handle(&self, worker: &str, delivery: Delivery) -> anyhow::Result<()> {
-        self.handle_all(worker, vec![delivery]).await;
+    async fn handle(&self, worker: &str, shard: Shard, delivery: Delivery) -> anyhow::Result<()> {
+        self.handle_all(worker, shard, vec![delivery]).await;
         Ok(())
     }
 
     /// Attempts a read's events concurrently, then in one atomic step
     /// schedules the retries, dead-letters what failed for good and
     /// acknowledges them all: one round trip per read, not per event.
-    async fn handle_all(&self, worker: &str, deliveries: Vec<Delivery>) {
+    async fn handle_all(&self, worker: &str, shard: Shard, deliveries: Vec<Delivery>) {
+        let keys = self.store.keys();
         let attempts = join_all(
             deliveries
                 .iter()
-                .map(|delivery| self.attempt(worker, delivery)),
+                .map(|delivery| self.attempt(worker, shard, delivery)),
         )
         .await;
         let acknowledged = async {
@@ -195,11 +199,11 @@ impl JobHandler for Notifier {
                 match attempt {
                     Attempt::Delivered => {}
                     Attempt::Retry { due_ms, job } => {
-                        pipe.zadd(keys::EVENTS_RETRIES, job, *due_ms);
+                        pipe.zadd(keys.events_retries(shard), job, *due_ms);
                     }
                     Attempt::Dead { body, error } => {
                         pipe.xadd(
-                            keys::EVENTS_DEAD_STREAM,
+                            keys.events_dead(shard),
                             "*",
                             &[("event", body.as_str()), ("error", error.as_str())],
                         );
@@ -210,7 +214,7 @@ impl JobHandler for Notifier {
                 .iter()
                 .map(|delivery| delivery.stream_id.as_str())
                 .collect();
-            pipe.xack(keys::EVENTS_STREAM, NOTIFY_GROUP, &ids);
+            pipe.xack(keys.events(shard), NOTIFY_GROUP, &ids);
             pipe.query_async::<()>(&mut conn).await?;
             anyhow::Ok(())
         };
@@ -221,12 +225,13 @@ impl JobHandler for Notifier {
     }
 
     /// Moves due retries back onto the events stream.
-    async fn tick(&self) -> anyhow::Result<()> {
+    async fn tick(&self, shard: Shard) -> anyhow::Result<()> {
         let mut conn = self.store.conn().await?;
+        let keys = self.store.keys();
         crate::store::settlement::promote_due_jobs(
             &mut conn,
-            keys::EVENTS_RETRIES,
-            keys::EVENTS_STREAM,
+            &keys.events_retries(shard),
+            &keys.events(shard),
             now_ms(),
             RETRY_PROMOTE_LIMIT_DEFAULT,
         )

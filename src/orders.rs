@@ -6,13 +6,14 @@
 
 use crate::config::LedgerSettings;
 use crate::domain::{
-    AccountId, BatchId, Idempotency, IdempotencyKey, OrderId, Quantity, Symbol, order_cost,
+    AccountId, Idempotency, IdempotencyKey, Quantity, Symbol, order_cost,
 };
 use std::sync::{Arc, Mutex, Once};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_orders};
+use crate::store::keys::Keys;
 use crate::store::{Store, StoreError};
 
 /// A purchase order as the customer asked for it, already well formed.
@@ -37,6 +38,7 @@ pub enum OrderRejection {
 /// and used only if this order closes a batch.
 pub fn prepare(
     request: &OrderRequest,
+    keys: &Keys,
     ledger: &LedgerSettings,
     idempotency_key: Option<IdempotencyKey>,
     idempotency_ttl_secs: u64,
@@ -59,14 +61,14 @@ pub fn prepare(
         Idempotency::new(key, &parts)
     });
     Ok(PlaceOrder {
-        order_id: OrderId::new(),
+        order_id: keys.new_order_id(&request.account_id),
         account_id: request.account_id.clone(),
         symbol: request.symbol.clone(),
         quantity: request.quantity,
         price,
         cost,
         exchange_minimum: ledger.exchange_minimum,
-        batch_id: BatchId::new(),
+        batch_id: keys.new_batch_id(&request.symbol),
         idempotency,
         idempotency_ttl_secs,
         created_at_ms: crate::store::now_ms(),
@@ -84,11 +86,13 @@ type Placed = Result<PlaceOrderOutcome, PlaceOrderError>;
 /// An order waiting for its group, with where its answer goes.
 type Pending = (PlaceOrder, oneshot::Sender<Placed>);
 
-/// Groups concurrent orders into one `place_orders.lua` call: while the calls
-/// in flight run, new orders queue, and the next call takes all of them (up to
-/// [`ORDER_GROUP_MAX`]). Under light load every group holds one order, so
-/// nothing waits for a group to fill. Each order is still checked and written
-/// on its own inside the script, and gets its own answer.
+/// Groups concurrent orders into `place_orders.lua` calls: while the calls
+/// in flight run, new orders queue, and the next round takes all of them (up
+/// to [`ORDER_GROUP_MAX`]), one call per (customer shard, symbol's home shard)
+/// among them, since a call may only write one shard's keys. Under light
+/// load every group holds one order, so nothing waits for a group to fill.
+/// Each order is still checked and written on its own inside the script, and
+/// gets its own answer.
 pub struct OrderGrouper {
     sender: mpsc::Sender<Pending>,
     receiver: Mutex<Option<mpsc::Receiver<Pending>>>,
@@ -149,28 +153,51 @@ async fn collect(
         let store = store.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let (orders, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-            let outcomes = match store.conn().await {
-                Ok(mut conn) => place_orders(&mut conn, &orders).await,
-                Err(err) => Err(err),
-            };
-            match outcomes {
-                Ok(outcomes) => {
-                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                        let _ = reply.send(outcome);
-                    }
-                }
-                Err(err) => {
-                    let message = err.to_string();
-                    let outcome_unknown = err.outcome_unknown();
-                    for reply in replies {
-                        let _ = reply.send(Err(PlaceOrderError::Store(StoreError::GroupFailed {
-                            message: message.clone(),
-                            outcome_unknown,
-                        })));
-                    }
+            let mut by_shard: Vec<((u16, u16), Vec<Pending>)> = Vec::new();
+            for pending in group {
+                let keys = store.keys();
+                let shard = (
+                    keys.account_shard(&pending.0.account_id).index(),
+                    keys.shard_of_symbol(&pending.0.symbol).index(),
+                );
+                match by_shard.iter_mut().find(|(of, _)| *of == shard) {
+                    Some((_, orders)) => orders.push(pending),
+                    None => by_shard.push((shard, vec![pending])),
                 }
             }
+            futures::future::join_all(
+                by_shard
+                    .into_iter()
+                    .map(|(_, group)| place_group(&store, group)),
+            )
+            .await;
         });
+    }
+}
+
+/// One `place_orders.lua` call for a group of one shard's orders; every
+/// order gets its answer.
+async fn place_group(store: &Store, group: Vec<Pending>) {
+    let (orders, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+    let outcomes = match store.conn().await {
+        Ok(mut conn) => place_orders(&mut conn, store.keys(), &orders).await,
+        Err(err) => Err(err),
+    };
+    match outcomes {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(err) => {
+            let message = err.to_string();
+            let outcome_unknown = err.outcome_unknown();
+            for reply in replies {
+                let _ = reply.send(Err(PlaceOrderError::Store(StoreError::GroupFailed {
+                    message: message.clone(),
+                    outcome_unknown,
+                })));
+            }
+        }
     }
 }

@@ -16,7 +16,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use crate::domain::{BatchId, Quantity, Symbol};
 use crate::exchange::{Exchange, ExchangeError, ExchangeOrder};
 use crate::store::settlement::{self as scripts, Begun, Filled, JobRef};
-use crate::store::{Store, keys, now_ms};
+use crate::store::slots::Shard;
+use crate::store::{Store, now_ms};
 use crate::workers::{Delivery, JobHandler, backoff};
 
 #[derive(Debug, Clone)]
@@ -105,7 +106,7 @@ impl<E: Exchange> Settler<E> {
             .collect();
         let begun = {
             let mut conn = self.store.conn().await?;
-            scripts::begin_attempts(&mut conn, &refs).await?
+            scripts::begin_attempts(&mut conn, self.store.keys(), &refs).await?
         }; // the connection is not held across the exchange calls
 
         let mut calls = FuturesUnordered::new();
@@ -163,7 +164,7 @@ impl<E: Exchange> Settler<E> {
                 })
                 .collect();
             let finished = match self.store.conn().await {
-                Ok(mut conn) => scripts::finish_batches(&mut conn, worker, &filled).await,
+                Ok(mut conn) => scripts::finish_batches(&mut conn, self.store.keys(), worker, &filled).await,
                 Err(err) => Err(err),
             };
             match finished {
@@ -210,6 +211,7 @@ impl<E: Exchange> Settler<E> {
             let due_ms = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             let end = scripts::retry_batch(
                 &mut conn,
+                self.store.keys(),
                 job_ref,
                 due_ms,
                 &job.next_attempt_json(attempt + 1),
@@ -221,6 +223,7 @@ impl<E: Exchange> Settler<E> {
         } else {
             let end = scripts::dead_letter_batch(
                 &mut conn,
+                self.store.keys(),
                 job_ref,
                 &err.to_string(),
                 attempt,
@@ -253,7 +256,7 @@ impl<E: Exchange> Settler<E> {
              is back in range"
         );
         let mut conn = self.store.conn().await?;
-        let end = scripts::dead_letter_batch(&mut conn, job_ref, &error, attempt, true).await?;
+        let end = scripts::dead_letter_batch(&mut conn, self.store.keys(), job_ref, &error, attempt, true).await?;
         tracing::error!(worker = job_ref.worker, batch_id = %job_ref.batch_id, attempt, fill_id, %account, ?end, "filled batch not settled: a balance would pass the limit; dead-lettered for an operator to retry");
         Ok(())
     }
@@ -262,13 +265,14 @@ impl<E: Exchange> Settler<E> {
     async fn parse_read(
         &self,
         worker: &str,
+        shard: Shard,
         deliveries: Vec<Delivery>,
     ) -> anyhow::Result<Vec<(String, SettleJob)>> {
         let mut jobs = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             match SettleJob::parse(&delivery.fields) {
                 Ok(job) => jobs.push((delivery.stream_id, job)),
-                Err(problem) => self.quarantine(worker, &delivery, &problem).await?,
+                Err(problem) => self.quarantine(worker, shard, &delivery, &problem).await?,
             }
         }
         Ok(jobs)
@@ -281,14 +285,18 @@ impl<E: Exchange> Settler<E> {
     async fn quarantine(
         &self,
         worker: &str,
+        shard: Shard,
         delivery: &Delivery,
         problem: &str,
     ) -> anyhow::Result<()> {
         let mut conn = self.store.conn().await?;
+        let keys = self.store.keys();
+        // Only a batch of this shard: its job could have come from no other stream.
         let batch_id = delivery
             .fields
             .get("batch_id")
-            .and_then(|id| BatchId::parse(id).ok());
+            .and_then(|id| BatchId::parse(id).ok())
+            .filter(|id| scripts::batch_shard(keys, id) == shard);
         if let Some(batch_id) = batch_id {
             let job = JobRef {
                 stream_id: &delivery.stream_id,
@@ -296,7 +304,7 @@ impl<E: Exchange> Settler<E> {
                 worker,
             };
             let error = format!("unreadable settle job: {problem}");
-            let end = scripts::dead_letter_batch(&mut conn, &job, &error, 0, false).await?;
+            let end = scripts::dead_letter_batch(&mut conn, keys, &job, &error, 0, false).await?;
             if end == scripts::JobEnd::Done {
                 tracing::error!(worker, stream_id = %delivery.stream_id, %batch_id, problem, "unreadable settle job: its batch failed and was dead-lettered");
                 return Ok(());
@@ -304,6 +312,8 @@ impl<E: Exchange> Settler<E> {
         }
         crate::store::streams::dead_letter_unreadable(
             &mut conn,
+            keys,
+            shard,
             &scripts::SETTLE_JOBS,
             &delivery.stream_id,
             &delivery.fields,
@@ -317,14 +327,14 @@ impl<E: Exchange> Settler<E> {
 }
 
 impl<E: Exchange + 'static> JobHandler for Settler<E> {
-    async fn handle(&self, worker: &str, delivery: Delivery) -> anyhow::Result<()> {
-        let jobs = self.parse_read(worker, vec![delivery]).await?;
+    async fn handle(&self, worker: &str, shard: Shard, delivery: Delivery) -> anyhow::Result<()> {
+        let jobs = self.parse_read(worker, shard, vec![delivery]).await?;
         self.settle_read(worker, &jobs).await
     }
 
-    async fn handle_all(&self, worker: &str, deliveries: Vec<Delivery>) {
+    async fn handle_all(&self, worker: &str, shard: Shard, deliveries: Vec<Delivery>) {
         let read = async {
-            let jobs = self.parse_read(worker, deliveries).await?;
+            let jobs = self.parse_read(worker, shard, deliveries).await?;
             self.settle_read(worker, &jobs).await
         };
         // A panic is a system failure like any other: the jobs stay pending.
@@ -342,12 +352,13 @@ impl<E: Exchange + 'static> JobHandler for Settler<E> {
         }
     }
 
-    async fn tick(&self) -> anyhow::Result<()> {
+    async fn tick(&self, shard: Shard) -> anyhow::Result<()> {
         let mut conn = self.store.conn().await?;
+        let keys = self.store.keys();
         let moved = scripts::promote_due_jobs(
             &mut conn,
-            keys::SETTLE_RETRIES,
-            keys::SETTLE_STREAM,
+            &keys.settle_retries(shard),
+            &keys.settle(shard),
             now_ms(),
             self.settings.promote_limit,
         )
@@ -375,16 +386,25 @@ pub async fn trim_journal_periodically(
         let cutoff_ms = u64::try_from(now_ms())
             .unwrap_or(0)
             .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
-        let trimmed = match store.conn().await {
-            Ok(mut conn) => {
-                crate::store::journal::trim(&mut conn, cutoff_ms, JOURNAL_TRIM_BATCHES_MAX).await
+        for shard in store.keys().shards() {
+            let trimmed = match store.conn().await {
+                Ok(mut conn) => {
+                    crate::store::journal::trim(
+                        &mut conn,
+                        store.keys(),
+                        shard,
+                        cutoff_ms,
+                        JOURNAL_TRIM_BATCHES_MAX,
+                    )
+                    .await
+                }
+                Err(err) => Err(err),
+            };
+            match trimmed {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(count, shard = shard.index(), "journal entries past retention trimmed"),
+                Err(err) => tracing::warn!(error = %err, shard = shard.index(), "trimming the journal failed"),
             }
-            Err(err) => Err(err),
-        };
-        match trimmed {
-            Ok(0) => {}
-            Ok(count) => tracing::info!(count, "journal entries past retention trimmed"),
-            Err(err) => tracing::warn!(error = %err, "trimming the journal failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(JOURNAL_TRIM_INTERVAL) => {}

@@ -10,6 +10,7 @@
 use tracing::Instrument;
 
 use crate::domain::AccountId;
+use crate::store::slots::Shard;
 use crate::store::Store;
 use crate::store::wallet::{self, Applied};
 use crate::workers::{Delivery, JobHandler};
@@ -34,14 +35,15 @@ impl WalletWorker {
         stream_id: &str,
     ) -> anyhow::Result<()> {
         let mut conn = self.store.conn().await?;
+        let keys = self.store.keys();
         for _ in 0..WALLET_BATCH_MAX {
-            let Some(txn_id) = wallet::queue_head(&mut conn, account).await? else {
+            let Some(txn_id) = wallet::queue_head(&mut conn, keys, account).await? else {
                 break;
             };
-            let txn = wallet::get(&mut conn, &txn_id)
+            let txn = wallet::get(&mut conn, keys, &txn_id)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("queued transaction {txn_id} has no record"))?;
-            let applied = wallet::apply(&mut conn, account, &txn_id, txn.kind, worker).await?;
+            let applied = wallet::apply(&mut conn, keys, account, &txn_id, txn.kind, worker).await?;
             match &applied {
                 Applied::Completed => {
                     tracing::info!(worker, transaction_id = %txn_id, kind = txn.kind.as_str(), amount = %txn.amount, "completed")
@@ -54,26 +56,30 @@ impl WalletWorker {
                 }
             }
         }
-        wallet::release(&mut conn, account, stream_id).await?;
+        wallet::release(&mut conn, keys, account, stream_id).await?;
         Ok(())
     }
 }
 
 impl JobHandler for WalletWorker {
-    async fn handle(&self, worker: &str, delivery: Delivery) -> anyhow::Result<()> {
+    async fn handle(&self, worker: &str, shard: Shard, delivery: Delivery) -> anyhow::Result<()> {
+        // Only an account of this shard: its job could have come from no other stream.
         let account = delivery
             .fields
             .get("account_id")
-            .and_then(|id| AccountId::parse(id).ok());
+            .and_then(|id| AccountId::parse(id).ok())
+            .filter(|id| self.store.keys().shard_of_account(id) == Some(shard));
         let Some(account) = account else {
             // No delivery will ever read it: keep it for an operator instead.
             let mut conn = self.store.conn().await?;
             crate::store::streams::dead_letter_unreadable(
                 &mut conn,
+                self.store.keys(),
+                shard,
                 &wallet::WALLET_JOBS,
                 &delivery.stream_id,
                 &delivery.fields,
-                "the job names no account",
+                "the job names no account of this shard",
                 worker,
             )
             .await?;

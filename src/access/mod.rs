@@ -202,7 +202,7 @@ impl Authenticator {
         };
         let checked = async {
             let mut conn = self.store.conn().await?;
-            authenticate_key(&mut conn, &presented.id, check).await
+            authenticate_key(&mut conn, self.store.keys(), &presented.id, check).await
         };
         let (record, take) = match checked.await {
             Ok(Some(checked)) => checked,
@@ -259,7 +259,7 @@ impl Authenticator {
         let read_at = Instant::now();
         let read = async {
             let mut conn = self.store.conn().await?;
-            get_api_key(&mut conn, &presented.id).await
+            get_api_key(&mut conn, self.store.keys(), &presented.id).await
         };
         match read.await {
             Ok(Some(record)) => {
@@ -598,7 +598,7 @@ pub async fn issue_key(
     if let Some(account) = &request.account {
         // Accounts are never deleted, so one that exists now still will when
         // the key is stored.
-        if crate::store::accounts::get_account(&mut conn, account)
+        if crate::store::accounts::get_account(&mut conn, store.keys(), account)
             .await?
             .is_none()
         {
@@ -621,7 +621,7 @@ pub async fn issue_key(
         reads_per_s: request.reads_per_s,
         writes_per_s: request.writes_per_s,
     };
-    crate::store::api_keys::create_api_key(&mut conn, &record).await?;
+    crate::store::api_keys::create_api_key(&mut conn, store.keys(), &record).await?;
     tracing::info!(key_id = %record.id, role = %record.role, "API key created");
     Ok((generated, record))
 }

@@ -98,15 +98,20 @@ impl AccountsApi {
         let idempotency = idempotency_key(headers, caller)?.map(|key| {
             Idempotency::new(key, &[name.as_str(), &opening_balance.cents().to_string()])
         });
+        let id = self
+            .0
+            .store
+            .keys()
+            .new_account_id(idempotency.as_ref().map(|idem| idem.key.as_str()));
         let new = NewAccount {
-            id: AccountId::new_customer(),
+            id,
             name,
             opening_balance,
             idempotency,
             idempotency_ttl_secs: self.0.api.idempotency_ttl_secs,
         };
         let mut conn = self.0.store.conn().await?;
-        let (id, replayed) = match accounts::create_account(&mut conn, &new).await {
+        let (id, replayed) = match accounts::create_account(&mut conn, self.0.store.keys(), &new).await {
             Ok(CreateAccountOutcome::Created(id)) => (id, None),
             Ok(CreateAccountOutcome::Replayed(id)) => (id, Some(true)),
             Err(CreateAccountError::IdempotencyConflict(id)) => {
@@ -119,7 +124,7 @@ impl AccountsApi {
             }
             Err(CreateAccountError::Store(err)) => return Err(err.into()),
         };
-        let account = accounts::get_account(&mut conn, &id)
+        let account = accounts::get_account(&mut conn, self.0.store.keys(), &id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("account {id} not found")))?;
         let location = format!("{}/accounts/{id}", super::API_PREFIX);
@@ -144,7 +149,7 @@ impl AccountsApi {
         let not_found = || ApiError::not_found(format!("account {id} not found"));
         auth.read_account(&id, not_found)?;
         let mut conn = self.0.store.conn().await?;
-        let account = accounts::get_account(&mut conn, &id)
+        let account = accounts::get_account(&mut conn, self.0.store.keys(), &id)
             .await?
             .ok_or_else(not_found)?;
         Ok(GetAccountResponse::Ok(Json(account.into())))
@@ -166,7 +171,7 @@ impl AccountsApi {
         let limit = page_size(limit.0, &self.0.api)?;
         let after = cursor.0;
         let mut conn = self.0.store.conn().await?;
-        let page = accounts::list_accounts(&mut conn, after.as_ref(), limit).await?;
+        let page = accounts::list_accounts(&mut conn, self.0.store.keys(), after.as_ref(), limit).await?;
         let next_cursor = (page.len() == limit).then(|| page[page.len() - 1].id.to_string());
         let items = page.into_iter().map(AccountView::from).collect();
         Ok(ListAccountsResponse::Ok(Json(AccountPage {

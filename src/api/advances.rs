@@ -122,7 +122,7 @@ enum AuditResponse {
 impl AdvancesApi {
     async fn view(&self, id: &str) -> Result<AdvanceView, ApiError> {
         let mut conn = self.0.store.conn().await?;
-        let advance = advances::get(&mut conn, id)
+        let advance = advances::get(&mut conn, self.0.store.keys(), id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("advance {id} not found")))?;
         Ok(advance.into())
@@ -152,8 +152,9 @@ impl AdvancesApi {
         let cents = amount.cents().to_string();
         let idempotency = idempotency_key(headers, caller)?
             .map(|key| Idempotency::new(key, &[account_id.as_str(), &cents]));
+        let keys = self.0.store.keys();
         let advance = NewAdvance {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: keys.new_id_in(keys.account_shard(&account_id)).to_string(),
             account_id,
             amount,
             period_ms: u64::try_from(self.0.ledger.advance_period.as_millis()).unwrap_or(u64::MAX),
@@ -162,7 +163,7 @@ impl AdvancesApi {
             idempotency_ttl_secs: self.0.api.idempotency_ttl_secs,
         };
         let mut conn = self.0.store.conn().await?;
-        let (id, replayed) = match advances::create(&mut conn, &advance).await {
+        let (id, replayed) = match advances::create(&mut conn, self.0.store.keys(), &advance).await {
             Ok(created) => created,
             Err(AdvanceError::AccountNotFound) => {
                 return Err(ApiError::unprocessable(
@@ -228,10 +229,10 @@ impl AdvancesApi {
         let limit = page_size(limit.0, &self.0.api)?;
         let offset = list_offset(offset.0)?;
         let mut conn = self.0.store.conn().await?;
-        if accounts::get_account(&mut conn, &account).await?.is_none() {
+        if accounts::get_account(&mut conn, self.0.store.keys(), &account).await?.is_none() {
             return Err(ApiError::not_found(format!("account {account} not found")));
         }
-        let ids = advances::ids(&mut conn, Some(&account), offset as usize, limit).await?;
+        let ids = advances::ids(&mut conn, self.0.store.keys(), Some(&account), offset as usize, limit).await?;
         drop(conn);
         let mut views = Vec::with_capacity(ids.len());
         for id in ids {

@@ -176,7 +176,7 @@ impl KeysApi {
         let limit = page_size(limit.0, &self.0.api)?;
         let offset = list_offset(offset.0)?;
         let mut conn = self.0.store.conn().await?;
-        let records = api_keys::list_api_keys(&mut conn, offset as usize, limit).await?;
+        let records = api_keys::list_api_keys(&mut conn, self.0.store.keys(), offset as usize, limit).await?;
         let next_offset = (records.len() == limit).then_some(offset + limit as u64);
         Ok(KeyPageResponse::Ok(Json(KeyPage {
             items: records.into_iter().map(KeyView::from).collect(),
@@ -203,11 +203,11 @@ impl KeysApi {
         }
         let not_found = || ApiError::not_found(format!("key {id} not found"));
         let mut conn = self.0.store.conn().await?;
-        api_keys::revoke_api_key(&mut conn, &id, now_ms())
+        api_keys::revoke_api_key(&mut conn, self.0.store.keys(), &id, now_ms())
             .await?
             .ok_or_else(not_found)?;
         tracing::info!(key_id = %id, by = %caller.key_id, "API key revoked");
-        let record = api_keys::get_api_key(&mut conn, &id)
+        let record = api_keys::get_api_key(&mut conn, self.0.store.keys(), &id)
             .await?
             .ok_or_else(not_found)?;
         Ok(KeyResponse::Ok(Json(record.into())))

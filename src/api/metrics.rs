@@ -33,7 +33,9 @@ use redis::streams::{StreamInfoGroup, StreamInfoGroupsReply};
 
 use super::AppState;
 use crate::config::ApiSettings;
-use crate::store::{Store, StoreError, StoreResult, keys};
+use crate::store::keys::{Keys, StreamKind};
+use crate::store::slots::Shard;
+use crate::store::{Store, StoreError, StoreResult};
 
 /// The content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -43,27 +45,28 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// request itself would time out.
 pub const REDIS_SCRAPE_TIMEOUT_MAX: Duration = Duration::from_millis(2_000);
 
-/// The job streams, by label: the consumers' work queues.
-const JOB_STREAMS: [(&str, &str); 4] = keys::CONSUMED_STREAMS;
+/// The job streams, by label: the consumers' work queues (one per shard,
+/// summed).
+const JOB_STREAMS: [StreamKind; 4] = StreamKind::ALL;
 
 /// Streams of jobs that failed for good, by the job stream they came from.
-const DEAD_LETTER_STREAMS: [(&str, &str); 4] = [
-    ("settle", keys::SETTLE_DEAD_STREAM),
-    ("events", keys::EVENTS_DEAD_STREAM),
-    ("wallet", keys::WALLET_DEAD_STREAM),
-    ("installments", keys::INSTALLMENTS_DEAD_STREAM),
+const DEAD_LETTER_STREAMS: [StreamKind; 4] = [
+    StreamKind::Settle,
+    StreamKind::Events,
+    StreamKind::Wallet,
+    StreamKind::Installments,
 ];
 
 /// Sorted sets of jobs waiting for their next attempt, by queue.
-const RETRY_QUEUES: [(&str, &str); 2] = [
-    ("settle", keys::SETTLE_RETRIES),
-    ("events", keys::EVENTS_RETRIES),
+const RETRY_QUEUES: [(&str, fn(&Keys, Shard) -> String); 2] = [
+    ("settle", Keys::settle_retries),
+    ("events", Keys::events_retries),
 ];
 
 /// Sorted sets of installments, by state.
-const INSTALLMENT_STATES: [(&str, &str); 2] = [
-    ("scheduled", keys::INSTALLMENTS_DUE),
-    ("leased", keys::INSTALLMENTS_LEASED),
+const INSTALLMENT_STATES: [(&str, fn(&Keys, Shard) -> String); 2] = [
+    ("scheduled", Keys::installments_due),
+    ("leased", Keys::installments_leased),
 ];
 
 /// Fields of the `tally:stats` hash, each exposed as its own counter:
@@ -246,24 +249,79 @@ struct RedisSnapshot {
     stats: Vec<Option<u64>>,
 }
 
-/// Reads everything in one round trip of read-only commands.
+/// Reads everything, one round trip of read-only commands per shard (each
+/// shard's keys share a slot), and sums the shards. A group's consumers are
+/// the most any shard's stream knows: every worker reads every shard.
 async fn read_redis(store: &Store) -> StoreResult<RedisSnapshot> {
+    let mut total: Option<RedisSnapshot> = None;
+    for shard in store.keys().shards() {
+        let snapshot = read_shard(store, shard).await?;
+        total = Some(match total {
+            None => snapshot,
+            Some(total) => total.add(snapshot),
+        });
+    }
+    total.ok_or_else(|| StoreError::UnexpectedReply(vec!["no shards".to_owned()]))
+}
+
+impl RedisSnapshot {
+    fn add(self, other: RedisSnapshot) -> RedisSnapshot {
+        fn sum(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+            Some(a? + b?)
+        }
+        fn sums(a: Vec<Option<u64>>, b: Vec<Option<u64>>) -> Vec<Option<u64>> {
+            a.into_iter().zip(b).map(|(a, b)| sum(a, b)).collect()
+        }
+        let stream_groups = self
+            .stream_groups
+            .into_iter()
+            .zip(other.stream_groups)
+            .map(|(a, b)| {
+                let (mut a, b) = (a?, b?);
+                for group in b {
+                    match a.iter_mut().find(|known| known.name == group.name) {
+                        Some(known) => {
+                            known.consumers = known.consumers.max(group.consumers);
+                            known.pending += group.pending;
+                            known.lag = known.lag.zip(group.lag).map(|(x, y)| x + y);
+                        }
+                        None => a.push(group),
+                    }
+                }
+                Some(a)
+            })
+            .collect();
+        RedisSnapshot {
+            stream_lengths: sums(self.stream_lengths, other.stream_lengths),
+            stream_groups,
+            dead_letter_lengths: sums(self.dead_letter_lengths, other.dead_letter_lengths),
+            wallet_rejected_length: sum(self.wallet_rejected_length, other.wallet_rejected_length),
+            failed_batches: sum(self.failed_batches, other.failed_batches),
+            retries_waiting: sums(self.retries_waiting, other.retries_waiting),
+            installments: sums(self.installments, other.installments),
+            stats: sums(self.stats, other.stats),
+        }
+    }
+}
+
+async fn read_shard(store: &Store, shard: Shard) -> StoreResult<RedisSnapshot> {
+    let keys = store.keys();
     let mut pipe = redis::pipe();
-    for (_, key) in JOB_STREAMS {
-        pipe.cmd("XLEN").arg(key);
+    for kind in JOB_STREAMS {
+        pipe.cmd("XLEN").arg(keys.job_stream(kind, shard));
     }
-    for (_, key) in JOB_STREAMS {
-        pipe.cmd("XINFO").arg("GROUPS").arg(key);
+    for kind in JOB_STREAMS {
+        pipe.cmd("XINFO").arg("GROUPS").arg(keys.job_stream(kind, shard));
     }
-    for (_, key) in DEAD_LETTER_STREAMS {
-        pipe.cmd("XLEN").arg(key);
+    for kind in DEAD_LETTER_STREAMS {
+        pipe.cmd("XLEN").arg(keys.job_stream_dead(kind, shard));
     }
-    pipe.cmd("XLEN").arg(keys::WALLET_ERRORS_STREAM);
-    pipe.cmd("ZCARD").arg(keys::FAILED_BATCHES);
+    pipe.cmd("XLEN").arg(keys.wallet_errors(shard));
+    pipe.cmd("ZCARD").arg(keys.failed_batches(shard));
     for (_, key) in RETRY_QUEUES.iter().chain(&INSTALLMENT_STATES) {
-        pipe.cmd("ZCARD").arg(key);
+        pipe.cmd("ZCARD").arg(key(keys, shard));
     }
-    pipe.cmd("HMGET").arg(keys::STATS);
+    pipe.cmd("HMGET").arg(keys.stats(shard));
     for (field, _, _) in STATS_COUNTERS {
         pipe.arg(field);
     }
@@ -359,7 +417,7 @@ fn render_redis(out: &mut String, snapshot: Option<&RedisSnapshot>, scrape_micro
     let Some(snapshot) = snapshot else {
         return;
     };
-    let streams = JOB_STREAMS.map(|(label, _)| label);
+    let streams = JOB_STREAMS.map(StreamKind::label);
     labelled(
         out,
         "tally_stream_length",
@@ -369,7 +427,7 @@ fn render_redis(out: &mut String, snapshot: Option<&RedisSnapshot>, scrape_micro
         &snapshot.stream_lengths,
     );
     render_groups(out, &streams, &snapshot.stream_groups);
-    let dead = DEAD_LETTER_STREAMS.map(|(label, _)| label);
+    let dead = DEAD_LETTER_STREAMS.map(StreamKind::label);
     labelled(
         out,
         "tally_dead_letter_length",

@@ -247,6 +247,7 @@ impl OrdersApi {
         let key = idempotency_key(headers, &auth.0)?;
         let order = prepare(
             &request,
+            self.0.store.keys(),
             &self.0.ledger,
             key,
             self.0.api.idempotency_ttl_secs,
@@ -269,7 +270,7 @@ impl OrdersApi {
             }
             Ok(PlaceOrderOutcome::Replayed(id)) => {
                 let mut conn = self.0.store.conn().await?;
-                let replayed = store_orders::get_order(&mut conn, &id)
+                let replayed = store_orders::get_order(&mut conn, self.0.store.keys(), &id)
                     .await?
                     .ok_or_else(|| ApiError::not_found(format!("order {id} not found")))?;
                 return Ok(PlaceOrderResponse::Created(
@@ -310,7 +311,7 @@ impl OrdersApi {
         let not_found = || ApiError::not_found(format!("order {id} not found"));
         auth.require_reader_or_customer()?;
         let mut conn = self.0.store.conn().await?;
-        let order = store_orders::get_order(&mut conn, &id)
+        let order = store_orders::get_order(&mut conn, self.0.store.keys(), &id)
             .await?
             .ok_or_else(not_found)?;
         auth.read_account(&order.account_id, not_found)?;
@@ -354,7 +355,7 @@ impl OrdersApi {
             .map(|(symbol, _)| symbol.clone())
             .collect();
         let mut conn = self.0.store.conn().await?;
-        let buckets = store_orders::buckets(&mut conn, &symbols).await?;
+        let buckets = store_orders::buckets(&mut conn, self.0.store.keys(), &symbols).await?;
         Ok(BucketsResponse::Ok(Json(
             buckets.into_iter().map(BucketView::from).collect(),
         )))
@@ -390,7 +391,7 @@ impl OrdersApi {
         let limit = page_size(limit.0, &self.0.api)?;
         let offset = list_offset(offset.0)?;
         let mut conn = self.0.store.conn().await?;
-        let ids = settlement::failed_batches(&mut conn, offset as usize, limit).await?;
+        let ids = settlement::failed_batches(&mut conn, self.0.store.keys(), offset as usize, limit).await?;
         drop(conn);
         let mut items = Vec::with_capacity(ids.len());
         for id in &ids {
@@ -421,7 +422,7 @@ impl OrdersApi {
         let caller = auth.require(&[Role::Ops, Role::Admin])?;
         let Path(id) = id;
         let mut conn = self.0.store.conn().await?;
-        settlement::requeue_failed_batch(&mut conn, &id)
+        settlement::requeue_failed_batch(&mut conn, self.0.store.keys(), &id)
             .await
             .map_err(operator_refusal)?;
         tracing::info!(batch_id = %id, key_id = %caller.key_id, "failed batch requeued by operator");
@@ -452,7 +453,7 @@ impl OrdersApi {
             .map_or_else(|| "refunded by operator".to_owned(), Text::into_inner);
         let mut conn = self.0.store.conn().await?;
         let confirmed = body.0.exchange_confirmed_unfilled;
-        let (orders, cents) = settlement::refund_batch(&mut conn, &id, &note, confirmed)
+        let (orders, cents) = settlement::refund_batch(&mut conn, self.0.store.keys(), &id, &note, confirmed)
             .await
             .map_err(operator_refusal)?;
         tracing::info!(batch_id = %id, orders, cents, key_id = %caller.key_id, "failed batch refunded by operator");
@@ -463,7 +464,7 @@ impl OrdersApi {
 impl OrdersApi {
     async fn batch_view(&self, id: &BatchId) -> Result<BatchView, ApiError> {
         let mut conn = self.0.store.conn().await?;
-        let batch = store_orders::get_batch(&mut conn, id)
+        let batch = store_orders::get_batch(&mut conn, self.0.store.keys(), id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("batch {id} not found")))?;
         Ok(batch.into())

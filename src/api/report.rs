@@ -1,11 +1,19 @@
 //! `/transactions`: the journal of the last days (retention configurable),
 //! newest first, paged inside a snapshot.
 //!
-//! The first page pins a snapshot: the newest entry at that moment (`as_of`).
-//! Every later page of the listing, by `cursor` or by `page`, reads inside the
-//! same window, so entries written after the first page never appear and none
-//! shift between pages. Cursors carry the window and are signed (HMAC-SHA256),
-//! so a forged or edited one is refused.
+//! Every shard keeps its own journal; the report merges them in the order
+//! (entry id, shard), newest first. The first page pins a snapshot: each
+//! shard's newest entry at that moment (`as_of` is the newest of them). Every
+//! later page of the listing, by `cursor` or by `page`, reads inside the same
+//! windows, so entries written after the first page never appear and none
+//! shift between pages. Cursors carry the windows and where the last page
+//! ended, and are signed (HMAC-SHA256), so a forged or edited one is refused.
+//!
+//! A next page (by cursor) starts after the last entry of the page before:
+//! each shard gives at most a page from there, O(shards x page) whatever the
+//! depth. A page by number first finds the millisecond its first entry was
+//! written in, by bisection on per-shard counts (about 30 rounds of one count
+//! per shard, however deep), then reads as a next page does.
 
 use std::sync::Arc;
 
@@ -29,7 +37,8 @@ pub struct ReportApi(pub Arc<AppState>);
 
 #[derive(Debug, Object)]
 struct ReportEntry {
-    /// The journal entry's id (a Redis stream id: time-ordered).
+    /// The journal entry's id: its shard journal's Redis stream id (time
+    /// ordered), a dot, and the shard's number.
     id: String,
     timestamp: String,
     /// `opening_balance`, `order`, `settlement`, `refund`, `transfer`, `bank_transaction`.
@@ -52,8 +61,10 @@ struct ReportEntry {
     reference: String,
 }
 
-impl From<JournalEntry> for ReportEntry {
-    fn from(entry: JournalEntry) -> Self {
+impl ReportEntry {
+    /// An entry of `shard`'s journal; its id names the shard, since stream
+    /// ids alone repeat across shards.
+    fn from_entry(entry: JournalEntry, shard: u16) -> Self {
         let field = |name: &str| entry.fields.get(name).cloned().unwrap_or_default();
         let usd = |name: &str| {
             entry
@@ -77,7 +88,7 @@ impl From<JournalEntry> for ReportEntry {
             status: field("status"),
             reason,
             reference: field("ref"),
-            id: entry.id,
+            id: format!("{}.{shard}", entry.id),
         }
     }
 }
@@ -104,22 +115,58 @@ enum ReportResponse {
     Ok(Json<ReportPage>),
 }
 
-/// A listing's window and place in it.
+/// A listing's windows and place in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Cursor {
-    /// Newest entry at the first page (an index member), or empty for an empty journal.
+    /// Newest entry of any shard at the first page (an index member), or
+    /// empty for an empty journal.
     as_of: String,
     low: String,
-    high: String,
+    /// Each shard's last entry in the window (an index member), `None` for
+    /// a shard with nothing in it at the snapshot.
+    highs: Vec<Option<String>>,
     limit: usize,
     offset: usize,
+    /// The previous page's last entry, (index member, shard): a next page
+    /// starts after it.
+    after: Option<(String, u16)>,
+}
+
+/// An index member written short, as its stream id (`ms-seq`), to keep
+/// cursors short; `-` for none.
+fn short(member: Option<&str>) -> String {
+    member
+        .and_then(journal::stream_id)
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+/// The index member of a short stream id; `None` for `-`, `Err` for junk.
+fn long(text: &str) -> Result<Option<String>, ()> {
+    if text == "-" {
+        return Ok(None);
+    }
+    let (ms, seq) = text.split_once('-').ok_or(())?;
+    Ok(Some(index_member(
+        ms.parse().map_err(|_| ())?,
+        seq.parse().map_err(|_| ())?,
+    )))
 }
 
 impl Cursor {
     fn payload(&self) -> String {
+        let highs: Vec<String> = self.highs.iter().map(|high| short(high.as_deref())).collect();
+        let after = match &self.after {
+            Some((member, shard)) => format!("{}~{shard}", short(Some(member))),
+            None => "-".to_owned(),
+        };
         format!(
-            "{}.{}.{}.{}.{}",
-            self.as_of, self.low, self.high, self.limit, self.offset
+            "{}.{}.{}.{}.{}.{}",
+            short(Some(&self.as_of).filter(|as_of| !as_of.is_empty()).map(String::as_str)),
+            short(Some(&self.low)),
+            highs.join(","),
+            self.limit,
+            self.offset,
+            after
         )
     }
 
@@ -134,12 +181,30 @@ impl Cursor {
         mac.update(payload.as_bytes());
         mac.verify_slice(&hex::decode(signed).ok()?).ok()?;
         let mut parts = payload.split('.');
+        let as_of = long(parts.next()?).ok()?.unwrap_or_default();
+        let low = long(parts.next()?).ok()??;
+        let highs = parts
+            .next()?
+            .split(',')
+            .map(long)
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        let limit = parts.next()?.parse().ok()?;
+        let offset = parts.next()?.parse().ok()?;
+        let after = match parts.next()? {
+            "-" => None,
+            text => {
+                let (member, shard) = text.split_once('~')?;
+                Some((long(member).ok()??, shard.parse().ok()?))
+            }
+        };
         let cursor = Cursor {
-            as_of: parts.next()?.to_owned(),
-            low: parts.next()?.to_owned(),
-            high: parts.next()?.to_owned(),
-            limit: parts.next()?.parse().ok()?,
-            offset: parts.next()?.parse().ok()?,
+            as_of,
+            low,
+            highs,
+            limit,
+            offset,
+            after,
         };
         parts.next().is_none().then_some(cursor)
     }
@@ -173,7 +238,7 @@ impl ReportApi {
         limit: Query<Option<u32>>,
         /// `next_cursor` from the previous page: continues the same snapshot.
         /// Opaque and signed: one this server did not issue answers 422.
-        #[oai(validator(min_length = 1, max_length = 512))]
+        #[oai(validator(min_length = 1, max_length = 4096))]
         cursor: Query<Option<String>>,
         /// A page number, from 1, in the snapshot of `cursor` (or a new one).
         page: Query<Option<u64>>,
@@ -205,11 +270,16 @@ impl ReportApi {
                 // its numbers are still checked: a leaked secret must not turn
                 // into a panic (limit 0) or an unbounded page.
                 let in_bounds = (1..=self.0.api.page_size_max).contains(&listing.limit)
-                    && listing.offset <= REPORT_PAGE_MAX as usize * listing.limit;
+                    && listing.offset <= REPORT_PAGE_MAX as usize * listing.limit
+                    && listing.highs.len() == usize::from(self.0.store.keys().layout().count())
+                    && listing
+                        .after
+                        .as_ref()
+                        .is_none_or(|(_, shard)| usize::from(*shard) < listing.highs.len());
                 if !in_bounds {
                     return Err(ApiError::unprocessable(
                         "invalid-cursor",
-                        "the cursor's limit or offset is out of bounds",
+                        "the cursor's limit, offset or shards are out of bounds",
                     ));
                 }
                 if limit.0.is_some_and(|limit| limit as usize != listing.limit) {
@@ -230,25 +300,22 @@ impl ReportApi {
             }
         };
         if let Some(page) = page.0 {
-            listing.offset = (page as usize - 1) * listing.limit;
+            let offset = (page as usize - 1) * listing.limit;
+            if offset != listing.offset {
+                listing.offset = offset;
+                listing.after = None; // found again by bisection
+            }
         }
-        let (total, entries) = if listing.as_of.is_empty() {
-            (0, Vec::new())
+        let (total, entries, last) = if listing.as_of.is_empty() {
+            (0, Vec::new(), None)
         } else {
-            let mut conn = self.0.store.conn().await?;
-            journal::page(
-                &mut conn,
-                &listing.low,
-                &listing.high,
-                listing.offset,
-                listing.limit,
-            )
-            .await?
+            self.read_page(&listing).await?
         };
         let next_offset = listing.offset + listing.limit;
-        let next_cursor = (next_offset < total).then(|| {
+        let next_cursor = (next_offset < total && last.is_some()).then(|| {
             Cursor {
                 offset: next_offset,
+                after: last,
                 ..listing.clone()
             }
             .encode(&self.0.api.cursor_secret)
@@ -260,7 +327,7 @@ impl ReportApi {
             .and_then(|ms| ms.parse().ok())
             .unwrap_or_else(now_ms);
         Ok(ReportResponse::Ok(Json(ReportPage {
-            items: entries.into_iter().map(ReportEntry::from).collect(),
+            items: entries,
             as_of: rfc3339(as_of_ms),
             next_cursor,
             total_count: total as u64,
@@ -299,15 +366,170 @@ impl ReportApi {
         let start_ms = start_ms.unwrap_or(floor).min(now + 1);
         let end_ms = end_ms.unwrap_or(now).min(now);
         let mut conn = self.0.store.conn().await?;
-        let as_of = journal::newest_member(&mut conn).await?.unwrap_or_default();
-        let high = index_member(end_ms, 9_999_999_999).min(as_of.clone());
+        let newest = journal::newest_members(&mut conn, self.0.store.keys()).await?;
+        let as_of = newest.iter().flatten().max().cloned().unwrap_or_default();
+        let end = index_member(end_ms, 9_999_999_999);
+        let highs = newest
+            .into_iter()
+            .map(|newest| newest.map(|newest| newest.min(end.clone())))
+            .collect();
         Ok(Cursor {
             as_of,
             low: index_member(start_ms.max(floor), 0),
-            high,
+            highs,
             limit,
             offset: 0,
+            after: None,
         })
+    }
+
+    /// The listing's page at its offset: each shard's part from where the
+    /// page starts, merged newest first by (entry id, shard). Returns the
+    /// windows' total, the page, and its last entry (where a next page starts).
+    async fn read_page(
+        &self,
+        listing: &Cursor,
+    ) -> Result<(usize, Vec<ReportEntry>, Option<(String, u16)>), ApiError> {
+        let keys = self.0.store.keys();
+        let mut conn = self.0.store.conn().await?;
+        // Where each shard's part starts, and how many merged entries to skip.
+        let (starts, skip): (Vec<Option<String>>, usize) = match (&listing.after, listing.offset) {
+            (_, 0) => (
+                listing.highs.iter().map(|high| high.as_ref().map(|high| format!("[{high}"))).collect(),
+                0,
+            ),
+            (Some((after, after_shard)), _) => (
+                listing
+                    .highs
+                    .iter()
+                    .enumerate()
+                    .map(|(shard, high)| {
+                        let high = high.as_ref()?;
+                        // Order is (member, shard) descending: after (m, s)
+                        // come m on lower shards, then anything below m.
+                        Some(if after > high {
+                            format!("[{high}")
+                        } else if shard < usize::from(*after_shard) {
+                            format!("[{after}")
+                        } else {
+                            format!("({after}")
+                        })
+                    })
+                    .collect(),
+                0,
+            ),
+            (None, offset) => {
+                let Some((ms, skip)) = self.locate(&mut conn, listing, offset).await? else {
+                    // Past the end: only the total is asked for.
+                    let mut total = 0;
+                    for (shard, high) in keys.shards().zip(&listing.highs) {
+                        if let Some(high) = high {
+                            total += journal::count_between(&mut conn, keys, shard, &listing.low, high).await?;
+                        }
+                    }
+                    return Ok((total, Vec::new(), None));
+                };
+                let bound = index_member(ms, 9_999_999_999);
+                (
+                    listing
+                        .highs
+                        .iter()
+                        .map(|high| high.as_ref().map(|high| format!("[{}", high.min(&bound))))
+                        .collect(),
+                    skip,
+                )
+            }
+        };
+        let mut total = 0;
+        let mut merged: Vec<(String, u16)> = Vec::new();
+        for ((shard, high), start) in keys.shards().zip(&listing.highs).zip(&starts) {
+            let (Some(high), Some(start)) = (high, start) else {
+                continue;
+            };
+            let (count, members) = journal::window_page(
+                &mut conn,
+                keys,
+                shard,
+                &listing.low,
+                high,
+                start,
+                skip + listing.limit,
+            )
+            .await?;
+            total += count;
+            merged.extend(members.into_iter().map(|member| (member, shard.index())));
+        }
+        merged.sort_unstable_by(|a, b| b.cmp(a));
+        let page: Vec<(String, u16)> = merged.into_iter().skip(skip).take(listing.limit).collect();
+        let last = page.last().cloned();
+        // Read each shard's entries in one round trip, then put them in page order.
+        let mut by_member = std::collections::HashMap::new();
+        for shard in keys.shards() {
+            let members: Vec<&str> = page
+                .iter()
+                .filter(|(_, of)| *of == shard.index())
+                .map(|(member, _)| member.as_str())
+                .collect();
+            for entry in journal::entries(&mut conn, keys, shard, &members).await? {
+                let member = journal::stream_id_member(&entry.id);
+                by_member.insert((member, shard.index()), entry);
+            }
+        }
+        let entries = page
+            .into_iter()
+            .filter_map(|(member, shard)| {
+                // An entry trimmed between the two reads is simply not shown.
+                let entry = by_member.remove(&(member, shard))?;
+                Some(ReportEntry::from_entry(entry, shard))
+            })
+            .collect();
+        Ok((total, entries, last))
+    }
+
+    /// Where the merged entry at `offset` (newest first) lies: the
+    /// millisecond it was written in, and how many newer entries of that same
+    /// millisecond come before it. Bisection on the entry time, each round
+    /// one count per shard. `None` when the windows hold `offset` entries or
+    /// fewer.
+    async fn locate(
+        &self,
+        conn: &mut crate::store::connection::Conn,
+        listing: &Cursor,
+        offset: usize,
+    ) -> Result<Option<(u64, usize)>, ApiError> {
+        let keys = self.0.store.keys();
+        let ms_of = |member: &str| -> u64 {
+            member.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
+        };
+        // Entries at or after millisecond `ms`, in every window.
+        let mut newer_than = async |ms: u64| -> Result<usize, ApiError> {
+            let from = index_member(ms, 0).max(listing.low.clone());
+            let mut count = 0;
+            for (shard, high) in keys.shards().zip(&listing.highs) {
+                if let Some(high) = high {
+                    count += journal::count_between(conn, keys, shard, &from, high).await?;
+                }
+            }
+            Ok(count)
+        };
+        let (mut low, mut high) = (
+            ms_of(&listing.low),
+            listing.highs.iter().flatten().map(|high| ms_of(high)).max().unwrap_or(0),
+        );
+        if newer_than(low).await? <= offset {
+            return Ok(None);
+        }
+        // The latest millisecond with more than `offset` entries at or after it.
+        while low < high {
+            let middle = low + (high - low).div_ceil(2);
+            if newer_than(middle).await? > offset {
+                low = middle;
+            } else {
+                high = middle - 1;
+            }
+        }
+        let skip = offset - newer_than(low + 1).await?;
+        Ok(Some((low, skip)))
     }
 }
 

@@ -107,7 +107,7 @@ struct Ended {
 impl TransfersApi {
     async fn run(&self, movement: Movement) -> Result<Ended, ApiError> {
         let mut conn = self.0.store.conn().await?;
-        match move_money(&mut conn, &movement).await {
+        match move_money(&mut conn, self.0.store.keys(), &movement).await {
             Ok(MovementOutcome::Success) => Ok(Ended {
                 id: movement.id,
                 at_ms: movement.at_ms,
@@ -123,7 +123,7 @@ impl TransfersApi {
                 replayed: None,
             }),
             Ok(MovementOutcome::Replayed(id)) => {
-                let stored = stored_movement(&mut conn, &id)
+                let stored = stored_movement(&mut conn, self.0.store.keys(), &id)
                     .await?
                     .ok_or_else(|| ApiError::not_found(format!("transaction {id} not found")))?;
                 Ok(Ended {
@@ -152,8 +152,10 @@ impl TransfersApi {
     ) -> Result<Movement, ApiError> {
         let idempotency = idempotency_key(headers, caller)?
             .map(|key| Idempotency::new(key, &[kind, &canonical_request]));
+        let keys = self.0.store.keys();
+        let shard = crate::store::transfers::movement_shard(keys, &payer, &payee);
         Ok(Movement {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: keys.new_id_in(shard).to_string(),
             kind,
             payer,
             payee,

@@ -210,8 +210,9 @@ impl WalletApi {
                 ],
             )
         });
+        let keys = self.0.store.keys();
         let txn = NewWalletTransaction {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: keys.new_id_in(keys.account_shard(&account_id)).to_string(),
             account_id,
             kind,
             amount,
@@ -223,7 +224,7 @@ impl WalletApi {
             queue_max: self.0.api.wallet_queue_max,
         };
         let mut conn = self.0.store.conn().await?;
-        let (id, replayed) = match wallet::enqueue(&mut conn, &txn).await {
+        let (id, replayed) = match wallet::enqueue(&mut conn, self.0.store.keys(), &txn).await {
             Ok(EnqueueOutcome::Queued(id)) => (id, None),
             Ok(EnqueueOutcome::Replayed(id)) => (id, Some(true)),
             Err(EnqueueError::AccountNotFound) => {
@@ -284,7 +285,7 @@ impl WalletApi {
         let limit = page_size(limit.0, &self.0.api)?;
         let cursor = cursor.0.map(|id| id.0);
         let mut conn = self.0.store.conn().await?;
-        if accounts::get_account(&mut conn, &account_id)
+        if accounts::get_account(&mut conn, self.0.store.keys(), &account_id)
             .await?
             .is_none()
         {
@@ -297,12 +298,12 @@ impl WalletApi {
         let mut scanned = 0;
         let mut exhausted = false;
         while items.len() < limit && scanned < HISTORY_SCAN_MAX {
-            let ids = wallet::history(&mut conn, &account_id, before.as_deref(), limit).await?;
+            let ids = wallet::history(&mut conn, self.0.store.keys(), &account_id, before.as_deref(), limit).await?;
             exhausted = ids.len() < limit;
             for id in &ids {
                 scanned += 1;
                 before = Some(id.clone());
-                if let Some(txn) = wallet::get(&mut conn, id).await?
+                if let Some(txn) = wallet::get(&mut conn, self.0.store.keys(), id).await?
                     && status.0.is_none_or(|status| status.as_str() == txn.status)
                 {
                     items.push(TransactionView::from(txn));
@@ -347,7 +348,7 @@ impl WalletApi {
             ))
         })?;
         let mut conn = self.0.store.conn().await?;
-        let txn = wallet::get(&mut conn, &txn_id)
+        let txn = wallet::get(&mut conn, self.0.store.keys(), &txn_id)
             .await?
             .filter(|txn| txn.account_id == account_id)
             .ok_or_else(|| {

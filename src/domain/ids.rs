@@ -57,6 +57,19 @@ impl AccountId {
         parse_uuid(text).map(|uuid| AccountId(uuid.to_string()))
     }
 
+    /// A customer account's UUID; `None` for a system account.
+    pub fn uuid(&self) -> Option<Uuid> {
+        if self.is_system() {
+            return None;
+        }
+        Uuid::try_parse(&self.0).ok()
+    }
+
+    /// A customer account id for a UUID tally drew.
+    pub fn from_uuid(uuid: Uuid) -> Self {
+        AccountId(uuid.to_string())
+    }
+
     pub fn is_system(&self) -> bool {
         self.0.starts_with('@')
     }
@@ -104,6 +117,14 @@ macro_rules! uuid_id {
 
             pub fn parse(text: &str) -> Result<Self, IdError> {
                 parse_uuid(text).map($name)
+            }
+
+            pub fn from_uuid(uuid: Uuid) -> Self {
+                $name(uuid)
+            }
+
+            pub fn uuid(&self) -> Uuid {
+                self.0
             }
         }
 

@@ -4,7 +4,9 @@ use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
 
-use super::{Conn, Record, StoreError, StoreResult, keys, now_ms, verdict};
+use super::keys::Keys;
+use super::slots::Shard;
+use super::{Conn, Record, StoreError, StoreResult, now_ms, verdict};
 use crate::domain::{AccountId, AccountName, Amount, Idempotency, SystemAccount};
 
 pub static CREATE_ACCOUNT: LazyLock<Script> = lua_script!("create_account.lua");
@@ -61,24 +63,31 @@ pub enum CreateAccountError {
 #[tracing::instrument(skip_all, fields(account_id = %new.id))]
 pub async fn create_account(
     conn: &mut impl Conn,
+    keys: &Keys,
     new: &NewAccount,
 ) -> Result<CreateAccountOutcome, CreateAccountError> {
+    let shard = keys
+        .shard_of_account(&new.id)
+        .ok_or_else(|| StoreError::Corrupt {
+            key: new.id.to_string(),
+            problem: "a new account must be a customer's".to_owned(),
+        })?;
     let (idempotency_key, fingerprint) = match &new.idempotency {
         Some(idem) => (
-            keys::idempotency("accounts", idem.key.as_str()),
+            keys.idempotency(shard, "accounts", idem.key.as_str()),
             idem.fingerprint.as_str(),
         ),
-        None => (keys::idempotency("accounts", "-"), ""),
+        None => (keys.idempotency(shard, "accounts", "-"), ""),
     };
     let bank = SystemAccount::Bank.id();
     let reply: Vec<String> = CREATE_ACCOUNT
-        .key(keys::account(&new.id))
-        .key(keys::account(&bank))
-        .key(keys::JOURNAL)
-        .key(keys::ACCOUNTS)
+        .key(keys.account(&new.id))
+        .key(keys.system_account(SystemAccount::Bank, shard))
+        .key(keys.journal(shard))
+        .key(keys.accounts(shard))
         .key(idempotency_key)
-        .key(keys::JOURNAL_INDEX)
-        .key(keys::EVENTS_STREAM)
+        .key(keys.journal_index(shard))
+        .key(keys.events(shard))
         .arg(new.id.as_str())
         .arg(new.name.as_str())
         .arg(new.opening_balance.cents())
@@ -111,17 +120,48 @@ pub async fn create_account(
     }
 }
 
-pub async fn get_account(conn: &mut impl Conn, id: &AccountId) -> StoreResult<Option<Account>> {
-    let key = keys::account(id);
+/// An account; a system account's balance is the sum of its sub-accounts,
+/// one per shard.
+pub async fn get_account(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    id: &AccountId,
+) -> StoreResult<Option<Account>> {
+    let key = keys.account(id);
     let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
-    Record::new(key, fields)
+    let Some(mut account) = Record::new(key, fields)
         .map(|record| Account::from_record(&record))
-        .transpose()
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    if account.id.is_system() {
+        account.balance_cents = system_balance(conn, keys, &account.id).await?;
+    }
+    Ok(Some(account))
 }
 
-/// One page of customer accounts in id (creation) order, after `after`.
+/// A system account's balance: the sum of its sub-accounts (each alone may
+/// be negative; only the sum means anything).
+pub async fn system_balance(conn: &mut impl Conn, keys: &Keys, id: &AccountId) -> StoreResult<i64> {
+    let mut total: i64 = 0;
+    for shard in keys.shards() {
+        let balance: Option<i64> = conn.hget(keys.account_on(shard, id), "balance").await?;
+        total = total
+            .checked_add(balance.unwrap_or(0))
+            .ok_or_else(|| StoreError::Corrupt {
+                key: keys.account_on(shard, id),
+                problem: "the sub-accounts' sum leaves i64".to_owned(),
+            })?;
+    }
+    Ok(total)
+}
+
+/// One page of customer accounts in id (creation) order, after `after`:
+/// each shard's index read from `after` on, merged.
 pub async fn list_accounts(
     conn: &mut impl Conn,
+    keys: &Keys,
     after: Option<&AccountId>,
     limit: usize,
 ) -> StoreResult<Vec<Account>> {
@@ -129,27 +169,31 @@ pub async fn list_accounts(
         Some(id) => format!("({id}"),
         None => "-".to_owned(),
     };
-    let ids: Vec<String> = conn
-        .zrangebylex_limit(keys::ACCOUNTS, start, "+", 0, limit as isize)
-        .await?;
+    let mut ids: Vec<(Shard, String)> = Vec::new();
+    for shard in keys.shards() {
+        let page: Vec<String> = conn
+            .zrangebylex_limit(keys.accounts(shard), &start, "+", 0, limit as isize)
+            .await?;
+        ids.extend(page.into_iter().map(|id| (shard, id)));
+    }
+    // Ids are lowercase hyphenated UUIDv7s: text order is creation order.
+    ids.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+    ids.truncate(limit);
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut pipe = redis::pipe();
-    let mut record_keys = Vec::with_capacity(ids.len());
-    for id in &ids {
+    let mut records = Vec::with_capacity(ids.len());
+    for (shard, id) in &ids {
         let id = AccountId::parse(id).map_err(|err| StoreError::Corrupt {
-            key: keys::ACCOUNTS.to_owned(),
+            key: keys.accounts(*shard),
             problem: err.to_string(),
         })?;
-        let key = keys::account(&id);
-        pipe.hgetall(&key);
-        record_keys.push(key);
+        let key = keys.account(&id);
+        let fields: std::collections::HashMap<String, String> = conn.hgetall(&key).await?;
+        records.push((key, fields));
     }
-    let records: Vec<std::collections::HashMap<String, String>> = pipe.query_async(conn).await?;
-    record_keys
+    records
         .into_iter()
-        .zip(records)
         .filter_map(|(key, fields)| Record::new(key, fields))
         .map(|record| Account::from_record(&record))
         .collect()
@@ -158,17 +202,17 @@ pub async fn list_accounts(
 /// Every account, customers and system, for the audit: a bounded page at a time.
 pub async fn all_balances(
     conn: &mut impl Conn,
+    keys: &Keys,
     page_size: usize,
 ) -> StoreResult<Vec<(AccountId, i64)>> {
     let mut balances = Vec::new();
     for system in SystemAccount::ALL {
         let id = system.id();
-        let balance: Option<i64> = conn.hget(keys::account(&id), "balance").await?;
-        balances.push((id, balance.unwrap_or(0)));
+        balances.push((id.clone(), system_balance(conn, keys, &id).await?));
     }
     let mut after = None;
     loop {
-        let page = list_accounts(conn, after.as_ref(), page_size).await?;
+        let page = list_accounts(conn, keys, after.as_ref(), page_size).await?;
         let Some(last) = page.last() else { break };
         after = Some(last.id.clone());
         balances.extend(

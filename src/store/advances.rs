@@ -5,7 +5,9 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
+use super::keys::{Keys, StreamKind};
+use super::slots::Shard;
+use super::{Conn, Record, StoreError, StoreResult, verdict};
 use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
 
 static CREATE_ADVANCE: LazyLock<Script> = lua_script!("create_advance.lua");
@@ -20,9 +22,8 @@ pub fn scripts() -> [&'static Script; 3] {
 pub const COLLECT_GROUP: &str = "collectors";
 /// The installment jobs, and where the unreadable ones go.
 pub const INSTALLMENT_JOBS: super::streams::JobStream = super::streams::JobStream {
-    stream: keys::INSTALLMENTS_STREAM,
+    kind: StreamKind::Installments,
     group: COLLECT_GROUP,
-    dead: keys::INSTALLMENTS_DEAD_STREAM,
 };
 /// Installments per advance.
 pub const INSTALLMENTS: u32 = 12;
@@ -52,27 +53,30 @@ pub enum AdvanceError {
 }
 
 /// Creates the advance; returns its id and whether this was a replay.
+/// On the account's shard, where the API draws the advance's id.
 pub async fn create(
     conn: &mut impl Conn,
+    keys: &Keys,
     advance: &NewAdvance,
 ) -> Result<(String, bool), AdvanceError> {
+    let shard = keys.account_shard(&advance.account_id);
     let (idempotency_key, fingerprint) = match &advance.idempotency {
         Some(idem) => (
-            keys::idempotency("advances", idem.key.as_str()),
+            keys.idempotency(shard, "advances", idem.key.as_str()),
             idem.fingerprint.as_str(),
         ),
-        None => (keys::idempotency("advances", "-"), ""),
+        None => (keys.idempotency(shard, "advances", "-"), ""),
     };
     let reply: Vec<String> = CREATE_ADVANCE
-        .key(keys::advance(&advance.id))
-        .key(keys::account(&advance.account_id))
-        .key(keys::account(&SystemAccount::Bank.id()))
-        .key(keys::JOURNAL)
-        .key(keys::JOURNAL_INDEX)
-        .key(keys::INSTALLMENTS_DUE)
-        .key(keys::ADVANCES)
-        .key(keys::account_advances(&advance.account_id))
-        .key(keys::EVENTS_STREAM)
+        .key(keys.advance(&advance.id))
+        .key(keys.account(&advance.account_id))
+        .key(keys.system_account(SystemAccount::Bank, shard))
+        .key(keys.journal(shard))
+        .key(keys.journal_index(shard))
+        .key(keys.installments_due(shard))
+        .key(keys.advances(shard))
+        .key(keys.account_advances(&advance.account_id))
+        .key(keys.events(shard))
         .key(idempotency_key)
         .arg(&advance.id)
         .arg(advance.account_id.as_str())
@@ -102,19 +106,21 @@ pub async fn create(
     }
 }
 
-/// The scheduler's step: lease what is due at `now_ms`, re-lease what expired.
-/// Returns (leased, re-leased with a new job, re-leased without one because
-/// the collectors had not read its job yet).
+/// The scheduler's step on one shard: lease what is due at `now_ms`,
+/// re-lease what expired. Returns (leased, re-leased with a new job,
+/// re-leased without one because the collectors had not read its job yet).
 pub async fn lease_due(
     conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
     now_ms: i64,
     lease_ms: u64,
     limit: usize,
 ) -> StoreResult<(u64, u64, u64)> {
     let moved: (u64, u64, u64) = LEASE_DUE
-        .key(keys::INSTALLMENTS_DUE)
-        .key(keys::INSTALLMENTS_LEASED)
-        .key(keys::INSTALLMENTS_STREAM)
+        .key(keys.installments_due(shard))
+        .key(keys.installments_leased(shard))
+        .key(keys.installments(shard))
         .arg(now_ms)
         .arg(lease_ms)
         .arg(limit)
@@ -145,6 +151,7 @@ pub enum Collected {
 
 pub async fn collect(
     conn: &mut impl Conn,
+    keys: &Keys,
     advance_id: &str,
     account: &AccountId,
     n: u32,
@@ -152,16 +159,17 @@ pub async fn collect(
     worker: &str,
     installments_max: u32,
 ) -> StoreResult<Collected> {
+    let shard = keys.account_shard(account);
     let reply: Vec<String> = COLLECT
-        .key(keys::advance(advance_id))
-        .key(keys::account(account))
-        .key(keys::account(&SystemAccount::Bank.id()))
-        .key(keys::JOURNAL)
-        .key(keys::JOURNAL_INDEX)
-        .key(keys::EVENTS_STREAM)
-        .key(keys::INSTALLMENTS_LEASED)
-        .key(keys::INSTALLMENTS_DUE)
-        .key(keys::INSTALLMENTS_STREAM)
+        .key(keys.advance(advance_id))
+        .key(keys.account(account))
+        .key(keys.system_account(SystemAccount::Bank, shard))
+        .key(keys.journal(shard))
+        .key(keys.journal_index(shard))
+        .key(keys.events(shard))
+        .key(keys.installments_leased(shard))
+        .key(keys.installments_due(shard))
+        .key(keys.installments(shard))
         .arg(format!("{advance_id}:{n}"))
         .arg(n)
         .arg(super::now_ms())
@@ -240,8 +248,9 @@ impl Advance {
 /// one): the bound on `TALLY_INSTALLMENTS_MAX`, and on what one read returns.
 pub const INSTALLMENTS_MAX: u32 = 1_000;
 
-pub async fn get(conn: &mut impl Conn, id: &str) -> StoreResult<Option<Advance>> {
-    let key = keys::advance(id);
+pub async fn get(conn: &mut impl Conn, keys: &Keys, id: &str) -> StoreResult<Option<Advance>> {
+    let key = keys.advance(id);
+    let leased_key = keys.installments_leased(keys.shard_of_text_id(id));
     let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
     let Some(record) = Record::new(key, fields) else {
         return Ok(None);
@@ -252,7 +261,7 @@ pub async fn get(conn: &mut impl Conn, id: &str) -> StoreResult<Option<Advance>>
     let mut pipe = redis::pipe();
     for n in 1..=count {
         pipe.cmd("ZSCORE")
-            .arg(keys::INSTALLMENTS_LEASED)
+            .arg(&leased_key)
             .arg(format!("{id}:{n}"));
     }
     let leased: Vec<Option<String>> = pipe.query_async(conn).await?;
@@ -284,7 +293,12 @@ pub async fn get(conn: &mut impl Conn, id: &str) -> StoreResult<Option<Advance>>
 /// leased one reads `processing`) yet not in the due set either: nothing
 /// would ever collect them. Only a script that failed part way could leave
 /// one, so the audit looks for them.
-pub async fn stranded(conn: &mut impl Conn, advance: &Advance) -> StoreResult<Vec<u32>> {
+pub async fn stranded(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    advance: &Advance,
+) -> StoreResult<Vec<u32>> {
+    let due_key = keys.installments_due(keys.shard_of_text_id(&advance.id));
     let scheduled: Vec<u32> = advance
         .installments
         .iter()
@@ -294,7 +308,7 @@ pub async fn stranded(conn: &mut impl Conn, advance: &Advance) -> StoreResult<Ve
     let mut pipe = redis::pipe();
     for n in &scheduled {
         pipe.cmd("ZSCORE")
-            .arg(keys::INSTALLMENTS_DUE)
+            .arg(&due_key)
             .arg(format!("{}:{n}", advance.id));
     }
     let due: Vec<Option<String>> = if scheduled.is_empty() {
@@ -310,18 +324,50 @@ pub async fn stranded(conn: &mut impl Conn, advance: &Advance) -> StoreResult<Ve
         .collect())
 }
 
-/// Advance ids, oldest first: all of them, or one account's.
-pub async fn ids(
+/// A shard's advance ids, oldest first, a page at a time.
+pub async fn ids_on(
     conn: &mut impl Conn,
-    account: Option<&AccountId>,
+    keys: &Keys,
+    shard: Shard,
     offset: usize,
     limit: usize,
 ) -> StoreResult<Vec<String>> {
-    let key = account.map_or_else(|| keys::ADVANCES.to_owned(), keys::account_advances);
     Ok(redis::cmd("ZRANGE")
-        .arg(key)
+        .arg(keys.advances(shard))
         .arg(offset)
         .arg(offset + limit - 1)
         .query_async(conn)
         .await?)
+}
+
+/// Advance ids, oldest first: one account's, or all of them (each shard's
+/// first `offset + limit`, merged by creation time, then id).
+pub async fn ids(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    account: Option<&AccountId>,
+    offset: usize,
+    limit: usize,
+) -> StoreResult<Vec<String>> {
+    if let Some(account) = account {
+        return Ok(redis::cmd("ZRANGE")
+            .arg(keys.account_advances(account))
+            .arg(offset)
+            .arg(offset + limit - 1)
+            .query_async(conn)
+            .await?);
+    }
+    let mut all: Vec<(i64, String)> = Vec::new();
+    for shard in keys.shards() {
+        let page: Vec<(String, i64)> = redis::cmd("ZRANGE")
+            .arg(keys.advances(shard))
+            .arg(0)
+            .arg(offset + limit - 1)
+            .arg("WITHSCORES")
+            .query_async(conn)
+            .await?;
+        all.extend(page.into_iter().map(|(id, at)| (at, id)));
+    }
+    all.sort_unstable();
+    Ok(all.into_iter().skip(offset).take(limit).map(|(_, id)| id).collect())
 }

@@ -6,7 +6,8 @@ use std::sync::LazyLock;
 use redis::{AsyncCommands, Script};
 
 use super::rate_limits::Take;
-use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
+use super::keys::{self, Keys};
+use super::{Conn, Record, StoreError, StoreResult, verdict};
 use crate::access::{KeyId, Role};
 use crate::domain::AccountId;
 
@@ -75,10 +76,10 @@ impl KeyRecord {
 }
 
 #[tracing::instrument(skip_all, fields(key_id = %key.id, role = %key.role))]
-pub async fn create_api_key(conn: &mut impl Conn, key: &KeyRecord) -> StoreResult<()> {
+pub async fn create_api_key(conn: &mut impl Conn, keys: &Keys, key: &KeyRecord) -> StoreResult<()> {
     let reply: Vec<String> = CREATE_API_KEY
-        .key(keys::api_key(&key.id))
-        .key(keys::API_KEYS)
+        .key(keys.api_key(&key.id))
+        .key(keys.api_keys(keys.api_key_shard(&key.id)))
         .arg(key.id.as_str())
         .arg(key.role.as_str())
         .arg(key.account.as_ref().map_or("", AccountId::as_str))
@@ -97,29 +98,40 @@ pub async fn create_api_key(conn: &mut impl Conn, key: &KeyRecord) -> StoreResul
     }
 }
 
-pub async fn get_api_key(conn: &mut impl Conn, id: &KeyId) -> StoreResult<Option<KeyRecord>> {
-    let key = keys::api_key(id);
+pub async fn get_api_key(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    id: &KeyId,
+) -> StoreResult<Option<KeyRecord>> {
+    let key = keys.api_key(id);
     let fields = conn.hgetall(&key).await?;
     Record::new(key, fields)
         .map(|record| KeyRecord::from_record(&record))
         .transpose()
 }
 
-/// Keys by creation, oldest first: `limit` of them from `offset`.
+/// Keys by creation, oldest first: `limit` of them from `offset` (each
+/// shard's first `offset + limit`, merged by creation time, then id).
 pub async fn list_api_keys(
     conn: &mut impl Conn,
+    keys: &Keys,
     offset: usize,
     limit: usize,
 ) -> StoreResult<Vec<KeyRecord>> {
     let last = isize::try_from(offset + limit).unwrap_or(isize::MAX) - 1;
-    let ids: Vec<String> = conn.zrange(keys::API_KEYS, offset as isize, last).await?;
-    let mut records = Vec::with_capacity(ids.len());
-    for id in ids {
+    let mut ids: Vec<(i64, String, super::slots::Shard)> = Vec::new();
+    for shard in keys.shards() {
+        let page: Vec<(String, i64)> = conn.zrange_withscores(keys.api_keys(shard), 0, last).await?;
+        ids.extend(page.into_iter().map(|(id, at)| (at, id, shard)));
+    }
+    ids.sort_unstable();
+    let mut records = Vec::with_capacity(limit);
+    for (_, id, shard) in ids.into_iter().skip(offset).take(limit) {
         let id = KeyId::parse(&id).map_err(|err| StoreError::Corrupt {
-            key: keys::API_KEYS.to_owned(),
+            key: keys.api_keys(shard),
             problem: err.to_string(),
         })?;
-        if let Some(record) = get_api_key(conn, &id).await? {
+        if let Some(record) = get_api_key(conn, keys, &id).await? {
             records.push(record);
         }
     }
@@ -131,20 +143,26 @@ pub async fn list_api_keys(
 #[tracing::instrument(skip_all, fields(key_id = %id))]
 pub async fn revoke_api_key(
     conn: &mut impl Conn,
+    keys: &Keys,
     id: &KeyId,
     now_ms: i64,
 ) -> StoreResult<Option<i64>> {
     let reply: Vec<String> = REVOKE_API_KEY
-        .key(keys::api_key(id))
-        .key(keys::API_KEYS_EPOCH)
+        .key(keys.api_key(id))
         .arg(now_ms)
         .invoke_async(conn)
         .await?;
     match (verdict(&reply), reply.get(1).map(String::as_str)) {
-        ("revoked", Some(at)) => at
-            .parse()
-            .map(Some)
-            .map_err(|_| StoreError::UnexpectedReply(reply.clone())),
+        ("revoked", Some(at)) => {
+            let at = at
+                .parse()
+                .map_err(|_| StoreError::UnexpectedReply(reply.clone()))?;
+            // Moved on after every answer that the key is revoked, the
+            // first or a repeat: a process that died between the two steps
+            // leaves the next revoke (or the cache's bound) to catch up.
+            let _: u64 = conn.incr(keys::API_KEYS_EPOCH, 1).await?;
+            Ok(Some(at))
+        }
         ("refused", Some("not_found")) => Ok(None),
         _ => Err(StoreError::UnexpectedReply(reply)),
     }
@@ -171,13 +189,14 @@ pub struct KeyCheck<'a> {
 #[tracing::instrument(skip_all, fields(key_id = %id))]
 pub async fn authenticate_key(
     conn: &mut impl Conn,
+    keys: &Keys,
     id: &KeyId,
     check: KeyCheck<'_>,
 ) -> StoreResult<Option<(KeyRecord, Option<Take>)>> {
-    let record_key = keys::api_key(id);
+    let record_key = keys.api_key(id);
     let reply: Vec<String> = AUTHENTICATE_KEY
         .key(&record_key)
-        .key(keys::rate_limit(&format!("{id}:{}", check.class)))
+        .key(keys.api_key_rate_limit(id, check.class))
         .arg(check.secret_hash)
         .arg(format!("{}_per_s", check.class))
         .arg(check.default_per_s)

@@ -7,7 +7,9 @@ use std::sync::LazyLock;
 use redis::Script;
 use redis::streams::StreamRangeReply;
 
-use super::{Conn, StoreError, StoreResult, keys};
+use super::keys::Keys;
+use super::slots::Shard;
+use super::{Conn, StoreError, StoreResult};
 
 static PAGE_JOURNAL: LazyLock<Script> = lua_script!("page_journal.lua");
 static TRIM_JOURNAL: LazyLock<Script> = lua_script!("trim_journal.lua");
@@ -24,6 +26,14 @@ pub fn index_member(ms: u64, seq: u64) -> String {
     format!("{ms:013}-{seq:010}")
 }
 
+/// The index member of a stream id (`ms-seq`); junk maps to junk that
+/// matches no member.
+pub fn stream_id_member(id: &str) -> String {
+    id.split_once('-')
+        .and_then(|(ms, seq)| Some(index_member(ms.parse().ok()?, seq.parse().ok()?)))
+        .unwrap_or_else(|| id.to_owned())
+}
+
 /// The stream id of an index member, or `None` if it is not one.
 pub fn stream_id(member: &str) -> Option<String> {
     let (ms, seq) = member.split_once('-')?;
@@ -34,10 +44,14 @@ pub fn stream_id(member: &str) -> Option<String> {
     ))
 }
 
-/// The newest entry's index member, if the journal has any.
-pub async fn newest_member(conn: &mut impl Conn) -> StoreResult<Option<String>> {
+/// The newest entry's index member of a shard's journal, if it has any.
+pub async fn newest_member(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
+) -> StoreResult<Option<String>> {
     let newest: Vec<String> = redis::cmd("ZRANGE")
-        .arg(keys::JOURNAL_INDEX)
+        .arg(keys.journal_index(shard))
         .arg(-1)
         .arg(-1)
         .query_async(conn)
@@ -52,21 +66,49 @@ pub struct JournalEntry {
     pub fields: HashMap<String, String>,
 }
 
-/// Entries `offset..offset + size` (newest first) of the window
-/// `[low, high]`, and how many the window holds.
-pub async fn page(
+/// The newest index member of every shard's journal, in shard order.
+pub async fn newest_members(conn: &mut impl Conn, keys: &Keys) -> StoreResult<Vec<Option<String>>> {
+    let mut newest = Vec::with_capacity(usize::from(keys.layout().count()));
+    for shard in keys.shards() {
+        newest.push(newest_member(conn, keys, shard).await?);
+    }
+    Ok(newest)
+}
+
+/// How many of a shard's entries lie in `[from, high]` (index members).
+pub async fn count_between(
     conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
+    from: &str,
+    high: &str,
+) -> StoreResult<usize> {
+    Ok(redis::cmd("ZLEXCOUNT")
+        .arg(keys.journal_index(shard))
+        .arg(format!("[{from}"))
+        .arg(format!("[{high}"))
+        .query_async(conn)
+        .await?)
+}
+
+/// A shard's part of a report page: how many entries its window `[low,
+/// high]` holds, and up to `count` index members, newest first, from
+/// `start` (a `ZRANGE BYLEX` bound: `[member` or `(member`) down to `low`.
+pub async fn window_page(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
     low: &str,
     high: &str,
-    offset: usize,
-    size: usize,
-) -> StoreResult<(usize, Vec<JournalEntry>)> {
+    start: &str,
+    count: usize,
+) -> StoreResult<(usize, Vec<String>)> {
     let reply: Vec<redis::Value> = PAGE_JOURNAL
-        .key(keys::JOURNAL_INDEX)
+        .key(keys.journal_index(shard))
         .arg(low)
         .arg(high)
-        .arg(offset)
-        .arg(size)
+        .arg(start)
+        .arg(count)
         .invoke_async(conn)
         .await?;
     let mut reply = reply.into_iter();
@@ -76,41 +118,56 @@ pub async fn page(
         .map(redis::from_redis_value::<String>)
         .collect::<Result<_, _>>()
         .map_err(|err| StoreError::UnexpectedReply(vec![err.to_string()]))?;
+    Ok((total, members))
+}
+
+/// The entries of a shard's journal under `members` (index members), in
+/// that order; one trimmed since is simply left out.
+pub async fn entries(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
+    members: &[&str],
+) -> StoreResult<Vec<JournalEntry>> {
     if members.is_empty() {
-        return Ok((total, Vec::new()));
+        return Ok(Vec::new());
     }
     let mut pipe = redis::pipe();
-    for member in &members {
+    for member in members {
         let id = stream_id(member).ok_or_else(|| StoreError::Corrupt {
-            key: keys::JOURNAL_INDEX.to_owned(),
+            key: keys.journal_index(shard),
             problem: format!("`{member}` is not a padded stream id"),
         })?;
-        pipe.cmd("XRANGE").arg(keys::JOURNAL).arg(&id).arg(&id);
+        pipe.cmd("XRANGE").arg(keys.journal(shard)).arg(&id).arg(&id);
     }
     let ranges: Vec<StreamRangeReply> = pipe.query_async(conn).await?;
-    // An entry trimmed between the two reads is simply not shown.
-    let entries = ranges
+    Ok(ranges
         .into_iter()
         .flat_map(|range| range.ids)
         .map(|entry| JournalEntry {
             fields: super::stream_fields(&entry),
             id: entry.id,
         })
-        .collect();
-    Ok((total, entries))
+        .collect())
 }
 
-/// Trims every entry older than `cutoff_ms`, a bounded batch per call, and
-/// returns how many went.
-pub async fn trim(conn: &mut impl Conn, cutoff_ms: u64, batches_max: usize) -> StoreResult<usize> {
+/// Trims every entry of a shard's journal older than `cutoff_ms`, a bounded
+/// batch per call, and returns how many went.
+pub async fn trim(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
+    cutoff_ms: u64,
+    batches_max: usize,
+) -> StoreResult<usize> {
     let cutoff = index_member(cutoff_ms, 0);
     let mut trimmed = 0;
     for _ in 0..batches_max {
         let count: usize = TRIM_JOURNAL
-            .key(keys::JOURNAL)
-            .key(keys::JOURNAL_INDEX)
-            .key(keys::JOURNAL_CARRIED)
-            .key(keys::JOURNAL_TRIM_PAUSES)
+            .key(keys.journal(shard))
+            .key(keys.journal_index(shard))
+            .key(keys.journal_carried(shard))
+            .key(keys.journal_trim_pauses(shard))
             .arg(&cutoff)
             .arg(TRIM_BATCH_MAX)
             .arg(super::now_ms())
@@ -124,33 +181,49 @@ pub async fn trim(conn: &mut impl Conn, cutoff_ms: u64, batches_max: usize) -> S
     Ok(trimmed)
 }
 
-/// Holds the trim off until `until_ms` for the audit `token` (set again to
-/// extend it), and forgets pauses that ran out (an audit that died).
-pub async fn pause_trim(conn: &mut impl Conn, token: &str, until_ms: i64) -> StoreResult<()> {
-    redis::pipe()
-        .zrembyscore(keys::JOURNAL_TRIM_PAUSES, "-inf", super::now_ms())
-        .ignore()
-        .zadd(keys::JOURNAL_TRIM_PAUSES, token, until_ms)
-        .ignore()
-        .query_async::<()>(conn)
-        .await?;
+/// Holds the trim of every shard's journal off until `until_ms` for the
+/// audit `token` (set again to extend it), and forgets pauses that ran out
+/// (an audit that died).
+pub async fn pause_trim(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    token: &str,
+    until_ms: i64,
+) -> StoreResult<()> {
+    for shard in keys.shards() {
+        let pauses = keys.journal_trim_pauses(shard);
+        redis::pipe()
+            .zrembyscore(&pauses, "-inf", super::now_ms())
+            .ignore()
+            .zadd(&pauses, token, until_ms)
+            .ignore()
+            .query_async::<()>(conn)
+            .await?;
+    }
     Ok(())
 }
 
-/// Ends the audit `token`'s pause; other audits' pauses stay.
-pub async fn resume_trim(conn: &mut impl Conn, token: &str) -> StoreResult<()> {
-    redis::cmd("ZREM")
-        .arg(keys::JOURNAL_TRIM_PAUSES)
-        .arg(token)
-        .query_async::<()>(conn)
-        .await?;
+/// Ends the audit `token`'s pause on every shard; other audits' pauses stay.
+pub async fn resume_trim(conn: &mut impl Conn, keys: &Keys, token: &str) -> StoreResult<()> {
+    for shard in keys.shards() {
+        redis::cmd("ZREM")
+            .arg(keys.journal_trim_pauses(shard))
+            .arg(token)
+            .query_async::<()>(conn)
+            .await?;
+    }
     Ok(())
 }
 
-/// What trimmed entries had moved: per account, and per kind (`kind:<kind>`).
-pub async fn carried(conn: &mut impl Conn) -> StoreResult<HashMap<String, i64>> {
+/// What trimmed entries of a shard's journal had moved: per account, and
+/// per kind (`kind:<kind>`).
+pub async fn carried(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
+) -> StoreResult<HashMap<String, i64>> {
     Ok(redis::cmd("HGETALL")
-        .arg(keys::JOURNAL_CARRIED)
+        .arg(keys.journal_carried(shard))
         .query_async(conn)
         .await?)
 }

@@ -1,167 +1,43 @@
 //! Every Redis key tally uses is spelled here and nowhere else. Scripts get
 //! their keys from these functions through `KEYS`, never by concatenating
-//! inside Lua. (Redis Cluster needs more than hash tags here: most scripts
-//! write global keys beside an account's; see `slots.rs` and CLUSTER.md.)
+//! inside Lua.
+//!
+//! Keys live on logical shards (`slots.rs`, CLUSTER.md): `tally:{<tag>}:...`,
+//! one hash tag per shard, so that every key of one shard shares one hash
+//! slot and a script that stays inside a shard is legal on Redis Cluster,
+//! while a standalone Redis ignores the tags. Where things live:
+//! - a customer account's shard (from its id): the account, its orders,
+//!   wallet queue and transactions, the transfers it pays, its advances and
+//!   idempotency records;
+//! - every shard: its own journal (with index and carried sums), events,
+//!   wallet and installment streams, account and advance indexes, and its
+//!   sub-account of each system account (`@bank` is the sum of its N);
+//! - a symbol's home shard (a hash of the symbol): its bucket, batches,
+//!   settle stream, failed batches and counters.
+//!
+//! Ids made by tally carry their shard in their random bits
+//! ([`ShardLayout::new_id_in`]), so a `GET` finds its record with no lookup.
+//! A few keys stay untagged: each is only ever used alone (one command, or
+//! a script with that one key).
 
-use crate::domain::{AccountId, BatchId, OrderId, Symbol};
+use std::sync::Arc;
 
-/// Customer account index: a sorted set of ids, all with score 0, so that
-/// `ZRANGE BYLEX` pages through them in id (that is, creation) order.
-pub const ACCOUNTS: &str = "tally:accounts";
-/// The journal: one stream entry per movement of money.
-pub const JOURNAL: &str = "tally:journal";
-/// The journal's index for the report: every entry id, zero-padded so text
-/// order is id order (sorted set, all scores 0). Ranks page it in O(log N).
-pub const JOURNAL_INDEX: &str = "tally:journal:index";
-/// Sums of journal entries trimmed past retention (hash: account id -> cents,
-/// and `kind:<kind>` -> cents), so the audit still adds up after a trim.
-pub const JOURNAL_CARRIED: &str = "tally:journal:carried";
-/// Audits reading the journal (sorted set: audit token -> until, ms). While
-/// one is in force the trim waits, so an entry cannot leave the journal for
-/// the carried sums between the audit's read of the two.
-pub const JOURNAL_TRIM_PAUSES: &str = "tally:journal:trim_pauses";
-/// A transfer or bank transaction (hash), kept for the idempotency ttl: it
-/// answers a replay of its Idempotency-Key and a second run of its call.
-pub fn transaction(id: &str) -> String {
-    format!("tally:transaction:{id}")
-}
-/// Settle jobs, one per batch, consumed by the settlement workers.
-pub const SETTLE_STREAM: &str = "tally:settle";
-/// Settle jobs that failed for good (stream), for operators.
-pub const SETTLE_DEAD_STREAM: &str = "tally:settle:dead";
-/// Settle jobs waiting for their next attempt (sorted set: job JSON by due ms).
-pub const SETTLE_RETRIES: &str = "tally:settle:retries";
-/// Batches that failed, by failure time (sorted set), for operators.
-pub const FAILED_BATCHES: &str = "tally:batches:failed";
-/// Accounting events (stream): the transactional outbox the notifier delivers.
-pub const EVENTS_STREAM: &str = "tally:events";
-/// Counters for operators and the bench (hash: batches_settled).
-pub const STATS: &str = "tally:stats";
-/// Batch ids by creation time (sorted set).
-pub const BATCHES: &str = "tally:batches";
-/// Every symbol that has ever been ordered (set), so the audit finds all buckets.
-pub const SYMBOLS: &str = "tally:symbols";
+use uuid::Uuid;
 
-/// An account (hash: id, name, balance in cents, created_at).
-pub fn account(id: &AccountId) -> String {
-    format!("tally:account:{id}")
-}
+use super::slots::{Shard, ShardLayout};
+use crate::domain::{AccountId, BatchId, OrderId, Symbol, SystemAccount};
 
-/// A purchase order (hash).
-pub fn order(id: &OrderId) -> String {
-    format!("tally:order:{id}")
-}
+/// The shard count a deployment runs with (set once, before data exists),
+/// stamped here by the first process; later ones refuse another count.
+pub const SHARD_COUNT: &str = "tally:shards";
 
-/// A symbol's pending bucket (hash: value, quantity, count, epoch).
-pub fn bucket(symbol: &Symbol) -> String {
-    format!("tally:bucket:{symbol}")
-}
-
-/// Order ids waiting in a symbol's bucket (list).
-pub fn bucket_orders(symbol: &Symbol) -> String {
-    format!("tally:bucket:{symbol}:orders")
-}
-
-/// Which batch each closed epoch of a bucket became (hash: epoch -> batch id).
-pub fn bucket_batches(symbol: &Symbol) -> String {
-    format!("tally:bucket:{symbol}:batches")
-}
-
-/// A batch of orders bought in one exchange call (hash).
-pub fn batch(id: &BatchId) -> String {
-    format!("tally:batch:{id}")
-}
-
-/// The order ids of a batch (list).
-pub fn batch_orders(id: &BatchId) -> String {
-    format!("tally:batch:{id}:orders")
-}
-
-/// What one Idempotency-Key did for one kind of request (string).
-pub fn idempotency(scope: &str, key: &str) -> String {
-    format!("tally:idempotency:{scope}:{key}")
-}
-
-/// Wallet jobs (stream): one entry per account with queued transactions.
-pub const WALLET_STREAM: &str = "tally:wallet";
-/// Wallet jobs no worker could read (stream), for operators.
-pub const WALLET_DEAD_STREAM: &str = "tally:wallet:dead";
-/// Rejected wallet transactions (stream), with their reasons.
-pub const WALLET_ERRORS_STREAM: &str = "transactions:errors";
-/// Event deliveries waiting for their next attempt (sorted set: job JSON by due ms).
-pub const EVENTS_RETRIES: &str = "tally:events:retries";
-/// Events the webhook would not take after every retry (stream).
-pub const EVENTS_DEAD_STREAM: &str = "tally:events:dead";
-
-/// A wallet transaction (hash).
-pub fn wallet_transaction(id: &str) -> String {
-    format!("tally:wallet:transaction:{id}")
-}
-
-/// An account's wallet transactions waiting to be applied, in order (list).
-pub fn wallet_queue(account: &AccountId) -> String {
-    format!("tally:wallet:queue:{account}")
-}
-
-/// Set while an account has a job on the wallet stream (string).
-pub fn wallet_scheduled(account: &AccountId) -> String {
-    format!("tally:wallet:scheduled:{account}")
-}
-
-/// An account's wallet transactions by id, that is by time (sorted set, scores 0).
-pub fn wallet_history(account: &AccountId) -> String {
-    format!("tally:wallet:history:{account}")
-}
-
-/// Installments not yet due (sorted set: "advance_id:n" by due ms).
-pub const INSTALLMENTS_DUE: &str = "tally:installments:due";
-/// Installments leased to a worker (sorted set: "advance_id:n" by lease expiry ms).
-pub const INSTALLMENTS_LEASED: &str = "tally:installments:leased";
-/// Installment jobs (stream).
-pub const INSTALLMENTS_STREAM: &str = "tally:installments";
-/// Installment jobs no worker could read (stream), for operators.
-pub const INSTALLMENTS_DEAD_STREAM: &str = "tally:installments:dead";
-
-/// The streams consumer groups read, each with a short label (metrics):
-/// the workers trim each of them once every group is done with an entry.
-pub const CONSUMED_STREAMS: [(&str, &str); 4] = [
-    ("settle", SETTLE_STREAM),
-    ("wallet", WALLET_STREAM),
-    ("installments", INSTALLMENTS_STREAM),
-    ("events", EVENTS_STREAM),
-];
-/// Every advance by creation time (sorted set).
-pub const ADVANCES: &str = "tally:advances";
-
-/// An advance with its installments (hash: `i<n>:amount`, `i<n>:due`, `i<n>:status`, ...).
-pub fn advance(id: &str) -> String {
-    format!("tally:advance:{id}")
-}
-
-/// An account's advances by creation time (sorted set).
-pub fn account_advances(account: &AccountId) -> String {
-    format!("tally:account:{account}:advances")
-}
-
-/// Every API key by creation time (sorted set: key id by ms).
-pub const API_KEYS: &str = "tally:api_keys";
+/// A key of today's layout that the single-node layout before shards also
+/// had: its presence means data that `tally migrate` must move first.
+pub const UNSHARDED_BANK: &str = "tally:account:@bank";
 
 /// Moved on by every revocation (string: a counter): API processes read it
 /// a few times a second and drop their cached key records when it moves.
 pub const API_KEYS_EPOCH: &str = "tally:api_keys:epoch";
-
-/// An API key's record (hash: role, bound account, secret hash, times, limits).
-/// The secret itself is never stored.
-pub fn api_key(id: &crate::access::KeyId) -> String {
-    format!("tally:api_key:{id}")
-}
-
-/// A rate-limit bucket (string: GCRA arrival time, µs), expiring once full.
-/// `holder` is a key id and its class (`reads`, `writes`), or a client
-/// address for failed authentications.
-pub fn rate_limit(holder: &str) -> String {
-    format!("tally:rate_limit:{holder}")
-}
 
 /// Held while an API process runs an audit (string: the holder's token,
 /// expiring after the request timeout), so two audits never run at once.
@@ -172,3 +48,442 @@ pub const DEV_DEMO_ACCOUNT: &str = "tally:dev:demo_account";
 
 /// The ids of the keys the last `tally dev` printed (set), revoked by the next.
 pub const DEV_KEYS: &str = "tally:dev:keys";
+
+/// A rate-limit bucket (string: GCRA arrival time, µs), expiring once full.
+/// `holder` is a key id and its class (`reads`, `writes`), or a client
+/// address for failed authentications.
+pub fn rate_limit(holder: &str) -> String {
+    format!("tally:rate_limit:{holder}")
+}
+
+/// The streams consumer groups read, each with a short label (metrics) and
+/// the name of its dead-letter stream: the workers trim each of them once
+/// every group is done with an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Settle,
+    Wallet,
+    Installments,
+    Events,
+}
+
+impl StreamKind {
+    pub const ALL: [StreamKind; 4] = [
+        StreamKind::Settle,
+        StreamKind::Wallet,
+        StreamKind::Installments,
+        StreamKind::Events,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamKind::Settle => "settle",
+            StreamKind::Wallet => "wallet",
+            StreamKind::Installments => "installments",
+            StreamKind::Events => "events",
+        }
+    }
+}
+
+/// The key names of one deployment: its shard layout and the tag strings.
+/// Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    layout: Arc<ShardLayout>,
+}
+
+impl Default for Keys {
+    /// The default shard count's keys.
+    fn default() -> Self {
+        Keys::new(crate::config::SHARDS_DEFAULT)
+    }
+}
+
+impl Keys {
+    pub fn new(shard_count: u16) -> Self {
+        Keys {
+            layout: Arc::new(ShardLayout::new(shard_count)),
+        }
+    }
+
+    pub fn layout(&self) -> &ShardLayout {
+        &self.layout
+    }
+
+    /// Every shard, in order.
+    pub fn shards(&self) -> impl Iterator<Item = Shard> + '_ {
+        self.layout.shards()
+    }
+
+    fn at(&self, shard: Shard, name: std::fmt::Arguments<'_>) -> String {
+        format!("tally:{{{}}}:{name}", self.layout.tag(shard))
+    }
+
+    // --- where things live ---
+
+    /// A customer account's shard; `None` for a system account, which has a
+    /// sub-account on every shard.
+    pub fn shard_of_account(&self, id: &AccountId) -> Option<Shard> {
+        id.uuid().map(|uuid| self.layout.of_id(&uuid))
+    }
+
+    /// The shard of a record whose id tally drew there (orders, batches,
+    /// transactions, advances, keys).
+    pub fn shard_of_id(&self, id: &Uuid) -> Shard {
+        self.layout.of_id(id)
+    }
+
+    /// The shard of a record whose id is stored as text; ids that are not
+    /// UUIDs (none tally makes) fall to shard 0, where nothing is found.
+    pub fn shard_of_text_id(&self, id: &str) -> Shard {
+        Uuid::try_parse(id)
+            .map(|uuid| self.layout.of_id(&uuid))
+            .unwrap_or_else(|_| self.layout.first())
+    }
+
+    /// A symbol's home shard.
+    pub fn shard_of_symbol(&self, symbol: &Symbol) -> Shard {
+        self.layout.of_symbol(symbol.as_str())
+    }
+
+    /// A fresh id (UUIDv7) that lives on `shard`.
+    pub fn new_id_in(&self, shard: Shard) -> Uuid {
+        self.layout.new_id_in(shard)
+    }
+
+    /// A fresh customer account id. With an Idempotency-Key it is drawn on
+    /// the key's shard (a hash of the key), so that a replay, which draws
+    /// another id, finds the first request's record there.
+    pub fn new_account_id(&self, idempotency_key: Option<&str>) -> AccountId {
+        match idempotency_key {
+            Some(key) => AccountId::from_uuid(self.new_id_in(self.layout.of_symbol(key))),
+            None => AccountId::new_customer(),
+        }
+    }
+
+    /// A fresh order id on its customer's shard.
+    pub fn new_order_id(&self, account: &AccountId) -> OrderId {
+        let shard = self.shard_of_account(account).unwrap_or(self.layout.first());
+        OrderId::from_uuid(self.new_id_in(shard))
+    }
+
+    /// A fresh batch id on its symbol's home shard.
+    pub fn new_batch_id(&self, symbol: &Symbol) -> BatchId {
+        BatchId::from_uuid(self.new_id_in(self.shard_of_symbol(symbol)))
+    }
+
+    // --- accounts ---
+
+    /// A customer account (hash: id, name, balance in cents, created_at).
+    /// A system account id names its sub-account on shard 0: use
+    /// [`Keys::account_on`] where a system account may appear.
+    pub fn account(&self, id: &AccountId) -> String {
+        match self.shard_of_account(id) {
+            Some(shard) => self.at(shard, format_args!("account:{id}")),
+            None => self.at(self.layout.first(), format_args!("account:{id}")),
+        }
+    }
+
+    /// `id`'s account as a script on `shard` sees it: a customer's own
+    /// (which must live there for the script to be single-slot), or a system
+    /// account's sub-account on `shard`.
+    pub fn account_on(&self, shard: Shard, id: &AccountId) -> String {
+        match self.shard_of_account(id) {
+            Some(_) => self.account(id),
+            None => self.at(shard, format_args!("account:{id}")),
+        }
+    }
+
+    /// A system account's sub-account on `shard` (hash, as an account).
+    pub fn system_account(&self, system: SystemAccount, shard: Shard) -> String {
+        self.account_on(shard, &system.id())
+    }
+
+    /// Customer account index of a shard: a sorted set of ids, all with
+    /// score 0, so that `ZRANGE BYLEX` pages through them in id (that is,
+    /// creation) order.
+    pub fn accounts(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("accounts"))
+    }
+
+    // --- the journal, per shard ---
+
+    /// A shard's journal: one stream entry per movement of money.
+    pub fn journal(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("journal"))
+    }
+
+    /// The journal's index for the report: every entry id, zero-padded so
+    /// text order is id order (sorted set, all scores 0). Ranks page it in
+    /// O(log N).
+    pub fn journal_index(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("journal:index"))
+    }
+
+    /// Sums of a shard's journal entries trimmed past retention (hash:
+    /// account id -> cents, and `kind:<kind>` -> cents), so the audit still
+    /// adds up after a trim.
+    pub fn journal_carried(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("journal:carried"))
+    }
+
+    /// Audits reading a shard's journal (sorted set: audit token -> until,
+    /// ms). While one is in force the trim waits, so an entry cannot leave
+    /// the journal for the carried sums between the audit's read of the two.
+    pub fn journal_trim_pauses(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("journal:trim_pauses"))
+    }
+
+    // --- accounting events, per shard ---
+
+    /// Accounting events (stream): the transactional outbox the notifier delivers.
+    pub fn events(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("events"))
+    }
+
+    /// Event deliveries waiting for their next attempt (sorted set: job JSON by due ms).
+    pub fn events_retries(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("events:retries"))
+    }
+
+    /// Events the webhook would not take after every retry (stream).
+    pub fn events_dead(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("events:dead"))
+    }
+
+    // --- orders, buckets and batches ---
+
+    /// A purchase order (hash), on its customer's shard.
+    pub fn order(&self, id: &OrderId) -> String {
+        self.at(
+            self.shard_of_id(&id.uuid()),
+            format_args!("order:{id}"),
+        )
+    }
+
+    /// A symbol's pending bucket (hash: value, quantity, count, epoch).
+    pub fn bucket(&self, symbol: &Symbol) -> String {
+        self.at(self.shard_of_symbol(symbol), format_args!("bucket:{symbol}"))
+    }
+
+    /// Order ids waiting in a symbol's bucket (list).
+    pub fn bucket_orders(&self, symbol: &Symbol) -> String {
+        self.at(
+            self.shard_of_symbol(symbol),
+            format_args!("bucket:{symbol}:orders"),
+        )
+    }
+
+    /// Which batch each closed epoch of a bucket became (hash: epoch -> batch id).
+    pub fn bucket_batches(&self, symbol: &Symbol) -> String {
+        self.at(
+            self.shard_of_symbol(symbol),
+            format_args!("bucket:{symbol}:batches"),
+        )
+    }
+
+    /// A batch of orders bought in one exchange call (hash), on its symbol's
+    /// home shard.
+    pub fn batch(&self, id: &BatchId) -> String {
+        self.at(self.shard_of_id(&id.uuid()), format_args!("batch:{id}"))
+    }
+
+    /// The order ids of a batch (list).
+    pub fn batch_orders(&self, id: &BatchId) -> String {
+        self.at(
+            self.shard_of_id(&id.uuid()),
+            format_args!("batch:{id}:orders"),
+        )
+    }
+
+    /// Batch ids of the symbols homed on a shard, by creation time (sorted set).
+    pub fn batches(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("batches"))
+    }
+
+    /// Every symbol homed on a shard that has ever been ordered (set), so
+    /// the audit finds all buckets.
+    pub fn symbols(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("symbols"))
+    }
+
+    /// Settle jobs, one per batch, consumed by the settlement workers.
+    pub fn settle(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("settle"))
+    }
+
+    /// Settle jobs that failed for good (stream), for operators.
+    pub fn settle_dead(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("settle:dead"))
+    }
+
+    /// Settle jobs waiting for their next attempt (sorted set: job JSON by due ms).
+    pub fn settle_retries(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("settle:retries"))
+    }
+
+    /// Batches that failed, by failure time (sorted set), for operators.
+    pub fn failed_batches(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("batches:failed"))
+    }
+
+    /// Counters for operators and the bench (hash: batches_settled).
+    pub fn stats(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("stats"))
+    }
+
+    // --- transfers and idempotency ---
+
+    /// A transfer or bank transaction (hash), kept for the idempotency ttl:
+    /// it answers a replay of its Idempotency-Key and a second run of its
+    /// call. On the shard its id was drawn in (the paying customer's).
+    pub fn transaction(&self, id: &str) -> String {
+        self.at(self.shard_of_text_id(id), format_args!("transaction:{id}"))
+    }
+
+    /// What one Idempotency-Key did for one kind of request (string), on the
+    /// shard of the account the request acts for.
+    pub fn idempotency(&self, shard: Shard, scope: &str, key: &str) -> String {
+        self.at(shard, format_args!("idempotency:{scope}:{key}"))
+    }
+
+    // --- the wallet ---
+
+    /// Wallet jobs (stream): one entry per account with queued transactions.
+    pub fn wallet(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("wallet"))
+    }
+
+    /// Wallet jobs no worker could read (stream), for operators.
+    pub fn wallet_dead(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("wallet:dead"))
+    }
+
+    /// Rejected wallet transactions (stream), with their reasons: the
+    /// `transactions:errors` stream, one per shard.
+    pub fn wallet_errors(&self, shard: Shard) -> String {
+        format!("transactions:errors:{{{}}}", self.layout.tag(shard))
+    }
+
+    /// A wallet transaction (hash), on its account's shard.
+    pub fn wallet_transaction(&self, id: &str) -> String {
+        self.at(
+            self.shard_of_text_id(id),
+            format_args!("wallet:transaction:{id}"),
+        )
+    }
+
+    /// An account's wallet transactions waiting to be applied, in order (list).
+    pub fn wallet_queue(&self, account: &AccountId) -> String {
+        self.on_account(account, format_args!("wallet:queue:{account}"))
+    }
+
+    /// Set while an account has a job on the wallet stream (string).
+    pub fn wallet_scheduled(&self, account: &AccountId) -> String {
+        self.on_account(account, format_args!("wallet:scheduled:{account}"))
+    }
+
+    /// An account's wallet transactions by id, that is by time (sorted set, scores 0).
+    pub fn wallet_history(&self, account: &AccountId) -> String {
+        self.on_account(account, format_args!("wallet:history:{account}"))
+    }
+
+    fn on_account(&self, account: &AccountId, name: std::fmt::Arguments<'_>) -> String {
+        self.at(self.account_shard(account), name)
+    }
+
+    /// A customer account's shard (shard 0 for a system account, which
+    /// never has records of its own there).
+    pub fn account_shard(&self, account: &AccountId) -> Shard {
+        self.shard_of_account(account)
+            .unwrap_or(self.layout.first())
+    }
+
+    // --- advances and installments ---
+
+    /// Advances on a shard by creation time (sorted set).
+    pub fn advances(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("advances"))
+    }
+
+    /// An advance with its installments (hash: `i<n>:amount`, `i<n>:due`,
+    /// `i<n>:status`, ...), on its account's shard.
+    pub fn advance(&self, id: &str) -> String {
+        self.at(self.shard_of_text_id(id), format_args!("advance:{id}"))
+    }
+
+    /// An account's advances by creation time (sorted set).
+    pub fn account_advances(&self, account: &AccountId) -> String {
+        self.on_account(account, format_args!("account:{account}:advances"))
+    }
+
+    /// Installments not yet due (sorted set: "advance_id:n" by due ms).
+    pub fn installments_due(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("installments:due"))
+    }
+
+    /// Installments leased to a worker (sorted set: "advance_id:n" by lease expiry ms).
+    pub fn installments_leased(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("installments:leased"))
+    }
+
+    /// Installment jobs (stream).
+    pub fn installments(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("installments"))
+    }
+
+    /// Installment jobs no worker could read (stream), for operators.
+    pub fn installments_dead(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("installments:dead"))
+    }
+
+    // --- job streams, generically ---
+
+    /// A job stream of a shard.
+    pub fn job_stream(&self, stream: StreamKind, shard: Shard) -> String {
+        match stream {
+            StreamKind::Settle => self.settle(shard),
+            StreamKind::Wallet => self.wallet(shard),
+            StreamKind::Installments => self.installments(shard),
+            StreamKind::Events => self.events(shard),
+        }
+    }
+
+    /// Where a job stream's jobs go when no worker could handle them.
+    pub fn job_stream_dead(&self, stream: StreamKind, shard: Shard) -> String {
+        match stream {
+            StreamKind::Settle => self.settle_dead(shard),
+            StreamKind::Wallet => self.wallet_dead(shard),
+            StreamKind::Installments => self.installments_dead(shard),
+            StreamKind::Events => self.events_dead(shard),
+        }
+    }
+
+    // --- API keys ---
+
+    /// API keys on a shard by creation time (sorted set: key id by ms).
+    pub fn api_keys(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("api_keys"))
+    }
+
+    /// An API key's record (hash: role, bound account, secret hash, times,
+    /// limits), on the shard its id was drawn in. The secret itself is never
+    /// stored.
+    pub fn api_key(&self, id: &crate::access::KeyId) -> String {
+        self.at(self.api_key_shard(id), format_args!("api_key:{id}"))
+    }
+
+    /// An API key's rate-limit bucket for a class of requests (`reads`,
+    /// `writes`), beside its record (see [`rate_limit`]).
+    pub fn api_key_rate_limit(&self, id: &crate::access::KeyId, class: &str) -> String {
+        self.at(
+            self.api_key_shard(id),
+            format_args!("rate_limit:{id}:{class}"),
+        )
+    }
+
+    /// A key id is a UUID's 32 hex digits.
+    pub fn api_key_shard(&self, id: &crate::access::KeyId) -> Shard {
+        self.shard_of_text_id(id.as_str())
+    }
+}

@@ -112,6 +112,7 @@ impl<T: redis::aio::ConnectionLike + Send + Sync> Conn for T {}
 pub struct Store {
     shared: connection::SharedConnection,
     pool: Pool,
+    keys: keys::Keys,
 }
 
 impl Store {
@@ -131,7 +132,13 @@ impl Store {
         Ok(Store {
             shared: connection::SharedConnection::new(client, connection),
             pool,
+            keys: keys::Keys::new(settings.shards),
         })
+    }
+
+    /// The key names of this deployment's shard layout.
+    pub fn keys(&self) -> &keys::Keys {
+        &self.keys
     }
 
     /// A store that has not connected (pools connect lazily): enough to
@@ -153,25 +160,61 @@ impl Store {
         self.shared.record_script_slots(recorder);
     }
 
+    /// Most connections [`Store::dedicated_conn`] hands out at once.
+    pub fn pool_size_max(&self) -> usize {
+        self.pool.status().max_size
+    }
+
     /// A connection of its own, for blocking reads.
     pub async fn dedicated_conn(&self) -> StoreResult<deadpool_redis::Connection> {
         Ok(self.pool.get().await?)
     }
 
-    /// Creates the system accounts if they do not exist yet. Safe to run from
+    /// Checks the data in Redis is laid out as this process would write it,
+    /// stamping the shard count on first use, then creates the system
+    /// accounts' sub-accounts if they do not exist yet. Safe to run from
     /// every process at every start.
-    pub async fn ensure_system_accounts(&self) -> StoreResult<()> {
+    pub async fn ensure_system_accounts(&self) -> anyhow::Result<()> {
         let mut conn = self.conn().await?;
-        let mut pipe = redis::pipe();
-        for system in SystemAccount::ALL {
-            let id = system.id();
-            let key = keys::account(&id);
-            pipe.hset_nx(&key, "id", id.as_str())
-                .hset_nx(&key, "name", id.as_str())
-                .hset_nx(&key, "balance", 0)
-                .hset_nx(&key, "created_at", now_ms());
+        let unsharded: bool = redis::cmd("EXISTS")
+            .arg(keys::UNSHARDED_BANK)
+            .query_async(&mut conn)
+            .await?;
+        if unsharded {
+            anyhow::bail!(
+                "this Redis holds data in the single-node key layout of an earlier tally \
+                 (`{}` exists): run `tally migrate` to move it to the sharded layout first",
+                keys::UNSHARDED_BANK
+            );
         }
-        pipe.query_async::<()>(&mut conn).await?;
+        let count = self.keys.layout().count();
+        let stamped: Option<u16> = redis::cmd("SET")
+            .arg(keys::SHARD_COUNT)
+            .arg(count)
+            .arg("NX")
+            .arg("GET")
+            .query_async(&mut conn)
+            .await?;
+        if let Some(stamped) = stamped.filter(|stamped| *stamped != count) {
+            anyhow::bail!(
+                "this Redis holds data written with TALLY_SHARDS={stamped}, and this process \
+                 runs with {count}: the shard count is fixed once data exists; set \
+                 TALLY_SHARDS={stamped}"
+            );
+        }
+        let created_at = now_ms();
+        for shard in self.keys.shards() {
+            let mut pipe = redis::pipe();
+            for system in SystemAccount::ALL {
+                let id = system.id();
+                let key = self.keys.system_account(system, shard);
+                pipe.hset_nx(&key, "id", id.as_str())
+                    .hset_nx(&key, "name", id.as_str())
+                    .hset_nx(&key, "balance", 0)
+                    .hset_nx(&key, "created_at", created_at);
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
         Ok(())
     }
 

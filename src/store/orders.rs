@@ -4,7 +4,9 @@ use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
 
-use super::{Conn, Record, StoreError, StoreResult, keys};
+use super::keys::Keys;
+use super::slots::Shard;
+use super::{Conn, Record, StoreError, StoreResult};
 use crate::domain::{
     AccountId, Amount, BatchId, Idempotency, OrderId, Quantity, Symbol, SystemAccount,
 };
@@ -132,9 +134,10 @@ pub enum PlaceOrderError {
 /// Places one order: `place_orders.lua` with a group of one.
 pub async fn place_order(
     conn: &mut impl Conn,
+    keys: &Keys,
     order: &PlaceOrder,
 ) -> Result<PlaceOrderOutcome, PlaceOrderError> {
-    let mut outcomes = place_orders(conn, std::slice::from_ref(order)).await?;
+    let mut outcomes = place_orders(conn, keys, std::slice::from_ref(order)).await?;
     outcomes
         .pop()
         .ok_or_else(|| StoreError::UnexpectedReply(Vec::new()))?
@@ -144,9 +147,10 @@ pub async fn place_order(
 /// written (or refused) on its own; the outcomes come back in order.
 pub async fn place_orders(
     conn: &mut impl Conn,
+    keys: &Keys,
     orders: &[PlaceOrder],
 ) -> StoreResult<Vec<Result<PlaceOrderOutcome, PlaceOrderError>>> {
-    let (script_keys, script_args) = place_orders_input(orders);
+    let (script_keys, script_args) = place_orders_input(keys, orders);
     let mut invocation = PLACE_ORDERS.prepare_invoke();
     for key in script_keys {
         invocation.key(key);
@@ -159,36 +163,49 @@ pub async fn place_orders(
 }
 
 /// The `KEYS` and `ARGV` of `place_orders.lua` for `orders`, in script order.
-pub fn place_orders_input(orders: &[PlaceOrder]) -> (Vec<String>, Vec<String>) {
+/// The group's orders are one shard's (the API groups them by customer
+/// shard): the debit, its journal entry and event are written there, and
+/// the bucket, batch and settle job on the symbol's home shard. (Until the
+/// order saga splits the two, a group whose symbol lives elsewhere spans
+/// two slots.)
+pub fn place_orders_input(keys: &Keys, orders: &[PlaceOrder]) -> (Vec<String>, Vec<String>) {
     let exchange = SystemAccount::Exchange.id();
+    let shard = orders
+        .first()
+        .and_then(|order| keys.shard_of_account(&order.account_id))
+        .unwrap_or(keys.layout().first());
+    let home = orders
+        .first()
+        .map(|order| keys.shard_of_symbol(&order.symbol))
+        .unwrap_or(shard);
     let mut script_keys = Vec::with_capacity(7 + 8 * orders.len());
     script_keys.extend([
-        keys::account(&exchange),
-        keys::JOURNAL.to_owned(),
-        keys::SETTLE_STREAM.to_owned(),
-        keys::BATCHES.to_owned(),
-        keys::SYMBOLS.to_owned(),
-        keys::JOURNAL_INDEX.to_owned(),
-        keys::EVENTS_STREAM.to_owned(),
+        keys.system_account(SystemAccount::Exchange, shard),
+        keys.journal(shard),
+        keys.settle(home),
+        keys.batches(home),
+        keys.symbols(home),
+        keys.journal_index(shard),
+        keys.events(shard),
     ]);
     let mut script_args = Vec::with_capacity(2 + 10 * orders.len());
     script_args.extend([orders.len().to_string(), exchange.to_string()]);
     for order in orders {
         let (idempotency_key, idempotency) = match &order.idempotency {
             Some(idem) => (
-                keys::idempotency("orders", idem.key.as_str()),
+                keys.idempotency(shard, "orders", idem.key.as_str()),
                 format!("{} {}", idem.fingerprint, order.idempotency_ttl_secs),
             ),
-            None => (keys::idempotency("orders", "-"), String::new()),
+            None => (keys.idempotency(shard, "orders", "-"), String::new()),
         };
         script_keys.extend([
-            keys::account(&order.account_id),
-            keys::order(&order.order_id),
-            keys::bucket(&order.symbol),
-            keys::bucket_orders(&order.symbol),
-            keys::bucket_batches(&order.symbol),
-            keys::batch(&order.batch_id),
-            keys::batch_orders(&order.batch_id),
+            keys.account(&order.account_id),
+            keys.order(&order.order_id),
+            keys.bucket(&order.symbol),
+            keys.bucket_orders(&order.symbol),
+            keys.bucket_batches(&order.symbol),
+            keys.batch(&order.batch_id),
+            keys.batch_orders(&order.batch_id),
             idempotency_key,
         ]);
         script_args.extend([
@@ -253,15 +270,19 @@ fn parse_outcome(words: &[String]) -> Result<PlaceOrderOutcome, PlaceOrderError>
 }
 
 /// An order with its status, which it takes from its batch once it has one.
-pub async fn get_order(conn: &mut impl Conn, id: &OrderId) -> StoreResult<Option<Order>> {
-    let key = keys::order(id);
+pub async fn get_order(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    id: &OrderId,
+) -> StoreResult<Option<Order>> {
+    let key = keys.order(id);
     let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
     let Some(record) = Record::new(key, fields) else {
         return Ok(None);
     };
     let symbol = record.parsed("symbol", Symbol::parse)?;
     let epoch = record.text("epoch")?;
-    let batch_id: Option<String> = conn.hget(keys::bucket_batches(&symbol), epoch).await?;
+    let batch_id: Option<String> = conn.hget(keys.bucket_batches(&symbol), epoch).await?;
     let batch_id = batch_id
         .map(|id| BatchId::parse(&id).map_err(|err| record.corrupt(err.to_string())))
         .transpose()?;
@@ -269,7 +290,7 @@ pub async fn get_order(conn: &mut impl Conn, id: &OrderId) -> StoreResult<Option
         None => (SettlementStatus::Pending, 0, None),
         Some(batch_id) => {
             let (status, attempts, last_error): (Option<String>, Option<i64>, Option<String>) =
-                conn.hmget(keys::batch(batch_id), &["status", "attempts", "last_error"])
+                conn.hmget(keys.batch(batch_id), &["status", "attempts", "last_error"])
                     .await?;
             let status =
                 status.ok_or_else(|| record.corrupt(format!("batch {batch_id} is missing")))?;
@@ -298,13 +319,17 @@ pub async fn get_order(conn: &mut impl Conn, id: &OrderId) -> StoreResult<Option
 
 /// A batch with its order ids (at most the exchange minimum in cents of them,
 /// since every order costs at least a cent).
-pub async fn get_batch(conn: &mut impl Conn, id: &BatchId) -> StoreResult<Option<Batch>> {
-    let key = keys::batch(id);
+pub async fn get_batch(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    id: &BatchId,
+) -> StoreResult<Option<Batch>> {
+    let key = keys.batch(id);
     let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
     let Some(record) = Record::new(key, fields) else {
         return Ok(None);
     };
-    let order_ids: Vec<String> = conn.lrange(keys::batch_orders(id), 0, -1).await?;
+    let order_ids: Vec<String> = conn.lrange(keys.batch_orders(id), 0, -1).await?;
     let order_ids = order_ids
         .iter()
         .map(|id| OrderId::parse(id).map_err(|err| record.corrupt(err.to_string())))
@@ -324,15 +349,18 @@ pub async fn get_batch(conn: &mut impl Conn, id: &BatchId) -> StoreResult<Option
 }
 
 /// The pending bucket of each symbol given, empty ones included.
-pub async fn buckets(conn: &mut impl Conn, symbols: &[Symbol]) -> StoreResult<Vec<Bucket>> {
-    if symbols.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut pipe = redis::pipe();
+pub async fn buckets(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    symbols: &[Symbol],
+) -> StoreResult<Vec<Bucket>> {
+    let mut rows = Vec::with_capacity(symbols.len());
     for symbol in symbols {
-        pipe.hmget(keys::bucket(symbol), &["value", "quantity", "count"]);
+        let row: (Option<i64>, Option<i64>, Option<i64>) = conn
+            .hmget(keys.bucket(symbol), &["value", "quantity", "count"])
+            .await?;
+        rows.push(row);
     }
-    let rows: Vec<(Option<i64>, Option<i64>, Option<i64>)> = pipe.query_async(conn).await?;
     Ok(symbols
         .iter()
         .zip(rows)
@@ -345,30 +373,46 @@ pub async fn buckets(conn: &mut impl Conn, symbols: &[Symbol]) -> StoreResult<Ve
         .collect())
 }
 
-/// Every symbol ever ordered.
-pub async fn ordered_symbols(conn: &mut impl Conn) -> StoreResult<Vec<Symbol>> {
-    let symbols: Vec<String> = conn.smembers(keys::SYMBOLS).await?;
-    symbols
-        .iter()
-        .map(|symbol| {
-            Symbol::parse(symbol).map_err(|err| StoreError::Corrupt {
-                key: keys::SYMBOLS.to_owned(),
+/// Every symbol ever ordered, sorted.
+pub async fn ordered_symbols(conn: &mut impl Conn, keys: &Keys) -> StoreResult<Vec<Symbol>> {
+    let mut all = Vec::new();
+    for shard in keys.shards() {
+        let symbols: Vec<String> = conn.smembers(keys.symbols(shard)).await?;
+        for symbol in symbols {
+            all.push(Symbol::parse(&symbol).map_err(|err| StoreError::Corrupt {
+                key: keys.symbols(shard),
                 problem: err.to_string(),
-            })
-        })
-        .collect()
+            })?);
+        }
+    }
+    all.sort_unstable();
+    Ok(all)
 }
 
 /// The value and status of every batch, a bounded page at a time, for the audit.
 pub async fn batch_values(
     conn: &mut impl Conn,
+    keys: &Keys,
     page_size: usize,
 ) -> StoreResult<Vec<(BatchId, i64, SettlementStatus)>> {
     let mut values = Vec::new();
+    for shard in keys.shards() {
+        batch_values_of(conn, keys, shard, page_size, &mut values).await?;
+    }
+    Ok(values)
+}
+
+async fn batch_values_of(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
+    page_size: usize,
+    values: &mut Vec<(BatchId, i64, SettlementStatus)>,
+) -> StoreResult<()> {
     let mut offset = 0;
     loop {
         let ids: Vec<String> = conn
-            .zrange(keys::BATCHES, offset, offset + page_size as isize - 1)
+            .zrange(keys.batches(shard), offset, offset + page_size as isize - 1)
             .await?;
         if ids.is_empty() {
             break;
@@ -378,19 +422,19 @@ pub async fn batch_values(
             .iter()
             .map(|id| {
                 BatchId::parse(id).map_err(|err| StoreError::Corrupt {
-                    key: keys::BATCHES.to_owned(),
+                    key: keys.batches(shard),
                     problem: err.to_string(),
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.hmget(keys::batch(id), &["value", "status"]);
+            pipe.hmget(keys.batch(id), &["value", "status"]);
         }
         let page: Vec<(Option<i64>, Option<String>)> = pipe.query_async(conn).await?;
         for (id, (value, status)) in ids.into_iter().zip(page) {
             let corrupt = |problem: String| StoreError::Corrupt {
-                key: keys::batch(&id),
+                key: keys.batch(&id),
                 problem,
             };
             let value = value.ok_or_else(|| corrupt("no value".to_owned()))?;
@@ -399,7 +443,7 @@ pub async fn batch_values(
             values.push((id, value, status));
         }
     }
-    Ok(values)
+    Ok(())
 }
 
 fn parse_cents(text: &str) -> Result<Amount, String> {

@@ -6,17 +6,24 @@ use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
 
-use super::{Conn, StoreError, StoreResult, keys, now_ms, verdict};
+use super::keys::{Keys, StreamKind};
+use super::slots::Shard;
+use super::{Conn, StoreError, StoreResult, now_ms, verdict};
 use crate::domain::{AccountId, BatchId, OrderId, SystemAccount};
 
 /// The consumer group of the settlement workers.
 pub const SETTLE_GROUP: &str = "settlers";
 /// The settle jobs, and where the unreadable ones go.
 pub const SETTLE_JOBS: super::streams::JobStream = super::streams::JobStream {
-    stream: keys::SETTLE_STREAM,
+    kind: StreamKind::Settle,
     group: SETTLE_GROUP,
-    dead: keys::SETTLE_DEAD_STREAM,
 };
+
+/// A batch's home shard (its symbol's), where its job, journal entries and
+/// events are written.
+pub fn batch_shard(keys: &Keys, batch_id: &BatchId) -> Shard {
+    keys.shard_of_id(&batch_id.uuid())
+}
 static BEGIN_ATTEMPTS: LazyLock<Script> = lua_script!("begin_attempts.lua");
 static FINISH_BATCHES: LazyLock<Script> = lua_script!("finish_batches.lua");
 static RETRY_BATCH: LazyLock<Script> = lua_script!("retry_batch.lua");
@@ -85,25 +92,32 @@ pub enum Begun {
 /// Counts the exchange calls about to be made for `jobs` (one read), each
 /// only if its batch is still settling; the others are acknowledged. One
 /// outcome per job, in order.
-pub async fn begin_attempts(conn: &mut impl Conn, jobs: &[JobRef<'_>]) -> StoreResult<Vec<Begun>> {
+pub async fn begin_attempts(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    jobs: &[JobRef<'_>],
+) -> StoreResult<Vec<Begun>> {
     let token = format!("{:016x}", fastrand::u64(..));
-    begin_attempts_as(conn, jobs, &token).await
+    begin_attempts_as(conn, keys, jobs, &token).await
 }
 
 /// [`begin_attempts`] under the attempt token `token`: the same call run
 /// twice (as a cluster client re-sends one whose reply was lost) counts once.
+/// The jobs come from one shard's settle stream (one read).
 pub async fn begin_attempts_as(
     conn: &mut impl Conn,
+    keys: &Keys,
     jobs: &[JobRef<'_>],
     token: &str,
 ) -> StoreResult<Vec<Begun>> {
-    if jobs.is_empty() {
+    let Some(first) = jobs.first() else {
         return Ok(Vec::new());
-    }
-    let mut invocation = BEGIN_ATTEMPTS.key(keys::SETTLE_STREAM);
+    };
+    let shard = batch_shard(keys, first.batch_id);
+    let mut invocation = BEGIN_ATTEMPTS.key(keys.settle(shard));
     invocation.arg(SETTLE_GROUP).arg(token);
     for job in jobs {
-        invocation.key(keys::batch(job.batch_id)).arg(job.stream_id);
+        invocation.key(keys.batch(job.batch_id)).arg(job.stream_id);
     }
     let reply: Vec<String> = invocation.invoke_async(conn).await?;
     if reply.len() != 2 * jobs.len() {
@@ -128,23 +142,27 @@ pub struct Filled<'a> {
 /// Settles the batches the exchange filled, in one atomic step, and
 /// acknowledges every job. One outcome per batch, in order: `Done` for
 /// settled now, `Skipped` for one another delivery had already ended.
+/// The batches come from one shard's settle stream (one read): settling
+/// pays the home shard's `@exchange` sub-account out to its `@bank` one.
 pub async fn finish_batches(
     conn: &mut impl Conn,
+    keys: &Keys,
     worker: &str,
     filled: &[Filled<'_>],
 ) -> StoreResult<Vec<JobEnd>> {
-    if filled.is_empty() {
+    let Some(first) = filled.first() else {
         return Ok(Vec::new());
-    }
-    let mut invocation = FINISH_BATCHES.key(keys::SETTLE_STREAM);
+    };
+    let shard = batch_shard(keys, first.job.batch_id);
+    let mut invocation = FINISH_BATCHES.key(keys.settle(shard));
     invocation
-        .key(keys::account(&SystemAccount::Exchange.id()))
-        .key(keys::account(&SystemAccount::Bank.id()))
-        .key(keys::JOURNAL)
-        .key(keys::FAILED_BATCHES)
-        .key(keys::EVENTS_STREAM)
-        .key(keys::JOURNAL_INDEX)
-        .key(keys::STATS)
+        .key(keys.system_account(SystemAccount::Exchange, shard))
+        .key(keys.system_account(SystemAccount::Bank, shard))
+        .key(keys.journal(shard))
+        .key(keys.failed_batches(shard))
+        .key(keys.events(shard))
+        .key(keys.journal_index(shard))
+        .key(keys.stats(shard))
         .arg(SETTLE_GROUP)
         .arg(now_ms())
         .arg(worker)
@@ -152,7 +170,7 @@ pub async fn finish_batches(
         .arg(SystemAccount::Bank.id().as_str());
     for fill in filled {
         invocation
-            .key(keys::batch(fill.job.batch_id))
+            .key(keys.batch(fill.job.batch_id))
             .arg(fill.job.stream_id)
             .arg(fill.job.batch_id.to_string())
             .arg(fill.fill_id);
@@ -175,16 +193,18 @@ pub async fn finish_batches(
 /// Schedules `next_job` (JSON of its stream fields) for `due_ms` and acknowledges this job.
 pub async fn retry_batch(
     conn: &mut impl Conn,
+    keys: &Keys,
     job: &JobRef<'_>,
     due_ms: i64,
     next_job: &str,
     error: &str,
     may_have_filled: bool,
 ) -> StoreResult<JobEnd> {
+    let shard = batch_shard(keys, job.batch_id);
     let reply: Vec<String> = RETRY_BATCH
-        .key(keys::batch(job.batch_id))
-        .key(keys::SETTLE_STREAM)
-        .key(keys::SETTLE_RETRIES)
+        .key(keys.batch(job.batch_id))
+        .key(keys.settle(shard))
+        .key(keys.settle_retries(shard))
         .arg(SETTLE_GROUP)
         .arg(job.stream_id)
         .arg(due_ms)
@@ -198,12 +218,13 @@ pub async fn retry_batch(
 
 pub async fn dead_letter_batch(
     conn: &mut impl Conn,
+    keys: &Keys,
     job: &JobRef<'_>,
     error: &str,
     attempts: u32,
     may_have_filled: bool,
 ) -> StoreResult<JobEnd> {
-    dead_letter_batch_at(conn, job, error, attempts, may_have_filled, now_ms()).await
+    dead_letter_batch_at(conn, keys, job, error, attempts, may_have_filled, now_ms()).await
 }
 
 /// [`dead_letter_batch`] at the moment `now_ms`: the same call run twice
@@ -211,18 +232,20 @@ pub async fn dead_letter_batch(
 /// and writes nothing more.
 pub async fn dead_letter_batch_at(
     conn: &mut impl Conn,
+    keys: &Keys,
     job: &JobRef<'_>,
     error: &str,
     attempts: u32,
     may_have_filled: bool,
     now_ms: i64,
 ) -> StoreResult<JobEnd> {
+    let shard = batch_shard(keys, job.batch_id);
     let reply: Vec<String> = DEAD_LETTER_BATCH
-        .key(keys::batch(job.batch_id))
-        .key(keys::SETTLE_STREAM)
-        .key(keys::SETTLE_DEAD_STREAM)
-        .key(keys::FAILED_BATCHES)
-        .key(keys::EVENTS_STREAM)
+        .key(keys.batch(job.batch_id))
+        .key(keys.settle(shard))
+        .key(keys.settle_dead(shard))
+        .key(keys.failed_batches(shard))
+        .key(keys.events(shard))
         .arg(SETTLE_GROUP)
         .arg(job.stream_id)
         .arg(job.batch_id.to_string())
@@ -299,22 +322,25 @@ fn operator_refusal(reply: &[String], batch_id: &BatchId) -> OperatorError {
 /// Puts a failed batch back on the settle stream.
 pub async fn requeue_failed_batch(
     conn: &mut impl Conn,
+    keys: &Keys,
     batch_id: &BatchId,
 ) -> Result<(), OperatorError> {
-    requeue_failed_batch_at(conn, batch_id, now_ms()).await
+    requeue_failed_batch_at(conn, keys, batch_id, now_ms()).await
 }
 
 /// [`requeue_failed_batch`] at the moment `now_ms`: the same call run twice
 /// queues the batch once and answers as it did.
 pub async fn requeue_failed_batch_at(
     conn: &mut impl Conn,
+    keys: &Keys,
     batch_id: &BatchId,
     now_ms: i64,
 ) -> Result<(), OperatorError> {
+    let shard = batch_shard(keys, batch_id);
     let reply: Vec<String> = REQUEUE_FAILED_BATCH
-        .key(keys::batch(batch_id))
-        .key(keys::SETTLE_STREAM)
-        .key(keys::FAILED_BATCHES)
+        .key(keys.batch(batch_id))
+        .key(keys.settle(shard))
+        .key(keys.failed_batches(shard))
         .arg(batch_id.to_string())
         .arg(now_ms)
         .invoke_async(conn)
@@ -331,17 +357,19 @@ pub async fn requeue_failed_batch_at(
 /// `confirmed_unfilled`.
 pub async fn refund_batch(
     conn: &mut impl Conn,
+    keys: &Keys,
     batch_id: &BatchId,
     note: &str,
     confirmed_unfilled: bool,
 ) -> Result<(usize, i64), OperatorError> {
-    refund_batch_at(conn, batch_id, note, confirmed_unfilled, now_ms()).await
+    refund_batch_at(conn, keys, batch_id, note, confirmed_unfilled, now_ms()).await
 }
 
 /// [`refund_batch`] at the moment `now_ms`: the same call run twice refunds
 /// once and answers as it did.
 pub async fn refund_batch_at(
     conn: &mut impl Conn,
+    keys: &Keys,
     batch_id: &BatchId,
     note: &str,
     confirmed_unfilled: bool,
@@ -349,17 +377,17 @@ pub async fn refund_batch_at(
 ) -> Result<(usize, i64), OperatorError> {
     // Read the orders' customers; the script checks them again before writing.
     let order_ids: Vec<String> = conn
-        .lrange(keys::batch_orders(batch_id), 0, -1)
+        .lrange(keys.batch_orders(batch_id), 0, -1)
         .await
         .map_err(StoreError::from)?;
     let mut pipe = redis::pipe();
     let mut order_keys = Vec::with_capacity(order_ids.len());
     for id in &order_ids {
         let id = OrderId::parse(id).map_err(|err| StoreError::Corrupt {
-            key: keys::batch_orders(batch_id),
+            key: keys.batch_orders(batch_id),
             problem: err.to_string(),
         })?;
-        let key = keys::order(&id);
+        let key = keys.order(&id);
         pipe.hget(&key, "account_id");
         order_keys.push(key);
     }
@@ -368,15 +396,19 @@ pub async fn refund_batch_at(
     } else {
         pipe.query_async(conn).await.map_err(StoreError::from)?
     };
+    // The batch's home shard pays the refunds out of its @exchange
+    // sub-account and journals them. (The customers' accounts live on their
+    // own shards: until the refund saga, this script spans several slots.)
+    let shard = batch_shard(keys, batch_id);
     let mut invocation = REFUND_BATCH.prepare_invoke();
     invocation
-        .key(keys::batch(batch_id))
-        .key(keys::batch_orders(batch_id))
-        .key(keys::account(&SystemAccount::Exchange.id()))
-        .key(keys::JOURNAL)
-        .key(keys::FAILED_BATCHES)
-        .key(keys::EVENTS_STREAM)
-        .key(keys::JOURNAL_INDEX)
+        .key(keys.batch(batch_id))
+        .key(keys.batch_orders(batch_id))
+        .key(keys.system_account(SystemAccount::Exchange, shard))
+        .key(keys.journal(shard))
+        .key(keys.failed_batches(shard))
+        .key(keys.events(shard))
+        .key(keys.journal_index(shard))
         .arg(batch_id.to_string())
         .arg(now_ms)
         .arg(SystemAccount::Exchange.id().as_str())
@@ -393,7 +425,7 @@ pub async fn refund_batch_at(
         let account_id = AccountId::parse(account_id).map_err(|err| corrupt(err.to_string()))?;
         invocation
             .key(order_key)
-            .key(keys::account(&account_id))
+            .key(keys.account(&account_id))
             .arg(account_id.as_str());
     }
     let reply: Vec<String> = invocation
@@ -412,23 +444,33 @@ pub async fn refund_batch_at(
     }
 }
 
-/// Failed batches, oldest failure first, a page at a time.
+/// Failed batches, oldest failure first, a page at a time: each shard's
+/// first `offset + limit`, merged by failure time (then id).
 pub async fn failed_batches(
     conn: &mut impl Conn,
+    keys: &Keys,
     offset: usize,
     limit: usize,
 ) -> StoreResult<Vec<BatchId>> {
-    let ids: Vec<String> = conn
-        .zrange(
-            keys::FAILED_BATCHES,
-            offset as isize,
-            (offset + limit) as isize - 1,
-        )
-        .await?;
-    ids.iter()
-        .map(|id| {
-            BatchId::parse(id).map_err(|err| StoreError::Corrupt {
-                key: keys::FAILED_BATCHES.to_owned(),
+    let mut failed: Vec<(i64, String, Shard)> = Vec::new();
+    for shard in keys.shards() {
+        let page: Vec<(String, i64)> = conn
+            .zrange_withscores(
+                keys.failed_batches(shard),
+                0,
+                (offset + limit) as isize - 1,
+            )
+            .await?;
+        failed.extend(page.into_iter().map(|(id, at)| (at, id, shard)));
+    }
+    failed.sort_unstable();
+    failed
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|(_, id, shard)| {
+            BatchId::parse(&id).map_err(|err| StoreError::Corrupt {
+                key: keys.failed_batches(shard),
                 problem: err.to_string(),
             })
         })

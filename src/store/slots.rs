@@ -17,10 +17,7 @@ use uuid::Uuid;
 /// How many hash slots Redis Cluster has.
 pub const SLOTS: u16 = 16_384;
 
-/// Most logical shards a deployment may have: far more than masters anyone
-/// runs, and few enough that every shard's per-shard work (a stream reader, a
-/// sweeper) stays cheap.
-pub const SHARDS_MAX: u16 = 1_024;
+pub use crate::config::SHARDS_MAX;
 
 /// CRC16-CCITT (XModem: polynomial 0x1021, initial value 0), the checksum
 /// Redis Cluster takes of a key, bit by bit: this runs per script call in
@@ -92,19 +89,46 @@ impl ShardLayout {
         &self.tags[usize::from(shard.0)]
     }
 
-    /// A customer account's shard, from the random bits of its UUIDv7 (the
-    /// 62 bits after the variant), so accounts spread evenly and a `GET`
-    /// needs no lookup.
-    pub fn of_account(&self, id: &Uuid) -> Shard {
-        let random = u64::from_be_bytes(id.as_bytes()[8..16].try_into().expect("8 bytes"));
-        let random = random & ((1 << 62) - 1);
-        Shard((random % u64::from(self.count())) as u16)
+    pub fn first(&self) -> Shard {
+        Shard(0)
+    }
+
+    /// The shard of an id tally drew (an account, an order, a batch, ...):
+    /// from the random bits of its UUIDv7 (the 62 bits after the variant),
+    /// so ids spread evenly and a `GET` needs no lookup.
+    pub fn of_id(&self, id: &Uuid) -> Shard {
+        Shard((random_bits(id) % u64::from(self.count())) as u16)
+    }
+
+    /// A fresh UUIDv7 whose random bits put it on `shard`: a record drawn
+    /// beside the account (or symbol) it belongs to. Still time-ordered and
+    /// still 62 bits short of random only by `log2(count)` bits.
+    pub fn new_id_in(&self, shard: Shard) -> Uuid {
+        let id = Uuid::now_v7();
+        let count = u64::from(self.count());
+        let random = random_bits(&id);
+        let mut moved = random - random % count + u64::from(shard.0);
+        if moved > RANDOM_MASK {
+            moved -= count;
+        }
+        let mut bytes = *id.as_bytes();
+        let variant = bytes[8] & 0xC0;
+        bytes[8..16].copy_from_slice(&moved.to_be_bytes());
+        bytes[8] = (bytes[8] & 0x3F) | variant;
+        Uuid::from_bytes(bytes)
     }
 
     /// A symbol's home shard: its bucket, batches and settle stream.
     pub fn of_symbol(&self, symbol: &str) -> Shard {
         Shard(crc16(symbol.as_bytes()) % self.count())
     }
+}
+
+/// The 62 random bits after a UUID's variant.
+const RANDOM_MASK: u64 = (1 << 62) - 1;
+
+fn random_bits(id: &Uuid) -> u64 {
+    u64::from_be_bytes(id.as_bytes()[8..16].try_into().expect("8 bytes")) & RANDOM_MASK
 }
 
 /// The first of `s<shard>`, `s<shard>.1`, `s<shard>.2`, ... whose slot lies in
@@ -251,7 +275,7 @@ mod tests {
         let layout = ShardLayout::new(16);
         let mut counts = [0u32; 16];
         for _ in 0..16_000 {
-            counts[usize::from(layout.of_account(&Uuid::now_v7()).index())] += 1;
+            counts[usize::from(layout.of_id(&Uuid::now_v7()).index())] += 1;
         }
         // 1,000 expected per shard; 6 standard deviations either side.
         assert!(
@@ -259,7 +283,20 @@ mod tests {
             "{counts:?}"
         );
         let id = Uuid::now_v7();
-        assert_eq!(layout.of_account(&id), layout.of_account(&id));
+        assert_eq!(layout.of_id(&id), layout.of_id(&id));
         assert_eq!(layout.of_symbol("ABAN"), layout.of_symbol("ABAN"));
+    }
+
+    #[test]
+    fn ids_drawn_in_a_shard_live_there_and_stay_version_7() {
+        for count in [1, 3, 16, SHARDS_MAX] {
+            let layout = ShardLayout::new(count);
+            for shard in layout.shards() {
+                let id = layout.new_id_in(shard);
+                assert_eq!(layout.of_id(&id), shard, "{count} shards");
+                assert_eq!(id.get_version_num(), 7);
+                assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+            }
+        }
     }
 }

@@ -17,12 +17,11 @@ pub fn scripts() -> [&'static Script; 1] {
     [&DELETE_IDLE_CONSUMERS]
 }
 
-/// A job stream, the consumer group that works it, and the stream where jobs
-/// no worker can read are kept for an operator.
+/// A kind of job stream (one per shard), the consumer group that works it;
+/// jobs no worker can read are kept for an operator on its dead stream.
 pub struct JobStream {
-    pub stream: &'static str,
+    pub kind: super::keys::StreamKind,
     pub group: &'static str,
-    pub dead: &'static str,
 }
 
 /// Moves a job no worker can read to its dead-letter stream, with the
@@ -31,6 +30,8 @@ pub struct JobStream {
 /// hold back the stream's trim).
 pub async fn dead_letter_unreadable(
     conn: &mut impl Conn,
+    keys: &super::keys::Keys,
+    shard: super::slots::Shard,
     jobs: &JobStream,
     stream_id: &str,
     fields: &HashMap<String, String>,
@@ -48,9 +49,9 @@ pub async fn dead_letter_unreadable(
     ]);
     redis::pipe()
         .atomic()
-        .xadd(jobs.dead, "*", &entry)
+        .xadd(keys.job_stream_dead(jobs.kind, shard), "*", &entry)
         .ignore()
-        .xack(jobs.stream, jobs.group, &[stream_id])
+        .xack(keys.job_stream(jobs.kind, shard), jobs.group, &[stream_id])
         .ignore()
         .query_async::<()>(conn)
         .await?;

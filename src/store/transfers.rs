@@ -4,7 +4,9 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
+use super::keys::Keys;
+use super::slots::Shard;
+use super::{Conn, Record, StoreError, StoreResult, verdict};
 use crate::domain::{AccountId, Amount, Idempotency};
 
 static TRANSFER: LazyLock<Script> = lua_script!("transfer.lua");
@@ -70,25 +72,37 @@ pub enum MovementError {
     Store(#[from] StoreError),
 }
 
+/// Where a movement is recorded (its transaction, journal entry, event and
+/// idempotency record): the paying customer's shard, or for money paid by a
+/// system account, the receiving customer's. A system account takes part
+/// through its sub-account there. The API draws the movement's id there.
+pub fn movement_shard(keys: &Keys, payer: &AccountId, payee: &AccountId) -> Shard {
+    keys.shard_of_account(payer)
+        .or_else(|| keys.shard_of_account(payee))
+        .unwrap_or(keys.layout().first())
+}
+
 pub async fn move_money(
     conn: &mut impl Conn,
+    keys: &Keys,
     movement: &Movement,
 ) -> Result<MovementOutcome, MovementError> {
+    let shard = movement_shard(keys, &movement.payer, &movement.payee);
     let (idempotency_key, fingerprint) = match &movement.idempotency {
         Some(idem) => (
-            keys::idempotency(movement.kind, idem.key.as_str()),
+            keys.idempotency(shard, movement.kind, idem.key.as_str()),
             idem.fingerprint.as_str(),
         ),
-        None => (keys::idempotency(movement.kind, "-"), ""),
+        None => (keys.idempotency(shard, movement.kind, "-"), ""),
     };
     let reply: Vec<String> = TRANSFER
-        .key(keys::account(&movement.payer))
-        .key(keys::account(&movement.payee))
-        .key(keys::JOURNAL)
-        .key(keys::JOURNAL_INDEX)
-        .key(keys::transaction(&movement.id))
+        .key(keys.account_on(shard, &movement.payer))
+        .key(keys.account_on(shard, &movement.payee))
+        .key(keys.journal(shard))
+        .key(keys.journal_index(shard))
+        .key(keys.transaction(&movement.id))
         .key(idempotency_key)
-        .key(keys::EVENTS_STREAM)
+        .key(keys.events(shard))
         .arg(movement.payer.as_str())
         .arg(movement.payee.as_str())
         .arg(movement.amount.cents())
@@ -131,9 +145,10 @@ pub struct StoredMovement {
 
 pub async fn stored_movement(
     conn: &mut impl Conn,
+    keys: &Keys,
     id: &str,
 ) -> StoreResult<Option<StoredMovement>> {
-    let key = keys::transaction(id);
+    let key = keys.transaction(id);
     let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
     let Some(record) = Record::new(key, fields) else {
         return Ok(None);

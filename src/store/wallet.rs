@@ -5,7 +5,8 @@ use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
 
-use super::{Conn, Record, StoreError, StoreResult, keys, verdict};
+use super::keys::Keys;
+use super::{Conn, Record, StoreError, StoreResult, verdict};
 use crate::domain::{AccountId, Amount, Idempotency, SystemAccount};
 
 static ENQUEUE: LazyLock<Script> = lua_script!("enqueue_wallet_transaction.lua");
@@ -20,9 +21,8 @@ pub fn scripts() -> [&'static Script; 3] {
 pub const WALLET_GROUP: &str = "wallet";
 /// The wallet jobs, and where the unreadable ones go.
 pub const WALLET_JOBS: super::streams::JobStream = super::streams::JobStream {
-    stream: keys::WALLET_STREAM,
+    kind: super::keys::StreamKind::Wallet,
     group: WALLET_GROUP,
-    dead: keys::WALLET_DEAD_STREAM,
 };
 /// Bound on `transactions:errors`, a report for people that no consumer
 /// acknowledges: Redis keeps about the newest this many rejections.
@@ -94,24 +94,27 @@ pub enum EnqueueError {
     Store(#[from] StoreError),
 }
 
+/// Queues a transaction on its account's shard (the API draws its id there).
 pub async fn enqueue(
     conn: &mut impl Conn,
+    keys: &Keys,
     txn: &NewWalletTransaction,
 ) -> Result<EnqueueOutcome, EnqueueError> {
+    let shard = keys.account_shard(&txn.account_id);
     let (idempotency_key, fingerprint) = match &txn.idempotency {
         Some(idem) => (
-            keys::idempotency("wallet", idem.key.as_str()),
+            keys.idempotency(shard, "wallet", idem.key.as_str()),
             idem.fingerprint.as_str(),
         ),
-        None => (keys::idempotency("wallet", "-"), ""),
+        None => (keys.idempotency(shard, "wallet", "-"), ""),
     };
     let reply: Vec<String> = ENQUEUE
-        .key(keys::account(&txn.account_id))
-        .key(keys::wallet_transaction(&txn.id))
-        .key(keys::wallet_queue(&txn.account_id))
-        .key(keys::wallet_history(&txn.account_id))
-        .key(keys::wallet_scheduled(&txn.account_id))
-        .key(keys::WALLET_STREAM)
+        .key(keys.account(&txn.account_id))
+        .key(keys.wallet_transaction(&txn.id))
+        .key(keys.wallet_queue(&txn.account_id))
+        .key(keys.wallet_history(&txn.account_id))
+        .key(keys.wallet_scheduled(&txn.account_id))
+        .key(keys.wallet(shard))
         .key(idempotency_key)
         .arg(&txn.id)
         .arg(txn.account_id.as_str())
@@ -141,8 +144,12 @@ pub async fn enqueue(
 }
 
 /// The id at the head of an account's queue, if any.
-pub async fn queue_head(conn: &mut impl Conn, account: &AccountId) -> StoreResult<Option<String>> {
-    Ok(conn.lindex(keys::wallet_queue(account), 0).await?)
+pub async fn queue_head(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    account: &AccountId,
+) -> StoreResult<Option<String>> {
+    Ok(conn.lindex(keys.wallet_queue(account), 0).await?)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -155,12 +162,13 @@ pub enum Applied {
 
 pub async fn apply(
     conn: &mut impl Conn,
+    keys: &Keys,
     account: &AccountId,
     txn_id: &str,
     kind: WalletKind,
     worker: &str,
 ) -> StoreResult<Applied> {
-    apply_at(conn, account, txn_id, kind, worker, super::now_ms()).await
+    apply_at(conn, keys, account, txn_id, kind, worker, super::now_ms()).await
 }
 
 /// [`apply`] at the moment `now_ms`: the same call run twice (as a cluster
@@ -168,6 +176,7 @@ pub async fn apply(
 /// did; another delivery's call is `Skipped`.
 pub async fn apply_at(
     conn: &mut impl Conn,
+    keys: &Keys,
     account: &AccountId,
     txn_id: &str,
     kind: WalletKind,
@@ -175,15 +184,16 @@ pub async fn apply_at(
     now_ms: i64,
 ) -> StoreResult<Applied> {
     let counterpart = kind.counterpart();
+    let shard = keys.account_shard(account);
     let reply: Vec<String> = APPLY
-        .key(keys::wallet_queue(account))
-        .key(keys::wallet_transaction(txn_id))
-        .key(keys::account(account))
-        .key(keys::account(&counterpart))
-        .key(keys::JOURNAL)
-        .key(keys::JOURNAL_INDEX)
-        .key(keys::EVENTS_STREAM)
-        .key(keys::WALLET_ERRORS_STREAM)
+        .key(keys.wallet_queue(account))
+        .key(keys.wallet_transaction(txn_id))
+        .key(keys.account(account))
+        .key(keys.account_on(shard, &counterpart))
+        .key(keys.journal(shard))
+        .key(keys.journal_index(shard))
+        .key(keys.events(shard))
+        .key(keys.wallet_errors(shard))
         .arg(txn_id)
         .arg(account.as_str())
         .arg(counterpart.as_str())
@@ -203,13 +213,14 @@ pub async fn apply_at(
 /// Acknowledges an account's job; puts it back on the stream if its queue is not empty.
 pub async fn release(
     conn: &mut impl Conn,
+    keys: &Keys,
     account: &AccountId,
     stream_id: &str,
 ) -> StoreResult<()> {
     let _: Vec<String> = RELEASE
-        .key(keys::wallet_queue(account))
-        .key(keys::wallet_scheduled(account))
-        .key(keys::WALLET_STREAM)
+        .key(keys.wallet_queue(account))
+        .key(keys.wallet_scheduled(account))
+        .key(keys.wallet(keys.account_shard(account)))
         .arg(WALLET_GROUP)
         .arg(stream_id)
         .arg(account.as_str())
@@ -236,8 +247,12 @@ pub struct WalletTransaction {
     pub worker: Option<String>,
 }
 
-pub async fn get(conn: &mut impl Conn, id: &str) -> StoreResult<Option<WalletTransaction>> {
-    let key = keys::wallet_transaction(id);
+pub async fn get(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    id: &str,
+) -> StoreResult<Option<WalletTransaction>> {
+    let key = keys.wallet_transaction(id);
     let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
     let Some(record) = Record::new(key, fields) else {
         return Ok(None);
@@ -271,12 +286,13 @@ pub async fn get(conn: &mut impl Conn, id: &str) -> StoreResult<Option<WalletTra
 /// Up to `limit` transaction ids of an account, newest first, older than `before`.
 pub async fn history(
     conn: &mut impl Conn,
+    keys: &Keys,
     account: &AccountId,
     before: Option<&str>,
     limit: usize,
 ) -> StoreResult<Vec<String>> {
     let high = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
     Ok(conn
-        .zrevrangebylex_limit(keys::wallet_history(account), high, "-", 0, limit as isize)
+        .zrevrangebylex_limit(keys.wallet_history(account), high, "-", 0, limit as isize)
         .await?)
 }

@@ -24,7 +24,9 @@ use futures::FutureExt;
 use futures::future::join_all;
 use tokio::sync::watch;
 
-use crate::store::{Store, StoreResult, keys};
+use crate::store::keys::StreamKind;
+use crate::store::slots::Shard;
+use crate::store::{Store, StoreResult};
 
 /// One stream entry delivered to a consumer.
 #[derive(Debug, Clone)]
@@ -75,18 +77,21 @@ fn text(value: redis::Value) -> Option<String> {
     }
 }
 
-/// What a capability does with its jobs.
+/// What a capability does with its jobs. Every stream is per shard: a
+/// handler is told which shard's stream a delivery came from.
 pub trait JobHandler: Send + Sync + 'static {
     /// Handles one delivery and ends it (acknowledges it) when done. Errors
     /// leave the job pending for re-delivery.
     fn handle(
         &self,
         consumer: &str,
+        shard: Shard,
         delivery: Delivery,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
-    /// Housekeeping before each read, such as moving due retries onto the stream.
-    fn tick(&self) -> impl Future<Output = anyhow::Result<()>> + Send {
+    /// Housekeeping before each read of a shard's stream, such as moving due
+    /// retries onto it.
+    fn tick(&self, _shard: Shard) -> impl Future<Output = anyhow::Result<()>> + Send {
         async { Ok(()) }
     }
 
@@ -95,13 +100,16 @@ pub trait JobHandler: Send + Sync + 'static {
     fn handle_all(
         &self,
         consumer: &str,
+        shard: Shard,
         deliveries: Vec<Delivery>,
     ) -> impl Future<Output = ()> + Send {
         let handled = deliveries.into_iter().map(move |delivery| async move {
             let stream_id = delivery.stream_id.clone();
             // A panic in a handler is a system failure like any other: the
             // job stays pending and is delivered again.
-            let handled = AssertUnwindSafe(self.handle(consumer, delivery)).catch_unwind().await;
+            let handled = AssertUnwindSafe(self.handle(consumer, shard, delivery))
+                .catch_unwind()
+                .await;
             match handled {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => {
@@ -118,7 +126,9 @@ pub trait JobHandler: Send + Sync + 'static {
 
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    pub stream: &'static str,
+    /// The shard whose stream this consumer reads, and that stream's name.
+    pub shard: Shard,
+    pub stream: String,
     pub group: &'static str,
     /// Unique per consumer: names the pending jobs it holds.
     pub consumer: String,
@@ -145,7 +155,7 @@ pub async fn run_consumer<H: JobHandler>(
     shutdown: watch::Receiver<bool>,
 ) {
     let consumer = settings.consumer.as_str();
-    tracing::info!(
+    tracing::debug!(
         worker = consumer,
         stream = settings.stream,
         "consumer started"
@@ -158,7 +168,7 @@ pub async fn run_consumer<H: JobHandler>(
     while !*shutdown.borrow() {
         if !group_ready {
             group_ready = match store.conn().await {
-                Ok(mut conn) => ensure_group(&mut conn, settings.stream, settings.group)
+                Ok(mut conn) => ensure_group(&mut conn, &settings.stream, settings.group)
                     .await
                     .is_ok(),
                 Err(_) => false,
@@ -167,7 +177,7 @@ pub async fn run_consumer<H: JobHandler>(
         let housekeeping = last_housekeeping.is_none_or(|at| at.elapsed() >= HOUSEKEEPING_INTERVAL);
         if housekeeping {
             last_housekeeping = Some(Instant::now());
-            if let Err(err) = handler.tick().await {
+            if let Err(err) = handler.tick(settings.shard).await {
                 tracing::warn!(worker = consumer, error = %err, "housekeeping failed");
             }
         }
@@ -192,15 +202,16 @@ pub async fn run_consumer<H: JobHandler>(
             continue;
         }
         // Handled to the end even if shutdown arrives meanwhile.
-        handler.handle_all(consumer, deliveries).await;
+        handler.handle_all(consumer, settings.shard, deliveries).await;
     }
-    tracing::info!(worker = consumer, "consumer stopped");
+    tracing::debug!(worker = consumer, stream = settings.stream, "consumer stopped");
 }
 
 /// Runs a worker process's consumers until `shutdown` turns true, each
-/// finishing the jobs in hand first: `consumers` each of settlement (against
-/// the HTTP exchange), wallet transactions, installment collection and
-/// notifications, and the journal trim.
+/// finishing the jobs in hand first: on every shard's streams, `consumers`
+/// each of settlement (against the HTTP exchange), wallet transactions,
+/// installment collection and notifications; and the journal trim. Each
+/// consumer blocks on a connection of its own.
 pub async fn run_workers(
     store: Store,
     settings: &crate::config::WorkerSettings,
@@ -208,6 +219,17 @@ pub async fn run_workers(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     settings.validate().map_err(anyhow::Error::msg)?;
+    let readers = settings.consumers * StreamKind::ALL.len() * usize::from(store.keys().layout().count());
+    if readers > store.pool_size_max() {
+        anyhow::bail!(
+            "this worker runs {readers} blocking readers (TALLY_WORKER_CONSUMERS={} x {} streams x \
+             TALLY_SHARDS={}), each on a connection of its own: set TALLY_REDIS_POOL_SIZE_MAX to \
+             at least {readers}",
+            settings.consumers,
+            StreamKind::ALL.len(),
+            store.keys().layout().count()
+        );
+    }
     let exchange = crate::exchange::HttpExchange::new(&crate::exchange::ExchangeSettings {
         url: settings.exchange_url().to_owned(),
         connect_timeout: Duration::from_millis(settings.exchange_connect_timeout_ms),
@@ -245,58 +267,65 @@ pub async fn run_workers(
         settings.notifier(),
     )?);
     for index in 0..settings.consumers {
-        let consumer = |stream: &'static str, group: &'static str, role: &str| ConsumerSettings {
-            stream,
-            group,
-            consumer: if settings.consumers == 1 {
-                format!("{name}-{role}")
-            } else {
-                format!("{name}-{role}-{index}")
-            },
-            read_count: settings.read_count,
-            block_ms: settings.block_ms,
-            claim_idle_ms: settings.claim_idle_ms,
-        };
-        let settle = consumer(
-            keys::SETTLE_STREAM,
-            crate::store::settlement::SETTLE_GROUP,
-            "settle",
-        );
-        consumers.spawn(run_consumer(
-            store.clone(),
-            settle,
-            settler.clone(),
-            shutdown.clone(),
-        ));
-        let wallet_consumer = consumer(
-            keys::WALLET_STREAM,
-            crate::store::wallet::WALLET_GROUP,
-            "wallet",
-        );
-        consumers.spawn(run_consumer(
-            store.clone(),
-            wallet_consumer,
-            wallet.clone(),
-            shutdown.clone(),
-        ));
-        let collect = consumer(
-            keys::INSTALLMENTS_STREAM,
-            crate::store::advances::COLLECT_GROUP,
-            "collect",
-        );
-        consumers.spawn(run_consumer(
-            store.clone(),
-            collect,
-            collector.clone(),
-            shutdown.clone(),
-        ));
-        let notify = consumer(keys::EVENTS_STREAM, crate::notifier::NOTIFY_GROUP, "notify");
-        consumers.spawn(run_consumer(
-            store.clone(),
-            notify,
-            notifier.clone(),
-            shutdown.clone(),
-        ));
+        for shard in store.keys().shards() {
+            let consumer = |kind: StreamKind, group: &'static str, role: &str| ConsumerSettings {
+                shard,
+                stream: store.keys().job_stream(kind, shard),
+                group,
+                consumer: if settings.consumers == 1 {
+                    format!("{name}-{role}")
+                } else {
+                    format!("{name}-{role}-{index}")
+                },
+                read_count: settings.read_count,
+                block_ms: settings.block_ms,
+                claim_idle_ms: settings.claim_idle_ms,
+            };
+            let settle = consumer(
+                StreamKind::Settle,
+                crate::store::settlement::SETTLE_GROUP,
+                "settle",
+            );
+            consumers.spawn(run_consumer(
+                store.clone(),
+                settle,
+                settler.clone(),
+                shutdown.clone(),
+            ));
+            let wallet_consumer = consumer(
+                StreamKind::Wallet,
+                crate::store::wallet::WALLET_GROUP,
+                "wallet",
+            );
+            consumers.spawn(run_consumer(
+                store.clone(),
+                wallet_consumer,
+                wallet.clone(),
+                shutdown.clone(),
+            ));
+            let collect = consumer(
+                StreamKind::Installments,
+                crate::store::advances::COLLECT_GROUP,
+                "collect",
+            );
+            consumers.spawn(run_consumer(
+                store.clone(),
+                collect,
+                collector.clone(),
+                shutdown.clone(),
+            ));
+            let notify = consumer(
+                StreamKind::Events,
+                crate::notifier::NOTIFY_GROUP,
+                "notify",
+            );
+            consumers.spawn(run_consumer(
+                store.clone(),
+                notify,
+                notifier.clone(),
+                shutdown.clone(),
+            ));
+        }
     }
     while let Some(joined) = consumers.join_next().await {
         joined?;
@@ -313,7 +342,7 @@ const STREAM_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 /// next read makes it again.)
 const CONSUMER_IDLE_FORGET_MS: u64 = 60 * 60 * 1000;
 
-/// Trims the consumed entries of [`keys::CONSUMED_STREAMS`], and forgets their
+/// Trims the consumed entries of every shard's job streams, and forgets their
 /// long-idle consumers that hold no job, every `STREAM_TRIM_INTERVAL` until
 /// shutdown. Any number of workers may do this at once: each step only
 /// deletes what no group needs.
@@ -326,7 +355,11 @@ pub async fn trim_streams_periodically(
         let older_than_ms = u64::try_from(crate::store::now_ms())
             .unwrap_or(0)
             .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
-        for (_, stream) in keys::CONSUMED_STREAMS {
+        let streams = store.keys().shards().flat_map(|shard| {
+            StreamKind::ALL.map(|kind| store.keys().job_stream(kind, shard))
+        });
+        for stream in streams {
+            let stream = stream.as_str();
             let trimmed = match store.conn().await {
                 Ok(mut conn) => {
                     crate::store::streams::trim_consumed(&mut conn, stream, older_than_ms).await
@@ -391,7 +424,7 @@ async fn next_deliveries(
         .arg("BLOCK")
         .arg(settings.block_ms)
         .arg("STREAMS")
-        .arg(settings.stream)
+        .arg(&settings.stream)
         .arg(">")
         .query_async(conn)
         .await?;
@@ -416,7 +449,7 @@ async fn take_over_pending(
 ) -> StoreResult<Vec<Delivery>> {
     // [next cursor, [entries], [ids deleted meanwhile]]
     let reply: redis::Value = redis::cmd("XAUTOCLAIM")
-        .arg(settings.stream)
+        .arg(&settings.stream)
         .arg(settings.group)
         .arg(&settings.consumer)
         .arg(settings.claim_idle_ms)
