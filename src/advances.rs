@@ -183,7 +183,12 @@ impl JobHandler for Collector {
             .filter(|(id, _)| keys.shard_of_text_id(id) == shard);
         let Some((advance_id, n)) = parsed else {
             return self
-                .dead_letter(worker, shard, &delivery, "the job names no installment of this shard")
+                .dead_letter(
+                    worker,
+                    shard,
+                    &delivery,
+                    "the job names no installment of this shard",
+                )
                 .await;
         };
         let span =
@@ -197,7 +202,9 @@ impl JobHandler for Collector {
                     return self.dead_letter(worker, shard, &delivery, &problem).await;
                 }
                 Err(err @ StoreError::Corrupt { .. }) => {
-                    return self.dead_letter(worker, shard, &delivery, &err.to_string()).await;
+                    return self
+                        .dead_letter(worker, shard, &delivery, &err.to_string())
+                        .await;
                 }
                 Err(err) => return Err(err.into()),
             };

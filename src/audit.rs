@@ -24,8 +24,8 @@ use redis::streams::StreamRangeReply;
 
 use crate::domain::{AccountId, BALANCE_LIMIT_CENTS, SystemAccount, format_units};
 use crate::store::connection::Conn;
-use crate::store::orders::SettlementStatus;
 use crate::store::keys::Keys;
+use crate::store::orders::SettlementStatus;
 use crate::store::{Store, StoreError, StoreResult, accounts, advances, journal, orders};
 
 /// Entries, accounts or batches read per Redis call.

@@ -44,11 +44,11 @@ use crate::domain::{AccountId, AccountName, Amount, Quantity, Symbol};
 use crate::exchange::sim::{ExchangeSim, Faults};
 use crate::orders::{OrderRequest, prepare};
 use crate::redis_server::RedisServer;
+use crate::store::Store;
 use crate::store::accounts::{NewAccount, create_account};
 use crate::store::orders::{
     PLACE_ORDERS, parse_place_orders_reply, place_order, place_orders_input,
 };
-use crate::store::Store;
 
 /// Quantities the load mixes, at ABAN 4.00: 2.00 to 12.00 USD, so some
 /// orders wait in the bucket and some cross the minimum alone.
@@ -985,7 +985,12 @@ pub async fn settle(args: BenchArgs) -> anyhow::Result<bool> {
             symbol: symbol.clone(),
             quantity: Quantity::parse("3")?,
         };
-        place_order(&mut conn, rig.store.keys(), &prepare(&request, rig.store.keys(), &rig.ledger, None, 0)?).await?;
+        place_order(
+            &mut conn,
+            rig.store.keys(),
+            &prepare(&request, rig.store.keys(), &rig.ledger, None, 0)?,
+        )
+        .await?;
     }
     drop(conn);
     let started = Instant::now();
@@ -1038,7 +1043,9 @@ pub async fn report(args: BenchArgs) -> anyhow::Result<bool> {
     for i in 0..args.entries {
         let keys = rig.store.keys();
         let movement = crate::store::transfers::Movement {
-            id: keys.new_id_in(keys.account_shard(&rig.accounts[0])).to_string(),
+            id: keys
+                .new_id_in(keys.account_shard(&rig.accounts[0]))
+                .to_string(),
             kind: "bank_transaction",
             payer: bank.clone(),
             payee: rig.accounts[0].clone(),

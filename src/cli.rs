@@ -102,7 +102,9 @@ async fn keys(args: KeysArgs) -> anyhow::Result<ExitCode> {
         KeyAction::Revoke { id } => {
             let id = KeyId::parse(&id)?;
             let mut conn = store.conn().await?;
-            match api_keys::revoke_api_key(&mut conn, store.keys(), &id, crate::store::now_ms()).await? {
+            match api_keys::revoke_api_key(&mut conn, store.keys(), &id, crate::store::now_ms())
+                .await?
+            {
                 Some(_) => {
                     println!("key {id} revoked: every API process refuses it within a second")
                 }
@@ -452,9 +454,14 @@ async fn batches(redis: &RedisSettings, action: BatchAction) -> anyhow::Result<E
             exchange_confirmed_unfilled,
         } => {
             let batch_id = parse(&batch_id)?;
-            let (orders, cents) =
-                settlement::refund_batch(&mut conn, store.keys(), &batch_id, &note, exchange_confirmed_unfilled)
-                    .await?;
+            let (orders, cents) = settlement::refund_batch(
+                &mut conn,
+                store.keys(),
+                &batch_id,
+                &note,
+                exchange_confirmed_unfilled,
+            )
+            .await?;
             println!(
                 "batch {batch_id} refunded: {orders} orders, {}",
                 crate::domain::format_units(cents, 2)

@@ -5,15 +5,13 @@
 //! journals it, and buckets or batches the order.
 
 use crate::config::LedgerSettings;
-use crate::domain::{
-    AccountId, Idempotency, IdempotencyKey, Quantity, Symbol, order_cost,
-};
+use crate::domain::{AccountId, Idempotency, IdempotencyKey, Quantity, Symbol, order_cost};
 use std::sync::{Arc, Mutex, Once};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_orders};
 use crate::store::keys::Keys;
+use crate::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_orders};
 use crate::store::{Store, StoreError};
 
 /// A purchase order as the customer asked for it, already well formed.

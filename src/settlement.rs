@@ -164,7 +164,9 @@ impl<E: Exchange> Settler<E> {
                 })
                 .collect();
             let finished = match self.store.conn().await {
-                Ok(mut conn) => scripts::finish_batches(&mut conn, self.store.keys(), worker, &filled).await,
+                Ok(mut conn) => {
+                    scripts::finish_batches(&mut conn, self.store.keys(), worker, &filled).await
+                }
                 Err(err) => Err(err),
             };
             match finished {
@@ -256,7 +258,15 @@ impl<E: Exchange> Settler<E> {
              is back in range"
         );
         let mut conn = self.store.conn().await?;
-        let end = scripts::dead_letter_batch(&mut conn, self.store.keys(), job_ref, &error, attempt, true).await?;
+        let end = scripts::dead_letter_batch(
+            &mut conn,
+            self.store.keys(),
+            job_ref,
+            &error,
+            attempt,
+            true,
+        )
+        .await?;
         tracing::error!(worker = job_ref.worker, batch_id = %job_ref.batch_id, attempt, fill_id, %account, ?end, "filled batch not settled: a balance would pass the limit; dead-lettered for an operator to retry");
         Ok(())
     }
@@ -402,8 +412,14 @@ pub async fn trim_journal_periodically(
             };
             match trimmed {
                 Ok(0) => {}
-                Ok(count) => tracing::info!(count, shard = shard.index(), "journal entries past retention trimmed"),
-                Err(err) => tracing::warn!(error = %err, shard = shard.index(), "trimming the journal failed"),
+                Ok(count) => tracing::info!(
+                    count,
+                    shard = shard.index(),
+                    "journal entries past retention trimmed"
+                ),
+                Err(err) => {
+                    tracing::warn!(error = %err, shard = shard.index(), "trimming the journal failed")
+                }
             }
         }
         tokio::select! {

@@ -10,8 +10,8 @@
 use tracing::Instrument;
 
 use crate::domain::AccountId;
-use crate::store::slots::Shard;
 use crate::store::Store;
+use crate::store::slots::Shard;
 use crate::store::wallet::{self, Applied};
 use crate::workers::{Delivery, JobHandler};
 
@@ -43,7 +43,8 @@ impl WalletWorker {
             let txn = wallet::get(&mut conn, keys, &txn_id)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("queued transaction {txn_id} has no record"))?;
-            let applied = wallet::apply(&mut conn, keys, account, &txn_id, txn.kind, worker).await?;
+            let applied =
+                wallet::apply(&mut conn, keys, account, &txn_id, txn.kind, worker).await?;
             match &applied {
                 Applied::Completed => {
                     tracing::info!(worker, transaction_id = %txn_id, kind = txn.kind.as_str(), amount = %txn.amount, "completed")

@@ -111,19 +111,20 @@ impl AccountsApi {
             idempotency_ttl_secs: self.0.api.idempotency_ttl_secs,
         };
         let mut conn = self.0.store.conn().await?;
-        let (id, replayed) = match accounts::create_account(&mut conn, self.0.store.keys(), &new).await {
-            Ok(CreateAccountOutcome::Created(id)) => (id, None),
-            Ok(CreateAccountOutcome::Replayed(id)) => (id, Some(true)),
-            Err(CreateAccountError::IdempotencyConflict(id)) => {
-                let detail =
-                    format!("this Idempotency-Key opened account {id} with another request");
-                return Err(ApiError::conflict("idempotency-conflict", detail));
-            }
-            Err(err @ CreateAccountError::BalanceLimit(_)) => {
-                return Err(ApiError::balance_limit(err));
-            }
-            Err(CreateAccountError::Store(err)) => return Err(err.into()),
-        };
+        let (id, replayed) =
+            match accounts::create_account(&mut conn, self.0.store.keys(), &new).await {
+                Ok(CreateAccountOutcome::Created(id)) => (id, None),
+                Ok(CreateAccountOutcome::Replayed(id)) => (id, Some(true)),
+                Err(CreateAccountError::IdempotencyConflict(id)) => {
+                    let detail =
+                        format!("this Idempotency-Key opened account {id} with another request");
+                    return Err(ApiError::conflict("idempotency-conflict", detail));
+                }
+                Err(err @ CreateAccountError::BalanceLimit(_)) => {
+                    return Err(ApiError::balance_limit(err));
+                }
+                Err(CreateAccountError::Store(err)) => return Err(err.into()),
+            };
         let account = accounts::get_account(&mut conn, self.0.store.keys(), &id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("account {id} not found")))?;
@@ -171,7 +172,8 @@ impl AccountsApi {
         let limit = page_size(limit.0, &self.0.api)?;
         let after = cursor.0;
         let mut conn = self.0.store.conn().await?;
-        let page = accounts::list_accounts(&mut conn, self.0.store.keys(), after.as_ref(), limit).await?;
+        let page =
+            accounts::list_accounts(&mut conn, self.0.store.keys(), after.as_ref(), limit).await?;
         let next_cursor = (page.len() == limit).then(|| page[page.len() - 1].id.to_string());
         let items = page.into_iter().map(AccountView::from).collect();
         Ok(ListAccountsResponse::Ok(Json(AccountPage {

@@ -163,7 +163,8 @@ impl AdvancesApi {
             idempotency_ttl_secs: self.0.api.idempotency_ttl_secs,
         };
         let mut conn = self.0.store.conn().await?;
-        let (id, replayed) = match advances::create(&mut conn, self.0.store.keys(), &advance).await {
+        let (id, replayed) = match advances::create(&mut conn, self.0.store.keys(), &advance).await
+        {
             Ok(created) => created,
             Err(AdvanceError::AccountNotFound) => {
                 return Err(ApiError::unprocessable(
@@ -229,10 +230,20 @@ impl AdvancesApi {
         let limit = page_size(limit.0, &self.0.api)?;
         let offset = list_offset(offset.0)?;
         let mut conn = self.0.store.conn().await?;
-        if accounts::get_account(&mut conn, self.0.store.keys(), &account).await?.is_none() {
+        if accounts::get_account(&mut conn, self.0.store.keys(), &account)
+            .await?
+            .is_none()
+        {
             return Err(ApiError::not_found(format!("account {account} not found")));
         }
-        let ids = advances::ids(&mut conn, self.0.store.keys(), Some(&account), offset as usize, limit).await?;
+        let ids = advances::ids(
+            &mut conn,
+            self.0.store.keys(),
+            Some(&account),
+            offset as usize,
+            limit,
+        )
+        .await?;
         drop(conn);
         let mut views = Vec::with_capacity(ids.len());
         for id in ids {

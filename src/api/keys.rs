@@ -176,7 +176,8 @@ impl KeysApi {
         let limit = page_size(limit.0, &self.0.api)?;
         let offset = list_offset(offset.0)?;
         let mut conn = self.0.store.conn().await?;
-        let records = api_keys::list_api_keys(&mut conn, self.0.store.keys(), offset as usize, limit).await?;
+        let records =
+            api_keys::list_api_keys(&mut conn, self.0.store.keys(), offset as usize, limit).await?;
         let next_offset = (records.len() == limit).then_some(offset + limit as u64);
         Ok(KeyPageResponse::Ok(Json(KeyPage {
             items: records.into_iter().map(KeyView::from).collect(),

@@ -311,7 +311,9 @@ async fn read_shard(store: &Store, shard: Shard) -> StoreResult<RedisSnapshot> {
         pipe.cmd("XLEN").arg(keys.job_stream(kind, shard));
     }
     for kind in JOB_STREAMS {
-        pipe.cmd("XINFO").arg("GROUPS").arg(keys.job_stream(kind, shard));
+        pipe.cmd("XINFO")
+            .arg("GROUPS")
+            .arg(keys.job_stream(kind, shard));
     }
     for kind in DEAD_LETTER_STREAMS {
         pipe.cmd("XLEN").arg(keys.job_stream_dead(kind, shard));

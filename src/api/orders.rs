@@ -391,7 +391,9 @@ impl OrdersApi {
         let limit = page_size(limit.0, &self.0.api)?;
         let offset = list_offset(offset.0)?;
         let mut conn = self.0.store.conn().await?;
-        let ids = settlement::failed_batches(&mut conn, self.0.store.keys(), offset as usize, limit).await?;
+        let ids =
+            settlement::failed_batches(&mut conn, self.0.store.keys(), offset as usize, limit)
+                .await?;
         drop(conn);
         let mut items = Vec::with_capacity(ids.len());
         for id in &ids {
@@ -453,9 +455,10 @@ impl OrdersApi {
             .map_or_else(|| "refunded by operator".to_owned(), Text::into_inner);
         let mut conn = self.0.store.conn().await?;
         let confirmed = body.0.exchange_confirmed_unfilled;
-        let (orders, cents) = settlement::refund_batch(&mut conn, self.0.store.keys(), &id, &note, confirmed)
-            .await
-            .map_err(operator_refusal)?;
+        let (orders, cents) =
+            settlement::refund_batch(&mut conn, self.0.store.keys(), &id, &note, confirmed)
+                .await
+                .map_err(operator_refusal)?;
         tracing::info!(batch_id = %id, orders, cents, key_id = %caller.key_id, "failed batch refunded by operator");
         Ok(BatchResponse::Ok(Json(self.batch_view(&id).await?)))
     }

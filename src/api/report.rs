@@ -154,14 +154,22 @@ fn long(text: &str) -> Result<Option<String>, ()> {
 
 impl Cursor {
     fn payload(&self) -> String {
-        let highs: Vec<String> = self.highs.iter().map(|high| short(high.as_deref())).collect();
+        let highs: Vec<String> = self
+            .highs
+            .iter()
+            .map(|high| short(high.as_deref()))
+            .collect();
         let after = match &self.after {
             Some((member, shard)) => format!("{}~{shard}", short(Some(member))),
             None => "-".to_owned(),
         };
         format!(
             "{}.{}.{}.{}.{}.{}",
-            short(Some(&self.as_of).filter(|as_of| !as_of.is_empty()).map(String::as_str)),
+            short(
+                Some(&self.as_of)
+                    .filter(|as_of| !as_of.is_empty())
+                    .map(String::as_str)
+            ),
             short(Some(&self.low)),
             highs.join(","),
             self.limit,
@@ -395,7 +403,11 @@ impl ReportApi {
         // Where each shard's part starts, and how many merged entries to skip.
         let (starts, skip): (Vec<Option<String>>, usize) = match (&listing.after, listing.offset) {
             (_, 0) => (
-                listing.highs.iter().map(|high| high.as_ref().map(|high| format!("[{high}"))).collect(),
+                listing
+                    .highs
+                    .iter()
+                    .map(|high| high.as_ref().map(|high| format!("[{high}")))
+                    .collect(),
                 0,
             ),
             (Some((after, after_shard)), _) => (
@@ -424,7 +436,9 @@ impl ReportApi {
                     let mut total = 0;
                     for (shard, high) in keys.shards().zip(&listing.highs) {
                         if let Some(high) = high {
-                            total += journal::count_between(&mut conn, keys, shard, &listing.low, high).await?;
+                            total +=
+                                journal::count_between(&mut conn, keys, shard, &listing.low, high)
+                                    .await?;
                         }
                     }
                     return Ok((total, Vec::new(), None));
@@ -499,7 +513,11 @@ impl ReportApi {
     ) -> Result<Option<(u64, usize)>, ApiError> {
         let keys = self.0.store.keys();
         let ms_of = |member: &str| -> u64 {
-            member.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
+            member
+                .split('-')
+                .next()
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(0)
         };
         // Entries at or after millisecond `ms`, in every window.
         let mut newer_than = async |ms: u64| -> Result<usize, ApiError> {
@@ -514,7 +532,13 @@ impl ReportApi {
         };
         let (mut low, mut high) = (
             ms_of(&listing.low),
-            listing.highs.iter().flatten().map(|high| ms_of(high)).max().unwrap_or(0),
+            listing
+                .highs
+                .iter()
+                .flatten()
+                .map(|high| ms_of(high))
+                .max()
+                .unwrap_or(0),
         );
         if newer_than(low).await? <= offset {
             return Ok(None);
@@ -542,17 +566,27 @@ mod tests {
         let cursor = Cursor {
             as_of: index_member(20, 3),
             low: index_member(1, 0),
-            high: index_member(20, 3),
+            highs: vec![Some(index_member(20, 3)), None, Some(index_member(19, 0))],
             limit: 50,
             offset: 100,
+            after: Some((index_member(18, 2), 2)),
         };
         let text = cursor.encode("secret");
-        assert_eq!(Cursor::decode(&text, "secret"), Some(cursor));
+        assert_eq!(Cursor::decode(&text, "secret"), Some(cursor.clone()));
         assert_eq!(Cursor::decode(&text, "other secret"), None);
         assert_eq!(
             Cursor::decode(&text.replace(".100.", ".150."), "secret"),
             None
         );
         assert_eq!(Cursor::decode("nonsense", "secret"), None);
+        let first = Cursor {
+            after: None,
+            offset: 0,
+            ..cursor
+        };
+        assert_eq!(
+            Cursor::decode(&first.encode("secret"), "secret"),
+            Some(first)
+        );
     }
 }

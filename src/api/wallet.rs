@@ -298,7 +298,14 @@ impl WalletApi {
         let mut scanned = 0;
         let mut exhausted = false;
         while items.len() < limit && scanned < HISTORY_SCAN_MAX {
-            let ids = wallet::history(&mut conn, self.0.store.keys(), &account_id, before.as_deref(), limit).await?;
+            let ids = wallet::history(
+                &mut conn,
+                self.0.store.keys(),
+                &account_id,
+                before.as_deref(),
+                limit,
+            )
+            .await?;
             exhausted = ids.len() < limit;
             for id in &ids {
                 scanned += 1;

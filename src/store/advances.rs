@@ -260,9 +260,7 @@ pub async fn get(conn: &mut impl Conn, keys: &Keys, id: &str) -> StoreResult<Opt
         .min(INSTALLMENTS_MAX);
     let mut pipe = redis::pipe();
     for n in 1..=count {
-        pipe.cmd("ZSCORE")
-            .arg(&leased_key)
-            .arg(format!("{id}:{n}"));
+        pipe.cmd("ZSCORE").arg(&leased_key).arg(format!("{id}:{n}"));
     }
     let leased: Vec<Option<String>> = pipe.query_async(conn).await?;
     let mut installments = Vec::with_capacity(count as usize);
@@ -369,5 +367,10 @@ pub async fn ids(
         all.extend(page.into_iter().map(|(id, at)| (at, id)));
     }
     all.sort_unstable();
-    Ok(all.into_iter().skip(offset).take(limit).map(|(_, id)| id).collect())
+    Ok(all
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|(_, id)| id)
+        .collect())
 }

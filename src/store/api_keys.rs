@@ -5,8 +5,8 @@ use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
 
-use super::rate_limits::Take;
 use super::keys::{self, Keys};
+use super::rate_limits::Take;
 use super::{Conn, Record, StoreError, StoreResult, verdict};
 use crate::access::{KeyId, Role};
 use crate::domain::AccountId;
@@ -121,7 +121,9 @@ pub async fn list_api_keys(
     let last = isize::try_from(offset + limit).unwrap_or(isize::MAX) - 1;
     let mut ids: Vec<(i64, String, super::slots::Shard)> = Vec::new();
     for shard in keys.shards() {
-        let page: Vec<(String, i64)> = conn.zrange_withscores(keys.api_keys(shard), 0, last).await?;
+        let page: Vec<(String, i64)> = conn
+            .zrange_withscores(keys.api_keys(shard), 0, last)
+            .await?;
         ids.extend(page.into_iter().map(|(id, at)| (at, id, shard)));
     }
     ids.sort_unstable();

@@ -138,7 +138,10 @@ pub async fn entries(
             key: keys.journal_index(shard),
             problem: format!("`{member}` is not a padded stream id"),
         })?;
-        pipe.cmd("XRANGE").arg(keys.journal(shard)).arg(&id).arg(&id);
+        pipe.cmd("XRANGE")
+            .arg(keys.journal(shard))
+            .arg(&id)
+            .arg(&id);
     }
     let ranges: Vec<StreamRangeReply> = pipe.query_async(conn).await?;
     Ok(ranges

@@ -163,7 +163,9 @@ impl Keys {
 
     /// A fresh order id on its customer's shard.
     pub fn new_order_id(&self, account: &AccountId) -> OrderId {
-        let shard = self.shard_of_account(account).unwrap_or(self.layout.first());
+        let shard = self
+            .shard_of_account(account)
+            .unwrap_or(self.layout.first());
         OrderId::from_uuid(self.new_id_in(shard))
     }
 
@@ -255,15 +257,15 @@ impl Keys {
 
     /// A purchase order (hash), on its customer's shard.
     pub fn order(&self, id: &OrderId) -> String {
-        self.at(
-            self.shard_of_id(&id.uuid()),
-            format_args!("order:{id}"),
-        )
+        self.at(self.shard_of_id(&id.uuid()), format_args!("order:{id}"))
     }
 
     /// A symbol's pending bucket (hash: value, quantity, count, epoch).
     pub fn bucket(&self, symbol: &Symbol) -> String {
-        self.at(self.shard_of_symbol(symbol), format_args!("bucket:{symbol}"))
+        self.at(
+            self.shard_of_symbol(symbol),
+            format_args!("bucket:{symbol}"),
+        )
     }
 
     /// Order ids waiting in a symbol's bucket (list).

@@ -455,11 +455,7 @@ pub async fn failed_batches(
     let mut failed: Vec<(i64, String, Shard)> = Vec::new();
     for shard in keys.shards() {
         let page: Vec<(String, i64)> = conn
-            .zrange_withscores(
-                keys.failed_batches(shard),
-                0,
-                (offset + limit) as isize - 1,
-            )
+            .zrange_withscores(keys.failed_batches(shard), 0, (offset + limit) as isize - 1)
             .await?;
         failed.extend(page.into_iter().map(|(id, at)| (at, id, shard)));
     }

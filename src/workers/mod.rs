@@ -202,9 +202,15 @@ pub async fn run_consumer<H: JobHandler>(
             continue;
         }
         // Handled to the end even if shutdown arrives meanwhile.
-        handler.handle_all(consumer, settings.shard, deliveries).await;
+        handler
+            .handle_all(consumer, settings.shard, deliveries)
+            .await;
     }
-    tracing::debug!(worker = consumer, stream = settings.stream, "consumer stopped");
+    tracing::debug!(
+        worker = consumer,
+        stream = settings.stream,
+        "consumer stopped"
+    );
 }
 
 /// Runs a worker process's consumers until `shutdown` turns true, each
@@ -219,7 +225,8 @@ pub async fn run_workers(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     settings.validate().map_err(anyhow::Error::msg)?;
-    let readers = settings.consumers * StreamKind::ALL.len() * usize::from(store.keys().layout().count());
+    let readers =
+        settings.consumers * StreamKind::ALL.len() * usize::from(store.keys().layout().count());
     if readers > store.pool_size_max() {
         anyhow::bail!(
             "this worker runs {readers} blocking readers (TALLY_WORKER_CONSUMERS={} x {} streams x \
@@ -314,11 +321,7 @@ pub async fn run_workers(
                 collector.clone(),
                 shutdown.clone(),
             ));
-            let notify = consumer(
-                StreamKind::Events,
-                crate::notifier::NOTIFY_GROUP,
-                "notify",
-            );
+            let notify = consumer(StreamKind::Events, crate::notifier::NOTIFY_GROUP, "notify");
             consumers.spawn(run_consumer(
                 store.clone(),
                 notify,
@@ -355,9 +358,10 @@ pub async fn trim_streams_periodically(
         let older_than_ms = u64::try_from(crate::store::now_ms())
             .unwrap_or(0)
             .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
-        let streams = store.keys().shards().flat_map(|shard| {
-            StreamKind::ALL.map(|kind| store.keys().job_stream(kind, shard))
-        });
+        let streams = store
+            .keys()
+            .shards()
+            .flat_map(|shard| StreamKind::ALL.map(|kind| store.keys().job_stream(kind, shard)));
         for stream in streams {
             let stream = stream.as_str();
             let trimmed = match store.conn().await {

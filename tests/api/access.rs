@@ -3,6 +3,7 @@
 //! per API key.
 
 use std::time::Duration;
+use tally::store::keys::Keys;
 
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -110,7 +111,7 @@ async fn stored_key(app: &TestApp, role: Role, change: impl FnOnce(&mut KeyRecor
         writes_per_s: None,
     };
     change(&mut record);
-    create_api_key(&mut app.redis().await, &record)
+    create_api_key(&mut app.redis().await, &Keys::default(), &record)
         .await
         .unwrap();
     generated.plaintext
@@ -181,9 +182,14 @@ async fn every_route_answers_every_kind_of_caller_as_designed_and_refusals_write
         (Who::Revoked, {
             let key = app.key(Role::Admin, None).await;
             let id = tally::access::KeyId::parse(key.split('_').nth(2).unwrap()).unwrap();
-            let revoked = tally::store::api_keys::revoke_api_key(&mut app.redis().await, &id, 1)
-                .await
-                .unwrap();
+            let revoked = tally::store::api_keys::revoke_api_key(
+                &mut app.redis().await,
+                &Keys::default(),
+                &id,
+                1,
+            )
+            .await
+            .unwrap();
             assert_eq!(revoked, Some(1));
             Some(format!("Bearer {key}"))
         }),
@@ -885,9 +891,13 @@ async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
 
     // create_api_key: created; run again (a resent call), it answers as the
     // first run did and writes nothing.
-    create_api_key(&mut conn, &record).await.unwrap();
+    create_api_key(&mut conn, &Keys::default(), &record)
+        .await
+        .unwrap();
     let before = app.snapshot().await;
-    create_api_key(&mut conn, &record).await.unwrap();
+    create_api_key(&mut conn, &Keys::default(), &record)
+        .await
+        .unwrap();
     assert_eq!(app.snapshot().await, before, "a second run writes nothing");
 
     // authenticate_key: the key's own limit (2/s, burst 2 x 1 s).
@@ -898,47 +908,67 @@ async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
         burst_s: 1,
         want,
     };
-    let (read, take) = authenticate_key(&mut conn, &record.id, check(&record.secret_hash, 1))
-        .await
-        .unwrap()
-        .unwrap();
+    let (read, take) = authenticate_key(
+        &mut conn,
+        &Keys::default(),
+        &record.id,
+        check(&record.secret_hash, 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(read, record);
     assert_eq!(take, Some(Take::Granted(1)));
     // A wrong secret reads the record and takes nothing.
     let wrong = "0".repeat(64);
     let before = app.snapshot().await;
-    let (_, take) = authenticate_key(&mut conn, &record.id, check(&wrong, 1))
+    let (_, take) = authenticate_key(&mut conn, &Keys::default(), &record.id, check(&wrong, 1))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(take, None);
     // Wanting nothing only reads.
-    let (_, take) = authenticate_key(&mut conn, &record.id, check(&record.secret_hash, 0))
-        .await
-        .unwrap()
-        .unwrap();
+    let (_, take) = authenticate_key(
+        &mut conn,
+        &Keys::default(),
+        &record.id,
+        check(&record.secret_hash, 0),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(take, None);
     let bucket = tally::store::keys::rate_limit(&format!("{}:reads", record.id));
     let tat: Option<String> = conn.get(&bucket).await.unwrap();
     assert!(tat.is_some(), "the one token taken is recorded");
     assert_eq!(app.snapshot().await, before, "nothing else was written");
     // The burst is 2: one more, then a refusal with the time until the next.
-    let (_, take) = authenticate_key(&mut conn, &record.id, check(&record.secret_hash, 1))
-        .await
-        .unwrap()
-        .unwrap();
+    let (_, take) = authenticate_key(
+        &mut conn,
+        &Keys::default(),
+        &record.id,
+        check(&record.secret_hash, 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(take, Some(Take::Granted(1)));
-    let (_, take) = authenticate_key(&mut conn, &record.id, check(&record.secret_hash, 1))
-        .await
-        .unwrap()
-        .unwrap();
+    let (_, take) = authenticate_key(
+        &mut conn,
+        &Keys::default(),
+        &record.id,
+        check(&record.secret_hash, 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let Some(Take::Refused { retry_after }) = take else {
         panic!("refused past the burst: {take:?}");
     };
     assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_millis(500));
     // An unknown key.
     let unknown = tally::access::KeyId::new();
-    let missing = authenticate_key(&mut conn, &unknown, check(&wrong, 1))
+    let missing = authenticate_key(&mut conn, &Keys::default(), &unknown, check(&wrong, 1))
         .await
         .unwrap();
     assert!(missing.is_none());
@@ -951,7 +981,9 @@ async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
     };
     let epoch_before = epoch(conn.clone()).await;
     assert_eq!(
-        revoke_api_key(&mut conn, &record.id, 42).await.unwrap(),
+        revoke_api_key(&mut conn, &Keys::default(), &record.id, 42)
+            .await
+            .unwrap(),
         Some(42)
     );
     assert_eq!(
@@ -960,7 +992,9 @@ async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
         "every process hears of it"
     );
     assert_eq!(
-        revoke_api_key(&mut conn, &record.id, 99).await.unwrap(),
+        revoke_api_key(&mut conn, &Keys::default(), &record.id, 99)
+            .await
+            .unwrap(),
         Some(42)
     );
     assert_eq!(
@@ -969,14 +1003,24 @@ async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
         "the second time moves nothing"
     );
     let before = app.snapshot().await;
-    assert_eq!(revoke_api_key(&mut conn, &unknown, 1).await.unwrap(), None);
+    assert_eq!(
+        revoke_api_key(&mut conn, &Keys::default(), &unknown, 1)
+            .await
+            .unwrap(),
+        None
+    );
     assert_eq!(app.snapshot().await, before);
     // A revoked key takes nothing, even with its secret.
     conn.del::<_, ()>(&bucket).await.unwrap();
-    let (read, take) = authenticate_key(&mut conn, &record.id, check(&record.secret_hash, 1))
-        .await
-        .unwrap()
-        .unwrap();
+    let (read, take) = authenticate_key(
+        &mut conn,
+        &Keys::default(),
+        &record.id,
+        check(&record.secret_hash, 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!((read.revoked_at_ms, take), (Some(42), None));
     // An expired one neither.
     let expired = GeneratedKey::new(Role::Read, &pepper);
@@ -986,11 +1030,18 @@ async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
         expires_at_ms: Some(tally::store::now_ms() - 1),
         ..record.clone()
     };
-    create_api_key(&mut conn, &expired_record).await.unwrap();
-    let (_, take) = authenticate_key(&mut conn, &expired.id, check(&expired.secret_hash, 1))
+    create_api_key(&mut conn, &Keys::default(), &expired_record)
         .await
-        .unwrap()
         .unwrap();
+    let (_, take) = authenticate_key(
+        &mut conn,
+        &Keys::default(),
+        &expired.id,
+        check(&expired.secret_hash, 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(take, None);
 
     // take_rate_tokens: at most a quarter of the burst at once, then refused.

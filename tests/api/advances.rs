@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tally::store::keys::Keys;
 
 use serde_json::{Value, json};
 use tally::advances::{Clock, ManualClock, SchedulerSettings, run_scheduler, schedule_once};
 use tally::exchange::sim::Faults;
-use tally::store::keys;
 use tokio::sync::watch;
 
 use crate::helpers::{
@@ -289,12 +289,13 @@ async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
     let app = spawn_app().await;
     let exchange = spawn_exchange(Faults::default()).await;
     let (account, id, clock) = first_installment_leased(&app, "lease").await;
+    let installments = app.keys().installments(app.shard_of(&account));
 
     // A worker takes the job and dies holding the lease: it never acknowledges.
     let mut conn = app.redis().await;
     tally::workers::ensure_group(
         &mut conn,
-        keys::INSTALLMENTS_STREAM,
+        &installments,
         tally::store::advances::COLLECT_GROUP,
     )
     .await
@@ -306,7 +307,7 @@ async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
         .arg("COUNT")
         .arg(10)
         .arg("STREAMS")
-        .arg(keys::INSTALLMENTS_STREAM)
+        .arg(&installments)
         .arg(">")
         .query_async(&mut conn)
         .await
@@ -337,7 +338,7 @@ async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
     // The dead worker's delivery is taken over too (after claim_idle_ms) and finds no lease.
     eventually("both deliveries are acknowledged", || async {
         let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
-            .arg(keys::INSTALLMENTS_STREAM)
+            .arg(&installments)
             .arg(tally::store::advances::COLLECT_GROUP)
             .query_async(&mut app.redis().await)
             .await
@@ -354,12 +355,13 @@ async fn an_installment_whose_worker_died_is_collected_once_after_its_lease() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_lease_whose_job_is_still_unread_is_extended_without_a_new_job() {
     let app = spawn_app().await;
-    let (_, _, clock) = first_installment_leased(&app, "behind").await;
+    let (account, _, clock) = first_installment_leased(&app, "behind").await;
+    let installments = app.keys().installments(app.shard_of(&account));
     let settings = scheduler_settings();
     let step = || schedule_once(&app.store, &clock, &settings);
     let mut conn = app.redis().await;
-    let jobs = |mut conn: redis::aio::MultiplexedConnection| async move {
-        let length: usize = redis::AsyncCommands::xlen(&mut conn, keys::INSTALLMENTS_STREAM)
+    let jobs = |mut conn: redis::aio::MultiplexedConnection, installments: String| async move {
+        let length: usize = redis::AsyncCommands::xlen(&mut conn, installments)
             .await
             .unwrap();
         length
@@ -373,14 +375,18 @@ async fn an_expired_lease_whose_job_is_still_unread_is_extended_without_a_new_jo
     }
     tally::workers::ensure_group(
         &mut conn,
-        keys::INSTALLMENTS_STREAM,
+        &installments,
         tally::store::advances::COLLECT_GROUP,
     )
     .await
     .unwrap();
     clock.advance(Duration::from_secs(31));
     assert_eq!(step().await.unwrap(), (0, 0, 1));
-    assert_eq!(jobs(conn.clone()).await, 1, "no duplicate jobs");
+    assert_eq!(
+        jobs(conn.clone(), installments.clone()).await,
+        1,
+        "no duplicate jobs"
+    );
 
     // A worker reads the job and dies: the next expiry queues it again.
     let _: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
@@ -388,14 +394,14 @@ async fn an_expired_lease_whose_job_is_still_unread_is_extended_without_a_new_jo
         .arg(tally::store::advances::COLLECT_GROUP)
         .arg("doomed")
         .arg("STREAMS")
-        .arg(keys::INSTALLMENTS_STREAM)
+        .arg(&installments)
         .arg(">")
         .query_async(&mut conn)
         .await
         .unwrap();
     clock.advance(Duration::from_secs(31));
     assert_eq!(step().await.unwrap(), (0, 1, 0));
-    assert_eq!(jobs(conn.clone()).await, 2);
+    assert_eq!(jobs(conn.clone(), installments.clone()).await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -410,7 +416,8 @@ async fn the_audit_finds_a_scheduled_installment_nothing_would_collect() {
     assert!(report.is_clean(), "{report}");
     // Damaged by hand: installment 3 leaves the due set and is not leased.
     let member = format!("{id}:3");
-    let _: () = redis::AsyncCommands::zrem(&mut app.redis().await, keys::INSTALLMENTS_DUE, &member)
+    let due = app.keys().installments_due(app.shard_of(&account));
+    let _: () = redis::AsyncCommands::zrem(&mut app.redis().await, due, &member)
         .await
         .unwrap();
     let report = tally::audit::run(&app.store).await.unwrap();
@@ -474,13 +481,31 @@ async fn a_failure_carries_past_a_later_installment_collected_first() {
     // The second is collected first (they are handled concurrently), then the first fails.
     let mut conn = app.redis().await;
     let customer = tally::domain::AccountId::parse(&account).unwrap();
-    let second = tally::store::advances::collect(&mut conn, &id, &customer, 2, "0-1", "test", 1000)
-        .await
-        .unwrap();
+    let second = tally::store::advances::collect(
+        &mut conn,
+        &Keys::default(),
+        &id,
+        &customer,
+        2,
+        "0-1",
+        "test",
+        1000,
+    )
+    .await
+    .unwrap();
     assert_eq!(second, tally::store::advances::Collected::Paid(10_000));
-    let first = tally::store::advances::collect(&mut conn, &id, &customer, 1, "0-2", "test", 1000)
-        .await
-        .unwrap();
+    let first = tally::store::advances::collect(
+        &mut conn,
+        &Keys::default(),
+        &id,
+        &customer,
+        1,
+        "0-2",
+        "test",
+        1000,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         first,
         tally::store::advances::Collected::Failed {
@@ -510,17 +535,26 @@ async fn a_collection_that_cannot_read_its_records_writes_nothing_and_keeps_its_
     // Damaged by hand, one field at a time: the last installment's due time
     // (read only on the path where the balance falls short), then the balance.
     let damages = [
-        (keys::advance(&id), "i12:due", "lacks"),
-        (keys::account(&customer), "balance", "no balance"),
+        (Keys::default().advance(&id), "i12:due", "lacks"),
+        (Keys::default().account(&customer), "balance", "no balance"),
     ];
     for (key, field, problem) in damages {
         let _: () = redis::AsyncCommands::hdel(&mut conn, &key, field)
             .await
             .unwrap();
         let before = app.snapshot().await;
-        let collected = collect(&mut conn, &id, &customer, 1, "0-1", "test", 1000)
-            .await
-            .unwrap();
+        let collected = collect(
+            &mut conn,
+            &Keys::default(),
+            &id,
+            &customer,
+            1,
+            "0-1",
+            "test",
+            1000,
+        )
+        .await
+        .unwrap();
         assert!(
             matches!(&collected, Collected::Malformed(what) if what.contains(problem)),
             "{collected:?}"

@@ -6,9 +6,14 @@
 //! the two whose refusals are records by design, transfers and wallet
 //! applies, exactly that record). Then the same over HTTP and through the
 //! workers, and the audit on a balance already out of range.
+//!
+//! The apps here run with one shard: a system account is then one
+//! sub-account, so "@bank near the limit" is one balance set by hand. The
+//! checks are the same per sub-account on any count of shards.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+use tally::store::keys::Keys;
 
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -17,18 +22,30 @@ use tally::domain::{AccountId, AccountName, Amount, BatchId, SystemAccount};
 use tally::exchange::sim::Faults;
 use tally::store::accounts::{CreateAccountError, NewAccount, create_account};
 use tally::store::advances::{self, AdvanceError, Collected, NewAdvance};
+use tally::store::now_ms;
 use tally::store::orders::{
     PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_order, place_orders,
 };
 use tally::store::settlement::{self, Begun, Filled, JobEnd, JobRef, OperatorError};
+use tally::store::slots::Shard;
 use tally::store::transfers::{Movement, MovementOutcome, Refusal, move_money};
 use tally::store::wallet::{self, Applied, WalletKind};
-use tally::store::{keys, now_ms};
 
 use crate::helpers::{
     BALANCE_LIMIT_CENTS, TestApp, assert_problem, eventually, pending_count, read_settle_job,
-    redis_snapshot, spawn_app, spawn_exchange, spawn_workers, stream_entries, test_worker_settings,
+    redis_snapshot, spawn_app_with, spawn_exchange, spawn_workers, stream_entries,
+    test_worker_settings,
 };
+
+/// An app on one shard (see the module's comment).
+async fn spawn_app() -> TestApp {
+    spawn_app_with(|settings| settings.redis.shards = 1).await
+}
+
+/// The one shard.
+fn shard0(app: &TestApp) -> Shard {
+    app.keys().layout().first()
+}
 
 const LIMIT: i64 = BALANCE_LIMIT_CENTS;
 
@@ -87,7 +104,7 @@ async fn create_account_refuses_an_opening_balance_that_would_take_the_bank_past
     // @bank has funded openings down to 1.00 short of the limit.
     app.set_balance_cents("@bank", -LIMIT + 100).await;
     let before = redis_snapshot(&mut conn).await;
-    let refused = create_account(&mut conn, &new_account("1.01")).await;
+    let refused = create_account(&mut conn, app.keys(), &new_account("1.01")).await;
     assert!(
         matches!(&refused, Err(CreateAccountError::BalanceLimit(id)) if *id == bank()),
         "{refused:?}"
@@ -95,7 +112,7 @@ async fn create_account_refuses_an_opening_balance_that_would_take_the_bank_past
     assert_eq!(redis_snapshot(&mut conn).await, before, "nothing written");
 
     // Exactly to the limit is within it.
-    create_account(&mut conn, &new_account("1.00"))
+    create_account(&mut conn, app.keys(), &new_account("1.00"))
         .await
         .unwrap();
     assert_eq!(app.balance_cents("@bank").await, -LIMIT);
@@ -119,7 +136,7 @@ async fn create_advance_refuses_an_advance_that_would_take_either_side_past_the_
     // @bank, which lends it.
     app.set_balance_cents("@bank", -LIMIT + 100).await;
     let before = redis_snapshot(&mut conn).await;
-    let refused = advances::create(&mut conn, &advance("1.01")).await;
+    let refused = advances::create(&mut conn, app.keys(), &advance("1.01")).await;
     assert!(
         matches!(&refused, Err(AdvanceError::BalanceLimit(id)) if *id == bank()),
         "{refused:?}"
@@ -130,14 +147,16 @@ async fn create_advance_refuses_an_advance_that_would_take_either_side_past_the_
     app.set_balance_cents("@bank", 0).await;
     app.set_balance_cents(&customer, LIMIT - 100).await;
     let before = redis_snapshot(&mut conn).await;
-    let refused = advances::create(&mut conn, &advance("1.01")).await;
+    let refused = advances::create(&mut conn, app.keys(), &advance("1.01")).await;
     assert!(
         matches!(&refused, Err(AdvanceError::BalanceLimit(id)) if id.as_str() == customer),
         "{refused:?}"
     );
     assert_eq!(redis_snapshot(&mut conn).await, before, "nothing written");
 
-    advances::create(&mut conn, &advance("1.00")).await.unwrap();
+    advances::create(&mut conn, app.keys(), &advance("1.00"))
+        .await
+        .unwrap();
     assert_eq!(app.balance_cents(&customer).await, LIMIT);
 }
 
@@ -187,7 +206,7 @@ async fn transfer_refuses_a_bank_transaction_that_would_take_either_side_past_th
         );
         let before = redis_snapshot(&mut conn).await;
         let movement = movement(payer, payee, "1.01");
-        let outcome = move_money(&mut conn, &movement).await.unwrap();
+        let outcome = move_money(&mut conn, app.keys(), &movement).await.unwrap();
         match &outcome {
             MovementOutcome::Fail {
                 refusal: Refusal::BalanceLimit,
@@ -210,10 +229,10 @@ async fn transfer_refuses_a_bank_transaction_that_would_take_either_side_past_th
         assert_eq!(
             changed_keys(&before, &after),
             BTreeSet::from([
-                keys::JOURNAL.to_owned(),
-                keys::JOURNAL_INDEX.to_owned(),
-                keys::EVENTS_STREAM.to_owned(),
-                keys::transaction(&movement.id),
+                app.keys().journal(shard0(&app)),
+                app.keys().journal_index(shard0(&app)),
+                app.keys().events(shard0(&app)),
+                app.keys().transaction(&movement.id),
             ])
         );
         let entry = last_journal_entry(&app).await;
@@ -230,7 +249,7 @@ async fn place_orders_refuses_an_order_that_would_take_the_exchange_past_the_lim
     let customer_id = account_id(&customer);
     app.set_balance_cents("@exchange", LIMIT - 100).await;
     let before = redis_snapshot(&mut conn).await;
-    let refused = place_order(&mut conn, &order(&customer_id, "1")).await; // 4.00
+    let refused = place_order(&mut conn, app.keys(), &order(&customer_id, "1")).await; // 4.00
     assert!(
         matches!(&refused, Err(PlaceOrderError::BalanceLimit(id)) if *id == exchange()),
         "{refused:?}"
@@ -253,7 +272,7 @@ async fn place_orders_counts_the_orders_before_it_in_the_group() {
         order(&customer_id, "1"),   // 4.00: fits alone, not after the 8.00
         order(&customer_id, "0.5"), // 2.00: fits, and closes the batch at 10.00
     ];
-    let outcomes = place_orders(&mut conn, &group).await.unwrap();
+    let outcomes = place_orders(&mut conn, app.keys(), &group).await.unwrap();
     assert!(matches!(outcomes[0], Ok(PlaceOrderOutcome::Pending)));
     assert!(
         matches!(&outcomes[1], Err(PlaceOrderError::BalanceLimit(id)) if *id == exchange()),
@@ -263,7 +282,10 @@ async fn place_orders_counts_the_orders_before_it_in_the_group() {
     assert!(matches!(outcomes[2], Ok(PlaceOrderOutcome::Settling(id)) if id == group[2].batch_id));
     assert_eq!(app.balance_cents("@exchange").await, LIMIT);
     assert_eq!(app.balance_cents(&customer).await, 9_000);
-    let refused: bool = conn.exists(keys::order(&group[1].order_id)).await.unwrap();
+    let refused: bool = conn
+        .exists(app.keys().order(&group[1].order_id))
+        .await
+        .unwrap();
     assert!(!refused, "the refused order was not written");
 }
 
@@ -275,7 +297,7 @@ async fn place_orders_refuses_a_customer_balance_already_past_the_limit() {
     // Out of range by hand: spending 4.00 still leaves it past the limit.
     app.set_balance_cents(&customer, LIMIT + 1_000).await;
     let before = redis_snapshot(&mut conn).await;
-    let refused = place_order(&mut conn, &order(&account_id(&customer), "1")).await;
+    let refused = place_order(&mut conn, app.keys(), &order(&account_id(&customer), "1")).await;
     assert!(
         matches!(&refused, Err(PlaceOrderError::BalanceLimit(id)) if id.as_str() == customer),
         "{refused:?}"
@@ -286,9 +308,11 @@ async fn place_orders_refuses_a_customer_balance_already_past_the_limit() {
 /// A failed batch of two orders by one customer: 4.00 then 8.00.
 async fn failed_batch_of_two(app: &TestApp, customer: &AccountId) -> BatchId {
     let mut conn = app.redis().await;
-    place_order(&mut conn, &order(customer, "1")).await.unwrap();
+    place_order(&mut conn, app.keys(), &order(customer, "1"))
+        .await
+        .unwrap();
     let closing = order(customer, "2");
-    place_order(&mut conn, &closing).await.unwrap();
+    place_order(&mut conn, app.keys(), &closing).await.unwrap();
     let stream_id = read_settle_job(&mut conn, "test").await;
     let job = JobRef {
         stream_id: &stream_id,
@@ -296,7 +320,7 @@ async fn failed_batch_of_two(app: &TestApp, customer: &AccountId) -> BatchId {
         worker: "test",
     };
     assert_eq!(
-        settlement::dead_letter_batch(&mut conn, &job, "gone", 1, false)
+        settlement::dead_letter_batch(&mut conn, app.keys(), &job, "gone", 1, false)
             .await
             .unwrap(),
         JobEnd::Done
@@ -315,7 +339,7 @@ async fn refund_batch_refuses_a_refund_that_would_take_either_side_past_the_limi
     // not both.
     app.set_balance_cents(&customer, LIMIT - 1_000).await;
     let before = redis_snapshot(&mut conn).await;
-    let refused = settlement::refund_batch(&mut conn, &batch_id, "x", false).await;
+    let refused = settlement::refund_batch(&mut conn, app.keys(), &batch_id, "x", false).await;
     assert!(
         matches!(&refused, Err(OperatorError::BalanceLimit(_, id)) if id.as_str() == customer),
         "{refused:?}"
@@ -326,7 +350,7 @@ async fn refund_batch_refuses_a_refund_that_would_take_either_side_past_the_limi
     app.set_balance_cents(&customer, 0).await;
     app.set_balance_cents("@exchange", -LIMIT + 1_100).await;
     let before = redis_snapshot(&mut conn).await;
-    let refused = settlement::refund_batch(&mut conn, &batch_id, "x", false).await;
+    let refused = settlement::refund_batch(&mut conn, app.keys(), &batch_id, "x", false).await;
     assert!(
         matches!(&refused, Err(OperatorError::BalanceLimit(_, id)) if *id == exchange()),
         "{refused:?}"
@@ -336,7 +360,7 @@ async fn refund_batch_refuses_a_refund_that_would_take_either_side_past_the_limi
     app.set_balance_cents("@exchange", 1_200).await;
     app.set_balance_cents(&customer, LIMIT - 1_200).await;
     assert_eq!(
-        settlement::refund_batch(&mut conn, &batch_id, "x", false)
+        settlement::refund_batch(&mut conn, app.keys(), &batch_id, "x", false)
             .await
             .unwrap(),
         (2, 1_200)
@@ -349,7 +373,7 @@ async fn refund_batch_refuses_a_refund_that_would_take_either_side_past_the_limi
 async fn batch_to_finish(app: &TestApp, customer: &AccountId) -> (BatchId, String) {
     let mut conn = app.redis().await;
     let placed = order(customer, "3");
-    place_order(&mut conn, &placed).await.unwrap();
+    place_order(&mut conn, app.keys(), &placed).await.unwrap();
     let stream_id = read_settle_job(&mut conn, "test").await;
     let job = JobRef {
         stream_id: &stream_id,
@@ -357,14 +381,22 @@ async fn batch_to_finish(app: &TestApp, customer: &AccountId) -> (BatchId, Strin
         worker: "test",
     };
     assert_eq!(
-        settlement::begin_attempts(&mut conn, &[job]).await.unwrap(),
+        settlement::begin_attempts(&mut conn, app.keys(), &[job])
+            .await
+            .unwrap(),
         [Begun::Call { attempts: 1 }]
     );
     (placed.batch_id, stream_id)
 }
 
 async fn settle_pending(conn: &mut redis::aio::MultiplexedConnection) -> usize {
-    pending_count(conn, keys::SETTLE_STREAM, settlement::SETTLE_GROUP).await
+    let keys = Keys::new(1);
+    pending_count(
+        conn,
+        &keys.settle(keys.layout().first()),
+        settlement::SETTLE_GROUP,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -392,7 +424,7 @@ async fn finish_batches_refuses_a_settlement_that_would_take_either_side_past_th
         app.set_balance_cents(set, cents).await;
         let before = redis_snapshot(&mut conn).await;
         assert_eq!(
-            settlement::finish_batches(&mut conn, "test", &filled)
+            settlement::finish_batches(&mut conn, app.keys(), "test", &filled)
                 .await
                 .unwrap(),
             [JobEnd::BalanceLimit(named)]
@@ -406,7 +438,7 @@ async fn finish_batches_refuses_a_settlement_that_would_take_either_side_past_th
     app.set_balance_cents("@exchange", 1_200).await;
     app.set_balance_cents("@bank", LIMIT - 1_200).await;
     assert_eq!(
-        settlement::finish_batches(&mut conn, "test", &filled)
+        settlement::finish_batches(&mut conn, app.keys(), "test", &filled)
             .await
             .unwrap(),
         [JobEnd::Done]
@@ -441,7 +473,7 @@ async fn finish_batches_counts_the_batches_before_it_in_the_call() {
         },
     ];
     assert_eq!(
-        settlement::finish_batches(&mut conn, "test", &filled)
+        settlement::finish_batches(&mut conn, app.keys(), "test", &filled)
             .await
             .unwrap(),
         [JobEnd::Done, JobEnd::BalanceLimit(bank())]
@@ -490,10 +522,20 @@ async fn collect_installment_refuses_a_payment_that_would_take_either_side_past_
     let collect = |conn: &mut redis::aio::MultiplexedConnection| {
         let (advance_id, customer) = (advance_id.clone(), account_id(&customer));
         let mut conn = conn.clone();
+        let keys = app.keys().clone();
         async move {
-            advances::collect(&mut conn, &advance_id, &customer, 1, "0-1", "test", 1_000)
-                .await
-                .unwrap()
+            advances::collect(
+                &mut conn,
+                &keys,
+                &advance_id,
+                &customer,
+                1,
+                "0-1",
+                "test",
+                1_000,
+            )
+            .await
+            .unwrap()
         }
     };
 
@@ -544,7 +586,7 @@ async fn apply_wallet_transaction_rejects_a_move_that_would_take_the_system_side
             .to_owned();
         app.set_balance_cents(system, cents).await;
         let before = redis_snapshot(&mut conn).await;
-        let applied = wallet::apply(&mut conn, &customer_id, &txn_id, kind, "test")
+        let applied = wallet::apply(&mut conn, app.keys(), &customer_id, &txn_id, kind, "test")
             .await
             .unwrap();
         assert!(
@@ -564,13 +606,13 @@ async fn apply_wallet_transaction_rejects_a_move_that_would_take_the_system_side
         // nothing else: the counterpart's record is untouched.
         let after = redis_snapshot(&mut conn).await;
         let expected = [
-            keys::wallet_queue(&customer_id),
-            keys::wallet_transaction(&txn_id),
-            keys::account(&customer_id), // its count of applied transactions
-            keys::JOURNAL.to_owned(),
-            keys::JOURNAL_INDEX.to_owned(),
-            keys::EVENTS_STREAM.to_owned(),
-            keys::WALLET_ERRORS_STREAM.to_owned(),
+            app.keys().wallet_queue(&customer_id),
+            app.keys().wallet_transaction(&txn_id),
+            app.keys().account(&customer_id), // its count of applied transactions
+            app.keys().journal(shard0(&app)),
+            app.keys().journal_index(shard0(&app)),
+            app.keys().events(shard0(&app)),
+            app.keys().wallet_errors(shard0(&app)),
         ];
         assert_eq!(changed_keys(&before, &after), BTreeSet::from(expected));
         let entry = last_journal_entry(&app).await;
@@ -647,12 +689,18 @@ async fn a_bank_transaction_that_would_take_the_bank_past_the_limit_is_a_422_and
     // The refusal is journaled with amount 0 (the report shows failed
     // attempts) and kept for the key's replays; no balance changed.
     let after = app.snapshot().await;
-    let transaction = keys::transaction(problem["transaction_id"].as_str().unwrap());
+    let transaction = app
+        .keys()
+        .transaction(problem["transaction_id"].as_str().unwrap());
     let expected = [
-        keys::JOURNAL.to_owned(),
-        keys::JOURNAL_INDEX.to_owned(),
-        keys::EVENTS_STREAM.to_owned(),
-        keys::idempotency("bank_transaction", &format!("{}/b1", app.admin_key_id())),
+        app.keys().journal(shard0(&app)),
+        app.keys().journal_index(shard0(&app)),
+        app.keys().events(shard0(&app)),
+        app.keys().idempotency(
+            shard0(&app),
+            "bank_transaction",
+            &format!("{}/b1", app.admin_key_id()),
+        ),
         transaction,
     ];
     assert_eq!(changed_keys(&before, &after), BTreeSet::from(expected));
@@ -720,7 +768,7 @@ async fn a_filled_batch_that_would_take_the_bank_past_the_limit_is_dead_lettered
     assert_eq!(app.balance_cents("@bank").await, LIMIT - 1_100);
     assert_eq!(app.balance("@exchange").await, "12.00");
     let mut conn = app.redis().await;
-    let dead = stream_entries(&mut conn, keys::SETTLE_DEAD_STREAM).await;
+    let dead = stream_entries(&mut conn, &app.keys().settle_dead(shard0(&app))).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["batch_id"], batch_id);
     assert_eq!(settle_pending(&mut conn).await, 0, "acknowledged");
@@ -748,7 +796,10 @@ async fn a_filled_batch_that_would_take_the_bank_past_the_limit_is_dead_lettered
     assert!(order.calls >= 2, "{order:?}");
     assert_eq!(order.fill.unwrap().fill_id, fill_id);
     let settled: String = conn
-        .hget(keys::batch(&BatchId::parse(&batch_id).unwrap()), "fill_id")
+        .hget(
+            app.keys().batch(&BatchId::parse(&batch_id).unwrap()),
+            "fill_id",
+        )
         .await
         .unwrap();
     assert_eq!(settled, fill_id);
@@ -769,11 +820,15 @@ async fn an_installment_that_would_take_the_bank_past_the_limit_waits_for_its_le
         installment_leased(&app, || app.set_balance_cents("@bank", LIMIT - 900)).await;
     let mut conn = app.redis().await;
     eventually("the job is dead-lettered", || async {
-        let dead = stream_entries(&mut app.redis().await, keys::INSTALLMENTS_DEAD_STREAM).await;
+        let dead = stream_entries(
+            &mut app.redis().await,
+            &app.keys().installments_dead(shard0(&app)),
+        )
+        .await;
         !dead.is_empty()
     })
     .await;
-    let dead = stream_entries(&mut conn, keys::INSTALLMENTS_DEAD_STREAM).await;
+    let dead = stream_entries(&mut conn, &app.keys().installments_dead(shard0(&app))).await;
     assert_eq!(dead[0]["installment"], format!("{advance_id}:1"));
     assert!(dead[0]["error"].contains("@bank"), "{:?}", dead[0]);
     let advance = app
@@ -823,7 +878,7 @@ async fn the_audit_names_every_balance_outside_the_limit() {
     let past = LIMIT + 1;
     let _: String = conn
         .xadd(
-            keys::JOURNAL,
+            app.keys().journal(shard0(&app)),
             "*",
             &[
                 ("at", now_ms().to_string()),

@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use tally::store::keys::Keys;
 
 use redis::AsyncCommands;
 use serde_json::Value;
 use tally::domain::{Amount, Symbol};
-use tally::store::keys;
 
 use crate::helpers::spawn_app;
 
@@ -72,7 +72,11 @@ async fn concurrent_orders_never_overdraw_and_every_cent_is_in_one_place() {
     let jobs = app.settle_jobs().await;
     let mut conn = app.redis().await;
     let bucket_orders: Vec<String> = conn
-        .lrange(keys::bucket_orders(&Symbol::parse("ABAN").unwrap()), 0, -1)
+        .lrange(
+            Keys::default().bucket_orders(&Symbol::parse("ABAN").unwrap()),
+            0,
+            -1,
+        )
         .await
         .unwrap();
     let mut placed: HashMap<String, usize> = HashMap::new();

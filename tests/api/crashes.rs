@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::time::Duration;
+use tally::store::keys::Keys;
 
 use serde_json::{Value, json};
 use tally::exchange::sim::Faults;
@@ -143,9 +144,7 @@ async fn three_workers_settle_300_batches_each_exactly_once() {
     assert!(batches.iter().all(|batch| filled.contains(batch.as_str())));
     let calls: u64 = orders.iter().map(|order| order.calls).sum();
     assert_eq!(calls, BATCHES as u64, "none called twice");
-    let events =
-        crate::helpers::stream_entries(&mut app.redis().await, tally::store::keys::EVENTS_STREAM)
-            .await;
+    let events = app.all_entries(Keys::events).await;
     let settled: Vec<_> = events
         .iter()
         .filter(|event| event["type"] == "batch.settled")
@@ -311,7 +310,9 @@ async fn a_call_lost_with_its_worker_counts_toward_attempts_max() {
         worker: "doomed",
     };
     assert_eq!(
-        settlement::begin_attempts(&mut conn, &[job]).await.unwrap(),
+        settlement::begin_attempts(&mut conn, &Keys::default(), &[job])
+            .await
+            .unwrap(),
         [settlement::Begun::Call { attempts: 1 }]
     );
 

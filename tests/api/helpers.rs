@@ -10,9 +10,12 @@ use tally::app::Application;
 use tally::config::{
     AccessSettings, ApiSettings, LedgerSettings, RedisSettings, ServeArgs, WorkerSettings,
 };
+use tally::domain::{AccountId, Symbol, SystemAccount};
 use tally::exchange::sim::{ExchangeSim, Faults, SimOrder};
 use tally::redis_server::RedisServer;
-use tally::store::{Store, keys};
+use tally::store::Store;
+use tally::store::keys::Keys;
+use tally::store::slots::Shard;
 use tokio::sync::{oneshot, watch};
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -200,20 +203,63 @@ impl TestApp {
 
     /// A customer's balance in cents, read from Redis (the API answers in
     /// dollars, and rounds nothing, but tests near the limits want integers).
+    /// A system account's is the sum of its sub-accounts.
     pub async fn balance_cents(&self, account_id: &str) -> i64 {
-        let id = tally::domain::AccountId::parse(account_id).unwrap();
-        AsyncCommands::hget(&mut self.redis().await, keys::account(&id), "balance")
+        let id = AccountId::parse(account_id).unwrap();
+        let mut conn = self.redis().await;
+        if id.is_system() {
+            return tally::store::accounts::system_balance(&mut conn, self.keys(), &id)
+                .await
+                .unwrap();
+        }
+        AsyncCommands::hget(&mut conn, self.keys().account(&id), "balance")
             .await
             .unwrap()
     }
 
-    /// Sets a balance by hand, for states no test could reach through the API
-    /// in its time (the journal no longer matches: no audit after this).
-    pub async fn set_balance_cents(&self, account_id: &str, cents: i64) {
-        let id = tally::domain::AccountId::parse(account_id).unwrap();
+    /// The key names of the app's shard layout (the default's).
+    pub fn keys(&self) -> &Keys {
+        self.store.keys()
+    }
+
+    /// A customer account's shard.
+    pub fn shard_of(&self, account_id: &str) -> Shard {
+        self.keys()
+            .account_shard(&AccountId::parse(account_id).unwrap())
+    }
+
+    /// A symbol's home shard.
+    pub fn home_of(&self, symbol: &str) -> Shard {
+        self.keys().shard_of_symbol(&Symbol::parse(symbol).unwrap())
+    }
+
+    /// Sets a system account's sub-account on `shard` by hand (the journal
+    /// no longer matches: no audit after this).
+    pub async fn set_sub_balance_cents(&self, system: SystemAccount, shard: Shard, cents: i64) {
         let _: () = AsyncCommands::hset(
             &mut self.redis().await,
-            keys::account(&id),
+            self.keys().system_account(system, shard),
+            "balance",
+            cents,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Sets a balance by hand, for states no test could reach through the API
+    /// in its time (the journal no longer matches: no audit after this).
+    /// A system account's only on an app with one shard, where it has one
+    /// sub-account (else set a sub-account: [`TestApp::set_sub_balance_cents`]).
+    pub async fn set_balance_cents(&self, account_id: &str, cents: i64) {
+        let id = AccountId::parse(account_id).unwrap();
+        let shards = self.keys().layout().count();
+        assert!(
+            !id.is_system() || shards == 1,
+            "set a sub-account: {shards} shards"
+        );
+        let _: () = AsyncCommands::hset(
+            &mut self.redis().await,
+            self.keys().account_on(self.keys().layout().first(), &id),
             "balance",
             cents,
         )
@@ -237,13 +283,130 @@ impl TestApp {
         client.get_multiplexed_async_connection().await.unwrap()
     }
 
-    /// Every settle job on the stream, as its fields.
+    /// Every settle job on every shard's stream, as its fields.
     pub async fn settle_jobs(&self) -> Vec<BTreeMap<String, String>> {
-        stream_entries(&mut self.redis().await, tally::store::keys::SETTLE_STREAM).await
+        self.all_entries(Keys::settle).await
     }
 
+    /// Every shard's journal, merged in entry-id order.
     pub async fn journal(&self) -> Vec<BTreeMap<String, String>> {
-        stream_entries(&mut self.redis().await, tally::store::keys::JOURNAL).await
+        let mut conn = self.redis().await;
+        let mut entries = Vec::new();
+        for shard in self.keys().shards() {
+            let reply: redis::streams::StreamRangeReply =
+                conn.xrange_all(self.keys().journal(shard)).await.unwrap();
+            for entry in &reply.ids {
+                let id = tally::store::streams::StreamId::parse(&entry.id).unwrap();
+                let fields: BTreeMap<String, String> =
+                    tally::store::stream_fields(entry).into_iter().collect();
+                entries.push(((id, shard), fields));
+            }
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.into_iter().map(|(_, fields)| fields).collect()
+    }
+
+    /// Every journal entry's report id (`ms-seq.shard`), newest first, in
+    /// the order the report merges the shards: (entry id, shard) descending.
+    pub async fn journal_ids_newest_first(&self) -> Vec<String> {
+        let mut conn = self.redis().await;
+        let mut ids = Vec::new();
+        for shard in self.keys().shards() {
+            let reply: redis::streams::StreamRangeReply =
+                conn.xrange_all(self.keys().journal(shard)).await.unwrap();
+            for entry in reply.ids {
+                let id = tally::store::streams::StreamId::parse(&entry.id).unwrap();
+                ids.push((id, shard.index()));
+            }
+        }
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        ids.into_iter()
+            .map(|(id, shard)| format!("{id}.{shard}"))
+            .collect()
+    }
+
+    /// A new customer account on a shard none of `taken` is on.
+    pub async fn create_account_off(&self, name: &str, balance: &str, taken: &[&str]) -> String {
+        let shards: Vec<Shard> = taken.iter().map(|id| self.shard_of(id)).collect();
+        loop {
+            let id = self.create_account(name, balance).await;
+            if !shards.contains(&self.shard_of(&id)) {
+                return id;
+            }
+        }
+    }
+
+    /// Jobs of one kind of per-shard stream delivered to `group` and not yet
+    /// acknowledged, on every shard (a stream with no such group has none).
+    pub async fn all_pending(&self, stream: fn(&Keys, Shard) -> String, group: &str) -> usize {
+        let mut conn = self.redis().await;
+        let mut count = 0;
+        for shard in self.keys().shards() {
+            let pending: redis::RedisResult<redis::streams::StreamPendingReply> =
+                redis::cmd("XPENDING")
+                    .arg(stream(self.keys(), shard))
+                    .arg(group)
+                    .query_async(&mut conn)
+                    .await;
+            count += pending.map_or(0, |pending| pending.count());
+        }
+        count
+    }
+
+    /// The ids the notifier gives every event as first written on every
+    /// shard's stream (`s<shard>-<stream id>`; retries are re-added with an
+    /// `event_id` field).
+    pub async fn event_ids(&self) -> Vec<String> {
+        let mut conn = self.redis().await;
+        let mut ids = Vec::new();
+        for shard in self.keys().shards() {
+            let reply: redis::streams::StreamRangeReply =
+                conn.xrange_all(self.keys().events(shard)).await.unwrap();
+            ids.extend(
+                reply
+                    .ids
+                    .into_iter()
+                    .filter(|entry| !entry.map.contains_key("event_id"))
+                    .map(|entry| format!("s{}-{}", shard.index(), entry.id)),
+            );
+        }
+        ids
+    }
+
+    /// Members of every shard's journal index.
+    pub async fn journal_index_len(&self) -> usize {
+        let mut conn = self.redis().await;
+        let mut length = 0;
+        for shard in self.keys().shards() {
+            let count: usize = conn.zcard(self.keys().journal_index(shard)).await.unwrap();
+            length += count;
+        }
+        length
+    }
+
+    /// The entries of one kind of per-shard stream (`Keys::events`, ...),
+    /// every shard's, in shard order.
+    pub async fn all_entries(
+        &self,
+        stream: fn(&Keys, Shard) -> String,
+    ) -> Vec<BTreeMap<String, String>> {
+        let mut conn = self.redis().await;
+        let mut entries = Vec::new();
+        for shard in self.keys().shards() {
+            entries.extend(stream_entries(&mut conn, &stream(self.keys(), shard)).await);
+        }
+        entries
+    }
+
+    /// How many entries one kind of per-shard stream holds on every shard.
+    pub async fn all_length(&self, stream: fn(&Keys, Shard) -> String) -> usize {
+        let mut conn = self.redis().await;
+        let mut length = 0;
+        for shard in self.keys().shards() {
+            let count: usize = conn.xlen(stream(self.keys(), shard)).await.unwrap();
+            length += count;
+        }
+        length
     }
 
     /// Journal entries of one `kind` (order, refund, deposit, ...).
@@ -309,14 +472,23 @@ pub async fn stream_entries(
         .collect()
 }
 
-/// Reads the next settle job as `consumer` of the settlers group (made if
-/// missing), as a worker would; returns its stream id, now pending.
+/// ABAN's home shard (its bucket, batches and settle stream), in the
+/// default layout every test app runs with.
+pub fn aban_home() -> Shard {
+    Keys::default().shard_of_symbol(&Symbol::parse("ABAN").unwrap())
+}
+
+/// Reads the next settle job of ABAN's home shard as `consumer` of the
+/// settlers group (made if missing), as a worker would; returns its stream
+/// id, now pending.
 pub async fn read_settle_job(
     conn: &mut redis::aio::MultiplexedConnection,
     consumer: &str,
 ) -> String {
-    use tally::store::{keys, settlement};
-    tally::workers::ensure_group(conn, keys::SETTLE_STREAM, settlement::SETTLE_GROUP)
+    use tally::store::settlement;
+    let keys = Keys::default();
+    let stream = keys.settle(keys.shard_of_symbol(&Symbol::parse("ABAN").unwrap()));
+    tally::workers::ensure_group(conn, &stream, settlement::SETTLE_GROUP)
         .await
         .unwrap();
     let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
@@ -326,7 +498,7 @@ pub async fn read_settle_job(
         .arg("COUNT")
         .arg(1)
         .arg("STREAMS")
-        .arg(keys::SETTLE_STREAM)
+        .arg(&stream)
         .arg(">")
         .query_async(conn)
         .await
@@ -350,7 +522,7 @@ pub async fn redis_snapshot(
     let rate_limits = tally::store::keys::rate_limit("");
     for key in keys
         .into_iter()
-        .filter(|key| !key.starts_with(&rate_limits))
+        .filter(|key| !key.starts_with(&rate_limits) && !key.contains("}:rate_limit:"))
     {
         let kind: String = redis::cmd("TYPE")
             .arg(&key)

@@ -7,6 +7,7 @@
 use tally::domain::{AccountId, AccountName, Amount, Idempotency, IdempotencyKey};
 use tally::store::accounts::{CreateAccountOutcome, NewAccount, create_account};
 use tally::store::advances::{self, NewAdvance};
+use tally::store::keys::Keys;
 use tally::store::now_ms;
 use tally::store::transfers::{Movement, MovementOutcome, Refusal, move_money};
 use tally::store::wallet::{self, EnqueueOutcome, NewWalletTransaction, WalletKind};
@@ -33,10 +34,14 @@ async fn create_account_run_twice_opens_and_funds_once() {
             idempotency,
             idempotency_ttl_secs: 60,
         };
-        let first = create_account(&mut conn, &new).await.unwrap();
+        let first = create_account(&mut conn, &Keys::default(), &new)
+            .await
+            .unwrap();
         assert_eq!(first, CreateAccountOutcome::Created(new.id.clone()));
         let after_first = redis_snapshot(&mut conn).await;
-        let second = create_account(&mut conn, &new).await.unwrap();
+        let second = create_account(&mut conn, &Keys::default(), &new)
+            .await
+            .unwrap();
         assert_eq!(second, first, "answers as the first run did");
         assert_eq!(
             redis_snapshot(&mut conn).await,
@@ -75,9 +80,13 @@ async fn transfer_run_twice_moves_once_and_a_refusal_is_journaled_once() {
         (movement("100.00", None), "refused"),
     ];
     for (movement, what) in cases {
-        let first = move_money(&mut conn, &movement).await.unwrap();
+        let first = move_money(&mut conn, &Keys::default(), &movement)
+            .await
+            .unwrap();
         let after_first = redis_snapshot(&mut conn).await;
-        let second = move_money(&mut conn, &movement).await.unwrap();
+        let second = move_money(&mut conn, &Keys::default(), &movement)
+            .await
+            .unwrap();
         assert_eq!(second, first, "{what}: answers as the first run did");
         assert_eq!(
             redis_snapshot(&mut conn).await,
@@ -96,7 +105,7 @@ async fn transfer_run_twice_moves_once_and_a_refusal_is_journaled_once() {
         3,
         "two moves and one refusal"
     );
-    let refused = move_money(&mut conn, &movement("100.00", None))
+    let refused = move_money(&mut conn, &Keys::default(), &movement("100.00", None))
         .await
         .unwrap();
     assert!(
@@ -125,10 +134,14 @@ async fn create_advance_run_twice_lends_once() {
         idempotency: None,
         idempotency_ttl_secs: 60,
     };
-    let first = advances::create(&mut conn, &advance).await.unwrap();
+    let first = advances::create(&mut conn, &Keys::default(), &advance)
+        .await
+        .unwrap();
     assert_eq!(first, (advance.id.clone(), false));
     let after_first = redis_snapshot(&mut conn).await;
-    let second = advances::create(&mut conn, &advance).await.unwrap();
+    let second = advances::create(&mut conn, &Keys::default(), &advance)
+        .await
+        .unwrap();
     assert_eq!(second, first, "answers as the first run did");
     assert_eq!(
         redis_snapshot(&mut conn).await,
@@ -155,10 +168,14 @@ async fn enqueue_wallet_transaction_run_twice_queues_once() {
         at_ms: now_ms(),
         queue_max: 10,
     };
-    let first = wallet::enqueue(&mut conn, &txn).await.unwrap();
+    let first = wallet::enqueue(&mut conn, &Keys::default(), &txn)
+        .await
+        .unwrap();
     assert_eq!(first, EnqueueOutcome::Queued(txn.id.clone()));
     let after_first = redis_snapshot(&mut conn).await;
-    let second = wallet::enqueue(&mut conn, &txn).await.unwrap();
+    let second = wallet::enqueue(&mut conn, &Keys::default(), &txn)
+        .await
+        .unwrap();
     assert_eq!(second, first, "answers as the first run did");
     assert_eq!(redis_snapshot(&mut conn).await, after_first, "queued once");
 }
@@ -181,11 +198,11 @@ async fn create_api_key_run_twice_stores_once() {
         reads_per_s: None,
         writes_per_s: None,
     };
-    tally::store::api_keys::create_api_key(&mut conn, &record)
+    tally::store::api_keys::create_api_key(&mut conn, &Keys::default(), &record)
         .await
         .unwrap();
     let after_first = redis_snapshot(&mut conn).await;
-    tally::store::api_keys::create_api_key(&mut conn, &record)
+    tally::store::api_keys::create_api_key(&mut conn, &Keys::default(), &record)
         .await
         .expect("answers as the first run did");
     assert_eq!(redis_snapshot(&mut conn).await, after_first, "stores once");
@@ -205,12 +222,12 @@ async fn an_attempt_run_twice_counts_once_and_a_settlement_pays_once() {
 
     // begin_attempts: the same call (the same attempt token) counts once; a
     // new attempt counts again.
-    let first = settlement::begin_attempts_as(&mut conn, &[job], "attempt-1")
+    let first = settlement::begin_attempts_as(&mut conn, &Keys::default(), &[job], "attempt-1")
         .await
         .unwrap();
     assert_eq!(first, [Begun::Call { attempts: 1 }]);
     let after_first = redis_snapshot(&mut conn).await;
-    let second = settlement::begin_attempts_as(&mut conn, &[job], "attempt-1")
+    let second = settlement::begin_attempts_as(&mut conn, &Keys::default(), &[job], "attempt-1")
         .await
         .unwrap();
     assert_eq!(second, first, "answers as the first run did");
@@ -219,7 +236,9 @@ async fn an_attempt_run_twice_counts_once_and_a_settlement_pays_once() {
         after_first,
         "counts nothing more"
     );
-    let next = settlement::begin_attempts(&mut conn, &[job]).await.unwrap();
+    let next = settlement::begin_attempts(&mut conn, &Keys::default(), &[job])
+        .await
+        .unwrap();
     assert_eq!(next, [Begun::Call { attempts: 2 }], "a new attempt counts");
 
     // finish_batches: settled once, and the same call again answers "settled".
@@ -227,12 +246,12 @@ async fn an_attempt_run_twice_counts_once_and_a_settlement_pays_once() {
         job,
         fill_id: "fill-1",
     }];
-    let first = settlement::finish_batches(&mut conn, "test", &filled)
+    let first = settlement::finish_batches(&mut conn, &Keys::default(), "test", &filled)
         .await
         .unwrap();
     assert_eq!(first, [JobEnd::Done]);
     let after_first = redis_snapshot(&mut conn).await;
-    let second = settlement::finish_batches(&mut conn, "test", &filled)
+    let second = settlement::finish_batches(&mut conn, &Keys::default(), "test", &filled)
         .await
         .unwrap();
     assert_eq!(second, first, "answers as the first run did");
@@ -265,22 +284,48 @@ async fn a_wallet_transaction_applied_twice_moves_once() {
             at_ms: now_ms(),
             queue_max: 10,
         };
-        wallet::enqueue(&mut conn, &txn).await.unwrap();
-        let at = now_ms();
-        let first = wallet::apply_at(&mut conn, &account, &txn.id, kind, "test", at)
+        wallet::enqueue(&mut conn, &Keys::default(), &txn)
             .await
             .unwrap();
+        let at = now_ms();
+        let first = wallet::apply_at(
+            &mut conn,
+            &Keys::default(),
+            &account,
+            &txn.id,
+            kind,
+            "test",
+            at,
+        )
+        .await
+        .unwrap();
         assert_eq!(first, expected);
         let after_first = redis_snapshot(&mut conn).await;
-        let second = wallet::apply_at(&mut conn, &account, &txn.id, kind, "test", at)
-            .await
-            .unwrap();
+        let second = wallet::apply_at(
+            &mut conn,
+            &Keys::default(),
+            &account,
+            &txn.id,
+            kind,
+            "test",
+            at,
+        )
+        .await
+        .unwrap();
         assert_eq!(second, first, "answers as the first run did");
         assert_eq!(redis_snapshot(&mut conn).await, after_first, "moves once");
         // Another delivery (another moment) only skips it.
-        let other = wallet::apply_at(&mut conn, &account, &txn.id, kind, "test", at + 1)
-            .await
-            .unwrap();
+        let other = wallet::apply_at(
+            &mut conn,
+            &Keys::default(),
+            &account,
+            &txn.id,
+            kind,
+            "test",
+            at + 1,
+        )
+        .await
+        .unwrap();
         assert_eq!(other, wallet::Applied::Skipped);
     }
     assert_eq!(app.balance(account.as_str()).await, "6.00");
@@ -297,15 +342,19 @@ async fn a_retry_scheduled_twice_is_scheduled_once() {
         batch_id: &batch_id,
         worker: "test",
     };
-    settlement::begin_attempts(&mut conn, &[job]).await.unwrap();
-    let first = settlement::retry_batch(&mut conn, &job, 1_000, "{}", "503", false)
+    settlement::begin_attempts(&mut conn, &Keys::default(), &[job])
         .await
         .unwrap();
+    let first =
+        settlement::retry_batch(&mut conn, &Keys::default(), &job, 1_000, "{}", "503", false)
+            .await
+            .unwrap();
     assert_eq!(first, JobEnd::Done);
     let after_first = redis_snapshot(&mut conn).await;
-    let second = settlement::retry_batch(&mut conn, &job, 1_000, "{}", "503", false)
-        .await
-        .unwrap();
+    let second =
+        settlement::retry_batch(&mut conn, &Keys::default(), &job, 1_000, "{}", "503", false)
+            .await
+            .unwrap();
     assert_eq!(second, first, "answers as the first run did");
     assert_eq!(
         redis_snapshot(&mut conn).await,
@@ -325,17 +374,35 @@ async fn a_dead_letter_and_an_operators_requeue_run_twice_act_once() {
         batch_id: &batch_id,
         worker: "test",
     };
-    settlement::begin_attempts(&mut conn, &[job]).await.unwrap();
+    settlement::begin_attempts(&mut conn, &Keys::default(), &[job])
+        .await
+        .unwrap();
 
     let at = now_ms();
-    let first = settlement::dead_letter_batch_at(&mut conn, &job, "rejected", 1, false, at)
-        .await
-        .unwrap();
+    let first = settlement::dead_letter_batch_at(
+        &mut conn,
+        &Keys::default(),
+        &job,
+        "rejected",
+        1,
+        false,
+        at,
+    )
+    .await
+    .unwrap();
     assert_eq!(first, JobEnd::Done);
     let after_first = redis_snapshot(&mut conn).await;
-    let second = settlement::dead_letter_batch_at(&mut conn, &job, "rejected", 1, false, at)
-        .await
-        .unwrap();
+    let second = settlement::dead_letter_batch_at(
+        &mut conn,
+        &Keys::default(),
+        &job,
+        "rejected",
+        1,
+        false,
+        at,
+    )
+    .await
+    .unwrap();
     assert_eq!(second, first, "answers as the first run did");
     assert_eq!(
         redis_snapshot(&mut conn).await,
@@ -344,17 +411,17 @@ async fn a_dead_letter_and_an_operators_requeue_run_twice_act_once() {
     );
 
     let at = now_ms() + 1;
-    settlement::requeue_failed_batch_at(&mut conn, &batch_id, at)
+    settlement::requeue_failed_batch_at(&mut conn, &Keys::default(), &batch_id, at)
         .await
         .unwrap();
     let after_first = redis_snapshot(&mut conn).await;
-    settlement::requeue_failed_batch_at(&mut conn, &batch_id, at)
+    settlement::requeue_failed_batch_at(&mut conn, &Keys::default(), &batch_id, at)
         .await
         .expect("answers as the first run did");
     assert_eq!(redis_snapshot(&mut conn).await, after_first, "queued once");
     // Another operator's request (another moment) is refused: not failed.
     assert!(
-        settlement::requeue_failed_batch_at(&mut conn, &batch_id, at + 1)
+        settlement::requeue_failed_batch_at(&mut conn, &Keys::default(), &batch_id, at + 1)
             .await
             .is_err()
     );
@@ -366,19 +433,35 @@ async fn a_dead_letter_and_an_operators_requeue_run_twice_act_once() {
         batch_id: &batch_id,
         worker: "test",
     };
-    settlement::begin_attempts(&mut conn, &[job]).await.unwrap();
-    settlement::dead_letter_batch(&mut conn, &job, "rejected", 1, false)
+    settlement::begin_attempts(&mut conn, &Keys::default(), &[job])
+        .await
+        .unwrap();
+    settlement::dead_letter_batch(&mut conn, &Keys::default(), &job, "rejected", 1, false)
         .await
         .unwrap();
     let at = now_ms() + 2;
-    let first = settlement::refund_batch_at(&mut conn, &batch_id, "delisted", false, at)
-        .await
-        .unwrap();
+    let first = settlement::refund_batch_at(
+        &mut conn,
+        &Keys::default(),
+        &batch_id,
+        "delisted",
+        false,
+        at,
+    )
+    .await
+    .unwrap();
     assert_eq!(first, (1, 1_200));
     let after_first = redis_snapshot(&mut conn).await;
-    let second = settlement::refund_batch_at(&mut conn, &batch_id, "delisted", false, at)
-        .await
-        .unwrap();
+    let second = settlement::refund_batch_at(
+        &mut conn,
+        &Keys::default(),
+        &batch_id,
+        "delisted",
+        false,
+        at,
+    )
+    .await
+    .unwrap();
     assert_eq!(second, first, "answers as the first run did");
     assert_eq!(
         redis_snapshot(&mut conn).await,

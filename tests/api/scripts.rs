@@ -2,6 +2,7 @@
 //! every verdict, and for every refusal, proof that nothing was written.
 
 use std::collections::HashMap;
+use tally::store::keys::Keys;
 
 use redis::AsyncCommands;
 use tally::domain::{
@@ -14,7 +15,6 @@ use tally::store::orders::{
     PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_order, place_orders,
 };
 
-use tally::store::keys;
 use tally::store::settlement::{self, Begun, Filled, JobEnd, JobRef, OperatorError};
 
 use crate::helpers::{pending_count, read_settle_job, redis_snapshot, spawn_app};
@@ -59,10 +59,12 @@ async fn create_account_creates_replays_and_refuses() {
     let app = spawn_app().await;
     let mut conn = app.redis().await;
     let new = new_account("7.00", Some("k"));
-    let created = create_account(&mut conn, &new).await.unwrap();
+    let created = create_account(&mut conn, &Keys::default(), &new)
+        .await
+        .unwrap();
     assert!(matches!(created, CreateAccountOutcome::Created(ref id) if *id == new.id));
     // The opening balance is journaled and told to accounting in the same step.
-    let events = crate::helpers::stream_entries(&mut conn, keys::EVENTS_STREAM).await;
+    let events = app.all_entries(Keys::events).await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["type"], "account.opened");
     assert_eq!(events[0]["account_id"], new.id.as_str());
@@ -74,10 +76,12 @@ async fn create_account_creates_replays_and_refuses() {
         id: AccountId::new_customer(),
         ..new_account("7.00", Some("k"))
     };
-    let replayed = create_account(&mut conn, &retry).await.unwrap();
+    let replayed = create_account(&mut conn, &Keys::default(), &retry)
+        .await
+        .unwrap();
     assert!(matches!(replayed, CreateAccountOutcome::Replayed(ref id) if *id == new.id));
     // Same key, another request: refused.
-    let other = create_account(&mut conn, &new_account("8.00", Some("k"))).await;
+    let other = create_account(&mut conn, &Keys::default(), &new_account("8.00", Some("k"))).await;
     assert!(matches!(
         other,
         Err(CreateAccountError::IdempotencyConflict(_))
@@ -88,7 +92,7 @@ async fn create_account_creates_replays_and_refuses() {
         id: new.id.clone(),
         ..new_account("1.00", None)
     };
-    let exists = create_account(&mut conn, &again).await;
+    let exists = create_account(&mut conn, &Keys::default(), &again).await;
     assert!(
         matches!(&exists, Ok(CreateAccountOutcome::Created(id)) if *id == new.id),
         "{exists:?}"
@@ -105,29 +109,51 @@ async fn place_order_buckets_batches_replays_and_refuses() {
     let app = spawn_app().await;
     let mut conn = app.redis().await;
     let rich = new_account("100.00", None);
-    create_account(&mut conn, &rich).await.unwrap();
-
-    let pending = place_order(&mut conn, &order(&rich.id, "1", Some("o1")))
+    create_account(&mut conn, &Keys::default(), &rich)
         .await
         .unwrap();
+
+    let pending = place_order(
+        &mut conn,
+        &Keys::default(),
+        &order(&rich.id, "1", Some("o1")),
+    )
+    .await
+    .unwrap();
     assert_eq!(pending, PlaceOrderOutcome::Pending);
     let closing = order(&rich.id, "2", None);
-    let settling = place_order(&mut conn, &closing).await.unwrap();
+    let settling = place_order(&mut conn, &Keys::default(), &closing)
+        .await
+        .unwrap();
     assert_eq!(settling, PlaceOrderOutcome::Settling(closing.batch_id));
 
     let before = redis_snapshot(&mut conn).await;
-    let retry = place_order(&mut conn, &order(&rich.id, "1", Some("o1")))
-        .await
-        .unwrap();
+    let retry = place_order(
+        &mut conn,
+        &Keys::default(),
+        &order(&rich.id, "1", Some("o1")),
+    )
+    .await
+    .unwrap();
     assert!(matches!(retry, PlaceOrderOutcome::Replayed(_)));
-    let conflict = place_order(&mut conn, &order(&rich.id, "2", Some("o1"))).await;
+    let conflict = place_order(
+        &mut conn,
+        &Keys::default(),
+        &order(&rich.id, "2", Some("o1")),
+    )
+    .await;
     assert!(matches!(
         conflict,
         Err(PlaceOrderError::IdempotencyConflict(_))
     ));
-    let nobody = place_order(&mut conn, &order(&AccountId::new_customer(), "1", None)).await;
+    let nobody = place_order(
+        &mut conn,
+        &Keys::default(),
+        &order(&AccountId::new_customer(), "1", None),
+    )
+    .await;
     assert!(matches!(nobody, Err(PlaceOrderError::AccountNotFound)));
-    let too_much = place_order(&mut conn, &order(&rich.id, "100", None)).await;
+    let too_much = place_order(&mut conn, &Keys::default(), &order(&rich.id, "100", None)).await;
     match too_much {
         Err(PlaceOrderError::InsufficientFunds { balance }) => {
             assert_eq!(balance.to_string(), "88.00")
@@ -146,8 +172,10 @@ async fn an_order_for_exactly_the_balance_succeeds() {
     let app = spawn_app().await;
     let mut conn = app.redis().await;
     let exact = new_account("12.00", None);
-    create_account(&mut conn, &exact).await.unwrap();
-    let placed = place_order(&mut conn, &order(&exact.id, "3", None))
+    create_account(&mut conn, &Keys::default(), &exact)
+        .await
+        .unwrap();
+    let placed = place_order(&mut conn, &Keys::default(), &order(&exact.id, "3", None))
         .await
         .unwrap();
     assert!(matches!(placed, PlaceOrderOutcome::Settling(_)));
@@ -160,8 +188,12 @@ async fn a_group_of_orders_is_placed_one_by_one_each_with_its_own_verdict() {
     let mut conn = app.redis().await;
     let rich = new_account("100.00", None);
     let poor = new_account("1.00", None);
-    create_account(&mut conn, &rich).await.unwrap();
-    create_account(&mut conn, &poor).await.unwrap();
+    create_account(&mut conn, &Keys::default(), &rich)
+        .await
+        .unwrap();
+    create_account(&mut conn, &Keys::default(), &poor)
+        .await
+        .unwrap();
 
     let group = [
         order(&rich.id, "1", Some("g1")), // pending: 4.00 in the bucket
@@ -171,7 +203,9 @@ async fn a_group_of_orders_is_placed_one_by_one_each_with_its_own_verdict() {
         order(&rich.id, "2", Some("g1")), // same key, another request: conflict
         order(&rich.id, "1.5", None),     // 6.00: closes a batch with the first
     ];
-    let outcomes = place_orders(&mut conn, &group).await.unwrap();
+    let outcomes = place_orders(&mut conn, &Keys::default(), &group)
+        .await
+        .unwrap();
     assert_eq!(outcomes.len(), 6);
     assert!(matches!(outcomes[0], Ok(PlaceOrderOutcome::Pending)));
     assert!(matches!(
@@ -200,9 +234,13 @@ async fn a_group_closes_the_stored_bucket_and_leaves_what_follows_pending() {
     let app = spawn_app().await;
     let mut conn = app.redis().await;
     let rich = new_account("100.00", None);
-    create_account(&mut conn, &rich).await.unwrap();
+    create_account(&mut conn, &Keys::default(), &rich)
+        .await
+        .unwrap();
     let stored = order(&rich.id, "1", None);
-    place_order(&mut conn, &stored).await.unwrap(); // 4.00 waits from an earlier call
+    place_order(&mut conn, &Keys::default(), &stored)
+        .await
+        .unwrap(); // 4.00 waits from an earlier call
 
     let group = [
         order(&rich.id, "1", None),   // 8.00 pending
@@ -210,7 +248,9 @@ async fn a_group_closes_the_stored_bucket_and_leaves_what_follows_pending() {
         order(&rich.id, "0.5", None), // 2.00: a new bucket epoch
         order(&rich.id, "1", None),   // 6.00 pending
     ];
-    let outcomes = place_orders(&mut conn, &group).await.unwrap();
+    let outcomes = place_orders(&mut conn, &Keys::default(), &group)
+        .await
+        .unwrap();
     assert!(matches!(outcomes[0], Ok(PlaceOrderOutcome::Pending)));
     assert!(matches!(outcomes[1], Ok(PlaceOrderOutcome::Settling(id)) if id == group[1].batch_id));
     assert!(matches!(outcomes[2], Ok(PlaceOrderOutcome::Pending)));
@@ -226,7 +266,8 @@ async fn a_group_closes_the_stored_bucket_and_leaves_what_follows_pending() {
         )
     );
     let symbol = Symbol::parse("ABAN").unwrap();
-    let bucket: HashMap<String, String> = conn.hgetall(keys::bucket(&symbol)).await.unwrap();
+    let bucket: HashMap<String, String> =
+        conn.hgetall(Keys::default().bucket(&symbol)).await.unwrap();
     assert_eq!(
         (
             bucket["value"].as_str(),
@@ -236,15 +277,17 @@ async fn a_group_closes_the_stored_bucket_and_leaves_what_follows_pending() {
         ("600", "2", "1")
     );
     let waiting: Vec<String> = conn
-        .lrange(keys::bucket_orders(&symbol), 0, -1)
+        .lrange(Keys::default().bucket_orders(&symbol), 0, -1)
         .await
         .unwrap();
     assert_eq!(
         waiting,
         [group[2].order_id.to_string(), group[3].order_id.to_string()]
     );
-    let later: HashMap<String, String> =
-        conn.hgetall(keys::order(&group[3].order_id)).await.unwrap();
+    let later: HashMap<String, String> = conn
+        .hgetall(Keys::default().order(&group[3].order_id))
+        .await
+        .unwrap();
     assert_eq!(later["epoch"], "1");
     assert_eq!(app.balance("@exchange").await, "18.00");
     assert_eq!(app.balance(rich.id.as_str()).await, "82.00");
@@ -259,9 +302,13 @@ async fn a_group_that_closes_two_batches_indexes_both() {
     let app = spawn_app().await;
     let mut conn = app.redis().await;
     let rich = new_account("100.00", None);
-    create_account(&mut conn, &rich).await.unwrap();
+    create_account(&mut conn, &Keys::default(), &rich)
+        .await
+        .unwrap();
     let stored = order(&rich.id, "2", None);
-    place_order(&mut conn, &stored).await.unwrap(); // 8.00 waits from an earlier call
+    place_order(&mut conn, &Keys::default(), &stored)
+        .await
+        .unwrap(); // 8.00 waits from an earlier call
 
     let group = [
         order(&rich.id, "1", None), // 12.00: closes epoch 0 with the stored order
@@ -269,15 +316,19 @@ async fn a_group_that_closes_two_batches_indexes_both() {
         order(&rich.id, "3", None), // 20.00: closes epoch 1
         order(&rich.id, "0.5", None), // 2.00 pending in epoch 2
     ];
-    let outcomes = place_orders(&mut conn, &group).await.unwrap();
+    let outcomes = place_orders(&mut conn, &Keys::default(), &group)
+        .await
+        .unwrap();
     assert!(matches!(outcomes[0], Ok(PlaceOrderOutcome::Settling(id)) if id == group[0].batch_id));
     assert!(matches!(outcomes[1], Ok(PlaceOrderOutcome::Pending)));
     assert!(matches!(outcomes[2], Ok(PlaceOrderOutcome::Settling(id)) if id == group[2].batch_id));
     assert!(matches!(outcomes[3], Ok(PlaceOrderOutcome::Pending)));
 
     let symbol = Symbol::parse("ABAN").unwrap();
-    let epochs: HashMap<String, String> =
-        conn.hgetall(keys::bucket_batches(&symbol)).await.unwrap();
+    let epochs: HashMap<String, String> = conn
+        .hgetall(Keys::default().bucket_batches(&symbol))
+        .await
+        .unwrap();
     assert_eq!(
         epochs,
         HashMap::from([
@@ -287,13 +338,16 @@ async fn a_group_that_closes_two_batches_indexes_both() {
     );
     for closed in [&group[0], &group[2]] {
         let score: Option<f64> = conn
-            .zscore(keys::BATCHES, closed.batch_id.to_string())
+            .zscore(
+                &Keys::default().batches(crate::helpers::aban_home()),
+                closed.batch_id.to_string(),
+            )
             .await
             .unwrap();
         assert_eq!(score, Some(closed.created_at_ms as f64));
     }
     let first: Vec<String> = conn
-        .lrange(keys::batch_orders(&group[0].batch_id), 0, -1)
+        .lrange(Keys::default().batch_orders(&group[0].batch_id), 0, -1)
         .await
         .unwrap();
     assert_eq!(
@@ -301,7 +355,7 @@ async fn a_group_that_closes_two_batches_indexes_both() {
         [stored.order_id.to_string(), group[0].order_id.to_string()]
     );
     let second: Vec<String> = conn
-        .lrange(keys::batch_orders(&group[2].batch_id), 0, -1)
+        .lrange(Keys::default().batch_orders(&group[2].batch_id), 0, -1)
         .await
         .unwrap();
     assert_eq!(
@@ -309,18 +363,19 @@ async fn a_group_that_closes_two_batches_indexes_both() {
         [group[1].order_id.to_string(), group[2].order_id.to_string()]
     );
     let waiting: Vec<String> = conn
-        .lrange(keys::bucket_orders(&symbol), 0, -1)
+        .lrange(Keys::default().bucket_orders(&symbol), 0, -1)
         .await
         .unwrap();
     assert_eq!(waiting, [group[3].order_id.to_string()]);
-    let bucket: HashMap<String, String> = conn.hgetall(keys::bucket(&symbol)).await.unwrap();
+    let bucket: HashMap<String, String> =
+        conn.hgetall(Keys::default().bucket(&symbol)).await.unwrap();
     assert_eq!(
         (bucket["count"].as_str(), bucket["epoch"].as_str()),
         ("1", "2")
     );
     // Every journal entry (the opening balance and five orders) is in the report's index.
-    let journal_entries: usize = conn.xlen(keys::JOURNAL).await.unwrap();
-    let indexed: usize = conn.zcard(keys::JOURNAL_INDEX).await.unwrap();
+    let journal_entries = app.journal().await.len();
+    let indexed = app.journal_index_len().await;
     assert_eq!((journal_entries, indexed), (6, 6));
     assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
 }
@@ -330,9 +385,13 @@ async fn large_round_quantities_are_stored_as_plain_digits() {
     let app = spawn_app().await;
     let mut conn = app.redis().await;
     let whale = new_account("100000000.00", None);
-    create_account(&mut conn, &whale).await.unwrap();
+    create_account(&mut conn, &Keys::default(), &whale)
+        .await
+        .unwrap();
     let large = order(&whale.id, "1000000", None); // 10^14 units, 4,000,000.00 USD
-    place_order(&mut conn, &large).await.unwrap();
+    place_order(&mut conn, &Keys::default(), &large)
+        .await
+        .unwrap();
     let jobs = app.settle_jobs().await;
     assert_eq!(jobs[0]["quantity_units"], "100000000000000");
     assert_eq!(jobs[0]["quantity"], "1000000.00000000");
@@ -346,9 +405,13 @@ async fn large_round_quantities_are_stored_as_plain_digits() {
 pub(crate) async fn settling_batch(app: &crate::helpers::TestApp) -> (BatchId, String) {
     let mut conn = app.redis().await;
     let customer = new_account("100.00", None);
-    create_account(&mut conn, &customer).await.unwrap();
+    create_account(&mut conn, &Keys::default(), &customer)
+        .await
+        .unwrap();
     let placed = order(&customer.id, "3", None);
-    place_order(&mut conn, &placed).await.unwrap();
+    place_order(&mut conn, &Keys::default(), &placed)
+        .await
+        .unwrap();
     (placed.batch_id, read_settle_job(&mut conn, "test").await)
 }
 
@@ -366,22 +429,24 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
     // Operators can touch only failed batches.
     let before = redis_snapshot(&mut conn).await;
     assert!(matches!(
-        settlement::requeue_failed_batch(&mut conn, &batch_id).await,
+        settlement::requeue_failed_batch(&mut conn, &Keys::default(), &batch_id).await,
         Err(OperatorError::NotFailed(..))
     ));
     assert!(matches!(
-        settlement::refund_batch(&mut conn, &batch_id, "x", false).await,
+        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "x", false).await,
         Err(OperatorError::NotFailed(..))
     ));
     assert_eq!(redis_snapshot(&mut conn).await, before);
 
     assert_eq!(
-        settlement::begin_attempts(&mut conn, &[job]).await.unwrap(),
+        settlement::begin_attempts(&mut conn, &Keys::default(), &[job])
+            .await
+            .unwrap(),
         [Begun::Call { attempts: 1 }]
     );
     let filled = |fill_id| Filled { job, fill_id };
     assert_eq!(
-        settlement::finish_batches(&mut conn, "test", &[filled("fill-1")])
+        settlement::finish_batches(&mut conn, &Keys::default(), "test", &[filled("fill-1")])
             .await
             .unwrap(),
         [JobEnd::Done]
@@ -390,23 +455,25 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
     let settled = redis_snapshot(&mut conn).await;
     let skipped = JobEnd::Skipped("settled".to_owned());
     assert_eq!(
-        settlement::begin_attempts(&mut conn, &[job]).await.unwrap(),
+        settlement::begin_attempts(&mut conn, &Keys::default(), &[job])
+            .await
+            .unwrap(),
         [Begun::Skipped("settled".to_owned())]
     );
     assert_eq!(
-        settlement::finish_batches(&mut conn, "test", &[filled("fill-2")])
+        settlement::finish_batches(&mut conn, &Keys::default(), "test", &[filled("fill-2")])
             .await
             .unwrap(),
         std::slice::from_ref(&skipped)
     );
     assert_eq!(
-        settlement::retry_batch(&mut conn, &job, 0, "{}", "late", false)
+        settlement::retry_batch(&mut conn, &Keys::default(), &job, 0, "{}", "late", false)
             .await
             .unwrap(),
         skipped
     );
     assert_eq!(
-        settlement::dead_letter_batch(&mut conn, &job, "late", 9, false)
+        settlement::dead_letter_batch(&mut conn, &Keys::default(), &job, "late", 9, false)
             .await
             .unwrap(),
         skipped
@@ -417,7 +484,12 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
 
 /// Pending settle jobs of the test consumer.
 async fn pending_jobs(conn: &mut redis::aio::MultiplexedConnection) -> usize {
-    pending_count(conn, keys::SETTLE_STREAM, settlement::SETTLE_GROUP).await
+    pending_count(
+        conn,
+        &Keys::default().settle(crate::helpers::aban_home()),
+        settlement::SETTLE_GROUP,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -436,18 +508,23 @@ async fn group_settlement_scripts_decide_each_job_on_its_own() {
     let open = job(&open_stream_id, &open_id);
     let missing = job("0-1", &missing_id);
     let filled = |job, fill_id| Filled { job, fill_id };
-    settlement::begin_attempts(&mut conn, &[settled])
+    settlement::begin_attempts(&mut conn, &Keys::default(), &[settled])
         .await
         .unwrap();
-    settlement::finish_batches(&mut conn, "test", &[filled(settled, "fill-0")])
-        .await
-        .unwrap();
+    settlement::finish_batches(
+        &mut conn,
+        &Keys::default(),
+        "test",
+        &[filled(settled, "fill-0")],
+    )
+    .await
+    .unwrap();
     assert_eq!(pending_jobs(&mut conn).await, 1);
 
     // One read: only the open batch goes to the exchange; the others are acknowledged.
     let before = redis_snapshot(&mut conn).await;
     assert_eq!(
-        settlement::begin_attempts(&mut conn, &[settled, open, missing])
+        settlement::begin_attempts(&mut conn, &Keys::default(), &[settled, open, missing])
             .await
             .unwrap(),
         [
@@ -456,22 +533,26 @@ async fn group_settlement_scripts_decide_each_job_on_its_own() {
             Begun::Skipped("missing".to_owned())
         ]
     );
-    let batch: HashMap<String, String> = conn.hgetall(keys::batch(&open_id)).await.unwrap();
+    let batch: HashMap<String, String> =
+        conn.hgetall(Keys::default().batch(&open_id)).await.unwrap();
     assert_eq!(batch["attempts"], "1");
     assert_eq!(pending_jobs(&mut conn).await, 1);
-    let settled_batch: HashMap<String, String> =
-        conn.hgetall(keys::batch(&settled_id)).await.unwrap();
+    let settled_batch: HashMap<String, String> = conn
+        .hgetall(Keys::default().batch(&settled_id))
+        .await
+        .unwrap();
     assert_eq!(
         settled_batch["attempts"], "1",
         "a skipped job is not counted"
     );
 
     // One group of fills: only the open batch settles, every job is acknowledged.
-    let journal_before: u64 = conn.xlen(keys::JOURNAL).await.unwrap();
+    let journal_before = app.journal().await.len();
     assert_eq!(app.balance("@exchange").await, "12.00");
     assert_eq!(
         settlement::finish_batches(
             &mut conn,
+            &Keys::default(),
             "test",
             &[
                 filled(settled, "fill-1"),
@@ -489,26 +570,35 @@ async fn group_settlement_scripts_decide_each_job_on_its_own() {
     );
     assert_eq!(pending_jobs(&mut conn).await, 0);
     assert_eq!(app.balance("@exchange").await, "0.00");
-    let journal_after: u64 = conn.xlen(keys::JOURNAL).await.unwrap();
+    let journal_after = app.journal().await.len();
     assert_eq!(journal_after, journal_before + 1, "one settlement entry");
-    let batch: HashMap<String, String> = conn.hgetall(keys::batch(&open_id)).await.unwrap();
+    let batch: HashMap<String, String> =
+        conn.hgetall(Keys::default().batch(&open_id)).await.unwrap();
     assert_eq!(
         (batch["status"].as_str(), batch["fill_id"].as_str()),
         ("settled", "fill-2")
     );
-    let settled_batch_after: HashMap<String, String> =
-        conn.hgetall(keys::batch(&settled_id)).await.unwrap();
+    let settled_batch_after: HashMap<String, String> = conn
+        .hgetall(Keys::default().batch(&settled_id))
+        .await
+        .unwrap();
     assert_eq!(
         settled_batch_after["fill_id"], "fill-0",
         "the first fill stands"
     );
     assert!(
         !conn
-            .exists::<_, bool>(keys::batch(&missing_id))
+            .exists::<_, bool>(Keys::default().batch(&missing_id))
             .await
             .unwrap()
     );
-    let settled_count: String = conn.hget(keys::STATS, "batches_settled").await.unwrap();
+    let settled_count: String = conn
+        .hget(
+            &Keys::default().stats(crate::helpers::aban_home()),
+            "batches_settled",
+        )
+        .await
+        .unwrap();
     assert_eq!(settled_count, "2");
     assert_ne!(redis_snapshot(&mut conn).await, before);
     assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
@@ -525,7 +615,7 @@ async fn a_refund_refuses_keys_that_are_not_the_batchs() {
         worker: "test",
     };
     assert_eq!(
-        settlement::dead_letter_batch(&mut conn, &job, "gone", 1, false)
+        settlement::dead_letter_batch(&mut conn, &Keys::default(), &job, "gone", 1, false)
             .await
             .unwrap(),
         JobEnd::Done
@@ -534,18 +624,23 @@ async fn a_refund_refuses_keys_that_are_not_the_batchs() {
     // The batch's list names an order that is not the batch's (it costs 4.00
     // of the batch's 12.00): the script's own checks refuse, writing nothing.
     let customer = new_account("10.00", None);
-    create_account(&mut conn, &customer).await.unwrap();
+    create_account(&mut conn, &Keys::default(), &customer)
+        .await
+        .unwrap();
     let stray = order(&customer.id, "1", None);
-    place_order(&mut conn, &stray).await.unwrap();
+    place_order(&mut conn, &Keys::default(), &stray)
+        .await
+        .unwrap();
     let _: () = redis::cmd("LSET")
-        .arg(keys::batch_orders(&batch_id))
+        .arg(Keys::default().batch_orders(&batch_id))
         .arg(0)
         .arg(stray.order_id.to_string())
         .query_async(&mut conn)
         .await
         .unwrap();
     let before = redis_snapshot(&mut conn).await;
-    let refused = settlement::refund_batch(&mut conn, &batch_id, "x", false).await;
+    let refused =
+        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "x", false).await;
     assert!(
         matches!(refused, Err(OperatorError::StaleOrders(_))),
         "{refused:?}"
@@ -565,20 +660,29 @@ async fn a_batch_an_unanswered_call_may_have_filled_is_refunded_only_when_confir
     };
     // A call that got no answer, then one the exchange answered with a 503.
     assert_eq!(
-        settlement::retry_batch(&mut conn, &job, 0, "{}", "timed out", true)
-            .await
-            .unwrap(),
+        settlement::retry_batch(
+            &mut conn,
+            &Keys::default(),
+            &job,
+            0,
+            "{}",
+            "timed out",
+            true
+        )
+        .await
+        .unwrap(),
         JobEnd::Done
     );
     assert_eq!(
-        settlement::dead_letter_batch(&mut conn, &job, "503", 2, false)
+        settlement::dead_letter_batch(&mut conn, &Keys::default(), &job, "503", 2, false)
             .await
             .unwrap(),
         JobEnd::Done
     );
 
     let before = redis_snapshot(&mut conn).await;
-    let refused = settlement::refund_batch(&mut conn, &batch_id, "x", false).await;
+    let refused =
+        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "x", false).await;
     assert!(
         matches!(refused, Err(OperatorError::MayBeFilled(_))),
         "{refused:?}"
@@ -588,9 +692,10 @@ async fn a_batch_an_unanswered_call_may_have_filled_is_refunded_only_when_confir
         before,
         "refused: nothing written"
     );
-    let (orders, cents) = settlement::refund_batch(&mut conn, &batch_id, "checked", true)
-        .await
-        .unwrap();
+    let (orders, cents) =
+        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "checked", true)
+            .await
+            .unwrap();
     assert_eq!((orders, cents), (1, 1200));
     assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
 }
@@ -600,7 +705,7 @@ async fn due_jobs_move_to_the_stream_once() {
     let app = spawn_app().await;
     let mut conn = app.redis().await;
     let _: () = redis::cmd("ZADD")
-        .arg(keys::SETTLE_RETRIES)
+        .arg(&Keys::default().settle_retries(crate::helpers::aban_home()))
         .arg(100)
         .arg(r#"{"batch_id":"b1","attempt":"2"}"#)
         .arg(900)
@@ -611,8 +716,8 @@ async fn due_jobs_move_to_the_stream_once() {
     assert_eq!(
         settlement::promote_due_jobs(
             &mut conn,
-            keys::SETTLE_RETRIES,
-            keys::SETTLE_STREAM,
+            &Keys::default().settle_retries(crate::helpers::aban_home()),
+            &Keys::default().settle(crate::helpers::aban_home()),
             500,
             10
         )
@@ -623,8 +728,8 @@ async fn due_jobs_move_to_the_stream_once() {
     assert_eq!(
         settlement::promote_due_jobs(
             &mut conn,
-            keys::SETTLE_RETRIES,
-            keys::SETTLE_STREAM,
+            &Keys::default().settle_retries(crate::helpers::aban_home()),
+            &Keys::default().settle(crate::helpers::aban_home()),
             500,
             10
         )

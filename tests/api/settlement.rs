@@ -3,6 +3,7 @@
 
 use serde_json::{Value, json};
 use tally::exchange::sim::Faults;
+use tally::store::keys::Keys;
 
 use crate::helpers::{
     TestApp, TestExchange, TestWorkers, assert_problem, eventually, spawn_app, spawn_exchange,
@@ -162,7 +163,7 @@ async fn a_batch_past_attempts_max_is_dead_lettered_then_retried_once() {
     let (workers, _, batch) = failed_batch(&app, &exchange, 3).await;
     let dead = crate::helpers::stream_entries(
         &mut app.redis().await,
-        tally::store::keys::SETTLE_DEAD_STREAM,
+        &Keys::default().settle_dead(crate::helpers::aban_home()),
     )
     .await;
     assert_eq!(dead.len(), 1);
@@ -458,7 +459,6 @@ async fn a_largest_order_that_takes_the_bucket_along_settles() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreadable_settle_job_fails_its_batch_so_it_can_be_refunded() {
     use redis::AsyncCommands;
-    use tally::store::keys;
 
     let app = spawn_app().await;
     let exchange = spawn_exchange(UP).await;
@@ -467,15 +467,20 @@ async fn an_unreadable_settle_job_fails_its_batch_so_it_can_be_refunded() {
     // Its job is replaced by one no worker can read (as a bad deploy or a
     // hand edit might leave it).
     let mut conn = app.redis().await;
-    let jobs: redis::streams::StreamRangeReply =
-        conn.xrange_all(keys::SETTLE_STREAM).await.unwrap();
+    let jobs: redis::streams::StreamRangeReply = conn
+        .xrange_all(&Keys::default().settle(crate::helpers::aban_home()))
+        .await
+        .unwrap();
     let _: u64 = conn
-        .xdel(keys::SETTLE_STREAM, &[&jobs.ids[0].id])
+        .xdel(
+            &Keys::default().settle(crate::helpers::aban_home()),
+            &[&jobs.ids[0].id],
+        )
         .await
         .unwrap();
     let _: String = conn
         .xadd(
-            keys::SETTLE_STREAM,
+            &Keys::default().settle(crate::helpers::aban_home()),
             "*",
             &[("batch_id", batch.as_str()), ("quantity_units", "lots")],
         )
@@ -496,7 +501,10 @@ async fn an_unreadable_settle_job_fails_its_batch_so_it_can_be_refunded() {
             .contains("unreadable settle job"),
         "{failed}"
     );
-    let dead: usize = conn.xlen(keys::SETTLE_DEAD_STREAM).await.unwrap();
+    let dead: usize = conn
+        .xlen(&Keys::default().settle_dead(crate::helpers::aban_home()))
+        .await
+        .unwrap();
     assert_eq!(dead, 1);
     let refunded = app
         .post(&format!("/api/v1/batches/{batch}/refund"), &json!({}))
@@ -533,7 +541,7 @@ async fn a_replayed_batch_gets_attempts_max_calls_again() {
     );
     let dead = crate::helpers::stream_entries(
         &mut app.redis().await,
-        tally::store::keys::SETTLE_DEAD_STREAM,
+        &Keys::default().settle_dead(crate::helpers::aban_home()),
     )
     .await;
     assert_eq!(

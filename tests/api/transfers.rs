@@ -2,10 +2,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use tally::store::keys::Keys;
 
 use redis::AsyncCommands;
 use serde_json::{Value, json};
-use tally::store::keys;
 
 use crate::helpers::{BALANCE_LIMIT_CENTS, TestApp, assert_problem, spawn_app, spawn_app_with};
 
@@ -98,7 +98,7 @@ async fn a_transfer_moves_money_either_way_and_a_refusal_is_journaled() {
     assert!(report.is_clean(), "{report}");
 
     // The accounting events say who paid whom.
-    let events = crate::helpers::stream_entries(&mut app.redis().await, keys::EVENTS_STREAM).await;
+    let events = app.all_entries(Keys::events).await;
     let completed = events
         .iter()
         .find(|event| event["type"] == "transfer.completed")
@@ -288,23 +288,31 @@ async fn write_entries(app: &TestApp, account: &str, count: usize) {
     }
 }
 
-fn id_order(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap();
-    (ms.parse().unwrap(), seq.parse().unwrap())
+/// A report id, `ms-seq.shard`, as the numbers it orders by.
+fn id_order(id: &str) -> (u64, u64, u16) {
+    let (stream_id, shard) = id.split_once('.').unwrap();
+    let (ms, seq) = stream_id.split_once('-').unwrap();
+    (
+        ms.parse().unwrap(),
+        seq.parse().unwrap(),
+        shard.parse().unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn paging_stays_inside_the_snapshot_while_writes_go_on() {
     let app = Arc::new(spawn_app().await);
+    // Entries on three shards' journals, written at once: the report merges them.
     let a = app.create_account("a", "0").await;
+    let c = app.create_account_off("c", "0", &[&a]).await;
+    let d = app.create_account_off("d", "0", &[&a, &c]).await;
     let b = app.create_account("b", "0").await;
-    write_entries(&app, &a, 1_000).await;
-    let before: Vec<String> = {
-        let mut conn = app.redis().await;
-        let reply: redis::streams::StreamRangeReply =
-            conn.xrevrange_all(keys::JOURNAL).await.unwrap();
-        reply.ids.into_iter().map(|entry| entry.id).collect()
-    };
+    tokio::join!(
+        write_entries(&app, &a, 400),
+        write_entries(&app, &c, 300),
+        write_entries(&app, &d, 300),
+    );
+    let before = app.journal_ids_newest_first().await;
     assert_eq!(before.len(), 1_000);
 
     let first = app.get_json("/api/v1/transactions?limit=50").await;
@@ -441,14 +449,18 @@ async fn entries_past_retention_leave_the_report_and_redis_and_the_audit_still_a
 
     let mut conn = app.redis().await;
     let cutoff_ms = u64::try_from(tally::store::now_ms()).unwrap() - 300;
-    let trimmed = tally::store::journal::trim(&mut conn, cutoff_ms, 10)
+    let trimmed =
+        tally::store::journal::trim(&mut conn, app.keys(), app.shard_of(&a), cutoff_ms, 10)
+            .await
+            .unwrap();
+    assert_eq!(trimmed, 10);
+    let length = app.journal().await.len();
+    let indexed = app.journal_index_len().await;
+    assert_eq!((length, indexed), (0, 0), "gone from Redis memory");
+    let carried: BTreeMap<String, i64> = conn
+        .hgetall(app.keys().journal_carried(app.shard_of(&a)))
         .await
         .unwrap();
-    assert_eq!(trimmed, 10);
-    let length: usize = conn.xlen(keys::JOURNAL).await.unwrap();
-    let indexed: usize = conn.zcard(keys::JOURNAL_INDEX).await.unwrap();
-    assert_eq!((length, indexed), (0, 0), "gone from Redis memory");
-    let carried: BTreeMap<String, i64> = conn.hgetall(keys::JOURNAL_CARRIED).await.unwrap();
     assert_eq!(carried[&a], 1000);
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
@@ -467,25 +479,45 @@ async fn the_trim_waits_while_an_audit_reads_the_journal() {
     tokio::time::sleep(std::time::Duration::from_millis(400)).await; // let the window pass
     let cutoff_ms = u64::try_from(now_ms()).unwrap() - 300;
     let mut conn = app.redis().await;
+    let shard = app.shard_of(&a);
 
-    pause_trim(&mut conn, "audit", now_ms() + 60_000)
+    pause_trim(&mut conn, &Keys::default(), "audit", now_ms() + 60_000)
         .await
         .unwrap();
     let before = app.snapshot().await;
-    assert_eq!(trim(&mut conn, cutoff_ms, 10).await.unwrap(), 0);
+    assert_eq!(
+        trim(&mut conn, app.keys(), shard, cutoff_ms, 10)
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(app.snapshot().await, before, "a paused trim writes nothing");
 
     // A pause that ran out (its audit died) does not hold the trim.
-    resume_trim(&mut conn, "audit").await.unwrap();
-    let _: () = conn
-        .zadd(keys::JOURNAL_TRIM_PAUSES, "dead-audit", now_ms() - 1)
+    resume_trim(&mut conn, &Keys::default(), "audit")
         .await
         .unwrap();
-    assert_eq!(trim(&mut conn, cutoff_ms, 10).await.unwrap(), 5);
+    let _: () = conn
+        .zadd(
+            app.keys().journal_trim_pauses(shard),
+            "dead-audit",
+            now_ms() - 1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        trim(&mut conn, app.keys(), shard, cutoff_ms, 10)
+            .await
+            .unwrap(),
+        5
+    );
 
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
-    let pauses: Vec<String> = conn.zrange(keys::JOURNAL_TRIM_PAUSES, 0, -1).await.unwrap();
+    let pauses: Vec<String> = conn
+        .zrange(app.keys().journal_trim_pauses(shard), 0, -1)
+        .await
+        .unwrap();
     assert!(
         pauses.is_empty(),
         "the audit ended its pause and forgot the one that ran out: {pauses:?}"
@@ -502,12 +534,10 @@ async fn an_audit_that_finds_the_journal_trimmed_under_it_says_so_instead_of_a_b
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let trimmer = {
         let (stop, mut conn) = (stop.clone(), app.redis().await);
+        let carried = app.keys().journal_carried(app.shard_of(&a));
         tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let _: i64 = conn
-                    .hincr(keys::JOURNAL_CARRIED, "kind:seed", 1)
-                    .await
-                    .unwrap();
+                let _: i64 = conn.hincr(&carried, "kind:seed", 1).await.unwrap();
             }
         })
     };

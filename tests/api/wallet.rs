@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tally::store::keys::Keys;
 
 use poem::web::Data;
 use poem::{EndpointExt, Request, Route, Server, handler, post};
@@ -12,7 +13,6 @@ use redis::AsyncCommands;
 use serde_json::{Value, json};
 use tally::config::WorkerSettings;
 use tally::exchange::sim::Faults;
-use tally::store::keys;
 
 use crate::helpers::{
     TestApp, assert_problem, eventually, pending_count, set_maxmemory, spawn_app, spawn_exchange,
@@ -34,7 +34,7 @@ async fn wallet_drained(app: &TestApp, accounts: &[String]) -> bool {
     let mut conn = app.redis().await;
     for account in accounts {
         let id = tally::domain::AccountId::parse(account).unwrap();
-        let queued: usize = conn.llen(keys::wallet_queue(&id)).await.unwrap();
+        let queued: usize = conn.llen(Keys::default().wallet_queue(&id)).await.unwrap();
         if queued > 0 {
             return false;
         }
@@ -83,7 +83,7 @@ async fn deposits_and_withdrawals_apply_in_acceptance_order_across_four_workers(
     let mut conn = app.redis().await;
     let mut workers_seen = HashSet::new();
     for id in &ids {
-        let txn = tally::store::wallet::get(&mut conn, id)
+        let txn = tally::store::wallet::get(&mut conn, &Keys::default(), id)
             .await
             .unwrap()
             .unwrap();
@@ -102,7 +102,7 @@ async fn deposits_and_withdrawals_apply_in_acceptance_order_across_four_workers(
     for account in &accounts {
         assert_eq!(app.balance(account).await, "0.00");
     }
-    let errors: usize = conn.xlen(keys::WALLET_ERRORS_STREAM).await.unwrap();
+    let errors = app.all_length(Keys::wallet_errors).await;
     assert_eq!(errors, 0, "no rejection for funds");
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
@@ -128,7 +128,7 @@ async fn a_withdrawal_beyond_the_balance_is_rejected_with_a_reason() {
         (Some("rejected"), Some("insufficient funds"))
     );
     assert_eq!(app.balance(&account).await, "10.00");
-    let errors = stream_entries(&mut app.redis().await, keys::WALLET_ERRORS_STREAM).await;
+    let errors = app.all_entries(Keys::wallet_errors).await;
     assert_eq!(errors.len(), 1);
     assert_eq!(
         (
@@ -211,9 +211,10 @@ async fn jobs_no_worker_can_read_are_dead_lettered_and_the_rest_go_on() {
     let app = spawn_app().await;
     let exchange = spawn_exchange(Faults::default()).await;
     let mut conn = app.redis().await;
+    let shard = app.keys().layout().first();
     let wallet_job: String = conn
         .xadd(
-            keys::WALLET_STREAM,
+            app.keys().wallet(shard),
             "*",
             &[("account_id", "not-an-account")],
         )
@@ -221,7 +222,7 @@ async fn jobs_no_worker_can_read_are_dead_lettered_and_the_rest_go_on() {
         .unwrap();
     let installment_job: String = conn
         .xadd(
-            keys::INSTALLMENTS_STREAM,
+            app.keys().installments(shard),
             "*",
             &[("installment", "no-number")],
         )
@@ -237,29 +238,29 @@ async fn jobs_no_worker_can_read_are_dead_lettered_and_the_rest_go_on() {
     .await;
     for (stream, group, dead, job, problem) in [
         (
-            keys::WALLET_STREAM,
+            app.keys().wallet(shard),
             tally::store::wallet::WALLET_GROUP,
-            keys::WALLET_DEAD_STREAM,
+            app.keys().wallet_dead(shard),
             &wallet_job,
             "no account",
         ),
         (
-            keys::INSTALLMENTS_STREAM,
+            app.keys().installments(shard),
             tally::store::advances::COLLECT_GROUP,
-            keys::INSTALLMENTS_DEAD_STREAM,
+            app.keys().installments_dead(shard),
             &installment_job,
             "no installment",
         ),
     ] {
         eventually("the unreadable job is dead-lettered", || async {
-            stream_entries(&mut app.redis().await, dead).await.len() == 1
+            stream_entries(&mut app.redis().await, &dead).await.len() == 1
         })
         .await;
-        let entry = &stream_entries(&mut app.redis().await, dead).await[0];
+        let entry = &stream_entries(&mut app.redis().await, &dead).await[0];
         assert_eq!(entry["stream_id"], *job);
         assert!(entry["error"].contains(problem), "{entry:?}");
         assert_eq!(
-            pending_count(&mut app.redis().await, stream, group).await,
+            pending_count(&mut app.redis().await, &stream, group).await,
             0
         );
     }
@@ -339,19 +340,15 @@ async fn the_webhook_gets_every_event_signed_even_after_an_outage() {
     receiver.failing.store(false, Ordering::SeqCst);
 
     eventually("every event is delivered", || async {
-        let ids: Vec<String> = stream_ids(&mut app.redis().await, keys::EVENTS_STREAM).await;
+        let ids: Vec<String> = app.event_ids().await;
         let received = receiver.events.lock().unwrap();
         ids.len() >= 6 && ids.iter().all(|id| received.contains_key(id))
     })
     .await;
     assert_eq!(receiver.bad_signatures.load(Ordering::SeqCst), 0);
     eventually("every delivered event is acknowledged", || async {
-        pending_count(
-            &mut app.redis().await,
-            keys::EVENTS_STREAM,
-            tally::notifier::NOTIFY_GROUP,
-        )
-        .await
+        app.all_pending(Keys::events, tally::notifier::NOTIFY_GROUP)
+            .await
             == 0
     })
     .await;
@@ -370,17 +367,6 @@ async fn the_webhook_gets_every_event_signed_even_after_an_outage() {
         assert!(types.contains(kind), "{kind} in {types:?}");
     }
     workers.stop().await;
-}
-
-/// Ids of the events as first written (retries are re-added with an `event_id` field).
-async fn stream_ids(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<String> {
-    let reply: redis::streams::StreamRangeReply = conn.xrange_all(key).await.unwrap();
-    reply
-        .ids
-        .into_iter()
-        .filter(|entry| !entry.map.contains_key("event_id"))
-        .map(|entry| entry.id)
-        .collect()
 }
 
 /// `count` customer accounts with nothing in them.
@@ -428,7 +414,7 @@ async fn assert_applied_once_in_order(app: &TestApp, accounts: &[String], ids: &
     }
     let mut conn = app.redis().await;
     for id in ids {
-        let txn = tally::store::wallet::get(&mut conn, id)
+        let txn = tally::store::wallet::get(&mut conn, &Keys::default(), id)
             .await
             .unwrap()
             .unwrap();
@@ -497,15 +483,10 @@ async fn redis_refusing_writes_loses_nothing_and_applies_nothing_twice() {
         "the API wrote nothing"
     );
 
-    let mut conn = app.redis().await;
-    let jobs_queued: usize = conn.xlen(keys::WALLET_STREAM).await.unwrap();
+    let jobs_queued = app.all_length(Keys::wallet).await;
     let pending = || async {
-        pending_count(
-            &mut app.redis().await,
-            keys::WALLET_STREAM,
-            tally::store::wallet::WALLET_GROUP,
-        )
-        .await
+        app.all_pending(Keys::wallet, tally::store::wallet::WALLET_GROUP)
+            .await
     };
     let workers = spawn_workers(&app, test_worker_settings(&exchange));
     eventually("every account's job is handed out", || async {
@@ -520,7 +501,7 @@ async fn redis_refusing_writes_loses_nothing_and_applies_nothing_twice() {
         accounts.len(),
         "the jobs in hand stay pending"
     );
-    let jobs_now: usize = conn.xlen(keys::WALLET_STREAM).await.unwrap();
+    let jobs_now = app.all_length(Keys::wallet).await;
     assert_eq!(jobs_now, jobs_queued, "no job queued again");
     assert_eq!(
         deposits_applied(&app).await,
