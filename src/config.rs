@@ -11,9 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::domain::{Amount, Symbol};
 
 pub const REDIS_URL_DEFAULT: &str = "redis://127.0.0.1:6379";
-/// Enough for a worker's blocking readers at the defaults: one per stream
-/// (4) per shard (16) per consumer (1).
-pub const REDIS_POOL_SIZE_MAX_DEFAULT: usize = 128;
+pub const REDIS_POOL_SIZE_MAX_DEFAULT: usize = 64;
 pub const REDIS_TIMEOUT_MS_DEFAULT: u64 = 2_000;
 /// Logical shards the keys are spread over (see CLUSTER.md): fixed once data exists.
 pub const SHARDS_DEFAULT: u16 = 16;
@@ -560,7 +558,8 @@ pub struct RedisSettings {
     /// Redis to use. `tally dev` starts its own when this is unset.
     #[arg(long, env = "TALLY_REDIS_URL")]
     pub redis_url: Option<String>,
-    /// Connections held open to Redis by one process.
+    /// Connections one process makes at once for its blocking readers (each
+    /// reader then keeps its own, outside the pool).
     #[arg(long, env = "TALLY_REDIS_POOL_SIZE_MAX", default_value_t = REDIS_POOL_SIZE_MAX_DEFAULT)]
     pub redis_pool_size_max: usize,
     /// Bound on connecting, waiting for a pooled connection, and each reply.

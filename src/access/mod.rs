@@ -133,7 +133,7 @@ impl Authenticator {
     pub async fn start(&self) -> Result<(), StoreError> {
         let asked_at = Instant::now();
         let mut conn = self.store.conn().await?;
-        let epoch = crate::store::api_keys::revocation_epoch(&mut conn).await?;
+        let epoch = crate::store::api_keys::revocation_epoch(&mut conn, self.store.keys()).await?;
         self.watch.confirm(epoch, asked_at);
         self.watch.start(&self.store);
         Ok(())
@@ -295,9 +295,14 @@ impl Authenticator {
             per_s,
             burst: per_s.saturating_mul(self.settings.rate_limit_burst_s),
         };
+        // The bucket authenticate_key.lua takes from too, beside the key's record.
+        let bucket = self
+            .store
+            .keys()
+            .api_key_rate_limit(&record.id, class.as_str());
         let take = async {
             let mut conn = self.store.conn().await?;
-            take_rate_tokens(&mut conn, holder, limit, want).await
+            take_rate_tokens(&mut conn, &bucket, limit, want).await
         };
         match take.await {
             Ok(Take::Granted(granted)) => {
@@ -353,9 +358,10 @@ impl Authenticator {
             per_s: self.settings.auth_failures_per_s,
             burst: self.settings.auth_failure_burst,
         };
+        let bucket = crate::store::keys::rate_limit(&holder);
         let take = async {
             let mut conn = self.store.conn().await?;
-            take_rate_tokens(&mut conn, &holder, limit, want).await
+            take_rate_tokens(&mut conn, &bucket, limit, want).await
         };
         match take.await {
             Ok(Take::Granted(granted)) => {
@@ -514,7 +520,7 @@ impl RevocationWatch {
                     let asked_at = Instant::now();
                     let read = async {
                         let mut conn = store.conn().await?;
-                        crate::store::api_keys::revocation_epoch(&mut conn).await
+                        crate::store::api_keys::revocation_epoch(&mut conn, store.keys()).await
                     };
                     match read.await {
                         Ok(epoch) => watch.confirm(epoch, asked_at),

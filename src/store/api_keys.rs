@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
 
-use super::keys::{self, Keys};
+use super::keys::Keys;
 use super::rate_limits::Take;
 use super::{Conn, Record, StoreError, StoreResult, verdict};
 use crate::access::{KeyId, Role};
@@ -151,20 +151,15 @@ pub async fn revoke_api_key(
 ) -> StoreResult<Option<i64>> {
     let reply: Vec<String> = REVOKE_API_KEY
         .key(keys.api_key(id))
+        .key(keys.api_keys_epoch(keys.api_key_shard(id)))
         .arg(now_ms)
         .invoke_async(conn)
         .await?;
     match (verdict(&reply), reply.get(1).map(String::as_str)) {
-        ("revoked", Some(at)) => {
-            let at = at
-                .parse()
-                .map_err(|_| StoreError::UnexpectedReply(reply.clone()))?;
-            // Moved on after every answer that the key is revoked, the
-            // first or a repeat: a process that died between the two steps
-            // leaves the next revoke (or the cache's bound) to catch up.
-            let _: u64 = conn.incr(keys::API_KEYS_EPOCH, 1).await?;
-            Ok(Some(at))
-        }
+        ("revoked", Some(at)) => at
+            .parse()
+            .map(Some)
+            .map_err(|_| StoreError::UnexpectedReply(reply.clone())),
         ("refused", Some("not_found")) => Ok(None),
         _ => Err(StoreError::UnexpectedReply(reply)),
     }
@@ -233,8 +228,13 @@ pub async fn authenticate_key(
     Ok(Some((KeyRecord::from_record(&record)?, take)))
 }
 
-/// The revocation epoch: how many revocations there have been.
-pub async fn revocation_epoch(conn: &mut impl Conn) -> StoreResult<u64> {
-    let epoch: Option<u64> = conn.get(keys::API_KEYS_EPOCH).await?;
-    Ok(epoch.unwrap_or(0))
+/// The revocation epoch: how many revocations there have been, the sum of
+/// every shard's count (one `GET` per shard, in one pipeline).
+pub async fn revocation_epoch(conn: &mut impl Conn, keys: &Keys) -> StoreResult<u64> {
+    let mut pipe = redis::pipe();
+    for shard in keys.shards() {
+        pipe.get(keys.api_keys_epoch(shard));
+    }
+    let epochs: Vec<Option<u64>> = pipe.query_async(conn).await?;
+    Ok(epochs.into_iter().flatten().sum())
 }

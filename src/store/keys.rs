@@ -35,10 +35,6 @@ pub const SHARD_COUNT: &str = "tally:shards";
 /// had: its presence means data that `tally migrate` must move first.
 pub const UNSHARDED_BANK: &str = "tally:account:@bank";
 
-/// Moved on by every revocation (string: a counter): API processes read it
-/// a few times a second and drop their cached key records when it moves.
-pub const API_KEYS_EPOCH: &str = "tally:api_keys:epoch";
-
 /// Held while an API process runs an audit (string: the holder's token,
 /// expiring after the request timeout), so two audits never run at once.
 pub const AUDIT_RUNNING: &str = "tally:audit:running";
@@ -473,6 +469,13 @@ impl Keys {
     /// stored.
     pub fn api_key(&self, id: &crate::access::KeyId) -> String {
         self.at(self.api_key_shard(id), format_args!("api_key:{id}"))
+    }
+
+    /// Moved on by every revocation of a key on this shard (string: a
+    /// counter): API processes read the sum over the shards a few times a
+    /// second and drop their cached key records when it moves.
+    pub fn api_keys_epoch(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("api_keys:epoch"))
     }
 
     /// An API key's rate-limit bucket for a class of requests (`reads`,

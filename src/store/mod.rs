@@ -160,14 +160,11 @@ impl Store {
         self.shared.record_script_slots(recorder);
     }
 
-    /// Most connections [`Store::dedicated_conn`] hands out at once.
-    pub fn pool_size_max(&self) -> usize {
-        self.pool.status().max_size
-    }
-
-    /// A connection of its own, for blocking reads.
-    pub async fn dedicated_conn(&self) -> StoreResult<deadpool_redis::Connection> {
-        Ok(self.pool.get().await?)
+    /// A connection of its own, for blocking reads: made by the pool, then
+    /// taken out of it, since a blocking reader holds it for its whole life
+    /// (a worker runs one per stream per shard) and must not starve the pool.
+    pub async fn dedicated_conn(&self) -> StoreResult<redis::aio::MultiplexedConnection> {
+        Ok(deadpool_redis::Connection::take(self.pool.get().await?))
     }
 
     /// Checks the data in Redis is laid out as this process would write it,

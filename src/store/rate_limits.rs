@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use redis::Script;
 
-use super::{Conn, StoreResult, keys};
+use super::{Conn, StoreResult};
 
 pub static TAKE_RATE_TOKENS: LazyLock<Script> = lua_script!("take_rate_tokens.lua");
 
@@ -30,16 +30,17 @@ pub enum Take {
     Refused { retry_after: Duration },
 }
 
-/// Takes up to `want` tokens from `holder`'s bucket (at most a quarter of
-/// its burst at once).
+/// Takes up to `want` tokens from the bucket at `bucket` (a key from
+/// [`super::keys::rate_limit`] or [`super::keys::Keys::api_key_rate_limit`]; at most a
+/// quarter of its burst at once).
 pub async fn take_rate_tokens(
     conn: &mut impl Conn,
-    holder: &str,
+    bucket: &str,
     limit: RateLimit,
     want: u32,
 ) -> StoreResult<Take> {
     let (granted, retry_after_us): (u32, u64) = TAKE_RATE_TOKENS
-        .key(keys::rate_limit(holder))
+        .key(bucket)
         .arg(limit.interval_us())
         .arg(limit.burst.max(1))
         .arg(want.max(1))

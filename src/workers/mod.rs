@@ -163,7 +163,7 @@ pub async fn run_consumer<H: JobHandler>(
     let mut group_ready = false;
     // The consumer's own connection for its blocking reads, kept between
     // reads and replaced after an error.
-    let mut reader: Option<deadpool_redis::Connection> = None;
+    let mut reader: Option<redis::aio::MultiplexedConnection> = None;
     let mut last_housekeeping: Option<Instant> = None;
     while !*shutdown.borrow() {
         if !group_ready {
@@ -225,18 +225,6 @@ pub async fn run_workers(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     settings.validate().map_err(anyhow::Error::msg)?;
-    let readers =
-        settings.consumers * StreamKind::ALL.len() * usize::from(store.keys().layout().count());
-    if readers > store.pool_size_max() {
-        anyhow::bail!(
-            "this worker runs {readers} blocking readers (TALLY_WORKER_CONSUMERS={} x {} streams x \
-             TALLY_SHARDS={}), each on a connection of its own: set TALLY_REDIS_POOL_SIZE_MAX to \
-             at least {readers}",
-            settings.consumers,
-            StreamKind::ALL.len(),
-            store.keys().layout().count()
-        );
-    }
     let exchange = crate::exchange::HttpExchange::new(&crate::exchange::ExchangeSettings {
         url: settings.exchange_url().to_owned(),
         connect_timeout: Duration::from_millis(settings.exchange_connect_timeout_ms),
@@ -404,7 +392,7 @@ pub async fn trim_streams_periodically(
 /// Jobs left pending too long by any consumer first (when `take_over`), then new ones.
 async fn next_deliveries(
     store: &Store,
-    reader: &mut Option<deadpool_redis::Connection>,
+    reader: &mut Option<redis::aio::MultiplexedConnection>,
     settings: &ConsumerSettings,
     take_over: bool,
 ) -> StoreResult<Vec<Delivery>> {
@@ -448,7 +436,7 @@ async fn next_deliveries(
 
 /// Takes over jobs another consumer has left pending for `claim_idle_ms`.
 async fn take_over_pending(
-    conn: &mut deadpool_redis::Connection,
+    conn: &mut redis::aio::MultiplexedConnection,
     settings: &ConsumerSettings,
 ) -> StoreResult<Vec<Delivery>> {
     // [next cursor, [entries], [ids deleted meanwhile]]

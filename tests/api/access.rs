@@ -938,7 +938,7 @@ async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
     .unwrap()
     .unwrap();
     assert_eq!(take, None);
-    let bucket = tally::store::keys::rate_limit(&format!("{}:reads", record.id));
+    let bucket = Keys::default().api_key_rate_limit(&record.id, "reads");
     let tat: Option<String> = conn.get(&bucket).await.unwrap();
     assert!(tat.is_some(), "the one token taken is recorded");
     assert_eq!(app.snapshot().await, before, "nothing else was written");
@@ -975,7 +975,7 @@ async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
 
     // revoke_api_key: revoked, the same answer again, and an unknown id.
     let epoch = |mut conn: redis::aio::MultiplexedConnection| async move {
-        tally::store::api_keys::revocation_epoch(&mut conn)
+        tally::store::api_keys::revocation_epoch(&mut conn, &Keys::default())
             .await
             .unwrap()
     };

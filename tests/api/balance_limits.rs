@@ -313,7 +313,7 @@ async fn failed_batch_of_two(app: &TestApp, customer: &AccountId) -> BatchId {
         .unwrap();
     let closing = order(customer, "2");
     place_order(&mut conn, app.keys(), &closing).await.unwrap();
-    let stream_id = read_settle_job(&mut conn, "test").await;
+    let stream_id = read_settle_job(&mut conn, app.keys(), "test").await;
     let job = JobRef {
         stream_id: &stream_id,
         batch_id: &closing.batch_id,
@@ -374,7 +374,7 @@ async fn batch_to_finish(app: &TestApp, customer: &AccountId) -> (BatchId, Strin
     let mut conn = app.redis().await;
     let placed = order(customer, "3");
     place_order(&mut conn, app.keys(), &placed).await.unwrap();
-    let stream_id = read_settle_job(&mut conn, "test").await;
+    let stream_id = read_settle_job(&mut conn, app.keys(), "test").await;
     let job = JobRef {
         stream_id: &stream_id,
         batch_id: &placed.batch_id,

@@ -302,7 +302,7 @@ async fn a_call_lost_with_its_worker_counts_toward_attempts_max() {
     // A worker reads the job, counts its call, and dies during it: the job
     // stays pending with the batch's count at 1.
     let mut conn = app.redis().await;
-    let stream_id = read_settle_job(&mut conn, "doomed").await;
+    let stream_id = read_settle_job(&mut conn, app.keys(), "doomed").await;
     let batch = tally::domain::BatchId::parse(&batch_id).unwrap();
     let job = settlement::JobRef {
         stream_id: &stream_id,

@@ -478,15 +478,15 @@ pub fn aban_home() -> Shard {
     Keys::default().shard_of_symbol(&Symbol::parse("ABAN").unwrap())
 }
 
-/// Reads the next settle job of ABAN's home shard as `consumer` of the
-/// settlers group (made if missing), as a worker would; returns its stream
-/// id, now pending.
+/// Reads the next settle job of ABAN's home shard (in `keys`' layout) as
+/// `consumer` of the settlers group (made if missing), as a worker would;
+/// returns its stream id, now pending.
 pub async fn read_settle_job(
     conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
     consumer: &str,
 ) -> String {
     use tally::store::settlement;
-    let keys = Keys::default();
     let stream = keys.settle(keys.shard_of_symbol(&Symbol::parse("ABAN").unwrap()));
     tally::workers::ensure_group(conn, &stream, settlement::SETTLE_GROUP)
         .await

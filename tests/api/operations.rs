@@ -118,7 +118,12 @@ async fn the_audit_command_fails_on_a_breach() {
     // Money out of nowhere: a balance that no journal entry explains.
     let mut conn = app.redis().await;
     let _: i64 = conn
-        .hincr(format!("tally:account:{customer}"), "balance", 1)
+        .hincr(
+            app.keys()
+                .account(&tally::domain::AccountId::parse(&customer).unwrap()),
+            "balance",
+            1,
+        )
         .await
         .unwrap();
     let breached = audit();

@@ -427,7 +427,7 @@ async fn a_dead_letter_and_an_operators_requeue_run_twice_act_once() {
     );
 
     // Failed again, then refunded: the same refund run twice pays back once.
-    let stream_id = crate::helpers::read_settle_job(&mut conn, "test").await;
+    let stream_id = crate::helpers::read_settle_job(&mut conn, app.keys(), "test").await;
     let job = JobRef {
         stream_id: &stream_id,
         batch_id: &batch_id,

@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use tally::store::keys::Keys;
 
 use redis::AsyncCommands;
-use tally::domain::{
-    AccountId, Amount, BatchId, Idempotency, IdempotencyKey, OrderId, Quantity, Symbol,
-};
+use tally::domain::{AccountId, Amount, BatchId, Idempotency, IdempotencyKey, Quantity, Symbol};
 use tally::store::accounts::{
     CreateAccountError, CreateAccountOutcome, NewAccount, create_account,
 };
@@ -21,7 +19,7 @@ use crate::helpers::{pending_count, read_settle_job, redis_snapshot, spawn_app};
 
 fn new_account(balance: &str, key: Option<&str>) -> NewAccount {
     NewAccount {
-        id: AccountId::new_customer(),
+        id: Keys::default().new_account_id(key),
         name: tally::domain::AccountName::parse("script").unwrap(),
         opening_balance: Amount::parse(balance).unwrap(),
         idempotency: key
@@ -35,14 +33,14 @@ pub(crate) fn order(account_id: &AccountId, quantity: &str, key: Option<&str>) -
     let quantity = Quantity::parse(quantity).unwrap();
     let price = Amount::parse("4.00").unwrap();
     PlaceOrder {
-        order_id: OrderId::new(),
+        order_id: Keys::default().new_order_id(account_id),
         account_id: account_id.clone(),
         symbol: Symbol::parse("ABAN").unwrap(),
         quantity,
         price,
         cost: tally::domain::order_cost(price, quantity).unwrap(),
         exchange_minimum: Amount::parse("10.00").unwrap(),
-        batch_id: BatchId::new(),
+        batch_id: Keys::default().new_batch_id(&Symbol::parse("ABAN").unwrap()),
         idempotency: key.map(|key| {
             Idempotency::new(
                 IdempotencyKey::parse(key).unwrap(),
@@ -73,7 +71,7 @@ async fn create_account_creates_replays_and_refuses() {
     let before = redis_snapshot(&mut conn).await;
     // Same key, same request (a fresh id, as a retrying client would draw): replayed.
     let retry = NewAccount {
-        id: AccountId::new_customer(),
+        id: Keys::default().new_account_id(Some("k")),
         ..new_account("7.00", Some("k"))
     };
     let replayed = create_account(&mut conn, &Keys::default(), &retry)
@@ -412,7 +410,10 @@ pub(crate) async fn settling_batch(app: &crate::helpers::TestApp) -> (BatchId, S
     place_order(&mut conn, &Keys::default(), &placed)
         .await
         .unwrap();
-    (placed.batch_id, read_settle_job(&mut conn, "test").await)
+    (
+        placed.batch_id,
+        read_settle_job(&mut conn, app.keys(), "test").await,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -101,7 +101,7 @@ async fn a_transfer_moves_money_either_way_and_a_refusal_is_journaled() {
     let events = app.all_entries(Keys::events).await;
     let completed = events
         .iter()
-        .find(|event| event["type"] == "transfer.completed")
+        .find(|event| event["type"] == "transfer.completed" && event["debit"] == a.as_str())
         .unwrap();
     let fields = ["debit", "credit", "amount", "requested"].map(|name| completed[name].as_str());
     assert_eq!(fields, [a.as_str(), b.as_str(), "2000", "2000"]);
