@@ -25,7 +25,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Dev(args) => dev(args).await,
         Command::Batches { redis, action } => batches(&redis, action).await,
         Command::Scheduler { redis, scheduler } => {
-            let store = Store::connect(&redis)?;
+            let store = Store::open(&redis).await?;
             let clock = std::sync::Arc::new(crate::advances::SystemClock);
             crate::advances::run_scheduler(store, clock, scheduler.settings(), shutdown_watch())
                 .await;
@@ -67,7 +67,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 async fn keys(args: KeysArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&args.redis)?;
+    let store = Store::open(&args.redis).await?;
     match args.action {
         KeyAction::Create {
             role,
@@ -425,7 +425,7 @@ async fn dev_demo_account(store: &Store) -> anyhow::Result<AccountId> {
 }
 
 async fn batches(redis: &RedisSettings, action: BatchAction) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(redis)?;
+    let store = Store::open(redis).await?;
     let mut conn = store.conn().await?;
     let parse = |id: &str| BatchId::parse(id).map_err(anyhow::Error::from);
     match action {
@@ -472,7 +472,7 @@ async fn batches(redis: &RedisSettings, action: BatchAction) -> anyhow::Result<E
 }
 
 async fn audit(redis: &RedisSettings) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(redis)?;
+    let store = Store::open(redis).await?;
     let report = crate::audit::run(&store)
         .await
         .with_context(|| format!("auditing Redis at {}", redis.url()))?;

@@ -492,3 +492,107 @@ impl Keys {
         self.shard_of_text_id(id.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::slots::hash_slot;
+
+    /// Every key a script on `shard` may name, from the shard's own keys and
+    /// records whose ids were drawn there.
+    fn keys_of(keys: &Keys, shard: Shard) -> Vec<String> {
+        let customer = AccountId::from_uuid(keys.new_id_in(shard));
+        let order = OrderId::from_uuid(keys.new_id_in(shard));
+        let batch = BatchId::from_uuid(keys.new_id_in(shard));
+        let record = keys.new_id_in(shard).to_string();
+        let key_id = crate::access::KeyId::parse(&keys.new_id_in(shard).simple().to_string())
+            .expect("a key id");
+        let mut all = vec![
+            keys.account(&customer),
+            keys.account_on(shard, &customer),
+            keys.accounts(shard),
+            keys.journal(shard),
+            keys.journal_index(shard),
+            keys.journal_carried(shard),
+            keys.journal_trim_pauses(shard),
+            keys.order(&order),
+            keys.batch(&batch),
+            keys.batch_orders(&batch),
+            keys.batches(shard),
+            keys.symbols(shard),
+            keys.settle_retries(shard),
+            keys.failed_batches(shard),
+            keys.stats(shard),
+            keys.transaction(&record),
+            keys.idempotency(shard, "orders", "k"),
+            keys.wallet_errors(shard),
+            keys.wallet_transaction(&record),
+            keys.wallet_queue(&customer),
+            keys.wallet_scheduled(&customer),
+            keys.wallet_history(&customer),
+            keys.advances(shard),
+            keys.advance(&record),
+            keys.account_advances(&customer),
+            keys.installments_due(shard),
+            keys.installments_leased(shard),
+            keys.events_retries(shard),
+            keys.api_keys(shard),
+            keys.api_key(&key_id),
+            keys.api_keys_epoch(shard),
+            keys.api_key_rate_limit(&key_id, "reads"),
+        ];
+        for system in SystemAccount::ALL {
+            all.push(keys.system_account(system, shard));
+        }
+        for stream in StreamKind::ALL {
+            all.push(keys.job_stream(stream, shard));
+            all.push(keys.job_stream_dead(stream, shard));
+        }
+        all
+    }
+
+    #[test]
+    fn every_key_of_a_shard_shares_its_slot() {
+        for count in [1, 3, 16] {
+            let keys = Keys::new(count);
+            for shard in keys.shards() {
+                let slot = hash_slot(keys.journal(shard).as_bytes());
+                for key in keys_of(&keys, shard) {
+                    assert_eq!(hash_slot(key.as_bytes()), slot, "{count} shards: {key}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_symbols_records_live_on_its_home_shard() {
+        let keys = Keys::default();
+        let symbol = Symbol::parse("ABAN").unwrap();
+        let home = keys.shard_of_symbol(&symbol);
+        let batch = keys.new_batch_id(&symbol);
+        let slot = hash_slot(keys.settle(home).as_bytes());
+        for key in [
+            keys.bucket(&symbol),
+            keys.bucket_orders(&symbol),
+            keys.bucket_batches(&symbol),
+            keys.batch(&batch),
+        ] {
+            assert_eq!(hash_slot(key.as_bytes()), slot, "{key}");
+        }
+        let customer = AccountId::new_customer();
+        assert_eq!(
+            keys.shard_of_id(&keys.new_order_id(&customer).uuid()),
+            keys.account_shard(&customer),
+            "an order lives with its customer"
+        );
+    }
+
+    #[test]
+    fn an_idempotency_key_draws_new_accounts_on_one_shard() {
+        let keys = Keys::default();
+        let first = keys.new_account_id(Some("key-1"));
+        let replay = keys.new_account_id(Some("key-1"));
+        assert_ne!(first, replay);
+        assert_eq!(keys.account_shard(&first), keys.account_shard(&replay));
+    }
+}

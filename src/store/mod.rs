@@ -35,6 +35,7 @@ pub mod wallet;
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::AsyncConnectionConfig;
 
@@ -167,11 +168,22 @@ impl Store {
         Ok(deadpool_redis::Connection::take(self.pool.get().await?))
     }
 
-    /// Checks the data in Redis is laid out as this process would write it,
-    /// stamping the shard count on first use, then creates the system
-    /// accounts' sub-accounts if they do not exist yet. Safe to run from
-    /// every process at every start.
-    pub async fn ensure_system_accounts(&self) -> anyhow::Result<()> {
+    /// Connects and checks the data in Redis is laid out as this process
+    /// would write it ([`Store::check_layout`]): what every command but
+    /// `tally migrate` opens Redis with.
+    pub async fn open(settings: &RedisSettings) -> anyhow::Result<Self> {
+        let store = Store::connect(settings)?;
+        store
+            .check_layout()
+            .await
+            .with_context(|| format!("opening Redis at {}", settings.url()))?;
+        Ok(store)
+    }
+
+    /// Refuses data in the single-node layout of an earlier tally, and data
+    /// written with another shard count; stamps this process's count on an
+    /// empty Redis. Safe to run from every process at every start.
+    pub async fn check_layout(&self) -> anyhow::Result<()> {
         let mut conn = self.conn().await?;
         let unsharded: bool = redis::cmd("EXISTS")
             .arg(keys::UNSHARDED_BANK)
@@ -199,6 +211,15 @@ impl Store {
                  TALLY_SHARDS={stamped}"
             );
         }
+        Ok(())
+    }
+
+    /// Checks the layout ([`Store::check_layout`]), then creates the system
+    /// accounts' sub-accounts on every shard if they do not exist yet. Safe
+    /// to run from every process at every start.
+    pub async fn ensure_system_accounts(&self) -> anyhow::Result<()> {
+        self.check_layout().await?;
+        let mut conn = self.conn().await?;
         let created_at = now_ms();
         for shard in self.keys.shards() {
             let mut pipe = redis::pipe();

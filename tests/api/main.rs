@@ -17,6 +17,7 @@ mod protocol;
 mod run_twice;
 mod scripts;
 mod settlement;
+mod shards;
 mod streams;
 mod transfers;
 mod validation;
