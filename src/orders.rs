@@ -85,12 +85,12 @@ type Placed = Result<PlaceOrderOutcome, PlaceOrderError>;
 type Pending = (PlaceOrder, oneshot::Sender<Placed>);
 
 /// Groups concurrent orders into `place_orders.lua` calls: while the calls
-/// in flight run, new orders queue, and the next round takes all of them (up
-/// to [`ORDER_GROUP_MAX`]), one call per (customer shard, symbol's home shard)
-/// among them, since a call may only write one shard's keys. Under light
-/// load every group holds one order, so nothing waits for a group to fill.
-/// Each order is still checked and written on its own inside the script, and
-/// gets its own answer.
+/// in flight run, new orders queue, one queue per (customer shard, symbol's
+/// home shard) since a call may only write one shard's keys, and the next
+/// call takes a whole queue (up to [`ORDER_GROUP_MAX`]). Under light load
+/// every group holds one order, so nothing waits for a group to fill. Each
+/// order is still checked and written on its own inside the script, and gets
+/// its own answer.
 pub struct OrderGrouper {
     sender: mpsc::Sender<Pending>,
     receiver: Mutex<Option<mpsc::Receiver<Pending>>>,
@@ -131,44 +131,78 @@ impl OrderGrouper {
     }
 }
 
+/// Orders waiting for their group, one queue per (customer shard, symbol's
+/// home shard): a script call may only carry one queue's orders.
+#[derive(Default)]
+struct ShardQueues {
+    queues: Vec<((u16, u16), std::collections::VecDeque<(u64, Pending)>)>,
+    /// Orders queued so far, numbering each: the oldest waiting order's
+    /// queue goes first.
+    arrived: u64,
+    waiting: usize,
+}
+
+impl ShardQueues {
+    fn push(&mut self, keys: &Keys, pending: Pending) {
+        let shard = (
+            keys.account_shard(&pending.0.account_id).index(),
+            keys.shard_of_symbol(&pending.0.symbol).index(),
+        );
+        self.arrived += 1;
+        self.waiting += 1;
+        let entry = (self.arrived, pending);
+        match self.queues.iter_mut().find(|(of, _)| *of == shard) {
+            Some((_, queue)) => queue.push_back(entry),
+            None => self.queues.push((shard, [entry].into())),
+        }
+    }
+
+    /// Up to [`ORDER_GROUP_MAX`] orders of the queue whose first order has
+    /// waited longest: every shard's turn comes in arrival order, and
+    /// carries all its orders that came meanwhile.
+    fn next_group(&mut self) -> Option<Vec<Pending>> {
+        let (_, queue) = self
+            .queues
+            .iter_mut()
+            .filter(|(_, queue)| !queue.is_empty())
+            .min_by_key(|(_, queue)| queue.front().map(|(arrived, _)| *arrived))?;
+        let take = queue.len().min(ORDER_GROUP_MAX);
+        self.waiting -= take;
+        Some(queue.drain(..take).map(|(_, pending)| pending).collect())
+    }
+}
+
 async fn collect(
     store: Store,
     mut receiver: mpsc::Receiver<(PlaceOrder, oneshot::Sender<Placed>)>,
 ) {
     let in_flight = Arc::new(Semaphore::new(ORDER_GROUPS_IN_FLIGHT_MAX));
-    while let Some(first) = receiver.recv().await {
-        // Wait for a free slot before draining, so a busy Redis means bigger groups.
+    let mut queues = ShardQueues::default();
+    loop {
+        if queues.waiting == 0 {
+            match receiver.recv().await {
+                Some(pending) => queues.push(store.keys(), pending),
+                None => return,
+            }
+        }
+        // Wait for a free slot before taking a group, so a busy Redis means
+        // bigger groups: meanwhile every shard's queue fills. The number of
+        // calls in flight is bounded for all shards together, so the shard
+        // count does not shrink the groups (each shard's turn comes less often
+        // and carries more).
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let mut group = vec![first];
-        while group.len() < ORDER_GROUP_MAX {
-            match receiver.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
-            }
+        while let Ok(pending) = receiver.try_recv() {
+            queues.push(store.keys(), pending);
         }
+        let Some(group) = queues.next_group() else {
+            continue;
+        };
         let store = store.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let mut by_shard: Vec<((u16, u16), Vec<Pending>)> = Vec::new();
-            for pending in group {
-                let keys = store.keys();
-                let shard = (
-                    keys.account_shard(&pending.0.account_id).index(),
-                    keys.shard_of_symbol(&pending.0.symbol).index(),
-                );
-                match by_shard.iter_mut().find(|(of, _)| *of == shard) {
-                    Some((_, orders)) => orders.push(pending),
-                    None => by_shard.push((shard, vec![pending])),
-                }
-            }
-            futures::future::join_all(
-                by_shard
-                    .into_iter()
-                    .map(|(_, group)| place_group(&store, group)),
-            )
-            .await;
+            place_group(&store, group).await;
         });
     }
 }

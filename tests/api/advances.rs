@@ -246,7 +246,9 @@ async fn two_schedulers_and_three_workers_collect_every_installment_once() {
                 .to_owned(),
         );
     }
-    for _ in 0..13 {
+    // Past the last installment's due time, with room for the time the
+    // advances took to create (they are due from their creation, in real time).
+    for _ in 0..16 {
         clock.advance(Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(60)).await; // a few scheduler rounds
     }
