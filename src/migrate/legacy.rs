@@ -422,8 +422,13 @@ pub fn classify(key: &str) -> Class {
     match key {
         keys::SHARD_COUNT => return Class::ShardCount,
         keys::MIGRATION => return Class::Migration,
-        keys::AUDIT_RUNNING | keys::DEV_DEMO_ACCOUNT | keys::DEV_KEYS => return Class::Kept,
+        keys::AUDIT_RUNNING => return Class::Kept,
         _ => {}
+    }
+    // `tally dev`'s notes (`keys::DEV_DEMO_ACCOUNT`, `keys::DEV_KEYS`) are
+    // spelled alike in both layouts.
+    if name.starts_with("dev:") {
+        return Class::Kept;
     }
     if name.starts_with('{') {
         return Class::Sharded;
@@ -585,7 +590,9 @@ mod tests {
         }
         assert_eq!(classify(keys::SHARD_COUNT), Class::ShardCount);
         assert_eq!(classify(keys::MIGRATION), Class::Migration);
-        assert_eq!(classify(keys::AUDIT_RUNNING), Class::Kept);
+        for key in [keys::AUDIT_RUNNING, keys::DEV_DEMO_ACCOUNT, keys::DEV_KEYS] {
+            assert_eq!(classify(key), Class::Kept, "{key}");
+        }
         for key in [
             "tally:nonsense",
             "tally:order:not-a-uuid",
