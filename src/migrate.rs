@@ -97,6 +97,9 @@ pub const LISTED_MAX: usize = 20;
 /// What `SCAN` looks for: every key of both layouts.
 const SCANNED: [&str; 2] = ["tally:*", "transactions:errors*"];
 
+/// `tally migrate` against the Redis of `settings`, to its shard count (see
+/// the module doc). A refusal is an error (exit code 1); an audit that is
+/// not clean after the move, a failure exit code.
 pub async fn run(settings: &RedisSettings) -> anyhow::Result<ExitCode> {
     // Not `Store::open`: that refuses the old layout, and stamps a count.
     let store = Store::connect(settings)?;
