@@ -62,6 +62,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { redis } => audit(&redis).await,
+        Command::Migrate { redis } => crate::migrate::run(&redis).await,
         Command::Keys(args) => keys(args).await,
     }
 }

@@ -153,6 +153,14 @@ pub enum Command {
         #[command(flatten)]
         redis: RedisSettings,
     },
+    /// Move an idle dataset of the single-node key layout (before shards) to
+    /// the sharded layout of TALLY_SHARDS shards, on a standalone Redis, then
+    /// audit it. Refuses, writing nothing, while work is in flight. Safe to
+    /// run again after a crash part way: it finishes.
+    Migrate {
+        #[command(flatten)]
+        redis: RedisSettings,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

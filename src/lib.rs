@@ -22,6 +22,8 @@
 //! - [`bench`]: `tally bench`, throughput against this machine's ceilings.
 //! - [`traffic`]: `tally gen N`, random traffic through the HTTP API.
 //! - [`audit`]: the ledger invariants, checked from what Redis holds.
+//! - [`migrate`]: `tally migrate`, moving data of the single-node key layout
+//!   to the sharded one.
 //! - [`redis_server`]: a private redis-server for `tally dev` and the tests.
 //! - [`cli`]: the subcommands.
 //!
@@ -42,6 +44,7 @@ pub mod config;
 pub mod domain;
 pub mod exchange;
 pub mod http_server;
+pub mod migrate;
 pub mod notifier;
 pub mod orders;
 pub mod redis_server;

@@ -35,6 +35,11 @@ pub const SHARD_COUNT: &str = "tally:shards";
 /// had: its presence means data that `tally migrate` must move first.
 pub const UNSHARDED_BANK: &str = "tally:account:@bank";
 
+/// Set by `tally migrate` while it moves data of the single-node layout to
+/// this one (string: the shard count it moves to), so that a run after a
+/// crash part way knows the sharded keys it finds are its own.
+pub const MIGRATION: &str = "tally:migration";
+
 /// Held while an API process runs an audit (string: the holder's token,
 /// expiring after the request timeout), so two audits never run at once.
 pub const AUDIT_RUNNING: &str = "tally:audit:running";

@@ -11,6 +11,7 @@ mod crashes;
 mod hardening;
 mod helpers;
 mod metrics;
+mod migrate;
 mod operations;
 mod orders;
 mod protocol;
