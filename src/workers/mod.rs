@@ -143,20 +143,10 @@ pub struct ConsumerSettings {
 /// Pause after a failed read, so a Redis outage is not a busy loop.
 const READ_ERROR_PAUSE: Duration = Duration::from_millis(500);
 /// Least time between two rounds of housekeeping (the handler's `tick`, and
-/// taking over jobs left pending) of one kind of stream, over all its
-/// shards: each shard's consumer does it every `HOUSEKEEPING_INTERVAL` x
-/// shards (at most [`HOUSEKEEPING_INTERVAL_MAX`]), so that a busy consumer
-/// does not pay two more round trips on every read, and the shard count
-/// does not multiply the housekeeping a process sends Redis.
+/// taking over jobs left pending), so a busy consumer does not pay two more
+/// round trips on every read. An idle one does it once per read, that is at
+/// most once per `block_ms`, however many shards' streams a process reads.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
-/// The longest a shard's consumer goes between two rounds of housekeeping
-/// (due retries wait at most this long past their time).
-const HOUSEKEEPING_INTERVAL_MAX: Duration = Duration::from_secs(2);
-
-/// How often each shard's consumer does its housekeeping with `shards` shards.
-pub fn housekeeping_interval(shards: u16) -> Duration {
-    (HOUSEKEEPING_INTERVAL * u32::from(shards)).min(HOUSEKEEPING_INTERVAL_MAX)
-}
 
 /// Runs one consumer until `shutdown` turns true.
 pub async fn run_consumer<H: JobHandler>(
@@ -175,10 +165,7 @@ pub async fn run_consumer<H: JobHandler>(
     // The consumer's own connection for its blocking reads, kept between
     // reads and replaced after an error.
     let mut reader: Option<redis::aio::MultiplexedConnection> = None;
-    let interval = housekeeping_interval(store.keys().layout().count());
-    // Consumers start together: a random first round spreads their housekeeping.
-    let mut last_housekeeping: Option<Instant> =
-        Instant::now().checked_sub(interval.mul_f64(fastrand::f64()));
+    let mut last_housekeeping: Option<Instant> = None;
     while !*shutdown.borrow() {
         if !group_ready {
             group_ready = match store.conn().await {
@@ -188,7 +175,7 @@ pub async fn run_consumer<H: JobHandler>(
                 Err(_) => false,
             };
         }
-        let housekeeping = last_housekeeping.is_none_or(|at| at.elapsed() >= interval);
+        let housekeeping = last_housekeeping.is_none_or(|at| at.elapsed() >= HOUSEKEEPING_INTERVAL);
         if housekeeping {
             last_housekeeping = Some(Instant::now());
             if let Err(err) = handler.tick(settings.shard).await {
