@@ -140,6 +140,58 @@ fn short(member: Option<&str>) -> String {
         .unwrap_or_else(|| "-".to_owned())
 }
 
+/// A shard's member written relative to the snapshot's time `base_ms`
+/// (which no shard's high or the last entry passes), in base 36:
+/// `<base - ms>_<seq>`, so that a cursor grows by a few bytes per shard;
+/// `-` for none.
+fn relative(member: Option<&str>, base_ms: u64) -> String {
+    let parsed = member.and_then(|member| {
+        let (ms, seq) = member.split_once('-')?;
+        Some((ms.parse::<u64>().ok()?, seq.parse::<u64>().ok()?))
+    });
+    match parsed {
+        Some((ms, seq)) if ms <= base_ms => {
+            format!("{}_{}", base36(base_ms - ms), base36(seq))
+        }
+        _ => "-".to_owned(),
+    }
+}
+
+/// The index member of a relative one; `None` for `-`, `Err` for junk.
+fn absolute(text: &str, base_ms: u64) -> Result<Option<String>, ()> {
+    if text == "-" {
+        return Ok(None);
+    }
+    let (delta, seq) = text.split_once('_').ok_or(())?;
+    let delta = u64::from_str_radix(delta, 36).map_err(|_| ())?;
+    let seq = u64::from_str_radix(seq, 36).map_err(|_| ())?;
+    let ms = base_ms.checked_sub(delta).ok_or(())?;
+    Ok(Some(index_member(ms, seq)))
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut digits = Vec::new();
+    loop {
+        digits.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    String::from_utf8(digits).expect("ASCII digits")
+}
+
+/// The millisecond part of an index member (0 for none).
+fn member_ms(member: &str) -> u64 {
+    member
+        .split('-')
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The index member of a short stream id; `None` for `-`, `Err` for junk.
 fn long(text: &str) -> Result<Option<String>, ()> {
     if text == "-" {
@@ -154,13 +206,14 @@ fn long(text: &str) -> Result<Option<String>, ()> {
 
 impl Cursor {
     fn payload(&self) -> String {
+        let base = member_ms(&self.as_of);
         let highs: Vec<String> = self
             .highs
             .iter()
-            .map(|high| short(high.as_deref()))
+            .map(|high| relative(high.as_deref(), base))
             .collect();
         let after = match &self.after {
-            Some((member, shard)) => format!("{}~{shard}", short(Some(member))),
+            Some((member, shard)) => format!("{}~{shard}", relative(Some(member), base)),
             None => "-".to_owned(),
         };
         format!(
@@ -190,11 +243,12 @@ impl Cursor {
         mac.verify_slice(&hex::decode(signed).ok()?).ok()?;
         let mut parts = payload.split('.');
         let as_of = long(parts.next()?).ok()?.unwrap_or_default();
+        let base = member_ms(&as_of);
         let low = long(parts.next()?).ok()??;
         let highs = parts
             .next()?
             .split(',')
-            .map(long)
+            .map(|high| absolute(high, base))
             .collect::<Result<Vec<_>, _>>()
             .ok()?;
         let limit = parts.next()?.parse().ok()?;
@@ -203,7 +257,7 @@ impl Cursor {
             "-" => None,
             text => {
                 let (member, shard) = text.split_once('~')?;
-                Some((long(member).ok()??, shard.parse().ok()?))
+                Some((absolute(member, base).ok()??, shard.parse().ok()?))
             }
         };
         let cursor = Cursor {
@@ -246,7 +300,7 @@ impl ReportApi {
         limit: Query<Option<u32>>,
         /// `next_cursor` from the previous page: continues the same snapshot.
         /// Opaque and signed: one this server did not issue answers 422.
-        #[oai(validator(min_length = 1, max_length = 4096))]
+        #[oai(validator(min_length = 1, max_length = 1024))]
         cursor: Query<Option<String>>,
         /// A page number, from 1, in the snapshot of `cursor` (or a new one).
         page: Query<Option<u64>>,
@@ -512,13 +566,6 @@ impl ReportApi {
         offset: usize,
     ) -> Result<Option<(u64, usize)>, ApiError> {
         let keys = self.0.store.keys();
-        let ms_of = |member: &str| -> u64 {
-            member
-                .split('-')
-                .next()
-                .and_then(|ms| ms.parse().ok())
-                .unwrap_or(0)
-        };
         // Entries at or after millisecond `ms`, in every window.
         let mut newer_than = async |ms: u64| -> Result<usize, ApiError> {
             let from = index_member(ms, 0).max(listing.low.clone());
@@ -531,12 +578,12 @@ impl ReportApi {
             Ok(count)
         };
         let (mut low, mut high) = (
-            ms_of(&listing.low),
+            member_ms(&listing.low),
             listing
                 .highs
                 .iter()
                 .flatten()
-                .map(|high| ms_of(high))
+                .map(|high| member_ms(high))
                 .max()
                 .unwrap_or(0),
         );
@@ -588,5 +635,25 @@ mod tests {
             Cursor::decode(&first.encode("secret"), "secret"),
             Some(first)
         );
+    }
+
+    #[test]
+    fn a_cursor_of_sixteen_shards_stays_short() {
+        let now = 1_796_000_000_000;
+        let day = 24 * 60 * 60 * 1000;
+        let cursor = Cursor {
+            as_of: index_member(now, 12),
+            low: index_member(now - 5 * day, 0),
+            // Shards written a moment ago, and shards quiet for days.
+            highs: (0..16)
+                .map(|shard| Some(index_member(now - shard * shard * day / 64, shard)))
+                .collect(),
+            limit: 100,
+            offset: 1_000_000,
+            after: Some((index_member(now - 3, 7), 15)),
+        };
+        let text = cursor.encode("secret");
+        assert!(text.len() < 400, "{} bytes: {text}", text.len());
+        assert_eq!(Cursor::decode(&text, "secret"), Some(cursor));
     }
 }
