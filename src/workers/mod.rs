@@ -2,9 +2,10 @@
 //!
 //! A consumer reads its group's stream with explicit `COUNT` and `BLOCK` on
 //! a connection of its own. Before a read, at most every
-//! `HOUSEKEEPING_INTERVAL`, it first takes over jobs another consumer left
-//! pending for longer than `claim_idle_ms` (it crashed, or hangs) with
-//! `XAUTOCLAIM`. It hands each
+//! `HOUSEKEEPING_INTERVAL`, it runs its handler's housekeeping (due retries
+//! back onto the stream), and every quarter of `claim_idle_ms` (within
+//! bounds) it first takes over jobs another consumer left pending for longer
+//! than `claim_idle_ms` (it crashed, or hangs) with `XAUTOCLAIM`. It hands each
 //! delivery to a [`JobHandler`], which ends the job itself (in the same script
 //! that records the outcome). A handler that fails leaves the job pending, so
 //! it is delivered again after `claim_idle_ms`: nothing is lost, and because
@@ -142,11 +143,16 @@ pub struct ConsumerSettings {
 
 /// Pause after a failed read, so a Redis outage is not a busy loop.
 const READ_ERROR_PAUSE: Duration = Duration::from_millis(500);
-/// Least time between two rounds of housekeeping (the handler's `tick`, and
-/// taking over jobs left pending), so a busy consumer does not pay two more
-/// round trips on every read. An idle one does it once per read, that is at
-/// most once per `block_ms`, however many shards' streams a process reads.
+/// Least time between two rounds of housekeeping (the handler's `tick`), so
+/// a busy consumer does not pay another round trip on every read. An idle
+/// one does it once per read, that is at most once per `block_ms`.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
+/// Bounds on how often a consumer looks for jobs left pending too long
+/// (`XAUTOCLAIM`): a quarter of `claim_idle_ms` within these, since a job is
+/// only taken over after that long anyway. A process reads every shard's
+/// streams, so this is paid once per stream per shard.
+const TAKE_OVER_INTERVAL_MIN: Duration = Duration::from_millis(50);
+const TAKE_OVER_INTERVAL_MAX: Duration = Duration::from_secs(1);
 
 /// Runs one consumer until `shutdown` turns true.
 pub async fn run_consumer<H: JobHandler>(
@@ -166,6 +172,9 @@ pub async fn run_consumer<H: JobHandler>(
     // reads and replaced after an error.
     let mut reader: Option<redis::aio::MultiplexedConnection> = None;
     let mut last_housekeeping: Option<Instant> = None;
+    let mut last_take_over: Option<Instant> = None;
+    let take_over_interval = (Duration::from_millis(settings.claim_idle_ms) / 4)
+        .clamp(TAKE_OVER_INTERVAL_MIN, TAKE_OVER_INTERVAL_MAX);
     while !*shutdown.borrow() {
         if !group_ready {
             group_ready = match store.conn().await {
@@ -186,7 +195,11 @@ pub async fn run_consumer<H: JobHandler>(
         // entries are pending for this consumer, and dropping the answer would
         // leave them to wait claim_idle_ms for another. A read blocks at most
         // block_ms, so that is the most shutdown waits for it.
-        let read = next_deliveries(&store, &mut reader, &settings, housekeeping).await;
+        let take_over = last_take_over.is_none_or(|at| at.elapsed() >= take_over_interval);
+        if take_over {
+            last_take_over = Some(Instant::now());
+        }
+        let read = next_deliveries(&store, &mut reader, &settings, take_over).await;
         let deliveries = match read {
             Ok(deliveries) => deliveries,
             Err(err) => {
