@@ -133,9 +133,12 @@ impl OrderGrouper {
 
 /// Orders waiting for their group, one queue per (customer shard, symbol's
 /// home shard): a script call may only carry one queue's orders.
+/// Orders of one (customer shard, home shard), each with its arrival number.
+type ShardQueue = ((u16, u16), std::collections::VecDeque<(u64, Pending)>);
+
 #[derive(Default)]
 struct ShardQueues {
-    queues: Vec<((u16, u16), std::collections::VecDeque<(u64, Pending)>)>,
+    queues: Vec<ShardQueue>,
     /// Orders queued so far, numbering each: the oldest waiting order's
     /// queue goes first.
     arrived: u64,

@@ -57,14 +57,17 @@ const DEAD_LETTER_STREAMS: [StreamKind; 4] = [
     StreamKind::Installments,
 ];
 
+/// A per-shard key, by its name in [`Keys`].
+type ShardKey = fn(&Keys, Shard) -> String;
+
 /// Sorted sets of jobs waiting for their next attempt, by queue.
-const RETRY_QUEUES: [(&str, fn(&Keys, Shard) -> String); 2] = [
+const RETRY_QUEUES: [(&str, ShardKey); 2] = [
     ("settle", Keys::settle_retries),
     ("events", Keys::events_retries),
 ];
 
 /// Sorted sets of installments, by state.
-const INSTALLMENT_STATES: [(&str, fn(&Keys, Shard) -> String); 2] = [
+const INSTALLMENT_STATES: [(&str, ShardKey); 2] = [
     ("scheduled", Keys::installments_due),
     ("leased", Keys::installments_leased),
 ];

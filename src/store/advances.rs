@@ -149,6 +149,10 @@ pub enum Collected {
     BalanceLimit(AccountId),
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the script's arguments, each named where it is called"
+)]
 pub async fn collect(
     conn: &mut impl Conn,
     keys: &Keys,

@@ -28,6 +28,10 @@ pub struct JobStream {
 /// `problem` and the worker's name, and acknowledges it, in one MULTI: it is
 /// kept for an operator, not handed out forever (a pending entry would also
 /// hold back the stream's trim).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "where the job was (shard, stream) and what it was, each named where it is called"
+)]
 pub async fn dead_letter_unreadable(
     conn: &mut impl Conn,
     keys: &super::keys::Keys,

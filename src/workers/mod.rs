@@ -139,11 +139,6 @@ pub struct ConsumerSettings {
     pub block_ms: u64,
     /// How long a job may stay pending with one consumer before another takes it over.
     pub claim_idle_ms: u64,
-    /// After a read that found fewer jobs than `read_count`, how long to let
-    /// more arrive before the next read: every shard has its own stream, so
-    /// without it a busy system pays one read and one acknowledgement per
-    /// job. Only where a job may wait that long (the accounting events).
-    pub linger: Duration,
 }
 
 /// Pause after a failed read, so a Redis outage is not a busy loop.
@@ -152,11 +147,6 @@ const READ_ERROR_PAUSE: Duration = Duration::from_millis(500);
 /// a busy consumer does not pay another round trip on every read. An idle
 /// one does it once per read, that is at most once per `block_ms`.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
-/// How long a notifier lets events gather after a partial read (see
-/// [`ConsumerSettings::linger`]): events are delivered at least once and
-/// in no set order anyway, and this keeps reads to a few per shard per
-/// second per process under load.
-const EVENTS_LINGER: Duration = Duration::from_millis(20);
 /// Bounds on how often a consumer looks for jobs left pending too long
 /// (`XAUTOCLAIM`): a quarter of `claim_idle_ms` within these, since a job is
 /// only taken over after that long anyway. A process reads every shard's
@@ -225,14 +215,10 @@ pub async fn run_consumer<H: JobHandler>(
         if deliveries.is_empty() {
             continue;
         }
-        let partial = deliveries.len() < settings.read_count;
         // Handled to the end even if shutdown arrives meanwhile.
         handler
             .handle_all(consumer, settings.shard, deliveries)
             .await;
-        if partial && !settings.linger.is_zero() {
-            tokio::time::sleep(settings.linger).await;
-        }
     }
     tracing::debug!(
         worker = consumer,
@@ -303,7 +289,6 @@ pub async fn run_workers(
                 read_count: settings.read_count,
                 block_ms: settings.block_ms,
                 claim_idle_ms: settings.claim_idle_ms,
-                linger: Duration::ZERO,
             };
             let settle = consumer(
                 StreamKind::Settle,

@@ -10,7 +10,7 @@ use tally::app::Application;
 use tally::config::{
     AccessSettings, ApiSettings, LedgerSettings, RedisSettings, ServeArgs, WorkerSettings,
 };
-use tally::domain::{AccountId, Symbol, SystemAccount};
+use tally::domain::{AccountId, Symbol};
 use tally::exchange::sim::{ExchangeSim, Faults, SimOrder};
 use tally::redis_server::RedisServer;
 use tally::store::Store;
@@ -228,24 +228,6 @@ impl TestApp {
             .account_shard(&AccountId::parse(account_id).unwrap())
     }
 
-    /// A symbol's home shard.
-    pub fn home_of(&self, symbol: &str) -> Shard {
-        self.keys().shard_of_symbol(&Symbol::parse(symbol).unwrap())
-    }
-
-    /// Sets a system account's sub-account on `shard` by hand (the journal
-    /// no longer matches: no audit after this).
-    pub async fn set_sub_balance_cents(&self, system: SystemAccount, shard: Shard, cents: i64) {
-        let _: () = AsyncCommands::hset(
-            &mut self.redis().await,
-            self.keys().system_account(system, shard),
-            "balance",
-            cents,
-        )
-        .await
-        .unwrap();
-    }
-
     /// Sets a balance by hand, for states no test could reach through the API
     /// in its time (the journal no longer matches: no audit after this).
     /// A system account's only on an app with one shard, where it has one
@@ -302,7 +284,7 @@ impl TestApp {
                 entries.push(((id, shard), fields));
             }
         }
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_by_key(|a| a.0);
         entries.into_iter().map(|(_, fields)| fields).collect()
     }
 

@@ -337,7 +337,7 @@ async fn a_group_that_closes_two_batches_indexes_both() {
     for closed in [&group[0], &group[2]] {
         let score: Option<f64> = conn
             .zscore(
-                &Keys::default().batches(crate::helpers::aban_home()),
+                Keys::default().batches(crate::helpers::aban_home()),
                 closed.batch_id.to_string(),
             )
             .await
@@ -595,7 +595,7 @@ async fn group_settlement_scripts_decide_each_job_on_its_own() {
     );
     let settled_count: String = conn
         .hget(
-            &Keys::default().stats(crate::helpers::aban_home()),
+            Keys::default().stats(crate::helpers::aban_home()),
             "batches_settled",
         )
         .await
@@ -706,7 +706,7 @@ async fn due_jobs_move_to_the_stream_once() {
     let app = spawn_app().await;
     let mut conn = app.redis().await;
     let _: () = redis::cmd("ZADD")
-        .arg(&Keys::default().settle_retries(crate::helpers::aban_home()))
+        .arg(Keys::default().settle_retries(crate::helpers::aban_home()))
         .arg(100)
         .arg(r#"{"batch_id":"b1","attempt":"2"}"#)
         .arg(900)

@@ -468,19 +468,19 @@ async fn an_unreadable_settle_job_fails_its_batch_so_it_can_be_refunded() {
     // hand edit might leave it).
     let mut conn = app.redis().await;
     let jobs: redis::streams::StreamRangeReply = conn
-        .xrange_all(&Keys::default().settle(crate::helpers::aban_home()))
+        .xrange_all(Keys::default().settle(crate::helpers::aban_home()))
         .await
         .unwrap();
     let _: u64 = conn
         .xdel(
-            &Keys::default().settle(crate::helpers::aban_home()),
+            Keys::default().settle(crate::helpers::aban_home()),
             &[&jobs.ids[0].id],
         )
         .await
         .unwrap();
     let _: String = conn
         .xadd(
-            &Keys::default().settle(crate::helpers::aban_home()),
+            Keys::default().settle(crate::helpers::aban_home()),
             "*",
             &[("batch_id", batch.as_str()), ("quantity_units", "lots")],
         )
@@ -502,7 +502,7 @@ async fn an_unreadable_settle_job_fails_its_batch_so_it_can_be_refunded() {
         "{failed}"
     );
     let dead: usize = conn
-        .xlen(&Keys::default().settle_dead(crate::helpers::aban_home()))
+        .xlen(Keys::default().settle_dead(crate::helpers::aban_home()))
         .await
         .unwrap();
     assert_eq!(dead, 1);
