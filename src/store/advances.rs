@@ -359,22 +359,6 @@ pub async fn ids(
             .query_async(conn)
             .await?);
     }
-    let mut all: Vec<(i64, String)> = Vec::new();
-    for shard in keys.shards() {
-        let page: Vec<(String, i64)> = redis::cmd("ZRANGE")
-            .arg(keys.advances(shard))
-            .arg(0)
-            .arg(offset + limit - 1)
-            .arg("WITHSCORES")
-            .query_async(conn)
-            .await?;
-        all.extend(page.into_iter().map(|(id, at)| (at, id)));
-    }
-    all.sort_unstable();
-    Ok(all
-        .into_iter()
-        .skip(offset)
-        .take(limit)
-        .map(|(_, id)| id)
-        .collect())
+    let page = super::merged_page(conn, keys, Keys::advances, offset, limit).await?;
+    Ok(page.into_iter().map(|(id, _)| id).collect())
 }

@@ -118,17 +118,9 @@ pub async fn list_api_keys(
     offset: usize,
     limit: usize,
 ) -> StoreResult<Vec<KeyRecord>> {
-    let last = isize::try_from(offset + limit).unwrap_or(isize::MAX) - 1;
-    let mut ids: Vec<(i64, String, super::slots::Shard)> = Vec::new();
-    for shard in keys.shards() {
-        let page: Vec<(String, i64)> = conn
-            .zrange_withscores(keys.api_keys(shard), 0, last)
-            .await?;
-        ids.extend(page.into_iter().map(|(id, at)| (at, id, shard)));
-    }
-    ids.sort_unstable();
+    let ids = super::merged_page(conn, keys, Keys::api_keys, offset, limit).await?;
     let mut records = Vec::with_capacity(limit);
-    for (_, id, shard) in ids.into_iter().skip(offset).take(limit) {
+    for (id, shard) in ids {
         let id = KeyId::parse(&id).map_err(|err| StoreError::Corrupt {
             key: keys.api_keys(shard),
             problem: err.to_string(),

@@ -257,6 +257,36 @@ impl Store {
     }
 }
 
+/// Members `offset..offset + limit` of a per-shard sorted set (`index`, one
+/// per shard, scored by time) merged over every shard by (score, member):
+/// each shard gives its first `offset + limit`, so a page costs O(shards x
+/// (offset + limit)). Returns each member with its shard.
+pub async fn merged_page(
+    conn: &mut impl Conn,
+    keys: &keys::Keys,
+    index: fn(&keys::Keys, slots::Shard) -> String,
+    offset: usize,
+    limit: usize,
+) -> StoreResult<Vec<(String, slots::Shard)>> {
+    use redis::AsyncCommands;
+    let last = isize::try_from(offset + limit).unwrap_or(isize::MAX) - 1;
+    let mut merged: Vec<(i64, String, slots::Shard)> = Vec::new();
+    for shard in keys.shards() {
+        let page: Vec<(String, i64)> = conn.zrange_withscores(index(keys, shard), 0, last).await?;
+        merged.extend(
+            page.into_iter()
+                .map(|(member, score)| (score, member, shard)),
+        );
+    }
+    merged.sort_unstable();
+    Ok(merged
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|(_, member, shard)| (member, shard))
+        .collect())
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     let since_epoch = SystemTime::now()

@@ -465,19 +465,9 @@ pub async fn failed_batches(
     offset: usize,
     limit: usize,
 ) -> StoreResult<Vec<BatchId>> {
-    let mut failed: Vec<(i64, String, Shard)> = Vec::new();
-    for shard in keys.shards() {
-        let page: Vec<(String, i64)> = conn
-            .zrange_withscores(keys.failed_batches(shard), 0, (offset + limit) as isize - 1)
-            .await?;
-        failed.extend(page.into_iter().map(|(id, at)| (at, id, shard)));
-    }
-    failed.sort_unstable();
-    failed
-        .into_iter()
-        .skip(offset)
-        .take(limit)
-        .map(|(_, id, shard)| {
+    let page = super::merged_page(conn, keys, Keys::failed_batches, offset, limit).await?;
+    page.into_iter()
+        .map(|(id, shard)| {
             BatchId::parse(&id).map_err(|err| StoreError::Corrupt {
                 key: keys.failed_batches(shard),
                 problem: err.to_string(),
