@@ -96,6 +96,13 @@ pub struct BenchArgs {
     /// Settle jobs each consumer reads, and handles concurrently, at once.
     #[arg(long, default_value_t = 64)]
     pub read_count: usize,
+    /// Longest a worker's blocking read waits (`TALLY_WORKER_BLOCK_MS`): an
+    /// idle stream costs one read per this long, on every shard.
+    #[arg(long, default_value_t = crate::config::WORKER_BLOCK_MS_DEFAULT)]
+    pub block_ms: u64,
+    /// Pause of a worker's consumer after a short read (`TALLY_WORKER_GATHER_MS`).
+    #[arg(long, default_value_t = crate::config::WORKER_GATHER_MS_DEFAULT)]
+    pub gather_ms: u64,
     /// Latency the exchange-sim adds to every call.
     #[arg(long, default_value_t = 0)]
     pub exchange_latency_ms: u64,
@@ -329,8 +336,9 @@ impl Rig {
         let settings = WorkerSettings {
             worker_name: Some("bench".to_owned()),
             consumers: args.workers,
-            block_ms: 50,
+            block_ms: args.block_ms,
             read_count: args.read_count,
+            gather_ms: args.gather_ms,
             exchange_url: Some(self.exchange_url.clone()),
             ..WorkerSettings::default()
         };

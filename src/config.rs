@@ -37,6 +37,10 @@ pub const RUNTIME_THREADS_MAX: i64 = 256;
 /// unpacks onto its C stack: keep a read well under that bound.
 pub const WORKER_READ_COUNT_MAX: usize = 1_000;
 pub const WORKER_BLOCK_MS_DEFAULT: u64 = 1_000;
+/// A consumer whose read came back short waits this long before the next,
+/// so jobs gather into fewer, larger reads (see `WorkerSettings::gather_ms`).
+pub const WORKER_GATHER_MS_DEFAULT: u64 = 20;
+pub const WORKER_GATHER_MS_MAX: u64 = 1_000;
 pub const CLAIM_IDLE_MS_DEFAULT: u64 = 30_000;
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 8;
 pub const RETRY_BASE_MS_DEFAULT: u64 = 500;
@@ -350,6 +354,13 @@ pub struct WorkerSettings {
     /// Longest one read blocks waiting for jobs.
     #[arg(long, env = "TALLY_WORKER_BLOCK_MS", default_value_t = WORKER_BLOCK_MS_DEFAULT)]
     pub block_ms: u64,
+    /// After a read that came back with fewer jobs than `read_count`, wait
+    /// this long before reading again: every shard has its own streams, so
+    /// without it a busy process reads one or two jobs at a time on each.
+    /// A job that arrives while nothing is gathering is read at once; one
+    /// that arrives during the wait is read at most this late. 0 turns it off.
+    #[arg(long, env = "TALLY_WORKER_GATHER_MS", default_value_t = WORKER_GATHER_MS_DEFAULT)]
+    pub gather_ms: u64,
     /// A job pending this long with one consumer is taken over by another.
     #[arg(long, env = "TALLY_CLAIM_IDLE_MS", default_value_t = CLAIM_IDLE_MS_DEFAULT)]
     pub claim_idle_ms: u64,
@@ -409,6 +420,7 @@ impl Default for WorkerSettings {
             consumers: WORKER_CONSUMERS_DEFAULT,
             read_count: WORKER_READ_COUNT_DEFAULT,
             block_ms: WORKER_BLOCK_MS_DEFAULT,
+            gather_ms: WORKER_GATHER_MS_DEFAULT,
             claim_idle_ms: CLAIM_IDLE_MS_DEFAULT,
             attempts_max: ATTEMPTS_MAX_DEFAULT,
             retry_base_ms: RETRY_BASE_MS_DEFAULT,
@@ -471,6 +483,12 @@ impl WorkerSettings {
             return Err(format!(
                 "installments_max ({}) must be from {installments} to {installments_max}",
                 self.installments_max
+            ));
+        }
+        if self.gather_ms > WORKER_GATHER_MS_MAX {
+            return Err(format!(
+                "gather_ms ({}) must be at most {WORKER_GATHER_MS_MAX}",
+                self.gather_ms
             ));
         }
         if self.read_count > WORKER_READ_COUNT_MAX {

@@ -137,6 +137,11 @@ pub struct ConsumerSettings {
     pub read_count: usize,
     /// Longest a read waits for new jobs.
     pub block_ms: u64,
+    /// Pause after a short read, so the next one gathers more jobs.
+    pub gather: Duration,
+    /// Whether this consumer runs the handler's housekeeping (`tick`): one
+    /// consumer per stream in a process is enough.
+    pub housekeeping: bool,
     /// How long a job may stay pending with one consumer before another takes it over.
     pub claim_idle_ms: u64,
 }
@@ -184,7 +189,8 @@ pub async fn run_consumer<H: JobHandler>(
                 Err(_) => false,
             };
         }
-        let housekeeping = last_housekeeping.is_none_or(|at| at.elapsed() >= HOUSEKEEPING_INTERVAL);
+        let housekeeping = settings.housekeeping
+            && last_housekeeping.is_none_or(|at| at.elapsed() >= HOUSEKEEPING_INTERVAL);
         if housekeeping {
             last_housekeeping = Some(Instant::now());
             if let Err(err) = handler.tick(settings.shard).await {
@@ -215,10 +221,18 @@ pub async fn run_consumer<H: JobHandler>(
         if deliveries.is_empty() {
             continue;
         }
+        let short = deliveries.len() < settings.read_count;
         // Handled to the end even if shutdown arrives meanwhile.
         handler
             .handle_all(consumer, settings.shard, deliveries)
             .await;
+        if short && !settings.gather.is_zero() {
+            let mut shutdown = shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(settings.gather) => {}
+                _ = shutdown.wait_for(|stop| *stop) => {}
+            }
+        }
     }
     tracing::debug!(
         worker = consumer,
@@ -288,6 +302,8 @@ pub async fn run_workers(
                 },
                 read_count: settings.read_count,
                 block_ms: settings.block_ms,
+                gather: Duration::from_millis(settings.gather_ms),
+                housekeeping: index == 0,
                 claim_idle_ms: settings.claim_idle_ms,
             };
             let settle = consumer(
