@@ -26,6 +26,7 @@ pub struct Application {
 impl Application {
     /// Connects to Redis, creates the system accounts and binds the listener.
     pub async fn build(settings: ServeArgs) -> anyhow::Result<Self> {
+        settings.redis.validate().map_err(anyhow::Error::msg)?;
         let store = Store::connect(&settings.redis)?;
         store
             .ensure_system_accounts()
@@ -42,7 +43,13 @@ impl Application {
             .start()
             .await
             .with_context(|| format!("reading API keys' state at {}", settings.redis.url()))?;
+        let replica_acks = crate::store::replica_acks::ReplicaAcks::start(
+            &store,
+            settings.redis.replica_acks,
+            Duration::from_millis(settings.redis.replica_ack_timeout_ms),
+        );
         let state = Arc::new(AppState {
+            replica_acks,
             orders: crate::orders::OrderGrouper::new(store.clone()),
             access,
             store,

@@ -19,6 +19,9 @@ pub const SHARDS_DEFAULT: u16 = 16;
 /// runs, and few enough that every shard's per-shard work (a stream reader, a
 /// sweeper) stays cheap.
 pub const SHARDS_MAX: u16 = 1_024;
+/// Most replicas a write may be made to wait for (`TALLY_REPLICA_ACKS`).
+pub const REPLICA_ACKS_MAX: u8 = 5;
+pub const REPLICA_ACK_TIMEOUT_MS_DEFAULT: u64 = 1_000;
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
 pub const PRICES_DEFAULT: &str = "ABAN=4.00";
 pub const EXCHANGE_MINIMUM_DEFAULT: &str = "10.00";
@@ -596,9 +599,32 @@ pub struct RedisSettings {
     #[arg(long, env = "TALLY_SHARDS", default_value_t = SHARDS_DEFAULT,
           value_parser = clap::value_parser!(u16).range(1..=i64::from(SHARDS_MAX)))]
     pub shards: u16,
+    /// Replicas that must have a write before a client is told of it (0 to
+    /// 5): each API request that changed something waits for them, at most
+    /// `TALLY_REPLICA_ACK_TIMEOUT_MS`, and answers 503 `replica-ack-timeout`
+    /// if they did not confirm. 0 answers once the primary has it.
+    #[arg(long, env = "TALLY_REPLICA_ACKS", default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=i64::from(REPLICA_ACKS_MAX)))]
+    pub replica_acks: u8,
+    /// Longest a write waits for `TALLY_REPLICA_ACKS` replicas; below
+    /// `TALLY_REDIS_TIMEOUT_MS`.
+    #[arg(long, env = "TALLY_REPLICA_ACK_TIMEOUT_MS", default_value_t = REPLICA_ACK_TIMEOUT_MS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub replica_ack_timeout_ms: u64,
 }
 
 impl RedisSettings {
+    /// Refuses a replica wait the connection's own reply timeout would cut short.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.replica_acks > 0 && self.replica_ack_timeout_ms >= self.redis_timeout_ms {
+            return Err(format!(
+                "replica_ack_timeout_ms ({}) must be below redis_timeout_ms ({}), or every wait for replicas times out as a lost reply",
+                self.replica_ack_timeout_ms, self.redis_timeout_ms
+            ));
+        }
+        Ok(())
+    }
+
     pub fn url(&self) -> &str {
         self.redis_url.as_deref().unwrap_or(REDIS_URL_DEFAULT)
     }
@@ -613,6 +639,8 @@ impl RedisSettings {
             redis_pool_size_max: REDIS_POOL_SIZE_MAX_DEFAULT,
             redis_timeout_ms: REDIS_TIMEOUT_MS_DEFAULT,
             shards: SHARDS_DEFAULT,
+            replica_acks: 0,
+            replica_ack_timeout_ms: REPLICA_ACK_TIMEOUT_MS_DEFAULT,
         }
     }
 }

@@ -43,6 +43,40 @@ impl RedisServer {
         Self::spawn_on_free_port(&durable_args(&prepare_data_dir(data_dir)?)).await
     }
 
+    /// An in-memory replica of `primary`, once its link to it is up.
+    pub async fn start_replica_of(primary: &RedisServer) -> anyhow::Result<Self> {
+        let primary_port = primary.port().to_string();
+        let args = [
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--replicaof",
+            "127.0.0.1",
+            &primary_port,
+        ]
+        .map(String::from);
+        let replica = Self::spawn_on_free_port(&args).await?;
+        let client = redis::Client::open(replica.url())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let deadline = tokio::time::Instant::now() + REDIS_START_TIMEOUT;
+        loop {
+            let replication: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await?;
+            if replication.contains("master_link_status:up") {
+                return Ok(replica);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the replica's link to its primary was not up within {REDIS_START_TIMEOUT:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn spawn_on_free_port(args: &[String]) -> anyhow::Result<Self> {
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS_MAX {

@@ -44,6 +44,8 @@ pub struct AppState {
     pub api: ApiSettings,
     /// Checks API keys and rate limits.
     pub access: crate::access::Authenticator,
+    /// Set with `TALLY_REPLICA_ACKS`: what a write waits for before its answer.
+    pub replica_acks: Option<crate::store::replica_acks::ReplicaAcks>,
 }
 
 #[derive(Tags)]
@@ -115,6 +117,7 @@ pub fn spec_yaml() -> String {
         store,
         ledger: LedgerSettings::default(),
         api: ApiSettings::default(),
+        replica_acks: None,
     });
     spec::Spec::refine(&service(state.clone()).spec(), &state.api).yaml()
 }
@@ -139,6 +142,7 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
     });
     let http_metrics = metrics::HttpMetrics::shared();
     let access_state = state.clone();
+    let acks_state = state.clone();
     // Every route but the API's goes through `method_table`, which notes the
     // methods it takes for the `Allow` header of a 405.
     let mut method_table = methods::MethodTable::from_openapi::<Apis>(API_PREFIX);
@@ -153,6 +157,8 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
     let routes = method_table.get_at(routes, "/ready", health::ready.data(state));
     let method_table = Arc::new(method_table);
     let routes = routes
+        // Inside the guard, so the request timeout bounds the wait too.
+        .around(move |endpoint, request| wait_for_replicas(endpoint, request, acks_state.clone()))
         .around(move |endpoint, request| {
             guard(endpoint, request, body_size_max_bytes, request_timeout)
         })
@@ -183,6 +189,43 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
         )
         .with(metrics::RecordRequests(http_metrics))
         .into_endpoint()
+}
+
+/// With `TALLY_REPLICA_ACKS`, a request that may have written (any method
+/// but GET, HEAD and OPTIONS) and succeeded is answered only once the
+/// replicas have its writes; if they do not confirm in time, it answers 503
+/// `replica-ack-timeout`: the change is made on the primary, and would be
+/// lost only if the primary failed before a replica got it.
+async fn wait_for_replicas<E: Endpoint>(
+    endpoint: Arc<E>,
+    request: Request,
+    state: Arc<AppState>,
+) -> poem::Result<Response> {
+    let writes = !matches!(
+        *request.method(),
+        poem::http::Method::GET | poem::http::Method::HEAD | poem::http::Method::OPTIONS
+    );
+    let response = endpoint.call(request).await?.into_response();
+    let Some(acks) = state.replica_acks.as_ref().filter(|_| writes) else {
+        return Ok(response);
+    };
+    if !response.status().is_success() {
+        return Ok(response);
+    }
+    match acks.wait().await {
+        Ok(()) => Ok(response),
+        Err(err) => {
+            tracing::warn!(error = %err, "a write was not confirmed by its replicas in time");
+            Ok(problem::problem_response(problem::Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "replica-ack-timeout",
+                format!(
+                    "the request was applied on the primary, but {err}: it would be lost if the \
+                     primary failed now; retry with the same Idempotency-Key to learn when it is safe"
+                ),
+            )))
+        }
+    }
 }
 
 /// Bounds every request: its body is read up to `body_size_max_bytes` (413

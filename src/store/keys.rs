@@ -122,6 +122,12 @@ impl Keys {
 
     // --- where things live ---
 
+    /// Written before each wait for replicas (`WAIT` counts what the waiting
+    /// connection wrote): a counter on the first shard.
+    pub fn replica_ack(&self) -> String {
+        self.at(self.layout.first(), format_args!("replica_ack"))
+    }
+
     /// A customer account's shard; `None` for a system account, which has a
     /// sub-account on every shard.
     pub fn shard_of_account(&self, id: &AccountId) -> Option<Shard> {

@@ -26,6 +26,7 @@ pub mod keys;
 pub mod locks;
 pub mod orders;
 pub mod rate_limits;
+pub mod replica_acks;
 pub mod settlement;
 pub mod slots;
 pub mod streams;

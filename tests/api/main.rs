@@ -15,6 +15,7 @@ mod migrate;
 mod operations;
 mod orders;
 mod protocol;
+mod replica_acks;
 mod run_twice;
 mod scripts;
 mod settlement;
