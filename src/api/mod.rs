@@ -157,10 +157,9 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
     let routes = method_table.get_at(routes, "/ready", health::ready.data(state));
     let method_table = Arc::new(method_table);
     let routes = routes
-        // Inside the guard, so the request timeout bounds the wait too.
-        .around(move |endpoint, request| wait_for_replicas(endpoint, request, acks_state.clone()))
         .around(move |endpoint, request| {
-            guard(endpoint, request, body_size_max_bytes, request_timeout)
+            let bounds = (body_size_max_bytes, request_timeout);
+            guard(endpoint, request, bounds, acks_state.clone())
         })
         // Outside the guard: a method the path does not take is answered
         // 405 whatever the body; inside authentication, which comes first.
@@ -235,11 +234,13 @@ async fn wait_for_replicas<E: Endpoint>(
 /// otherwise), and a JSON body must name each key of an object once (400
 /// `duplicate-key`) and hold no null (400 `null-value`). Each refusal writes
 /// nothing.
+///
+/// The request timeout bounds the wait for replicas too ([`wait_for_replicas`]).
 async fn guard<E: Endpoint>(
     endpoint: Arc<E>,
     mut request: Request,
-    body_size_max_bytes: usize,
-    request_timeout: Duration,
+    (body_size_max_bytes, request_timeout): (usize, Duration),
+    state: Arc<AppState>,
 ) -> poem::Result<Response> {
     let deadline = tokio::time::Instant::now() + request_timeout;
     let read = tokio::time::timeout_at(
@@ -270,8 +271,8 @@ async fn guard<E: Endpoint>(
         return Ok(refusal.into_response());
     }
     request.set_body(body);
-    match tokio::time::timeout_at(deadline, endpoint.call(request)).await {
-        Ok(result) => result.map(poem::IntoResponse::into_response),
+    match tokio::time::timeout_at(deadline, wait_for_replicas(endpoint, request, state)).await {
+        Ok(result) => result,
         Err(_) => Ok(ApiError::Timeout(poem_openapi::payload::Json(Problem::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
