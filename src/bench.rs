@@ -133,6 +133,10 @@ pub struct BenchArgs {
     /// Fetches of each page measured (`bench report` only).
     #[arg(long, default_value_t = 500)]
     pub fetches: usize,
+    /// Replicas the bench's Redis gets (in memory, on this box), and that
+    /// every write waits for before its answer (`TALLY_REPLICA_ACKS`).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=i64::from(crate::config::REPLICA_ACKS_MAX)))]
+    pub replica_acks: u8,
     /// Also write the figures here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -238,6 +242,8 @@ fn start_exchange_sim(
 /// Everything a bench run needs, on this machine, torn down on drop.
 struct Rig {
     redis: RedisServer,
+    /// In-memory replicas of `redis` (`--replica-acks`), kept running.
+    _replicas: Vec<RedisServer>,
     /// The AOF's folder, removed when the rig is dropped.
     redis_dir: Option<PathBuf>,
     store: Store,
@@ -272,6 +278,10 @@ impl Rig {
                 )
             }
         };
+        let mut replicas = Vec::new();
+        for _ in 0..args.replica_acks {
+            replicas.push(RedisServer::start_replica_of(&redis).await?);
+        }
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
             let _ = stopped.wait_for(|stop| *stop).await;
@@ -282,7 +292,10 @@ impl Rig {
         };
         let (exchange_url, exchange_tid) = start_exchange_sim(faults, stopped.clone())?;
         let settings = ServeArgs {
-            redis: RedisSettings::for_url(&redis.url()),
+            redis: RedisSettings {
+                replica_acks: args.replica_acks,
+                ..RedisSettings::for_url(&redis.url())
+            },
             ledger: LedgerSettings::default(),
             api: ApiSettings {
                 listen: "127.0.0.1:0".parse()?,
@@ -305,6 +318,7 @@ impl Rig {
         let (account_keys, admin_key) = create_keys(&store, &pepper, &accounts).await?;
         Ok(Rig {
             redis,
+            _replicas: replicas,
             redis_dir,
             store,
             api_url,
@@ -730,7 +744,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     println!(
         "tally bench orders: {:?} per phase, concurrency {}, {} accounts, {} workers at nice {} ({}), \
          exchange latency {} ms, {} runtime threads for the API and the client, Redis persistence {}, \
-         authentication {}",
+         authentication {}, {} replica acknowledgements per write",
         args.duration,
         args.concurrency,
         args.accounts,
@@ -751,7 +765,8 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
             "off (--no-auth)"
         } else {
             "on (a customer key per account)"
-        }
+        },
+        args.replica_acks
     );
     let rig = Arc::new(Rig::start(&args).await?);
 
