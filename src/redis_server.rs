@@ -22,6 +22,16 @@ pub const INSTALL_HINT: &str = "redis-server is not installed. On Debian or Ubun
 pub struct RedisServer {
     child: Child,
     port: u16,
+    /// The RDB a replica sync may write for a server with no data directory.
+    scratch_rdb: Option<PathBuf>,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(file) = &self.scratch_rdb {
+            let _ = std::fs::remove_file(file);
+        }
+    }
 }
 
 impl RedisServer {
@@ -92,15 +102,37 @@ impl RedisServer {
         if which("redis-server").is_none() {
             bail!(INSTALL_HINT);
         }
+        // A server with no data directory of its own still writes an RDB
+        // when a replica syncs from it (or as a replica): into the temporary
+        // directory, named by its port, never the working directory.
+        let scratch_rdb = (!extra_args.iter().any(|arg| arg == "--dir"))
+            .then(|| std::env::temp_dir().join(format!("tally-redis-{port}.rdb")));
+        let scratch = match &scratch_rdb {
+            Some(file) => vec![
+                "--dir".to_owned(),
+                std::env::temp_dir().display().to_string(),
+                "--dbfilename".to_owned(),
+                file.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            ],
+            None => Vec::new(),
+        };
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(&scratch)
             .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .context("starting redis-server")?;
-        let server = RedisServer { child, port };
+        let server = RedisServer {
+            child,
+            port,
+            scratch_rdb,
+        };
         server.wait_until_ready().await?;
         Ok(server)
     }
