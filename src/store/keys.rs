@@ -267,6 +267,21 @@ impl Keys {
         self.at(self.shard_of_id(&id.uuid()), format_args!("order:{id}"))
     }
 
+    /// Orders debited on a shard whose saga is not known to be finished
+    /// (sorted set: order id by when a sweeper may take it over, ms).
+    pub fn order_intents(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("order_intents"))
+    }
+
+    /// That an order joined its symbol's bucket, and in which epoch (string,
+    /// expiring), on the symbol's home shard: admission happens once.
+    pub fn order_admission(&self, symbol: &Symbol, id: &OrderId) -> String {
+        self.at(
+            self.shard_of_symbol(symbol),
+            format_args!("admitted:{id}"),
+        )
+    }
+
     /// A symbol's pending bucket (hash: value, quantity, count, epoch).
     pub fn bucket(&self, symbol: &Symbol) -> String {
         self.at(

@@ -24,6 +24,7 @@ pub mod connection;
 pub mod journal;
 pub mod keys;
 pub mod locks;
+pub mod order_saga;
 pub mod orders;
 pub mod rate_limits;
 pub mod replica_acks;
@@ -240,9 +241,9 @@ impl Store {
     /// Loads every script into Redis' cache and checks Redis answers.
     pub async fn ready(&self) -> StoreResult<()> {
         let mut conn = self.conn().await?;
-        let core: [&redis::Script; 2] = [&accounts::CREATE_ACCOUNT, &orders::PLACE_ORDERS];
-        for script in core
+        for script in [&*accounts::CREATE_ACCOUNT]
             .into_iter()
+            .chain(order_saga::scripts())
             .chain(settlement::scripts())
             .chain(journal::scripts())
             .chain(transfers::scripts())
