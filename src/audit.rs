@@ -4,7 +4,8 @@
 //! 2. Each balance equals the sum of its journal entries.
 //! 3. Every cent paid for orders is in exactly one place: a batch or a bucket.
 //! 4. `@exchange` holds exactly what is still owed to the exchange: the
-//!    buckets and the batches not yet settled or refunded.
+//!    buckets, the batches not yet settled or refunded, and the orders
+//!    debited whose saga has not yet put them in a bucket (in flight).
 //! 5. Every advance reconciles: paid + scheduled + processing = its amount,
 //!    and every scheduled installment is due or leased (something will
 //!    collect it).
@@ -44,6 +45,10 @@ pub struct AuditReport {
     pub batches_value_cents: i64,
     pub buckets_value_cents: i64,
     pub exchange_balance_cents: i64,
+    /// Orders debited whose saga has not yet put them in a bucket: on
+    /// `@exchange`, in no batch or bucket yet.
+    pub orders_in_flight: usize,
+    pub orders_in_flight_cents: i64,
     /// Batches settling or failed: bought from the exchange by no one yet.
     pub open_batches_value_cents: i64,
     pub advances_checked: usize,
@@ -59,9 +64,12 @@ impl AuditReport {
         self.balances_sum_cents == 0
             && self.mismatched_accounts.is_empty()
             && self.out_of_range_accounts.is_empty()
-            && self.orders_value_cents == self.batches_value_cents + self.buckets_value_cents
+            && self.orders_value_cents
+                == self.batches_value_cents + self.buckets_value_cents + self.orders_in_flight_cents
             && self.exchange_balance_cents
-                == self.open_batches_value_cents + self.buckets_value_cents
+                == self.open_batches_value_cents
+                    + self.buckets_value_cents
+                    + self.orders_in_flight_cents
             && self.unreconciled_advances.is_empty()
             && self.stranded_installments.is_empty()
     }
@@ -103,23 +111,27 @@ impl fmt::Display for AuditReport {
         for (id, balance) in &self.out_of_range_accounts {
             writeln!(f, "       {id}: balance {} is out of range", usd(*balance))?;
         }
-        let settled = self.batches_value_cents + self.buckets_value_cents;
+        let in_flight = self.orders_in_flight_cents;
+        let settled = self.batches_value_cents + self.buckets_value_cents + in_flight;
         writeln!(
             f,
-            "{} orders paid {} = batches {} + buckets {}",
+            "{} orders paid {} = batches {} + buckets {} + in flight {} ({} orders debited, not yet in a bucket)",
             mark(self.orders_value_cents == settled),
             usd(self.orders_value_cents),
             usd(self.batches_value_cents),
-            usd(self.buckets_value_cents)
+            usd(self.buckets_value_cents),
+            usd(in_flight),
+            self.orders_in_flight
         )?;
-        let owed = self.open_batches_value_cents + self.buckets_value_cents;
+        let owed = self.open_batches_value_cents + self.buckets_value_cents + in_flight;
         writeln!(
             f,
-            "{} @exchange holds {} = open batches {} + buckets {}",
+            "{} @exchange holds {} = open batches {} + buckets {} + in flight {}",
             mark(self.exchange_balance_cents == owed),
             usd(self.exchange_balance_cents),
             usd(self.open_batches_value_cents),
-            usd(self.buckets_value_cents)
+            usd(self.buckets_value_cents),
+            usd(in_flight)
         )?;
         writeln!(
             f,
@@ -343,6 +355,12 @@ async fn check(mut conn: Conn, keys: &Keys, pause: &TrimPause) -> StoreResult<Op
     let symbols = orders::ordered_symbols(&mut conn, keys).await?;
     let buckets = orders::buckets(&mut conn, keys, &symbols).await?;
     report.buckets_value_cents = buckets.iter().map(|bucket| bucket.value_cents).sum();
+    for shard in keys.shards() {
+        let (count, cents) =
+            crate::store::order_saga::unadmitted(&mut conn, keys, shard, AUDIT_PAGE_SIZE).await?;
+        report.orders_in_flight += count;
+        report.orders_in_flight_cents += cents;
+    }
 
     for shard in keys.shards() {
         let mut offset = 0;

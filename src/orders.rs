@@ -1,8 +1,10 @@
-//! Purchase orders: pricing and the checks that come before the script.
+//! Purchase orders: pricing and the checks that come before the scripts,
+//! and the grouping of concurrent orders.
 //!
 //! The API parses the request into domain types; this module prices it and
-//! builds the one atomic step (`place_orders.lua`) that debits the customer,
-//! journals it, and buckets or batches the order.
+//! runs it through the order saga (`store::order_saga`): the debit on the
+//! customer's shard, then the admission to its symbol's bucket on the
+//! symbol's home shard, then the finishing step.
 
 use crate::config::LedgerSettings;
 use crate::domain::{AccountId, Idempotency, IdempotencyKey, Quantity, Symbol, order_cost};
@@ -11,7 +13,8 @@ use std::sync::{Arc, Mutex, Once};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::store::keys::Keys;
-use crate::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_orders};
+use crate::store::order_saga;
+use crate::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome};
 use crate::store::{Store, StoreError};
 
 /// A purchase order as the customer asked for it, already well formed.
@@ -84,13 +87,14 @@ type Placed = Result<PlaceOrderOutcome, PlaceOrderError>;
 /// An order waiting for its group, with where its answer goes.
 type Pending = (PlaceOrder, oneshot::Sender<Placed>);
 
-/// Groups concurrent orders into `place_orders.lua` calls: while the calls
-/// in flight run, new orders queue, one queue per (customer shard, symbol's
+/// Groups concurrent orders into the saga's script calls: while the calls in
+/// flight run, new orders queue, one queue per (customer shard, symbol's
 /// home shard) since a call may only write one shard's keys, and the next
-/// call takes a whole queue (up to [`ORDER_GROUP_MAX`]). Under light load
-/// every group holds one order, so nothing waits for a group to fill. Each
-/// order is still checked and written on its own inside the script, and gets
-/// its own answer.
+/// round takes a whole queue (up to [`ORDER_GROUP_MAX`]): one debit, one
+/// admission and one finishing call for all of it. Under light load every
+/// group holds one order, so nothing waits for a group to fill. Each order is
+/// still checked and written on its own inside the scripts, and gets its own
+/// answer.
 pub struct OrderGrouper {
     sender: mpsc::Sender<Pending>,
     receiver: Mutex<Option<mpsc::Receiver<Pending>>>,
@@ -210,18 +214,24 @@ async fn collect(
     }
 }
 
-/// One `place_orders.lua` call for a group of one shard's orders; every
-/// order gets its answer.
+/// One group of one shard's orders through the order saga: debit and admit,
+/// answer every order, then finish (a failure there leaves the intents to a
+/// sweeper, and the answers stand).
 async fn place_group(store: &Store, group: Vec<Pending>) {
     let (orders, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-    let outcomes = match store.conn().await {
-        Ok(mut conn) => place_orders(&mut conn, store.keys(), &orders).await,
+    let placed = match store.conn().await {
+        Ok(mut conn) => order_saga::place_admitted(&mut conn, store.keys(), &orders)
+            .await
+            .map(|placed| (placed, conn)),
         Err(err) => Err(err),
     };
-    match outcomes {
-        Ok(outcomes) => {
+    match placed {
+        Ok(((outcomes, finishing), mut conn)) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome);
+            }
+            if let Err(err) = finishing.run(&mut conn, store.keys()).await {
+                tracing::warn!(error = %err, "finishing orders failed; a sweeper will");
             }
         }
         Err(err) => {
@@ -233,6 +243,46 @@ async fn place_group(store: &Store, group: Vec<Pending>) {
                     outcome_unknown,
                 })));
             }
+        }
+    }
+}
+
+/// How often a worker process sweeps every shard for order sagas left
+/// unfinished (a process died between the debit and the finishing step).
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Finishes the order sagas left unfinished past their takeover time, on
+/// every shard, every [`SWEEP_INTERVAL`] until shutdown. Any number of
+/// workers may do this at once: each takes its intents under a lease, and
+/// every step is safe to run twice.
+pub async fn sweep_periodically(store: Store, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        for shard in store.keys().shards() {
+            let swept = match store.conn().await {
+                Ok(mut conn) => {
+                    order_saga::sweep(&mut conn, store.keys(), shard, crate::store::now_ms()).await
+                }
+                Err(err) => Err(err),
+            };
+            match swept {
+                Ok(order_saga::Swept {
+                    finished: 0,
+                    too_old: 0,
+                }) => {}
+                Ok(swept) => tracing::info!(
+                    shard = shard.index(),
+                    finished = swept.finished,
+                    too_old = swept.too_old,
+                    "unfinished order sagas swept"
+                ),
+                Err(err) => {
+                    tracing::warn!(shard = shard.index(), error = %err, "sweeping order sagas failed")
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }

@@ -275,6 +275,10 @@ pub async fn run_workers(
         journal_retention,
         shutdown.clone(),
     ));
+    consumers.spawn(crate::orders::sweep_periodically(
+        store.clone(),
+        shutdown.clone(),
+    ));
     consumers.spawn(trim_streams_periodically(
         store.clone(),
         Duration::from_millis(settings.stream_retention_ms),
