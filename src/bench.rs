@@ -46,9 +46,7 @@ use crate::orders::{OrderRequest, prepare};
 use crate::redis_server::RedisServer;
 use crate::store::Store;
 use crate::store::accounts::{NewAccount, create_account};
-use crate::store::orders::{
-    place_order,
-};
+use crate::store::orders::place_order;
 
 /// Quantities the load mixes, at ABAN 4.00: 2.00 to 12.00 USD, so some
 /// orders wait in the bucket and some cross the minimum alone.

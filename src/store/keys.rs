@@ -276,10 +276,7 @@ impl Keys {
     /// That an order joined its symbol's bucket, and in which epoch (string,
     /// expiring), on the symbol's home shard: admission happens once.
     pub fn order_admission(&self, symbol: &Symbol, id: &OrderId) -> String {
-        self.at(
-            self.shard_of_symbol(symbol),
-            format_args!("admitted:{id}"),
-        )
+        self.at(self.shard_of_symbol(symbol), format_args!("admitted:{id}"))
     }
 
     /// A symbol's pending bucket (hash: value, quantity, count, epoch).

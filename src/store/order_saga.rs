@@ -62,7 +62,7 @@ pub const ADMIT_AGE_MAX_MS: i64 = 12 * 60 * 60 * 1000;
 
 /// What the debit step did with one order.
 #[derive(Debug, PartialEq, Eq)]
-enum Debit {
+pub enum Debit {
     Debited,
     Replayed(OrderId),
 }
@@ -81,7 +81,7 @@ pub struct Admission {
 }
 
 impl Admission {
-    fn of(order: &PlaceOrder) -> Self {
+    pub fn of(order: &PlaceOrder) -> Self {
         Admission {
             order_id: order.order_id,
             symbol: order.symbol.clone(),
@@ -105,7 +105,7 @@ pub struct Admitted {
 
 /// Step 1 for orders of one customer shard, in one call. One outcome per
 /// order, in order.
-async fn debit(
+pub async fn debit(
     conn: &mut impl Conn,
     keys: &Keys,
     shard: Shard,
@@ -297,7 +297,10 @@ pub async fn place_admitted(
     let mut debited = Vec::new();
     for (shard, group) in group_by(orders, |order| keys.account_shard(&order.account_id)) {
         let refs: Vec<&PlaceOrder> = group.iter().map(|&i| &orders[i]).collect();
-        for (i, debit) in group.into_iter().zip(debit(conn, keys, shard, &refs).await?) {
+        for (i, debit) in group
+            .into_iter()
+            .zip(debit(conn, keys, shard, &refs).await?)
+        {
             match debit {
                 Ok(Debit::Debited) => debited.push(i),
                 Ok(Debit::Replayed(order_id)) => {
@@ -311,7 +314,10 @@ pub async fn place_admitted(
     // Step 2, per home shard.
     let admissions: Vec<&PlaceOrder> = debited.iter().map(|&i| &orders[i]).collect();
     for (_, group) in group_by(&admissions, |order| keys.shard_of_symbol(&order.symbol)) {
-        let batch: Vec<Admission> = group.iter().map(|&j| Admission::of(admissions[j])).collect();
+        let batch: Vec<Admission> = group
+            .iter()
+            .map(|&j| Admission::of(admissions[j]))
+            .collect();
         for (j, admitted) in group.into_iter().zip(admit(conn, keys, &batch).await?) {
             let order = admissions[j];
             finishing.add(
@@ -366,6 +372,12 @@ async fn read_debited(
         return Ok(None);
     };
     let symbol = record.parsed("symbol", Symbol::parse)?;
+    let epoch = record.optional_text("epoch").map(str::to_owned);
+    // Orders placed before the saga have no minimum, and are all finished.
+    let exchange_minimum_cents = match (&epoch, record.optional_text("minimum")) {
+        (Some(_), None) => 0,
+        _ => record.integer("minimum")?,
+    };
     Ok(Some(Debited {
         admission: Admission {
             order_id: *order_id,
@@ -373,11 +385,11 @@ async fn read_debited(
             symbol,
             quantity_units: record.integer("quantity")?,
             cost_cents: record.integer("cost")?,
-            exchange_minimum_cents: record.integer("minimum")?,
+            exchange_minimum_cents,
             at_ms: record.integer("created_at")?,
         },
         account_id: record.parsed("account_id", AccountId::parse)?,
-        epoch: record.optional_text("epoch").map(str::to_owned),
+        epoch,
     }))
 }
 
@@ -455,8 +467,13 @@ pub async fn sweep(
         complete(conn, keys, &order_id).await?;
         if order.epoch.is_some() {
             // Finished but its intent stayed (a lost reply): drop it.
-            finish(conn, keys, shard, &[(order_id, order.epoch.clone().unwrap_or_default())])
-                .await?;
+            finish(
+                conn,
+                keys,
+                shard,
+                &[(order_id, order.epoch.clone().unwrap_or_default())],
+            )
+            .await?;
         }
         swept.finished += 1;
     }

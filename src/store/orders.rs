@@ -5,9 +5,7 @@ use redis::AsyncCommands;
 use super::keys::Keys;
 use super::slots::Shard;
 use super::{Conn, Record, StoreError, StoreResult};
-use crate::domain::{
-    AccountId, Amount, BatchId, Idempotency, OrderId, Quantity, Symbol,
-};
+use crate::domain::{AccountId, Amount, BatchId, Idempotency, OrderId, Quantity, Symbol};
 
 /// Where an order (or its batch) stands. An order's status is its batch's,
 /// or `pending` while it waits in a bucket.

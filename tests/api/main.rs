@@ -13,6 +13,7 @@ mod helpers;
 mod metrics;
 mod migrate;
 mod operations;
+mod order_saga;
 mod orders;
 mod protocol;
 mod replica_acks;
