@@ -52,13 +52,17 @@ pub const TAKEOVER_AFTER_MS: i64 = 60_000;
 pub const SWEEP_LEASE_MS: i64 = 30_000;
 /// Most intents a sweeper takes from one shard at once.
 pub const SWEEP_BATCH_MAX: usize = 100;
-/// How long an admission marker is kept on the home shard. Admission is
-/// deduplicated by it, so a sweeper never admits an order older than
-/// [`ADMIT_AGE_MAX_MS`] (well inside this) again; such an intent waits for an
-/// operator, and the audit counts it.
-pub const ADMISSION_MARKER_TTL_SECS: u64 = 24 * 60 * 60;
+/// How long an admission marker is kept on the home shard: one small key
+/// per order for this long, so short. Admission is deduplicated by it, so no
+/// admission of an order may be sent later than this after the order was
+/// debited: the API admits within its request (at most 60 s), a cluster
+/// client resends within seconds, and a sweeper admits no order older than
+/// [`ADMIT_AGE_MAX_MS`], half of it. An older unfinished saga (a shard out of
+/// reach for minutes) waits for an operator; the audit counts its money in
+/// flight.
+pub const ADMISSION_MARKER_TTL_SECS: u64 = 10 * 60;
 /// The oldest order a sweeper still admits (see [`ADMISSION_MARKER_TTL_SECS`]).
-pub const ADMIT_AGE_MAX_MS: i64 = 12 * 60 * 60 * 1000;
+pub const ADMIT_AGE_MAX_MS: i64 = 5 * 60 * 1000;
 
 /// What the debit step did with one order.
 #[derive(Debug, PartialEq, Eq)]
@@ -460,6 +464,13 @@ pub async fn sweep(
             });
         };
         if order.epoch.is_none() && now_ms - order.admission.at_ms > ADMIT_AGE_MAX_MS {
+            // Too old to admit again; finished if its marker says it was admitted.
+            let marker = keys.order_admission(&order.admission.symbol, &order_id);
+            if let Some(epoch) = conn.get::<_, Option<String>>(marker).await? {
+                finish(conn, keys, shard, &[(order_id, epoch)]).await?;
+                swept.finished += 1;
+                continue;
+            }
             tracing::error!(%order_id, "an order's saga has been unfinished for longer than a sweeper admits it: an operator must look");
             swept.too_old += 1;
             continue;
