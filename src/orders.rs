@@ -214,9 +214,9 @@ async fn collect(
     }
 }
 
-/// One group of one shard's orders through the order saga: debit and admit,
-/// answer every order, then finish (a failure there leaves the intents to a
-/// sweeper, and the answers stand).
+/// One group of one shard's orders through the order saga: debit, admit and
+/// finish, then answer every order (a failure of the last step leaves the
+/// intents to a sweeper, and the orders stand).
 async fn place_group(store: &Store, group: Vec<Pending>) {
     let (orders, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
     let placed = match store.conn().await {
@@ -227,11 +227,14 @@ async fn place_group(store: &Store, group: Vec<Pending>) {
     };
     match placed {
         Ok(((outcomes, finishing), mut conn)) => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(outcome);
-            }
+            // Finished before the answers, so that a placed order is wholly
+            // written when its client hears of it. The orders are placed
+            // either way: a failure here leaves them to a sweeper.
             if let Err(err) = finishing.run(&mut conn, store.keys()).await {
                 tracing::warn!(error = %err, "finishing orders failed; a sweeper will");
+            }
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
             }
         }
         Err(err) => {

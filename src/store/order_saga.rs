@@ -12,8 +12,9 @@
 //! 3. **Finish** (`finish_orders.lua`, customer's shard): record the epoch on
 //!    the order and drop the intent.
 //!
-//! The API runs 1 and 2 and answers (the answer carries the batch id, as
-//! before the shards), then runs 3. A crash between steps leaves the intent:
+//! The API runs the three for a group of orders and answers (the answer
+//! carries the batch id, as before the shards); a failure of step 3 leaves
+//! the order placed. A crash between steps leaves the intent:
 //! a sweeper ([`sweep`]) takes intents past their takeover time and runs 2
 //! (which finds the marker if 2 had run) and 3. Each step is safe to run
 //! twice, so a resent call or two sweepers change nothing more.

@@ -648,6 +648,11 @@ async fn a_connection_dropped_after_the_script_was_sent_is_outcome_unknown_and_c
     // proxy cuts after would only have met NOSCRIPT, and nothing would run.
     let warm = json!({"account_id": customer, "symbol": "ABAN", "quantity": "1"});
     assert_eq!(app.post("/api/v1/orders", &warm).await.status(), 201);
+    // Its saga's last step runs after the answer: let it end before the cut.
+    eventually("the warm order's saga is finished", || async {
+        app.order_intents().await == 0
+    })
+    .await;
 
     proxy.set(ProxyMode::LoseNextScriptReply);
     let response = app.post_with_key("/api/v1/orders", "cut-1", &order).await;

@@ -355,6 +355,17 @@ impl TestApp {
         ids
     }
 
+    /// Orders whose saga is not yet finished, on every shard (their intents).
+    pub async fn order_intents(&self) -> usize {
+        let mut conn = self.redis().await;
+        let mut count = 0;
+        for shard in self.keys().shards() {
+            let n: usize = conn.zcard(self.keys().order_intents(shard)).await.unwrap();
+            count += n;
+        }
+        count
+    }
+
     /// Members of every shard's journal index.
     pub async fn journal_index_len(&self) -> usize {
         let mut conn = self.redis().await;

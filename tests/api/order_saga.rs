@@ -55,18 +55,6 @@ async fn sweep_all(app: &TestApp) -> usize {
     finished
 }
 
-async fn intents(app: &TestApp) -> usize {
-    let mut conn = app.redis().await;
-    let mut count = 0;
-    for shard in app.keys().shards() {
-        let n: usize = redis::AsyncCommands::zcard(&mut conn, app.keys().order_intents(shard))
-            .await
-            .unwrap();
-        count += n;
-    }
-    count
-}
-
 async fn audit_clean(app: &TestApp) -> tally::audit::AuditReport {
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
@@ -108,7 +96,7 @@ async fn a_crash_after_the_debit_is_finished_by_a_sweeper_once() {
     assert_eq!(status["status"], "pending");
 
     assert_eq!(sweep_all(&app).await, 3);
-    assert_eq!(intents(&app).await, 0);
+    assert_eq!(app.order_intents().await, 0);
     let jobs = app.settle_jobs().await;
     assert_eq!(jobs.len(), 1, "one batch for the three");
     assert_eq!(jobs[0]["quantity"], "3.00000000");
@@ -153,7 +141,7 @@ async fn a_crash_after_the_admission_is_finished_without_admitting_again() {
     assert_eq!(status["status"], "pending");
 
     assert_eq!(sweep_all(&app).await, 1);
-    assert_eq!(intents(&app).await, 0);
+    assert_eq!(app.order_intents().await, 0);
     assert_eq!(app.bucket("ABAN").await["order_count"], 1, "admitted once");
     audit_clean(&app).await;
 }
@@ -170,7 +158,7 @@ async fn two_sweepers_at_once_finish_every_saga_once() {
     }
     let (first, second) = tokio::join!(sweep_all(&app), sweep_all(&app));
     assert_eq!(first + second, 20, "each saga taken by one sweeper");
-    assert_eq!(intents(&app).await, 0);
+    assert_eq!(app.order_intents().await, 0);
     // 20 orders of 4.00: 8 batches of 10.00 or more (4 + 4 + 4 closes one).
     let jobs = app.settle_jobs().await;
     let in_batches: usize = jobs
@@ -196,7 +184,7 @@ async fn a_replayed_request_finishes_its_unfinished_saga_before_it_answers() {
     let answer: Value = replay.json().await.unwrap();
     assert_eq!(answer["id"], first.order_id.to_string());
     assert_eq!(answer["status"], "settling", "12.00 closes a batch");
-    assert_eq!(intents(&app).await, 0, "finished before it answered");
+    assert_eq!(app.order_intents().await, 0, "finished before it answered");
     assert_eq!(app.balance(&customer).await, "8.00", "charged once");
     assert_eq!(app.settle_jobs().await.len(), 1);
     audit_clean(&app).await;
@@ -232,7 +220,7 @@ async fn three_customers_on_three_shards_make_one_exchange_call_for_three() {
     assert_eq!(calls[0].client_order_id, batch);
     assert_eq!(calls[0].quantity, "3");
     assert_eq!(calls[0].calls, 1);
-    assert_eq!(intents(&app).await, 0);
+    assert_eq!(app.order_intents().await, 0);
     audit_clean(&app).await;
     workers.stop().await;
 }
