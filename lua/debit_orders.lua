@@ -5,7 +5,9 @@
 -- bucket). Each order is its own atomic step (checked, then written, or
 -- refused with nothing written); the API groups the orders of one shard into
 -- one call. The only step that can refuse: admission (admit_orders.lua, on the
--- symbol's home shard) and finishing (finish_orders.lua) never do.
+-- symbol's home shard) and finishing never do. A call also carries the
+-- finishing step of this shard's orders admitted since its last call (as
+-- finish_orders.lua does it), which saves a call per group under load.
 --
 -- KEYS[1] @exchange's sub-account on this shard (hash: balance)
 -- KEYS[2] journal (stream)     KEYS[3] journal index (sorted set, for the report)
@@ -14,14 +16,17 @@
 -- then 3 keys per order, at offset k = 5 + 3 * (i - 1):
 --   k+1 customer account (hash: balance)   k+2 the new order (hash)
 --   k+3 idempotency key (string "order_id fingerprint")
+-- then one key per order to finish: that admitted order (hash)
 -- ARGV[1] number of orders   ARGV[2] @exchange's account id
 -- ARGV[3] when a sweeper may take the intents over, ms since the Unix epoch
--- then 9 arguments per order, at offset a = 3 + 9 * (i - 1):
+-- ARGV[4] number of admitted orders to finish
+-- then 9 arguments per order, at offset a = 4 + 9 * (i - 1):
 --   a+1 account id   a+2 order id   a+3 symbol   a+4 quantity, units of 1e-8
 --   a+5 price, cents   a+6 cost, cents
 --   a+7 idempotency "fingerprint ttl_seconds", or "" for none
 --   a+8 now, ms since the Unix epoch
 --   a+9 the exchange minimum, cents (kept on the order for a sweeper's admission)
+-- then 2 arguments per order to finish: its id, the epoch it joined
 --
 -- Returns three strings per order, in order:
 --   "debited", "", ""                   go on: admit it
@@ -36,9 +41,9 @@
 -- with this id means this very call ran already (its reply lost, the call
 -- sent again): it answers "debited" as it did, writing nothing.
 
-local count = tonumber(ARGV[1])
-if #KEYS ~= 5 + 3 * count or #ARGV ~= 3 + 9 * count then
-  return redis.error_reply('debit_orders: expected 3 keys and 9 arguments per order')
+local count, finishing = tonumber(ARGV[1]), tonumber(ARGV[4])
+if #KEYS ~= 5 + 3 * count + finishing or #ARGV ~= 4 + 9 * count + 2 * finishing then
+  return redis.error_reply('debit_orders: expected 3 keys and 9 arguments per order, 1 and 2 per order to finish')
 end
 local exchange_id, takeover_at = ARGV[2], ARGV[3]
 
@@ -111,7 +116,7 @@ end
 
 local replies = {}
 for i = 1, count do
-  local verdict, detail, extra = debit(5 + 3 * (i - 1), 3 + 9 * (i - 1))
+  local verdict, detail, extra = debit(5 + 3 * (i - 1), 4 + 9 * (i - 1))
   replies[#replies + 1] = verdict
   replies[#replies + 1] = detail
   replies[#replies + 1] = extra
@@ -121,4 +126,7 @@ if exchange_credit > 0 then
 end
 index_journal(KEYS[3], journal_pending)
 call_chunked('ZADD', KEYS[5], intents, 2)
+if finishing > 0 then
+  finish_admitted_orders(KEYS[5], finishing, 6 + 3 * count, 5 + 9 * count)
+end
 return replies

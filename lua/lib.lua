@@ -124,3 +124,27 @@ local function gcra_take(bucket_key, interval, burst, want, now)
   redis.call('SET', bucket_key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
   return granted, 0
 end
+
+-- The order saga's last step (finish_orders.lua, and debit_orders.lua for
+-- the finishes it carries): each order admitted to its bucket records the
+-- epoch it joined, and its intent is dropped so no sweeper takes it up.
+-- Writes only what is missing. `first_key` and `first_arg` are where the
+-- orders' keys (one each) and arguments (order id, epoch) start.
+-- Returns the number of intents dropped.
+local function finish_admitted_orders(intents_key, count, first_key, first_arg)
+  local ids = {}
+  for i = 1, count do
+    local order = KEYS[first_key + i - 1]
+    local a = first_arg + 2 * (i - 1)
+    if redis.call('EXISTS', order) == 1 then
+      redis.call('HSETNX', order, 'epoch', ARGV[a + 1])
+    end
+    ids[#ids + 1] = ARGV[a]
+  end
+  local dropped = 0
+  for first = 1, #ids, UNPACK_CHUNK_MAX do
+    dropped = dropped + redis.call('ZREM', intents_key,
+      unpack(ids, first, math.min(first + UNPACK_CHUNK_MAX - 1, #ids)))
+  end
+  return dropped
+end

@@ -8,13 +8,17 @@
 
 use crate::config::LedgerSettings;
 use crate::domain::{AccountId, Idempotency, IdempotencyKey, Quantity, Symbol, order_cost};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::domain::OrderId;
 use crate::store::keys::Keys;
-use crate::store::order_saga;
+use crate::store::order_saga::{self, Admission, Debit};
 use crate::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome};
+use crate::store::slots::Shard;
 use crate::store::{Store, StoreError};
 
 /// A purchase order as the customer asked for it, already well formed.
@@ -80,21 +84,38 @@ pub fn prepare(
 pub const ORDER_GROUP_MAX: usize = 64;
 /// Orders waiting to be grouped; past this, requests wait for room.
 pub const ORDER_QUEUE_MAX: usize = 4_096;
-/// Script calls in flight at once on the shared connection.
+/// Debit calls in flight at once on the shared connection.
 pub const ORDER_GROUPS_IN_FLIGHT_MAX: usize = 4;
+/// Admission calls in flight at once: one home shard takes every customer
+/// shard's orders, so its calls are fewer and larger.
+pub const ADMISSIONS_IN_FLIGHT_MAX: usize = 2;
+/// Longest an admitted order's finishing step waits for the next debit call
+/// of its customer's shard to carry it, before it gets a call of its own.
+pub const FINISH_WAIT_MAX: Duration = Duration::from_millis(20);
 
 type Placed = Result<PlaceOrderOutcome, PlaceOrderError>;
-/// An order waiting for its group, with where its answer goes.
+/// An order on its way through the saga, with where its answer goes.
 type Pending = (PlaceOrder, oneshot::Sender<Placed>);
+/// An admitted order whose finishing step is still to run: its customer's
+/// shard, its id and the epoch it joined.
+type Admitted = (Shard, OrderId, String);
 
-/// Groups concurrent orders into the saga's script calls: while the calls in
-/// flight run, new orders queue, one queue per (customer shard, symbol's
-/// home shard) since a call may only write one shard's keys, and the next
-/// round takes a whole queue (up to [`ORDER_GROUP_MAX`]): one debit, one
-/// admission and one finishing call for all of it. Under light load every
-/// group holds one order, so nothing waits for a group to fill. Each order is
-/// still checked and written on its own inside the scripts, and gets its own
-/// answer.
+/// Runs concurrent orders through the order saga (`store::order_saga`) in
+/// grouped script calls, as a pipeline of two stages:
+///
+/// - **debit**: orders queue per customer shard while the debit calls in
+///   flight run, and the next call takes the queue whose first order waited
+///   longest (up to [`ORDER_GROUP_MAX`]). It also carries the finishing step
+///   of that shard's orders admitted since.
+/// - **admit**: debited orders queue per symbol's home shard, so one call
+///   admits the orders of every customer shard; then each order is answered
+///   (with its batch, if it closed one) and handed back for finishing.
+///
+/// Under light load every group holds one order, so nothing waits for a
+/// group to fill, and a finishing step with no debit to ride on runs at once.
+/// Each order is still checked and written on its own inside the scripts,
+/// and gets its own answer. A crash between stages leaves an intent for a
+/// sweeper ([`sweep_periodically`]).
 pub struct OrderGrouper {
     sender: mpsc::Sender<Pending>,
     receiver: Mutex<Option<mpsc::Receiver<Pending>>>,
@@ -122,7 +143,10 @@ impl OrderGrouper {
                 .expect("grouper lock")
                 .take()
                 .expect("started once");
-            tokio::spawn(collect(self.store.clone(), receiver));
+            let (admit, admissions) = mpsc::unbounded_channel();
+            let (finish, finishing) = mpsc::unbounded_channel();
+            tokio::spawn(admit_stage(self.store.clone(), admissions, finish));
+            tokio::spawn(debit_stage(self.store.clone(), receiver, finishing, admit));
         });
         let (reply, answer) = oneshot::channel();
         let gone = || {
@@ -135,61 +159,116 @@ impl OrderGrouper {
     }
 }
 
-/// Orders waiting for their group, one queue per (customer shard, symbol's
-/// home shard): a script call may only carry one queue's orders.
-/// Orders of one (customer shard, home shard), each with its arrival number.
-type ShardQueue = ((u16, u16), std::collections::VecDeque<(u64, Pending)>);
-
-#[derive(Default)]
-struct ShardQueues {
-    queues: Vec<ShardQueue>,
-    /// Orders queued so far, numbering each: the oldest waiting order's
-    /// queue goes first.
+/// Items waiting for their group, one queue per shard (a script call may
+/// only carry one shard's keys), each with its arrival number.
+struct ShardQueues<T> {
+    queues: Vec<(Shard, VecDeque<(u64, T)>)>,
+    /// Items queued so far, numbering each: the oldest waiting item's queue
+    /// goes first.
     arrived: u64,
     waiting: usize,
 }
 
-impl ShardQueues {
-    fn push(&mut self, keys: &Keys, pending: Pending) {
-        let shard = (
-            keys.account_shard(&pending.0.account_id).index(),
-            keys.shard_of_symbol(&pending.0.symbol).index(),
-        );
+impl<T> Default for ShardQueues<T> {
+    fn default() -> Self {
+        ShardQueues {
+            queues: Vec::new(),
+            arrived: 0,
+            waiting: 0,
+        }
+    }
+}
+
+impl<T> ShardQueues<T> {
+    fn push(&mut self, shard: Shard, item: T) {
         self.arrived += 1;
         self.waiting += 1;
-        let entry = (self.arrived, pending);
+        let entry = (self.arrived, item);
         match self.queues.iter_mut().find(|(of, _)| *of == shard) {
             Some((_, queue)) => queue.push_back(entry),
             None => self.queues.push((shard, [entry].into())),
         }
     }
 
-    /// Up to [`ORDER_GROUP_MAX`] orders of the queue whose first order has
+    /// Up to [`ORDER_GROUP_MAX`] items of the queue whose first item has
     /// waited longest: every shard's turn comes in arrival order, and
-    /// carries all its orders that came meanwhile.
-    fn next_group(&mut self) -> Option<Vec<Pending>> {
-        let (_, queue) = self
+    /// carries all its items that came meanwhile.
+    fn next_group(&mut self) -> Option<(Shard, Vec<T>)> {
+        let (shard, queue) = self
             .queues
             .iter_mut()
             .filter(|(_, queue)| !queue.is_empty())
             .min_by_key(|(_, queue)| queue.front().map(|(arrived, _)| *arrived))?;
         let take = queue.len().min(ORDER_GROUP_MAX);
         self.waiting -= take;
-        Some(queue.drain(..take).map(|(_, pending)| pending).collect())
+        Some((*shard, queue.drain(..take).map(|(_, item)| item).collect()))
     }
 }
 
-async fn collect(
+/// Admitted orders waiting for their finishing step, per customer shard,
+/// with when the oldest of each arrived.
+#[derive(Default)]
+struct Unfinished {
+    by_shard: Vec<(Shard, Instant, Vec<(OrderId, String)>)>,
+}
+
+impl Unfinished {
+    fn add(&mut self, (shard, order_id, epoch): Admitted) {
+        match self.by_shard.iter_mut().find(|(of, _, _)| *of == shard) {
+            Some((_, _, orders)) => orders.push((order_id, epoch)),
+            None => self
+                .by_shard
+                .push((shard, Instant::now(), vec![(order_id, epoch)])),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_shard.is_empty()
+    }
+
+    /// Takes a shard's orders (none if it has none), at most [`ORDER_GROUP_MAX`].
+    fn take(&mut self, shard: Shard) -> Vec<(OrderId, String)> {
+        let Some(at) = self.by_shard.iter().position(|(of, _, _)| *of == shard) else {
+            return Vec::new();
+        };
+        let orders = &mut self.by_shard[at].2;
+        if orders.len() > ORDER_GROUP_MAX {
+            return orders.drain(..ORDER_GROUP_MAX).collect();
+        }
+        self.by_shard.swap_remove(at).2
+    }
+
+    /// The shard whose orders have waited longest, if they waited at least `after`.
+    fn oldest(&self, after: Duration) -> Option<Shard> {
+        self.by_shard
+            .iter()
+            .min_by_key(|(_, since, _)| *since)
+            .filter(|(_, since, _)| since.elapsed() >= after)
+            .map(|(shard, _, _)| *shard)
+    }
+}
+
+/// The debit stage: groups new orders per customer shard into
+/// `debit_orders.lua` calls, each carrying its shard's finishing steps; a
+/// finishing step that waited [`FINISH_WAIT_MAX`], or that has nothing to
+/// wait for, gets a `finish_orders.lua` call of its own.
+async fn debit_stage(
     store: Store,
-    mut receiver: mpsc::Receiver<(PlaceOrder, oneshot::Sender<Placed>)>,
+    mut orders: mpsc::Receiver<Pending>,
+    mut finishing: mpsc::UnboundedReceiver<Admitted>,
+    admit: mpsc::UnboundedSender<Pending>,
 ) {
     let in_flight = Arc::new(Semaphore::new(ORDER_GROUPS_IN_FLIGHT_MAX));
     let mut queues = ShardQueues::default();
+    let mut unfinished = Unfinished::default();
     loop {
-        if queues.waiting == 0 {
-            match receiver.recv().await {
-                Some(pending) => queues.push(store.keys(), pending),
-                None => return,
+        if queues.waiting == 0 && unfinished.is_empty() {
+            tokio::select! {
+                pending = orders.recv() => match pending {
+                    Some(pending) => queue_order(&store, &mut queues, pending),
+                    None => return,
+                },
+                Some(admitted) = finishing.recv() => unfinished.add(admitted),
             }
         }
         // Wait for a free slot before taking a group, so a busy Redis means
@@ -200,53 +279,178 @@ async fn collect(
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        while let Ok(pending) = receiver.try_recv() {
-            queues.push(store.keys(), pending);
+        while let Ok(pending) = orders.try_recv() {
+            queue_order(&store, &mut queues, pending);
         }
-        let Some(group) = queues.next_group() else {
+        while let Ok(admitted) = finishing.try_recv() {
+            unfinished.add(admitted);
+        }
+        let overdue = match queues.waiting {
+            0 => unfinished.oldest(Duration::ZERO),
+            _ => unfinished.oldest(FINISH_WAIT_MAX),
+        };
+        let store = store.clone();
+        if let Some(shard) = overdue {
+            let finishing = unfinished.take(shard);
+            tokio::spawn(async move {
+                let _permit = permit;
+                finish_group(&store, shard, finishing).await;
+            });
+        } else if let Some((shard, group)) = queues.next_group() {
+            let finishing = unfinished.take(shard);
+            let admit = admit.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                debit_group(&store, shard, group, finishing, &admit).await;
+            });
+        }
+    }
+}
+
+fn queue_order(store: &Store, queues: &mut ShardQueues<Pending>, pending: Pending) {
+    let shard = store.keys().account_shard(&pending.0.account_id);
+    queues.push(shard, pending);
+}
+
+/// One `debit_orders.lua` call for a group of one customer shard's orders
+/// (and the finishing steps it carries). A debited order goes on to its
+/// admission; a refused one is answered; a replay's saga is finished first.
+async fn debit_group(
+    store: &Store,
+    shard: Shard,
+    group: Vec<Pending>,
+    finishing: Vec<(OrderId, String)>,
+    admit: &mpsc::UnboundedSender<Pending>,
+) {
+    let mut conn = match store.conn().await {
+        Ok(conn) => conn,
+        Err(err) => return fail_all(group, &err),
+    };
+    let orders: Vec<&PlaceOrder> = group.iter().map(|(order, _)| order).collect();
+    let debits = order_saga::debit(&mut conn, store.keys(), shard, &orders, &finishing).await;
+    let debits = match debits {
+        Ok(debits) => debits,
+        // The finishing steps carried are left to a sweeper.
+        Err(err) => return fail_all(group, &err),
+    };
+    for ((order, reply), debit) in group.into_iter().zip(debits) {
+        match debit {
+            Ok(Debit::Debited) => {
+                // The admit stage outlives every debit call: the send only
+                // fails at shutdown, and then the order's intent is swept.
+                let _ = admit.send((order, reply));
+            }
+            Ok(Debit::Replayed(order_id)) => {
+                let answer = match order_saga::complete(&mut conn, store.keys(), &order_id).await {
+                    Ok(_) => Ok(PlaceOrderOutcome::Replayed(order_id)),
+                    Err(err) => Err(group_failed(&err)),
+                };
+                let _ = reply.send(answer);
+            }
+            Err(refused) => {
+                let _ = reply.send(Err(refused));
+            }
+        }
+    }
+}
+
+/// A `finish_orders.lua` call for admitted orders of one customer shard. A
+/// failure leaves them to a sweeper: the orders stand either way.
+async fn finish_group(store: &Store, shard: Shard, orders: Vec<(OrderId, String)>) {
+    let finished = match store.conn().await {
+        Ok(mut conn) => order_saga::finish(&mut conn, store.keys(), shard, &orders).await,
+        Err(err) => Err(err),
+    };
+    if let Err(err) = finished {
+        tracing::warn!(error = %err, "finishing orders failed; a sweeper will");
+    }
+}
+
+/// The admit stage: groups debited orders per symbol's home shard into
+/// `admit_orders.lua` calls, answers each order, and hands it back to the
+/// debit stage for finishing.
+async fn admit_stage(
+    store: Store,
+    mut debited: mpsc::UnboundedReceiver<Pending>,
+    finish: mpsc::UnboundedSender<Admitted>,
+) {
+    let in_flight = Arc::new(Semaphore::new(ADMISSIONS_IN_FLIGHT_MAX));
+    let mut queues = ShardQueues::default();
+    let queue = |queues: &mut ShardQueues<Pending>, pending: Pending| {
+        let shard = store.keys().shard_of_symbol(&pending.0.symbol);
+        queues.push(shard, pending);
+    };
+    loop {
+        if queues.waiting == 0 {
+            match debited.recv().await {
+                Some(pending) => queue(&mut queues, pending),
+                None => return,
+            }
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        while let Ok(pending) = debited.try_recv() {
+            queue(&mut queues, pending);
+        }
+        let Some((_, group)) = queues.next_group() else {
             continue;
         };
         let store = store.clone();
+        let finish = finish.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            place_group(&store, group).await;
+            admit_group(&store, group, &finish).await;
         });
     }
 }
 
-/// One group of one shard's orders through the order saga: debit, admit and
-/// finish, then answer every order (a failure of the last step leaves the
-/// intents to a sweeper, and the orders stand).
-async fn place_group(store: &Store, group: Vec<Pending>) {
-    let (orders, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-    let placed = match store.conn().await {
-        Ok(mut conn) => order_saga::place_admitted(&mut conn, store.keys(), &orders)
-            .await
-            .map(|placed| (placed, conn)),
+/// One `admit_orders.lua` call for debited orders of one home shard; every
+/// order gets its answer. A failure leaves them debited and not admitted:
+/// their answer says the outcome is unknown, and a sweeper (or a retry with
+/// the same Idempotency-Key) admits them.
+async fn admit_group(store: &Store, group: Vec<Pending>, finish: &mpsc::UnboundedSender<Admitted>) {
+    let admissions: Vec<Admission> = group
+        .iter()
+        .map(|(order, _)| Admission::of(order))
+        .collect();
+    let admitted = match store.conn().await {
+        Ok(mut conn) => order_saga::admit(&mut conn, store.keys(), &admissions).await,
         Err(err) => Err(err),
     };
-    match placed {
-        Ok(((outcomes, finishing), mut conn)) => {
-            // Finished before the answers, so that a placed order is wholly
-            // written when its client hears of it. The orders are placed
-            // either way: a failure here leaves them to a sweeper.
-            if let Err(err) = finishing.run(&mut conn, store.keys()).await {
-                tracing::warn!(error = %err, "finishing orders failed; a sweeper will");
-            }
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(outcome);
-            }
-        }
-        Err(err) => {
-            let message = err.to_string();
-            let outcome_unknown = err.outcome_unknown();
-            for reply in replies {
-                let _ = reply.send(Err(PlaceOrderError::Store(StoreError::GroupFailed {
-                    message: message.clone(),
-                    outcome_unknown,
-                })));
-            }
-        }
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        // The orders are debited either way.
+        Err(err) => return answer_all(group, &err.to_string(), true),
+    };
+    for ((order, reply), admitted) in group.into_iter().zip(admitted) {
+        let _ = reply.send(Ok(match admitted.batch_id {
+            Some(batch_id) => PlaceOrderOutcome::Settling(batch_id),
+            None => PlaceOrderOutcome::Pending,
+        }));
+        let shard = store.keys().account_shard(&order.account_id);
+        let _ = finish.send((shard, order.order_id, admitted.epoch));
+    }
+}
+
+fn group_failed(err: &StoreError) -> PlaceOrderError {
+    PlaceOrderError::Store(StoreError::GroupFailed {
+        message: err.to_string(),
+        outcome_unknown: err.outcome_unknown(),
+    })
+}
+
+/// Answers every order of a group whose call failed as a whole.
+fn fail_all(group: Vec<Pending>, err: &StoreError) {
+    answer_all(group, &err.to_string(), err.outcome_unknown());
+}
+
+fn answer_all(group: Vec<Pending>, message: &str, outcome_unknown: bool) {
+    for (_, reply) in group {
+        let _ = reply.send(Err(PlaceOrderError::Store(StoreError::GroupFailed {
+            message: message.to_owned(),
+            outcome_unknown,
+        })));
     }
 }
 

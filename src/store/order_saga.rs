@@ -108,13 +108,15 @@ pub struct Admitted {
     pub batch_id: Option<BatchId>,
 }
 
-/// Step 1 for orders of one customer shard, in one call. One outcome per
-/// order, in order.
+/// Step 1 for orders of one customer shard, in one call, which also runs
+/// step 3 for `finishing` (orders of this shard admitted since, each with
+/// the epoch it joined). One outcome per order, in order.
 pub async fn debit(
     conn: &mut impl Conn,
     keys: &Keys,
     shard: Shard,
     orders: &[&PlaceOrder],
+    finishing: &[(OrderId, String)],
 ) -> StoreResult<Vec<Result<Debit, PlaceOrderError>>> {
     let mut invocation = DEBIT_ORDERS.prepare_invoke();
     invocation
@@ -125,7 +127,8 @@ pub async fn debit(
         .key(keys.order_intents(shard))
         .arg(orders.len())
         .arg(SystemAccount::Exchange.id().as_str())
-        .arg(now_ms() + TAKEOVER_AFTER_MS);
+        .arg(now_ms() + TAKEOVER_AFTER_MS)
+        .arg(finishing.len());
     for order in orders {
         let (idempotency_key, idempotency) = match &order.idempotency {
             Some(idem) => (
@@ -147,6 +150,12 @@ pub async fn debit(
             .arg(idempotency)
             .arg(order.created_at_ms)
             .arg(order.exchange_minimum.cents());
+    }
+    for (order_id, epoch) in finishing {
+        invocation
+            .key(keys.order(order_id))
+            .arg(order_id.to_string())
+            .arg(epoch);
     }
     let reply: Vec<String> = invocation.invoke_async(conn).await?;
     if reply.len() != 3 * orders.len() {
@@ -304,7 +313,7 @@ pub async fn place_admitted(
         let refs: Vec<&PlaceOrder> = group.iter().map(|&i| &orders[i]).collect();
         for (i, debit) in group
             .into_iter()
-            .zip(debit(conn, keys, shard, &refs).await?)
+            .zip(debit(conn, keys, shard, &refs, &[]).await?)
         {
             match debit {
                 Ok(Debit::Debited) => debited.push(i),

@@ -34,7 +34,7 @@ fn order(app: &TestApp, account: &str, quantity: &str, key: Option<&str>) -> Pla
 /// Runs the debit step alone, as if the process died right after it.
 async fn debit_only(app: &TestApp, order: &PlaceOrder) {
     let shard = app.keys().account_shard(&order.account_id);
-    let debited = order_saga::debit(&mut app.redis().await, app.keys(), shard, &[order])
+    let debited = order_saga::debit(&mut app.redis().await, app.keys(), shard, &[order], &[])
         .await
         .unwrap();
     assert!(matches!(debited[..], [Ok(Debit::Debited)]), "{debited:?}");
