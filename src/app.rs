@@ -27,7 +27,9 @@ impl Application {
     /// Connects to Redis, creates the system accounts and binds the listener.
     pub async fn build(settings: ServeArgs) -> anyhow::Result<Self> {
         settings.redis.validate().map_err(anyhow::Error::msg)?;
-        let store = Store::connect(&settings.redis)?;
+        let store = Store::connect(&settings.redis)
+            .await
+            .with_context(|| format!("connecting to Redis at {}", settings.redis.url()))?;
         store
             .ensure_system_accounts()
             .await

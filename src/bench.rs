@@ -46,7 +46,9 @@ use crate::orders::{OrderRequest, prepare};
 use crate::redis_server::RedisServer;
 use crate::store::Store;
 use crate::store::accounts::{NewAccount, create_account};
-use crate::store::orders::place_order;
+use crate::store::orders::{
+    PLACE_ORDERS, parse_place_orders_reply, place_order, place_orders_input,
+};
 
 /// Quantities the load mixes, at ABAN 4.00: 2.00 to 12.00 USD, so some
 /// orders wait in the bucket and some cross the minimum alone.
@@ -377,7 +379,7 @@ impl Rig {
                     .map_err(anyhow::Error::from)
                     .and_then(|runtime| {
                         runtime.block_on(async move {
-                            let store = Store::connect(&redis)?;
+                            let store = Store::connect(&redis).await?;
                             crate::workers::run_workers(store, &settings, retention, stopped).await
                         })
                     });
@@ -699,19 +701,17 @@ where
     Ok(load)
 }
 
-/// One multiplexed connection placing orders as fast as Redis allows: the
-/// order saga's steps for `depth` single orders at a time, pipelined on the
-/// connection, with no HTTP and no grouping.
+/// One pipelined connection running `place_orders.lua` as fast as Redis allows.
 async fn redis_ceiling(rig: &Rig, depth: usize, duration: Duration) -> anyhow::Result<f64> {
     let client = redis::Client::open(rig.redis.url())?;
-    let conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let hash: String = PLACE_ORDERS.prepare_invoke().load_async(&mut conn).await?;
     let symbol = Symbol::parse("ABAN")?;
-    let keys = rig.store.keys();
     let started = Instant::now();
     let mut placed = 0u64;
     let mut next = 0usize;
     while started.elapsed() < duration {
-        let mut orders = Vec::with_capacity(depth);
+        let mut pipe = redis::pipe();
         for _ in 0..depth {
             let request = OrderRequest {
                 account_id: rig.accounts[next % rig.accounts.len()].clone(),
@@ -719,15 +719,21 @@ async fn redis_ceiling(rig: &Rig, depth: usize, duration: Duration) -> anyhow::R
                 quantity: Quantity::parse(QUANTITY_MIX[next % QUANTITY_MIX.len()])?,
             };
             next += 1;
-            orders.push(prepare(&request, keys, &rig.ledger, None, 0)?);
+            let order = prepare(&request, rig.store.keys(), &rig.ledger, None, 0)?;
+            let (script_keys, script_args) =
+                place_orders_input(rig.store.keys(), std::slice::from_ref(&order));
+            pipe.cmd("EVALSHA")
+                .arg(&hash)
+                .arg(script_keys.len())
+                .arg(script_keys)
+                .arg(script_args);
         }
-        let calls = orders.iter().map(|order| {
-            let mut conn = conn.clone();
-            async move { place_order(&mut conn, keys, order).await }
-        });
-        for outcome in futures::future::join_all(calls).await {
-            outcome.context("a pipelined order failed")?;
-            placed += 1;
+        let replies: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+        for reply in replies {
+            for outcome in parse_place_orders_reply(reply, 1)? {
+                outcome.context("a pipelined order failed")?;
+                placed += 1;
+            }
         }
     }
     Ok(placed as f64 / started.elapsed().as_secs_f64())

@@ -182,7 +182,9 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             "TALLY_WEBHOOK_SECRET is not set: webhook deliveries are signed with the public development value; set a secret of your own in production"
         );
     }
-    let store = Store::connect(&args.redis)?;
+    let store = Store::connect(&args.redis)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", args.redis.url()))?;
     store
         .ensure_system_accounts()
         .await

@@ -106,6 +106,18 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// How an operation whose keys lie on two shards (an order whose symbol
+/// lives on another shard, a transfer between shards, a refund) is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Sagas {
+    /// One atomic script where every shard is on one node (a standalone
+    /// Redis, which ignores slots); the saga on a cluster, which cannot run
+    /// a script over two slots.
+    Auto,
+    /// The saga everywhere, on one node too: to test it without a cluster.
+    Always,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -584,7 +596,8 @@ pub struct DevArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RedisSettings {
-    /// Redis to use. `tally dev` starts its own when this is unset.
+    /// Redis to use: one standalone node, or seed nodes of a Redis Cluster
+    /// separated by commas (detected). `tally dev` starts its own when unset.
     #[arg(long, env = "TALLY_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Connections one process makes at once for its blocking readers (each
@@ -611,6 +624,10 @@ pub struct RedisSettings {
     #[arg(long, env = "TALLY_REPLICA_ACK_TIMEOUT_MS", default_value_t = REPLICA_ACK_TIMEOUT_MS_DEFAULT,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub replica_ack_timeout_ms: u64,
+    /// `auto`: operations over two shards are one atomic script on a
+    /// standalone Redis and a saga on a cluster; `always`: a saga everywhere.
+    #[arg(long, env = "TALLY_SAGAS", value_enum, default_value_t = Sagas::Auto)]
+    pub sagas: Sagas,
 }
 
 impl RedisSettings {
@@ -629,6 +646,16 @@ impl RedisSettings {
         self.redis_url.as_deref().unwrap_or(REDIS_URL_DEFAULT)
     }
 
+    /// The nodes `TALLY_REDIS_URL` names, separated by commas: one
+    /// standalone Redis, or seeds of a cluster.
+    pub fn seeds(&self) -> Vec<&str> {
+        self.url()
+            .split(',')
+            .map(str::trim)
+            .filter(|seed| !seed.is_empty())
+            .collect()
+    }
+
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
     }
@@ -641,6 +668,7 @@ impl RedisSettings {
             shards: SHARDS_DEFAULT,
             replica_acks: 0,
             replica_ack_timeout_ms: REPLICA_ACK_TIMEOUT_MS_DEFAULT,
+            sagas: Sagas::Auto,
         }
     }
 }

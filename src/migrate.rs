@@ -102,7 +102,7 @@ const SCANNED: [&str; 2] = ["tally:*", "transactions:errors*"];
 /// not clean after the move, a failure exit code.
 pub async fn run(settings: &RedisSettings) -> anyhow::Result<ExitCode> {
     // Not `Store::open`: that refuses the old layout, and stamps a count.
-    let store = Store::connect(settings)?;
+    let store = Store::connect_node(settings)?;
     let keys = store.keys().clone();
     let count = keys.layout().count();
     let mut conn = store

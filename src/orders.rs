@@ -2,9 +2,12 @@
 //! and the grouping of concurrent orders.
 //!
 //! The API parses the request into domain types; this module prices it and
-//! runs it through the order saga (`store::order_saga`): the debit on the
-//! customer's shard, then the admission to its symbol's bucket on the
-//! symbol's home shard, then the finishing step.
+//! places it, in grouped script calls: on a standalone Redis one
+//! `place_orders.lua` call per group does everything; where the saga is the
+//! way (a cluster, or `TALLY_SAGAS=always`), the order saga
+//! (`store::order_saga`): the debit on the customer's shard, then the
+//! admission to its symbol's bucket on the symbol's home shard, then the
+//! finishing step.
 
 use crate::config::LedgerSettings;
 use crate::domain::{AccountId, Idempotency, IdempotencyKey, Quantity, Symbol, order_cost};
@@ -17,7 +20,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::domain::OrderId;
 use crate::store::keys::Keys;
 use crate::store::order_saga::{self, Admission, Debit};
-use crate::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome};
+use crate::store::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome, place_orders};
 use crate::store::slots::Shard;
 use crate::store::{Store, StoreError};
 
@@ -100,8 +103,14 @@ type Pending = (PlaceOrder, oneshot::Sender<Placed>);
 /// shard, its id and the epoch it joined.
 type Admitted = (Shard, OrderId, String);
 
-/// Runs concurrent orders through the order saga (`store::order_saga`) in
-/// grouped script calls, as a pipeline of two stages:
+/// Places concurrent orders in grouped script calls.
+///
+/// Where one script may write two shards (a standalone Redis, see
+/// [`Store::sagas`]), orders queue per customer shard and symbol's home
+/// shard, and one `place_orders.lua` call per group places them whole.
+///
+/// Elsewhere they run through the order saga (`store::order_saga`), as a
+/// pipeline of two stages:
 ///
 /// - **debit**: orders queue per customer shard while the debit calls in
 ///   flight run, and the next call takes the queue whose first order waited
@@ -160,16 +169,17 @@ impl OrderGrouper {
 }
 
 /// Items waiting for their group, one queue per shard (a script call may
-/// only carry one shard's keys), each with its arrival number.
-struct ShardQueues<T> {
-    queues: Vec<(Shard, VecDeque<(u64, T)>)>,
+/// only carry one shard's keys; `K` names the shard, or the pair of shards
+/// a one-script placement writes), each with its arrival number.
+struct ShardQueues<K, T> {
+    queues: Vec<(K, VecDeque<(u64, T)>)>,
     /// Items queued so far, numbering each: the oldest waiting item's queue
     /// goes first.
     arrived: u64,
     waiting: usize,
 }
 
-impl<T> Default for ShardQueues<T> {
+impl<K, T> Default for ShardQueues<K, T> {
     fn default() -> Self {
         ShardQueues {
             queues: Vec::new(),
@@ -179,8 +189,8 @@ impl<T> Default for ShardQueues<T> {
     }
 }
 
-impl<T> ShardQueues<T> {
-    fn push(&mut self, shard: Shard, item: T) {
+impl<K: Copy + PartialEq, T> ShardQueues<K, T> {
+    fn push(&mut self, shard: K, item: T) {
         self.arrived += 1;
         self.waiting += 1;
         let entry = (self.arrived, item);
@@ -193,7 +203,7 @@ impl<T> ShardQueues<T> {
     /// Up to [`ORDER_GROUP_MAX`] items of the queue whose first item has
     /// waited longest: every shard's turn comes in arrival order, and
     /// carries all its items that came meanwhile.
-    fn next_group(&mut self) -> Option<(Shard, Vec<T>)> {
+    fn next_group(&mut self) -> Option<(K, Vec<T>)> {
         let (shard, queue) = self
             .queues
             .iter_mut()
@@ -207,9 +217,13 @@ impl<T> ShardQueues<T> {
 
 /// Admitted orders waiting for their finishing step, per customer shard,
 /// with when the oldest of each arrived.
+/// A customer shard, when its oldest admitted order arrived, and its orders
+/// with their epochs.
+type ShardUnfinished = (Shard, Instant, Vec<(OrderId, String)>);
+
 #[derive(Default)]
 struct Unfinished {
-    by_shard: Vec<(Shard, Instant, Vec<(OrderId, String)>)>,
+    by_shard: Vec<ShardUnfinished>,
 }
 
 impl Unfinished {
@@ -296,7 +310,14 @@ async fn debit_stage(
                 let _permit = permit;
                 finish_group(&store, shard, finishing).await;
             });
-        } else if let Some((shard, group)) = queues.next_group() {
+        } else if let Some(((shard, home), group)) = queues.next_group() {
+            if home.is_some() {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    place_group(&store, group).await;
+                });
+                continue;
+            }
             let finishing = unfinished.take(shard);
             let admit = admit.clone();
             tokio::spawn(async move {
@@ -307,9 +328,38 @@ async fn debit_stage(
     }
 }
 
-fn queue_order(store: &Store, queues: &mut ShardQueues<Pending>, pending: Pending) {
-    let shard = store.keys().account_shard(&pending.0.account_id);
-    queues.push(shard, pending);
+/// Where the saga is not needed, an order queues with the orders of its
+/// customer's shard and its symbol's home shard, which its one script writes.
+type DebitQueue = (Shard, Option<Shard>);
+
+fn queue_order(store: &Store, queues: &mut ShardQueues<DebitQueue, Pending>, pending: Pending) {
+    let keys = store.keys();
+    let shard = keys.account_shard(&pending.0.account_id);
+    let home = (!store.sagas()).then(|| keys.shard_of_symbol(&pending.0.symbol));
+    queues.push((shard, home), pending);
+}
+
+/// One `place_orders.lua` call for a group of orders of one customer shard
+/// and one home shard, where one script may write both (see
+/// [`Store::sagas`]); every order gets its answer.
+async fn place_group(store: &Store, group: Vec<Pending>) {
+    let (orders, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+    let outcomes = match store.conn().await {
+        Ok(mut conn) => place_orders(&mut conn, store.keys(), &orders).await,
+        Err(err) => Err(err),
+    };
+    match outcomes {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(err) => {
+            for reply in replies {
+                let _ = reply.send(Err(group_failed(&err)));
+            }
+        }
+    }
 }
 
 /// One `debit_orders.lua` call for a group of one customer shard's orders
@@ -376,7 +426,7 @@ async fn admit_stage(
 ) {
     let in_flight = Arc::new(Semaphore::new(ADMISSIONS_IN_FLIGHT_MAX));
     let mut queues = ShardQueues::default();
-    let queue = |queues: &mut ShardQueues<Pending>, pending: Pending| {
+    let queue = |queues: &mut ShardQueues<Shard, Pending>, pending: Pending| {
         let shard = store.keys().shard_of_symbol(&pending.0.symbol);
         queues.push(shard, pending);
     };

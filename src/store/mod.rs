@@ -104,27 +104,92 @@ pub trait Conn: redis::aio::ConnectionLike + Send + Sync {}
 
 impl<T: redis::aio::ConnectionLike + Send + Sync> Conn for T {}
 
-/// A handle on Redis, cheap to clone.
+/// A handle on Redis (a standalone node or a cluster), cheap to clone.
 ///
 /// Requests share one multiplexed connection: commands from concurrent tasks
 /// are pipelined on it, with no checkout and no per-request round trip
 /// beyond the command itself. Blocking reads (`XREADGROUP ... BLOCK`) would
-/// stall everyone else on that connection, so they take a dedicated one from
-/// the pool.
+/// stall everyone else on that connection, so they take a dedicated one.
 #[derive(Clone)]
 pub struct Store {
-    shared: connection::SharedConnection,
-    pool: Pool,
+    backend: Backend,
     keys: keys::Keys,
+    /// Whether operations over two shards run as sagas (see [`Store::sagas`]).
+    sagas: bool,
+}
+
+#[derive(Clone)]
+enum Backend {
+    /// A standalone Redis: the shared connection, and a pool that makes the
+    /// blocking readers' own connections.
+    Node {
+        shared: connection::SharedConnection,
+        pool: Pool,
+    },
+    /// A Redis Cluster: redis-rs's cluster connection, and how to reach one
+    /// of its nodes for a blocking reader.
+    Cluster {
+        shared: connection::ClusterConn,
+        node: redis::ConnectionInfo,
+        config: AsyncConnectionConfig,
+    },
 }
 
 impl Store {
-    pub fn connect(settings: &RedisSettings) -> anyhow::Result<Self> {
-        let connection = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(settings.timeout()))
-            .set_response_timeout(Some(settings.timeout()));
+    /// Connects to `TALLY_REDIS_URL`: asks the first of its seed nodes that
+    /// answers whether it is part of a cluster (`cluster_enabled:1`), and
+    /// connects to the cluster or to that one node accordingly.
+    pub async fn connect(settings: &RedisSettings) -> anyhow::Result<Self> {
+        let seeds = settings.seeds();
+        let config = connection_config(settings);
+        let mut failures = Vec::new();
+        let mut cluster = None;
+        for seed in &seeds {
+            match cluster_enabled(seed, &config).await {
+                Ok(enabled) => {
+                    cluster = Some(enabled);
+                    break;
+                }
+                Err(err) => failures.push(format!("{seed}: {err}")),
+            }
+        }
+        let Some(cluster) = cluster else {
+            anyhow::bail!("no Redis answered: {}", failures.join("; "));
+        };
+        if !cluster {
+            anyhow::ensure!(
+                seeds.len() == 1,
+                "TALLY_REDIS_URL lists {} nodes, but {} is not part of a Redis Cluster: \
+                 name one standalone Redis, or seeds of a cluster",
+                seeds.len(),
+                seeds[0]
+            );
+            return Self::connect_node(settings);
+        }
+        let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+            .connection_timeout(settings.timeout())
+            .response_timeout(settings.timeout())
+            .build()?;
+        let conn = client.get_async_connection().await?;
+        let node = redis::IntoConnectionInfo::into_connection_info(seeds[0])?;
+        Ok(Store {
+            backend: Backend::Cluster {
+                shared: connection::ClusterConn::new(conn),
+                node,
+                config,
+            },
+            keys: keys::Keys::new(settings.shards),
+            sagas: true,
+        })
+    }
+
+    /// Connects to one standalone Redis, lazily: nothing is sent until the
+    /// first command (`tally migrate`, which works on one node only, and
+    /// the spec's unconnected store).
+    pub fn connect_node(settings: &RedisSettings) -> anyhow::Result<Self> {
+        let config = connection_config(settings);
         let client = redis::Client::open(settings.url())?;
-        let manager = Manager::new_with_config(settings.url(), connection.clone())?;
+        let manager = Manager::new_with_config(settings.url(), config.clone())?;
         let pool = Pool::builder(manager)
             .max_size(settings.redis_pool_size_max)
             .wait_timeout(Some(settings.timeout()))
@@ -133,10 +198,25 @@ impl Store {
             .runtime(Runtime::Tokio1)
             .build()?;
         Ok(Store {
-            shared: connection::SharedConnection::new(client, connection),
-            pool,
+            backend: Backend::Node {
+                shared: connection::SharedConnection::new(client, config),
+                pool,
+            },
             keys: keys::Keys::new(settings.shards),
+            sagas: settings.sagas == crate::config::Sagas::Always,
         })
+    }
+
+    /// Whether an operation whose keys lie on two shards runs as a saga of
+    /// one-shard steps (a cluster, or `TALLY_SAGAS=always`) rather than as
+    /// one script over both shards, which only a standalone Redis allows.
+    pub fn sagas(&self) -> bool {
+        self.sagas
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster { .. })
     }
 
     /// The key names of this deployment's shard layout.
@@ -148,33 +228,63 @@ impl Store {
     /// build the API for its spec.
     pub fn unconnected() -> Self {
         let settings = RedisSettings::for_url(crate::config::REDIS_URL_DEFAULT);
-        Self::connect(&settings).expect("the default Redis URL parses")
+        Self::connect_node(&settings).expect("the default Redis URL parses")
     }
 
     /// The shared connection, for every command that does not block; a
     /// failure here ([`StoreError::Connect`]) means nothing was sent.
     pub async fn conn(&self) -> StoreResult<connection::Conn> {
-        self.shared.get().await
+        match &self.backend {
+            Backend::Node { shared, .. } => Ok(connection::Conn::Node(shared.get().await?)),
+            Backend::Cluster { shared, .. } => Ok(connection::Conn::Cluster(shared.clone())),
+        }
     }
 
     /// Notes every later script call's keys in `recorder`, on this store
     /// and every clone of it (tests: how far the layout is from a cluster's).
     pub fn record_script_slots(&self, recorder: std::sync::Arc<slots::SlotRecorder>) {
-        self.shared.record_script_slots(recorder);
+        match &self.backend {
+            Backend::Node { shared, .. } => shared.record_script_slots(recorder),
+            Backend::Cluster { shared, .. } => shared.record_script_slots(recorder),
+        }
     }
 
-    /// A connection of its own, for blocking reads: made by the pool, then
-    /// taken out of it, since a blocking reader holds it for its whole life
-    /// (a worker runs one per stream per shard) and must not starve the pool.
-    pub async fn dedicated_conn(&self) -> StoreResult<redis::aio::MultiplexedConnection> {
-        Ok(deadpool_redis::Connection::take(self.pool.get().await?))
+    /// A connection of its own to the node that holds `key`, for blocking
+    /// reads of it. On one node: made by the pool, then taken out of it,
+    /// since a blocking reader holds it for its whole life (a worker runs
+    /// one per stream per shard) and must not starve the pool. On a cluster:
+    /// to the master of `key`'s slot as the cluster says now; a reader whose
+    /// node fails or gives the slot away (`MOVED`) takes another.
+    pub async fn dedicated_conn(
+        &self,
+        key: &str,
+    ) -> StoreResult<redis::aio::MultiplexedConnection> {
+        match &self.backend {
+            Backend::Node { pool, .. } => Ok(deadpool_redis::Connection::take(pool.get().await?)),
+            Backend::Cluster {
+                shared,
+                node,
+                config,
+            } => {
+                let slot = slots::hash_slot(key.as_bytes());
+                let (host, port) = master_of(&mut shared.clone(), slot).await?;
+                let info = node
+                    .clone()
+                    .set_addr(redis::ConnectionAddr::Tcp(host, port));
+                let client = redis::Client::open(info)?;
+                Ok(client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await
+                    .map_err(StoreError::Connect)?)
+            }
+        }
     }
 
     /// Connects and checks the data in Redis is laid out as this process
     /// would write it ([`Store::check_layout`]): what every command but
     /// `tally migrate` opens Redis with.
     pub async fn open(settings: &RedisSettings) -> anyhow::Result<Self> {
-        let store = Store::connect(settings)?;
+        let store = Store::connect(settings).await?;
         store
             .check_layout()
             .await
@@ -241,7 +351,7 @@ impl Store {
     /// Loads every script into Redis' cache and checks Redis answers.
     pub async fn ready(&self) -> StoreResult<()> {
         let mut conn = self.conn().await?;
-        for script in [&*accounts::CREATE_ACCOUNT]
+        for script in [&*accounts::CREATE_ACCOUNT, &*orders::PLACE_ORDERS]
             .into_iter()
             .chain(order_saga::scripts())
             .chain(settlement::scripts())
@@ -257,6 +367,63 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Connection and reply timeouts of every connection to Redis.
+fn connection_config(settings: &RedisSettings) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(settings.timeout()))
+        .set_response_timeout(Some(settings.timeout()))
+}
+
+/// Whether the Redis at `url` is a node of a cluster.
+async fn cluster_enabled(url: &str, config: &AsyncConnectionConfig) -> redis::RedisResult<bool> {
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(config)
+        .await?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut conn)
+        .await?;
+    Ok(info.lines().any(|line| line.trim() == "cluster_enabled:1"))
+}
+
+/// The address of the master that serves `slot`, from `CLUSTER SLOTS`.
+async fn master_of(conn: &mut impl Conn, slot: u16) -> StoreResult<(String, u16)> {
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    for range in ranges {
+        let redis::Value::Array(range) = range else {
+            continue;
+        };
+        let bound = |at: usize| -> Option<i64> {
+            match range.get(at) {
+                Some(redis::Value::Int(n)) => Some(*n),
+                _ => None,
+            }
+        };
+        let (Some(low), Some(high)) = (bound(0), bound(1)) else {
+            continue;
+        };
+        if !(low..=high).contains(&i64::from(slot)) {
+            continue;
+        }
+        if let Some(redis::Value::Array(master)) = range.get(2)
+            && let [host, redis::Value::Int(port), ..] = &master[..]
+        {
+            let host = match host {
+                redis::Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                redis::Value::SimpleString(text) => text.clone(),
+                _ => String::new(),
+            };
+            let port = u16::try_from(*port).map_err(|_| {
+                StoreError::UnexpectedReply(vec![format!("port {port} in CLUSTER SLOTS")])
+            })?;
+            return Ok((host, port));
+        }
+    }
+    Err(StoreError::UnexpectedReply(vec![format!(
+        "no master serves slot {slot}"
+    )]))
 }
 
 /// Members `offset..offset + limit` of a per-shard sorted set (`index`, one

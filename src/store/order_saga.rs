@@ -294,6 +294,19 @@ impl Finishing {
     }
 }
 
+/// Places a group of orders through the whole saga, finishing included:
+/// [`place_admitted`], then its finishing step. Each order is checked and
+/// written (or refused) on its own; the outcomes come back in order.
+pub async fn place_orders(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    orders: &[PlaceOrder],
+) -> StoreResult<Vec<Result<PlaceOrderOutcome, PlaceOrderError>>> {
+    let (outcomes, finishing) = place_admitted(conn, keys, orders).await?;
+    finishing.run(conn, keys).await?;
+    Ok(outcomes)
+}
+
 /// Places `orders`: debits them (one call per customer shard), admits the
 /// debited ones (one call per home shard), and returns each order's outcome,
 /// in order, with the finishing step still to run. A replayed request whose

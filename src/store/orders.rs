@@ -1,11 +1,17 @@
 //! Purchase orders, pending buckets and batches.
 
-use redis::AsyncCommands;
+use std::sync::LazyLock;
+
+use redis::{AsyncCommands, Script};
 
 use super::keys::Keys;
 use super::slots::Shard;
 use super::{Conn, Record, StoreError, StoreResult};
-use crate::domain::{AccountId, Amount, BatchId, Idempotency, OrderId, Quantity, Symbol};
+use crate::domain::{
+    AccountId, Amount, BatchId, Idempotency, OrderId, Quantity, Symbol, SystemAccount,
+};
+
+pub static PLACE_ORDERS: LazyLock<Script> = lua_script!("place_orders.lua");
 
 /// Where an order (or its batch) stands. An order's status is its batch's,
 /// or `pending` while it waits in a bucket.
@@ -125,7 +131,7 @@ pub enum PlaceOrderError {
     Store(#[from] StoreError),
 }
 
-/// Places one order: [`place_orders`] with a group of one.
+/// Places one order: `place_orders.lua` with a group of one.
 pub async fn place_order(
     conn: &mut impl Conn,
     keys: &Keys,
@@ -137,17 +143,133 @@ pub async fn place_order(
         .ok_or_else(|| StoreError::UnexpectedReply(Vec::new()))?
 }
 
-/// Places a group of orders through the whole order saga
-/// ([`super::order_saga`]), finishing included. Each order is checked and
+/// Places a group of orders in one script call, over the customers' shard
+/// and the symbol's home shard: only where both are on one node (a
+/// standalone Redis; the order saga, `super::order_saga`, is the way on a
+/// cluster). Each order is checked and
 /// written (or refused) on its own; the outcomes come back in order.
 pub async fn place_orders(
     conn: &mut impl Conn,
     keys: &Keys,
     orders: &[PlaceOrder],
 ) -> StoreResult<Vec<Result<PlaceOrderOutcome, PlaceOrderError>>> {
-    let (outcomes, finishing) = super::order_saga::place_admitted(conn, keys, orders).await?;
-    finishing.run(conn, keys).await?;
+    let (script_keys, script_args) = place_orders_input(keys, orders);
+    let mut invocation = PLACE_ORDERS.prepare_invoke();
+    for key in script_keys {
+        invocation.key(key);
+    }
+    for arg in script_args {
+        invocation.arg(arg);
+    }
+    let reply: Vec<String> = invocation.invoke_async(conn).await?;
+    parse_place_orders_reply(reply, orders.len())
+}
+
+/// The `KEYS` and `ARGV` of `place_orders.lua` for `orders`, in script order.
+/// The group's orders are one shard's (the API groups them by customer
+/// shard): the debit, its journal entry and event are written there, and
+/// the bucket, batch and settle job on the symbol's home shard. (Until the
+/// order saga splits the two, a group whose symbol lives elsewhere spans
+/// two slots.)
+pub fn place_orders_input(keys: &Keys, orders: &[PlaceOrder]) -> (Vec<String>, Vec<String>) {
+    let exchange = SystemAccount::Exchange.id();
+    let shard = orders
+        .first()
+        .and_then(|order| keys.shard_of_account(&order.account_id))
+        .unwrap_or(keys.layout().first());
+    let home = orders
+        .first()
+        .map(|order| keys.shard_of_symbol(&order.symbol))
+        .unwrap_or(shard);
+    let mut script_keys = Vec::with_capacity(7 + 8 * orders.len());
+    script_keys.extend([
+        keys.system_account(SystemAccount::Exchange, shard),
+        keys.journal(shard),
+        keys.settle(home),
+        keys.batches(home),
+        keys.symbols(home),
+        keys.journal_index(shard),
+        keys.events(shard),
+    ]);
+    let mut script_args = Vec::with_capacity(2 + 10 * orders.len());
+    script_args.extend([orders.len().to_string(), exchange.to_string()]);
+    for order in orders {
+        let (idempotency_key, idempotency) = match &order.idempotency {
+            Some(idem) => (
+                keys.idempotency(shard, "orders", idem.key.as_str()),
+                format!("{} {}", idem.fingerprint, order.idempotency_ttl_secs),
+            ),
+            None => (keys.idempotency(shard, "orders", "-"), String::new()),
+        };
+        script_keys.extend([
+            keys.account(&order.account_id),
+            keys.order(&order.order_id),
+            keys.bucket(&order.symbol),
+            keys.bucket_orders(&order.symbol),
+            keys.bucket_batches(&order.symbol),
+            keys.batch(&order.batch_id),
+            keys.batch_orders(&order.batch_id),
+            idempotency_key,
+        ]);
+        script_args.extend([
+            order.account_id.to_string(),
+            order.order_id.to_string(),
+            order.symbol.to_string(),
+            order.quantity.units().to_string(),
+            order.price.cents().to_string(),
+            order.cost.cents().to_string(),
+            order.exchange_minimum.cents().to_string(),
+            order.batch_id.to_string(),
+            idempotency,
+            order.created_at_ms.to_string(),
+        ]);
+    }
+    (script_keys, script_args)
+}
+
+/// Reads `place_orders.lua`'s three words per order.
+pub fn parse_place_orders_reply(
+    reply: Vec<String>,
+    count: usize,
+) -> StoreResult<Vec<Result<PlaceOrderOutcome, PlaceOrderError>>> {
+    if reply.len() != 3 * count {
+        return Err(StoreError::UnexpectedReply(reply));
+    }
+    let outcomes = reply.chunks(3).map(parse_outcome).collect();
     Ok(outcomes)
+}
+
+fn parse_outcome(words: &[String]) -> Result<PlaceOrderOutcome, PlaceOrderError> {
+    let unexpected = || PlaceOrderError::Store(StoreError::UnexpectedReply(words.to_vec()));
+    match (words[0].as_str(), words[1].as_str(), words[2].as_str()) {
+        ("placed", "pending", _) => Ok(PlaceOrderOutcome::Pending),
+        ("placed", "settling", batch_id) => BatchId::parse(batch_id)
+            .map(PlaceOrderOutcome::Settling)
+            .map_err(|_| unexpected()),
+        ("replayed", order_id, _) => OrderId::parse(order_id)
+            .map(PlaceOrderOutcome::Replayed)
+            .map_err(|_| unexpected()),
+        ("refused", "account_not_found", _) => Err(PlaceOrderError::AccountNotFound),
+        ("refused", "insufficient_funds", balance) => {
+            let balance = balance
+                .parse()
+                .ok()
+                .and_then(|cents| Amount::from_cents(cents).ok());
+            Err(
+                balance.map_or_else(unexpected, |balance| PlaceOrderError::InsufficientFunds {
+                    balance,
+                }),
+            )
+        }
+        ("refused", "balance_limit", account) => AccountId::parse(account).map_or_else(
+            |_| Err(unexpected()),
+            |account| Err(PlaceOrderError::BalanceLimit(account)),
+        ),
+        ("refused", "idempotency_conflict", order_id) => {
+            Err(PlaceOrderError::IdempotencyConflict(order_id.to_owned()))
+        }
+        _ => Err(unexpected()),
+    }
 }
 
 /// An order with its status, which it takes from its batch once it has one.
@@ -162,8 +284,9 @@ pub async fn get_order(
         return Ok(None);
     };
     let symbol = record.parsed("symbol", Symbol::parse)?;
-    // The epoch is on the order once its saga finished; until then, on its
-    // admission marker (none: debited, not yet in the bucket: pending).
+    // The epoch is on the order once it is wholly placed; while an order
+    // saga is under way, on its admission marker (none: debited, not yet in
+    // the bucket: pending).
     let epoch = match record.optional_text("epoch") {
         Some(epoch) => Some(epoch.to_owned()),
         None => conn.get(keys.order_admission(&symbol, id)).await?,

@@ -109,7 +109,7 @@ async fn run_rounds(
         }
         let outcome = match &mut conn {
             Some(conn) => wait_round(conn, &store, wanted, timeout_ms).await,
-            None => match store.dedicated_conn().await {
+            None => match store.dedicated_conn(&store.keys().replica_ack()).await {
                 Ok(mut made) => {
                     let outcome = wait_round(&mut made, &store, wanted, timeout_ms).await;
                     conn = Some(made);

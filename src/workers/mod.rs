@@ -431,7 +431,7 @@ async fn next_deliveries(
     take_over: bool,
 ) -> StoreResult<Vec<Delivery>> {
     if reader.is_none() {
-        *reader = Some(store.dedicated_conn().await?);
+        *reader = Some(store.dedicated_conn(&settings.stream).await?);
     }
     let conn = reader.as_mut().expect("a reader connection");
     if take_over {

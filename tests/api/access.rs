@@ -974,7 +974,7 @@ async fn the_key_scripts_answer_every_case_and_refuse_before_writing() {
     assert!(missing.is_none());
 
     // revoke_api_key: revoked, the same answer again, and an unknown id.
-    let epoch = |mut conn: redis::aio::MultiplexedConnection| async move {
+    let epoch = |mut conn: tally::store::connection::Conn| async move {
         tally::store::api_keys::revocation_epoch(&mut conn, &Keys::default())
             .await
             .unwrap()

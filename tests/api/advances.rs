@@ -362,7 +362,7 @@ async fn an_expired_lease_whose_job_is_still_unread_is_extended_without_a_new_jo
     let settings = scheduler_settings();
     let step = || schedule_once(&app.store, &clock, &settings);
     let mut conn = app.redis().await;
-    let jobs = |mut conn: redis::aio::MultiplexedConnection, installments: String| async move {
+    let jobs = |mut conn: tally::store::connection::Conn, installments: String| async move {
         let length: usize = redis::AsyncCommands::xlen(&mut conn, installments)
             .await
             .unwrap();

@@ -389,7 +389,7 @@ async fn batch_to_finish(app: &TestApp, customer: &AccountId) -> (BatchId, Strin
     (placed.batch_id, stream_id)
 }
 
-async fn settle_pending(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+async fn settle_pending(conn: &mut impl tally::store::Conn) -> usize {
     let keys = Keys::new(1);
     pending_count(
         conn,
@@ -519,7 +519,7 @@ async fn collect_installment_refuses_a_payment_that_would_take_either_side_past_
     let app = spawn_app().await;
     let mut conn = app.redis().await;
     let (customer, advance_id, _) = installment_leased(&app, || async {}).await;
-    let collect = |conn: &mut redis::aio::MultiplexedConnection| {
+    let collect = |conn: &mut tally::store::connection::Conn| {
         let (advance_id, customer) = (advance_id.clone(), account_id(&customer));
         let mut conn = conn.clone();
         let keys = app.keys().clone();

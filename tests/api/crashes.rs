@@ -253,7 +253,9 @@ async fn acknowledged_writes_survive_a_redis_crash_and_restart() {
     // Under everysec Redis may hold writes back while an fsync runs (see the
     // README); the contract this checks is for writes handed to the file.
     kill_redis_once_its_aof_is_written(&mut app).await;
-    app.redis = RedisServer::start_durable(data.path(), port).await.unwrap();
+    app.redis = crate::helpers::TestRedis::Node(
+        RedisServer::start_durable(data.path(), port).await.unwrap(),
+    );
     assert_eq!(
         app.snapshot().await,
         before,
@@ -452,7 +454,9 @@ async fn a_redis_that_refuses_connections_answers_unavailable_and_nothing_is_wri
         );
     }
 
-    app.redis = RedisServer::start_durable(data.path(), port).await.unwrap();
+    app.redis = crate::helpers::TestRedis::Node(
+        RedisServer::start_durable(data.path(), port).await.unwrap(),
+    );
     assert_eq!(app.snapshot().await, before, "nothing was written");
 }
 

@@ -8,11 +8,11 @@ use serde_json::{Value, json};
 use tally::access::{KeyRequest, Role, issue_key};
 use tally::app::Application;
 use tally::config::{
-    AccessSettings, ApiSettings, LedgerSettings, RedisSettings, ServeArgs, WorkerSettings,
+    AccessSettings, ApiSettings, LedgerSettings, RedisSettings, Sagas, ServeArgs, WorkerSettings,
 };
 use tally::domain::{AccountId, Symbol};
 use tally::exchange::sim::{ExchangeSim, Faults, SimOrder};
-use tally::redis_server::RedisServer;
+use tally::redis_server::{RedisCluster, RedisServer};
 use tally::store::Store;
 use tally::store::keys::Keys;
 use tally::store::slots::Shard;
@@ -33,8 +33,37 @@ pub struct TestApp {
     /// An admin key, made when the app started.
     pub admin_key: String,
     pub store: Store,
-    pub redis: RedisServer,
+    pub redis: TestRedis,
     stop: Option<oneshot::Sender<()>>,
+}
+
+/// The Redis a test app runs on: its own redis-server, or a Redis Cluster
+/// on loopback.
+pub enum TestRedis {
+    Node(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl TestRedis {
+    /// The node's URL, or the cluster's seed list.
+    pub fn url(&self) -> String {
+        match self {
+            TestRedis::Node(server) => server.url(),
+            TestRedis::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    /// The one redis-server: for tests of what only one node shows.
+    pub fn node(&mut self) -> &mut RedisServer {
+        match self {
+            TestRedis::Node(server) => server,
+            TestRedis::Cluster(_) => panic!("this test needs a standalone redis-server"),
+        }
+    }
+
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.node().kill().await
+    }
 }
 
 impl Drop for TestApp {
@@ -49,6 +78,21 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+/// `TALLY_SAGAS` from the environment, as the product reads it (`auto` by default).
+pub fn test_sagas() -> Sagas {
+    match std::env::var("TALLY_SAGAS").as_deref() {
+        Ok("always") => Sagas::Always,
+        Ok("auto") | Err(_) => Sagas::Auto,
+        Ok(other) => panic!("TALLY_SAGAS={other}: auto or always"),
+    }
+}
+
+/// Starts redis-server and the API with the sagas on, as on a cluster,
+/// whatever `TALLY_SAGAS` says.
+pub async fn spawn_app_with_sagas() -> TestApp {
+    spawn_app_with(|settings| settings.redis.sagas = Sagas::Always).await
+}
+
 /// Starts redis-server and the API, letting the test adjust the settings.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
     let redis = RedisServer::start_ephemeral()
@@ -59,11 +103,30 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
 
 /// Starts the API against `redis`, which the app then owns.
 pub async fn spawn_app_on(redis: RedisServer, adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
+    spawn_app_on_redis(TestRedis::Node(redis), adjust).await
+}
+
+/// Starts a 3-master Redis Cluster on loopback and the API on it.
+pub async fn spawn_app_on_cluster(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let cluster = RedisCluster::start(3, 0, dir.path())
+        .await
+        .expect("the cluster starts");
+    spawn_app_on_redis(TestRedis::Cluster(cluster), adjust).await
+}
+
+/// Starts the API against `redis`, which the app then owns.
+pub async fn spawn_app_on_redis(redis: TestRedis, adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
         tally::telemetry::init(tally::config::LogFormat::Text, "info");
     }
     let mut settings = ServeArgs {
-        redis: RedisSettings::for_url(&redis.url()),
+        redis: RedisSettings {
+            // `TALLY_SAGAS=always cargo test` runs the suite with the sagas
+            // on one node, as a cluster would run it.
+            sagas: test_sagas(),
+            ..RedisSettings::for_url(&redis.url())
+        },
         ledger: LedgerSettings::default(),
         api: ApiSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -260,9 +323,18 @@ impl TestApp {
             .expect("the symbol has a bucket")
     }
 
-    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        let client = redis::Client::open(self.redis.url()).unwrap();
-        client.get_multiplexed_async_connection().await.unwrap()
+    /// A connection of the test's own to the app's Redis: straight to the
+    /// redis-server (not through whatever proxy the app may be given), or
+    /// the app's own on a cluster.
+    pub async fn redis(&self) -> tally::store::connection::Conn {
+        match &self.redis {
+            TestRedis::Node(server) => Store::connect_node(&RedisSettings::for_url(&server.url()))
+                .unwrap()
+                .conn()
+                .await
+                .unwrap(),
+            TestRedis::Cluster(_) => self.store.conn().await.unwrap(),
+        }
     }
 
     /// Every settle job on every shard's stream, as its fields.
@@ -430,11 +502,7 @@ pub async fn set_maxmemory(app: &TestApp, bytes: u64) {
 }
 
 /// Jobs of `stream` delivered to `group` and not yet acknowledged.
-pub async fn pending_count(
-    conn: &mut redis::aio::MultiplexedConnection,
-    stream: &str,
-    group: &str,
-) -> usize {
+pub async fn pending_count(conn: &mut impl tally::store::Conn, stream: &str, group: &str) -> usize {
     let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
         .arg(stream)
         .arg(group)
@@ -454,7 +522,7 @@ pub fn free_port() -> u16 {
 }
 
 pub async fn stream_entries(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut impl tally::store::Conn,
     key: &str,
 ) -> Vec<BTreeMap<String, String>> {
     let reply: redis::streams::StreamRangeReply = conn.xrange_all(key).await.unwrap();
@@ -475,7 +543,7 @@ pub fn aban_home() -> Shard {
 /// `consumer` of the settlers group (made if missing), as a worker would;
 /// returns its stream id, now pending.
 pub async fn read_settle_job(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut impl tally::store::Conn,
     keys: &Keys,
     consumer: &str,
 ) -> String {
@@ -505,9 +573,7 @@ pub async fn read_settle_job(
 /// acknowledgement or a delivery shows too. The other types are rendered
 /// canonically rather than dumped: a dump of a hash table follows its
 /// buckets, which a mere read can rehash.
-pub async fn redis_snapshot(
-    conn: &mut redis::aio::MultiplexedConnection,
-) -> BTreeMap<String, String> {
+pub async fn redis_snapshot(conn: &mut impl tally::store::Conn) -> BTreeMap<String, String> {
     let keys: Vec<String> = conn.keys("*").await.unwrap();
     let mut snapshot = BTreeMap::new();
     // Rate-limit buckets change with every request, refused ones included,

@@ -13,7 +13,7 @@ use tally::store::order_saga::{self, Admission, Debit, TAKEOVER_AFTER_MS};
 use tally::store::orders::PlaceOrder;
 
 use crate::helpers::{
-    TestApp, eventually, spawn_app, spawn_exchange, spawn_workers, test_worker_settings,
+    TestApp, eventually, spawn_app_with_sagas, spawn_exchange, spawn_workers, test_worker_settings,
 };
 
 /// An order of `quantity` ABAN for `account`, priced as the API prices it.
@@ -71,7 +71,7 @@ async fn three_customers(app: &TestApp) -> [String; 3] {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_after_the_debit_is_finished_by_a_sweeper_once() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sagas().await;
     let customers = three_customers(&app).await;
     let orders: Vec<PlaceOrder> = customers
         .iter()
@@ -119,7 +119,7 @@ async fn a_crash_after_the_debit_is_finished_by_a_sweeper_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_after_the_admission_is_finished_without_admitting_again() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sagas().await;
     let customer = app.create_account("d", "10.00").await;
     let placed = order(&app, &customer, "1", None);
     debit_only(&app, &placed).await;
@@ -148,7 +148,7 @@ async fn a_crash_after_the_admission_is_finished_without_admitting_again() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_sweepers_at_once_finish_every_saga_once() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sagas().await;
     let mut placed = Vec::new();
     for i in 0..20 {
         let customer = app.create_account(&format!("c{i}"), "10.00").await;
@@ -173,7 +173,7 @@ async fn two_sweepers_at_once_finish_every_saga_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replayed_request_finishes_its_unfinished_saga_before_it_answers() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sagas().await;
     let customer = app.create_account("e", "20.00").await;
     let first = order(&app, &customer, "3", Some("saga-1"));
     debit_only(&app, &first).await; // the first request's process died here
@@ -195,7 +195,7 @@ async fn a_replayed_request_finishes_its_unfinished_saga_before_it_answers() {
 /// the third answer carries the batch, and the exchange gets one call for 3.
 #[tokio::test(flavor = "multi_thread")]
 async fn three_customers_on_three_shards_make_one_exchange_call_for_three() {
-    let app = spawn_app().await;
+    let app = spawn_app_with_sagas().await;
     let exchange = spawn_exchange(Default::default()).await;
     let workers = spawn_workers(&app, test_worker_settings(&exchange));
     let customers = three_customers(&app).await;

@@ -484,7 +484,7 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
 }
 
 /// Pending settle jobs of the test consumer.
-async fn pending_jobs(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+async fn pending_jobs(conn: &mut impl tally::store::Conn) -> usize {
     pending_count(
         conn,
         &Keys::default().settle(crate::helpers::aban_home()),

@@ -7,21 +7,17 @@ use crate::helpers::spawn_app;
 
 const STREAM: &str = "tally:test:trim";
 
-async fn ids(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+async fn ids(conn: &mut impl tally::store::Conn) -> Vec<String> {
     let reply: redis::streams::StreamRangeReply = conn.xrange_all(STREAM).await.unwrap();
     reply.ids.into_iter().map(|entry| entry.id).collect()
 }
 
-async fn read(
-    conn: &mut redis::aio::MultiplexedConnection,
-    group: &str,
-    count: usize,
-) -> Vec<String> {
+async fn read(conn: &mut impl tally::store::Conn, group: &str, count: usize) -> Vec<String> {
     read_as(conn, group, "reader", count).await
 }
 
 async fn read_as(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut impl tally::store::Conn,
     group: &str,
     consumer: &str,
     count: usize,
