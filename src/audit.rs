@@ -49,6 +49,12 @@ pub struct AuditReport {
     /// `@exchange`, in no batch or bucket yet.
     pub orders_in_flight: usize,
     pub orders_in_flight_cents: i64,
+    /// `@transit`'s balance: the sum of its sub-accounts.
+    pub transit_balance_cents: i64,
+    /// Transfers between shards debited and not yet credited to their payee
+    /// (or refused by it and not yet voided): what `@transit` must hold.
+    pub transfers_in_flight: usize,
+    pub transfers_in_flight_cents: i64,
     /// Batches settling or failed: bought from the exchange by no one yet.
     pub open_batches_value_cents: i64,
     pub advances_checked: usize,
@@ -70,6 +76,7 @@ impl AuditReport {
                 == self.open_batches_value_cents
                     + self.buckets_value_cents
                     + self.orders_in_flight_cents
+            && self.transit_balance_cents == self.transfers_in_flight_cents
             && self.unreconciled_advances.is_empty()
             && self.stranded_installments.is_empty()
     }
@@ -132,6 +139,14 @@ impl fmt::Display for AuditReport {
             usd(self.open_batches_value_cents),
             usd(self.buckets_value_cents),
             usd(in_flight)
+        )?;
+        writeln!(
+            f,
+            "{} @transit holds {} = transfers between shards in flight {} ({} debited, not yet credited)",
+            mark(self.transit_balance_cents == self.transfers_in_flight_cents),
+            usd(self.transit_balance_cents),
+            usd(self.transfers_in_flight_cents),
+            self.transfers_in_flight
         )?;
         writeln!(
             f,
@@ -339,13 +354,18 @@ async fn check(mut conn: Conn, keys: &Keys, pause: &TrimPause) -> StoreResult<Op
     }
 
     let batches = orders::batch_values(&mut conn, keys, AUDIT_PAGE_SIZE).await?;
-    for (_, value, status) in batches {
+    for (batch_id, value, status) in batches {
         report.batches_value_cents += value;
-        if matches!(
-            status,
-            SettlementStatus::Settling | SettlementStatus::Failed
-        ) {
-            report.open_batches_value_cents += value;
+        match status {
+            SettlementStatus::Settling | SettlementStatus::Failed => {
+                report.open_batches_value_cents += value;
+            }
+            // Part paid back already, shard by shard.
+            SettlementStatus::Refunding => {
+                report.open_batches_value_cents +=
+                    crate::store::refund_saga::still_owed(&mut conn, keys, &batch_id).await?;
+            }
+            _ => {}
         }
     }
     report.exchange_balance_cents = balances
@@ -360,7 +380,15 @@ async fn check(mut conn: Conn, keys: &Keys, pause: &TrimPause) -> StoreResult<Op
             crate::store::order_saga::unadmitted(&mut conn, keys, shard, AUDIT_PAGE_SIZE).await?;
         report.orders_in_flight += count;
         report.orders_in_flight_cents += cents;
+        let (count, cents) =
+            crate::store::transfer_saga::in_flight(&mut conn, keys, shard, AUDIT_PAGE_SIZE).await?;
+        report.transfers_in_flight += count;
+        report.transfers_in_flight_cents += cents;
     }
+    report.transit_balance_cents = balances
+        .iter()
+        .find(|(id, _)| *id == SystemAccount::Transit.id())
+        .map_or(0, |(_, balance)| *balance);
 
     for shard in keys.shards() {
         let mut offset = 0;

@@ -133,6 +133,11 @@ pub struct BenchArgs {
     /// Fetches of each page measured (`bench report` only).
     #[arg(long, default_value_t = 500)]
     pub fetches: usize,
+    /// Run against a private Redis Cluster of 3 masters on loopback (in
+    /// memory, no replicas) instead of one redis-server: the sagas run, and
+    /// the figures show each master's share of the commands.
+    #[arg(long)]
+    pub cluster: bool,
     /// Replicas the bench's Redis gets (in memory, on this box), and that
     /// every write waits for before its answer (`TALLY_REPLICA_ACKS`).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=i64::from(crate::config::REPLICA_ACKS_MAX)))]
@@ -240,8 +245,60 @@ fn start_exchange_sim(
 }
 
 /// Everything a bench run needs, on this machine, torn down on drop.
+/// The bench's Redis: one redis-server, or a cluster of several.
+enum BenchRedis {
+    Node(RedisServer),
+    Cluster(crate::redis_server::RedisCluster),
+}
+
+impl BenchRedis {
+    fn url(&self) -> String {
+        match self {
+            BenchRedis::Node(server) => server.url(),
+            BenchRedis::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    /// The servers that answer commands: the node, or the masters.
+    fn servers(&self) -> &[RedisServer] {
+        match self {
+            BenchRedis::Node(server) => std::slice::from_ref(server),
+            BenchRedis::Cluster(cluster) => cluster.masters(),
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.servers().iter().filter_map(RedisServer::pid).collect()
+    }
+}
+
+/// Commands each server has run so far (`INFO commandstats`) and its CPU
+/// time, by port.
+async fn commands_by_server(redis: &BenchRedis) -> anyhow::Result<Vec<(u16, u64, Duration)>> {
+    let mut counts = Vec::new();
+    for server in redis.servers() {
+        let mut conn = redis::Client::open(server.url())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await?;
+        let calls = stats
+            .lines()
+            .filter_map(|line| line.split("calls=").nth(1))
+            .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .sum();
+        let cpu = server
+            .pid()
+            .map_or(Duration::ZERO, |pid| proc_cpu(&format!("/proc/{pid}/stat")));
+        counts.push((server.port(), calls, cpu));
+    }
+    Ok(counts)
+}
+
 struct Rig {
-    redis: RedisServer,
+    redis: BenchRedis,
     /// In-memory replicas of `redis` (`--replica-acks`), kept running.
     _replicas: Vec<RedisServer>,
     /// The AOF's folder, removed when the rig is dropped.
@@ -265,7 +322,19 @@ struct Rig {
 impl Rig {
     async fn start(args: &BenchArgs) -> anyhow::Result<Self> {
         let (redis, redis_dir) = match args.redis_persistence {
-            Persistence::None => (RedisServer::start_ephemeral().await?, None),
+            _ if args.cluster => {
+                let dir = std::env::temp_dir().join(format!(
+                    "tally-bench-cluster-{}-{}",
+                    std::process::id(),
+                    crate::store::now_ms()
+                ));
+                let cluster = crate::redis_server::RedisCluster::start(3, 0, &dir).await?;
+                (BenchRedis::Cluster(cluster), Some(dir))
+            }
+            Persistence::None => (
+                BenchRedis::Node(RedisServer::start_ephemeral().await?),
+                None,
+            ),
             Persistence::Aof => {
                 let dir = std::env::temp_dir().join(format!(
                     "tally-bench-{}-{}",
@@ -273,14 +342,17 @@ impl Rig {
                     crate::store::now_ms()
                 ));
                 (
-                    RedisServer::start_durable_on_free_port(&dir).await?,
+                    BenchRedis::Node(RedisServer::start_durable_on_free_port(&dir).await?),
                     Some(dir),
                 )
             }
         };
         let mut replicas = Vec::new();
         for _ in 0..args.replica_acks {
-            replicas.push(RedisServer::start_replica_of(&redis).await?);
+            let BenchRedis::Node(primary) = &redis else {
+                bail!("--replica-acks is for one redis-server, not --cluster");
+            };
+            replicas.push(RedisServer::start_replica_of(primary).await?);
         }
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
@@ -335,7 +407,7 @@ impl Rig {
 
     fn cpu_times(&self, workers: Option<&Workers>) -> CpuTimes {
         CpuTimes::now(
-            self.redis.pid(),
+            &self.redis.pids(),
             self.exchange_tid,
             workers.map(|workers| workers.tid),
         )
@@ -451,7 +523,7 @@ impl Drop for Rig {
         let _ = self.stop.send(true);
         if let Some(dir) = &self.redis_dir {
             // Stopped first, so it writes nothing more into the folder.
-            if let Some(pid) = self.redis.pid() {
+            for pid in self.redis.pids() {
                 // SAFETY: kill(2) on our own child's pid has no memory effects.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
@@ -534,7 +606,7 @@ struct CpuTimes {
 }
 
 impl CpuTimes {
-    fn now(redis_pid: Option<u32>, exchange_tid: i32, workers_tid: Option<i32>) -> Self {
+    fn now(redis_pids: &[u32], exchange_tid: i32, workers_tid: Option<i32>) -> Self {
         // SAFETY: getrusage fills the struct we own and has no other effects.
         let usage = unsafe {
             let mut usage = std::mem::zeroed::<libc::rusage>();
@@ -549,7 +621,10 @@ impl CpuTimes {
             process: timeval(usage.ru_utime) + timeval(usage.ru_stime),
             exchange_sim: thread(exchange_tid),
             workers: workers_tid.map_or(Duration::ZERO, thread),
-            redis: redis_pid.map_or(Duration::ZERO, |pid| proc_cpu(&format!("/proc/{pid}/stat"))),
+            redis: redis_pids
+                .iter()
+                .map(|pid| proc_cpu(&format!("/proc/{pid}/stat")))
+                .sum(),
         }
     }
 
@@ -758,6 +833,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         args.exchange_latency_ms,
         runtime_threads,
         match args.redis_persistence {
+            _ if args.cluster => "none (a 3-master Redis Cluster, in memory)",
             Persistence::Aof => "AOF (fsync every second)",
             Persistence::None => "none",
         },
@@ -812,6 +888,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
             .collect(),
     );
     let cpu_before_orders = rig.cpu_times(during_load.as_ref());
+    let commands_before = commands_by_server(&rig.redis).await?;
     let mut load = http_load(
         rig.api_addr,
         args.concurrency,
@@ -831,6 +908,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     let orders_cpu = rig
         .cpu_times(during_load.as_ref())
         .per_request_us(cpu_before_orders, load.ok);
+    let commands_after = commands_by_server(&rig.redis).await?;
     let settled_during_load = rig.settled_count().await?;
     let load_ended = Instant::now();
     let (workers, cpu_before_drain) = match during_load {
@@ -860,9 +938,36 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         load.errors
     );
 
-    // The Redis ceiling runs last, with the workers stopped, so it competes with nothing.
+    // Each server's share of the commands run while the orders came in.
+    let commands: Vec<(u16, u64, Duration)> = commands_after
+        .iter()
+        .zip(&commands_before)
+        .map(|((port, after, cpu_after), (_, before, cpu_before))| {
+            (
+                *port,
+                after.saturating_sub(*before),
+                cpu_after.saturating_sub(*cpu_before),
+            )
+        })
+        .collect();
+    let total_commands: u64 = commands.iter().map(|(_, calls, _)| calls).sum();
+    for (port, calls, cpu) in &commands {
+        println!(
+            "  redis-server :{port}: {calls} commands ({:.1}% of all, {:.1} per order), {:.1} us CPU per order",
+            *calls as f64 * 100.0 / total_commands.max(1) as f64,
+            *calls as f64 / load.ok.max(1) as f64,
+            cpu.as_secs_f64() * 1e6 / load.ok.max(1) as f64
+        );
+    }
+
+    // The Redis ceiling runs last, with the workers stopped, so it competes
+    // with nothing. (One script per order, which only one node runs.)
     workers.stop().await?;
-    let redis_per_sec = redis_ceiling(&rig, args.concurrency, args.duration).await?;
+    let redis_per_sec = if args.cluster {
+        f64::NAN
+    } else {
+        redis_ceiling(&rig, args.concurrency, args.duration).await?
+    };
     println!(
         "Redis ceiling (pipelined script):  {:>10.0} orders/s",
         redis_per_sec

@@ -14,7 +14,7 @@ use crate::config::{
 };
 use crate::domain::{AccountId, BatchId};
 use crate::exchange::sim::{ExchangeSim, Faults};
-use crate::redis_server::RedisServer;
+use crate::redis_server::{RedisCluster, RedisServer};
 use crate::store::{Store, api_keys, orders, settlement};
 
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -221,6 +221,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         exchange_sim_listen,
         data_dir,
         dev_redis_port,
+        cluster,
     } = args;
     worker
         .validate_with(&serve.redis)
@@ -229,6 +230,24 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         serve.access.api_key_pepper = Some(dev_pepper(&data_dir)?);
     }
     raise_open_files_limit(serve.api.connections_max);
+    let private_cluster = match (&serve.redis.redis_url, cluster) {
+        (None, true) => {
+            let cluster = RedisCluster::start(3, 1, &data_dir.join("cluster")).await?;
+            let ports: Vec<String> = cluster
+                .masters()
+                .iter()
+                .map(|master| master.port().to_string())
+                .collect();
+            tracing::info!(
+                masters = %ports.join(","),
+                "private Redis Cluster started (3 masters, 3 replicas, in memory); inspect it with `redis-cli -c -p {}`",
+                ports[0]
+            );
+            serve.redis.redis_url = Some(cluster.urls());
+            Some(cluster)
+        }
+        _ => None,
+    };
     let private_redis = match serve.redis.redis_url {
         Some(_) => None,
         None => {
@@ -291,6 +310,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         server.stop().await?;
         tracing::info!("private redis-server stopped");
     }
+    // Its redis-servers are killed as it drops.
+    drop(private_cluster);
     result.map(|()| ExitCode::SUCCESS)
 }
 
@@ -463,6 +484,7 @@ async fn batches(redis: &RedisSettings, action: BatchAction) -> anyhow::Result<E
                 &batch_id,
                 &note,
                 exchange_confirmed_unfilled,
+                store.sagas(),
             )
             .await?;
             println!(

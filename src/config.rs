@@ -592,6 +592,11 @@ pub struct DevArgs {
     /// Port of the private redis-server (inspect it with `redis-cli -p PORT`).
     #[arg(long, env = "TALLY_DEV_REDIS_PORT", default_value_t = DEV_REDIS_PORT_DEFAULT)]
     pub dev_redis_port: u16,
+    /// Start a private Redis Cluster instead (3 masters, 3 replicas, on
+    /// loopback ports below 30000, in memory: its data lasts as long as the
+    /// process).
+    #[arg(long, env = "TALLY_DEV_CLUSTER")]
+    pub cluster: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -7,7 +7,9 @@
 //! - [`domain`]: newtypes that validate at the edge (`Amount`, `Quantity`, ids).
 //! - [`store`]: Redis: the pool, the key names ([`store::keys`]), one typed
 //!   wrapper per Lua script in `lua/`.
-//! - [`orders`]: pricing purchase orders before `place_orders.lua` runs.
+//! - [`orders`]: pricing purchase orders, and placing them in grouped calls
+//!   (one script, or the order saga).
+//! - [`sagas`]: the sweepers that finish cross-shard sagas a crash left.
 //! - [`settlement`]: workers that buy batches from the exchange, retry with
 //!   backoff, dead-letter, and the operator's retry and refund.
 //! - [`advances`]: the scheduler that leases due installments, and their collection.
@@ -48,6 +50,7 @@ pub mod migrate;
 pub mod notifier;
 pub mod orders;
 pub mod redis_server;
+pub mod sagas;
 pub mod settlement;
 pub mod store;
 pub mod telemetry;

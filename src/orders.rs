@@ -124,7 +124,7 @@ type Admitted = (Shard, OrderId, String);
 /// group to fill, and a finishing step with no debit to ride on runs at once.
 /// Each order is still checked and written on its own inside the scripts,
 /// and gets its own answer. A crash between stages leaves an intent for a
-/// sweeper ([`sweep_periodically`]).
+/// sweeper ([`crate::sagas::sweep_periodically`]).
 pub struct OrderGrouper {
     sender: mpsc::Sender<Pending>,
     receiver: Mutex<Option<mpsc::Receiver<Pending>>>,
@@ -501,45 +501,5 @@ fn answer_all(group: Vec<Pending>, message: &str, outcome_unknown: bool) {
             message: message.to_owned(),
             outcome_unknown,
         })));
-    }
-}
-
-/// How often a worker process sweeps every shard for order sagas left
-/// unfinished (a process died between the debit and the finishing step).
-pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Finishes the order sagas left unfinished past their takeover time, on
-/// every shard, every [`SWEEP_INTERVAL`] until shutdown. Any number of
-/// workers may do this at once: each takes its intents under a lease, and
-/// every step is safe to run twice.
-pub async fn sweep_periodically(store: Store, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    loop {
-        for shard in store.keys().shards() {
-            let swept = match store.conn().await {
-                Ok(mut conn) => {
-                    order_saga::sweep(&mut conn, store.keys(), shard, crate::store::now_ms()).await
-                }
-                Err(err) => Err(err),
-            };
-            match swept {
-                Ok(order_saga::Swept {
-                    finished: 0,
-                    too_old: 0,
-                }) => {}
-                Ok(swept) => tracing::info!(
-                    shard = shard.index(),
-                    finished = swept.finished,
-                    too_old = swept.too_old,
-                    "unfinished order sagas swept"
-                ),
-                Err(err) => {
-                    tracing::warn!(shard = shard.index(), error = %err, "sweeping order sagas failed")
-                }
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
     }
 }

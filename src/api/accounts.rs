@@ -136,7 +136,7 @@ impl AccountsApi {
         ))
     }
 
-    /// One account, customer or system (`@bank`, `@exchange`, `@card`).
+    /// One account, customer or system (`@bank`, `@exchange`, `@card`, `@transit`).
     ///
     /// Role: `customer` (its own account only: any other answers 404, as a
     /// missing one does), `read`, `ops`, `bank` or `admin`.

@@ -43,7 +43,8 @@ struct OrderView {
     price: String,
     /// USD debited: price x quantity, rounded up to the cent.
     cost: String,
-    /// `pending` (waiting in the bucket), `settling`, `settled`, `failed` or `refunded`.
+    /// `pending` (waiting in the bucket), `settling`, `settled`, `failed`,
+    /// `refunding` (a refund under way, shard by shard, on a cluster) or `refunded`.
     status: String,
     /// The batch that carries the order to the exchange, once there is one.
     #[oai(skip_serializing_if_is_none)]
@@ -117,7 +118,8 @@ struct BatchView {
     /// USD paid by the batch's orders.
     value: String,
     order_ids: Vec<String>,
-    /// `settling`, `settled`, `failed` (dead-lettered: retry or refund it) or `refunded`.
+    /// `settling`, `settled`, `failed` (dead-lettered: retry or refund it),
+    /// `refunding` (a refund under way, shard by shard, on a cluster) or `refunded`.
     status: String,
     /// Exchange calls made so far.
     attempts: i64,
@@ -455,8 +457,9 @@ impl OrdersApi {
             .map_or_else(|| "refunded by operator".to_owned(), Text::into_inner);
         let mut conn = self.0.store.conn().await?;
         let confirmed = body.0.exchange_confirmed_unfilled;
+        let sagas = self.0.store.sagas();
         let (orders, cents) =
-            settlement::refund_batch(&mut conn, self.0.store.keys(), &id, &note, confirmed)
+            settlement::refund_batch(&mut conn, self.0.store.keys(), &id, &note, confirmed, sagas)
                 .await
                 .map_err(operator_refusal)?;
         tracing::info!(batch_id = %id, orders, cents, key_id = %caller.key_id, "failed batch refunded by operator");

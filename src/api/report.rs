@@ -52,7 +52,10 @@ struct ReportEntry {
     /// USD asked for, when it differs from what moved (failed transfers).
     #[oai(skip_serializing_if_is_none)]
     requested_amount: Option<String>,
-    /// `completed` or `failed`.
+    /// `completed` or `failed`; `pending` for the first leg of a transfer
+    /// between two shards run as a saga (payer to `@transit`), whose second
+    /// leg (`@transit` to payee, `completed`) or reversal (`@transit` back
+    /// to the payer, `failed`) follows.
     status: String,
     /// Why it failed, or what it was for.
     #[oai(skip_serializing_if_is_none)]

@@ -30,7 +30,7 @@ pub mod patterns {
     pub const UUID: &str =
         "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
     /// A customer account's UUID, or a system account.
-    pub const ACCOUNT_ID: &str = "^(@bank|@exchange|@card|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$";
+    pub const ACCOUNT_ID: &str = "^(@bank|@exchange|@card|@transit|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$";
     /// An API key's id: 32 lower-case hex digits.
     pub const KEY_ID: &str = "^[0-9a-f]{32}$";
     /// A ticker.
@@ -338,7 +338,7 @@ string_schema_type!(
     schema = string_schema(
         Some("account-id"),
         patterns::ACCOUNT_ID,
-        "A customer account's UUID, or a system account (@bank, @exchange, @card)",
+        "A customer account's UUID, or a system account (@bank, @exchange, @card, @transit)",
         "0190a0b0-0000-7000-8000-000000000000"
     ),
     parse = |text: &str, _| AccountId::parse(text).map_err(|err| err.to_string()),

@@ -106,8 +106,19 @@ struct Ended {
 
 impl TransfersApi {
     async fn run(&self, movement: Movement) -> Result<Ended, ApiError> {
-        let mut conn = self.0.store.conn().await?;
-        match move_money(&mut conn, self.0.store.keys(), &movement).await {
+        let store = &self.0.store;
+        let keys = store.keys();
+        let mut conn = store.conn().await?;
+        // Two customers on two shards: one script over both where one node
+        // holds them, else the transfer saga.
+        let moved = if store.sagas()
+            && crate::store::transfer_saga::crosses_shards(keys, &movement.payer, &movement.payee)
+        {
+            crate::store::transfer_saga::move_money(&mut conn, keys, &movement).await
+        } else {
+            move_money(&mut conn, keys, &movement).await
+        };
+        match moved {
             Ok(MovementOutcome::Success) => Ok(Ended {
                 id: movement.id,
                 at_ms: movement.at_ms,

@@ -9,7 +9,9 @@ use uuid::Uuid;
 pub enum IdError {
     #[error("`{0}` is not a valid id (expected a UUID)")]
     Malformed(String),
-    #[error("`{0}` is not a known system account (expected one of @bank, @exchange, @card)")]
+    #[error(
+        "`{0}` is not a known system account (expected one of @bank, @exchange, @card, @transit)"
+    )]
     UnknownSystemAccount(String),
 }
 
@@ -22,16 +24,21 @@ pub enum SystemAccount {
     Exchange,
     /// Card payments.
     Card,
+    /// Transfers between customers on two shards, between their steps: the
+    /// payer's shard's sub-account holds the money until the payee's is
+    /// credited (see CLUSTER.md). Zero once no such transfer is in flight.
+    Transit,
 }
 
 impl SystemAccount {
-    pub const ALL: [SystemAccount; 3] = [Self::Bank, Self::Exchange, Self::Card];
+    pub const ALL: [SystemAccount; 4] = [Self::Bank, Self::Exchange, Self::Card, Self::Transit];
 
     pub fn id(self) -> AccountId {
         let name = match self {
             Self::Bank => "@bank",
             Self::Exchange => "@exchange",
             Self::Card => "@card",
+            Self::Transit => "@transit",
         };
         AccountId(name.to_owned())
     }

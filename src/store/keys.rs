@@ -273,6 +273,28 @@ impl Keys {
         self.at(shard, format_args!("order_intents"))
     }
 
+    /// Transfers debited on a shard whose saga (to another shard's payee) is
+    /// not finished (sorted set: transaction id by when a sweeper may take
+    /// it over, ms).
+    pub fn transfer_intents(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("transfer_intents"))
+    }
+
+    /// Failed batches of a home shard being refunded through the refund saga
+    /// (sorted set: batch id by when a sweeper may take it over, ms).
+    pub fn refund_intents(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("refund_intents"))
+    }
+
+    /// Whether a payee took a transfer from another shard (string
+    /// `credited` or `refused CODE`, expiring), on the payee's shard.
+    pub fn transfer_credit(&self, payee: &AccountId, id: &str) -> String {
+        self.at(
+            self.account_shard(payee),
+            format_args!("transfer_credit:{id}"),
+        )
+    }
+
     /// That an order joined its symbol's bucket, and in which epoch (string,
     /// expiring), on the symbol's home shard: admission happens once.
     pub fn order_admission(&self, symbol: &Symbol, id: &OrderId) -> String {

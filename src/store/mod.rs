@@ -27,10 +27,12 @@ pub mod locks;
 pub mod order_saga;
 pub mod orders;
 pub mod rate_limits;
+pub mod refund_saga;
 pub mod replica_acks;
 pub mod settlement;
 pub mod slots;
 pub mod streams;
+pub mod transfer_saga;
 pub mod transfers;
 pub mod wallet;
 
@@ -357,6 +359,8 @@ impl Store {
             .chain(settlement::scripts())
             .chain(journal::scripts())
             .chain(transfers::scripts())
+            .chain(transfer_saga::scripts())
+            .chain(refund_saga::scripts())
             .chain(wallet::scripts())
             .chain(advances::scripts())
             .chain(streams::scripts())

@@ -33,15 +33,10 @@ use crate::domain::{AccountId, Amount, BatchId, OrderId, Symbol, SystemAccount};
 pub static DEBIT_ORDERS: LazyLock<Script> = lua_script!("debit_orders.lua");
 pub static ADMIT_ORDERS: LazyLock<Script> = lua_script!("admit_orders.lua");
 static FINISH_ORDERS: LazyLock<Script> = lua_script!("finish_orders.lua");
-static CLAIM_ORDER_INTENTS: LazyLock<Script> = lua_script!("claim_order_intents.lua");
+static CLAIM_INTENTS: LazyLock<Script> = lua_script!("claim_intents.lua");
 
 pub fn scripts() -> [&'static Script; 4] {
-    [
-        &DEBIT_ORDERS,
-        &ADMIT_ORDERS,
-        &FINISH_ORDERS,
-        &CLAIM_ORDER_INTENTS,
-    ]
+    [&DEBIT_ORDERS, &ADMIT_ORDERS, &FINISH_ORDERS, &CLAIM_INTENTS]
 }
 
 /// How long after its debit an unfinished order's saga is left to the API
@@ -171,25 +166,7 @@ fn parse_debit(words: &[String]) -> Result<Debit, PlaceOrderError> {
         ("replayed", order_id, _) => OrderId::parse(order_id)
             .map(Debit::Replayed)
             .map_err(|_| unexpected()),
-        ("refused", "account_not_found", _) => Err(PlaceOrderError::AccountNotFound),
-        ("refused", "insufficient_funds", balance) => {
-            let balance = balance
-                .parse()
-                .ok()
-                .and_then(|cents| Amount::from_cents(cents).ok());
-            Err(
-                balance.map_or_else(unexpected, |balance| PlaceOrderError::InsufficientFunds {
-                    balance,
-                }),
-            )
-        }
-        ("refused", "balance_limit", account) => AccountId::parse(account).map_or_else(
-            |_| Err(unexpected()),
-            |account| Err(PlaceOrderError::BalanceLimit(account)),
-        ),
-        ("refused", "idempotency_conflict", order_id) => {
-            Err(PlaceOrderError::IdempotencyConflict(order_id.to_owned()))
-        }
+        ("refused", _, _) => Err(super::orders::parse_refusal(words)),
         _ => Err(unexpected()),
     }
 }
@@ -448,6 +425,23 @@ pub async fn complete(
     Ok(Some(admitted))
 }
 
+/// A sweeper's claim on the sagas of `intents` (a sorted set of ids by
+/// takeover time) past their takeover time at `now_ms`: at most
+/// [`SWEEP_BATCH_MAX`], each leased for [`SWEEP_LEASE_MS`].
+pub async fn claim_intents(
+    conn: &mut impl Conn,
+    intents: &str,
+    now_ms: i64,
+) -> StoreResult<Vec<String>> {
+    Ok(CLAIM_INTENTS
+        .key(intents)
+        .arg(now_ms)
+        .arg(SWEEP_BATCH_MAX)
+        .arg(SWEEP_LEASE_MS)
+        .invoke_async(conn)
+        .await?)
+}
+
 /// What one sweep of a shard did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Swept {
@@ -466,13 +460,7 @@ pub async fn sweep(
     shard: Shard,
     now_ms: i64,
 ) -> StoreResult<Swept> {
-    let taken: Vec<String> = CLAIM_ORDER_INTENTS
-        .key(keys.order_intents(shard))
-        .arg(now_ms)
-        .arg(SWEEP_BATCH_MAX)
-        .arg(SWEEP_LEASE_MS)
-        .invoke_async(conn)
-        .await?;
+    let taken = claim_intents(conn, &keys.order_intents(shard), now_ms).await?;
     let mut swept = Swept::default();
     for id in taken {
         let order_id = OrderId::parse(&id).map_err(|err| StoreError::Corrupt {

@@ -21,6 +21,9 @@ pub enum SettlementStatus {
     Settling,
     Settled,
     Failed,
+    /// A failed batch whose customers are being paid back, shard by shard
+    /// (the refund saga).
+    Refunding,
     /// A failed batch whose customers got their money back.
     Refunded,
 }
@@ -32,6 +35,7 @@ impl SettlementStatus {
             Self::Settling => "settling",
             Self::Settled => "settled",
             Self::Failed => "failed",
+            Self::Refunding => "refunding",
             Self::Refunded => "refunded",
         }
     }
@@ -42,6 +46,7 @@ impl SettlementStatus {
             "settling" => Ok(Self::Settling),
             "settled" => Ok(Self::Settled),
             "failed" => Ok(Self::Failed),
+            "refunding" => Ok(Self::Refunding),
             "refunded" => Ok(Self::Refunded),
             other => Err(format!("unknown status `{other}`")),
         }
@@ -249,26 +254,31 @@ fn parse_outcome(words: &[String]) -> Result<PlaceOrderOutcome, PlaceOrderError>
         ("replayed", order_id, _) => OrderId::parse(order_id)
             .map(PlaceOrderOutcome::Replayed)
             .map_err(|_| unexpected()),
-        ("refused", "account_not_found", _) => Err(PlaceOrderError::AccountNotFound),
-        ("refused", "insufficient_funds", balance) => {
-            let balance = balance
-                .parse()
-                .ok()
-                .and_then(|cents| Amount::from_cents(cents).ok());
-            Err(
-                balance.map_or_else(unexpected, |balance| PlaceOrderError::InsufficientFunds {
-                    balance,
-                }),
-            )
-        }
-        ("refused", "balance_limit", account) => AccountId::parse(account).map_or_else(
-            |_| Err(unexpected()),
-            |account| Err(PlaceOrderError::BalanceLimit(account)),
-        ),
-        ("refused", "idempotency_conflict", order_id) => {
-            Err(PlaceOrderError::IdempotencyConflict(order_id.to_owned()))
-        }
+        ("refused", _, _) => Err(parse_refusal(words)),
         _ => Err(unexpected()),
+    }
+}
+
+/// An order's refusal, as `place_orders.lua` and `debit_orders.lua` word it:
+/// "refused", the reason, and what it names.
+pub(crate) fn parse_refusal(words: &[String]) -> PlaceOrderError {
+    let unexpected = || PlaceOrderError::Store(StoreError::UnexpectedReply(words.to_vec()));
+    match (words[1].as_str(), words[2].as_str()) {
+        ("account_not_found", _) => PlaceOrderError::AccountNotFound,
+        ("insufficient_funds", balance) => balance
+            .parse()
+            .ok()
+            .and_then(|cents| Amount::from_cents(cents).ok())
+            .map_or_else(unexpected, |balance| PlaceOrderError::InsufficientFunds {
+                balance,
+            }),
+        ("balance_limit", account) => {
+            AccountId::parse(account).map_or_else(|_| unexpected(), PlaceOrderError::BalanceLimit)
+        }
+        ("idempotency_conflict", order_id) => {
+            PlaceOrderError::IdempotencyConflict(order_id.to_owned())
+        }
+        _ => unexpected(),
     }
 }
 

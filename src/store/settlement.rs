@@ -315,7 +315,7 @@ pub enum OperatorError {
     Store(#[from] StoreError),
 }
 
-fn operator_refusal(reply: &[String], batch_id: &BatchId) -> OperatorError {
+pub(crate) fn operator_refusal(reply: &[String], batch_id: &BatchId) -> OperatorError {
     match reply.get(1).map(String::as_str) {
         Some("not_failed") => {
             OperatorError::NotFailed(*batch_id, reply.get(2).cloned().unwrap_or_default())
@@ -367,14 +367,28 @@ pub async fn requeue_failed_batch_at(
 
 /// Refunds every customer of a failed batch; returns (orders, value in cents).
 /// A batch an exchange call may have filled is refunded only when
-/// `confirmed_unfilled`.
+/// `confirmed_unfilled`. One script over every customer's shard where one
+/// node holds them; with `sagas` (a cluster), the refund saga.
 pub async fn refund_batch(
     conn: &mut impl Conn,
     keys: &Keys,
     batch_id: &BatchId,
     note: &str,
     confirmed_unfilled: bool,
+    sagas: bool,
 ) -> Result<(usize, i64), OperatorError> {
+    if sagas {
+        // The customers' shards may not be the batch's: one step per shard.
+        return super::refund_saga::refund_batch(
+            conn,
+            keys,
+            batch_id,
+            note,
+            confirmed_unfilled,
+            now_ms(),
+        )
+        .await;
+    }
     refund_batch_at(conn, keys, batch_id, note, confirmed_unfilled, now_ms()).await
 }
 

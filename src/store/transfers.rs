@@ -16,6 +16,7 @@ pub fn scripts() -> [&'static Script; 1] {
 }
 
 /// One movement of money from `payer` to `payee`, prepared by the API.
+#[derive(Debug, Clone)]
 pub struct Movement {
     pub id: String,
     /// `transfer` or `bank_transaction`: the journal entry's kind.
@@ -42,7 +43,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    fn parse(code: &str) -> Option<Self> {
+    pub(crate) fn parse(code: &str) -> Option<Self> {
         match code {
             "account_not_found" => Some(Self::AccountNotFound),
             "insufficient_funds" => Some(Self::InsufficientFunds),
@@ -82,19 +83,29 @@ pub fn movement_shard(keys: &Keys, payer: &AccountId, payee: &AccountId) -> Shar
         .unwrap_or(keys.layout().first())
 }
 
+/// A movement's Idempotency-Key record on `shard` and its fingerprint (a
+/// placeholder key and "" when it has none).
+pub(crate) fn idempotency_of<'a>(
+    keys: &Keys,
+    shard: Shard,
+    movement: &'a Movement,
+) -> (String, &'a str) {
+    match &movement.idempotency {
+        Some(idem) => (
+            keys.idempotency(shard, movement.kind, idem.key.as_str()),
+            idem.fingerprint.as_str(),
+        ),
+        None => (keys.idempotency(shard, movement.kind, "-"), ""),
+    }
+}
+
 pub async fn move_money(
     conn: &mut impl Conn,
     keys: &Keys,
     movement: &Movement,
 ) -> Result<MovementOutcome, MovementError> {
     let shard = movement_shard(keys, &movement.payer, &movement.payee);
-    let (idempotency_key, fingerprint) = match &movement.idempotency {
-        Some(idem) => (
-            keys.idempotency(shard, movement.kind, idem.key.as_str()),
-            idem.fingerprint.as_str(),
-        ),
-        None => (keys.idempotency(shard, movement.kind, "-"), ""),
-    };
+    let (idempotency_key, fingerprint) = idempotency_of(keys, shard, movement);
     let reply: Vec<String> = TRANSFER
         .key(keys.account_on(shard, &movement.payer))
         .key(keys.account_on(shard, &movement.payee))

@@ -275,7 +275,7 @@ pub async fn run_workers(
         journal_retention,
         shutdown.clone(),
     ));
-    consumers.spawn(crate::orders::sweep_periodically(
+    consumers.spawn(crate::sagas::sweep_periodically(
         store.clone(),
         shutdown.clone(),
     ));

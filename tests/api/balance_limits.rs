@@ -339,7 +339,8 @@ async fn refund_batch_refuses_a_refund_that_would_take_either_side_past_the_limi
     // not both.
     app.set_balance_cents(&customer, LIMIT - 1_000).await;
     let before = redis_snapshot(&mut conn).await;
-    let refused = settlement::refund_batch(&mut conn, app.keys(), &batch_id, "x", false).await;
+    let refused =
+        settlement::refund_batch(&mut conn, app.keys(), &batch_id, "x", false, false).await;
     assert!(
         matches!(&refused, Err(OperatorError::BalanceLimit(_, id)) if id.as_str() == customer),
         "{refused:?}"
@@ -350,7 +351,8 @@ async fn refund_batch_refuses_a_refund_that_would_take_either_side_past_the_limi
     app.set_balance_cents(&customer, 0).await;
     app.set_balance_cents("@exchange", -LIMIT + 1_100).await;
     let before = redis_snapshot(&mut conn).await;
-    let refused = settlement::refund_batch(&mut conn, app.keys(), &batch_id, "x", false).await;
+    let refused =
+        settlement::refund_batch(&mut conn, app.keys(), &batch_id, "x", false, false).await;
     assert!(
         matches!(&refused, Err(OperatorError::BalanceLimit(_, id)) if *id == exchange()),
         "{refused:?}"
@@ -360,7 +362,7 @@ async fn refund_batch_refuses_a_refund_that_would_take_either_side_past_the_limi
     app.set_balance_cents("@exchange", 1_200).await;
     app.set_balance_cents(&customer, LIMIT - 1_200).await;
     assert_eq!(
-        settlement::refund_batch(&mut conn, app.keys(), &batch_id, "x", false)
+        settlement::refund_batch(&mut conn, app.keys(), &batch_id, "x", false, false)
             .await
             .unwrap(),
         (2, 1_200)

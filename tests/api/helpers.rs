@@ -294,7 +294,7 @@ impl TestApp {
     /// Sets a balance by hand, for states no test could reach through the API
     /// in its time (the journal no longer matches: no audit after this).
     /// A system account's only on an app with one shard, where it has one
-    /// sub-account (else set a sub-account: [`TestApp::set_sub_balance_cents`]).
+    /// sub-account (else set the sub-account's hash by hand).
     pub async fn set_balance_cents(&self, account_id: &str, cents: i64) {
         let id = AccountId::parse(account_id).unwrap();
         let shards = self.keys().layout().count();
@@ -380,6 +380,44 @@ impl TestApp {
     }
 
     /// A new customer account on a shard none of `taken` is on.
+    /// A transfer of `amount` from `payer` to `payee`, prepared as the API
+    /// prepares one (its id drawn on the payer's shard), for the sagas' steps.
+    pub fn movement(
+        &self,
+        payer: &str,
+        payee: &str,
+        amount: &str,
+    ) -> tally::store::transfers::Movement {
+        let payer = AccountId::parse(payer).unwrap();
+        let keys = self.keys();
+        tally::store::transfers::Movement {
+            id: keys.new_id_in(keys.account_shard(&payer)).to_string(),
+            kind: "transfer",
+            payee: AccountId::parse(payee).unwrap(),
+            payer,
+            amount: tally::domain::Amount::parse(amount).unwrap(),
+            canonical_request: "test".to_owned(),
+            memo: String::new(),
+            at_ms: tally::store::now_ms(),
+            idempotency: None,
+            idempotency_ttl_secs: 60,
+        }
+    }
+
+    /// An account on `beside`'s shard: a transfer between the two is one
+    /// step even with the sagas on (one journal entry, not two legs through
+    /// `@transit`), for tests that count entries. Each account made on the
+    /// way journals its opening balance: pass 0 where entries are counted.
+    pub async fn create_account_beside(&self, name: &str, balance: &str, beside: &str) -> String {
+        let shard = self.shard_of(beside);
+        loop {
+            let id = self.create_account(name, balance).await;
+            if self.shard_of(&id) == shard {
+                return id;
+            }
+        }
+    }
+
     pub async fn create_account_off(&self, name: &str, balance: &str, taken: &[&str]) -> String {
         let shards: Vec<Shard> = taken.iter().map(|id| self.shard_of(id)).collect();
         loop {

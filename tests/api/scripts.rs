@@ -434,7 +434,7 @@ async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
         Err(OperatorError::NotFailed(..))
     ));
     assert!(matches!(
-        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "x", false).await,
+        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "x", false, false).await,
         Err(OperatorError::NotFailed(..))
     ));
     assert_eq!(redis_snapshot(&mut conn).await, before);
@@ -641,7 +641,7 @@ async fn a_refund_refuses_keys_that_are_not_the_batchs() {
         .unwrap();
     let before = redis_snapshot(&mut conn).await;
     let refused =
-        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "x", false).await;
+        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "x", false, false).await;
     assert!(
         matches!(refused, Err(OperatorError::StaleOrders(_))),
         "{refused:?}"
@@ -683,7 +683,7 @@ async fn a_batch_an_unanswered_call_may_have_filled_is_refunded_only_when_confir
 
     let before = redis_snapshot(&mut conn).await;
     let refused =
-        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "x", false).await;
+        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "x", false, false).await;
     assert!(
         matches!(refused, Err(OperatorError::MayBeFilled(_))),
         "{refused:?}"
@@ -693,10 +693,16 @@ async fn a_batch_an_unanswered_call_may_have_filled_is_refunded_only_when_confir
         before,
         "refused: nothing written"
     );
-    let (orders, cents) =
-        settlement::refund_batch(&mut conn, &Keys::default(), &batch_id, "checked", true)
-            .await
-            .unwrap();
+    let (orders, cents) = settlement::refund_batch(
+        &mut conn,
+        &Keys::default(),
+        &batch_id,
+        "checked",
+        true,
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!((orders, cents), (1, 1200));
     assert!(tally::audit::run(&app.store).await.unwrap().is_clean());
 }
