@@ -28,7 +28,7 @@ use super::keys::Keys;
 use super::orders::{PlaceOrder, PlaceOrderError, PlaceOrderOutcome};
 use super::slots::Shard;
 use super::{Conn, Record, StoreError, StoreResult, now_ms};
-use crate::domain::{AccountId, Amount, BatchId, OrderId, Symbol, SystemAccount};
+use crate::domain::{AccountId, BatchId, OrderId, Symbol, SystemAccount};
 
 pub static DEBIT_ORDERS: LazyLock<Script> = lua_script!("debit_orders.lua");
 pub static ADMIT_ORDERS: LazyLock<Script> = lua_script!("admit_orders.lua");

@@ -23,7 +23,7 @@ use std::sync::LazyLock;
 use redis::{AsyncCommands, Script};
 
 use super::keys::Keys;
-use super::order_saga::{SWEEP_BATCH_MAX, TAKEOVER_AFTER_MS, claim_intents};
+use super::order_saga::{TAKEOVER_AFTER_MS, claim_intents};
 use super::slots::Shard;
 use super::transfers::{Movement, MovementError, MovementOutcome, Refusal};
 use super::{Conn, StoreError, StoreResult, verdict};
@@ -287,7 +287,7 @@ async fn finish(
 }
 
 /// A sweeper's round on one shard at `now_ms`: takes the transfer intents
-/// past their takeover time (at most [`SWEEP_BATCH_MAX`]) and finishes their
+/// past their takeover time (at most `order_saga::SWEEP_BATCH_MAX`) and finishes their
 /// sagas. Returns how many it finished.
 pub async fn sweep(
     conn: &mut impl Conn,

@@ -4,14 +4,14 @@
 //! first.
 
 use redis::AsyncCommands;
-use tally::domain::{AccountId, Amount, BatchId, Idempotency, IdempotencyKey, SystemAccount};
+use tally::domain::{AccountId, BatchId, Idempotency, IdempotencyKey, SystemAccount};
 use tally::store::now_ms;
 use tally::store::refund_saga;
 use tally::store::settlement::OperatorError;
 use tally::store::transfer_saga::{self, Debited, Decision};
 use tally::store::transfers::{Movement, MovementError, MovementOutcome, Refusal};
 
-use crate::helpers::{BALANCE_LIMIT_CENTS, TestApp, redis_snapshot, spawn_app_with_sagas};
+use crate::helpers::{BALANCE_LIMIT_CENTS, redis_snapshot, spawn_app_with_sagas};
 
 fn refused(debited: Debited) -> Refusal {
     match debited {

@@ -7,7 +7,7 @@
 //! to run twice.
 
 use serde_json::{Value, json};
-use tally::domain::{AccountId, Amount};
+use tally::domain::AccountId;
 use tally::store::now_ms;
 use tally::store::order_saga::TAKEOVER_AFTER_MS;
 use tally::store::transfer_saga::{self, Debited, Decision};
