@@ -42,6 +42,12 @@ pub fn scripts() -> [&'static Script; 3] {
 /// without finding it.
 pub const CREDIT_DECISION_TTL_SECS: u64 = 7 * 24 * 3_600;
 
+/// The oldest pending transfer whose credit step may still run: half the
+/// decision's life. An older one with no decision on record is not credited
+/// (a decision made earlier may have expired since: crediting again could
+/// pay twice); it is logged for an operator, its money still in `@transit`.
+pub const CREDIT_AGE_MAX_MS: i64 = (CREDIT_DECISION_TTL_SECS as i64) * 1_000 / 2;
+
 /// Whether a movement between these accounts must be a saga: two customers
 /// on two shards. (A movement with a system account happens on the
 /// customer's shard, through the system account's sub-account there.)
@@ -147,6 +153,8 @@ struct Pending {
     amount_cents: i64,
     kind: String,
     memo: String,
+    /// When it was debited, ms.
+    at_ms: i64,
 }
 
 /// The pending transfer `id`, or None once it ended (or if there is none).
@@ -154,7 +162,7 @@ async fn read_pending(conn: &mut impl Conn, keys: &Keys, id: &str) -> StoreResul
     let key = keys.transaction(id);
     let fields: Vec<Option<String>> = redis::cmd("HMGET")
         .arg(&key)
-        .arg(&["status", "payer", "payee", "amount", "kind", "memo"])
+        .arg(&["status", "payer", "payee", "amount", "kind", "memo", "at"])
         .query_async(conn)
         .await?;
     if fields.first().and_then(Option::as_deref) != Some("pending") {
@@ -180,6 +188,9 @@ async fn read_pending(conn: &mut impl Conn, keys: &Keys, id: &str) -> StoreResul
             .map_err(|_| corrupt("amount is not an integer".to_owned()))?,
         kind: field(4, "kind")?,
         memo: field(5, "memo").unwrap_or_default(),
+        at_ms: field(6, "at")?
+            .parse()
+            .map_err(|_| corrupt("at is not an integer".to_owned()))?,
     }))
 }
 
@@ -219,6 +230,21 @@ async fn credit_pending(
     id: &str,
     pending: &Pending,
 ) -> StoreResult<Decision> {
+    if super::now_ms() - pending.at_ms > CREDIT_AGE_MAX_MS {
+        let decided: bool = conn
+            .exists(keys.transfer_credit(&pending.payee, id))
+            .await?;
+        if !decided {
+            tracing::error!(
+                transaction_id = id,
+                "a transfer between shards has been pending for longer than its credit step may run: an operator must look"
+            );
+            return Err(StoreError::Corrupt {
+                key: keys.transaction(id),
+                problem: "pending past the age its credit step may run at".to_owned(),
+            });
+        }
+    }
     let payee_shard = keys.account_shard(&pending.payee);
     let decision: Vec<String> = CREDIT_TRANSFER
         .key(keys.account(&pending.payee))
@@ -298,11 +324,19 @@ pub async fn sweep(
     let taken = claim_intents(conn, &keys.transfer_intents(shard), now_ms).await?;
     let mut finished = 0;
     for id in taken {
-        if complete(conn, keys, &id).await?.is_none() {
-            // Ended already (a lost reply): its intent goes now.
-            let _: () = conn.zrem(keys.transfer_intents(shard), &id).await?;
+        match complete(conn, keys, &id).await {
+            Ok(Some(_)) => finished += 1,
+            Ok(None) => {
+                // Ended already (a lost reply): its intent goes now.
+                let _: () = conn.zrem(keys.transfer_intents(shard), &id).await?;
+                finished += 1;
+            }
+            // One that cannot finish holds up none of the others.
+            Err(StoreError::Corrupt { key, problem }) => {
+                tracing::error!(%key, %problem, "a transfer saga cannot finish");
+            }
+            Err(err) => return Err(err),
         }
-        finished += 1;
     }
     Ok(finished)
 }

@@ -268,3 +268,44 @@ async fn the_refund_steps_refuse_a_batch_or_order_in_the_wrong_state_and_write_n
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
 }
+
+/// A transfer left pending longer than its payee's decision is surely kept
+/// is not credited by a sweeper (a decision made and expired could pay
+/// twice): it stays in `@transit` for an operator, holding up no other.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transfer_pending_too_long_is_not_credited_blindly() {
+    let app = spawn_app_with_sagas().await;
+    let payer = app.create_account_off("payer", "5.00", &[]).await;
+    let payee = app.create_account_off("payee", "0", &[&payer]).await;
+    let mut conn = app.redis().await;
+    let keys = app.keys();
+    let old = app.movement(&payer, &payee, "1.00");
+    let fresh = app.movement(&payer, &payee, "2.00");
+    for transfer in [&old, &fresh] {
+        transfer_saga::debit(&mut conn, keys, transfer, true)
+            .await
+            .unwrap();
+    }
+    let long_ago = now_ms() - transfer_saga::CREDIT_AGE_MAX_MS - 1;
+    let _: () = conn
+        .hset(keys.transaction(&old.id), "at", long_ago)
+        .await
+        .unwrap();
+    assert!(
+        transfer_saga::credit(&mut conn, keys, &old.id)
+            .await
+            .is_err()
+    );
+    let mut finished = 0;
+    for shard in keys.shards() {
+        finished += transfer_saga::sweep(&mut conn, keys, shard, now_ms() + 61_000)
+            .await
+            .unwrap();
+    }
+    assert_eq!(finished, 1, "the fresh one, past the old one");
+    assert_eq!(app.balance(&payee).await, "2.00");
+    assert_eq!(app.balance("@transit").await, "1.00");
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.transfers_in_flight, 1);
+}
