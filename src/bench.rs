@@ -133,6 +133,11 @@ pub struct BenchArgs {
     /// Fetches of each page measured (`bench report` only).
     #[arg(long, default_value_t = 500)]
     pub fetches: usize,
+    /// Symbols the orders spread over (1 to 16), each at 4.00 and each
+    /// homed on a shard of its own: ABAN alone by default. On a cluster,
+    /// one symbol's bucket, batches and settlement all live on one master.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub symbols: u16,
     /// Run against a private Redis Cluster of 3 masters on loopback (in
     /// memory, no replicas) instead of one redis-server: the sagas run, and
     /// the figures show each master's share of the commands.
@@ -272,6 +277,33 @@ impl BenchRedis {
     }
 }
 
+/// ABAN and `count - 1` more symbols at 4.00, each homed on a shard none of
+/// the others is (with the default 16 shards).
+fn bench_prices(count: u16) -> anyhow::Result<crate::config::PriceList> {
+    let layout = crate::store::slots::ShardLayout::new(crate::config::SHARDS_DEFAULT);
+    let mut symbols = vec!["ABAN".to_owned()];
+    let mut homes = vec![layout.of_symbol("ABAN")];
+    let letters = b'A'..=b'Z';
+    'pick: for first in letters.clone() {
+        for second in letters.clone() {
+            if symbols.len() >= usize::from(count) {
+                break 'pick;
+            }
+            let symbol = format!("BN{}{}", first as char, second as char);
+            let home = layout.of_symbol(&symbol);
+            if !homes.contains(&home) {
+                homes.push(home);
+                symbols.push(symbol);
+            }
+        }
+    }
+    let list: Vec<String> = symbols
+        .iter()
+        .map(|symbol| format!("{symbol}=4.00"))
+        .collect();
+    crate::config::PriceList::parse(&list.join(",")).map_err(anyhow::Error::msg)
+}
+
 /// Commands each server has run so far (`INFO commandstats`) and its CPU
 /// time, by port.
 async fn commands_by_server(redis: &BenchRedis) -> anyhow::Result<Vec<(u16, u64, Duration)>> {
@@ -368,7 +400,10 @@ impl Rig {
                 replica_acks: args.replica_acks,
                 ..RedisSettings::for_url(&redis.url())
             },
-            ledger: LedgerSettings::default(),
+            ledger: LedgerSettings {
+                prices: bench_prices(args.symbols)?,
+                ..LedgerSettings::default()
+            },
             api: ApiSettings {
                 listen: "127.0.0.1:0".parse()?,
                 ..ApiSettings::default()
@@ -817,12 +852,13 @@ async fn redis_ceiling(rig: &Rig, depth: usize, duration: Duration) -> anyhow::R
 pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     let runtime_threads = tokio::runtime::Handle::current().metrics().num_workers();
     println!(
-        "tally bench orders: {:?} per phase, concurrency {}, {} accounts, {} workers at nice {} ({}), \
+        "tally bench orders: {:?} per phase, concurrency {}, {} accounts, {} symbols, {} workers at nice {} ({}), \
          exchange latency {} ms, {} runtime threads for the API and the client, Redis persistence {}, \
          authentication {}, {} replica acknowledgements per write",
         args.duration,
         args.concurrency,
         args.accounts,
+        args.symbols,
         args.workers,
         args.workers_nice,
         if args.settle_after_load {
@@ -872,14 +908,23 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         Some(rig.start_workers(&args, args.workers_nice).await?)
     };
     // Each order carries its account's own customer key.
+    let symbols: Vec<String> = rig
+        .ledger
+        .prices
+        .iter()
+        .map(|(symbol, _)| symbol.to_string())
+        .collect();
     let bodies: Arc<Vec<(Bytes, http::HeaderValue)>> = Arc::new(
-        (0..rig.accounts.len() * QUANTITY_MIX.len())
+        (0..rig.accounts.len() * QUANTITY_MIX.len() * symbols.len())
             .map(|i| {
+                // Symbols interleaved, so each gets its share all along.
+                let symbol = &symbols[i % symbols.len()];
+                let i = i / symbols.len();
                 let account = &rig.accounts[i % rig.accounts.len()];
                 let key = &rig.account_keys[i % rig.accounts.len()];
                 let quantity = QUANTITY_MIX[(i / rig.accounts.len()) % QUANTITY_MIX.len()];
                 let body = Bytes::from(format!(
-                    r#"{{"account_id":"{account}","symbol":"ABAN","quantity":"{quantity}"}}"#
+                    r#"{{"account_id":"{account}","symbol":"{symbol}","quantity":"{quantity}"}}"#
                 ));
                 let authorization = http::HeaderValue::from_str(&format!("Bearer {key}"))
                     .expect("a key is a valid header value");
