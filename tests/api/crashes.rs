@@ -685,3 +685,130 @@ async fn a_connection_dropped_after_the_script_was_sent_is_outcome_unknown_and_c
         "one order besides the first"
     );
 }
+
+/// On a Redis Cluster, through a proxy in front of every master (each
+/// master announces its proxy's port, so the cluster client only ever
+/// reaches it through the proxy): the proxy forwards the debit of an order
+/// to the customer's master and drops the connection instead of passing the
+/// reply back. The cluster client sends the script again on a new
+/// connection; the step, safe to run twice, answers as the first run did,
+/// and the customer is charged once.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_cluster_a_script_whose_reply_is_lost_is_sent_again_and_charges_once() {
+    use redis::AsyncCommands;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = tally::redis_server::RedisCluster::start(3, 0, dir.path())
+        .await
+        .unwrap();
+    let mut proxies = Vec::new();
+    for master in cluster.masters() {
+        let proxy = RedisProxy::start(master.port()).await;
+        let mut conn = redis::Client::open(master.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("cluster-announce-port")
+            .arg(proxy.port)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        proxies.push(proxy);
+    }
+    // Every node must know every master by its proxy before the app asks.
+    let proxy_ports: HashSet<u16> = proxies.iter().map(|proxy| proxy.port).collect();
+    for master in cluster.masters() {
+        let url = master.url();
+        let expected = proxy_ports.clone();
+        eventually("every node knows the masters by their proxies", || {
+            let (url, expected) = (url.clone(), expected.clone());
+            async move {
+                let mut conn = redis::Client::open(url)
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap();
+                let nodes: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let ports: HashSet<u16> = nodes
+                    .lines()
+                    .filter_map(|line| {
+                        line.split(' ')
+                            .nth(1)?
+                            .split([':', '@'])
+                            .nth(1)?
+                            .parse()
+                            .ok()
+                    })
+                    .collect();
+                ports == expected
+            }
+        })
+        .await;
+    }
+    let seeds: Vec<String> = proxies.iter().map(RedisProxy::url).collect();
+    let app = crate::helpers::spawn_app_on_redis(
+        crate::helpers::TestRedis::Cluster(cluster),
+        |settings| {
+            settings.redis.redis_url = Some(seeds.join(","));
+            settings.access.authentication = false;
+        },
+    )
+    .await;
+    assert!(app.store.is_cluster());
+    let customer = app.create_account("alice", "100.00").await;
+    // Loads the scripts on the masters the order touches: a cut after an
+    // EVALSHA that met NOSCRIPT would run nothing.
+    let warm = json!({"account_id": customer, "symbol": "ABAN", "quantity": "1"});
+    assert_eq!(app.post("/api/v1/orders", &warm).await.status(), 201);
+    eventually("the warm order's saga is finished", || async {
+        app.order_intents().await == 0
+    })
+    .await;
+
+    // The proxy of the customer's master: the one where her account is.
+    let account_key = app
+        .keys()
+        .account(&tally::domain::AccountId::parse(&customer).unwrap());
+    let mut at = None;
+    for (index, proxy) in proxies.iter().enumerate() {
+        let mut conn = redis::Client::open(proxy.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let here: redis::RedisResult<bool> = conn.exists(&account_key).await;
+        if here == Ok(true) {
+            at = Some(index);
+        }
+    }
+    let proxy = &proxies[at.expect("a master holds the account")];
+
+    proxy.set(ProxyMode::LoseNextScriptReply);
+    let order = json!({"account_id": customer, "symbol": "ABAN", "quantity": "3"});
+    let response = app.post_with_key("/api/v1/orders", "cut-1", &order).await;
+    assert_eq!(*proxy.mode.borrow(), ProxyMode::Forward, "the cut happened");
+    assert_eq!(
+        response.status(),
+        201,
+        "sent again, answered as the first run"
+    );
+    assert_eq!(app.balance(&customer).await, "84.00", "debited once");
+    assert_eq!(
+        app.journal_count("order").await,
+        2,
+        "one order besides the first"
+    );
+    let replay = app.post_with_key("/api/v1/orders", "cut-1", &order).await;
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(app.balance(&customer).await, "84.00");
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
