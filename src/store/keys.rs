@@ -125,7 +125,13 @@ impl Keys {
     /// Written before each wait for replicas (`WAIT` counts what the waiting
     /// connection wrote): a counter on the first shard.
     pub fn replica_ack(&self) -> String {
-        self.at(self.layout.first(), format_args!("replica_ack"))
+        self.replica_ack_on(self.layout.first())
+    }
+
+    /// The same counter on `shard`: on a cluster, one per master, on a
+    /// shard that master serves.
+    pub fn replica_ack_on(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("replica_ack"))
     }
 
     /// A customer account's shard; `None` for a system account, which has a

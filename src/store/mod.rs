@@ -282,6 +282,27 @@ impl Store {
         }
     }
 
+    /// Keys of which each lives on another master, one per master: the
+    /// replica counter of one shard each master serves now (one key on a
+    /// standalone Redis). What `TALLY_REPLICA_ACKS` waits on.
+    pub async fn one_key_per_master(&self) -> StoreResult<Vec<String>> {
+        let Backend::Cluster { shared, .. } = &self.backend else {
+            return Ok(vec![self.keys.replica_ack()]);
+        };
+        let mut conn = shared.clone();
+        let mut masters: Vec<(String, u16)> = Vec::new();
+        let mut keys = Vec::new();
+        for shard in self.keys.shards() {
+            let key = self.keys.replica_ack_on(shard);
+            let master = master_of(&mut conn, slots::hash_slot(key.as_bytes())).await?;
+            if !masters.contains(&master) {
+                masters.push(master);
+                keys.push(key);
+            }
+        }
+        Ok(keys)
+    }
+
     /// Connects and checks the data in Redis is laid out as this process
     /// would write it ([`Store::check_layout`]): what every command but
     /// `tally migrate` opens Redis with.

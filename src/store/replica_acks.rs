@@ -11,6 +11,10 @@
 //! The waits are grouped as commits are in a database's log: requests that
 //! ask while a wait is under way share the next one, so one `WAIT` per round
 //! trip serves any number of concurrent requests.
+//!
+//! On a cluster a request may have written to any master (an order writes
+//! two), so a round waits on every master at once, each on a connection of
+//! its own, with a counter on a shard that master serves.
 
 use std::time::Duration;
 
@@ -92,61 +96,90 @@ impl ReplicaAcks {
 }
 
 /// One round at a time: takes every request waiting, writes the counter and
-/// waits on the round's own connection, answers them all. A request's
-/// writes were answered before it asked, so the round that takes it covers them.
+/// waits on the round's own connections (one per master), answers them all.
+/// A request's writes were answered before it asked, so the round that takes
+/// it covers them.
 async fn run_rounds(
     store: Store,
     wanted: u8,
     timeout: Duration,
     mut waiting: mpsc::Receiver<Waiter>,
 ) {
-    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+    let mut conns: Vec<(String, redis::aio::MultiplexedConnection)> = Vec::new();
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
     while let Some(first) = waiting.recv().await {
         let mut round = vec![first];
         while let Ok(more) = waiting.try_recv() {
             round.push(more);
         }
-        let outcome = match &mut conn {
-            Some(conn) => wait_round(conn, &store, wanted, timeout_ms).await,
-            None => match store.dedicated_conn(&store.keys().replica_ack()).await {
-                Ok(mut made) => {
-                    let outcome = wait_round(&mut made, &store, wanted, timeout_ms).await;
-                    conn = Some(made);
-                    outcome
+        if conns.is_empty() {
+            match connect_masters(&store).await {
+                Ok(made) => conns = made,
+                Err(err) => {
+                    tracing::warn!(error = %err, "connecting to wait for replicas failed");
+                    answer(round, Round::Failed(err.to_string()));
+                    continue;
                 }
-                Err(err) => Round::Failed(err.to_string()),
-            },
-        };
+            }
+        }
+        let outcome = wait_round(&mut conns, wanted, timeout_ms).await;
         if let Round::Failed(err) = &outcome {
-            // A broken connection is made again for the next round.
-            conn = None;
+            // A broken connection, or masters that changed (a failover, a
+            // slot moved): made again, from the cluster's map, next round.
+            conns.clear();
             tracing::warn!(error = %err, "waiting for replicas failed");
         }
-        for waiter in round {
-            let _ = waiter.send(outcome.clone());
-        }
+        answer(round, outcome);
     }
 }
 
-async fn wait_round(
-    conn: &mut redis::aio::MultiplexedConnection,
+fn answer(round: Vec<Waiter>, outcome: Round) {
+    for waiter in round {
+        let _ = waiter.send(outcome.clone());
+    }
+}
+
+/// A connection of the rounds' own to every master, with the counter key
+/// it writes there.
+async fn connect_masters(
     store: &Store,
+) -> Result<Vec<(String, redis::aio::MultiplexedConnection)>, StoreError> {
+    let mut conns = Vec::new();
+    for key in store.one_key_per_master().await? {
+        let conn = store.dedicated_conn(&key).await?;
+        conns.push((key, conn));
+    }
+    Ok(conns)
+}
+
+/// Every master waits for its replicas at once; the round is confirmed when
+/// each has `wanted` (a write may have gone to any of them).
+async fn wait_round(
+    conns: &mut [(String, redis::aio::MultiplexedConnection)],
     wanted: u8,
     timeout_ms: u64,
 ) -> Round {
-    let acknowledged: redis::RedisResult<(u64,)> = redis::pipe()
-        .cmd("INCR")
-        .arg(store.keys().replica_ack())
-        .ignore()
-        .cmd("WAIT")
-        .arg(wanted)
-        .arg(timeout_ms)
-        .query_async(conn)
-        .await;
-    match acknowledged {
-        Ok((acknowledged,)) if acknowledged >= u64::from(wanted) => Round::Confirmed,
-        Ok((acknowledged,)) => Round::TooFew(acknowledged),
-        Err(err) => Round::Failed(err.to_string()),
+    let waits = conns.iter_mut().map(|(key, conn)| async move {
+        redis::pipe()
+            .cmd("INCR")
+            .arg(&*key)
+            .ignore()
+            .cmd("WAIT")
+            .arg(wanted)
+            .arg(timeout_ms)
+            .query_async::<(u64,)>(conn)
+            .await
+    });
+    let mut fewest = u64::MAX;
+    for acknowledged in futures::future::join_all(waits).await {
+        match acknowledged {
+            Ok((acknowledged,)) => fewest = fewest.min(acknowledged),
+            Err(err) => return Round::Failed(err.to_string()),
+        }
+    }
+    if fewest >= u64::from(wanted) {
+        Round::Confirmed
+    } else {
+        Round::TooFew(fewest)
     }
 }
