@@ -443,7 +443,7 @@ async fn a_master_killed_under_load_loses_no_acknowledged_write_with_replica_ack
             while began.elapsed() < load_for {
                 let a = &customers[(task * 7 + n) % customers.len()];
                 let b = &customers[(task * 7 + n * 5 + 1) % customers.len()];
-                let op = if n % 2 == 0 || a == b {
+                let op = if n.is_multiple_of(2) || a == b {
                     Sent {
                         path: "/api/v1/orders",
                         key: format!("order-{task}-{n}"),
