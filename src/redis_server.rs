@@ -329,6 +329,15 @@ impl RedisCluster {
         &self.nodes[..self.masters]
     }
 
+    /// Kills every node at once (SIGKILL), as the loss of the whole cluster
+    /// would.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        for node in &mut self.nodes {
+            node.kill().await?;
+        }
+        Ok(())
+    }
+
     /// Every node's URL, comma-separated: a seed list for a cluster client.
     pub fn urls(&self) -> String {
         self.nodes

@@ -18,6 +18,8 @@ use tally::store::keys::Keys;
 use tally::store::slots::Shard;
 use tokio::sync::{oneshot, watch};
 
+use crate::shared_cluster::SharedCluster;
+
 pub const PROBLEM_JSON: &str = "application/problem+json";
 /// The largest balance the scripts keep exact, 2^53 - 1 cents (`BALANCE_LIMIT`
 /// in lua/lib.lua).
@@ -42,6 +44,8 @@ pub struct TestApp {
 pub enum TestRedis {
     Node(RedisServer),
     Cluster(RedisCluster),
+    /// One of the cluster suite's clusters, handed back when the app drops.
+    Shared(SharedCluster),
 }
 
 impl TestRedis {
@@ -50,19 +54,17 @@ impl TestRedis {
         match self {
             TestRedis::Node(server) => server.url(),
             TestRedis::Cluster(cluster) => cluster.urls(),
+            TestRedis::Shared(shared) => shared.cluster().urls(),
         }
     }
 
-    /// The one redis-server: for tests of what only one node shows.
-    pub fn node(&mut self) -> &mut RedisServer {
-        match self {
-            TestRedis::Node(server) => server,
-            TestRedis::Cluster(_) => panic!("this test needs a standalone redis-server"),
-        }
-    }
-
+    /// Kills the redis-server, or every node of the cluster (SIGKILL).
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.node().kill().await
+        match self {
+            TestRedis::Node(server) => server.kill().await,
+            TestRedis::Cluster(cluster) => cluster.kill().await,
+            TestRedis::Shared(shared) => shared.kill().await,
+        }
     }
 }
 
@@ -93,8 +95,30 @@ pub async fn spawn_app_with_sagas() -> TestApp {
     spawn_app_with(|settings| settings.redis.sagas = Sagas::Always).await
 }
 
-/// Starts redis-server and the API, letting the test adjust the settings.
+/// Whether this run of the suite puts every app on a Redis Cluster
+/// (`TALLY_TEST_REDIS=cluster`) rather than a redis-server of its own.
+pub fn cluster_suite() -> bool {
+    match std::env::var("TALLY_TEST_REDIS").as_deref() {
+        Ok("cluster") => true,
+        Ok("node") | Err(_) => false,
+        Ok(other) => panic!("TALLY_TEST_REDIS={other}: node or cluster"),
+    }
+}
+
+/// Starts Redis (a redis-server, or a cluster in the cluster suite) and the
+/// API, letting the test adjust the settings.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
+    if cluster_suite() {
+        let shared = TestRedis::Shared(SharedCluster::take().await);
+        return spawn_app_on_redis(shared, adjust).await;
+    }
+    spawn_app_on_node(adjust).await
+}
+
+/// Starts a redis-server of its own and the API on it, in either suite: for
+/// tests of what only one node shows (a restart, `KEYS`-free snapshots of a
+/// single process, a replica of its own).
+pub async fn spawn_app_on_node(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
     let redis = RedisServer::start_ephemeral()
         .await
         .expect("redis-server starts");
@@ -106,13 +130,9 @@ pub async fn spawn_app_on(redis: RedisServer, adjust: impl FnOnce(&mut ServeArgs
     spawn_app_on_redis(TestRedis::Node(redis), adjust).await
 }
 
-/// Starts a 3-master Redis Cluster on loopback and the API on it.
+/// Starts the API on a 3-master Redis Cluster on loopback (in either suite).
 pub async fn spawn_app_on_cluster(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let cluster = RedisCluster::start(3, 0, dir.path())
-        .await
-        .expect("the cluster starts");
-    spawn_app_on_redis(TestRedis::Cluster(cluster), adjust).await
+    spawn_app_on_redis(TestRedis::Shared(SharedCluster::take().await), adjust).await
 }
 
 /// Starts the API against `redis`, which the app then owns.
@@ -324,8 +344,8 @@ impl TestApp {
     }
 
     /// A connection of the test's own to the app's Redis: straight to the
-    /// redis-server (not through whatever proxy the app may be given), or
-    /// the app's own on a cluster.
+    /// redis-server or the cluster (not through whatever proxy the app may
+    /// be given).
     pub async fn redis(&self) -> tally::store::connection::Conn {
         match &self.redis {
             TestRedis::Node(server) => Store::connect_node(&RedisSettings::for_url(&server.url()))
@@ -333,7 +353,16 @@ impl TestApp {
                 .conn()
                 .await
                 .unwrap(),
-            TestRedis::Cluster(_) => self.store.conn().await.unwrap(),
+            // A client of its own, not the app's: with the default timeouts,
+            // whatever the test set the app's to.
+            TestRedis::Cluster(_) | TestRedis::Shared(_) => {
+                Store::connect(&RedisSettings::for_url(&self.redis.url()))
+                    .await
+                    .unwrap()
+                    .conn()
+                    .await
+                    .unwrap()
+            }
         }
     }
 
@@ -379,7 +408,6 @@ impl TestApp {
             .collect()
     }
 
-    /// A new customer account on a shard none of `taken` is on.
     /// A transfer of `amount` from `payer` to `payee`, prepared as the API
     /// prepares one (its id drawn on the payer's shard), for the sagas' steps.
     pub fn movement(
@@ -418,6 +446,7 @@ impl TestApp {
         }
     }
 
+    /// A new customer account on a shard none of `taken` is on.
     pub async fn create_account_off(&self, name: &str, balance: &str, taken: &[&str]) -> String {
         let shards: Vec<Shard> = taken.iter().map(|id| self.shard_of(id)).collect();
         loop {

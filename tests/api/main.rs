@@ -22,6 +22,7 @@ mod run_twice;
 mod saga_scripts;
 mod scripts;
 mod settlement;
+mod shared_cluster;
 mod shards;
 mod streams;
 mod transfer_saga;

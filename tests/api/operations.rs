@@ -83,12 +83,8 @@ async fn health_readiness_docs_and_spec_are_served() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_fails_when_redis_is_gone() {
-    let app = spawn_app().await;
-    let mut conn = app.redis().await;
-    let _: Result<(), _> = redis::cmd("SHUTDOWN")
-        .arg("NOSAVE")
-        .query_async(&mut conn)
-        .await;
+    let mut app = spawn_app().await;
+    app.redis.kill().await.unwrap();
     let response = app.get("/ready").await;
     assert_eq!(response.status(), 503);
     let problem: serde_json::Value = response.json().await.unwrap();

@@ -12,7 +12,7 @@ use tally::store::now_ms;
 use tally::store::transfers::{Movement, MovementOutcome, Refusal, move_money};
 use tally::store::wallet::{self, EnqueueOutcome, NewWalletTransaction, WalletKind};
 
-use crate::helpers::{redis_snapshot, spawn_app};
+use crate::helpers::{redis_snapshot, spawn_app, spawn_app_on_node};
 use crate::scripts::settling_batch;
 
 fn key(text: &str) -> Option<Idempotency> {
@@ -61,9 +61,10 @@ async fn transfer_run_twice_moves_once_and_a_refusal_is_journaled_once() {
     let app = spawn_app().await;
     let mut conn = app.redis().await;
     let a = AccountId::parse(&app.create_account("a", "10.00").await).unwrap();
-    let b = AccountId::parse(&app.create_account("b", "0").await).unwrap();
+    // Beside the payer: the one-script transfer (a cross-shard one is the saga's).
+    let b = AccountId::parse(&app.create_account_beside("b", "0", a.as_str()).await).unwrap();
     let movement = |amount: &str, idempotency| Movement {
-        id: uuid::Uuid::now_v7().to_string(),
+        id: on_shard_of(&app, &a),
         kind: "transfer",
         payer: a.clone(),
         payee: b.clone(),
@@ -126,7 +127,7 @@ async fn create_advance_run_twice_lends_once() {
     let mut conn = app.redis().await;
     let customer = AccountId::parse(&app.create_account("borrower", "0").await).unwrap();
     let advance = NewAdvance {
-        id: uuid::Uuid::now_v7().to_string(),
+        id: on_shard_of(&app, &customer),
         account_id: customer.clone(),
         amount: Amount::parse("120.00").unwrap(),
         period_ms: 60_000,
@@ -157,7 +158,7 @@ async fn enqueue_wallet_transaction_run_twice_queues_once() {
     let mut conn = app.redis().await;
     let account = AccountId::parse(&app.create_account("w", "0").await).unwrap();
     let txn = NewWalletTransaction {
-        id: uuid::Uuid::now_v7().to_string(),
+        id: on_shard_of(&app, &account),
         account_id: account,
         kind: WalletKind::Deposit,
         amount: Amount::parse("1.00").unwrap(),
@@ -273,7 +274,7 @@ async fn a_wallet_transaction_applied_twice_moves_once() {
         ),
     ] {
         let txn = NewWalletTransaction {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: on_shard_of(&app, &account),
             account_id: account.clone(),
             kind,
             amount: Amount::parse(amount).unwrap(),
@@ -334,7 +335,9 @@ async fn a_wallet_transaction_applied_twice_moves_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_scheduled_twice_is_scheduled_once() {
     use tally::store::settlement::{self, JobEnd, JobRef};
-    let app = spawn_app().await;
+    // One node of its own in either suite: the refund at the end is the
+    // one-script refund a standalone Redis runs (saga_scripts.rs runs the saga's).
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let (batch_id, stream_id) = settling_batch(&app).await;
     let job = JobRef {
@@ -366,7 +369,9 @@ async fn a_retry_scheduled_twice_is_scheduled_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_and_an_operators_requeue_run_twice_act_once() {
     use tally::store::settlement::{self, JobEnd, JobRef};
-    let app = spawn_app().await;
+    // One node of its own in either suite: the refund at the end is the
+    // one-script refund a standalone Redis runs (saga_scripts.rs runs the saga's).
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let (batch_id, stream_id) = settling_batch(&app).await;
     let job = JobRef {
@@ -469,4 +474,10 @@ async fn a_dead_letter_and_an_operators_requeue_run_twice_act_once() {
         "refunded once"
     );
     assert_eq!(app.journal_count("refund").await, 1);
+}
+
+/// A fresh record id on `account`'s shard, as the API draws one.
+fn on_shard_of(app: &crate::helpers::TestApp, account: &AccountId) -> String {
+    let keys = app.keys();
+    keys.new_id_in(keys.account_shard(account)).to_string()
 }

@@ -239,7 +239,8 @@ async fn the_refund_steps_refuse_a_batch_or_order_in_the_wrong_state_and_write_n
     app.set_balance_cents(&customer, 800).await;
 
     // An order named with another customer: stale, nothing written.
-    let stranger = AccountId::new_customer();
+    // (On the customer's shard, as every pair the saga sends is.)
+    let stranger = AccountId::parse(&app.create_account_beside("s", "0", &customer).await).unwrap();
     let forged = vec![(orders[0].0, stranger)];
     let before = redis_snapshot(&mut conn).await;
     let refused = refund_saga::refund_customers_on(

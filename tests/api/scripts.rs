@@ -15,7 +15,9 @@ use tally::store::orders::{
 
 use tally::store::settlement::{self, Begun, Filled, JobEnd, JobRef, OperatorError};
 
-use crate::helpers::{pending_count, read_settle_job, redis_snapshot, spawn_app};
+use crate::helpers::{
+    pending_count, read_settle_job, redis_snapshot, spawn_app, spawn_app_on_node,
+};
 
 fn new_account(balance: &str, key: Option<&str>) -> NewAccount {
     NewAccount {
@@ -104,7 +106,7 @@ async fn create_account_creates_replays_and_refuses() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn place_order_buckets_batches_replays_and_refuses() {
-    let app = spawn_app().await;
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let rich = new_account("100.00", None);
     create_account(&mut conn, &Keys::default(), &rich)
@@ -167,7 +169,7 @@ async fn place_order_buckets_batches_replays_and_refuses() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_order_for_exactly_the_balance_succeeds() {
-    let app = spawn_app().await;
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let exact = new_account("12.00", None);
     create_account(&mut conn, &Keys::default(), &exact)
@@ -182,7 +184,7 @@ async fn an_order_for_exactly_the_balance_succeeds() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_of_orders_is_placed_one_by_one_each_with_its_own_verdict() {
-    let app = spawn_app().await;
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let rich = new_account("100.00", None);
     let poor = new_account("1.00", None);
@@ -229,7 +231,7 @@ async fn a_group_of_orders_is_placed_one_by_one_each_with_its_own_verdict() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_closes_the_stored_bucket_and_leaves_what_follows_pending() {
-    let app = spawn_app().await;
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let rich = new_account("100.00", None);
     create_account(&mut conn, &Keys::default(), &rich)
@@ -297,7 +299,7 @@ async fn a_group_closes_the_stored_bucket_and_leaves_what_follows_pending() {
 /// second batch takes only the orders after the first.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_that_closes_two_batches_indexes_both() {
-    let app = spawn_app().await;
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let rich = new_account("100.00", None);
     create_account(&mut conn, &Keys::default(), &rich)
@@ -380,7 +382,7 @@ async fn a_group_that_closes_two_batches_indexes_both() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn large_round_quantities_are_stored_as_plain_digits() {
-    let app = spawn_app().await;
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let whale = new_account("100000000.00", None);
     create_account(&mut conn, &Keys::default(), &whale)
@@ -399,26 +401,18 @@ async fn large_round_quantities_are_stored_as_plain_digits() {
     assert_eq!(batch["value"], "4000000.00");
 }
 
-/// A batch of one order (3 ABAN), as a settle job on the stream, read by a consumer.
+/// A batch of one order (3 ABAN), placed through the API (so on a cluster
+/// too), as a settle job on the stream, read by a consumer.
 pub(crate) async fn settling_batch(app: &crate::helpers::TestApp) -> (BatchId, String) {
-    let mut conn = app.redis().await;
-    let customer = new_account("100.00", None);
-    create_account(&mut conn, &Keys::default(), &customer)
-        .await
-        .unwrap();
-    let placed = order(&customer.id, "3", None);
-    place_order(&mut conn, &Keys::default(), &placed)
-        .await
-        .unwrap();
-    (
-        placed.batch_id,
-        read_settle_job(&mut conn, app.keys(), "test").await,
-    )
+    let customer = app.create_account("script", "100.00").await;
+    let batch_id = BatchId::parse(&app.place_batch(&customer, "3").await).unwrap();
+    let stream_id = read_settle_job(&mut app.redis().await, app.keys(), "test").await;
+    (batch_id, stream_id)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn settlement_scripts_act_only_on_a_batch_in_the_right_state() {
-    let app = spawn_app().await;
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let (batch_id, stream_id) = settling_batch(&app).await;
     let job = JobRef {
@@ -499,7 +493,8 @@ async fn group_settlement_scripts_decide_each_job_on_its_own() {
     let mut conn = app.redis().await;
     let (settled_id, settled_stream_id) = settling_batch(&app).await;
     let (open_id, open_stream_id) = settling_batch(&app).await;
-    let missing_id = BatchId::new();
+    // A batch id ABAN's home shard could hold, as every job on its stream names.
+    let missing_id = Keys::default().new_batch_id(&Symbol::parse("ABAN").unwrap());
     let job = |stream_id, batch_id| JobRef {
         stream_id,
         batch_id,
@@ -607,7 +602,7 @@ async fn group_settlement_scripts_decide_each_job_on_its_own() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refund_refuses_keys_that_are_not_the_batchs() {
-    let app = spawn_app().await;
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let (batch_id, stream_id) = settling_batch(&app).await;
     let job = JobRef {
@@ -651,7 +646,7 @@ async fn a_refund_refuses_keys_that_are_not_the_batchs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_an_unanswered_call_may_have_filled_is_refunded_only_when_confirmed() {
-    let app = spawn_app().await;
+    let app = spawn_app_on_node(|_| {}).await;
     let mut conn = app.redis().await;
     let (batch_id, stream_id) = settling_batch(&app).await;
     let job = JobRef {
