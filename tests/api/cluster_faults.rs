@@ -366,3 +366,105 @@ async fn move_slot(ports: &[u16], slot: u16) -> (u16, u16, usize) {
     }
     (from, to, moved)
 }
+
+/// `TALLY_REPLICA_ACKS=1` on a cluster of 3 masters with a replica each:
+/// with one replica stopped (SIGSTOP), a write is not answered 201 (every
+/// round waits on every master, whichever the write went to) but 503 once
+/// the wait runs out, saying the change is on the primary; once the replica
+/// runs again, the retry with the same Idempotency-Key answers the first
+/// write, which one replica holds, applied once. Unlike the failover test,
+/// this one fails when the wait is not made.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_cluster_a_stopped_replica_holds_the_answer_and_a_retry_answers_once_it_has() {
+    const ACK_TIMEOUT_MS: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = RedisCluster::start(3, 1, dir.path()).await.unwrap();
+    let replicas: Vec<(u32, String)> = cluster.nodes()[3..]
+        .iter()
+        .map(|node| (node.pid().expect("the replica runs"), node.url()))
+        .collect();
+    let app = spawn_app_on_redis(TestRedis::Cluster(cluster), |settings| {
+        settings.redis.replica_acks = 1;
+        settings.redis.replica_ack_timeout_ms = ACK_TIMEOUT_MS;
+        settings.redis.redis_timeout_ms = ACK_TIMEOUT_MS + 2_000;
+    })
+    .await;
+    let body = json!({"name": "acked", "balance": "5.00"});
+    let first = app.post("/api/v1/accounts", &body).await;
+    assert_eq!(first.status(), 201, "confirmed while every replica runs");
+    let first: serde_json::Value = first.json().await.unwrap();
+    assert_eq!(replicas_holding(&app, &replicas, &first["id"]).await, 1);
+
+    let signal = |signal| {
+        // SAFETY: kill(2) on a child redis-server this test started.
+        assert_eq!(
+            unsafe { libc::kill(replicas[0].0 as libc::pid_t, signal) },
+            0
+        );
+    };
+    signal(libc::SIGSTOP);
+    let body = json!({"name": "late", "balance": "7.00"});
+    let response = app.post_with_key("/api/v1/accounts", "ack-1", &body).await;
+    signal(libc::SIGCONT);
+    assert_eq!(response.status(), 503);
+    let problem: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        problem["type"], "/problems/replica-ack-timeout",
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("0 of 1 replicas confirmed"),
+        "{problem}"
+    );
+
+    let mut retry = app.post_with_key("/api/v1/accounts", "ack-1", &body).await;
+    for _ in 0..20 {
+        if retry.status() == 201 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        retry = app.post_with_key("/api/v1/accounts", "ack-1", &body).await;
+    }
+    assert_eq!(retry.status(), 201);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let account: serde_json::Value = retry.json().await.unwrap();
+    assert_eq!(replicas_holding(&app, &replicas, &account["id"]).await, 1);
+    assert_eq!(
+        app.balance(account["id"].as_str().unwrap()).await,
+        "7.00",
+        "applied once"
+    );
+}
+
+/// How many of `replicas` hold the account record of `id`, read from each
+/// (`READONLY`: a replica answers for its own master's slots).
+async fn replicas_holding(
+    app: &TestApp,
+    replicas: &[(u32, String)],
+    id: &serde_json::Value,
+) -> usize {
+    let account = tally::domain::AccountId::parse(id.as_str().unwrap()).unwrap();
+    let key = app.keys().account(&account);
+    let mut holding = 0;
+    for (_, url) in replicas {
+        let mut conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("READONLY").query_async(&mut conn).await.unwrap();
+        // Another master's replica answers MOVED: not its slot.
+        let exists: bool = match redis::cmd("EXISTS").arg(&key).query_async(&mut conn).await {
+            Ok(exists) => exists,
+            Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Moved) => {
+                false
+            }
+            Err(err) => panic!("reading {key} from a replica: {err}"),
+        };
+        holding += usize::from(exists);
+    }
+    holding
+}
