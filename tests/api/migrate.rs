@@ -1043,3 +1043,86 @@ async fn a_cluster_is_refused() {
     assert!(!output.status.success(), "{said}");
     assert!(said.contains("cluster_enabled:1"), "{said}");
 }
+
+/// The way from one node to a cluster, as README gives it: the sharded
+/// layout's keys are the same on both, so `redis-cli --cluster import
+/// --cluster-copy` copies a standalone dataset (stream ids, consumer groups
+/// and pending entries kept by `MIGRATE`) onto a fresh cluster, each key to
+/// its shard's master. Afterwards the cluster serves it as the node did: the
+/// same balances and report, a clean audit, and the bucket left waiting below
+/// the minimum closes with the next order (now the order saga) and settles.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standalone_dataset_moves_onto_a_cluster_with_redis_cli_import() {
+    use crate::helpers::{
+        TestRedis, eventually, spawn_app_on_node, spawn_app_on_redis, spawn_exchange,
+        spawn_workers, test_worker_settings,
+    };
+    let node = spawn_app_on_node(|_| {}).await;
+    let exchange = spawn_exchange(Default::default()).await;
+    let workers = spawn_workers(&node, test_worker_settings(&exchange));
+    let a = node.create_account("a", "50.00").await;
+    let b = node.create_account_off("b", "20.00", &[&a]).await;
+    let batch = node.place_batch(&a, "3").await;
+    eventually("the batch settles", || async {
+        node.batch_status(&batch).await == "settled"
+    })
+    .await;
+    assert_eq!(node.place_order(&b, "ABAN", "1").await.status(), 201);
+    let transfer = json!({"src_account_id": a, "dst_account_id": b, "amount": "5.00",
+        "direction": "debit"});
+    assert_eq!(
+        node.post("/api/v1/transfers", &transfer).await.status(),
+        201
+    );
+    workers.stop().await;
+    let before = (
+        report_page(&node).await,
+        node.balance(&a).await,
+        node.balance(&b).await,
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = tally::redis_server::RedisCluster::start(3, 0, dir.path())
+        .await
+        .unwrap();
+    let node_address = node.redis.url().replace("redis://", "");
+    let cluster_address = cluster.masters()[0].url().replace("redis://", "");
+    let imported = std::process::Command::new("redis-cli")
+        .args(["--cluster", "import", &cluster_address])
+        .args(["--cluster-from", &node_address, "--cluster-copy"])
+        .output()
+        .unwrap();
+    assert!(imported.status.success(), "{}", text(&imported));
+    drop(node);
+
+    let app = spawn_app_on_redis(TestRedis::Cluster(cluster), |_| {}).await;
+    let after = (
+        report_page(&app).await,
+        app.balance(&a).await,
+        app.balance(&b).await,
+    );
+    assert_eq!(after, before, "the same ledger");
+    let audit = tally::audit::run(&app.store).await.unwrap();
+    assert!(audit.is_clean(), "{audit}");
+
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let closing = app.place_batch(&b, "2").await;
+    eventually("the imported bucket's batch settles", || async {
+        app.batch_status(&closing).await == "settled"
+    })
+    .await;
+    let calls = exchange.orders().await;
+    assert_eq!(calls.len(), 2);
+    assert!(calls.iter().all(|call| call.quantity == "3"), "{calls:?}");
+    assert_eq!(app.balance(&b).await, "13.00", "20.00 - 4.00 + 5.00 - 8.00");
+    let audit = tally::audit::run(&app.store).await.unwrap();
+    assert!(audit.is_clean(), "{audit}");
+    workers.stop().await;
+}
+
+/// The report's first page, without its `as_of` moment.
+async fn report_page(app: &crate::helpers::TestApp) -> Value {
+    let mut page = app.get_json("/api/v1/transactions?limit=100").await;
+    page.as_object_mut().unwrap().remove("as_of");
+    page
+}
