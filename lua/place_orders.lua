@@ -10,24 +10,32 @@
 -- epoch: each emptying closes an epoch and maps it to the batch, so closing a
 -- batch writes a fixed set of keys however many orders it holds.
 --
--- KEYS[1] @exchange account (hash: balance)   KEYS[2] journal (stream)
--- KEYS[3] settle jobs (stream)                KEYS[4] batch index (sorted set)
--- KEYS[5] symbols ever ordered (set)
--- KEYS[6] journal index (sorted set of padded entry ids, for the report)
--- KEYS[7] accounting events (stream)
--- then 8 keys per order, at offset k = 7 + 8 * (i - 1):
+-- The orders may be of several customer shards and several symbols' home
+-- shards (a standalone Redis holds them all; on a cluster the order saga runs
+-- instead): each order names its customer shard's block of keys and its home
+-- shard's block.
+-- ARGV[1] C, customer shard blocks   ARGV[2] H, home shard blocks
+-- ARGV[3] number of orders            ARGV[4] @exchange's account id
+-- KEYS, first 4 per customer shard block, at offset c = 4 * (j - 1):
+--   c+1 that shard's @exchange account (hash: balance)   c+2 its journal (stream)
+--   c+3 its journal index (sorted set of padded entry ids, for the report)
+--   c+4 its accounting events (stream)
+-- then 3 per home shard block, at offset h = 4 * C + 3 * (j - 1):
+--   h+1 settle jobs (stream)   h+2 batch index (sorted set)
+--   h+3 symbols ever ordered (set)
+-- then 8 keys per order, at offset k = 4 * C + 3 * H + 8 * (i - 1):
 --   k+1 customer account (hash: balance)      k+2 the new order (hash)
 --   k+3 the symbol's bucket (hash: value, quantity, count, epoch)
 --   k+4 the bucket's order ids (list)         k+5 its closed epochs (hash: epoch -> batch id)
 --   k+6 the batch this order would close (hash)   k+7 that batch's order ids (list)
 --   k+8 idempotency key (string "order_id fingerprint")
--- ARGV[1] number of orders   ARGV[2] @exchange's account id
--- then 10 arguments per order, at offset a = 2 + 10 * (i - 1):
+-- and 12 arguments per order, at offset a = 4 + 12 * (i - 1):
 --   a+1 account id   a+2 order id   a+3 symbol   a+4 quantity, units of 1e-8
 --   a+5 price, cents   a+6 cost, cents   a+7 exchange minimum, cents
 --   a+8 batch id, used only if this order closes a batch
 --   a+9 idempotency "fingerprint ttl_seconds", or "" for none
 --   a+10 now, ms since the Unix epoch
+--   a+11 its customer shard block (1..C)   a+12 its home shard block (1..H)
 --
 -- Returns three strings per order, in order:
 --   "placed", "pending", ""                 the order waits in the bucket
@@ -40,11 +48,21 @@
 --     or @exchange past BALANCE_LIMIT (counting the orders placed before it
 --     in this call)
 
-local count = tonumber(ARGV[1])
-if #KEYS ~= 7 + 8 * count or #ARGV ~= 2 + 10 * count then
-  return redis.error_reply('place_orders: expected 8 keys and 10 arguments per order')
+local customer_blocks, home_blocks, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local order_keys = 4 * customer_blocks + 3 * home_blocks
+if #KEYS ~= order_keys + 8 * count or #ARGV ~= 4 + 12 * count then
+  return redis.error_reply('place_orders: expected 4 keys per customer shard, 3 per home shard, '
+    .. '8 keys and 12 arguments per order')
 end
-local exchange_id = ARGV[2]
+local exchange_id = ARGV[4]
+for i = 1, count do
+  local a = 4 + 12 * (i - 1)
+  local customer, home = tonumber(ARGV[a + 11]), tonumber(ARGV[a + 12])
+  if not customer or customer < 1 or customer > customer_blocks
+      or not home or home < 1 or home > home_blocks then
+    return redis.error_reply('place_orders: order ' .. i .. ' names no shard block')
+  end
+end
 
 -- Integers go back to Redis as plain digits: a Lua number passed as it is may
 -- be written with an exponent (1e+15). Exact below 2^53, which the API's
@@ -61,13 +79,19 @@ end
 -- so far written but these not; Redis does not roll a script back. The
 -- arguments are checked above and built by one Rust function.)
 local buckets = {} -- bucket key -> {value, quantity, count, epoch, stored, ids, list, closed, dirty}
-local exchange_credit = 0
--- @exchange's balance with this call's credit so far: read once, at the
--- first order that passes its funds check, so that each order checks the
--- limit against a Lua number and not another call into Redis.
-local exchange_balance
-local journal_pending = {} -- index members of the journal entries written
-local batches_closed = {} -- score, batch id: for the batch index
+-- Per customer shard block: its @exchange credit so far, and its balance with
+-- that credit (read once, at the first order that passes its funds check, so
+-- that each order checks the limit against a Lua number and not another call
+-- into Redis); the index members of the journal entries written.
+local customers = {}
+for j = 1, customer_blocks do
+  customers[j] = { key = 4 * (j - 1), credit = 0, balance = nil, journal_pending = {} }
+end
+-- Per home shard block: score, batch id of each batch closed, for the batch index.
+local homes = {}
+for j = 1, home_blocks do
+  homes[j] = { key = 4 * customer_blocks + 3 * (j - 1), batches_closed = {} }
+end
 
 local function bucket_at(k)
   local key = KEYS[k + 3]
@@ -90,6 +114,8 @@ local function bucket_at(k)
 end
 
 local function place(k, a)
+  local customer, home = customers[tonumber(ARGV[a + 11])], homes[tonumber(ARGV[a + 12])]
+  local c, h = customer.key, home.key
   local idempotency = ARGV[a + 9]
   local fingerprint, ttl
   if idempotency ~= '' then
@@ -116,26 +142,26 @@ local function place(k, a)
   if customer_after > BALANCE_LIMIT then
     return 'refused', 'balance_limit', ARGV[a + 1]
   end
-  if not exchange_balance then
-    exchange_balance = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
+  if not customer.balance then
+    customer.balance = tonumber(redis.call('HGET', KEYS[c + 1], 'balance') or '0')
   end
-  local exchange_after = exchange_balance + cost
+  local exchange_after = customer.balance + cost
   if not within_limit(exchange_after) then
     return 'refused', 'balance_limit', exchange_id
   end
-  exchange_balance = exchange_after
+  customer.balance = exchange_after
 
   local account_id, order_id, symbol, now = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 10]
   redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])
-  exchange_credit = exchange_credit + cost
-  journal_deferred(KEYS[2], journal_pending, 'at', now, 'kind', 'order', 'debit', account_id,
+  customer.credit = customer.credit + cost
+  journal_deferred(KEYS[c + 2], customer.journal_pending, 'at', now, 'kind', 'order', 'debit', account_id,
     'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
-  redis.call('XADD', KEYS[7], '*', 'type', 'order.placed', 'ref', order_id,
+  redis.call('XADD', KEYS[c + 4], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
 
   local bucket = bucket_at(k)
   if bucket.fresh then
-    redis.call('SADD', KEYS[5], symbol) -- the symbol's first order: the audit must find its bucket
+    redis.call('SADD', KEYS[h + 3], symbol) -- the symbol's first order: the audit must find its bucket
     bucket.fresh = false
   end
   local epoch = bucket.epoch
@@ -176,16 +202,16 @@ local function place(k, a)
   bucket.closed[#bucket.closed + 1] = batch_id
   bucket.value, bucket.quantity, bucket.count, bucket.ids = 0, 0, 0, {}
   bucket.epoch = int(tonumber(epoch) + 1)
-  batches_closed[#batches_closed + 1] = now
-  batches_closed[#batches_closed + 1] = batch_id
-  redis.call('XADD', KEYS[3], '*', 'batch_id', batch_id, 'symbol', symbol,
+  home.batches_closed[#home.batches_closed + 1] = now
+  home.batches_closed[#home.batches_closed + 1] = batch_id
+  redis.call('XADD', KEYS[h + 1], '*', 'batch_id', batch_id, 'symbol', symbol,
     'quantity', quantity_text, 'quantity_units', int(quantity), 'value_cents', int(value),
     'order_count', int(orders), 'orders', table.concat(order_ids, ','), 'created_at', now)
   return 'placed', 'settling', batch_id
 end
 
 -- Writes what the group kept in Lua: each bucket it changed, its closed
--- epochs, @exchange's credit, and the journal and batch index members.
+-- epochs, each @exchange's credit, and the journal and batch index members.
 local function flush()
   for key, bucket in pairs(buckets) do
     if bucket.dirty then
@@ -195,16 +221,20 @@ local function flush()
         'count', int(bucket.count), 'epoch', bucket.epoch)
     end
   end
-  if exchange_credit > 0 then
-    redis.call('HINCRBY', KEYS[1], 'balance', int(exchange_credit))
+  for _, customer in ipairs(customers) do
+    if customer.credit > 0 then
+      redis.call('HINCRBY', KEYS[customer.key + 1], 'balance', int(customer.credit))
+    end
+    index_journal(KEYS[customer.key + 3], customer.journal_pending)
   end
-  index_journal(KEYS[6], journal_pending)
-  call_chunked('ZADD', KEYS[4], batches_closed, 2)
+  for _, home in ipairs(homes) do
+    call_chunked('ZADD', KEYS[home.key + 2], home.batches_closed, 2)
+  end
 end
 
 local replies = {}
 for i = 1, count do
-  local verdict, detail, extra = place(7 + 8 * (i - 1), 2 + 10 * (i - 1))
+  local verdict, detail, extra = place(order_keys + 8 * (i - 1), 4 + 12 * (i - 1))
   replies[#replies + 1] = verdict
   replies[#replies + 1] = detail
   replies[#replies + 1] = extra

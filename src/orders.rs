@@ -106,8 +106,8 @@ type Admitted = (Shard, OrderId, String);
 /// Places concurrent orders in grouped script calls.
 ///
 /// Where one script may write two shards (a standalone Redis, see
-/// [`Store::sagas`]), orders queue per customer shard and symbol's home
-/// shard, and one `place_orders.lua` call per group places them whole.
+/// [`Store::sagas`]), orders of every shard and symbol queue together, and
+/// one `place_orders.lua` call per group places them whole.
 ///
 /// Elsewhere they run through the order saga (`store::order_saga`), as a
 /// pipeline of two stages:
@@ -310,14 +310,17 @@ async fn debit_stage(
                 let _permit = permit;
                 finish_group(&store, shard, finishing).await;
             });
-        } else if let Some(((shard, home), group)) = queues.next_group() {
-            if home.is_some() {
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    place_group(&store, group).await;
-                });
-                continue;
-            }
+        } else if let Some((queue, group)) = queues.next_group() {
+            let shard = match queue {
+                DebitQueue::OneScript => {
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        place_group(&store, group).await;
+                    });
+                    continue;
+                }
+                DebitQueue::Saga(shard) => shard,
+            };
             let finishing = unfinished.take(shard);
             let admit = admit.clone();
             tokio::spawn(async move {
@@ -328,20 +331,27 @@ async fn debit_stage(
     }
 }
 
-/// Where the saga is not needed, an order queues with the orders of its
-/// customer's shard and its symbol's home shard, which its one script writes.
-type DebitQueue = (Shard, Option<Shard>);
-
-fn queue_order(store: &Store, queues: &mut ShardQueues<DebitQueue, Pending>, pending: Pending) {
-    let keys = store.keys();
-    let shard = keys.account_shard(&pending.0.account_id);
-    let home = (!store.sagas()).then(|| keys.shard_of_symbol(&pending.0.symbol));
-    queues.push((shard, home), pending);
+/// The call an order waits for: with the sagas, its customer shard's debit;
+/// without, the one script, which takes orders of every shard together (one
+/// Redis holds them all), so the shard count does not split its groups.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum DebitQueue {
+    Saga(Shard),
+    OneScript,
 }
 
-/// One `place_orders.lua` call for a group of orders of one customer shard
-/// and one home shard, where one script may write both (see
-/// [`Store::sagas`]); every order gets its answer.
+fn queue_order(store: &Store, queues: &mut ShardQueues<DebitQueue, Pending>, pending: Pending) {
+    let queue = if store.sagas() {
+        DebitQueue::Saga(store.keys().account_shard(&pending.0.account_id))
+    } else {
+        DebitQueue::OneScript
+    };
+    queues.push(queue, pending);
+}
+
+/// One `place_orders.lua` call for a group of orders of any shards, where
+/// one script may write them all (see [`Store::sagas`]); every order gets
+/// its answer.
 async fn place_group(store: &Store, group: Vec<Pending>) {
     let (orders, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
     let outcomes = match store.conn().await {

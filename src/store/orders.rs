@@ -171,34 +171,55 @@ pub async fn place_orders(
 }
 
 /// The `KEYS` and `ARGV` of `place_orders.lua` for `orders`, in script order.
-/// The group's orders are one shard's (the API groups them by customer
-/// shard): the debit, its journal entry and event are written there, and
-/// the bucket, batch and settle job on the symbol's home shard. (Until the
-/// order saga splits the two, a group whose symbol lives elsewhere spans
-/// two slots.)
+/// The orders may be of any customer shards and symbols (a standalone Redis
+/// holds every shard; a cluster runs the order saga instead): the debit, its
+/// journal entry and event are written on the customer's shard, the bucket,
+/// batch and settle job on the symbol's home shard, each shard's keys named
+/// once, in a block the orders point to.
 pub fn place_orders_input(keys: &Keys, orders: &[PlaceOrder]) -> (Vec<String>, Vec<String>) {
     let exchange = SystemAccount::Exchange.id();
-    let shard = orders
-        .first()
-        .and_then(|order| keys.shard_of_account(&order.account_id))
-        .unwrap_or(keys.layout().first());
-    let home = orders
-        .first()
-        .map(|order| keys.shard_of_symbol(&order.symbol))
-        .unwrap_or(shard);
-    let mut script_keys = Vec::with_capacity(7 + 8 * orders.len());
-    script_keys.extend([
-        keys.system_account(SystemAccount::Exchange, shard),
-        keys.journal(shard),
-        keys.settle(home),
-        keys.batches(home),
-        keys.symbols(home),
-        keys.journal_index(shard),
-        keys.events(shard),
+    let mut customer_shards: Vec<Shard> = Vec::new();
+    let mut home_shards: Vec<Shard> = Vec::new();
+    // Each order's (customer block, home block), numbered from 1 as Lua does.
+    let block = |shards: &mut Vec<Shard>, shard: Shard| match shards.iter().position(|s| *s == shard) {
+        Some(index) => index + 1,
+        None => {
+            shards.push(shard);
+            shards.len()
+        }
+    };
+    let blocks: Vec<(usize, usize)> = orders
+        .iter()
+        .map(|order| {
+            (
+                block(&mut customer_shards, keys.account_shard(&order.account_id)),
+                block(&mut home_shards, keys.shard_of_symbol(&order.symbol)),
+            )
+        })
+        .collect();
+    let mut script_keys = Vec::with_capacity(
+        4 * customer_shards.len() + 3 * home_shards.len() + 8 * orders.len(),
+    );
+    for &shard in &customer_shards {
+        script_keys.extend([
+            keys.system_account(SystemAccount::Exchange, shard),
+            keys.journal(shard),
+            keys.journal_index(shard),
+            keys.events(shard),
+        ]);
+    }
+    for &home in &home_shards {
+        script_keys.extend([keys.settle(home), keys.batches(home), keys.symbols(home)]);
+    }
+    let mut script_args = Vec::with_capacity(4 + 12 * orders.len());
+    script_args.extend([
+        customer_shards.len().to_string(),
+        home_shards.len().to_string(),
+        orders.len().to_string(),
+        exchange.to_string(),
     ]);
-    let mut script_args = Vec::with_capacity(2 + 10 * orders.len());
-    script_args.extend([orders.len().to_string(), exchange.to_string()]);
-    for order in orders {
+    for (order, (customer_block, home_block)) in orders.iter().zip(blocks) {
+        let shard = customer_shards[customer_block - 1];
         let (idempotency_key, idempotency) = match &order.idempotency {
             Some(idem) => (
                 keys.idempotency(shard, "orders", idem.key.as_str()),
@@ -227,6 +248,8 @@ pub fn place_orders_input(keys: &Keys, orders: &[PlaceOrder]) -> (Vec<String>, V
             order.batch_id.to_string(),
             idempotency,
             order.created_at_ms.to_string(),
+            customer_block.to_string(),
+            home_block.to_string(),
         ]);
     }
     (script_keys, script_args)
