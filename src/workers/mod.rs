@@ -1,7 +1,8 @@
 //! The one generic stream-consumer loop every worker capability plugs into.
 //!
-//! A consumer reads its group's stream with explicit `COUNT` and `BLOCK` on
-//! a connection of its own. Before a read, at most every
+//! A consumer reads its group's streams (every shard's on a standalone Redis,
+//! one shard's on a cluster) in one `XREADGROUP` with explicit `COUNT` and
+//! `BLOCK`, on a connection of its own. Before a read, at most every
 //! `HOUSEKEEPING_INTERVAL`, it runs its handler's housekeeping (due retries
 //! back onto the stream), and every quarter of `claim_idle_ms` (within
 //! bounds) it first takes over jobs another consumer left pending for longer
@@ -127,9 +128,10 @@ pub trait JobHandler: Send + Sync + 'static {
 
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    /// The shard whose stream this consumer reads, and that stream's name.
-    pub shard: Shard,
-    pub stream: String,
+    /// The streams this consumer reads, each with its shard: every shard's
+    /// on a standalone Redis, in one read; one shard's on a cluster, where a
+    /// command's keys must share a slot (see [`stream_groups`]).
+    pub streams: Vec<(Shard, String)>,
     pub group: &'static str,
     /// Unique per consumer: names the pending jobs it holds.
     pub consumer: String,
@@ -137,7 +139,8 @@ pub struct ConsumerSettings {
     pub read_count: usize,
     /// Longest a read waits for new jobs.
     pub block_ms: u64,
-    /// Pause after a short read, so the next one gathers more jobs.
+    /// Pause after a short read (no stream gave a full `read_count`), so the
+    /// next one gathers more jobs.
     pub gather: Duration,
     /// Whether this consumer runs the handler's housekeeping (`tick`): one
     /// consumer per stream in a process is enough.
@@ -169,10 +172,10 @@ pub async fn run_consumer<H: JobHandler>(
     let consumer = settings.consumer.as_str();
     tracing::debug!(
         worker = consumer,
-        stream = settings.stream,
+        streams = settings.streams.len(),
         "consumer started"
     );
-    let mut group_ready = false;
+    let mut groups_ready = false;
     // The consumer's own connection for its blocking reads, kept between
     // reads and replaced after an error.
     let mut reader: Option<redis::aio::MultiplexedConnection> = None;
@@ -181,20 +184,17 @@ pub async fn run_consumer<H: JobHandler>(
     let take_over_interval = (Duration::from_millis(settings.claim_idle_ms) / 4)
         .clamp(TAKE_OVER_INTERVAL_MIN, TAKE_OVER_INTERVAL_MAX);
     while !*shutdown.borrow() {
-        if !group_ready {
-            group_ready = match store.conn().await {
-                Ok(mut conn) => ensure_group(&mut conn, &settings.stream, settings.group)
-                    .await
-                    .is_ok(),
-                Err(_) => false,
-            };
+        if !groups_ready {
+            groups_ready = ensure_groups(&store, &settings).await.is_ok();
         }
         let housekeeping = settings.housekeeping
             && last_housekeeping.is_none_or(|at| at.elapsed() >= HOUSEKEEPING_INTERVAL);
         if housekeeping {
             last_housekeeping = Some(Instant::now());
-            if let Err(err) = handler.tick(settings.shard).await {
-                tracing::warn!(worker = consumer, error = %err, "housekeeping failed");
+            for &(shard, _) in &settings.streams {
+                if let Err(err) = handler.tick(shard).await {
+                    tracing::warn!(worker = consumer, error = %err, "housekeeping failed");
+                }
             }
         }
         // Not raced against shutdown: once Redis has answered a read, its
@@ -209,11 +209,11 @@ pub async fn run_consumer<H: JobHandler>(
         let deliveries = match read {
             Ok(deliveries) => deliveries,
             Err(err) => {
-                // The group may be gone (the stream was deleted): create it
+                // A group may be gone (its stream was deleted): create it
                 // again; the connection may be broken: take another.
-                group_ready = false;
+                groups_ready = false;
                 reader = None;
-                tracing::warn!(worker = consumer, error = %err, "reading the stream failed");
+                tracing::warn!(worker = consumer, error = %err, "reading the streams failed");
                 tokio::time::sleep(READ_ERROR_PAUSE).await;
                 continue;
             }
@@ -221,11 +221,15 @@ pub async fn run_consumer<H: JobHandler>(
         if deliveries.is_empty() {
             continue;
         }
-        let short = deliveries.len() < settings.read_count;
-        // Handled to the end even if shutdown arrives meanwhile.
-        handler
-            .handle_all(consumer, settings.shard, deliveries)
-            .await;
+        let short = deliveries
+            .iter()
+            .all(|(_, read)| read.len() < settings.read_count);
+        // Each shard's deliveries to the end, the shards side by side, even
+        // if shutdown arrives meanwhile.
+        let handled = deliveries
+            .into_iter()
+            .map(|(shard, read)| handler.handle_all(consumer, shard, read));
+        join_all(handled).await;
         if short && !settings.gather.is_zero() {
             let mut shutdown = shutdown.clone();
             tokio::select! {
@@ -234,18 +238,38 @@ pub async fn run_consumer<H: JobHandler>(
             }
         }
     }
-    tracing::debug!(
-        worker = consumer,
-        stream = settings.stream,
-        "consumer stopped"
-    );
+    tracing::debug!(worker = consumer, "consumer stopped");
+}
+
+/// Every stream's consumer group, made where missing.
+async fn ensure_groups(store: &Store, settings: &ConsumerSettings) -> StoreResult<()> {
+    let mut conn = store.conn().await?;
+    for (_, stream) in &settings.streams {
+        ensure_group(&mut conn, stream, settings.group).await?;
+    }
+    Ok(())
+}
+
+/// How a process's consumers split a kind of stream over the shards: one
+/// consumer reads every shard's stream in one `XREADGROUP` on a standalone
+/// Redis (16 streams, one read: the reads stay as large as one stream's
+/// were), one per shard on a cluster.
+pub fn stream_groups(store: &Store, kind: StreamKind) -> Vec<Vec<(Shard, String)>> {
+    let keys = store.keys();
+    let streams = keys.shards().map(|shard| (shard, keys.job_stream(kind, shard)));
+    if store.is_cluster() {
+        streams.map(|stream| vec![stream]).collect()
+    } else {
+        vec![streams.collect()]
+    }
 }
 
 /// Runs a worker process's consumers until `shutdown` turns true, each
-/// finishing the jobs in hand first: on every shard's streams, `consumers`
-/// each of settlement (against the HTTP exchange), wallet transactions,
-/// installment collection and notifications; and the journal trim. Each
-/// consumer blocks on a connection of its own.
+/// finishing the jobs in hand first: `consumers` each of settlement (against
+/// the HTTP exchange), wallet transactions, installment collection and
+/// notifications, over every shard's streams (one consumer for all shards on
+/// a standalone Redis, one per shard on a cluster); the journal and stream
+/// trims and the saga sweeper. Each consumer blocks on a connection of its own.
 pub async fn run_workers(
     store: Store,
     settings: &crate::config::WorkerSettings,
@@ -294,10 +318,9 @@ pub async fn run_workers(
         settings.notifier(),
     )?);
     for index in 0..settings.consumers {
-        for shard in store.keys().shards() {
-            let consumer = |kind: StreamKind, group: &'static str, role: &str| ConsumerSettings {
-                shard,
-                stream: store.keys().job_stream(kind, shard),
+        let consumer = |streams: Vec<(Shard, String)>, group: &'static str, role: &str| {
+            ConsumerSettings {
+                streams,
                 group,
                 consumer: if settings.consumers == 1 {
                     format!("{name}-{role}")
@@ -309,41 +332,37 @@ pub async fn run_workers(
                 gather: Duration::from_millis(settings.gather_ms),
                 housekeeping: index == 0,
                 claim_idle_ms: settings.claim_idle_ms,
-            };
-            let settle = consumer(
-                StreamKind::Settle,
-                crate::store::settlement::SETTLE_GROUP,
-                "settle",
-            );
+            }
+        };
+        for streams in stream_groups(&store, StreamKind::Settle) {
+            let settle = consumer(streams, crate::store::settlement::SETTLE_GROUP, "settle");
             consumers.spawn(run_consumer(
                 store.clone(),
                 settle,
                 settler.clone(),
                 shutdown.clone(),
             ));
-            let wallet_consumer = consumer(
-                StreamKind::Wallet,
-                crate::store::wallet::WALLET_GROUP,
-                "wallet",
-            );
+        }
+        for streams in stream_groups(&store, StreamKind::Wallet) {
+            let wallet_consumer = consumer(streams, crate::store::wallet::WALLET_GROUP, "wallet");
             consumers.spawn(run_consumer(
                 store.clone(),
                 wallet_consumer,
                 wallet.clone(),
                 shutdown.clone(),
             ));
-            let collect = consumer(
-                StreamKind::Installments,
-                crate::store::advances::COLLECT_GROUP,
-                "collect",
-            );
+        }
+        for streams in stream_groups(&store, StreamKind::Installments) {
+            let collect = consumer(streams, crate::store::advances::COLLECT_GROUP, "collect");
             consumers.spawn(run_consumer(
                 store.clone(),
                 collect,
                 collector.clone(),
                 shutdown.clone(),
             ));
-            let notify = consumer(StreamKind::Events, crate::notifier::NOTIFY_GROUP, "notify");
+        }
+        for streams in stream_groups(&store, StreamKind::Events) {
+            let notify = consumer(streams, crate::notifier::NOTIFY_GROUP, "notify");
             consumers.spawn(run_consumer(
                 store.clone(),
                 notify,
@@ -423,59 +442,88 @@ pub async fn trim_streams_periodically(
     }
 }
 
+/// One read's deliveries, by shard: jobs left pending too long by any
+/// consumer first (when `take_over`), then new ones, from every stream at once.
+type Read = Vec<(Shard, Vec<Delivery>)>;
+
 /// Jobs left pending too long by any consumer first (when `take_over`), then new ones.
 async fn next_deliveries(
     store: &Store,
     reader: &mut Option<redis::aio::MultiplexedConnection>,
     settings: &ConsumerSettings,
     take_over: bool,
-) -> StoreResult<Vec<Delivery>> {
+) -> StoreResult<Read> {
+    let Some((_, first)) = settings.streams.first() else {
+        return Ok(Vec::new());
+    };
     if reader.is_none() {
-        *reader = Some(store.dedicated_conn(&settings.stream).await?);
+        *reader = Some(store.dedicated_conn(first).await?);
     }
     let conn = reader.as_mut().expect("a reader connection");
     if take_over {
-        let claimed = take_over_pending(conn, settings).await?;
+        let mut claimed = Vec::new();
+        for (shard, stream) in &settings.streams {
+            let taken = take_over_pending(conn, settings, stream).await?;
+            if !taken.is_empty() {
+                claimed.push((*shard, taken));
+            }
+        }
         if !claimed.is_empty() {
             return Ok(claimed);
         }
     }
-    // Nil after the block, or one [stream, [entries]] (a map under RESP3).
-    let reply: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
+    let mut read = redis::cmd("XREADGROUP");
+    read.arg("GROUP")
         .arg(settings.group)
         .arg(&settings.consumer)
         .arg("COUNT")
         .arg(settings.read_count)
         .arg("BLOCK")
         .arg(settings.block_ms)
-        .arg("STREAMS")
-        .arg(&settings.stream)
-        .arg(">")
-        .query_async(conn)
-        .await?;
-    let entries = match reply {
+        .arg("STREAMS");
+    for (_, stream) in &settings.streams {
+        read.arg(stream);
+    }
+    for _ in &settings.streams {
+        read.arg(">");
+    }
+    // Nil after the block, or [stream, [entries]] per stream with entries
+    // (a map under RESP3).
+    let reply: redis::Value = read.query_async(conn).await?;
+    let per_stream: Vec<(redis::Value, redis::Value)> = match reply {
         redis::Value::Array(streams) => streams
             .into_iter()
             .filter_map(|stream| match stream {
-                redis::Value::Array(pair) => pair.into_iter().nth(1),
+                redis::Value::Array(pair) => {
+                    let mut pair = pair.into_iter();
+                    Some((pair.next()?, pair.next()?))
+                }
                 _ => None,
             })
-            .next(),
-        redis::Value::Map(streams) => streams.into_iter().next().map(|(_, entries)| entries),
-        _ => None,
+            .collect(),
+        redis::Value::Map(streams) => streams,
+        _ => Vec::new(),
     };
-    Ok(entries.map(Delivery::from_entries).unwrap_or_default())
+    Ok(per_stream
+        .into_iter()
+        .filter_map(|(name, entries)| {
+            let name = text(name)?;
+            let (shard, _) = settings.streams.iter().find(|(_, s)| *s == name)?;
+            Some((*shard, Delivery::from_entries(entries)))
+        })
+        .filter(|(_, deliveries)| !deliveries.is_empty())
+        .collect())
 }
 
-/// Takes over jobs another consumer has left pending for `claim_idle_ms`.
+/// Takes over jobs another consumer has left pending on `stream` for `claim_idle_ms`.
 async fn take_over_pending(
     conn: &mut redis::aio::MultiplexedConnection,
     settings: &ConsumerSettings,
+    stream: &str,
 ) -> StoreResult<Vec<Delivery>> {
     // [next cursor, [entries], [ids deleted meanwhile]]
     let reply: redis::Value = redis::cmd("XAUTOCLAIM")
-        .arg(&settings.stream)
+        .arg(stream)
         .arg(settings.group)
         .arg(&settings.consumer)
         .arg(settings.claim_idle_ms)
@@ -493,7 +541,7 @@ async fn take_over_pending(
         _ => Vec::new(),
     };
     for delivery in &claimed {
-        tracing::info!(worker = %settings.consumer, stream_id = %delivery.stream_id, "took over a job left pending");
+        tracing::info!(worker = %settings.consumer, stream, stream_id = %delivery.stream_id, "took over a job left pending");
     }
     Ok(claimed)
 }
