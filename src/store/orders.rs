@@ -181,13 +181,14 @@ pub fn place_orders_input(keys: &Keys, orders: &[PlaceOrder]) -> (Vec<String>, V
     let mut customer_shards: Vec<Shard> = Vec::new();
     let mut home_shards: Vec<Shard> = Vec::new();
     // Each order's (customer block, home block), numbered from 1 as Lua does.
-    let block = |shards: &mut Vec<Shard>, shard: Shard| match shards.iter().position(|s| *s == shard) {
-        Some(index) => index + 1,
-        None => {
-            shards.push(shard);
-            shards.len()
-        }
-    };
+    let block =
+        |shards: &mut Vec<Shard>, shard: Shard| match shards.iter().position(|s| *s == shard) {
+            Some(index) => index + 1,
+            None => {
+                shards.push(shard);
+                shards.len()
+            }
+        };
     let blocks: Vec<(usize, usize)> = orders
         .iter()
         .map(|order| {
@@ -197,9 +198,8 @@ pub fn place_orders_input(keys: &Keys, orders: &[PlaceOrder]) -> (Vec<String>, V
             )
         })
         .collect();
-    let mut script_keys = Vec::with_capacity(
-        4 * customer_shards.len() + 3 * home_shards.len() + 8 * orders.len(),
-    );
+    let mut script_keys =
+        Vec::with_capacity(4 * customer_shards.len() + 3 * home_shards.len() + 8 * orders.len());
     for &shard in &customer_shards {
         script_keys.extend([
             keys.system_account(SystemAccount::Exchange, shard),

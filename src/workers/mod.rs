@@ -256,7 +256,9 @@ async fn ensure_groups(store: &Store, settings: &ConsumerSettings) -> StoreResul
 /// were), one per shard on a cluster.
 pub fn stream_groups(store: &Store, kind: StreamKind) -> Vec<Vec<(Shard, String)>> {
     let keys = store.keys();
-    let streams = keys.shards().map(|shard| (shard, keys.job_stream(kind, shard)));
+    let streams = keys
+        .shards()
+        .map(|shard| (shard, keys.job_stream(kind, shard)));
     if store.is_cluster() {
         streams.map(|stream| vec![stream]).collect()
     } else {
@@ -318,8 +320,8 @@ pub async fn run_workers(
         settings.notifier(),
     )?);
     for index in 0..settings.consumers {
-        let consumer = |streams: Vec<(Shard, String)>, group: &'static str, role: &str| {
-            ConsumerSettings {
+        let consumer =
+            |streams: Vec<(Shard, String)>, group: &'static str, role: &str| ConsumerSettings {
                 streams,
                 group,
                 consumer: if settings.consumers == 1 {
@@ -332,8 +334,7 @@ pub async fn run_workers(
                 gather: Duration::from_millis(settings.gather_ms),
                 housekeeping: index == 0,
                 claim_idle_ms: settings.claim_idle_ms,
-            }
-        };
+            };
         for streams in stream_groups(&store, StreamKind::Settle) {
             let settle = consumer(streams, crate::store::settlement::SETTLE_GROUP, "settle");
             consumers.spawn(run_consumer(
