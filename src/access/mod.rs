@@ -170,7 +170,7 @@ impl Authenticator {
         if let (None, Some(retry_after)) = (&fresh, address_refused) {
             return Err(Denied::RateLimited { retry_after });
         }
-        let (in_hand, want) = match self.leases.spend(&holder) {
+        let (in_hand, want) = match self.leases.spend(&holder, fresh.is_none()) {
             // With a stale record the round trip is made anyway: it tops up
             // a lease that is half gone, so a steady key makes one a second.
             Spend::Spent { top_up } => (Some(Ok(())), top_up),
@@ -349,7 +349,7 @@ impl Authenticator {
     /// one address is slowed to `TALLY_AUTH_FAILURES_PER_S`.
     pub async fn note_failure(&self, client: &str) -> Result<(), Denied> {
         let holder = failure_holder(client);
-        let want = match self.failures.spend(&holder) {
+        let want = match self.failures.spend(&holder, false) {
             Spend::Spent { .. } => return Ok(()),
             Spend::Refused(retry_after) => return Err(Denied::RateLimited { retry_after }),
             Spend::Need(want) => want,

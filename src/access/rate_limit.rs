@@ -21,6 +21,12 @@ pub const LEASE_MS: u64 = 5_000;
 /// Most tokens one process asks for at once (Redis grants at most a
 /// quarter of the burst).
 pub const LEASE_WANT_MAX: u32 = 1_024;
+/// Longest one request's lease (or top-up) stands for the holder's: while
+/// it is out, the holder's other requests ask Redis for their own token only
+/// (or no top-up), so N requests at once lease one lease, not N (which took
+/// N leases from the bucket for N tokens spent, and refused the key while
+/// it was far under its limit). Cleared by the answer; this bounds a lost one.
+pub const REFILL_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Most buckets one book tracks; past it, lapsed leases are dropped.
 pub const LEASES_MAX: usize = 100_000;
 
@@ -30,13 +36,16 @@ struct Lease {
     until: Option<Instant>,
     size: u32,
     refused_until: Option<Instant>,
+    /// Until when another request's lease or top-up stands for this holder's.
+    refilling_until: Option<Instant>,
 }
 
 /// What spending a token found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Spend {
     /// A leased token was spent; `top_up` more would refill a lease that
-    /// is half gone (0 when it is not), for a caller that asks Redis anyway.
+    /// is half gone (0 when it is not, or another request is topping it up),
+    /// for a caller that asks Redis anyway: it must.
     Spent { top_up: u32 },
     /// Redis refused lately: retry after this.
     Refused(Duration),
@@ -55,8 +64,10 @@ impl LeaseBook {
         Self::default()
     }
 
-    /// Spends a leased token of `holder`'s, if there is one.
-    pub fn spend(&self, holder: &str) -> Spend {
+    /// Spends a leased token of `holder`'s, if there is one. A caller that
+    /// `asks_redis` anyway (for the key's record) may be given a top-up to
+    /// take along.
+    pub fn spend(&self, holder: &str, asks_redis: bool) -> Spend {
         let now = Instant::now();
         let mut leases = self.leases.lock().expect("lease book lock");
         let Some(lease) = leases.get_mut(holder) else {
@@ -69,17 +80,21 @@ impl LeaseBook {
             lease.refused_until = None;
         }
         let live = lease.until.is_some_and(|until| now < until);
+        let refilling = lease.refilling_until.is_some_and(|until| now < until);
         if live && lease.tokens > 0 {
             lease.tokens -= 1;
-            let top_up = if lease.tokens < lease.size / 2 {
-                lease.size
-            } else {
-                0
-            };
-            return Spend::Spent { top_up };
+            if !asks_redis || lease.tokens >= lease.size / 2 || refilling {
+                return Spend::Spent { top_up: 0 };
+            }
+            lease.refilling_until = Some(now + REFILL_WAIT_MAX);
+            return Spend::Spent { top_up: lease.size };
+        }
+        if refilling {
+            return Spend::Need(1);
         }
         // Spent before it lapsed: ask for more; lapsed unspent: for less.
         let want = if live { lease.size * 2 } else { lease.size / 2 };
+        lease.refilling_until = Some(now + REFILL_WAIT_MAX);
         Spend::Need(want.clamp(1, LEASE_WANT_MAX))
     }
 
@@ -100,8 +115,15 @@ impl LeaseBook {
             let live = lease.until.is_some_and(|until| now < until);
             lease.tokens = if live { lease.tokens } else { 0 } + granted.saturating_sub(1);
             lease.until = Some(now + Duration::from_millis(LEASE_MS));
-            lease.size = granted;
+            // A request that asked for its own token only (another's lease
+            // was out) does not shrink the lease.
+            lease.size = if live {
+                lease.size.max(granted)
+            } else {
+                granted
+            };
             lease.refused_until = None;
+            lease.refilling_until = None;
         });
     }
 
@@ -113,6 +135,7 @@ impl LeaseBook {
             let live = lease.until.is_some_and(|until| now < until);
             lease.tokens = if live { lease.tokens } else { 0 } + granted;
             lease.until = Some(now + Duration::from_millis(LEASE_MS));
+            lease.refilling_until = None;
         });
     }
 
@@ -120,7 +143,8 @@ impl LeaseBook {
     pub fn refuse(&self, holder: &str, retry_after: Duration) {
         let now = Instant::now();
         self.with_lease(holder, |lease| {
-            lease.refused_until = Some(now + retry_after)
+            lease.refused_until = Some(now + retry_after);
+            lease.refilling_until = None;
         });
     }
 
@@ -148,24 +172,77 @@ mod tests {
     #[test]
     fn a_lease_is_spent_then_grows_and_a_refusal_is_kept() {
         let book = LeaseBook::new();
-        assert_eq!(book.spend("k"), Spend::Need(1));
+        assert_eq!(book.spend("k", false), Spend::Need(1));
         book.grant("k", 1);
         // Spent before it lapsed: the next ask doubles.
-        assert_eq!(book.spend("k"), Spend::Need(2));
+        assert_eq!(book.spend("k", false), Spend::Need(2));
         book.grant("k", 2);
-        assert_eq!(book.spend("k"), Spend::Spent { top_up: 2 });
-        assert_eq!(book.spend("k"), Spend::Need(4));
-        book.grant("k", 4);
-        assert_eq!(book.spend("k"), Spend::Spent { top_up: 0 });
-        book.top_up("k", 4);
-        // 2 left and 4 more.
-        for _ in 0..6 {
-            assert!(matches!(book.spend("k"), Spend::Spent { .. }));
-        }
-        assert_eq!(book.spend("k"), Spend::Need(8));
+        // Below half: a caller that asks Redis anyway takes a top-up along.
+        assert_eq!(book.spend("k", true), Spend::Spent { top_up: 2 });
+        book.top_up("k", 2);
+        // 2 in hand: the first keeps half, the second does not.
+        assert_eq!(book.spend("k", true), Spend::Spent { top_up: 0 });
+        assert_eq!(book.spend("k", false), Spend::Spent { top_up: 0 });
+        assert_eq!(book.spend("k", false), Spend::Need(4));
         book.refuse("k", Duration::from_secs(60));
-        assert!(matches!(book.spend("k"), Spend::Refused(_)));
+        assert!(matches!(book.spend("k", false), Spend::Refused(_)));
         assert!(book.refused("k").is_some());
         assert!(book.refused("other").is_none());
+    }
+
+    #[test]
+    fn requests_at_once_lease_one_lease_not_one_each() {
+        let book = LeaseBook::new();
+        assert_eq!(book.spend("k", false), Spend::Need(1));
+        book.grant("k", 1);
+        assert_eq!(book.spend("k", false), Spend::Need(2));
+        book.grant("k", 2);
+        assert_eq!(book.spend("k", false), Spend::Spent { top_up: 0 });
+        assert_eq!(book.spend("k", false), Spend::Need(4));
+        // Three more arrive before Redis answers that lease: each asks for
+        // its own token only (before the fix each asked for 4: 16 tokens
+        // taken from the bucket for 4 requests).
+        for _ in 0..3 {
+            assert_eq!(book.spend("k", false), Spend::Need(1));
+        }
+        book.grant("k", 1);
+        book.grant("k", 4);
+        book.grant("k", 1);
+        book.grant("k", 1);
+        // 3 tokens left of the 7 taken; the lease is still 4.
+        for _ in 0..3 {
+            assert_eq!(book.spend("k", false), Spend::Spent { top_up: 0 });
+        }
+        assert_eq!(book.spend("k", false), Spend::Need(8));
+
+        // Top-ups alike: the first request below half tops up, the others
+        // meanwhile do not.
+        book.grant("k", 8);
+        for _ in 0..3 {
+            assert_eq!(book.spend("k", true), Spend::Spent { top_up: 0 });
+        }
+        assert_eq!(book.spend("k", true), Spend::Spent { top_up: 8 });
+        assert_eq!(book.spend("k", true), Spend::Spent { top_up: 0 });
+        book.top_up("k", 8);
+        assert_eq!(book.spend("k", true), Spend::Spent { top_up: 0 });
+    }
+
+    #[test]
+    fn an_unanswered_lease_stands_for_the_others_only_so_long() {
+        let book = LeaseBook::new();
+        assert_eq!(book.spend("k", false), Spend::Need(1));
+        book.grant("k", 1);
+        assert_eq!(book.spend("k", false), Spend::Need(2));
+        assert_eq!(
+            book.spend("k", false),
+            Spend::Need(1),
+            "the lease of 2 is out"
+        );
+        // It never came back (Redis did not answer): past REFILL_WAIT_MAX
+        // the next request leases again.
+        book.with_lease("k", |lease| {
+            lease.refilling_until = Some(Instant::now() - Duration::from_millis(1))
+        });
+        assert_eq!(book.spend("k", false), Spend::Need(2));
     }
 }
