@@ -744,3 +744,72 @@ async fn due_jobs_move_to_the_stream_once() {
     assert_eq!(jobs[0]["batch_id"], "b1");
     assert_eq!(jobs[0]["attempt"], "2");
 }
+
+/// One `place_orders.lua` call takes orders of customers on two shards for
+/// two symbols, as a standalone Redis groups them: each debit, journal entry
+/// and `@exchange` credit lands on its customer's shard, each order in its
+/// symbol's bucket. An order that names a shard block the call does not
+/// have is refused before anything is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_call_places_orders_of_several_shards_and_symbols() {
+    use tally::domain::SystemAccount;
+    use tally::store::orders::{PLACE_ORDERS, place_orders_input};
+    let app = spawn_app_on_node(|_| {}).await;
+    let mut conn = app.redis().await;
+    let keys = app.keys().clone();
+    let a = app.create_account("a", "100.00").await;
+    let b = app.create_account_off("b", "100.00", &[&a]).await;
+    let (shard_a, shard_b) = (app.shard_of(&a), app.shard_of(&b));
+    let exchange_on = |shard| keys.system_account(SystemAccount::Exchange, shard);
+    let journal_len = |shard| keys.journal(shard);
+    let mut before = Vec::new();
+    for shard in [shard_a, shard_b] {
+        let exchange: Option<i64> = conn.hget(exchange_on(shard), "balance").await.unwrap();
+        let journal: usize = conn.xlen(journal_len(shard)).await.unwrap();
+        before.push((exchange.unwrap_or(0), journal));
+    }
+    let xyz = Symbol::parse("XYZ").unwrap();
+    let (a_id, b_id) = (AccountId::parse(&a).unwrap(), AccountId::parse(&b).unwrap());
+    let mut for_xyz = order(&b_id, "1", None);
+    for_xyz.symbol = xyz.clone();
+    for_xyz.batch_id = keys.new_batch_id(&xyz);
+    let group = [order(&a_id, "1", None), order(&b_id, "1", None), for_xyz];
+
+    let outcomes = place_orders(&mut conn, &keys, &group).await.unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|outcome| matches!(outcome, Ok(PlaceOrderOutcome::Pending))),
+        "{outcomes:?}"
+    );
+    assert_eq!(app.balance(&a).await, "96.00");
+    assert_eq!(app.balance(&b).await, "92.00");
+    for ((shard, cents, orders), (exchange, journal)) in [(shard_a, 400, 1), (shard_b, 800, 2)]
+        .into_iter()
+        .zip(before)
+    {
+        let now: i64 = conn.hget(exchange_on(shard), "balance").await.unwrap();
+        assert_eq!(now - exchange, cents, "@exchange on the customer's shard");
+        let len: usize = conn.xlen(journal_len(shard)).await.unwrap();
+        assert_eq!(len - journal, orders, "the orders' entries on its journal");
+    }
+    assert_eq!(app.bucket("ABAN").await["value"], "8.00");
+    let xyz_value: i64 = conn.hget(keys.bucket(&xyz), "value").await.unwrap();
+    assert_eq!(xyz_value, 400, "XYZ's bucket, on its own home shard");
+
+    // Block 2 of home shards, in a call that has one: refused, nothing written.
+    let (script_keys, mut script_args) = place_orders_input(&keys, &[order(&a_id, "1", None)]);
+    *script_args.last_mut().unwrap() = "2".to_owned();
+    let snapshot = redis_snapshot(&mut conn).await;
+    let mut invocation = PLACE_ORDERS.prepare_invoke();
+    for key in script_keys {
+        invocation.key(key);
+    }
+    for arg in script_args {
+        invocation.arg(arg);
+    }
+    let refused = invocation.invoke_async::<Vec<String>>(&mut conn).await;
+    let err = refused.expect_err("an order naming no block is refused");
+    assert!(err.to_string().contains("names no shard block"), "{err}");
+    assert_eq!(redis_snapshot(&mut conn).await, snapshot, "nothing written");
+}
