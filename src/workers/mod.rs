@@ -135,7 +135,9 @@ pub struct ConsumerSettings {
     pub group: &'static str,
     /// Unique per consumer: names the pending jobs it holds.
     pub consumer: String,
-    /// Most jobs read (and handled concurrently) at once.
+    /// Most jobs read from each stream at once, and most handled
+    /// concurrently (a read of several streams is handled a stream at a
+    /// time when it holds more).
     pub read_count: usize,
     /// Longest a read waits for new jobs.
     pub block_ms: u64,
@@ -224,12 +226,21 @@ pub async fn run_consumer<H: JobHandler>(
         let short = deliveries
             .iter()
             .all(|(_, read)| read.len() < settings.read_count);
-        // Each shard's deliveries to the end, the shards side by side, even
-        // if shutdown arrives meanwhile.
-        let handled = deliveries
-            .into_iter()
-            .map(|(shard, read)| handler.handle_all(consumer, shard, read));
-        join_all(handled).await;
+        // Each shard's deliveries to the end, even if shutdown arrives
+        // meanwhile: the shards side by side while they hold no more than
+        // `read_count` jobs together (COUNT bounds each stream's share of a
+        // read, not the sum), else one shard after another.
+        let total: usize = deliveries.iter().map(|(_, read)| read.len()).sum();
+        if total <= settings.read_count {
+            let handled = deliveries
+                .into_iter()
+                .map(|(shard, read)| handler.handle_all(consumer, shard, read));
+            join_all(handled).await;
+        } else {
+            for (shard, read) in deliveries {
+                handler.handle_all(consumer, shard, read).await;
+            }
+        }
         if short && !settings.gather.is_zero() {
             let mut shutdown = shutdown.clone();
             tokio::select! {
