@@ -706,16 +706,18 @@ pub async fn redis_snapshot(conn: &mut impl tally::store::Conn) -> BTreeMap<Stri
 /// Asserts a refusal: the status, a problem+json body whose detail says
 /// `detail_part`; returns the problem.
 pub async fn assert_problem(response: reqwest::Response, status: u16, detail_part: &str) -> Value {
-    assert_eq!(response.status(), status, "status");
+    let answered = response.status();
     let content_type = response.headers()["content-type"]
         .to_str()
         .unwrap()
         .to_owned();
+    let text = response.text().await.unwrap();
+    assert_eq!(answered, status, "status, answered with {text}");
     assert!(
         content_type.starts_with(PROBLEM_JSON),
         "content type {content_type}"
     );
-    let problem: Value = response.json().await.unwrap();
+    let problem: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(problem["status"], status);
     for field in ["type", "title", "detail"] {
         assert!(problem[field].is_string(), "problem has {field}: {problem}");
