@@ -9,7 +9,7 @@
 -- finishing step of this shard's orders admitted since its last call (as
 -- finish_orders.lua does it), which saves a call per group under load.
 --
--- KEYS[1] @exchange's sub-account on this shard (hash: balance)
+-- KEYS[1] @exchange's sub-account on this shard (hash: balance, orders_paid)
 -- KEYS[2] journal (stream)     KEYS[3] journal index (sorted set, for the report)
 -- KEYS[4] accounting events (stream)
 -- KEYS[5] order intents (sorted set: order id by when a sweeper may take over, ms)
@@ -54,7 +54,7 @@ end
 -- @exchange is credited once at the end with the call's total, as are the
 -- journal index and the intents, which take any number of members in one
 -- call (the script is atomic: nothing reads them in between).
-local exchange_credit = 0
+local exchange_credit, exchange_orders = 0, 0
 local exchange_balance
 local journal_pending = {}
 local intents = {}
@@ -99,6 +99,7 @@ local function debit(k, a)
   local account_id, order_id, symbol, now = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 8]
   redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])
   exchange_credit = exchange_credit + cost
+  exchange_orders = exchange_orders + 1
   journal_deferred(KEYS[2], journal_pending, 'at', now, 'kind', 'order', 'debit', account_id,
     'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
   redis.call('XADD', KEYS[4], '*', 'type', 'order.placed', 'ref', order_id,
@@ -123,6 +124,7 @@ for i = 1, count do
 end
 if exchange_credit > 0 then
   redis.call('HINCRBY', KEYS[1], 'balance', int(exchange_credit))
+  redis.call('HINCRBY', KEYS[1], 'orders_paid', exchange_orders)
 end
 index_journal(KEYS[3], journal_pending)
 call_chunked('ZADD', KEYS[5], intents, 2)

@@ -17,7 +17,7 @@
 -- ARGV[1] C, customer shard blocks   ARGV[2] H, home shard blocks
 -- ARGV[3] number of orders            ARGV[4] @exchange's account id
 -- KEYS, first 4 per customer shard block, at offset c = 4 * (j - 1):
---   c+1 that shard's @exchange account (hash: balance)   c+2 its journal (stream)
+--   c+1 that shard's @exchange account (hash: balance, orders_paid)   c+2 its journal (stream)
 --   c+3 its journal index (sorted set of padded entry ids, for the report)
 --   c+4 its accounting events (stream)
 -- then 3 per home shard block, at offset h = 4 * C + 3 * (j - 1):
@@ -85,7 +85,7 @@ local buckets = {} -- bucket key -> {value, quantity, count, epoch, stored, ids,
 -- into Redis); the index members of the journal entries written.
 local customers = {}
 for j = 1, customer_blocks do
-  customers[j] = { key = 4 * (j - 1), credit = 0, balance = nil, journal_pending = {} }
+  customers[j] = { key = 4 * (j - 1), credit = 0, orders = 0, balance = nil, journal_pending = {} }
 end
 -- Per home shard block: score, batch id of each batch closed, for the batch index.
 local homes = {}
@@ -154,6 +154,7 @@ local function place(k, a)
   local account_id, order_id, symbol, now = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 10]
   redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])
   customer.credit = customer.credit + cost
+  customer.orders = customer.orders + 1
   journal_deferred(KEYS[c + 2], customer.journal_pending, 'at', now, 'kind', 'order', 'debit', account_id,
     'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
   redis.call('XADD', KEYS[c + 4], '*', 'type', 'order.placed', 'ref', order_id,
@@ -224,6 +225,7 @@ local function flush()
   for _, customer in ipairs(customers) do
     if customer.credit > 0 then
       redis.call('HINCRBY', KEYS[customer.key + 1], 'balance', int(customer.credit))
+      redis.call('HINCRBY', KEYS[customer.key + 1], 'orders_paid', customer.orders)
     end
     index_journal(KEYS[customer.key + 3], customer.journal_pending)
   end

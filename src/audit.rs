@@ -37,6 +37,8 @@ pub struct AuditReport {
     pub accounts_checked: usize,
     pub journal_entries: u64,
     pub balances_sum_cents: i64,
+    /// Customers' balances alone, summed (the console shows it).
+    pub customer_balances_cents: i64,
     /// Accounts whose balance differs from their journal: (id, balance, journal sum).
     pub mismatched_accounts: Vec<(AccountId, i64, i64)>,
     /// Accounts whose balance is outside ±[`BALANCE_LIMIT_CENTS`]: (id, balance).
@@ -273,6 +275,12 @@ async fn check(mut conn: Conn, keys: &Keys, pause: &TrimPause) -> StoreResult<Op
     let mut report = AuditReport {
         accounts_checked: balances.len(),
         balances_sum_cents: sum_cents(balances.iter().map(|(_, balance)| *balance)),
+        customer_balances_cents: sum_cents(
+            balances
+                .iter()
+                .filter(|(id, _)| !id.is_system())
+                .map(|(_, balance)| *balance),
+        ),
         out_of_range_accounts: balances
             .iter()
             .filter(|(_, balance)| !(-BALANCE_LIMIT_CENTS..=BALANCE_LIMIT_CENTS).contains(balance))
@@ -426,4 +434,71 @@ async fn check_advance(
         report.unreconciled_advances.push(id.to_owned());
     }
     Ok(())
+}
+
+/// Runs an audit every `interval` and keeps its result in Redis for the
+/// console, until shutdown. Any number of worker processes may run this: a
+/// lock lets one periodic audit run at a time, and a process skips its turn
+/// while the last result is younger than `interval`.
+pub async fn audit_periodically(
+    store: Store,
+    interval: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        if let Err(err) = audit_if_due(&store, interval).await {
+            tracing::warn!(error = %err, "the periodic audit did not run");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// How long the periodic audit holds the audit lock at most.
+pub const PERIODIC_AUDIT_LOCK_MS: u64 = 600_000;
+
+/// Audits and records the result, unless another process did within
+/// `interval` or is auditing now.
+pub async fn audit_if_due(store: &Store, interval: std::time::Duration) -> StoreResult<bool> {
+    use crate::store::console;
+    let mut conn = store.conn().await?;
+    let now = crate::store::now_ms();
+    let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+    if let Some(last) = console::last_audit(&mut conn, store.keys()).await?
+        && now.saturating_sub(last.at_ms) < interval_ms
+    {
+        return Ok(false);
+    }
+    let Some(_lock) = crate::store::locks::Lock::acquire(
+        store,
+        crate::store::keys::PERIODIC_AUDIT_RUNNING,
+        PERIODIC_AUDIT_LOCK_MS,
+    )
+    .await?
+    else {
+        return Ok(false);
+    };
+    record(store).await?;
+    Ok(true)
+}
+
+/// Runs an audit now and records its result for the console.
+pub async fn record(store: &Store) -> StoreResult<AuditReport> {
+    let report = run(store).await?;
+    if !report.is_clean() {
+        tracing::error!(report = %report, "the periodic audit found a breach");
+    }
+    let summary = crate::store::console::AuditSummary {
+        at_ms: crate::store::now_ms(),
+        clean: report.is_clean(),
+        customer_balances_cents: report.customer_balances_cents,
+        accounts_checked: report.accounts_checked as u64,
+        journal_entries: report.journal_entries,
+        report: report.to_string(),
+    };
+    let mut conn = store.conn().await?;
+    crate::store::console::record_audit(&mut conn, store.keys(), &summary).await?;
+    Ok(report)
 }

@@ -59,6 +59,9 @@ pub const WEBHOOK_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 pub const WEBHOOK_RETRY_BASE_MS_DEFAULT: u64 = 1_000;
 pub const WEBHOOK_RETRY_MAX_MS_DEFAULT: u64 = 300_000;
 pub const STREAM_RETENTION_MS_DEFAULT: u64 = 60_000;
+/// How often a worker process audits the ledger for the console (one
+/// process at a time does): five minutes.
+pub const AUDIT_INTERVAL_MS_DEFAULT: u64 = 300_000;
 pub const INSTALLMENTS_MAX_DEFAULT: u32 = crate::store::advances::INSTALLMENTS_MAX;
 pub const ADVANCE_PERIOD_DEFAULT: &str = "7d";
 pub const INSTALLMENT_LEASE_MS_DEFAULT: u64 = 30_000;
@@ -426,6 +429,10 @@ pub struct WorkerSettings {
     /// later instead. At most 1000.
     #[arg(long, env = "TALLY_INSTALLMENTS_MAX", default_value_t = INSTALLMENTS_MAX_DEFAULT)]
     pub installments_max: u32,
+    /// How often the ledger is audited and the result kept for the console
+    /// (one worker process at a time audits). At least 1000 ms.
+    #[arg(long, env = "TALLY_AUDIT_INTERVAL_MS", default_value_t = AUDIT_INTERVAL_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1_000..))]
+    pub audit_interval_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -451,6 +458,7 @@ impl Default for WorkerSettings {
             webhook_retry_max_ms: WEBHOOK_RETRY_MAX_MS_DEFAULT,
             stream_retention_ms: STREAM_RETENTION_MS_DEFAULT,
             installments_max: INSTALLMENTS_MAX_DEFAULT,
+            audit_interval_ms: AUDIT_INTERVAL_MS_DEFAULT,
         }
     }
 }
@@ -755,6 +763,64 @@ pub struct ApiSettings {
     /// headers at all, so browsers keep other sites' pages from reading answers.
     #[arg(long, env = "TALLY_CORS_ALLOWED_ORIGINS", default_value = CORS_ALLOWED_ORIGINS_DEFAULT, value_parser = OriginList::parse)]
     pub cors_allowed_origins: OriginList,
+    #[command(flatten)]
+    pub console: ConsoleSettings,
+}
+
+/// A console session lapses after this long without a request: 30 minutes.
+pub const CONSOLE_SESSION_IDLE_MS_DEFAULT: u64 = 30 * 60 * 1000;
+/// A console session ends after this long however active: 12 hours.
+pub const CONSOLE_SESSION_MAX_MS_DEFAULT: u64 = 12 * 60 * 60 * 1000;
+/// How old the overview's shared snapshot may be: 1 s.
+pub const CONSOLE_SNAPSHOT_MS_DEFAULT: u64 = 1_000;
+/// Rows on a console list page.
+pub const CONSOLE_PAGE_SIZE_DEFAULT: usize = 50;
+/// The most rows a console list page may be asked for.
+pub const CONSOLE_PAGE_SIZE_MAX: usize = 500;
+
+/// The operator's console at `/ops`.
+#[derive(Debug, Clone, Args)]
+pub struct ConsoleSettings {
+    /// A console session lapses after this long without a request.
+    #[arg(id = "console_session_idle_ms", long = "console-session-idle-ms", env = "TALLY_CONSOLE_SESSION_IDLE_MS", default_value_t = CONSOLE_SESSION_IDLE_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1_000..))]
+    pub session_idle_ms: u64,
+    /// A console session ends after this long, however active.
+    #[arg(id = "console_session_max_ms", long = "console-session-max-ms", env = "TALLY_CONSOLE_SESSION_MAX_MS", default_value_t = CONSOLE_SESSION_MAX_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1_000..))]
+    pub session_max_ms: u64,
+    /// Mark the session cookie `Secure` (set it when browsers reach tally
+    /// over HTTPS, through a proxy that terminates TLS).
+    #[arg(
+        id = "console_cookie_secure",
+        long = "console-cookie-secure",
+        env = "TALLY_CONSOLE_COOKIE_SECURE"
+    )]
+    pub cookie_secure: bool,
+    /// How old the overview's figures may be: one read of Redis serves every
+    /// browser for this long.
+    #[arg(id = "console_snapshot_ms", long = "console-snapshot-ms", env = "TALLY_CONSOLE_SNAPSHOT_MS", default_value_t = CONSOLE_SNAPSHOT_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub snapshot_ms: u64,
+    /// Rows on a console list page (at most 500).
+    #[arg(id = "console_page_size", long = "console-page-size", env = "TALLY_CONSOLE_PAGE_SIZE", default_value_t = CONSOLE_PAGE_SIZE_DEFAULT, value_parser = parse_console_page_size)]
+    pub page_size: usize,
+}
+
+fn parse_console_page_size(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(size) if (1..=CONSOLE_PAGE_SIZE_MAX).contains(&size) => Ok(size),
+        _ => Err(format!("a number from 1 to {CONSOLE_PAGE_SIZE_MAX}")),
+    }
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        ConsoleSettings {
+            session_idle_ms: CONSOLE_SESSION_IDLE_MS_DEFAULT,
+            session_max_ms: CONSOLE_SESSION_MAX_MS_DEFAULT,
+            cookie_secure: false,
+            snapshot_ms: CONSOLE_SNAPSHOT_MS_DEFAULT,
+            page_size: CONSOLE_PAGE_SIZE_DEFAULT,
+        }
+    }
 }
 
 impl Default for ApiSettings {
@@ -775,6 +841,7 @@ impl Default for ApiSettings {
             connections_max: CONNECTIONS_MAX_DEFAULT,
             cors_allowed_origins: OriginList::parse(CORS_ALLOWED_ORIGINS_DEFAULT)
                 .expect("the default origin list parses"),
+            console: ConsoleSettings::default(),
         }
     }
 }

@@ -239,6 +239,49 @@ impl Authenticator {
         }
     }
 
+    /// The caller a console session stands for: the key it signed in with,
+    /// if that key is still live with the same role (a revoked or expired
+    /// key ends its sessions), with a token of the key's rate limit spent.
+    /// The secret was checked at sign-in; the session's own token, which
+    /// only that browser holds, stands in for it since.
+    pub async fn admit_session(
+        &self,
+        key_id: &KeyId,
+        role: Role,
+        class: RequestClass,
+    ) -> Result<Caller, Denied> {
+        let holder = format!("{key_id}:{}", class.as_str());
+        let fresh = self
+            .watch
+            .current(self.cache.ttl)
+            .and_then(|epoch| self.cache.fresh(key_id, epoch));
+        let record = match fresh {
+            Some(record) => record,
+            None => {
+                let epoch = self.watch.current(self.cache.ttl);
+                let read_at = Instant::now();
+                let mut conn = self.store.conn().await?;
+                match get_api_key(&mut conn, self.store.keys(), key_id).await? {
+                    Some(record) => self.cache.insert(read_at, epoch, record),
+                    None => return Err(Denied::Unauthenticated(INVALID_KEY)),
+                }
+            }
+        };
+        if record.role != role || !record.is_live(now_ms()) {
+            return Err(Denied::Unauthenticated(INVALID_KEY));
+        }
+        match self.leases.spend(&holder, false) {
+            Spend::Spent { .. } => {}
+            Spend::Refused(retry_after) => return Err(Denied::RateLimited { retry_after }),
+            Spend::Need(want) => self.refill(&holder, &record, class, want).await?,
+        }
+        Ok(Caller {
+            key_id: record.id.clone(),
+            role: record.role,
+            account: record.account.clone(),
+        })
+    }
+
     /// Redis did not run the check: a full Redis refuses every script that
     /// may write, and one out of reach answers nothing. A limit Redis cannot
     /// check lets the request through (limits guard capacity, not the

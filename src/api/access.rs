@@ -112,8 +112,11 @@ impl ApiKey {
 /// What anyone may fetch without a key: liveness, readiness, the spec and
 /// Swagger UI. Everything else needs one, unknown paths included (default
 /// deny: a route added later is not open by mistake).
+/// The console (`/ops`) checks its own sessions and keys.
 fn is_open(path: &str) -> bool {
-    matches!(path, "/health" | "/ready" | "/openapi.yaml" | "/docs") || path.starts_with("/docs/")
+    matches!(path, "/health" | "/ready" | "/openapi.yaml" | "/docs")
+        || path.starts_with("/docs/")
+        || crate::console::serves(path)
 }
 
 /// Checks the bearer key and the caller's rate limit, then runs `endpoint`

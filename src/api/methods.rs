@@ -144,6 +144,17 @@ impl MethodTable {
         route.nest(path, poem::get(endpoint))
     }
 
+    /// Nests `endpoint` at `path` (every path below it), which serves GET
+    /// and POST, and notes it.
+    pub fn nest_get_post<E>(&mut self, route: Route, path: &str, endpoint: E) -> Route
+    where
+        E: IntoEndpoint,
+        E::Endpoint: 'static,
+    {
+        self.add(path, true, [Method::GET, Method::POST]);
+        route.nest(path, endpoint)
+    }
+
     /// The methods `path` takes, or `None` for a path no route serves (a
     /// 404, not a 405). A literal segment wins over a parameter, as in poem's
     /// router.

@@ -47,10 +47,10 @@ pub const REDIS_SCRAPE_TIMEOUT_MAX: Duration = Duration::from_millis(2_000);
 
 /// The job streams, by label: the consumers' work queues (one per shard,
 /// summed).
-const JOB_STREAMS: [StreamKind; 4] = StreamKind::ALL;
+pub(crate) const JOB_STREAMS: [StreamKind; 4] = StreamKind::ALL;
 
 /// Streams of jobs that failed for good, by the job stream they came from.
-const DEAD_LETTER_STREAMS: [StreamKind; 4] = [
+pub(crate) const DEAD_LETTER_STREAMS: [StreamKind; 4] = [
     StreamKind::Settle,
     StreamKind::Events,
     StreamKind::Wallet,
@@ -61,7 +61,7 @@ const DEAD_LETTER_STREAMS: [StreamKind; 4] = [
 type ShardKey = fn(&Keys, Shard) -> String;
 
 /// Sorted sets of jobs waiting for their next attempt, by queue.
-const RETRY_QUEUES: [(&str, ShardKey); 2] = [
+pub(crate) const RETRY_QUEUES: [(&str, ShardKey); 2] = [
     ("settle", Keys::settle_retries),
     ("events", Keys::events_retries),
 ];
@@ -74,7 +74,7 @@ const INSTALLMENT_STATES: [(&str, ShardKey); 2] = [
 
 /// Fields of the `tally:stats` hash, each exposed as its own counter:
 /// (field, metric name, help).
-const STATS_COUNTERS: [(&str, &str, &str); 1] = [(
+pub(crate) const STATS_COUNTERS: [(&str, &str, &str); 1] = [(
     "batches_settled",
     "tally_batches_settled_total",
     "Batches settled with the exchange, as finish_batches.lua counts them.",
@@ -241,21 +241,26 @@ pub fn scrape_timeout(api: &ApiSettings) -> Duration {
 
 /// What one scrape read from Redis. A reading Redis refused (a key of the
 /// wrong type) is `None` and left out of the answer.
-struct RedisSnapshot {
-    stream_lengths: Vec<Option<u64>>,
-    stream_groups: Vec<Option<Vec<StreamInfoGroup>>>,
-    dead_letter_lengths: Vec<Option<u64>>,
-    wallet_rejected_length: Option<u64>,
-    failed_batches: Option<u64>,
-    retries_waiting: Vec<Option<u64>>,
-    installments: Vec<Option<u64>>,
-    stats: Vec<Option<u64>>,
+/// The console's overview reads it too ([`crate::console`]).
+pub(crate) struct RedisSnapshot {
+    /// By [`JOB_STREAMS`].
+    pub(crate) stream_lengths: Vec<Option<u64>>,
+    pub(crate) stream_groups: Vec<Option<Vec<StreamInfoGroup>>>,
+    /// By [`DEAD_LETTER_STREAMS`].
+    pub(crate) dead_letter_lengths: Vec<Option<u64>>,
+    pub(crate) wallet_rejected_length: Option<u64>,
+    pub(crate) failed_batches: Option<u64>,
+    /// By [`RETRY_QUEUES`].
+    pub(crate) retries_waiting: Vec<Option<u64>>,
+    pub(crate) installments: Vec<Option<u64>>,
+    /// By [`STATS_COUNTERS`].
+    pub(crate) stats: Vec<Option<u64>>,
 }
 
 /// Reads everything, one round trip of read-only commands per shard (each
 /// shard's keys share a slot), and sums the shards. A group's consumers are
 /// the most any shard's stream knows: every worker reads every shard.
-async fn read_redis(store: &Store) -> StoreResult<RedisSnapshot> {
+pub(crate) async fn read_redis(store: &Store) -> StoreResult<RedisSnapshot> {
     let mut total: Option<RedisSnapshot> = None;
     for shard in store.keys().shards() {
         let snapshot = read_shard(store, shard).await?;

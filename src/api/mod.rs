@@ -9,7 +9,7 @@ mod health;
 mod json_body;
 mod keys;
 mod methods;
-mod metrics;
+pub(crate) mod metrics;
 mod orders;
 pub mod problem;
 mod report;
@@ -154,6 +154,11 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
         .data(state.clone())
         .data(http_metrics.clone());
     let routes = method_table.get_at(routes, "/metrics", metrics_endpoint);
+    let console = crate::console::Console::new(state.clone());
+    if tokio::runtime::Handle::try_current().is_ok() {
+        console.overview.start_sampling();
+    }
+    let routes = method_table.nest_get_post(routes, "/ops", crate::console::routes(console));
     let routes = method_table.get_at(routes, "/ready", health::ready.data(state));
     let method_table = Arc::new(method_table);
     let routes = routes
@@ -291,6 +296,10 @@ async fn guard<E: Endpoint>(
 /// has no type to declare, and cannot carry a key cross-site: the key travels
 /// in `Authorization`, which no simple request may set.
 fn check_json_body(request: &Request, body: &[u8]) -> Result<(), ApiError> {
+    // The console takes forms, and checks a CSRF token on each instead.
+    if crate::console::serves(request.uri().path()) {
+        return Ok(());
+    }
     let is_json = is_json_content_type(request.headers());
     if request.method() == Method::POST && !is_json && !body.is_empty() {
         let sent = match request.headers().get(CONTENT_TYPE) {

@@ -425,11 +425,9 @@ impl OrdersApi {
     ) -> Result<BatchResponse, ApiError> {
         let caller = auth.require(&[Role::Ops, Role::Admin])?;
         let Path(id) = id;
-        let mut conn = self.0.store.conn().await?;
-        settlement::requeue_failed_batch(&mut conn, self.0.store.keys(), &id)
+        crate::operator::retry_batch(&self.0.store, caller, &id, crate::operator::Via::Api)
             .await
             .map_err(operator_refusal)?;
-        tracing::info!(batch_id = %id, key_id = %caller.key_id, "failed batch requeued by operator");
         Ok(BatchResponse::Ok(Json(self.batch_view(&id).await?)))
     }
 
@@ -455,14 +453,17 @@ impl OrdersApi {
             .0
             .note
             .map_or_else(|| "refunded by operator".to_owned(), Text::into_inner);
-        let mut conn = self.0.store.conn().await?;
         let confirmed = body.0.exchange_confirmed_unfilled;
-        let sagas = self.0.store.sagas();
-        let (orders, cents) =
-            settlement::refund_batch(&mut conn, self.0.store.keys(), &id, &note, confirmed, sagas)
-                .await
-                .map_err(operator_refusal)?;
-        tracing::info!(batch_id = %id, orders, cents, key_id = %caller.key_id, "failed batch refunded by operator");
+        crate::operator::refund_batch(
+            &self.0.store,
+            caller,
+            &id,
+            &note,
+            confirmed,
+            crate::operator::Via::Api,
+        )
+        .await
+        .map_err(operator_refusal)?;
         Ok(BatchResponse::Ok(Json(self.batch_view(&id).await?)))
     }
 }
@@ -477,7 +478,7 @@ impl OrdersApi {
     }
 }
 
-fn operator_refusal(err: OperatorError) -> ApiError {
+pub(crate) fn operator_refusal(err: OperatorError) -> ApiError {
     match err {
         OperatorError::NotFailed(id, status) if status == "missing" => {
             ApiError::not_found(format!("batch {id} not found"))

@@ -44,6 +44,11 @@ pub const MIGRATION: &str = "tally:migration";
 /// expiring after the request timeout), so two audits never run at once.
 pub const AUDIT_RUNNING: &str = "tally:audit:running";
 
+/// Held while a worker process runs the periodic audit (string: the
+/// holder's token), so one process at a time does. A lock of its own: an
+/// operator's `GET /audit` is not refused while it runs.
+pub const PERIODIC_AUDIT_RUNNING: &str = "tally:audit:periodic";
+
 /// `tally dev`'s demo customer account (string: its id).
 pub const DEV_DEMO_ACCOUNT: &str = "tally:dev:demo_account";
 
@@ -541,6 +546,31 @@ impl Keys {
     /// A key id is a UUID's 32 hex digits.
     pub fn api_key_shard(&self, id: &crate::access::KeyId) -> Shard {
         self.shard_of_text_id(id.as_str())
+    }
+
+    // --- the operator's console ---
+
+    /// A console session (hash: key id, role, CSRF token, times), named by
+    /// the SHA-256 of its cookie's token (so Redis never holds a token a
+    /// browser could present), on the shard that hash falls on. It expires
+    /// on its own.
+    pub fn console_session(&self, token_hash: &str) -> String {
+        self.at(
+            self.layout.of_symbol(token_hash),
+            format_args!("console:session:{token_hash}"),
+        )
+    }
+
+    /// What operators did on a shard (stream: who, what, the money effect),
+    /// trimmed to a bound; on the shard of what they acted on.
+    pub fn operator_log(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("operator_log"))
+    }
+
+    /// The last periodic audit's result (hash: at, clean, figures, report
+    /// text), read by the console.
+    pub fn last_audit(&self) -> String {
+        self.at(self.layout.first(), format_args!("audit:last"))
     }
 }
 

@@ -21,6 +21,7 @@ pub mod accounts;
 pub mod advances;
 pub mod api_keys;
 pub mod connection;
+pub mod console;
 pub mod journal;
 pub mod keys;
 pub mod locks;

@@ -489,3 +489,73 @@ pub async fn failed_batches(
         })
         .collect()
 }
+
+/// Batches failed within one millisecond on one shard that a page cursor
+/// steps over exactly; more than this at one instant, and a page may skip
+/// some of them.
+pub const FAILED_AT_ONCE_MAX: usize = 1_000;
+
+/// Failed batches, oldest failure first, after the cursor `after` (a
+/// batch's failure time and id, as the last page ended): each shard gives at
+/// most `limit`, so a page costs O(shards x limit) however deep it is.
+pub async fn failed_batches_after(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    after: Option<(i64, &BatchId)>,
+    limit: usize,
+) -> StoreResult<Vec<(BatchId, i64)>> {
+    let mut merged: Vec<(i64, String)> = Vec::new();
+    for shard in keys.shards() {
+        let key = keys.failed_batches(shard);
+        let (from, ties): (String, Vec<(String, i64)>) = match after {
+            None => ("-inf".to_owned(), Vec::new()),
+            Some((score, id)) => {
+                let ties: Vec<(String, i64)> = redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(score)
+                    .arg(score)
+                    .arg("BYSCORE")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(FAILED_AT_ONCE_MAX)
+                    .arg("WITHSCORES")
+                    .query_async(conn)
+                    .await?;
+                let id = id.to_string();
+                let later = ties
+                    .into_iter()
+                    .filter(|(member, _)| *member > id)
+                    .collect();
+                (format!("({score}"), later)
+            }
+        };
+        let page: Vec<(String, i64)> = redis::cmd("ZRANGE")
+            .arg(&key)
+            .arg(&from)
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .arg("WITHSCORES")
+            .query_async(conn)
+            .await?;
+        merged.extend(
+            ties.into_iter()
+                .chain(page)
+                .map(|(member, score)| (score, member)),
+        );
+    }
+    merged.sort_unstable();
+    merged.truncate(limit);
+    merged
+        .into_iter()
+        .map(|(score, id)| {
+            let id = BatchId::parse(&id).map_err(|err| StoreError::Corrupt {
+                key: "the failed batches".to_owned(),
+                problem: err.to_string(),
+            })?;
+            Ok((id, score))
+        })
+        .collect()
+}

@@ -282,7 +282,7 @@ pub fn stream_groups(store: &Store, kind: StreamKind) -> Vec<Vec<(Shard, String)
 /// the HTTP exchange), wallet transactions, installment collection and
 /// notifications, over every shard's streams (one consumer for all shards on
 /// a standalone Redis, one per shard on a cluster); the journal and stream
-/// trims and the saga sweeper. Each consumer blocks on a connection of its own.
+/// trims, the saga sweeper and the periodic audit. Each consumer blocks on a connection of its own.
 pub async fn run_workers(
     store: Store,
     settings: &crate::config::WorkerSettings,
@@ -314,6 +314,11 @@ pub async fn run_workers(
     ));
     consumers.spawn(crate::sagas::sweep_periodically(
         store.clone(),
+        shutdown.clone(),
+    ));
+    consumers.spawn(crate::audit::audit_periodically(
+        store.clone(),
+        Duration::from_millis(settings.audit_interval_ms),
         shutdown.clone(),
     ));
     consumers.spawn(trim_streams_periodically(
