@@ -1,0 +1,363 @@
+//! The operator's console at `/ops`, clicked through in a real headless
+//! Chromium ([`crate::browser`]) against the real API, workers and
+//! exchange-sim.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tally::access::Role;
+use tally::exchange::sim::Faults;
+
+use crate::browser::Browser;
+use crate::helpers::{
+    TestApp, TestExchange, TestWorkers, eventually, spawn_app, spawn_app_with, spawn_exchange,
+    spawn_workers,
+    test_worker_settings,
+};
+
+const DOWN: Faults = Faults {
+    latency_ms: 0,
+    fail_rate: 1.0,
+    reject_rate: 0.0,
+};
+const UP: Faults = Faults {
+    latency_ms: 0,
+    fail_rate: 0.0,
+    reject_rate: 0.0,
+};
+
+/// How old the overview's snapshot may be in the test that compares it.
+const SNAPSHOT_MS: u64 = 100;
+
+/// Where the overview's screenshot goes when this is set (README's PNG is
+/// made with it: see README, "The operator's console").
+const SCREENSHOT_ENV: &str = "TALLY_CONSOLE_SCREENSHOT";
+
+/// A form body.
+fn form(fields: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish()
+}
+
+/// A browser signed in to the console with a new key of `role`.
+async fn signed_in(app: &TestApp, role: Role) -> Browser {
+    let mut browser = Browser::start(1280, 900).await;
+    browser.open(&app.url("/ops")).await;
+    assert_eq!(browser.count("input[name=key]").await, 1, "the sign-in page");
+    let key = app.key(role, None).await;
+    browser.fill("#key", &key).await;
+    browser.click_and_wait("form button[type=submit]").await;
+    assert_eq!(
+        browser.text("#viewer-role").await.map(|text| text.starts_with(role.as_str())),
+        Some(true),
+        "{}",
+        browser.body_text().await
+    );
+    browser
+}
+
+/// A batch of ABAN the exchange-sim failed (`attempts_max` 1, exchange
+/// down), with the workers that failed it.
+async fn failed_batch(app: &TestApp, exchange: &TestExchange, customers: &[(&str, &str)]) -> (TestWorkers, Vec<String>, String) {
+    let settings = tally::config::WorkerSettings {
+        attempts_max: 1,
+        ..test_worker_settings(exchange)
+    };
+    let workers = spawn_workers(app, settings);
+    let mut accounts = Vec::new();
+    let mut batch = None;
+    for (index, (name, quantity)) in customers.iter().enumerate() {
+        let account = app.create_account(name, "100.00").await;
+        let response = app.place_order(&account, "ABAN", quantity).await;
+        assert_eq!(response.status(), 201);
+        let order: Value = response.json().await.unwrap();
+        if index + 1 == customers.len() {
+            batch = order["batch_id"].as_str().map(str::to_owned);
+        }
+        accounts.push(account);
+    }
+    let batch = batch.expect("the last order closed a batch");
+    eventually("the batch failed", || async {
+        app.batch_status(&batch).await == "failed"
+    })
+    .await;
+    (workers, accounts, batch)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_in_the_overview_shows_the_balances_the_api_does() {
+    let app = spawn_app_with(|settings| settings.api.console.snapshot_ms = SNAPSHOT_MS).await;
+    let screenshot = std::env::var_os(SCREENSHOT_ENV);
+    let exchange = spawn_exchange(UP).await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let mut customers = Vec::new();
+    for (name, quantity) in [("ana", "1"), ("ben", "2"), ("cy", "0.5")] {
+        let account = app.create_account(name, "250.00").await;
+        assert_eq!(app.place_order(&account, "ABAN", quantity).await.status(), 201);
+        customers.push(account);
+    }
+    if screenshot.is_some() {
+        // Traffic for the charts, which sample every 10 s.
+        traffic(&app, &customers, Duration::from_secs(35)).await;
+    }
+    // Nothing moves from here on; the snapshot the page shows is read after.
+    workers.stop().await;
+    tally::audit::record(&app.store).await.unwrap();
+    tokio::time::sleep(2 * Duration::from_millis(SNAPSHOT_MS)).await;
+
+    let mut browser = signed_in(&app, Role::Ops).await;
+    for account in ["@bank", "@exchange", "@card", "@transit"] {
+        let shown = browser
+            .text(&format!("[data-account=\"{account}\"]"))
+            .await
+            .unwrap_or_else(|| panic!("{account} is shown"));
+        assert_eq!(shown, app.balance(account).await, "{account}");
+    }
+    let mut total = 0;
+    for customer in &customers {
+        total += app.balance_cents(customer).await;
+    }
+    let total = tally::domain::format_units(total, 2);
+    assert_eq!(browser.text("#customers-total").await.unwrap(), total);
+    let audit = browser
+        .eval("document.getElementById('audit').dataset.clean")
+        .await;
+    assert_eq!(audit, json!("true"), "{}", browser.body_text().await);
+    assert!(browser.text("#audit").await.unwrap().contains(&format!("customers held {total}")));
+    assert_eq!(browser.count("tr[data-stream]").await, 4);
+
+    if let Some(path) = screenshot {
+        let png = browser.screenshot().await;
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::write(&path, png).unwrap();
+    }
+}
+
+/// Orders and transfers among `customers` for `length`, a few a second.
+async fn traffic(app: &TestApp, customers: &[String], length: Duration) {
+    let deadline = tokio::time::Instant::now() + length;
+    let mut round = 0usize;
+    while tokio::time::Instant::now() < deadline {
+        let customer = &customers[round % customers.len()];
+        let quantity = ["0.1", "0.25", "0.05"][round % 3];
+        let _ = app.place_order(customer, "ABAN", quantity).await;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(40 + (round % 7) as u64 * 20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_the_exchange_failed_is_retried_from_the_console_and_settles() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    let (workers, _, batch) = failed_batch(&app, &exchange, &[("unlucky", "3")]).await;
+
+    let mut browser = signed_in(&app, Role::Ops).await;
+    browser.open(&app.url("/ops/batches")).await;
+    assert_eq!(browser.count(&format!("tr[data-batch=\"{batch}\"]")).await, 1);
+    browser.open(&app.url(&format!("/ops/batches/{batch}"))).await;
+    assert_eq!(browser.text("#batch-status").await.unwrap(), "failed");
+    browser.click_and_wait("#retry").await;
+    let effect = browser.text("#effect").await.unwrap();
+    assert!(effect.contains("asks the exchange again for 3 ABAN (12.00)"), "{effect}");
+
+    exchange.set_faults(UP).await;
+    browser.click_and_wait("#confirm").await;
+    assert!(browser.text("#done").await.unwrap().contains(&batch));
+    eventually("the retried batch settles", || async {
+        app.batch_status(&batch).await == "settled"
+    })
+    .await;
+    let filled = exchange.order(&batch).await.unwrap();
+    assert!(filled.fill.is_some() && filled.calls == 2, "{filled:?}");
+
+    browser.open(&app.url("/ops/log")).await;
+    let logged = format!("tr[data-action=\"retry\"][data-target=\"{batch}\"]");
+    assert_eq!(browser.count(&logged).await, 1, "{}", browser.body_text().await);
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    workers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refund_from_the_console_credits_every_customer_exactly_once() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    // 4.00 + 2.00 wait in the bucket; 6.00 closes a batch of 12.00.
+    let customers = [("x", "1"), ("y", "0.5"), ("z", "1.5")];
+    let (workers, accounts, batch) = failed_batch(&app, &exchange, &customers).await;
+    workers.stop().await;
+
+    let mut browser = signed_in(&app, Role::Ops).await;
+    browser.open(&app.url(&format!("/ops/batches/{batch}/refund"))).await;
+    let effect = browser.text("#effect").await.unwrap();
+    assert_eq!(
+        effect,
+        "This credits 3 accounts 12.00 in all (3 orders), debits @exchange 12.00."
+    );
+    browser.fill("#note", "exchange gone for the day").await;
+    browser.click_and_wait("#confirm").await;
+    assert!(browser.text("#done").await.unwrap().contains("refunded"));
+    for account in &accounts {
+        assert_eq!(app.balance(account).await, "100.00");
+    }
+    assert_eq!(app.balance("@exchange").await, "0.00");
+
+    // The same form sent again (a double click, a reload) moves nothing.
+    let csrf = browser
+        .eval("document.querySelector('input[name=csrf]').value")
+        .await;
+    let again = browser
+        .eval(&format!(
+            "fetch('/ops/batches/{batch}/refund', {{method: 'POST', body: new URLSearchParams({{csrf: {csrf}, note: 'again'}})}}).then(r => r.status)"
+        ))
+        .await;
+    assert_eq!(again, json!(409));
+    for account in &accounts {
+        assert_eq!(app.balance(account).await, "100.00");
+    }
+    assert_eq!(app.journal_count("refund").await, 3, "one refund per order");
+
+    browser.open(&app.url("/ops/log")).await;
+    let logged = format!("tr[data-action=\"refund\"][data-target=\"{batch}\"]");
+    assert_eq!(browser.count(&logged).await, 1);
+    let row = browser.text(&logged).await.unwrap();
+    assert!(row.contains("credits 3 accounts 12.00 in all"), "{row}");
+    assert!(row.contains("exchange gone for the day"), "{row}");
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_key_sees_no_buttons_and_its_forged_posts_are_refused() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    let (workers, _, batch) = failed_batch(&app, &exchange, &[("unlucky", "3")]).await;
+    workers.stop().await;
+    let mut browser = signed_in(&app, Role::Read).await;
+    let mut operator = signed_in(&app, Role::Ops).await;
+    let reader = app.client_with(&app.key(Role::Read, None).await);
+    let before = ledger_snapshot(&app).await;
+
+    browser.open(&app.url("/ops/batches")).await;
+    assert_eq!(browser.count(&format!("tr[data-batch=\"{batch}\"]")).await, 1);
+    assert_eq!(browser.count("input[type=checkbox]").await, 0);
+    assert_eq!(browser.count("#retry-selected").await, 0);
+    browser.open(&app.url(&format!("/ops/batches/{batch}"))).await;
+    assert_eq!(browser.count("#retry").await + browser.count("#refund").await, 0);
+
+    // A form made by hand, with this session's own CSRF token.
+    let csrf = browser
+        .eval("document.querySelector('input[name=csrf]').value")
+        .await;
+    for (path, fields) in [
+        (format!("/ops/batches/{batch}/retry"), json!({"csrf": csrf})),
+        (
+            format!("/ops/batches/{batch}/refund"),
+            json!({"csrf": csrf, "note": "forged"}),
+        ),
+        ("/ops/batches/retry".to_owned(), json!({"csrf": csrf, "id": batch})),
+    ] {
+        let status = browser
+            .eval(&format!(
+                "fetch({}, {{method: 'POST', body: new URLSearchParams({fields})}}).then(r => r.status)",
+                json!(path)
+            ))
+            .await;
+        assert_eq!(status, json!(403), "{path}");
+    }
+    // The same with a read key as a bearer, from a script.
+    let response = reader
+        .post(app.url(&format!("/ops/batches/{batch}/retry")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+
+    // An ops session's form without its CSRF token is refused too.
+    let status = operator
+        .eval(&format!(
+            "fetch('/ops/batches/{batch}/retry', {{method: 'POST', body: new URLSearchParams({{csrf: 'forged'}})}}).then(r => r.status)"
+        ))
+        .await;
+    assert_eq!(status, json!(403));
+    assert_eq!(ledger_snapshot(&app).await, before, "nothing was written");
+}
+
+/// Everything in Redis but the console's sessions, whose idle lapse every
+/// request pushes back.
+async fn ledger_snapshot(app: &TestApp) -> std::collections::BTreeMap<String, String> {
+    let mut snapshot = app.snapshot().await;
+    snapshot.retain(|key, _| !key.contains(":console:session:"));
+    snapshot
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_session_every_page_is_the_sign_in_page_with_no_figures() {
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(DOWN).await;
+    let (workers, _, batch) = failed_batch(&app, &exchange, &[("unlucky", "3")]).await;
+    workers.stop().await;
+    let before = app.snapshot().await;
+
+    let stranger = reqwest::Client::new();
+    for path in [
+        "/ops".to_owned(),
+        "/ops?live=1".to_owned(),
+        "/ops/batches".to_owned(),
+        format!("/ops/batches/{batch}"),
+        format!("/ops/batches/{batch}/refund"),
+        "/ops/log".to_owned(),
+    ] {
+        for cookie in [None, Some(format!("tally_ops={}", "ab".repeat(32)))] {
+            let mut request = stranger.get(app.url(&path));
+            if let Some(cookie) = &cookie {
+                request = request.header("Cookie", cookie);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{path} {cookie:?}");
+            let body = response.text().await.unwrap();
+            assert!(body.contains("Sign in"), "{path}: {body}");
+            for figure in [batch.as_str(), "@bank", "@exchange", "12.00"] {
+                assert!(!body.contains(figure), "{path} shows {figure}");
+            }
+        }
+    }
+    let response = stranger
+        .post(app.url(&format!("/ops/batches/{batch}/retry")))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form(&[("csrf", "x")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(app.snapshot().await, before, "nothing was written");
+    // A wrong key signs no one in.
+    let response = stranger
+        .post(app.url("/ops/sign-in"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form(&[("key", "tally_ops_00000000000000000000000000000000_00")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(response.headers().get("set-cookie").is_none());
+    // A customer's key is not an operator's.
+    let customer = app.create_account("someone", "1.00").await;
+    let key = app.key(Role::Customer, Some(&customer)).await;
+    let response = stranger
+        .post(app.url("/ops/sign-in"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form(&[("key", key.as_str())]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert!(response.headers().get("set-cookie").is_none());
+
+    let mut browser = Browser::start(1280, 900).await;
+    browser.open(&app.url("/ops")).await;
+    assert_eq!(browser.count("input[name=key]").await, 1);
+    assert_eq!(browser.count("#customers-total").await, 0);
+}
