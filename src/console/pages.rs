@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::Console;
 use super::auth::{FormFields, Viewer, html, message, rendering_failed};
 use super::charts;
-use super::snapshot::{CHART_WINDOW, Overview};
+use super::snapshot::{CHART_WINDOW, Overview, SAMPLE_INTERVAL};
 use crate::domain::{BatchId, format_units};
 use crate::operator::{self, Via};
 use crate::store::StoreError;
@@ -129,6 +129,8 @@ pub struct StreamLine {
 
 /// The overview's figures, formatted.
 pub struct OverviewView {
+    /// How far back the charts reach.
+    pub flow_span: String,
     pub read_at: String,
     pub money: Vec<MoneyLine>,
     pub customers: String,
@@ -163,7 +165,12 @@ impl OverviewView {
             entries: audit.journal_entries,
             report: audit.report.clone(),
         });
-        let window_ms = CHART_WINDOW.as_millis() as i64;
+        // The charts span the window, or less while the process has not
+        // sampled for that long yet (so that what there is is legible).
+        let sampled_ms = rates.first().map_or(0, |first| {
+            now - first.0 + SAMPLE_INTERVAL.as_millis() as i64
+        });
+        let window_ms = (CHART_WINDOW.as_millis() as i64).min(sampled_ms.max(1));
         let series = |pick: fn(&(i64, f64, f64, f64)) -> f64| -> Vec<(i64, f64)> {
             rates.iter().map(|rate| (rate.0, pick(rate))).collect()
         };
@@ -198,6 +205,7 @@ impl OverviewView {
         };
         let events = overview.stream(StreamKind::Events);
         OverviewView {
+            flow_span: age(window_ms),
             read_at: rfc3339(now),
             money,
             customers: usd(overview.customer_balances_cents),

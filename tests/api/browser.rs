@@ -68,11 +68,17 @@ impl Browser {
         let deadline = tokio::time::Instant::now() + START_WITHIN;
         let port = loop {
             if let Ok(text) = std::fs::read_to_string(&port_file)
-                && let Some(port) = text.lines().next().and_then(|line| line.parse::<u16>().ok())
+                && let Some(port) = text
+                    .lines()
+                    .next()
+                    .and_then(|line| line.parse::<u16>().ok())
             {
                 break port;
             }
-            assert!(tokio::time::Instant::now() < deadline, "chromium did not start");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "chromium did not start"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let targets: Value = reqwest::get(format!("http://127.0.0.1:{port}/json/list"))
@@ -115,7 +121,9 @@ impl Browser {
         let reply = tokio::time::timeout(COMMAND_WITHIN, async {
             loop {
                 let message = self.page.next().await.expect("the page is open").unwrap();
-                let Message::Text(text) = message else { continue };
+                let Message::Text(text) = message else {
+                    continue;
+                };
                 let reply: Value = serde_json::from_str(&text).unwrap();
                 if reply["id"] == id {
                     return reply;
@@ -190,7 +198,10 @@ impl Browser {
     /// How many elements `selector` finds.
     pub async fn count(&mut self, selector: &str) -> usize {
         let value = self
-            .eval(&format!("document.querySelectorAll({}).length", json!(selector)))
+            .eval(&format!(
+                "document.querySelectorAll({}).length",
+                json!(selector)
+            ))
             .await;
         value.as_u64().unwrap() as usize
     }
@@ -207,8 +218,12 @@ impl Browser {
     /// A PNG of the whole page.
     pub async fn screenshot(&mut self) -> Vec<u8> {
         let metrics = self.command("Page.getLayoutMetrics", json!({})).await;
-        let height = metrics["cssContentSize"]["height"].as_f64().unwrap_or(900.0);
-        let width = metrics["cssContentSize"]["width"].as_f64().unwrap_or(1280.0);
+        let height = metrics["cssContentSize"]["height"]
+            .as_f64()
+            .unwrap_or(900.0);
+        let width = metrics["cssContentSize"]["width"]
+            .as_f64()
+            .unwrap_or(1280.0);
         let shot = self
             .command(
                 "Page.captureScreenshot",
@@ -238,7 +253,10 @@ impl Browser {
             if ready == json!(true) {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "the page did not load");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the page did not load"
+            );
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
     }

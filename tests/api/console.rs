@@ -11,8 +11,7 @@ use tally::exchange::sim::Faults;
 use crate::browser::Browser;
 use crate::helpers::{
     TestApp, TestExchange, TestWorkers, eventually, spawn_app, spawn_app_with, spawn_exchange,
-    spawn_workers,
-    test_worker_settings,
+    spawn_workers, test_worker_settings,
 };
 
 const DOWN: Faults = Faults {
@@ -44,12 +43,19 @@ fn form(fields: &[(&str, &str)]) -> String {
 async fn signed_in(app: &TestApp, role: Role) -> Browser {
     let mut browser = Browser::start(1280, 900).await;
     browser.open(&app.url("/ops")).await;
-    assert_eq!(browser.count("input[name=key]").await, 1, "the sign-in page");
+    assert_eq!(
+        browser.count("input[name=key]").await,
+        1,
+        "the sign-in page"
+    );
     let key = app.key(role, None).await;
     browser.fill("#key", &key).await;
     browser.click_and_wait("form button[type=submit]").await;
     assert_eq!(
-        browser.text("#viewer-role").await.map(|text| text.starts_with(role.as_str())),
+        browser
+            .text("#viewer-role")
+            .await
+            .map(|text| text.starts_with(role.as_str())),
         Some(true),
         "{}",
         browser.body_text().await
@@ -59,7 +65,11 @@ async fn signed_in(app: &TestApp, role: Role) -> Browser {
 
 /// A batch of ABAN the exchange-sim failed (`attempts_max` 1, exchange
 /// down), with the workers that failed it.
-async fn failed_batch(app: &TestApp, exchange: &TestExchange, customers: &[(&str, &str)]) -> (TestWorkers, Vec<String>, String) {
+async fn failed_batch(
+    app: &TestApp,
+    exchange: &TestExchange,
+    customers: &[(&str, &str)],
+) -> (TestWorkers, Vec<String>, String) {
     let settings = tally::config::WorkerSettings {
         attempts_max: 1,
         ..test_worker_settings(exchange)
@@ -94,7 +104,10 @@ async fn signed_in_the_overview_shows_the_balances_the_api_does() {
     let mut customers = Vec::new();
     for (name, quantity) in [("ana", "1"), ("ben", "2"), ("cy", "0.5")] {
         let account = app.create_account(name, "250.00").await;
-        assert_eq!(app.place_order(&account, "ABAN", quantity).await.status(), 201);
+        assert_eq!(
+            app.place_order(&account, "ABAN", quantity).await.status(),
+            201
+        );
         customers.push(account);
     }
     if screenshot.is_some() {
@@ -124,7 +137,13 @@ async fn signed_in_the_overview_shows_the_balances_the_api_does() {
         .eval("document.getElementById('audit').dataset.clean")
         .await;
     assert_eq!(audit, json!("true"), "{}", browser.body_text().await);
-    assert!(browser.text("#audit").await.unwrap().contains(&format!("customers held {total}")));
+    assert!(
+        browser
+            .text("#audit")
+            .await
+            .unwrap()
+            .contains(&format!("customers held {total}"))
+    );
     assert_eq!(browser.count("tr[data-stream]").await, 4);
 
     if let Some(path) = screenshot {
@@ -155,12 +174,20 @@ async fn a_batch_the_exchange_failed_is_retried_from_the_console_and_settles() {
 
     let mut browser = signed_in(&app, Role::Ops).await;
     browser.open(&app.url("/ops/batches")).await;
-    assert_eq!(browser.count(&format!("tr[data-batch=\"{batch}\"]")).await, 1);
-    browser.open(&app.url(&format!("/ops/batches/{batch}"))).await;
+    assert_eq!(
+        browser.count(&format!("tr[data-batch=\"{batch}\"]")).await,
+        1
+    );
+    browser
+        .open(&app.url(&format!("/ops/batches/{batch}")))
+        .await;
     assert_eq!(browser.text("#batch-status").await.unwrap(), "failed");
     browser.click_and_wait("#retry").await;
     let effect = browser.text("#effect").await.unwrap();
-    assert!(effect.contains("asks the exchange again for 3 ABAN (12.00)"), "{effect}");
+    assert!(
+        effect.contains("asks the exchange again for 3 ABAN (12.00)"),
+        "{effect}"
+    );
 
     exchange.set_faults(UP).await;
     browser.click_and_wait("#confirm").await;
@@ -174,7 +201,12 @@ async fn a_batch_the_exchange_failed_is_retried_from_the_console_and_settles() {
 
     browser.open(&app.url("/ops/log")).await;
     let logged = format!("tr[data-action=\"retry\"][data-target=\"{batch}\"]");
-    assert_eq!(browser.count(&logged).await, 1, "{}", browser.body_text().await);
+    assert_eq!(
+        browser.count(&logged).await,
+        1,
+        "{}",
+        browser.body_text().await
+    );
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
     workers.stop().await;
@@ -190,7 +222,9 @@ async fn a_refund_from_the_console_credits_every_customer_exactly_once() {
     workers.stop().await;
 
     let mut browser = signed_in(&app, Role::Ops).await;
-    browser.open(&app.url(&format!("/ops/batches/{batch}/refund"))).await;
+    browser
+        .open(&app.url(&format!("/ops/batches/{batch}/refund")))
+        .await;
     let effect = browser.text("#effect").await.unwrap();
     assert_eq!(
         effect,
@@ -241,11 +275,19 @@ async fn a_read_only_key_sees_no_buttons_and_its_forged_posts_are_refused() {
     let before = ledger_snapshot(&app).await;
 
     browser.open(&app.url("/ops/batches")).await;
-    assert_eq!(browser.count(&format!("tr[data-batch=\"{batch}\"]")).await, 1);
+    assert_eq!(
+        browser.count(&format!("tr[data-batch=\"{batch}\"]")).await,
+        1
+    );
     assert_eq!(browser.count("input[type=checkbox]").await, 0);
     assert_eq!(browser.count("#retry-selected").await, 0);
-    browser.open(&app.url(&format!("/ops/batches/{batch}"))).await;
-    assert_eq!(browser.count("#retry").await + browser.count("#refund").await, 0);
+    browser
+        .open(&app.url(&format!("/ops/batches/{batch}")))
+        .await;
+    assert_eq!(
+        browser.count("#retry").await + browser.count("#refund").await,
+        0
+    );
 
     // A form made by hand, with this session's own CSRF token.
     let csrf = browser
@@ -257,7 +299,10 @@ async fn a_read_only_key_sees_no_buttons_and_its_forged_posts_are_refused() {
             format!("/ops/batches/{batch}/refund"),
             json!({"csrf": csrf, "note": "forged"}),
         ),
-        ("/ops/batches/retry".to_owned(), json!({"csrf": csrf, "id": batch})),
+        (
+            "/ops/batches/retry".to_owned(),
+            json!({"csrf": csrf, "id": batch}),
+        ),
     ] {
         let status = browser
             .eval(&format!(
@@ -337,7 +382,10 @@ async fn without_a_session_every_page_is_the_sign_in_page_with_no_figures() {
     let response = stranger
         .post(app.url("/ops/sign-in"))
         .header("Content-Type", "application/x-www-form-urlencoded")
-        .body(form(&[("key", "tally_ops_00000000000000000000000000000000_00")]))
+        .body(form(&[(
+            "key",
+            "tally_ops_00000000000000000000000000000000_00",
+        )]))
         .send()
         .await
         .unwrap();
@@ -360,4 +408,117 @@ async fn without_a_session_every_page_is_the_sign_in_page_with_no_figures() {
     browser.open(&app.url("/ops")).await;
     assert_eq!(browser.count("input[name=key]").await, 1);
     assert_eq!(browser.count("#customers-total").await, 0);
+}
+
+/// Writes `count` failed batches straight to Redis, spread over the shards,
+/// four failing in each millisecond (ties a page cursor must step over);
+/// returns their ids in the console's order: failure time, then id.
+async fn write_failed_batches(app: &TestApp, count: usize) -> Vec<String> {
+    use redis::AsyncCommands;
+    let keys = app.keys();
+    let shards: Vec<_> = keys.shards().collect();
+    let mut conn = app.redis().await;
+    let base = 1_700_000_000_000i64;
+    let mut written = Vec::new();
+    for index in 0..count {
+        let shard = shards[index % shards.len()];
+        let id = tally::domain::BatchId::from_uuid(keys.new_id_in(shard));
+        let failed_at = base + (index / 4) as i64;
+        let _: () = conn
+            .hset_multiple(
+                keys.batch(&id),
+                &[
+                    ("id", id.to_string()),
+                    ("symbol", "ABAN".to_owned()),
+                    ("quantity", "300000000".to_owned()),
+                    ("value", "1200".to_owned()),
+                    ("status", "failed".to_owned()),
+                    ("attempts", "1".to_owned()),
+                    ("created_at", failed_at.to_string()),
+                ],
+            )
+            .await
+            .unwrap();
+        let _: () = conn
+            .zadd(keys.failed_batches(shard), id.to_string(), failed_at)
+            .await
+            .unwrap();
+        written.push((failed_at, id.to_string()));
+    }
+    written.sort();
+    written.into_iter().map(|(_, id)| id).collect()
+}
+
+/// The batch ids a failed-batches page lists, and its next page's path.
+fn batches_on_page(html: &str) -> (Vec<String>, Option<String>) {
+    let rows = regex::Regex::new(r#"<tr data-batch="([0-9a-f-]+)">"#).unwrap();
+    let next = regex::Regex::new(r#"href="(/ops/batches\?after=[^"]+)" id="next-page""#).unwrap();
+    let ids = rows
+        .captures_iter(html)
+        .map(|found| found[1].to_owned())
+        .collect();
+    (ids, next.captures(html).map(|found| found[1].to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_batches_page_by_cursor_with_no_gap_or_duplicate() {
+    let app = spawn_app_with(|settings| settings.api.console.page_size = 7).await;
+    let written = write_failed_batches(&app, 45).await;
+    let operator = app.client_with(&app.key(Role::Ops, None).await);
+    let mut listed = Vec::new();
+    let mut path = Some("/ops/batches".to_owned());
+    let mut pages = 0;
+    while let Some(next) = path.take() {
+        let response = operator.get(app.url(&next)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{next}");
+        let (ids, after) = batches_on_page(&response.text().await.unwrap());
+        assert!(ids.len() <= 7);
+        listed.extend(ids);
+        path = after;
+        pages += 1;
+        assert!(pages <= 10, "paging ends");
+    }
+    assert_eq!(listed, written, "every failed batch once, in order");
+    let response = operator
+        .get(app.url("/ops/batches?after=not-a-cursor"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+}
+
+/// Calls Redis has served of `command` since it started.
+async fn command_calls(app: &TestApp, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_open_consoles_share_one_read_of_redis() {
+    // One node: its INFO counts every command the app sends.
+    let app = crate::helpers::spawn_app_on_node(|_| {}).await;
+    let operator = app.client_with(&app.key(Role::Ops, None).await);
+    // Only the overview's read sends XPENDING: one per job stream per shard.
+    let per_read = 4 * app.keys().shards().count() as u64;
+    let before = command_calls(&app, "xpending").await;
+    let pages = futures::future::join_all((0..10).map(|_| {
+        let request = operator.get(app.url("/ops")).send();
+        async move { request.await.unwrap().status() }
+    }))
+    .await;
+    assert!(pages.iter().all(|status| *status == 200), "{pages:?}");
+    let reads = (command_calls(&app, "xpending").await - before) / per_read;
+    // One read, or two if the shared one lapsed (or the sampler read) meanwhile.
+    assert!(
+        (1..=2).contains(&reads),
+        "{reads} reads of Redis for 10 pages"
+    );
 }
