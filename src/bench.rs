@@ -454,6 +454,18 @@ impl Rig {
     /// behind, or ahead of, the API's requests in one scheduler. The thread
     /// runs at `nice` (setpriority(2) on the thread alone).
     async fn start_workers(&self, args: &BenchArgs, nice: i32) -> anyhow::Result<Workers> {
+        self.start_workers_with(args, nice, WorkerSettings::default())
+            .await
+    }
+
+    /// [`Rig::start_workers`] with other defaults (`base`) for what the
+    /// bench's arguments do not set.
+    async fn start_workers_with(
+        &self,
+        args: &BenchArgs,
+        nice: i32,
+        base: WorkerSettings,
+    ) -> anyhow::Result<Workers> {
         let settings = WorkerSettings {
             worker_name: Some("bench".to_owned()),
             consumers: args.workers,
@@ -461,7 +473,7 @@ impl Rig {
             read_count: args.read_count,
             gather_ms: args.gather_ms,
             exchange_url: Some(self.exchange_url.clone()),
-            ..WorkerSettings::default()
+            ..base
         };
         let (stop, stopped) = watch::channel(false);
         let (done, finished) = tokio::sync::oneshot::channel();
@@ -608,7 +620,13 @@ async fn create_keys(
         .await?;
         keys.push(key.plaintext);
     }
-    let (admin, _) = issue_key(store, pepper, request(Role::Admin, None)).await?;
+    // The bench's own reads and set-up writes are not what it measures: no limit.
+    let admin_request = KeyRequest {
+        reads_per_s: Some(1_000_000),
+        writes_per_s: Some(1_000_000),
+        ..request(Role::Admin, None)
+    };
+    let (admin, _) = issue_key(store, pepper, admin_request).await?;
     Ok((keys, admin.plaintext))
 }
 
@@ -1278,4 +1296,245 @@ pub async fn report(args: BenchArgs) -> anyhow::Result<bool> {
         deep_ms / first_ms
     );
     rig.audit().await
+}
+
+/// The console's pages `bench console` times, by name.
+const CONSOLE_PAGES: [(&str, &str); 4] = [
+    ("overview (shared snapshot)", "/ops"),
+    ("overview, live figures", "/ops?live=1"),
+    ("failed batches, page 1", "/ops/batches"),
+    ("operator log", "/ops/log"),
+];
+
+/// Medians of `fetches` fetches of each console page, and of reading the
+/// overview's snapshot from Redis afresh, in ms.
+async fn time_console(
+    rig: &Rig,
+    client: &reqwest::Client,
+    extra: &[(String, String)],
+    fetches: usize,
+) -> anyhow::Result<Vec<(String, f64)>> {
+    let mut pages: Vec<(String, String)> = CONSOLE_PAGES
+        .iter()
+        .map(|(name, path)| ((*name).to_owned(), (*path).to_owned()))
+        .collect();
+    pages.extend(extra.iter().cloned());
+    let median = |mut times: Vec<Duration>| {
+        times.sort_unstable();
+        times[times.len() / 2].as_secs_f64() * 1000.0
+    };
+    let mut figures = Vec::new();
+    for (name, path) in &pages {
+        let mut times = Vec::with_capacity(fetches);
+        // The first tenth warms connections and caches up, and is not counted.
+        for fetch in 0..fetches + fetches / 10 {
+            let sent = Instant::now();
+            let response = client.get(format!("{}{path}", rig.api_url)).send().await?;
+            let status = response.status();
+            response.bytes().await?;
+            if fetch >= fetches / 10 {
+                times.push(sent.elapsed());
+            }
+            if status != reqwest::StatusCode::OK {
+                bail!("{path} answered {status}");
+            }
+        }
+        figures.push((name.clone(), median(times)));
+    }
+    let symbols: Vec<_> = rig
+        .ledger
+        .prices
+        .iter()
+        .map(|(symbol, _)| symbol.clone())
+        .collect();
+    let fresh =
+        crate::console::snapshot::SharedOverview::new(rig.store.clone(), symbols, Duration::ZERO);
+    let mut times = Vec::with_capacity(fetches);
+    for _ in 0..fetches.min(100) {
+        let started = Instant::now();
+        fresh.current().await?;
+        times.push(started.elapsed());
+    }
+    figures.push(("the snapshot's Redis read".to_owned(), median(times)));
+    Ok(figures)
+}
+
+/// `tally bench console`: every console page on an empty system, then with
+/// `entries` journal entries and `batches` failed batches, side by side.
+pub async fn console(args: BenchArgs) -> anyhow::Result<bool> {
+    println!(
+        "tally bench console: pages empty, then with {} journal entries and {} failed batches; median of {} fetches each",
+        args.entries, args.batches, args.fetches
+    );
+    let rig = Rig::start(&BenchArgs {
+        accounts: 16,
+        ..args.clone()
+    })
+    .await?;
+    let client = crate::traffic::authorized_client(&rig.admin_key)?;
+    let empty = time_console(&rig, &client, &[], args.fetches).await?;
+
+    // The batches: orders at the minimum, each its own batch, while the
+    // exchange refuses every call and a batch fails at its first.
+    let exchange = reqwest::Client::new();
+    exchange
+        .put(format!("{}/v1/faults", rig.exchange_url))
+        .json(&Faults {
+            fail_rate: 1.0,
+            ..Faults::default()
+        })
+        .send()
+        .await?
+        .error_for_status()?;
+    let workers = rig
+        .start_workers_with(
+            &args,
+            0,
+            WorkerSettings {
+                attempts_max: 1,
+                ..WorkerSettings::default()
+            },
+        )
+        .await?;
+    let symbol = rig
+        .ledger
+        .prices
+        .iter()
+        .next()
+        .context("a symbol")?
+        .0
+        .clone();
+    use futures::StreamExt;
+    let placed = futures::stream::iter(0..args.batches)
+        .map(|i| {
+            let client = client.clone();
+            let account = rig.accounts[i % rig.accounts.len()].clone();
+            let url = format!("{}/api/v1/orders", rig.api_url);
+            let body = serde_json::json!({"account_id": account.as_str(), "symbol": symbol.as_str(), "quantity": "3"});
+            async move { client.post(url).json(&body).send().await }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    for response in placed {
+        let status = response?.status();
+        if status != reqwest::StatusCode::CREATED {
+            bail!("an order answered {status}");
+        }
+    }
+    wait_for_failed_batches(&rig, args.batches).await?;
+    // Operators retry some (which fail again): the operator log fills.
+    let mut conn = rig.store.conn().await?;
+    let retried = crate::store::settlement::failed_batches_after(
+        &mut conn,
+        rig.store.keys(),
+        None,
+        OPERATOR_RETRIES,
+    )
+    .await?;
+    for (id, _) in &retried {
+        client
+            .post(format!("{}/api/v1/batches/{id}/retry", rig.api_url))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    wait_for_failed_batches(&rig, args.batches).await?;
+    workers.stop().await?;
+    let mut conn = rig.store.conn().await?;
+    let bank = crate::domain::SystemAccount::Bank.id();
+    for i in 0..args.entries {
+        let keys = rig.store.keys();
+        let account = &rig.accounts[i % rig.accounts.len()];
+        let movement = crate::store::transfers::Movement {
+            id: keys.new_id_in(keys.account_shard(account)).to_string(),
+            kind: "bank_transaction",
+            payer: bank.clone(),
+            payee: account.clone(),
+            amount: Amount::parse("1.00")?,
+            canonical_request: format!("bench {i}"),
+            memo: "bench".to_owned(),
+            at_ms: crate::store::now_ms(),
+            idempotency: None,
+            idempotency_ttl_secs: 0,
+        };
+        crate::store::transfers::move_money(&mut conn, rig.store.keys(), &movement).await?;
+    }
+    // A full page of failed batches deep in the list, reached by its cursor.
+    let mut path = "/ops/batches".to_owned();
+    let pages = (args.batches / crate::config::CONSOLE_PAGE_SIZE_DEFAULT / 2).max(1);
+    let page = failed_batches_page(&client, &rig.api_url, &mut path, pages).await?;
+    let deep = vec![(format!("failed batches, page {page}"), path)];
+    let full = time_console(&rig, &client, &deep, args.fetches).await?;
+
+    println!(
+        "{:<40} {:>12} {:>12} {:>8}",
+        "page", "empty ms", "full ms", "ratio"
+    );
+    for (name, full_ms) in &full {
+        let empty_ms = empty
+            .iter()
+            .find(|(empty_name, _)| empty_name == name)
+            .map(|(_, ms)| *ms);
+        match empty_ms {
+            Some(empty_ms) => println!(
+                "{name:<40} {empty_ms:>12.3} {full_ms:>12.3} {:>7.2}x",
+                full_ms / empty_ms
+            ),
+            None => println!("{name:<40} {:>12} {full_ms:>12.3}", "-"),
+        }
+    }
+    rig.audit().await
+}
+
+/// Failed batches `bench console` retries through the API, for the log.
+const OPERATOR_RETRIES: usize = 200;
+
+/// Waits (at most 10 minutes) until `count` batches have failed.
+async fn wait_for_failed_batches(rig: &Rig, count: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let mut conn = rig.store.conn().await?;
+        let mut failed = 0u64;
+        for shard in rig.store.keys().shards() {
+            let key = rig.store.keys().failed_batches(shard);
+            failed += redis::AsyncCommands::zcard::<_, u64>(&mut conn, key).await?;
+        }
+        if failed >= count as u64 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {failed} of {count} batches failed in time");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Follows the failed batches' "Next page" links from `path` to page
+/// `pages` (or the last); leaves `path` at it and returns its number.
+async fn failed_batches_page(
+    client: &reqwest::Client,
+    api_url: &str,
+    path: &mut String,
+    pages: usize,
+) -> anyhow::Result<usize> {
+    const MARK: &str = "\" id=\"next-page\"";
+    let mut page = 1;
+    while page < pages {
+        let html = client
+            .get(format!("{api_url}{path}"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let Some(end) = html.find(MARK) else {
+            return Ok(page);
+        };
+        let start = html[..end].rfind("href=\"").context("a next link")? + "href=\"".len();
+        *path = html[start..end]
+            .replace("&#x2f;", "/")
+            .replace("&#58;", ":");
+        page += 1;
+    }
+    Ok(page)
 }

@@ -45,6 +45,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 BenchScenario::Orders(args) => crate::bench::orders(args).await?,
                 BenchScenario::Settle(args) => crate::bench::settle(args).await?,
                 BenchScenario::Report(args) => crate::bench::report(args).await?,
+                BenchScenario::Console(args) => crate::bench::console(args).await?,
             };
             Ok(if passed {
                 ExitCode::SUCCESS

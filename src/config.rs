@@ -273,6 +273,9 @@ pub enum BenchScenario {
     Settle(crate::bench::BenchArgs),
     /// The transactions report: a deep page against the first, 10,000 entries.
     Report(crate::bench::BenchArgs),
+    /// The operator's console: every page empty, then with `--entries`
+    /// journal entries and `--batches` failed batches.
+    Console(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]

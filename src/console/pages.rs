@@ -369,12 +369,17 @@ pub async fn failed_batches_page(
             limit,
         )
         .await?;
-        let mut lines = Vec::with_capacity(page.len());
-        for (id, failed_at) in &page {
-            if let Some(batch) = crate::store::orders::get_batch(&mut conn, keys, id).await? {
-                lines.push(BatchLine::new(&batch, Some(*failed_at)));
-            }
-        }
+        let ids: Vec<BatchId> = page.iter().map(|(id, _)| *id).collect();
+        let batches = crate::store::orders::get_batches(&mut conn, keys, &ids).await?;
+        let lines: Vec<BatchLine> = batches
+            .iter()
+            .zip(&page)
+            .filter_map(|(batch, (_, failed_at))| {
+                batch
+                    .as_ref()
+                    .map(|batch| BatchLine::new(batch, Some(*failed_at)))
+            })
+            .collect();
         let next = (page.len() == limit)
             .then(|| page.last().map(|(id, score)| format!("{score}:{id}")))
             .flatten();

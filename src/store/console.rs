@@ -182,7 +182,8 @@ pub async fn operator_log_page(
     before: Option<(StreamId, Shard)>,
     limit: usize,
 ) -> StoreResult<Vec<LoggedAction>> {
-    let mut merged = Vec::new();
+    // One pipeline over every shard.
+    let mut pipe = redis::pipe();
     for shard in keys.shards() {
         // Entries are ordered by (id, shard); a shard below the cursor's
         // may still hold the cursor's own id.
@@ -191,15 +192,17 @@ pub async fn operator_log_page(
             Some((id, at)) if shard < at => id.to_string(),
             Some((id, _)) => format!("({id}"),
         };
-        let key = keys.operator_log(shard);
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(&key)
+        pipe.cmd("XREVRANGE")
+            .arg(keys.operator_log(shard))
             .arg(&end)
             .arg("-")
             .arg("COUNT")
-            .arg(limit)
-            .query_async(conn)
-            .await?;
+            .arg(limit);
+    }
+    let replies: Vec<redis::streams::StreamRangeReply> = pipe.query_async(conn).await?;
+    let mut merged = Vec::new();
+    for (shard, reply) in keys.shards().zip(replies) {
+        let key = keys.operator_log(shard);
         for entry in &reply.ids {
             let id = StreamId::parse(&entry.id).ok_or_else(|| StoreError::Corrupt {
                 key: key.clone(),

@@ -1,5 +1,6 @@
 //! Purchase orders, pending buckets and batches.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use redis::{AsyncCommands, Script};
@@ -371,10 +372,42 @@ pub async fn get_batch(
 ) -> StoreResult<Option<Batch>> {
     let key = keys.batch(id);
     let fields = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+    let order_ids: Vec<String> = conn.lrange(keys.batch_orders(id), 0, -1).await?;
+    batch_from(id, key, fields, order_ids)
+}
+
+/// Several batches in one pipeline (one round trip on a standalone Redis),
+/// each `None` where there is no such batch.
+pub async fn get_batches(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    ids: &[BatchId],
+) -> StoreResult<Vec<Option<Batch>>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.hgetall(keys.batch(id))
+            .lrange(keys.batch_orders(id), 0, -1);
+    }
+    // A flat reply of (fields, order ids) pairs.
+    let replies: Vec<(HashMap<String, String>, Vec<String>)> = pipe.query_async(conn).await?;
+    ids.iter()
+        .zip(replies)
+        .map(|(id, (fields, order_ids))| batch_from(id, keys.batch(id), fields, order_ids))
+        .collect()
+}
+
+fn batch_from(
+    id: &BatchId,
+    key: String,
+    fields: HashMap<String, String>,
+    order_ids: Vec<String>,
+) -> StoreResult<Option<Batch>> {
     let Some(record) = Record::new(key, fields) else {
         return Ok(None);
     };
-    let order_ids: Vec<String> = conn.lrange(keys.batch_orders(id), 0, -1).await?;
     let order_ids = order_ids
         .iter()
         .map(|id| OrderId::parse(id).map_err(|err| record.corrupt(err.to_string())))

@@ -504,13 +504,15 @@ pub async fn failed_batches_after(
     after: Option<(i64, &BatchId)>,
     limit: usize,
 ) -> StoreResult<Vec<(BatchId, i64)>> {
-    let mut merged: Vec<(i64, String)> = Vec::new();
+    // One pipeline over every shard: per shard, the batches failed in the
+    // cursor's millisecond, then those failed after it.
+    let mut pipe = redis::pipe();
     for shard in keys.shards() {
         let key = keys.failed_batches(shard);
-        let (from, ties): (String, Vec<(String, i64)>) = match after {
-            None => ("-inf".to_owned(), Vec::new()),
-            Some((score, id)) => {
-                let ties: Vec<(String, i64)> = redis::cmd("ZRANGE")
+        let from = match after {
+            None => "-inf".to_owned(),
+            Some((score, _)) => {
+                pipe.cmd("ZRANGE")
                     .arg(&key)
                     .arg(score)
                     .arg(score)
@@ -518,18 +520,11 @@ pub async fn failed_batches_after(
                     .arg("LIMIT")
                     .arg(0)
                     .arg(FAILED_AT_ONCE_MAX)
-                    .arg("WITHSCORES")
-                    .query_async(conn)
-                    .await?;
-                let id = id.to_string();
-                let later = ties
-                    .into_iter()
-                    .filter(|(member, _)| *member > id)
-                    .collect();
-                (format!("({score}"), later)
+                    .arg("WITHSCORES");
+                format!("({score}")
             }
         };
-        let page: Vec<(String, i64)> = redis::cmd("ZRANGE")
+        pipe.cmd("ZRANGE")
             .arg(&key)
             .arg(&from)
             .arg("+inf")
@@ -537,12 +532,19 @@ pub async fn failed_batches_after(
             .arg("LIMIT")
             .arg(0)
             .arg(limit)
-            .arg("WITHSCORES")
-            .query_async(conn)
-            .await?;
+            .arg("WITHSCORES");
+    }
+    let replies: Vec<Vec<(String, i64)>> = pipe.query_async(conn).await?;
+    let cursor_id = after.map(|(_, id)| id.to_string());
+    let mut merged: Vec<(i64, String)> = Vec::new();
+    for (index, reply) in replies.into_iter().enumerate() {
+        // With a cursor, even replies are the cursor's millisecond: only the
+        // ids after the cursor's count.
+        let ties = cursor_id.is_some() && index % 2 == 0;
         merged.extend(
-            ties.into_iter()
-                .chain(page)
+            reply
+                .into_iter()
+                .filter(|(member, _)| !ties || Some(member) > cursor_id.as_ref())
                 .map(|(member, score)| (score, member)),
         );
     }
