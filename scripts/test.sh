@@ -2,10 +2,12 @@
 # Runs the whole test suite against real redis-servers the tests start
 # themselves, three times: on a standalone Redis; on one again with the sagas
 # a cluster runs; and with every app on a 3-master Redis Cluster on loopback.
-# Installs redis-server (and redis-cli) first where they are missing.
+# Installs redis-server (and redis-cli), and chromium for the console's
+# browser tests, first where they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-redis.sh
+scripts/ensure-chromium.sh
 cargo test --locked "$@"
 # Again, with every operation over two shards run as its saga, as on a
 # Redis Cluster (a standalone Redis otherwise runs it as one script).

@@ -400,7 +400,8 @@ async fn print_dev_keys(
          admin     {}\n  \
          customer  {}  (account {demo}, the demo customer)\n\
          Try:  curl -H 'Authorization: Bearer {}' http://{address}/api/v1/accounts\n\
-         Swagger UI: http://{address}/docs (Authorize, then paste a key)\n",
+         Swagger UI: http://{address}/docs (Authorize, then paste a key)\n\
+         Console:    http://{address}/ops (sign in with the admin key)\n",
         path.display(),
         admin.plaintext,
         customer.plaintext,

@@ -170,6 +170,10 @@ pub async fn guard<E: Endpoint>(
 /// The viewer a request stands for, or the answer that refuses it.
 async fn viewer(request: &Request, console: &Console) -> Result<Viewer, Response> {
     let state = &console.state;
+    // Failed sign-ins, bad bearer keys and unknown session tokens all count
+    // against the client's address, as failed authentications do in the API.
+    let client = client_address(request);
+    let address_refused = state.access.failures_refused(&client);
     let class = if request.method() == Method::GET || request.method() == Method::HEAD {
         crate::access::RequestClass::Read
     } else {
@@ -184,13 +188,16 @@ async fn viewer(request: &Request, console: &Console) -> Result<Viewer, Response
         })?;
         state
             .access
-            .admit(token, class, false, None)
+            .admit(token, class, false, address_refused)
             .await
             .map(|caller| Viewer { caller, csrf: None })
     } else {
         let Some(token) = session_token(request.headers()) else {
             return Err(sign_in_response(StatusCode::UNAUTHORIZED, None));
         };
+        if address_refused.is_some() {
+            return Err(too_many_failures());
+        }
         let session = {
             let settings = &state.api.console;
             let mut conn = state.store.conn().await.map_err(unavailable)?;
@@ -205,6 +212,7 @@ async fn viewer(request: &Request, console: &Console) -> Result<Viewer, Response
             .map_err(unavailable)?
         };
         let Some(session) = session else {
+            let _ = state.access.note_failure(&client).await;
             return Err(signed_out(Some(
                 "Your session ended (signed out, idle too long, or past its limit). Sign in again.",
             )));
@@ -218,6 +226,9 @@ async fn viewer(request: &Request, console: &Console) -> Result<Viewer, Response
                 csrf: Some(session.csrf),
             })
     };
+    if let Err(Denied::Unauthenticated(_)) = &admitted {
+        let _ = state.access.note_failure(&client).await;
+    }
     let viewer = admitted.map_err(|denied| match denied {
         Denied::Unauthenticated(_) => signed_out(Some(
             "The key of this session is no longer valid (revoked or expired). Sign in with another.",
@@ -243,6 +254,21 @@ async fn viewer(request: &Request, console: &Console) -> Result<Viewer, Response
         ));
     }
     Ok(viewer)
+}
+
+fn client_address(request: &Request) -> String {
+    request
+        .remote_addr()
+        .as_socket_addr()
+        .map_or_else(|| "unknown".to_owned(), |address| address.ip().to_string())
+}
+
+fn too_many_failures() -> Response {
+    message(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Slow down",
+        "Too many failed sign-ins from this address; wait a little and try again.",
+    )
 }
 
 /// The sign-in page, with the session cookie cleared.
@@ -277,10 +303,7 @@ pub async fn sign_in(
     fields: Data<&FormFields>,
 ) -> Response {
     let state = &console.state;
-    let client = request
-        .remote_addr()
-        .as_socket_addr()
-        .map_or_else(|| "unknown".to_owned(), |address| address.ip().to_string());
+    let client = client_address(request);
     let key = fields.get("key").unwrap_or_default().trim();
     let address_refused = state.access.failures_refused(&client);
     let admitted = state

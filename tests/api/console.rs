@@ -522,3 +522,90 @@ async fn ten_open_consoles_share_one_read_of_redis() {
         "{reads} reads of Redis for 10 pages"
     );
 }
+
+/// Signs in with `key` without a browser; returns the session's cookie.
+async fn session_cookie(app: &TestApp, key: &str) -> String {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let response = client
+        .post(app.url("/ops/sign-in"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form(&[("key", key)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    let cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/ops"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+async fn get_with_cookie(app: &TestApp, path: &str, cookie: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .get(app.url(path))
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signing_out_or_revoking_the_key_ends_a_session() {
+    let app = spawn_app().await;
+    let key = app.key(Role::Ops, None).await;
+    let cookie = session_cookie(&app, &key).await;
+    let (status, page) = get_with_cookie(&app, "/ops", &cookie).await;
+    assert_eq!(status, 200);
+    let csrf = regex::Regex::new(r#"name="csrf" value="([0-9a-f]+)""#)
+        .unwrap()
+        .captures(&page)
+        .expect("the page carries its CSRF token")[1]
+        .to_owned();
+    let signed_out = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(app.url("/ops/sign-out"))
+        .header("Cookie", &cookie)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form(&[("csrf", &csrf)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_out.status(), 303);
+    assert!(
+        signed_out.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    assert_eq!(
+        get_with_cookie(&app, "/ops", &cookie).await.0,
+        401,
+        "signed out"
+    );
+
+    let cookie = session_cookie(&app, &key).await;
+    assert_eq!(get_with_cookie(&app, "/ops", &cookie).await.0, 200);
+    let key_id = key.split('_').nth(2).unwrap();
+    let revoked = app
+        .client
+        .delete(app.url(&format!("/api/v1/keys/{key_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(revoked.status().is_success(), "{}", revoked.status());
+    // Revocation reaches every process within the key cache's second.
+    eventually("the revoked key's session ends", || async {
+        get_with_cookie(&app, "/ops", &cookie).await.0 == 401
+    })
+    .await;
+}
