@@ -122,7 +122,7 @@ pub async fn retry_batch(
 ) -> Result<String, OperatorError> {
     let batch = batch(store, id)
         .await?
-        .ok_or_else(|| OperatorError::NotFailed(id.clone(), "missing".to_owned()))?;
+        .ok_or_else(|| OperatorError::NotFailed(*id, "missing".to_owned()))?;
     let mut conn = store.conn().await?;
     settlement::requeue_failed_batch(&mut conn, store.keys(), id).await?;
     let effect = retry_effect(&batch);
@@ -143,7 +143,7 @@ pub async fn refund_batch(
 ) -> Result<RefundEffect, OperatorError> {
     let batch = batch(store, id)
         .await?
-        .ok_or_else(|| OperatorError::NotFailed(id.clone(), "missing".to_owned()))?;
+        .ok_or_else(|| OperatorError::NotFailed(*id, "missing".to_owned()))?;
     // Only a failed batch's orders are read for the effect; the script
     // decides the rest (a refund run again answers as it did the first time).
     let accounts = match batch.status {

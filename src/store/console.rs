@@ -225,7 +225,7 @@ pub async fn operator_log_page(
             });
         }
     }
-    merged.sort_unstable_by(|a, b| (b.id, b.shard).cmp(&(a.id, a.shard)));
+    merged.sort_unstable_by_key(|entry| std::cmp::Reverse((entry.id, entry.shard)));
     merged.truncate(limit);
     Ok(merged)
 }
