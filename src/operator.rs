@@ -220,3 +220,45 @@ pub async fn record_sign_in(store: &Store, caller: &Caller) {
         tracing::warn!(error = %err, "the operator log did not take a sign-in");
     }
 }
+
+/// Replays or discards a dead letter of `stream` (named `ms-seq.shard`),
+/// and records it with the operator's reason.
+#[allow(clippy::too_many_arguments)]
+pub async fn resolve_dead_letter(
+    store: &Store,
+    caller: &Caller,
+    stream: crate::store::keys::StreamKind,
+    letter: &str,
+    resolution: crate::store::dead_letters::Resolution,
+    reason: &str,
+    via: Via,
+) -> Result<String, crate::store::dead_letters::ResolveError> {
+    use crate::store::dead_letters::{self, Resolution, ResolveError};
+    let (id, shard) =
+        dead_letters::parse_cursor(letter, store.keys()).ok_or(ResolveError::Missing)?;
+    let mut conn = store.conn().await?;
+    let replayed =
+        dead_letters::resolve(&mut conn, store.keys(), stream, shard, id, resolution).await?;
+    let effect = match (resolution, replayed) {
+        (Resolution::Replay, Some(new_id)) => format!(
+            "moves no money; the job is back on the {} stream as {new_id}.{}",
+            stream.label(),
+            shard.index()
+        ),
+        _ => "moves no money; the dead letter is gone".to_owned(),
+    };
+    let entry = OperatorAction {
+        key_id: caller.key_id.to_string(),
+        role: caller.role.as_str().to_owned(),
+        action: format!("{} {}", resolution.as_str(), stream.label()),
+        target: letter.to_owned(),
+        effect: effect.clone(),
+        note: reason.to_owned(),
+        via: via.as_str().to_owned(),
+    };
+    if let Err(err) = record_operator_action(&mut conn, store.keys(), shard, &entry).await {
+        tracing::error!(error = %err, letter, "the operator log did not take an action that was done");
+    }
+    tracing::info!(letter, stream = stream.label(), action = resolution.as_str(), key_id = %caller.key_id, "dead letter resolved by operator");
+    Ok(effect)
+}

@@ -107,6 +107,15 @@ pub fn routes(console: Arc<Console>) -> impl Endpoint {
             get(pages::confirm_refund).post(pages::refund_batch),
         )
         .at("/log", get(pages::log_page))
+        .at("/dead-letters", get(pages::dead_letters_page))
+        .at(
+            "/dead-letters/:stream/:letter/replay",
+            post(pages::replay_dead_letter),
+        )
+        .at(
+            "/dead-letters/:stream/:letter/discard",
+            post(pages::discard_dead_letter),
+        )
         .at(
             "/assets/console.css",
             get(asset(CONSOLE_CSS, "text/css; charset=utf-8")),

@@ -548,6 +548,13 @@ impl Keys {
         self.shard_of_text_id(id.as_str())
     }
 
+    /// What an operator did with a dead letter (string `replayed <new id>`
+    /// or `discarded`, expiring), beside its dead-letter stream: a second
+    /// run of the same resolution answers as the first did.
+    pub fn dead_letter_resolution(&self, stream: StreamKind, shard: Shard, id: &str) -> String {
+        format!("{}:resolved:{id}", self.job_stream_dead(stream, shard))
+    }
+
     // --- the operator's console ---
 
     /// A console session (hash: key id, role, CSRF token, times), named by
@@ -628,7 +635,9 @@ mod tests {
         for stream in StreamKind::ALL {
             all.push(keys.job_stream(stream, shard));
             all.push(keys.job_stream_dead(stream, shard));
+            all.push(keys.dead_letter_resolution(stream, shard, "1-0"));
         }
+        all.push(keys.operator_log(shard));
         all
     }
 

@@ -22,6 +22,7 @@ pub mod advances;
 pub mod api_keys;
 pub mod connection;
 pub mod console;
+pub mod dead_letters;
 pub mod journal;
 pub mod keys;
 pub mod locks;
@@ -386,6 +387,7 @@ impl Store {
             .chain(wallet::scripts())
             .chain(advances::scripts())
             .chain(streams::scripts())
+            .chain(dead_letters::scripts())
             .chain(api_keys::scripts())
             .chain([&*rate_limits::TAKE_RATE_TOKENS, &*locks::RELEASE_LOCK])
         {

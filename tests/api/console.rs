@@ -609,3 +609,335 @@ async fn signing_out_or_revoking_the_key_ends_a_session() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resolve_dead_letter_replays_discards_answers_twice_alike_and_refuses() {
+    use tally::store::dead_letters::{Resolution, ResolveError, resolve};
+    use tally::store::keys::StreamKind;
+    use tally::store::streams::StreamId;
+    let app = spawn_app().await;
+    let keys = app.keys().clone();
+    let shard = keys.shards().nth(1).unwrap();
+    let mut conn = app.redis().await;
+    let dead = |kind| keys.job_stream_dead(kind, shard);
+    let add = |conn: &mut tally::store::connection::Conn,
+               key: String,
+               fields: Vec<(&'static str, String)>| {
+        let mut conn = conn.clone();
+        async move {
+            let id: String = redis::AsyncCommands::xadd(&mut conn, key, "*", &fields)
+                .await
+                .unwrap();
+            StreamId::parse(&id).unwrap()
+        }
+    };
+    let event =
+        json!({"type": "deposit.completed", "amount": "100", "event_id": "s1-5-0"}).to_string();
+    let letter = add(
+        &mut conn,
+        dead(StreamKind::Events),
+        vec![("event", event), ("error", "webhook down".to_owned())],
+    )
+    .await;
+
+    // Replayed: back on the events stream with its own fields and event id.
+    let replayed = resolve(
+        &mut conn,
+        &keys,
+        StreamKind::Events,
+        shard,
+        letter,
+        Resolution::Replay,
+    )
+    .await
+    .unwrap()
+    .expect("the new entry's id");
+    let entries =
+        crate::helpers::stream_entries(&mut conn, &keys.job_stream(StreamKind::Events, shard))
+            .await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["event_id"], "s1-5-0");
+    assert_eq!(entries[0]["type"], "deposit.completed");
+    assert!(!entries[0].contains_key("error"));
+    assert!(
+        crate::helpers::stream_entries(&mut conn, &dead(StreamKind::Events))
+            .await
+            .is_empty()
+    );
+    // The same call again answers as it did and writes nothing.
+    let before = app.snapshot().await;
+    let again = resolve(
+        &mut conn,
+        &keys,
+        StreamKind::Events,
+        shard,
+        letter,
+        Resolution::Replay,
+    )
+    .await;
+    assert_eq!(again.unwrap(), Some(replayed));
+    assert_eq!(app.snapshot().await, before);
+
+    // Another job: its fields go back, the dead-letter notes do not.
+    let job = add(
+        &mut conn,
+        dead(StreamKind::Wallet),
+        vec![
+            ("transaction_id", "t1".to_owned()),
+            ("stream_id", "9-0".to_owned()),
+            ("error", "unreadable".to_owned()),
+            ("worker", "w".to_owned()),
+        ],
+    )
+    .await;
+    resolve(
+        &mut conn,
+        &keys,
+        StreamKind::Wallet,
+        shard,
+        job,
+        Resolution::Replay,
+    )
+    .await
+    .unwrap();
+    let entries =
+        crate::helpers::stream_entries(&mut conn, &keys.job_stream(StreamKind::Wallet, shard))
+            .await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].len(), 1, "{:?}", entries[0]);
+    assert_eq!(entries[0]["transaction_id"], "t1");
+
+    // Discarded: gone, and nothing queued.
+    let job = add(
+        &mut conn,
+        dead(StreamKind::Installments),
+        vec![("installment", "a:1".to_owned())],
+    )
+    .await;
+    assert_eq!(
+        resolve(
+            &mut conn,
+            &keys,
+            StreamKind::Installments,
+            shard,
+            job,
+            Resolution::Discard
+        )
+        .await
+        .unwrap(),
+        None
+    );
+    assert!(
+        crate::helpers::stream_entries(&mut conn, &dead(StreamKind::Installments))
+            .await
+            .is_empty()
+    );
+    assert!(
+        crate::helpers::stream_entries(
+            &mut conn,
+            &keys.job_stream(StreamKind::Installments, shard)
+        )
+        .await
+        .is_empty()
+    );
+
+    // Refusals write nothing.
+    let not_json = add(
+        &mut conn,
+        dead(StreamKind::Events),
+        vec![("event", "{not json".to_owned())],
+    )
+    .await;
+    let not_strings = add(
+        &mut conn,
+        dead(StreamKind::Events),
+        vec![("event", json!({"amount": 5}).to_string())],
+    )
+    .await;
+    let settle = add(
+        &mut conn,
+        dead(StreamKind::Settle),
+        vec![("batch_id", "b".to_owned())],
+    )
+    .await;
+    let before = app.snapshot().await;
+    for (kind, id) in [
+        (StreamKind::Events, not_json),
+        (StreamKind::Events, not_strings),
+    ] {
+        let refused = resolve(&mut conn, &keys, kind, shard, id, Resolution::Replay).await;
+        assert!(
+            matches!(refused, Err(ResolveError::BadEntry(_))),
+            "{refused:?}"
+        );
+    }
+    let missing = StreamId { ms: 1, seq: 0 };
+    let refused = resolve(
+        &mut conn,
+        &keys,
+        StreamKind::Wallet,
+        shard,
+        missing,
+        Resolution::Discard,
+    )
+    .await;
+    assert!(matches!(refused, Err(ResolveError::Missing)), "{refused:?}");
+    let refused = resolve(
+        &mut conn,
+        &keys,
+        StreamKind::Settle,
+        shard,
+        settle,
+        Resolution::Discard,
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(ResolveError::SettleJob)),
+        "{refused:?}"
+    );
+    assert_eq!(app.snapshot().await, before, "nothing written");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_event_is_replayed_from_the_console_and_another_discarded_with_its_reason() {
+    use poem::EndpointExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    // An accounting receiver that fails until told otherwise.
+    #[derive(Default)]
+    struct Receiver {
+        failing: AtomicBool,
+        events: Mutex<Vec<Value>>,
+    }
+    #[poem::handler]
+    async fn receive(
+        body: String,
+        receiver: poem::web::Data<&Arc<Receiver>>,
+    ) -> poem::http::StatusCode {
+        if receiver.failing.load(Ordering::SeqCst) {
+            return poem::http::StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        receiver
+            .events
+            .lock()
+            .unwrap()
+            .push(serde_json::from_str(&body).unwrap());
+        poem::http::StatusCode::OK
+    }
+    let receiver = Arc::new(Receiver::default());
+    receiver.failing.store(true, Ordering::SeqCst);
+    let acceptor =
+        poem::listener::Listener::into_acceptor(poem::listener::TcpListener::bind("127.0.0.1:0"))
+            .await
+            .unwrap();
+    let address = poem::listener::Acceptor::local_addr(&acceptor)[0]
+        .as_socket_addr()
+        .copied()
+        .unwrap();
+    let route = poem::Route::new()
+        .at("/events", poem::post(receive))
+        .data(receiver.clone());
+    tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(route));
+
+    let app = spawn_app().await;
+    let exchange = spawn_exchange(UP).await;
+    let settings = tally::config::WorkerSettings {
+        accounting_webhook_url: Some(format!("http://{address}/events")),
+        webhook_attempts_max: 1,
+        ..test_worker_settings(&exchange)
+    };
+    let workers = spawn_workers(&app, settings);
+    let kept = app.create_account("kept", "1.00").await;
+    let dropped = app.create_account("dropped", "2.00").await;
+    eventually("both account.opened events are dead", || async {
+        app.all_length(tally::store::keys::Keys::events_dead).await == 2
+    })
+    .await;
+    receiver.failing.store(false, Ordering::SeqCst);
+
+    let mut browser = signed_in(&app, Role::Ops).await;
+    browser
+        .open(&app.url("/ops/dead-letters?stream=events"))
+        .await;
+    assert_eq!(
+        browser.count("tr[data-letter]").await,
+        2,
+        "{}",
+        browser.body_text().await
+    );
+    let row_of = |account: &str| {
+        format!(
+            "Array.from(document.querySelectorAll('tr[data-letter]')).find(r => r.textContent.includes('{account}')).dataset.letter"
+        )
+    };
+    let kept_letter = browser
+        .eval(&row_of(&kept))
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dropped_letter = browser
+        .eval(&row_of(&dropped))
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    browser
+        .click_and_wait(&format!("tr[data-letter=\"{kept_letter}\"] button.replay"))
+        .await;
+    assert!(
+        browser
+            .text("#effect")
+            .await
+            .unwrap()
+            .contains("back on the events stream")
+    );
+    eventually("the replayed event is delivered", || async {
+        receiver
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|event| event["account_id"] == kept.as_str())
+    })
+    .await;
+    let delivered = receiver.events.lock().unwrap().clone();
+    assert_eq!(delivered.len(), 1, "only the replayed one: {delivered:?}");
+    assert!(
+        delivered[0]["event_id"].as_str().unwrap().starts_with('s'),
+        "its first event id"
+    );
+
+    browser
+        .open(&app.url("/ops/dead-letters?stream=events"))
+        .await;
+    browser
+        .fill(
+            &format!("tr[data-letter=\"{dropped_letter}\"] input[name=reason]"),
+            "test account, never booked",
+        )
+        .await;
+    browser
+        .click_and_wait(&format!(
+            "tr[data-letter=\"{dropped_letter}\"] button.discard"
+        ))
+        .await;
+    assert!(browser.text("#done").await.unwrap().contains("discarded"));
+    assert_eq!(
+        app.all_length(tally::store::keys::Keys::events_dead).await,
+        0
+    );
+    browser.open(&app.url("/ops/log")).await;
+    let discarded = browser
+        .text(&format!(
+            "tr[data-action=\"discard events\"][data-target=\"{dropped_letter}\"]"
+        ))
+        .await
+        .expect("the discard is logged");
+    assert!(
+        discarded.contains("test account, never booked"),
+        "{discarded}"
+    );
+    workers.stop().await;
+}
