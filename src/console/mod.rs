@@ -19,7 +19,9 @@
 //! # Layout
 //!
 //! - [`auth`]: sign-in, sessions, the guard every request passes.
-//! - [`pages`]: the pages and the forms that act.
+//! - [`pages`]: the overview, failed batches, dead letters, the operator
+//!   log, and the forms that act.
+//! - [`records`]: an account's page, and find by exact id.
 //! - [`snapshot`]: the overview's figures, one Redis read shared by every
 //!   browser.
 //! - [`charts`]: the flow charts, as SVG drawn on the server.
@@ -27,6 +29,7 @@
 mod auth;
 mod charts;
 mod pages;
+mod records;
 pub mod snapshot;
 
 use std::sync::Arc;
@@ -108,6 +111,8 @@ pub fn routes(console: Arc<Console>) -> impl Endpoint {
         )
         .at("/log", get(pages::log_page))
         .at("/dead-letters", get(pages::dead_letters_page))
+        .at("/accounts/:id", get(records::account_page))
+        .at("/find", get(records::find_page))
         .at(
             "/dead-letters/:stream/:letter/replay",
             post(pages::replay_dead_letter),

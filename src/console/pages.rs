@@ -39,7 +39,7 @@ pub struct Chrome {
 }
 
 impl Chrome {
-    fn new(title: impl Into<String>, viewer: &Viewer) -> Self {
+    pub(super) fn new(title: impl Into<String>, viewer: &Viewer) -> Self {
         Chrome {
             title: title.into(),
             key_id: viewer.caller.key_id.to_string(),
@@ -50,7 +50,7 @@ impl Chrome {
     }
 }
 
-fn usd(cents: i64) -> String {
+pub(super) fn usd(cents: i64) -> String {
     format_units(cents, 2)
 }
 
@@ -65,20 +65,20 @@ fn age(ms: i64) -> String {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(super) fn rfc3339(ms: i64) -> String {
     let at =
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
-fn render(template: &impl Template, status: StatusCode) -> Response {
+pub(super) fn render(template: &impl Template, status: StatusCode) -> Response {
     match template.render() {
         Ok(body) => html(status, body),
         Err(err) => rendering_failed(err),
     }
 }
 
-fn store_failed(err: StoreError) -> Response {
+pub(super) fn store_failed(err: StoreError) -> Response {
     tracing::warn!(error = %err, "console: a Redis read failed");
     message(
         StatusCode::SERVICE_UNAVAILABLE,

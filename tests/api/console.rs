@@ -941,3 +941,100 @@ async fn a_dead_event_is_replayed_from_the_console_and_another_discarded_with_it
     );
     workers.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn find_leads_to_each_record_by_its_exact_id_and_an_account_shows_its_money() {
+    let app = spawn_app().await;
+    let operator = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(
+            [(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {}", app.key(Role::Read, None).await)
+                    .parse()
+                    .unwrap(),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .unwrap();
+    let get = |path: String| {
+        let request = operator.get(app.url(&path)).send();
+        async move {
+            let response = request.await.unwrap();
+            let status = response.status().as_u16();
+            let location = response
+                .headers()
+                .get("location")
+                .map(|value| value.to_str().unwrap().to_owned());
+            (status, location, response.text().await.unwrap())
+        }
+    };
+    let account = app.create_account("finder", "100.00").await;
+    let order: Value = app
+        .place_order(&account, "ABAN", "3")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let batch = order["batch_id"].as_str().unwrap().to_owned();
+    let deposit = app
+        .post(
+            &format!("/api/v1/accounts/{account}/transactions"),
+            &json!({"kind": "deposit", "amount": "5.00"}),
+        )
+        .await;
+    assert_eq!(deposit.status(), 202);
+    let deposit: Value = deposit.json().await.unwrap();
+    let deposit = deposit["id"].as_str().unwrap().to_owned();
+
+    let (status, location, _) = get(format!("/ops/find?id={account}")).await;
+    assert_eq!(
+        (status, location.as_deref()),
+        (303, Some(format!("/ops/accounts/{account}").as_str()))
+    );
+    let (status, location, _) = get(format!("/ops/find?id={batch}")).await;
+    assert_eq!(
+        (status, location.as_deref()),
+        (303, Some(format!("/ops/batches/{batch}").as_str()))
+    );
+    let (status, _, page) = get(format!("/ops/find?id={}", order["id"].as_str().unwrap())).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<h1>order"), "{page}");
+    assert!(
+        page.contains(&format!("/ops/batches/{batch}")),
+        "links its batch"
+    );
+    assert!(
+        page.contains(&format!("/ops/accounts/{account}")),
+        "links its account"
+    );
+    let (status, _, page) = get(format!("/ops/find?id={deposit}")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<h1>wallet transaction"), "{page}");
+    let event = app.event_ids().await.into_iter().next().expect("an event");
+    let (status, _, page) = get(format!("/ops/find?id={event}")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<h1>event"), "{page}");
+    for unknown in [
+        uuid::Uuid::now_v7().to_string(),
+        "s99-1-0".to_owned(),
+        "nothing".to_owned(),
+    ] {
+        let (status, _, page) = get(format!("/ops/find?id={unknown}")).await;
+        assert_eq!(status, 404, "{unknown}");
+        assert!(page.contains("Nothing has the id"), "{page}");
+    }
+
+    let (status, _, page) = get(format!("/ops/accounts/{account}")).await;
+    assert_eq!(status, 200);
+    let balance = regex::Regex::new(r#"id="account-balance">([^<]+)<"#).unwrap();
+    assert_eq!(
+        balance.captures(&page).unwrap()[1],
+        app.balance(&account).await
+    );
+    assert!(page.contains(&deposit), "lists its wallet transaction");
+    let (status, _, _) = get("/ops/accounts/@bank".to_owned()).await;
+    assert_eq!(status, 404);
+}

@@ -1,0 +1,295 @@
+//! An account's page, and find by exact id: each a handful of reads on the
+//! shard the id names, never a scan.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use askama::Template;
+use poem::http::{StatusCode, header};
+use poem::web::{Data, Path, Query};
+use poem::{Response, handler};
+use serde::Deserialize;
+
+use super::Console;
+use super::auth::{Viewer, message};
+use super::pages::{Chrome, render, rfc3339, store_failed, usd};
+use crate::domain::{AccountId, BatchId, OrderId};
+use crate::store::keys::Keys;
+use crate::store::{Conn, StoreError, accounts, advances, wallet};
+
+/// Rows of each list on an account's page (its newest wallet transactions,
+/// its advances).
+const ACCOUNT_ROWS_MAX: usize = 50;
+
+pub struct WalletLine {
+    pub id: String,
+    pub kind: String,
+    pub amount: String,
+    pub status: String,
+    pub at: String,
+}
+
+pub struct AdvanceLine {
+    pub id: String,
+    pub amount: String,
+    pub at: String,
+    /// `n: amount status, due`.
+    pub installments: Vec<String>,
+}
+
+#[derive(Template)]
+#[template(path = "account.html")]
+struct AccountPage {
+    chrome: Chrome,
+    id: String,
+    name: String,
+    balance: String,
+    created: String,
+    wallet: Vec<WalletLine>,
+    advances: Vec<AdvanceLine>,
+}
+
+#[handler]
+pub async fn account_page(
+    console: Data<&Arc<Console>>,
+    viewer: Data<&Viewer>,
+    id: Path<String>,
+) -> Response {
+    let not_found = || {
+        message(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "There is no account with that id.",
+        )
+    };
+    let Ok(id) = AccountId::parse(&id) else {
+        return not_found();
+    };
+    if id.is_system() {
+        return not_found();
+    }
+    let store = &console.state.store;
+    let keys = store.keys();
+    let read = async {
+        let mut conn = store.conn().await?;
+        let Some(account) = accounts::get_account(&mut conn, keys, &id).await? else {
+            return Ok(None);
+        };
+        let mut lines = Vec::new();
+        for txn in wallet::history(&mut conn, keys, &id, None, ACCOUNT_ROWS_MAX).await? {
+            if let Some(txn) = wallet::get(&mut conn, keys, &txn).await? {
+                lines.push(WalletLine {
+                    id: txn.id,
+                    kind: txn.kind.as_str().to_owned(),
+                    amount: txn.amount.to_string(),
+                    status: txn.status,
+                    at: rfc3339(txn.created_at_ms),
+                });
+            }
+        }
+        let mut advance_lines = Vec::new();
+        for advance in advances::ids(&mut conn, keys, Some(&id), 0, ACCOUNT_ROWS_MAX).await? {
+            if let Some(advance) = advances::get(&mut conn, keys, &advance).await? {
+                advance_lines.push(AdvanceLine {
+                    installments: advance
+                        .installments
+                        .iter()
+                        .map(|i| {
+                            format!(
+                                "{}: {} {}, due {}",
+                                i.n,
+                                usd(i.amount_cents),
+                                i.status,
+                                rfc3339(i.due_ms)
+                            )
+                        })
+                        .collect(),
+                    id: advance.id,
+                    amount: usd(advance.amount_cents),
+                    at: rfc3339(advance.created_at_ms),
+                });
+            }
+        }
+        Ok::<_, StoreError>(Some((account, lines, advance_lines)))
+    };
+    let (account, wallet, advances) = match read.await {
+        Ok(Some(read)) => read,
+        Ok(None) => return not_found(),
+        Err(err) => return store_failed(err),
+    };
+    let page = AccountPage {
+        chrome: Chrome::new(format!("Account {}", account.name), &viewer),
+        id: account.id.to_string(),
+        name: account.name,
+        balance: usd(account.balance_cents),
+        created: rfc3339(account.created_at_ms),
+        wallet,
+        advances,
+    };
+    render(&page, StatusCode::OK)
+}
+
+#[derive(Template)]
+#[template(path = "record.html")]
+struct RecordPage {
+    chrome: Chrome,
+    kind: &'static str,
+    id: String,
+    fields: Vec<(String, String)>,
+    /// Where the record leads (its batch, its account), as (label, path).
+    links: Vec<(String, String)>,
+}
+
+#[derive(Template)]
+#[template(path = "find.html")]
+struct FindPage {
+    chrome: Chrome,
+    id: String,
+    problem: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct FindQuery {
+    id: Option<String>,
+}
+
+/// The kinds of record an id tally drew may name, each with its key.
+const RECORD_KINDS: [&str; 6] = [
+    "account",
+    "batch",
+    "order",
+    "wallet transaction",
+    "transfer",
+    "advance",
+];
+
+fn record_keys(keys: &Keys, id: &uuid::Uuid) -> [String; 6] {
+    let text = id.to_string();
+    [
+        keys.account(&AccountId::from_uuid(*id)),
+        keys.batch(&BatchId::from_uuid(*id)),
+        keys.order(&OrderId::from_uuid(*id)),
+        keys.wallet_transaction(&text),
+        keys.transaction(&text),
+        keys.advance(&text),
+    ]
+}
+
+/// Find by exact id: an account, batch, order, wallet transaction,
+/// transfer or bank transaction, advance (all ids tally drew, on the shard
+/// the id names: one round trip), or an accounting event (`sN-ms-seq`,
+/// while its stream still holds it).
+#[handler]
+pub async fn find_page(
+    console: Data<&Arc<Console>>,
+    viewer: Data<&Viewer>,
+    query: Query<FindQuery>,
+) -> Response {
+    let id = query.id.as_deref().unwrap_or_default().trim().to_owned();
+    let store = &console.state.store;
+    let keys = store.keys();
+    let page = |problem: Option<String>| FindPage {
+        chrome: Chrome::new("Find", &viewer),
+        id: id.chars().take(80).collect(),
+        problem,
+    };
+    if id.is_empty() {
+        return render(&page(None), StatusCode::OK);
+    }
+    let found = async {
+        let mut conn = store.conn().await?;
+        if let Ok(uuid) = uuid::Uuid::try_parse(&id) {
+            let names = record_keys(keys, &uuid);
+            let mut pipe = redis::pipe();
+            for key in &names {
+                pipe.hgetall(key);
+            }
+            let records: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await?;
+            return Ok(RECORD_KINDS
+                .iter()
+                .zip(records)
+                .find(|(_, fields)| !fields.is_empty())
+                .map(|(kind, fields)| (*kind, uuid.to_string(), fields)));
+        }
+        event(&mut conn, keys, &id).await
+    };
+    let (kind, id, fields) = match found.await {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            let problem = format!(
+                "Nothing has the id {}. Ids are exact: an account, batch, order, transaction, advance, or an event (sN-ms-seq, while its stream keeps it).",
+                id.chars().take(80).collect::<String>()
+            );
+            return render(&page(Some(problem)), StatusCode::NOT_FOUND);
+        }
+        Err(err) => return store_failed(err),
+    };
+    let to = match kind {
+        "account" => Some(format!("/ops/accounts/{id}")),
+        "batch" => Some(format!("/ops/batches/{id}")),
+        _ => None,
+    };
+    if let Some(to) = to {
+        return Response::builder()
+            .status(StatusCode::SEE_OTHER)
+            .header(header::LOCATION, to)
+            .finish();
+    }
+    let mut links = Vec::new();
+    if let Some(account) = fields.get("account_id") {
+        links.push(("its account".to_owned(), format!("/ops/accounts/{account}")));
+    }
+    if kind == "order"
+        && let Ok(order) = OrderId::parse(&id)
+    {
+        let batch = async {
+            let mut conn = store.conn().await?;
+            crate::store::orders::get_order(&mut conn, keys, &order).await
+        };
+        if let Ok(Some(order)) = batch.await
+            && let Some(batch) = order.batch_id
+        {
+            links.push(("its batch".to_owned(), format!("/ops/batches/{batch}")));
+        }
+    }
+    let page = RecordPage {
+        chrome: Chrome::new(format!("{kind} {id}"), &viewer),
+        kind,
+        id,
+        fields: fields.into_iter().collect(),
+        links,
+    };
+    render(&page, StatusCode::OK)
+}
+
+/// An accounting event by its id, `s<shard>-<stream id>`.
+async fn event(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    id: &str,
+) -> Result<Option<(&'static str, String, BTreeMap<String, String>)>, StoreError> {
+    let Some((shard, stream_id)) = id.strip_prefix('s').and_then(|rest| rest.split_once('-'))
+    else {
+        return Ok(None);
+    };
+    let Some(shard) = shard
+        .parse::<u16>()
+        .ok()
+        .and_then(|index| keys.shards().find(|shard| shard.index() == index))
+    else {
+        return Ok(None);
+    };
+    let Some(stream_id) = crate::store::streams::StreamId::parse(stream_id) else {
+        return Ok(None);
+    };
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(keys.events(shard))
+        .arg(stream_id.to_string())
+        .arg(stream_id.to_string())
+        .query_async(conn)
+        .await?;
+    Ok(reply.ids.first().map(|entry| {
+        let fields = crate::store::stream_fields(entry).into_iter().collect();
+        ("event", id.to_owned(), fields)
+    }))
+}
