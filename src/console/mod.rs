@@ -19,15 +19,19 @@
 //! # Layout
 //!
 //! - [`auth`]: sign-in, sessions, the guard every request passes.
-//! - [`pages`]: the overview, failed batches, dead letters, the operator
-//!   log, and the forms that act.
+//! - [`overview`], [`batches`], [`dead_letters`], [`log`]: the pages and
+//!   the forms that act; [`pages`], what they share.
 //! - [`records`]: an account's page, and find by exact id.
 //! - [`snapshot`]: the overview's figures, one Redis read shared by every
 //!   browser.
 //! - [`charts`]: the flow charts, as SVG drawn on the server.
 
 mod auth;
+mod batches;
 mod charts;
+mod dead_letters;
+mod log;
+mod overview;
 mod pages;
 mod records;
 pub mod snapshot;
@@ -95,31 +99,27 @@ pub fn routes(console: Arc<Console>) -> impl Endpoint {
     };
     let guarded = console.clone();
     Route::new()
-        .at("/", get(pages::overview_page))
+        .at("/", get(overview::overview_page))
         .at("/sign-in", get(auth::sign_in_page).post(auth::sign_in))
         .at("/sign-out", post(auth::sign_out))
-        .at("/batches", get(pages::failed_batches_page))
-        .at("/batches/retry", post(pages::retry_batches))
-        .at("/batches/:id", get(pages::batch_page))
+        .at("/batches", get(batches::failed_batches_page))
+        .at("/batches/retry", post(batches::retry_batches))
+        .at("/batches/:id", get(batches::batch_page))
         .at(
             "/batches/:id/retry",
-            get(pages::confirm_retry).post(pages::retry_batch),
+            get(batches::confirm_retry).post(batches::retry_batch),
         )
         .at(
             "/batches/:id/refund",
-            get(pages::confirm_refund).post(pages::refund_batch),
+            get(batches::confirm_refund).post(batches::refund_batch),
         )
-        .at("/log", get(pages::log_page))
-        .at("/dead-letters", get(pages::dead_letters_page))
+        .at("/log", get(log::log_page))
+        .at("/dead-letters", get(dead_letters::dead_letters_page))
         .at("/accounts/:id", get(records::account_page))
         .at("/find", get(records::find_page))
         .at(
-            "/dead-letters/:stream/:letter/replay",
-            post(pages::replay_dead_letter),
-        )
-        .at(
-            "/dead-letters/:stream/:letter/discard",
-            post(pages::discard_dead_letter),
+            "/dead-letters/:stream/:letter/:action",
+            post(dead_letters::resolve_dead_letter),
         )
         .at(
             "/assets/console.css",
