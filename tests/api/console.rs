@@ -6,23 +6,11 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tally::access::Role;
-use tally::exchange::sim::Faults;
 
 use crate::browser::Browser;
 use crate::helpers::{
-    TestApp, TestExchange, TestWorkers, eventually, spawn_app, spawn_app_with, spawn_exchange,
-    spawn_workers, test_worker_settings,
-};
-
-const DOWN: Faults = Faults {
-    latency_ms: 0,
-    fail_rate: 1.0,
-    reject_rate: 0.0,
-};
-const UP: Faults = Faults {
-    latency_ms: 0,
-    fail_rate: 0.0,
-    reject_rate: 0.0,
+    DOWN, TestApp, TestExchange, TestWorkers, UP, eventually, spawn_app, spawn_app_with,
+    spawn_exchange, spawn_workers, test_worker_settings,
 };
 
 /// How old the overview's snapshot may be in the test that compares it.

@@ -745,6 +745,18 @@ impl Drop for TestExchange {
     }
 }
 
+/// An exchange-sim that fails every call (503), and one that fails none.
+pub const DOWN: Faults = Faults {
+    latency_ms: 0,
+    fail_rate: 1.0,
+    reject_rate: 0.0,
+};
+pub const UP: Faults = Faults {
+    latency_ms: 0,
+    fail_rate: 0.0,
+    reject_rate: 0.0,
+};
+
 pub async fn spawn_exchange(faults: Faults) -> TestExchange {
     let sim = ExchangeSim::bind("127.0.0.1:0".parse().unwrap(), faults)
         .await

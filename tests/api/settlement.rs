@@ -6,19 +6,8 @@ use tally::exchange::sim::Faults;
 use tally::store::keys::Keys;
 
 use crate::helpers::{
-    TestApp, TestExchange, TestWorkers, assert_problem, eventually, spawn_app, spawn_exchange,
-    spawn_workers, test_worker_settings,
-};
-
-const DOWN: Faults = Faults {
-    latency_ms: 0,
-    fail_rate: 1.0,
-    reject_rate: 0.0,
-};
-const UP: Faults = Faults {
-    latency_ms: 0,
-    fail_rate: 0.0,
-    reject_rate: 0.0,
+    DOWN, TestApp, TestExchange, TestWorkers, UP, assert_problem, eventually, spawn_app,
+    spawn_exchange, spawn_workers, test_worker_settings,
 };
 
 #[tokio::test(flavor = "multi_thread")]
