@@ -151,6 +151,58 @@ struct FindPage {
 #[derive(Deserialize)]
 pub struct FindQuery {
     id: Option<String>,
+    /// An Idempotency-Key, with the id of the API key that sent it (keys
+    /// are scoped by API key).
+    idempotency_key: Option<String>,
+    key_id: Option<String>,
+}
+
+/// The kinds of request an Idempotency-Key is remembered for.
+const IDEMPOTENCY_SCOPES: [&str; 6] = [
+    "orders",
+    "accounts",
+    "transfer",
+    "bank_transaction",
+    "wallet",
+    "advances",
+];
+
+/// What an Idempotency-Key of an API key made, on any shard and for any kind
+/// of request: (kind, record id); `None` for a key or key id that cannot be
+/// one. One pipeline of shards x kinds reads.
+async fn by_idempotency_key(
+    store: &crate::store::Store,
+    key: &str,
+    key_id: &str,
+) -> Result<Option<Vec<(&'static str, String)>>, StoreError> {
+    let (Ok(key), Ok(key_id)) = (
+        crate::domain::IdempotencyKey::parse(key),
+        crate::access::KeyId::parse(key_id),
+    ) else {
+        return Ok(None);
+    };
+    let scoped = key.scoped(key_id.as_str());
+    let keys = store.keys();
+    let mut pipe = redis::pipe();
+    let mut asked = Vec::new();
+    for shard in keys.shards() {
+        for scope in IDEMPOTENCY_SCOPES {
+            pipe.get(keys.idempotency(shard, scope, scoped.as_str()));
+            asked.push(scope);
+        }
+    }
+    let mut conn = store.conn().await?;
+    let found: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+    Ok(Some(
+        asked
+            .into_iter()
+            .zip(found)
+            .filter_map(|(scope, value)| {
+                let record = value?.split(' ').next()?.to_owned();
+                Some((scope, record))
+            })
+            .collect(),
+    ))
 }
 
 /// The kinds of record an id tally drew may name, each with its key.
@@ -193,6 +245,41 @@ pub async fn find_page(
         id: id.chars().take(80).collect(),
         problem,
     };
+    if let (Some(key), Some(key_id)) = (&query.idempotency_key, &query.key_id) {
+        let found = match by_idempotency_key(store, key.trim(), key_id.trim()).await {
+            Ok(found) => found,
+            Err(err) => return store_failed(err),
+        };
+        return match found.as_deref() {
+            None => render(
+                &page(Some(
+                    "An Idempotency-Key is 1 to 128 visible characters, and an API key id 32 hex digits."
+                        .to_owned(),
+                )),
+                StatusCode::BAD_REQUEST,
+            ),
+            Some([(_, record)]) => Response::builder()
+                .status(StatusCode::SEE_OTHER)
+                .header(header::LOCATION, format!("/ops/find?id={record}"))
+                .finish(),
+            Some([]) => render(
+                &page(Some(
+                    "No request of that API key with that Idempotency-Key is remembered (keys are kept for TALLY_IDEMPOTENCY_TTL_SECS)."
+                        .to_owned(),
+                )),
+                StatusCode::NOT_FOUND,
+            ),
+            Some(several) => {
+                let listed = several
+                    .iter()
+                    .map(|(scope, record)| format!("{scope}: {record}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let problem = format!("That key made several records: {listed}.");
+                render(&page(Some(problem)), StatusCode::OK)
+            }
+        };
+    }
     if id.is_empty() {
         return render(&page(None), StatusCode::OK);
     }

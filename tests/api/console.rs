@@ -1015,6 +1015,34 @@ async fn find_leads_to_each_record_by_its_exact_id_and_an_account_shows_its_mone
         assert!(page.contains("Nothing has the id"), "{page}");
     }
 
+    // By Idempotency-Key, with the id of the API key that sent it.
+    let keyed = app
+        .post_with_key(
+            "/api/v1/orders",
+            "console-find-1",
+            &json!({"account_id": account, "symbol": "ABAN", "quantity": "1"}),
+        )
+        .await;
+    assert_eq!(keyed.status(), 201);
+    let keyed: Value = keyed.json().await.unwrap();
+    let key_id = app.admin_key_id();
+    let (status, location, _) = get(format!(
+        "/ops/find?idempotency_key=console-find-1&key_id={key_id}"
+    ))
+    .await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        location.unwrap(),
+        format!("/ops/find?id={}", keyed["id"].as_str().unwrap())
+    );
+    let (status, _, _) = get(format!(
+        "/ops/find?idempotency_key=never-sent&key_id={key_id}"
+    ))
+    .await;
+    assert_eq!(status, 404);
+    let (status, _, _) = get("/ops/find?idempotency_key=x&key_id=not-a-key-id".to_owned()).await;
+    assert_eq!(status, 400);
+
     let (status, _, page) = get(format!("/ops/accounts/{account}")).await;
     assert_eq!(status, 200);
     let balance = regex::Regex::new(r#"id="account-balance">([^<]+)<"#).unwrap();
