@@ -1,4 +1,4 @@
-//! Failed batches: the list by cursor, a batch's page, and retry and refund,
+//! Batches: the failed ones and all of them, by cursor, a batch's page, and retry and refund,
 //! each confirmed with the money effect the server computed.
 
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use crate::domain::BatchId;
 use crate::operator::{self, Via};
 use crate::store::StoreError;
 use crate::store::orders::{Batch, SettlementStatus};
-use crate::store::settlement::{OperatorError, failed_batches_after};
+use crate::store::settlement::{OperatorError, batches_before, failed_batches_after};
 
 pub struct BatchLine {
     pub id: String,
@@ -54,6 +54,8 @@ impl BatchLine {
 #[template(path = "batches.html")]
 struct BatchesPage {
     chrome: Chrome,
+    /// Every batch, newest first, rather than the failed ones.
+    all: bool,
     batches: Vec<BatchLine>,
     next: Option<String>,
 }
@@ -63,9 +65,11 @@ pub struct PageQuery {
     /// Where the last page ended.
     pub(super) after: Option<String>,
     pub(super) before: Option<String>,
+    /// `failed` (the default: oldest failure first) or `all` (newest first).
+    pub(super) status: Option<String>,
 }
 
-/// A failed-batches cursor: `failure ms:batch id`.
+/// A batches cursor: `failure (or creation) ms:batch id`.
 fn parse_batch_cursor(text: &str) -> Option<(i64, BatchId)> {
     let (score, id) = text.split_once(':')?;
     Some((score.parse().ok()?, BatchId::parse(id).ok()?))
@@ -79,7 +83,19 @@ pub async fn failed_batches_page(
 ) -> Response {
     let state = &console.state;
     let limit = state.api.console.page_size;
-    let after = match query.after.as_deref().map(parse_batch_cursor) {
+    let all = match query.status.as_deref() {
+        None | Some("failed") => false,
+        Some("all") => true,
+        Some(_) => {
+            return message(
+                StatusCode::BAD_REQUEST,
+                "Unknown status",
+                "Batches are listed failed (oldest failure first) or all (newest first).",
+            );
+        }
+    };
+    let cursor = if all { &query.before } else { &query.after };
+    let after = match cursor.as_deref().map(parse_batch_cursor) {
         Some(None) => {
             return message(
                 StatusCode::BAD_REQUEST,
@@ -93,13 +109,12 @@ pub async fn failed_batches_page(
     let read = async {
         let mut conn = state.store.conn().await?;
         let keys = state.store.keys();
-        let page = failed_batches_after(
-            &mut conn,
-            keys,
-            after.as_ref().map(|(s, id)| (*s, id)),
-            limit,
-        )
-        .await?;
+        let cursor = after.as_ref().map(|(score, id)| (*score, id));
+        let page = if all {
+            batches_before(&mut conn, keys, cursor, limit).await?
+        } else {
+            failed_batches_after(&mut conn, keys, cursor, limit).await?
+        };
         let ids: Vec<BatchId> = page.iter().map(|(id, _)| *id).collect();
         let batches = crate::store::orders::get_batches(&mut conn, keys, &ids).await?;
         let lines: Vec<BatchLine> = batches
@@ -108,7 +123,7 @@ pub async fn failed_batches_page(
             .filter_map(|(batch, (_, failed_at))| {
                 batch
                     .as_ref()
-                    .map(|batch| BatchLine::new(batch, Some(*failed_at)))
+                    .map(|batch| BatchLine::new(batch, (!all).then_some(*failed_at)))
             })
             .collect();
         let next = (page.len() == limit)
@@ -121,7 +136,8 @@ pub async fn failed_batches_page(
         Err(err) => return store_failed(err),
     };
     let page = BatchesPage {
-        chrome: Chrome::new("Failed batches", &viewer),
+        chrome: Chrome::new(if all { "Batches" } else { "Failed batches" }, &viewer),
+        all,
         batches,
         next,
     };

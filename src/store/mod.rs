@@ -484,6 +484,91 @@ pub async fn merged_page(
         .collect())
 }
 
+/// Which end of a scored index a page starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Lowest score first.
+    Oldest,
+    /// Highest score first.
+    Newest,
+}
+
+/// Members sharing one score on one shard that a page cursor steps over
+/// exactly; more than this at one score, and a page may skip some.
+pub const SCORE_TIES_MAX: usize = 1_000;
+
+/// A page of a per-shard sorted set (`index`, scored by time) merged over
+/// every shard by (score, member), in `order`, past the cursor (the last
+/// page's last (score, member)). One pipeline: per shard, the members
+/// tied with the cursor's score, then at most `limit` past it, so a page
+/// costs O(shards x limit) however deep it is.
+pub async fn scored_page(
+    conn: &mut impl Conn,
+    keys: &keys::Keys,
+    index: fn(&keys::Keys, slots::Shard) -> String,
+    order: Order,
+    cursor: Option<(i64, String)>,
+    limit: usize,
+) -> StoreResult<Vec<(String, i64)>> {
+    let mut pipe = redis::pipe();
+    for shard in keys.shards() {
+        let key = index(keys, shard);
+        let (from, to) = match (&cursor, order) {
+            (None, Order::Oldest) => ("-inf".to_owned(), "+inf".to_owned()),
+            (None, Order::Newest) => ("+inf".to_owned(), "-inf".to_owned()),
+            (Some((score, _)), Order::Oldest) => (format!("({score}"), "+inf".to_owned()),
+            (Some((score, _)), Order::Newest) => (format!("({score}"), "-inf".to_owned()),
+        };
+        if let Some((score, _)) = &cursor {
+            pipe.cmd("ZRANGE")
+                .arg(&key)
+                .arg(score)
+                .arg(score)
+                .arg("BYSCORE")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(SCORE_TIES_MAX)
+                .arg("WITHSCORES");
+        }
+        let range = pipe
+            .cmd("ZRANGE")
+            .arg(&key)
+            .arg(&from)
+            .arg(&to)
+            .arg("BYSCORE");
+        if order == Order::Newest {
+            range.arg("REV");
+        }
+        range.arg("LIMIT").arg(0).arg(limit).arg("WITHSCORES");
+    }
+    let replies: Vec<Vec<(String, i64)>> = pipe.query_async(conn).await?;
+    let mut merged: Vec<(i64, String)> = Vec::new();
+    for (index, reply) in replies.into_iter().enumerate() {
+        // With a cursor, even replies are its score's ties: only the members
+        // past the cursor's count.
+        let ties = cursor.as_ref().filter(|_| index % 2 == 0);
+        merged.extend(
+            reply
+                .into_iter()
+                .filter(|(member, _)| match (ties, order) {
+                    (None, _) => true,
+                    (Some((_, at)), Order::Oldest) => member > at,
+                    (Some((_, at)), Order::Newest) => member < at,
+                })
+                .map(|(member, score)| (score, member)),
+        );
+    }
+    merged.sort_unstable();
+    if order == Order::Newest {
+        merged.reverse();
+    }
+    merged.truncate(limit);
+    Ok(merged
+        .into_iter()
+        .map(|(score, member)| (member, score))
+        .collect())
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     let since_epoch = SystemTime::now()

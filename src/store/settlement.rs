@@ -490,71 +490,59 @@ pub async fn failed_batches(
         .collect()
 }
 
-/// Batches failed within one millisecond on one shard that a page cursor
-/// steps over exactly; more than this at one instant, and a page may skip
-/// some of them.
-pub const FAILED_AT_ONCE_MAX: usize = 1_000;
-
 /// Failed batches, oldest failure first, after the cursor `after` (a
-/// batch's failure time and id, as the last page ended): each shard gives at
-/// most `limit`, so a page costs O(shards x limit) however deep it is.
+/// batch's failure time and id, as the last page ended): O(shards x limit)
+/// however deep the page.
 pub async fn failed_batches_after(
     conn: &mut impl Conn,
     keys: &Keys,
     after: Option<(i64, &BatchId)>,
     limit: usize,
 ) -> StoreResult<Vec<(BatchId, i64)>> {
-    // One pipeline over every shard: per shard, the batches failed in the
-    // cursor's millisecond, then those failed after it.
-    let mut pipe = redis::pipe();
-    for shard in keys.shards() {
-        let key = keys.failed_batches(shard);
-        let from = match after {
-            None => "-inf".to_owned(),
-            Some((score, _)) => {
-                pipe.cmd("ZRANGE")
-                    .arg(&key)
-                    .arg(score)
-                    .arg(score)
-                    .arg("BYSCORE")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(FAILED_AT_ONCE_MAX)
-                    .arg("WITHSCORES");
-                format!("({score}")
-            }
-        };
-        pipe.cmd("ZRANGE")
-            .arg(&key)
-            .arg(&from)
-            .arg("+inf")
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .arg("WITHSCORES");
-    }
-    let replies: Vec<Vec<(String, i64)>> = pipe.query_async(conn).await?;
-    let cursor_id = after.map(|(_, id)| id.to_string());
-    let mut merged: Vec<(i64, String)> = Vec::new();
-    for (index, reply) in replies.into_iter().enumerate() {
-        // With a cursor, even replies are the cursor's millisecond: only the
-        // ids after the cursor's count.
-        let ties = cursor_id.is_some() && index % 2 == 0;
-        merged.extend(
-            reply
-                .into_iter()
-                .filter(|(member, _)| !ties || Some(member) > cursor_id.as_ref())
-                .map(|(member, score)| (score, member)),
-        );
-    }
-    merged.sort_unstable();
-    merged.truncate(limit);
-    merged
-        .into_iter()
-        .map(|(score, id)| {
+    batches_by_score(
+        conn,
+        keys,
+        Keys::failed_batches,
+        super::Order::Oldest,
+        after,
+        limit,
+    )
+    .await
+}
+
+/// Every batch, newest first, before the cursor `before` (a batch's
+/// creation time and id, as the last page ended).
+pub async fn batches_before(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    before: Option<(i64, &BatchId)>,
+    limit: usize,
+) -> StoreResult<Vec<(BatchId, i64)>> {
+    batches_by_score(
+        conn,
+        keys,
+        Keys::batches,
+        super::Order::Newest,
+        before,
+        limit,
+    )
+    .await
+}
+
+async fn batches_by_score(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    index: fn(&Keys, Shard) -> String,
+    order: super::Order,
+    cursor: Option<(i64, &BatchId)>,
+    limit: usize,
+) -> StoreResult<Vec<(BatchId, i64)>> {
+    let cursor = cursor.map(|(score, id)| (score, id.to_string()));
+    let page = super::scored_page(conn, keys, index, order, cursor, limit).await?;
+    page.into_iter()
+        .map(|(id, score)| {
             let id = BatchId::parse(&id).map_err(|err| StoreError::Corrupt {
-                key: "the failed batches".to_owned(),
+                key: "a batch index".to_owned(),
                 problem: err.to_string(),
             })?;
             Ok((id, score))

@@ -431,6 +431,10 @@ async fn write_failed_batches(app: &TestApp, count: usize) -> Vec<String> {
             .zadd(keys.failed_batches(shard), id.to_string(), failed_at)
             .await
             .unwrap();
+        let _: () = conn
+            .zadd(keys.batches(shard), id.to_string(), failed_at)
+            .await
+            .unwrap();
         written.push((failed_at, id.to_string()));
     }
     written.sort();
@@ -440,7 +444,7 @@ async fn write_failed_batches(app: &TestApp, count: usize) -> Vec<String> {
 /// The batch ids a failed-batches page lists, and its next page's path.
 fn batches_on_page(html: &str) -> (Vec<String>, Option<String>) {
     let rows = regex::Regex::new(r#"<tr data-batch="([0-9a-f-]+)">"#).unwrap();
-    let next = regex::Regex::new(r#"href="(/ops/batches\?after=[^"]+)" id="next-page""#).unwrap();
+    let next = regex::Regex::new(r#"href="(/ops/batches\?[^"]+)" id="next-page""#).unwrap();
     let ids = rows
         .captures_iter(html)
         .map(|found| found[1].to_owned())
@@ -467,6 +471,26 @@ async fn failed_batches_page_by_cursor_with_no_gap_or_duplicate() {
         assert!(pages <= 10, "paging ends");
     }
     assert_eq!(listed, written, "every failed batch once, in order");
+
+    // Every batch, newest first.
+    let mut listed = Vec::new();
+    let mut path = Some("/ops/batches?status=all".to_owned());
+    let mut pages = 0;
+    while let Some(next) = path.take() {
+        let response = operator
+            .get(app.url(&next.replace("&amp;", "&")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{next}");
+        let (ids, before) = batches_on_page(&response.text().await.unwrap());
+        listed.extend(ids);
+        path = before;
+        pages += 1;
+        assert!(pages <= 10, "paging ends");
+    }
+    let newest_first: Vec<String> = written.iter().rev().cloned().collect();
+    assert_eq!(listed, newest_first, "every batch once, newest first");
     let response = operator
         .get(app.url("/ops/batches?after=not-a-cursor"))
         .send()
