@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::Console;
 use super::auth::{FormFields, Viewer, message};
-use super::pages::{Chrome, render, rfc3339, store_failed};
+use super::pages::{Chrome, bad_cursor, render, rfc3339, store_failed};
 use crate::domain::BatchId;
 use crate::operator::{self, Via};
 use crate::store::StoreError;
@@ -69,6 +69,14 @@ pub struct PageQuery {
     pub(super) status: Option<String>,
 }
 
+fn no_batch() -> Response {
+    message(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        "There is no batch with that id.",
+    )
+}
+
 /// A batches cursor: `failure (or creation) ms:batch id`.
 fn parse_batch_cursor(text: &str) -> Option<(i64, BatchId)> {
     let (score, id) = text.split_once(':')?;
@@ -97,11 +105,7 @@ pub async fn failed_batches_page(
     let cursor = if all { &query.before } else { &query.after };
     let after = match cursor.as_deref().map(parse_batch_cursor) {
         Some(None) => {
-            return message(
-                StatusCode::BAD_REQUEST,
-                "Bad cursor",
-                "That page cursor is not one this console made.",
-            );
+            return bad_cursor();
         }
         Some(Some(after)) => Some(after),
         None => None,
@@ -157,17 +161,10 @@ struct BatchPage {
 const BATCH_ORDERS_SHOWN_MAX: usize = 100;
 
 async fn read_batch(console: &Console, id: &str) -> Result<Batch, Response> {
-    let not_found = || {
-        message(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "There is no batch with that id.",
-        )
-    };
-    let id = BatchId::parse(id).map_err(|_| not_found())?;
+    let id = BatchId::parse(id).map_err(|_| no_batch())?;
     match operator::batch(&console.state.store, &id).await {
         Ok(Some(batch)) => Ok(batch),
-        Ok(None) => Err(not_found()),
+        Ok(None) => Err(no_batch()),
         Err(err) => Err(store_failed(err)),
     }
 }
@@ -302,11 +299,7 @@ pub async fn retry_batch(
     id: Path<String>,
 ) -> Response {
     let Ok(batch_id) = BatchId::parse(&id) else {
-        return message(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "There is no batch with that id.",
-        );
+        return no_batch();
     };
     match operator::retry_batch(
         &console.state.store,
@@ -337,11 +330,7 @@ pub async fn refund_batch(
     fields: Data<&FormFields>,
 ) -> Response {
     let Ok(batch_id) = BatchId::parse(&id) else {
-        return message(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "There is no batch with that id.",
-        );
+        return no_batch();
     };
     let note = fields.get("note").unwrap_or_default().trim();
     if note.is_empty()

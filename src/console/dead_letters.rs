@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::Console;
 use super::auth::{FormFields, Viewer, message};
 use super::batches::NOTE_CHARS_MAX;
-use super::pages::{Chrome, render, rfc3339, store_failed};
+use super::pages::{Chrome, bad_cursor, render, rfc3339, store_failed};
 use crate::operator::{self, Via};
 use crate::store::dead_letters::{self, DeadLetter, Resolution, ResolveError};
 use crate::store::keys::StreamKind;
@@ -79,11 +79,7 @@ pub async fn dead_letters_page(
         .map(|text| dead_letters::parse_cursor(text, keys))
     {
         Some(None) => {
-            return message(
-                StatusCode::BAD_REQUEST,
-                "Bad cursor",
-                "That page cursor is not one this console made.",
-            );
+            return bad_cursor();
         }
         Some(Some(after)) => Some(after),
         None => None,

@@ -8,9 +8,9 @@ use poem::web::{Data, Query};
 use poem::{Response, handler};
 
 use super::Console;
-use super::auth::{Viewer, message};
+use super::auth::Viewer;
 use super::batches::PageQuery;
-use super::pages::{Chrome, render, rfc3339, store_failed};
+use super::pages::{Chrome, bad_cursor, render, rfc3339, store_failed};
 use crate::store::console::{LoggedAction, operator_log_page, parse_log_cursor};
 
 pub struct LogLine {
@@ -67,11 +67,7 @@ pub async fn log_page(
         .map(|text| parse_log_cursor(text, keys))
     {
         Some(None) => {
-            return message(
-                StatusCode::BAD_REQUEST,
-                "Bad cursor",
-                "That page cursor is not one this console made.",
-            );
+            return bad_cursor();
         }
         Some(Some(before)) => Some(before),
         None => None,

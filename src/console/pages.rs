@@ -68,3 +68,12 @@ pub(super) fn store_failed(err: StoreError) -> Response {
         "Redis did not answer; try again shortly.",
     )
 }
+
+/// The answer to a page cursor this console did not make.
+pub(super) fn bad_cursor() -> Response {
+    message(
+        StatusCode::BAD_REQUEST,
+        "Bad cursor",
+        "That page cursor is not one this console made.",
+    )
+}
