@@ -256,6 +256,30 @@ async fn which_scripts_name_keys_of_several_slots() {
         200
     );
 
+    // An operator discards a dead accounting event.
+    let shard = app.shard_of(&a);
+    let dead: String = redis::AsyncCommands::xadd(
+        &mut app.store.conn().await.unwrap(),
+        app.keys().events_dead(shard),
+        "*",
+        &[
+            ("event", r#"{"type":"account.opened"}"#),
+            ("error", "webhook down"),
+        ],
+    )
+    .await
+    .unwrap();
+    tally::store::dead_letters::resolve(
+        &mut app.store.conn().await.unwrap(),
+        app.keys(),
+        tally::store::keys::StreamKind::Events,
+        shard,
+        tally::store::streams::StreamId::parse(&dead).unwrap(),
+        tally::store::dead_letters::Resolution::Discard,
+    )
+    .await
+    .unwrap();
+
     // Reading: the report, the audit; and the journal's trim.
     assert_eq!(app.get("/api/v1/transactions?limit=5").await.status(), 200);
     assert_eq!(app.get("/api/v1/audit").await.status(), 200);
