@@ -39,8 +39,15 @@ pub fn authorized_client(key: &str) -> anyhow::Result<reqwest::Client> {
     headers.insert(reqwest::header::AUTHORIZATION, value);
     Ok(reqwest::Client::builder()
         .default_headers(headers)
+        .pool_idle_timeout(CLIENT_IDLE_MAX)
         .build()?)
 }
+
+/// How long a client keeps an idle connection for its next request. The
+/// server closes one idle for `TALLY_KEEP_ALIVE_TIMEOUT_MS` (4 s by
+/// default); a client that kept it longer could send on a connection the
+/// server is closing, and fail a request that never reached it.
+pub const CLIENT_IDLE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most requests one run sends.
 pub const GEN_COUNT_MAX: usize = 1_000_000;

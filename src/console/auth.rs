@@ -115,6 +115,14 @@ pub async fn guard<E: Endpoint>(
 ) -> poem::Result<Response> {
     let path = request.uri().path().to_owned();
     let is_post = request.method() == Method::POST;
+    if is_post && !same_origin(request.headers()) {
+        // Another site's page posting here (a forged sign-in included).
+        return Ok(message(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "This form came from another site. Nothing was done.",
+        ));
+    }
     if path == "/sign-in" || path.starts_with("/assets/") {
         if is_post {
             let fields = match read_form(&mut request).await {
@@ -419,6 +427,23 @@ fn session_token(headers: &HeaderMap) -> Option<&str> {
         })
 }
 
+/// Whether a browser's `Origin`, when it sends one, is this server (the
+/// authority it asked for in `Host`). Scripts send none.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok());
+    let authority = origin
+        .to_str()
+        .ok()
+        .and_then(|origin| origin.split_once("://"))
+        .map(|(_, authority)| authority);
+    matches!((authority, host), (Some(authority), Some(host)) if authority.eq_ignore_ascii_case(host))
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
@@ -507,6 +532,19 @@ mod tests {
                 .unwrap(),
         );
         assert_eq!(session_token(&headers), None);
+    }
+
+    #[test]
+    fn a_post_from_another_origin_is_told_apart() {
+        let mut headers = HeaderMap::new();
+        assert!(same_origin(&headers), "no Origin: a script");
+        headers.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
+        headers.insert(header::ORIGIN, "http://127.0.0.1:8080".parse().unwrap());
+        assert!(same_origin(&headers));
+        headers.insert(header::ORIGIN, "https://evil.example".parse().unwrap());
+        assert!(!same_origin(&headers));
+        headers.insert(header::ORIGIN, "null".parse().unwrap());
+        assert!(!same_origin(&headers));
     }
 
     #[test]

@@ -135,6 +135,6 @@ pub fn routes(console: Arc<Console>) -> impl Endpoint {
             SetHeader::new()
                 .overriding("Content-Security-Policy", CONTENT_SECURITY_POLICY)
                 .overriding(header::X_FRAME_OPTIONS, "DENY")
-                .overriding(header::REFERRER_POLICY, "no-referrer"),
+                .overriding(header::REFERRER_POLICY, "same-origin"),
         )
 }
