@@ -389,13 +389,22 @@ async fn a_lost_redis_reply_is_outcome_unknown_and_the_retry_with_the_key_charge
     let order = json!({"account_id": customer, "symbol": "ABAN", "quantity": "3"});
     // Redis holds the order's script past the API's reply timeout and runs it
     // when the pause ends: the request reached Redis, its reply was lost.
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(LOST_REPLY_PAUSE_MS)
-        .arg("ALL")
-        .query_async(&mut app.redis().await)
-        .await
-        .unwrap();
+    // Every master, each told directly: a cluster client sends CLIENT PAUSE
+    // to one node at random, maybe not one the order's saga writes to.
+    for url in app.redis.master_urls() {
+        let mut conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(LOST_REPLY_PAUSE_MS)
+            .arg("ALL")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
     let response = app.post_with_key("/api/v1/orders", "lost-1", &order).await;
     let problem = assert_problem(response, 503, "may have been applied").await;
     assert_eq!(problem["type"], "/problems/outcome-unknown");

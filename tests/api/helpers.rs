@@ -58,6 +58,17 @@ impl TestRedis {
         }
     }
 
+    /// The URL of every master: the node, or each master of the cluster
+    /// (for commands a cluster client would send to one node only).
+    pub fn master_urls(&self) -> Vec<String> {
+        let masters = match self {
+            TestRedis::Node(server) => return vec![server.url()],
+            TestRedis::Cluster(cluster) => cluster.masters(),
+            TestRedis::Shared(shared) => shared.cluster().masters(),
+        };
+        masters.iter().map(RedisServer::url).collect()
+    }
+
     /// Kills the redis-server, or every node of the cluster (SIGKILL).
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         match self {
