@@ -18,12 +18,17 @@
 //! - [`workers`]: the one generic stream-consumer loop (claim, read, re-claim).
 //! - [`exchange`]: `buy_from_exchange` over HTTP, and the `exchange-sim` server.
 //! - [`api`]: the poem-openapi HTTP API and its problem+json errors.
+//! - [`console`]: the operator's console at `/ops` (server-rendered pages,
+//!   sessions, one shared snapshot of the figures).
+//! - [`operator`]: what operators do to failed work (retry, refund, replay,
+//!   discard), its money effect, and the operator log.
 //! - [`app`]: building and running the API (injectable listener and shutdown).
 //! - [`http_server`]: the accept loop around hyper that bounds header-read
 //!   time, idle keep-alive time and open connections.
 //! - [`bench`]: `tally bench`, throughput against this machine's ceilings.
 //! - [`traffic`]: `tally gen N`, random traffic through the HTTP API.
-//! - [`audit`]: the ledger invariants, checked from what Redis holds.
+//! - [`audit`]: the ledger invariants, checked from what Redis holds, and the
+//!   periodic audit the console shows.
 //! - [`migrate`]: `tally migrate`, moving data of the single-node key layout
 //!   to the sharded one.
 //! - [`redis_server`]: a private redis-server for `tally dev` and the tests.
