@@ -18,13 +18,13 @@
 //!
 //! # Layout
 //!
-//! - [`auth`]: sign-in, sessions, the guard every request passes.
-//! - [`overview`], [`batches`], [`dead_letters`], [`log`]: the pages and
-//!   the forms that act; [`pages`], what they share.
-//! - [`records`]: an account's page, and find by exact id.
+//! - `auth`: sign-in, sessions, the guard every request passes.
+//! - `overview`, `batches`, `dead_letters`, `log`: the pages and
+//!   the forms that act; `pages`, what they share.
+//! - `records`: an account's page, and find by exact id.
 //! - [`snapshot`]: the overview's figures, one Redis read shared by every
 //!   browser.
-//! - [`charts`]: the flow charts, as SVG drawn on the server.
+//! - `charts`: the flow charts, as SVG drawn on the server.
 
 mod auth;
 mod batches;
