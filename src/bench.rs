@@ -1215,6 +1215,31 @@ fn finish(args: &BenchArgs, report: &BenchReport) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Journals `entries` bank transactions of 1.00 from @bank, spread over the
+/// rig's accounts, one script each.
+async fn fill_journal(rig: &Rig, entries: usize) -> anyhow::Result<()> {
+    let mut conn = rig.store.conn().await?;
+    let keys = rig.store.keys();
+    let bank = crate::domain::SystemAccount::Bank.id();
+    for i in 0..entries {
+        let account = &rig.accounts[i % rig.accounts.len()];
+        let movement = crate::store::transfers::Movement {
+            id: keys.new_id_in(keys.account_shard(account)).to_string(),
+            kind: "bank_transaction",
+            payer: bank.clone(),
+            payee: account.clone(),
+            amount: Amount::parse("1.00")?,
+            canonical_request: format!("bench {i}"),
+            memo: "bench".to_owned(),
+            at_ms: crate::store::now_ms(),
+            idempotency: None,
+            idempotency_ttl_secs: 0,
+        };
+        crate::store::transfers::move_money(&mut conn, keys, &movement).await?;
+    }
+    Ok(())
+}
+
 /// Report page size in `bench report`.
 const REPORT_PAGE_SIZE: usize = 50;
 
@@ -1229,26 +1254,7 @@ pub async fn report(args: BenchArgs) -> anyhow::Result<bool> {
         ..args.clone()
     })
     .await?;
-    let mut conn = rig.store.conn().await?;
-    let bank = crate::domain::SystemAccount::Bank.id();
-    for i in 0..args.entries {
-        let keys = rig.store.keys();
-        let movement = crate::store::transfers::Movement {
-            id: keys
-                .new_id_in(keys.account_shard(&rig.accounts[0]))
-                .to_string(),
-            kind: "bank_transaction",
-            payer: bank.clone(),
-            payee: rig.accounts[0].clone(),
-            amount: Amount::parse("1.00")?,
-            canonical_request: format!("bench {i}"),
-            memo: "bench".to_owned(),
-            at_ms: crate::store::now_ms(),
-            idempotency: None,
-            idempotency_ttl_secs: 0,
-        };
-        crate::store::transfers::move_money(&mut conn, rig.store.keys(), &movement).await?;
-    }
+    fill_journal(&rig, args.entries).await?;
     let client = crate::traffic::authorized_client(&rig.admin_key)?;
     let listing: serde_json::Value = client
         .get(format!(
@@ -1441,25 +1447,7 @@ pub async fn console(args: BenchArgs) -> anyhow::Result<bool> {
     }
     wait_for_failed_batches(&rig, args.batches).await?;
     workers.stop().await?;
-    let mut conn = rig.store.conn().await?;
-    let bank = crate::domain::SystemAccount::Bank.id();
-    for i in 0..args.entries {
-        let keys = rig.store.keys();
-        let account = &rig.accounts[i % rig.accounts.len()];
-        let movement = crate::store::transfers::Movement {
-            id: keys.new_id_in(keys.account_shard(account)).to_string(),
-            kind: "bank_transaction",
-            payer: bank.clone(),
-            payee: account.clone(),
-            amount: Amount::parse("1.00")?,
-            canonical_request: format!("bench {i}"),
-            memo: "bench".to_owned(),
-            at_ms: crate::store::now_ms(),
-            idempotency: None,
-            idempotency_ttl_secs: 0,
-        };
-        crate::store::transfers::move_money(&mut conn, rig.store.keys(), &movement).await?;
-    }
+    fill_journal(&rig, args.entries).await?;
     // A full page of failed batches deep in the list, reached by its cursor.
     let mut path = "/ops/batches".to_owned();
     let pages = (args.batches / crate::config::CONSOLE_PAGE_SIZE_DEFAULT / 2).max(1);
