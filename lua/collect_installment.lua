@@ -13,7 +13,7 @@
 -- KEYS[3] @bank account (hash)      KEYS[4] journal (stream)
 -- KEYS[5] journal index (sorted set)   KEYS[6] accounting events (stream)
 -- KEYS[7] leased installments (sorted set)   KEYS[8] due installments (sorted set)
--- KEYS[9] installment jobs (stream)
+-- KEYS[9] installment jobs (stream)   KEYS[10] the customer's journal entries (sorted set)
 -- ARGV[1] "advance_id:n"   ARGV[2] n   ARGV[3] now, ms   ARGV[4] consumer group
 -- ARGV[5] the job's stream id   ARGV[6] @bank's id   ARGV[7] worker name
 -- ARGV[8] most installments an advance may have
@@ -29,6 +29,11 @@
 --     installment again, so it is collected once the balance is back in
 --     range. It is not failed: the customer could pay, and carrying the
 --     amount forward would blame them for the ledger's limit.
+
+-- Journals an entry, and lists it on the customer's own entries.
+local function journal_installment(...)
+  index_on_accounts(KEYS[4], journal(KEYS[4], KEYS[5], ...), KEYS[10])
+end
 
 if not redis.call('ZSCORE', KEYS[7], ARGV[1]) then
   redis.call('XACK', KEYS[9], ARGV[4], ARGV[5])
@@ -76,7 +81,7 @@ if covered then
     redis.call('HINCRBY', KEYS[2], 'balance', '-' .. amount)
     redis.call('HINCRBY', KEYS[3], 'balance', amount)
   end
-  journal(KEYS[4], KEYS[5], 'at', now, 'kind', 'installment', 'debit', account_id,
+  journal_installment('at', now, 'kind', 'installment', 'debit', account_id,
     'credit', ARGV[6], 'amount', amount, 'ref', ARGV[1], 'status', 'completed', 'reason', '')
   redis.call('HSET', KEYS[1], prefix .. 'status', 'paid', prefix .. 'paid_at', now)
   redis.call('HINCRBY', KEYS[1], 'paid', amount)
@@ -101,7 +106,7 @@ if not target and count >= tonumber(ARGV[8]) then
   local due = math.max(last_due, own_due) + period
   redis.call('HSET', KEYS[1], prefix .. 'due', string.format('%d', due))
   redis.call('ZADD', KEYS[8], due, ARGV[1])
-  journal(KEYS[4], KEYS[5], 'at', now, 'kind', 'installment', 'debit', account_id,
+  journal_installment('at', now, 'kind', 'installment', 'debit', account_id,
     'credit', ARGV[6], 'amount', '0', 'requested', amount, 'ref', ARGV[1], 'status', 'failed',
     'reason', 'insufficient funds; due again a period after the last installment')
   redis.call('XADD', KEYS[6], '*', 'type', 'installment.failed', 'ref', ARGV[1],
@@ -117,7 +122,7 @@ if not target then
 end
 redis.call('HINCRBY', KEYS[1], 'i' .. target .. ':amount', amount)
 redis.call('HSET', KEYS[1], prefix .. 'status', 'failed', prefix .. 'carried_to', target)
-journal(KEYS[4], KEYS[5], 'at', now, 'kind', 'installment', 'debit', account_id,
+journal_installment('at', now, 'kind', 'installment', 'debit', account_id,
   'credit', ARGV[6], 'amount', '0', 'requested', amount, 'ref', ARGV[1], 'status', 'failed',
   'reason', 'insufficient funds; carried to installment ' .. target)
 redis.call('XADD', KEYS[6], '*', 'type', 'installment.failed', 'ref', ARGV[1],

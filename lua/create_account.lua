@@ -8,6 +8,7 @@
 -- KEYS[5] idempotency key (string "account_id fingerprint"); unused when ARGV[5] is ""
 -- KEYS[6] journal index (sorted set of padded entry ids, for the report)
 -- KEYS[7] accounting events (stream)
+-- KEYS[8] the new account's journal entries (sorted set)
 -- ARGV[1] account id         ARGV[2] name
 -- ARGV[3] opening balance, cents (0 for none)
 -- ARGV[4] now, ms since the Unix epoch
@@ -49,9 +50,9 @@ redis.call('HSET', KEYS[1], 'id', account_id, 'name', ARGV[2], 'balance', openin
 redis.call('ZADD', KEYS[4], 0, account_id)
 if opening ~= '0' then
   redis.call('HINCRBY', KEYS[2], 'balance', '-' .. opening)
-  journal(KEYS[3], KEYS[6], 'at', ARGV[4], 'kind', 'opening_balance',
+  index_on_accounts(KEYS[3], journal(KEYS[3], KEYS[6], 'at', ARGV[4], 'kind', 'opening_balance',
     'debit', ARGV[7], 'credit', account_id, 'amount', opening, 'ref', account_id,
-    'status', 'completed', 'reason', '')
+    'status', 'completed', 'reason', ''), KEYS[8])
 end
 redis.call('XADD', KEYS[7], '*', 'type', 'account.opened', 'ref', account_id,
   'account_id', account_id, 'amount', opening, 'at', ARGV[4])

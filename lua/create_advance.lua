@@ -7,6 +7,7 @@
 -- KEYS[5] journal index (sorted set)  KEYS[6] due installments (sorted set: "advance_id:n" by due ms)
 -- KEYS[7] all advances (sorted set)   KEYS[8] the account's advances (sorted set)
 -- KEYS[9] accounting events (stream)  KEYS[10] idempotency key; unused when ARGV[7] is ""
+-- KEYS[11] the customer's journal entries (sorted set)
 -- ARGV[1] advance id   ARGV[2] account id   ARGV[3] amount, cents
 -- ARGV[4] installments   ARGV[5] period, ms   ARGV[6] now, ms
 -- ARGV[7] idempotency fingerprint or ""   ARGV[8] its ttl, seconds   ARGV[9] @bank's id
@@ -55,8 +56,8 @@ for n = 1, count do
 end
 redis.call('HINCRBY', KEYS[2], 'balance', ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'balance', '-' .. ARGV[3])
-journal(KEYS[4], KEYS[5], 'at', ARGV[6], 'kind', 'advance', 'debit', ARGV[9],
-  'credit', account_id, 'amount', ARGV[3], 'ref', id, 'status', 'completed', 'reason', '')
+index_on_accounts(KEYS[4], journal(KEYS[4], KEYS[5], 'at', ARGV[6], 'kind', 'advance', 'debit', ARGV[9],
+  'credit', account_id, 'amount', ARGV[3], 'ref', id, 'status', 'completed', 'reason', ''), KEYS[11])
 redis.call('ZADD', KEYS[7], now, id)
 redis.call('ZADD', KEYS[8], now, id)
 redis.call('XADD', KEYS[9], '*', 'type', 'advance.created', 'ref', id,

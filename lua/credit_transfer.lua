@@ -7,6 +7,7 @@
 -- KEYS[1] payee account (hash: balance)   KEYS[2] @transit's sub-account here
 -- KEYS[3] journal (stream)                KEYS[4] journal index (sorted set)
 -- KEYS[5] the decision (string "credited" or "refused CODE", expiring)
+-- KEYS[6] the payee's journal entries (sorted set)
 -- ARGV[1] payer id   ARGV[2] payee id   ARGV[3] amount, cents
 -- ARGV[4] kind   ARGV[5] transaction id   ARGV[6] now, ms   ARGV[7] memo
 -- ARGV[8] how long the decision is kept, seconds   ARGV[9] @transit's id
@@ -43,8 +44,8 @@ end
 
 redis.call('HINCRBY', KEYS[1], 'balance', amount)
 redis.call('HINCRBY', KEYS[2], 'balance', '-' .. amount)
-journal(KEYS[3], KEYS[4], 'at', ARGV[6], 'kind', ARGV[4], 'debit', transit,
+index_on_accounts(KEYS[3], journal(KEYS[3], KEYS[4], 'at', ARGV[6], 'kind', ARGV[4], 'debit', transit,
   'credit', payee, 'amount', amount, 'requested', amount, 'ref', ARGV[5],
-  'status', 'completed', 'reason', '', 'memo', ARGV[7])
+  'status', 'completed', 'reason', '', 'memo', ARGV[7]), KEYS[6])
 redis.call('SET', KEYS[5], 'credited', 'EX', ARGV[8])
 return {'credited'}

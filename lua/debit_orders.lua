@@ -13,9 +13,10 @@
 -- KEYS[2] journal (stream)     KEYS[3] journal index (sorted set, for the report)
 -- KEYS[4] accounting events (stream)
 -- KEYS[5] order intents (sorted set: order id by when a sweeper may take over, ms)
--- then 3 keys per order, at offset k = 5 + 3 * (i - 1):
+-- then 5 keys per order, at offset k = 5 + 5 * (i - 1):
 --   k+1 customer account (hash: balance)   k+2 the new order (hash)
 --   k+3 idempotency key (string "order_id fingerprint")
+--   k+4 the customer's journal entries   k+5 the customer's orders (sorted sets)
 -- then one key per order to finish: that admitted order (hash)
 -- ARGV[1] number of orders   ARGV[2] @exchange's account id
 -- ARGV[3] when a sweeper may take the intents over, ms since the Unix epoch
@@ -42,8 +43,8 @@
 -- sent again): it answers "debited" as it did, writing nothing.
 
 local count, finishing = tonumber(ARGV[1]), tonumber(ARGV[4])
-if #KEYS ~= 5 + 3 * count + finishing or #ARGV ~= 4 + 9 * count + 2 * finishing then
-  return redis.error_reply('debit_orders: expected 3 keys and 9 arguments per order, 1 and 2 per order to finish')
+if #KEYS ~= 5 + 5 * count + finishing or #ARGV ~= 4 + 9 * count + 2 * finishing then
+  return redis.error_reply('debit_orders: expected 5 keys and 9 arguments per order, 1 and 2 per order to finish')
 end
 local exchange_id, takeover_at = ARGV[2], ARGV[3]
 
@@ -100,8 +101,11 @@ local function debit(k, a)
   redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])
   exchange_credit = exchange_credit + cost
   exchange_orders = exchange_orders + 1
-  journal_deferred(KEYS[2], journal_pending, 'at', now, 'kind', 'order', 'debit', account_id,
-    'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
+  local entry = journal_deferred(KEYS[2], journal_pending, 'at', now, 'kind', 'order',
+    'debit', account_id, 'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id,
+    'status', 'completed', 'reason', '')
+  index_on_accounts(KEYS[2], entry, KEYS[k + 4])
+  redis.call('ZADD', KEYS[k + 5], 0, order_id)
   redis.call('XADD', KEYS[4], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
   redis.call('HSET', KEYS[k + 2], 'id', order_id, 'account_id', account_id, 'symbol', symbol,
@@ -117,7 +121,7 @@ end
 
 local replies = {}
 for i = 1, count do
-  local verdict, detail, extra = debit(5 + 3 * (i - 1), 4 + 9 * (i - 1))
+  local verdict, detail, extra = debit(5 + 5 * (i - 1), 4 + 9 * (i - 1))
   replies[#replies + 1] = verdict
   replies[#replies + 1] = detail
   replies[#replies + 1] = extra
@@ -129,6 +133,6 @@ end
 index_journal(KEYS[3], journal_pending)
 call_chunked('ZADD', KEYS[5], intents, 2)
 if finishing > 0 then
-  finish_admitted_orders(KEYS[5], finishing, 6 + 3 * count, 5 + 9 * count)
+  finish_admitted_orders(KEYS[5], finishing, 6 + 5 * count, 5 + 9 * count)
 end
 return replies

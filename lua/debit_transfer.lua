@@ -10,6 +10,7 @@
 -- KEYS[5] the transaction (hash): answers a second run of this call
 -- KEYS[6] idempotency key (string "transaction_id fingerprint"); unused when ARGV[9] is ""
 -- KEYS[7] accounting events (stream)      KEYS[8] transfer intents (sorted set)
+-- KEYS[9] the payer's journal entries (sorted set)
 -- ARGV[1] payer id   ARGV[2] payee id   ARGV[3] amount, cents
 -- ARGV[4] kind (transfer)   ARGV[5] transaction id   ARGV[6] now, ms
 -- ARGV[7] "1" if the payee exists (the API looked on its shard; accounts are
@@ -59,9 +60,12 @@ elseif not within_balance_limit(transit_balance, tonumber(amount)) then
 end
 
 if reason ~= '' then
-  journal(KEYS[3], KEYS[4], 'at', now, 'kind', ARGV[4], 'debit', payer,
+  local entry = journal(KEYS[3], KEYS[4], 'at', now, 'kind', ARGV[4], 'debit', payer,
     'credit', payee, 'amount', '0', 'requested', amount, 'ref', id, 'status', 'failed',
     'reason', reason, 'memo', ARGV[11])
+  if payer_balance then
+    index_on_accounts(KEYS[3], entry, KEYS[9])
+  end
   redis.call('HSET', KEYS[5], 'id', id, 'at', now, 'status', 'failed', 'reason', reason,
     'code', code, 'request', ARGV[8])
   redis.call('EXPIRE', KEYS[5], ARGV[10])
@@ -76,9 +80,9 @@ end
 
 redis.call('HINCRBY', KEYS[1], 'balance', '-' .. amount)
 redis.call('HINCRBY', KEYS[2], 'balance', amount)
-journal(KEYS[3], KEYS[4], 'at', now, 'kind', ARGV[4], 'debit', payer,
+index_on_accounts(KEYS[3], journal(KEYS[3], KEYS[4], 'at', now, 'kind', ARGV[4], 'debit', payer,
   'credit', transit, 'amount', amount, 'requested', amount, 'ref', id, 'status', 'pending',
-  'reason', '', 'memo', ARGV[11])
+  'reason', '', 'memo', ARGV[11]), KEYS[9])
 -- Kept, with no expiry, until the saga ends: the later steps read it.
 redis.call('HSET', KEYS[5], 'id', id, 'at', now, 'status', 'pending', 'reason', '',
   'code', '', 'request', ARGV[8], 'kind', ARGV[4], 'payer', payer, 'payee', payee,

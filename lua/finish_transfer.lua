@@ -8,7 +8,7 @@
 -- KEYS[1] payer account (hash: balance)   KEYS[2] @transit's sub-account here
 -- KEYS[3] journal (stream)                KEYS[4] journal index (sorted set)
 -- KEYS[5] the transaction (hash)          KEYS[6] accounting events (stream)
--- KEYS[7] transfer intents (sorted set)
+-- KEYS[7] transfer intents (sorted set)   KEYS[8] the payer's journal entries (sorted set)
 -- ARGV[1] transaction id   ARGV[2] decision: credited | refused
 -- ARGV[3] the refusal's code, or ""   ARGV[4] now, ms   ARGV[5] @transit's id
 --
@@ -60,9 +60,9 @@ end
 -- size makes theoretical.)
 redis.call('HINCRBY', KEYS[1], 'balance', amount)
 redis.call('HINCRBY', KEYS[2], 'balance', '-' .. amount)
-journal(KEYS[3], KEYS[4], 'at', now, 'kind', kind, 'debit', ARGV[5],
+index_on_accounts(KEYS[3], journal(KEYS[3], KEYS[4], 'at', now, 'kind', kind, 'debit', ARGV[5],
   'credit', payer, 'amount', amount, 'requested', amount, 'ref', id, 'status', 'failed',
-  'reason', reason, 'memo', memo)
+  'reason', reason, 'memo', memo), KEYS[8])
 redis.call('HSET', KEYS[5], 'status', 'failed', 'reason', reason, 'code', code)
 redis.call('EXPIRE', KEYS[5], ttl)
 redis.call('XADD', KEYS[6], '*', 'type', kind .. '.failed',

@@ -38,6 +38,24 @@ local function journal(journal_key, index_key, ...)
   return entry
 end
 
+-- The shard of a key, from its hash tag: `{s<shard>}` or `{s<shard>.<n>}`
+-- (src/store/keys.rs, src/store/slots.rs).
+local function shard_of_key(key)
+  return string.match(key, '^tally:{s(%d+)')
+end
+
+-- Lists a journal entry on each customer's list of entries given (the
+-- console's account page reads an account's entries from it), as
+-- "<index member>:<journal's shard>": on a standalone Redis, a transfer
+-- between shards is one entry on the payer's shard, listed for the payee
+-- too. trim_journal takes it off the lists again.
+local function index_on_accounts(journal_key, entry, ...)
+  local member = journal_index_member(entry) .. ':' .. shard_of_key(journal_key)
+  for i = 1, select('#', ...) do
+    redis.call('ZADD', (select(i, ...)), 0, member)
+  end
+end
+
 -- For scripts that journal many entries in one run: writes the entry and
 -- keeps its index member in `pending`; `index_journal` then indexes them all
 -- in one ZADD before the script returns. The script is atomic, so no reader

@@ -23,12 +23,13 @@
 -- then 3 per home shard block, at offset h = 4 * C + 3 * (j - 1):
 --   h+1 settle jobs (stream)   h+2 batch index (sorted set)
 --   h+3 symbols ever ordered (set)
--- then 8 keys per order, at offset k = 4 * C + 3 * H + 8 * (i - 1):
+-- then 10 keys per order, at offset k = 4 * C + 3 * H + 10 * (i - 1):
 --   k+1 customer account (hash: balance)      k+2 the new order (hash)
 --   k+3 the symbol's bucket (hash: value, quantity, count, epoch)
 --   k+4 the bucket's order ids (list)         k+5 its closed epochs (hash: epoch -> batch id)
 --   k+6 the batch this order would close (hash)   k+7 that batch's order ids (list)
 --   k+8 idempotency key (string "order_id fingerprint")
+--   k+9 the customer's journal entries   k+10 the customer's orders (sorted sets)
 -- and 12 arguments per order, at offset a = 4 + 12 * (i - 1):
 --   a+1 account id   a+2 order id   a+3 symbol   a+4 quantity, units of 1e-8
 --   a+5 price, cents   a+6 cost, cents   a+7 exchange minimum, cents
@@ -50,9 +51,9 @@
 
 local customer_blocks, home_blocks, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local order_keys = 4 * customer_blocks + 3 * home_blocks
-if #KEYS ~= order_keys + 8 * count or #ARGV ~= 4 + 12 * count then
+if #KEYS ~= order_keys + 10 * count or #ARGV ~= 4 + 12 * count then
   return redis.error_reply('place_orders: expected 4 keys per customer shard, 3 per home shard, '
-    .. '8 keys and 12 arguments per order')
+    .. '10 keys and 12 arguments per order')
 end
 local exchange_id = ARGV[4]
 for i = 1, count do
@@ -155,8 +156,11 @@ local function place(k, a)
   redis.call('HINCRBY', KEYS[k + 1], 'balance', '-' .. ARGV[a + 6])
   customer.credit = customer.credit + cost
   customer.orders = customer.orders + 1
-  journal_deferred(KEYS[c + 2], customer.journal_pending, 'at', now, 'kind', 'order', 'debit', account_id,
-    'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id, 'status', 'completed', 'reason', '')
+  local entry = journal_deferred(KEYS[c + 2], customer.journal_pending, 'at', now, 'kind', 'order',
+    'debit', account_id, 'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id,
+    'status', 'completed', 'reason', '')
+  index_on_accounts(KEYS[c + 2], entry, KEYS[k + 9])
+  redis.call('ZADD', KEYS[k + 10], 0, order_id)
   redis.call('XADD', KEYS[c + 4], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
 
@@ -236,7 +240,7 @@ end
 
 local replies = {}
 for i = 1, count do
-  local verdict, detail, extra = place(order_keys + 8 * (i - 1), 4 + 12 * (i - 1))
+  local verdict, detail, extra = place(order_keys + 10 * (i - 1), 4 + 12 * (i - 1))
   replies[#replies + 1] = verdict
   replies[#replies + 1] = detail
   replies[#replies + 1] = extra

@@ -16,7 +16,8 @@
 -- KEYS[5] failed batches (sorted set)  KEYS[6] accounting events (stream)
 -- KEYS[7] journal index (sorted set of padded entry ids, for the report)
 -- KEYS[8], KEYS[9], ...: for each order of the batch, in batch order, the
---   order (hash) and its customer's account (hash)
+--   order (hash), its customer's account (hash) and the customer's journal
+--   entries (sorted set)
 -- ARGV[1] batch id   ARGV[2] now, ms   ARGV[3] @exchange's account id
 -- ARGV[4] operator's note
 -- ARGV[5] "1" if the operator confirms the exchange did not fill the batch
@@ -44,12 +45,12 @@ if redis.call('HGET', KEYS[1], 'fill_unknown') == '1' and ARGV[5] ~= '1' then
   return {'refused', 'fill_unknown'}
 end
 local order_ids = redis.call('LRANGE', KEYS[2], 0, -1)
-if #KEYS ~= 7 + 2 * #order_ids or #ARGV ~= 5 + #order_ids then
+if #KEYS ~= 7 + 3 * #order_ids or #ARGV ~= 5 + #order_ids then
   return {'refused', 'stale_orders'}
 end
 local costs, total = {}, 0
 for i, order_id in ipairs(order_ids) do
-  local order = redis.call('HMGET', KEYS[6 + 2 * i], 'id', 'account_id', 'cost')
+  local order = redis.call('HMGET', KEYS[5 + 3 * i], 'id', 'account_id', 'cost')
   if order[1] ~= order_id or order[2] ~= ARGV[5 + i] then
     return {'refused', 'stale_orders'}
   end
@@ -72,7 +73,7 @@ for i, cost in ipairs(costs) do
   if not within_limit(exchange_after) then
     return {'refused', 'balance_limit', ARGV[3]}
   end
-  local key = KEYS[7 + 2 * i]
+  local key = KEYS[6 + 3 * i]
   local after = (customers_after[key] or tonumber(redis.call('HGET', key, 'balance') or '0')) + amount
   if not within_limit(after) then
     return {'refused', 'balance_limit', ARGV[5 + i]}
@@ -82,11 +83,12 @@ end
 
 local batch_id, now = ARGV[1], ARGV[2]
 for i, order_id in ipairs(order_ids) do
-  redis.call('HINCRBY', KEYS[7 + 2 * i], 'balance', costs[i])
+  redis.call('HINCRBY', KEYS[6 + 3 * i], 'balance', costs[i])
   redis.call('HINCRBY', KEYS[3], 'balance', '-' .. costs[i])
-  journal(KEYS[4], KEYS[7], 'at', now, 'kind', 'refund', 'debit', ARGV[3],
+  local entry = journal(KEYS[4], KEYS[7], 'at', now, 'kind', 'refund', 'debit', ARGV[3],
     'credit', ARGV[5 + i], 'amount', costs[i], 'ref', order_id, 'status', 'completed',
     'reason', 'batch ' .. batch_id .. ' refunded')
+  index_on_accounts(KEYS[4], entry, KEYS[7 + 3 * i])
 end
 redis.call('HSET', KEYS[1], 'status', 'refunded', 'refunded_at', now, 'refund_note', ARGV[4])
 redis.call('ZREM', KEYS[5], batch_id)

@@ -6,7 +6,8 @@
 --
 -- KEYS[1] @exchange's sub-account here   KEYS[2] journal (stream)
 -- KEYS[3] journal index (sorted set)
--- then 2 keys per order: the order (hash), its customer's account (hash)
+-- then 3 keys per order: the order (hash), its customer's account (hash),
+--   the customer's journal entries (sorted set)
 -- ARGV[1] batch id   ARGV[2] now, ms   ARGV[3] @exchange's id
 -- then per order: its id, its customer's id
 --
@@ -16,16 +17,16 @@
 --   | {"refused", "balance_limit", account_id}: a refund would take that
 --     account past BALANCE_LIMIT; nothing of this call is written.
 
-local count = (#KEYS - 3) / 2
+local count = (#KEYS - 3) / 3
 if count ~= math.floor(count) or #ARGV ~= 3 + 2 * count then
-  return redis.error_reply('refund_orders: expected 2 keys and 2 arguments per order')
+  return redis.error_reply('refund_orders: expected 3 keys and 2 arguments per order')
 end
 local batch_id, now, exchange = ARGV[1], ARGV[2], ARGV[3]
 local todo, costs = {}, {}
 local exchange_after = tonumber(redis.call('HGET', KEYS[1], 'balance') or '0')
 local customers_after = {}
 for i = 1, count do
-  local order_key, account_key = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local order_key, account_key = KEYS[1 + 3 * i], KEYS[2 + 3 * i]
   local order = redis.call('HMGET', order_key, 'id', 'account_id', 'cost', 'refunded_in')
   if order[1] ~= ARGV[2 + 2 * i] or order[2] ~= ARGV[3 + 2 * i] then
     return {'refused', 'stale_orders'}
@@ -52,12 +53,13 @@ end
 
 local cents = 0
 for _, i in ipairs(todo) do
-  redis.call('HINCRBY', KEYS[3 + 2 * i], 'balance', costs[i])
+  redis.call('HINCRBY', KEYS[2 + 3 * i], 'balance', costs[i])
   redis.call('HINCRBY', KEYS[1], 'balance', '-' .. costs[i])
-  journal(KEYS[2], KEYS[3], 'at', now, 'kind', 'refund', 'debit', exchange,
+  local entry = journal(KEYS[2], KEYS[3], 'at', now, 'kind', 'refund', 'debit', exchange,
     'credit', ARGV[3 + 2 * i], 'amount', costs[i], 'ref', ARGV[2 + 2 * i],
     'status', 'completed', 'reason', 'batch ' .. batch_id .. ' refunded')
-  redis.call('HSET', KEYS[2 + 2 * i], 'refunded_in', batch_id)
+  index_on_accounts(KEYS[2], entry, KEYS[3 + 3 * i])
+  redis.call('HSET', KEYS[1 + 3 * i], 'refunded_in', batch_id)
   cents = cents + tonumber(costs[i])
 end
 return {'refunded', tostring(#todo), string.format('%d', cents)}

@@ -9,12 +9,14 @@
 --         a second run of this very call (kept for the idempotency ttl)
 -- KEYS[6] idempotency key (string "transaction_id fingerprint"); unused when ARGV[9] is ""
 -- KEYS[7] accounting events (stream)
+-- then the journal entries (sorted set) of the payer, if ARGV[12] is "1", and
+--   of the payee, if ARGV[13] is "1": of each party that is a customer
 -- ARGV[1] payer id   ARGV[2] payee id   ARGV[3] amount, cents
 -- ARGV[4] kind (transfer | bank_transaction)   ARGV[5] transaction id
 -- ARGV[6] now, ms    ARGV[7] "1" if the payer may go negative (a system account)
 -- ARGV[8] the request in canonical form, stored with the transaction
 -- ARGV[9] idempotency fingerprint or ""   ARGV[10] its ttl, seconds
--- ARGV[11] memo
+-- ARGV[11] memo   ARGV[12] "1" if the payer is a customer   ARGV[13] the same for the payee
 --
 -- Returns {"success", transaction_id}
 --   | {"fail", transaction_id, reason, code}: code is account_not_found,
@@ -26,6 +28,12 @@
 -- Safe to run twice: the API draws a fresh transaction id for each request,
 -- so a record of this id means this very call ran already (its reply lost,
 -- the call sent again): answer as it did, writing nothing.
+local payer_entries = ARGV[12] == '1' and KEYS[8] or nil
+local payee_entries = ARGV[13] == '1' and KEYS[payer_entries and 9 or 8] or nil
+if #KEYS ~= 7 + (payer_entries and 1 or 0) + (payee_entries and 1 or 0) then
+  return redis.error_reply('transfer: expected 7 keys and one per customer party')
+end
+
 local done = redis.call('HMGET', KEYS[5], 'status', 'reason', 'code')
 if done[1] == 'failed' then
   return {'fail', ARGV[5], done[2], done[3]}
@@ -71,9 +79,18 @@ else
   redis.call('HINCRBY', KEYS[1], 'balance', '-' .. amount)
   redis.call('HINCRBY', KEYS[2], 'balance', amount)
 end
-journal(KEYS[3], KEYS[4], 'at', now, 'kind', ARGV[4], 'debit', payer,
+local entry = journal(KEYS[3], KEYS[4], 'at', now, 'kind', ARGV[4], 'debit', payer,
   'credit', payee, 'amount', moved, 'requested', amount, 'ref', id, 'status', status,
   'reason', reason, 'memo', ARGV[11])
+-- On the list of each customer party that exists; a refused transfer on
+-- the payer's alone: its payee never saw it (as with a transfer between
+-- shards, refused on the payer's shard).
+if payer_entries and payer_balance then
+  index_on_accounts(KEYS[3], entry, payer_entries)
+end
+if payee_entries and payee_balance and (status == 'completed' or ARGV[4] ~= 'transfer') then
+  index_on_accounts(KEYS[3], entry, payee_entries)
+end
 -- Kept to answer a second run of this call and a replay of its
 -- Idempotency-Key, for as long as the key.
 redis.call('HSET', KEYS[5], 'id', id, 'at', now, 'status', status, 'reason', reason,

@@ -5,8 +5,13 @@
 -- KEYS[1] journal (stream)   KEYS[2] journal index (sorted set)
 -- KEYS[3] carried sums (hash: account id -> cents, "kind:<kind>" -> cents)
 -- KEYS[4] trim pauses (sorted set: audit token -> until, ms)
--- ARGV[1] cutoff: the lowest index member to keep   ARGV[2] most entries per call
--- ARGV[3] now, ms since the Unix epoch
+-- then the list of entries (sorted set) of each customer the entries are
+--   listed for: what this call trims leaves their lists too
+-- ARGV[1] the highest index member to trim (older than the retention
+--   window; the caller read the entries up to it for the customers they
+--   name)   ARGV[2] most entries per call
+-- ARGV[3] now, ms since the Unix epoch   ARGV[4] this journal's shard
+-- then the id of each customer whose list is given, in the same order
 --
 -- Returns the number of entries trimmed: 0 while an audit is reading the
 -- journal (a pause until a time after now), since an entry moved to the
@@ -16,7 +21,12 @@ if redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[3], '+inf') > 0 then
   return 0
 end
 
-local old = redis.call('ZRANGE', KEYS[2], '-', '(' .. ARGV[1], 'BYLEX', 'LIMIT', 0, ARGV[2])
+local lists = {}
+for i = 5, #KEYS do
+  lists[ARGV[i]] = KEYS[i]
+end
+
+local old = redis.call('ZRANGE', KEYS[2], '-', '[' .. ARGV[1], 'BYLEX', 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(old) do
   local dash = string.find(member, '-', 1, true)
   local ms = (string.gsub(string.sub(member, 1, dash - 1), '^0+(%d)', '%1'))
@@ -32,6 +42,12 @@ for _, member in ipairs(old) do
       redis.call('HINCRBY', KEYS[3], entry.debit, '-' .. entry.amount)
       redis.call('HINCRBY', KEYS[3], entry.credit, entry.amount)
       redis.call('HINCRBY', KEYS[3], 'kind:' .. entry.kind, entry.amount)
+    end
+    local listed = member .. ':' .. ARGV[4]
+    for _, account in ipairs({entry.debit, entry.credit}) do
+      if lists[account] then
+        redis.call('ZREM', lists[account], listed)
+      end
     end
     redis.call('XDEL', KEYS[1], id)
   end

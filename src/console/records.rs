@@ -12,14 +12,40 @@ use serde::Deserialize;
 
 use super::Console;
 use super::auth::{Viewer, message};
-use super::pages::{Chrome, render, rfc3339, store_failed, usd};
+use super::pages::{Chrome, bad_cursor, render, rfc3339, store_failed, usd};
 use crate::domain::{AccountId, BatchId, OrderId};
+use crate::store::journal::{self, JournalEntry};
 use crate::store::keys::Keys;
-use crate::store::{Conn, StoreError, accounts, advances, wallet};
+use crate::store::{Conn, StoreError, accounts, advances, orders, wallet};
 
-/// Rows of each list on an account's page (its newest wallet transactions,
-/// its advances).
+/// Rows of the account page's lists that do not page (its newest wallet
+/// transactions, its advances); its journal entries and orders page by
+/// cursor, a console page (`TALLY_CONSOLE_PAGE_SIZE`) at a time.
 const ACCOUNT_ROWS_MAX: usize = 50;
+
+/// One journal entry as the account sees it.
+pub struct EntryLine {
+    pub id: String,
+    pub at: String,
+    pub kind: String,
+    /// The other side of the move.
+    pub counterpart: String,
+    /// Signed: what it did to this account (0.00 for a refused one).
+    pub amount: String,
+    pub status: String,
+    pub reference: String,
+    pub reason: String,
+}
+
+pub struct OrderLine {
+    pub id: String,
+    pub symbol: String,
+    pub quantity: String,
+    pub cost: String,
+    pub status: String,
+    pub batch: Option<String>,
+    pub at: String,
+}
 
 pub struct WalletLine {
     pub id: String,
@@ -45,8 +71,59 @@ struct AccountPage {
     name: String,
     balance: String,
     created: String,
+    entries: Vec<EntryLine>,
+    /// The cursor of the next page of entries, if there are older ones.
+    older_entries: Option<String>,
+    orders: Vec<OrderLine>,
+    older_orders: Option<String>,
     wallet: Vec<WalletLine>,
     advances: Vec<AdvanceLine>,
+}
+
+/// Where each list of an account's page starts (newest when absent).
+#[derive(Deserialize)]
+pub struct AccountQuery {
+    /// An entry's index member: the page starts at the one before it.
+    entries_before: Option<String>,
+    /// An order id: the page starts at the order before it.
+    orders_before: Option<String>,
+}
+
+/// A row of `entry` as `account` sees it.
+fn entry_line(account: &AccountId, entry: JournalEntry) -> EntryLine {
+    let field = |name: &str| entry.fields.get(name).cloned().unwrap_or_default();
+    let cents: i64 = field("amount").parse().unwrap_or(0);
+    let (counterpart, signed) = if field("debit") == account.as_str() {
+        (field("credit"), -cents)
+    } else {
+        (field("debit"), cents)
+    };
+    let at = field("at").parse().map(rfc3339).unwrap_or_default();
+    EntryLine {
+        id: entry.id,
+        at,
+        kind: field("kind"),
+        counterpart,
+        amount: usd(signed),
+        status: field("status"),
+        reference: field("ref"),
+        reason: field("reason"),
+    }
+}
+
+/// A page read one row long: the page, and where the next starts if the
+/// extra row says there is one.
+fn split_page<T>(
+    mut rows: Vec<T>,
+    limit: usize,
+    cursor: impl Fn(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    if rows.len() <= limit {
+        return (rows, None);
+    }
+    rows.truncate(limit);
+    let next = rows.last().map(cursor);
+    (rows, next)
 }
 
 #[handler]
@@ -54,7 +131,20 @@ pub async fn account_page(
     console: Data<&Arc<Console>>,
     viewer: Data<&Viewer>,
     id: Path<String>,
+    Query(query): Query<AccountQuery>,
 ) -> Response {
+    let entries_before = match query.entries_before.as_deref() {
+        Some(member)
+            if journal::parse_account_member(console.state.store.keys(), member).is_none() =>
+        {
+            return bad_cursor();
+        }
+        before => before,
+    };
+    let orders_before = match query.orders_before.as_deref().map(OrderId::parse) {
+        Some(Err(_)) => return bad_cursor(),
+        before => before.transpose().ok().flatten(),
+    };
     let not_found = || {
         message(
             StatusCode::NOT_FOUND,
@@ -70,10 +160,41 @@ pub async fn account_page(
     }
     let store = &console.state.store;
     let keys = store.keys();
+    let limit = console.state.api.console.page_size;
     let read = async {
         let mut conn = store.conn().await?;
         let Some(account) = accounts::get_account(&mut conn, keys, &id).await? else {
             return Ok(None);
+        };
+        let entries =
+            journal::account_entries(&mut conn, keys, &id, entries_before, limit + 1).await?;
+        let (entries, older_entries) = split_page(entries, limit, |(member, _)| member.clone());
+        let entries = entries
+            .into_iter()
+            .map(|(_, entry)| entry_line(&id, entry))
+            .collect();
+        let order_ids =
+            orders::account_orders(&mut conn, keys, &id, orders_before.as_ref(), limit + 1).await?;
+        let (order_ids, older_orders) = split_page(order_ids, limit, OrderId::to_string);
+        let mut order_lines = Vec::with_capacity(order_ids.len());
+        for order in &order_ids {
+            if let Some(order) = orders::get_order(&mut conn, keys, order).await? {
+                order_lines.push(OrderLine {
+                    id: order.id.to_string(),
+                    symbol: order.symbol.to_string(),
+                    quantity: order.quantity.to_string(),
+                    cost: order.cost.to_string(),
+                    status: order.status.as_str().to_owned(),
+                    batch: order.batch_id.map(|batch| batch.to_string()),
+                    at: rfc3339(order.created_at_ms),
+                });
+            }
+        }
+        let listed = Listed {
+            entries,
+            older_entries,
+            orders: order_lines,
+            older_orders,
         };
         let mut lines = Vec::new();
         for txn in wallet::history(&mut conn, keys, &id, None, ACCOUNT_ROWS_MAX).await? {
@@ -110,9 +231,9 @@ pub async fn account_page(
                 });
             }
         }
-        Ok::<_, StoreError>(Some((account, lines, advance_lines)))
+        Ok::<_, StoreError>(Some((account, listed, lines, advance_lines)))
     };
-    let (account, wallet, advances) = match read.await {
+    let (account, listed, wallet, advances) = match read.await {
         Ok(Some(read)) => read,
         Ok(None) => return not_found(),
         Err(err) => return store_failed(err),
@@ -123,10 +244,22 @@ pub async fn account_page(
         name: account.name,
         balance: usd(account.balance_cents),
         created: rfc3339(account.created_at_ms),
+        entries: listed.entries,
+        older_entries: listed.older_entries,
+        orders: listed.orders,
+        older_orders: listed.older_orders,
         wallet,
         advances,
     };
     render(&page, StatusCode::OK)
+}
+
+/// The account page's lists that page by cursor.
+struct Listed {
+    entries: Vec<EntryLine>,
+    older_entries: Option<String>,
+    orders: Vec<OrderLine>,
+    older_orders: Option<String>,
 }
 
 #[derive(Template)]

@@ -88,6 +88,7 @@ pub async fn create_account(
         .key(idempotency_key)
         .key(keys.journal_index(shard))
         .key(keys.events(shard))
+        .key(keys.account_entries(&new.id))
         .arg(new.id.as_str())
         .arg(new.name.as_str())
         .arg(new.opening_balance.cents())

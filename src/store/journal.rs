@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use redis::Script;
 use redis::streams::StreamRangeReply;
+use redis::{AsyncCommands, Script};
 
 use super::keys::Keys;
 use super::slots::Shard;
 use super::{Conn, StoreError, StoreResult};
+use crate::domain::AccountId;
 
 static PAGE_JOURNAL: LazyLock<Script> = lua_script!("page_journal.lua");
 static TRIM_JOURNAL: LazyLock<Script> = lua_script!("trim_journal.lua");
@@ -166,22 +167,127 @@ pub async fn trim(
     let cutoff = index_member(cutoff_ms, 0);
     let mut trimmed = 0;
     for _ in 0..batches_max {
-        let count: usize = TRIM_JOURNAL
+        // The entries the call will trim, read first for the customers they
+        // name: the script takes every key it writes in KEYS. Entries older
+        // than the window never change, so the script trims these.
+        let old: Vec<String> = redis::cmd("ZRANGE")
+            .arg(keys.journal_index(shard))
+            .arg("-")
+            .arg(format!("({cutoff}"))
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(TRIM_BATCH_MAX)
+            .query_async(conn)
+            .await?;
+        let Some(last) = old.last() else {
+            break;
+        };
+        let members: Vec<&str> = old.iter().map(String::as_str).collect();
+        let entries = entries(conn, keys, shard, &members).await?;
+        let mut invocation = TRIM_JOURNAL.prepare_invoke();
+        invocation
             .key(keys.journal(shard))
             .key(keys.journal_index(shard))
             .key(keys.journal_carried(shard))
             .key(keys.journal_trim_pauses(shard))
-            .arg(&cutoff)
+            .arg(last)
             .arg(TRIM_BATCH_MAX)
             .arg(super::now_ms())
-            .invoke_async(conn)
-            .await?;
+            .arg(shard.index());
+        let mut customers: Vec<AccountId> = entries.iter().flat_map(listed_for).collect();
+        customers.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        customers.dedup();
+        for account in customers {
+            invocation
+                .key(keys.account_entries(&account))
+                .arg(account.as_str());
+        }
+        let count: usize = invocation.invoke_async(conn).await?;
         trimmed += count;
         if count < TRIM_BATCH_MAX {
             break;
         }
     }
     Ok(trimmed)
+}
+
+/// A member of a customer's list of entries ([`Keys::account_entries`]):
+/// the entry's index member and its journal's shard (lib.lua's
+/// `index_on_accounts` writes them).
+pub fn account_member(entry_id: &str, shard: Shard) -> String {
+    format!("{}:{}", stream_id_member(entry_id), shard.index())
+}
+
+/// The index member and shard of a member of a customer's list.
+pub fn parse_account_member<'a>(keys: &Keys, member: &'a str) -> Option<(&'a str, Shard)> {
+    let (index_member, shard) = member.split_once(':')?;
+    stream_id(index_member)?;
+    Some((index_member, keys.layout().shard(shard.parse().ok()?)?))
+}
+
+/// Up to `limit` of a customer's journal entries, newest first, from below
+/// the list member `before` if given, each with its list member (the
+/// cursor of the next page); entries trimmed since the list was read are
+/// left out.
+pub async fn account_entries(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    account: &AccountId,
+    before: Option<&str>,
+    limit: usize,
+) -> StoreResult<Vec<(String, JournalEntry)>> {
+    let high = before.map_or_else(|| "+".to_owned(), |member| format!("({member}"));
+    let members: Vec<String> = conn
+        .zrevrangebylex_limit(keys.account_entries(account), high, "-", 0, limit as isize)
+        .await?;
+    let mut pipe = redis::pipe();
+    for member in &members {
+        let (index_member, shard) =
+            parse_account_member(keys, member).ok_or_else(|| StoreError::Corrupt {
+                key: keys.account_entries(account),
+                problem: format!("`{member}` is not an entry of a shard's journal"),
+            })?;
+        let id = stream_id(index_member).unwrap_or_default();
+        pipe.cmd("XRANGE")
+            .arg(keys.journal(shard))
+            .arg(&id)
+            .arg(&id);
+    }
+    let ranges: Vec<StreamRangeReply> = pipe.query_async(conn).await?;
+    Ok(members
+        .into_iter()
+        .zip(ranges)
+        .filter_map(|(member, range)| {
+            let entry = range.ids.into_iter().next()?;
+            Some((
+                member,
+                JournalEntry {
+                    fields: super::stream_fields(&entry),
+                    id: entry.id,
+                },
+            ))
+        })
+        .collect())
+}
+
+/// The customers whose lists of entries ([`Keys::account_entries`]) hold
+/// `entry`, as the scripts list it: its debit side, and its credit side but
+/// for a refused transfer, which moved nothing (its payee never saw it; a
+/// voided one moved the money back to its payer, and is listed for it). On
+/// a cluster these are always on the entry's own shard: a script writes one
+/// slot.
+pub fn listed_for(entry: &JournalEntry) -> impl Iterator<Item = AccountId> + '_ {
+    let field = |name: &str| entry.fields.get(name).map(String::as_str);
+    let refused_transfer = field("kind") == Some("transfer")
+        && field("status") == Some("failed")
+        && field("amount") == Some("0");
+    let credit = field("credit").filter(|_| !refused_transfer);
+    [field("debit"), credit]
+        .into_iter()
+        .flatten()
+        .filter_map(|id| AccountId::parse(id).ok())
+        .filter(|id| !id.is_system())
 }
 
 /// Holds the trim of every shard's journal off until `until_ms` for the

@@ -121,6 +121,8 @@ impl Keys {
         self.layout.shards()
     }
 
+    /// Every per-shard key: `tally:{<tag>}:<name>`. lib.lua's `shard_of_key`
+    /// reads the shard back from a journal key's tag.
     fn at(&self, shard: Shard, name: std::fmt::Arguments<'_>) -> String {
         format!("tally:{{{}}}:{name}", self.layout.tag(shard))
     }
@@ -217,6 +219,19 @@ impl Keys {
     /// A system account's sub-account on `shard` (hash, as an account).
     pub fn system_account(&self, system: SystemAccount, shard: Shard) -> String {
         self.account_on(shard, &system.id())
+    }
+
+    /// A customer's journal entries: the index members (padded entry ids,
+    /// scores 0) of the entries on its shard's journal that moved its money,
+    /// or that it asked for and were refused. The console's account page
+    /// pages through it; the journal trim removes what it trims.
+    pub fn account_entries(&self, id: &AccountId) -> String {
+        self.on_account(id, format_args!("account:{id}:entries"))
+    }
+
+    /// A customer's orders by id, that is by time (sorted set, scores 0).
+    pub fn account_orders(&self, id: &AccountId) -> String {
+        self.on_account(id, format_args!("account:{id}:orders"))
     }
 
     /// Customer account index of a shard: a sorted set of ids, all with

@@ -569,6 +569,11 @@ pub async fn scored_page(
         .collect())
 }
 
+/// A script's yes/no argument.
+pub(crate) fn flag(yes: bool) -> &'static str {
+    if yes { "1" } else { "0" }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     let since_epoch = SystemTime::now()

@@ -136,6 +136,8 @@ pub async fn debit(
             .key(keys.account(&order.account_id))
             .key(keys.order(&order.order_id))
             .key(idempotency_key)
+            .key(keys.account_entries(&order.account_id))
+            .key(keys.account_orders(&order.account_id))
             .arg(order.account_id.as_str())
             .arg(order.order_id.to_string())
             .arg(order.symbol.as_str())

@@ -200,7 +200,7 @@ pub fn place_orders_input(keys: &Keys, orders: &[PlaceOrder]) -> (Vec<String>, V
         })
         .collect();
     let mut script_keys =
-        Vec::with_capacity(4 * customer_shards.len() + 3 * home_shards.len() + 8 * orders.len());
+        Vec::with_capacity(4 * customer_shards.len() + 3 * home_shards.len() + 10 * orders.len());
     for &shard in &customer_shards {
         script_keys.extend([
             keys.system_account(SystemAccount::Exchange, shard),
@@ -237,6 +237,8 @@ pub fn place_orders_input(keys: &Keys, orders: &[PlaceOrder]) -> (Vec<String>, V
             keys.batch(&order.batch_id),
             keys.batch_orders(&order.batch_id),
             idempotency_key,
+            keys.account_entries(&order.account_id),
+            keys.account_orders(&order.account_id),
         ]);
         script_args.extend([
             order.account_id.to_string(),
@@ -304,6 +306,29 @@ pub(crate) fn parse_refusal(words: &[String]) -> PlaceOrderError {
         }
         _ => unexpected(),
     }
+}
+
+/// Up to `limit` of a customer's order ids, newest first, older than
+/// `before` if given.
+pub async fn account_orders(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    account: &AccountId,
+    before: Option<&OrderId>,
+    limit: usize,
+) -> StoreResult<Vec<OrderId>> {
+    let high = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
+    let ids: Vec<String> = conn
+        .zrevrangebylex_limit(keys.account_orders(account), high, "-", 0, limit as isize)
+        .await?;
+    ids.iter()
+        .map(|id| {
+            OrderId::parse(id).map_err(|err| StoreError::Corrupt {
+                key: keys.account_orders(account),
+                problem: err.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// An order with its status, which it takes from its batch once it has one.

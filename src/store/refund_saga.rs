@@ -69,7 +69,7 @@ pub async fn begin(
         .arg(batch_id.to_string())
         .arg(now_ms)
         .arg(note)
-        .arg(if confirmed_unfilled { "1" } else { "0" })
+        .arg(super::flag(confirmed_unfilled))
         .arg(now_ms + TAKEOVER_AFTER_MS)
         .invoke_async(conn)
         .await
@@ -171,6 +171,7 @@ pub async fn refund_customers_on(
             invocation
                 .key(keys.order(order))
                 .key(keys.account(account))
+                .key(keys.account_entries(account))
                 .arg(order.to_string())
                 .arg(account.as_str());
         }

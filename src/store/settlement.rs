@@ -8,7 +8,7 @@ use redis::{AsyncCommands, Script};
 
 use super::keys::{Keys, StreamKind};
 use super::slots::Shard;
-use super::{Conn, StoreError, StoreResult, now_ms, verdict};
+use super::{Conn, StoreError, StoreResult, flag, now_ms, verdict};
 use crate::domain::{AccountId, BatchId, OrderId, SystemAccount};
 
 /// The consumer group of the settlement workers.
@@ -259,11 +259,6 @@ pub async fn dead_letter_batch_at(
     job_end(reply, "failed")
 }
 
-/// A script's yes/no argument.
-fn flag(yes: bool) -> &'static str {
-    if yes { "1" } else { "0" }
-}
-
 /// Moves at most `limit` due jobs from `schedule` onto `stream`; returns how many.
 pub async fn promote_due_jobs(
     conn: &mut impl Conn,
@@ -453,6 +448,7 @@ pub async fn refund_batch_at(
         invocation
             .key(order_key)
             .key(keys.account(&account_id))
+            .key(keys.account_entries(&account_id))
             .arg(account_id.as_str());
     }
     let reply: Vec<String> = invocation

@@ -89,6 +89,11 @@ impl ShardLayout {
         &self.tags[usize::from(shard.0)]
     }
 
+    /// The shard of this index, if the layout has it.
+    pub fn shard(&self, index: u16) -> Option<Shard> {
+        (index < self.count()).then_some(Shard(index))
+    }
+
     pub fn first(&self) -> Shard {
         Shard(0)
     }

@@ -6,7 +6,7 @@ use redis::Script;
 
 use super::keys::Keys;
 use super::slots::Shard;
-use super::{Conn, Record, StoreError, StoreResult, verdict};
+use super::{Conn, Record, StoreError, StoreResult, flag, verdict};
 use crate::domain::{AccountId, Amount, Idempotency};
 
 static TRANSFER: LazyLock<Script> = lua_script!("transfer.lua");
@@ -106,7 +106,8 @@ pub async fn move_money(
 ) -> Result<MovementOutcome, MovementError> {
     let shard = movement_shard(keys, &movement.payer, &movement.payee);
     let (idempotency_key, fingerprint) = idempotency_of(keys, shard, movement);
-    let reply: Vec<String> = TRANSFER
+    let mut invocation = TRANSFER.prepare_invoke();
+    invocation
         .key(keys.account_on(shard, &movement.payer))
         .key(keys.account_on(shard, &movement.payee))
         .key(keys.journal(shard))
@@ -120,11 +121,19 @@ pub async fn move_money(
         .arg(movement.kind)
         .arg(&movement.id)
         .arg(movement.at_ms)
-        .arg(if movement.payer.is_system() { "1" } else { "0" })
+        .arg(flag(movement.payer.is_system()))
         .arg(&movement.canonical_request)
         .arg(fingerprint)
         .arg(movement.idempotency_ttl_secs)
         .arg(&movement.memo)
+        .arg(flag(!movement.payer.is_system()))
+        .arg(flag(!movement.payee.is_system()));
+    for party in [&movement.payer, &movement.payee] {
+        if !party.is_system() {
+            invocation.key(keys.account_entries(party));
+        }
+    }
+    let reply: Vec<String> = invocation
         .invoke_async(conn)
         .await
         .map_err(StoreError::from)?;

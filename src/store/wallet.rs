@@ -194,6 +194,7 @@ pub async fn apply_at(
         .key(keys.journal_index(shard))
         .key(keys.events(shard))
         .key(keys.wallet_errors(shard))
+        .key(keys.account_entries(account))
         .arg(txn_id)
         .arg(account.as_str())
         .arg(counterpart.as_str())

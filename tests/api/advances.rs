@@ -139,6 +139,7 @@ async fn an_advance_is_repaid_in_twelve_weekly_installments() {
     let audit = app.get_json("/api/v1/audit").await;
     assert_eq!(audit["clean"], true, "{}", audit["report"]);
     workers.stop().await;
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -186,6 +187,7 @@ async fn failed_installments_carry_forward_and_a_failed_last_one_makes_a_thirtee
     let audit = app.get_json("/api/v1/audit").await;
     assert_eq!(audit["clean"], true, "{}", audit["report"]);
     workers.stop().await;
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -130,4 +130,5 @@ async fn concurrent_orders_never_overdraw_and_every_cent_is_in_one_place() {
         "{}",
         String::from_utf8_lossy(&output.stdout)
     );
+    assert!(app.assert_account_lists().await > 0);
 }

@@ -9,8 +9,8 @@ use tally::access::Role;
 
 use crate::browser::Browser;
 use crate::helpers::{
-    DOWN, TestApp, TestExchange, TestWorkers, UP, eventually, spawn_app, spawn_app_with,
-    spawn_exchange, spawn_workers, test_worker_settings,
+    DOWN, TestApp, TestExchange, TestWorkers, UP, assert_problem, eventually, spawn_app,
+    spawn_app_with, spawn_exchange, spawn_workers, test_worker_settings,
 };
 
 /// How old the overview's snapshot may be in the test that compares it.
@@ -1077,4 +1077,141 @@ async fn find_leads_to_each_record_by_its_exact_id_and_an_account_shows_its_mone
     assert!(page.contains(&deposit), "lists its wallet transaction");
     let (status, _, _) = get("/ops/accounts/@bank".to_owned()).await;
     assert_eq!(status, 404);
+}
+
+/// The `data-ref`s (entries) or `data-order`s of an account page, and its
+/// next page's path for that list.
+fn account_rows(html: &str, list: &str) -> (Vec<String>, Option<String>) {
+    let (row, next) = match list {
+        "entries" => (
+            r#"<tr data-ref="([^"]*)">"#,
+            r#"id="older-entries" href="([^"]+)""#,
+        ),
+        _ => (
+            r#"<tr data-order="([0-9a-f-]+)">"#,
+            r#"id="older-orders" href="([^"]+)""#,
+        ),
+    };
+    let rows = regex::Regex::new(row).unwrap();
+    let next = regex::Regex::new(next).unwrap();
+    (
+        rows.captures_iter(html)
+            .map(|found| found[1].to_owned())
+            .collect(),
+        next.captures(html).map(|found| found[1].to_owned()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_page_lists_its_journal_entries_and_orders_by_cursor_newest_first() {
+    let app = spawn_app_with(|settings| settings.api.console.page_size = 7).await;
+    let account = app.create_account("lister", "100.00").await;
+    let other = app.create_account("other", "1.00").await;
+    let mut orders = Vec::new();
+    for _ in 0..12 {
+        let order: Value = app
+            .place_order(&account, "ABAN", "1")
+            .await
+            .json()
+            .await
+            .unwrap();
+        orders.push(order["id"].as_str().unwrap().to_owned());
+    }
+    let credit =
+        json!({"account_id": account, "amount": "1.00", "direction": "credit", "reason": "salary"});
+    let credit: Value = app
+        .post("/api/v1/bank-transactions", &credit)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sent = json!({"src_account_id": account, "dst_account_id": other, "amount": "2.00", "direction": "debit"});
+    let sent: Value = app
+        .post("/api/v1/transfers", &sent)
+        .await
+        .json()
+        .await
+        .unwrap();
+    // Refused for lack of funds: on its payer's page only.
+    let refused = json!({"src_account_id": other, "dst_account_id": account, "amount": "50.00", "direction": "debit"});
+    let refused = assert_problem(
+        app.post("/api/v1/transfers", &refused).await,
+        422,
+        "insufficient",
+    )
+    .await;
+    assert!(app.assert_account_lists().await > 0);
+
+    let operator = app.client_with(&app.key(Role::Read, None).await);
+    let mut pages = 0;
+    let walk = |list: &'static str| {
+        let operator = operator.clone();
+        let first = app.url(&format!("/ops/accounts/{account}"));
+        let app = &app;
+        async move {
+            let mut listed = Vec::new();
+            let mut next = Some(first);
+            let mut pages = 0;
+            while let Some(url) = next.take() {
+                let response = operator.get(url).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                let (rows, older) = account_rows(&response.text().await.unwrap(), list);
+                assert!(rows.len() <= 7, "a page at most");
+                listed.extend(rows);
+                next = older.map(|path| app.url(&path));
+                pages += 1;
+                assert!(pages <= 10, "the cursor moves on");
+            }
+            (listed, pages)
+        }
+    };
+    let (entries, entry_pages) = walk("entries").await;
+    pages += entry_pages;
+    let mut expected = vec![
+        sent["transaction_id"].as_str().unwrap().to_owned(),
+        credit["transaction_id"].as_str().unwrap().to_owned(),
+    ];
+    expected.extend(orders.iter().rev().cloned());
+    expected.push(account.clone()); // the opening balance
+    assert_eq!(entries, expected, "every entry once, newest first");
+    let (listed_orders, order_pages) = walk("orders").await;
+    pages += order_pages;
+    let newest_first: Vec<String> = orders.iter().rev().cloned().collect();
+    assert_eq!(
+        listed_orders, newest_first,
+        "every order once, newest first"
+    );
+    assert_eq!(pages, 3 + 2, "16 entries and 12 orders, 7 a page");
+
+    let other_page = operator
+        .get(app.url(&format!("/ops/accounts/{other}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (other_entries, _) = account_rows(&other_page, "entries");
+    assert_eq!(
+        other_entries,
+        [
+            refused["transaction_id"].as_str().unwrap(),
+            sent["transaction_id"].as_str().unwrap(),
+            other.as_str()
+        ],
+        "the payer sees the transfer it asked for and was refused; its payee did not"
+    );
+
+    for bad in [
+        "entries_before=junk",
+        "entries_before=1-0:99999",
+        "orders_before=nope",
+    ] {
+        let response = operator
+            .get(app.url(&format!("/ops/accounts/{account}?{bad}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{bad}");
+    }
 }

@@ -400,6 +400,70 @@ impl TestApp {
         entries.into_iter().map(|(_, fields)| fields).collect()
     }
 
+    /// Checks the lists the console's account page reads: each customer's
+    /// list of entries holds exactly the entries, on every shard's journal,
+    /// listed for it (its debit side, and its credit side but for a refused
+    /// transfer), and its orders exactly those its `order` entries name (at
+    /// least those, once the journal has trimmed some).
+    /// Returns how many entries were listed in all.
+    pub async fn assert_account_lists(&self) -> usize {
+        use tally::store::journal::{JournalEntry, account_member, listed_for};
+        let mut conn = self.redis().await;
+        let keys = self.keys();
+        let mut expected: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+        for shard in keys.shards() {
+            let accounts: Vec<String> = conn.zrange(keys.accounts(shard), 0, -1).await.unwrap();
+            for account in accounts {
+                expected.entry(account).or_default();
+            }
+        }
+        for shard in keys.shards() {
+            let journal: redis::streams::StreamRangeReply =
+                conn.xrange_all(keys.journal(shard)).await.unwrap();
+            for entry in &journal.ids {
+                let entry = JournalEntry {
+                    fields: tally::store::stream_fields(entry),
+                    id: entry.id.clone(),
+                };
+                for account in listed_for(&entry) {
+                    let Some((entries, orders)) = expected.get_mut(account.as_str()) else {
+                        continue; // an account that does not exist: listed nowhere
+                    };
+                    entries.push(account_member(&entry.id, shard));
+                    if entry.fields["kind"] == "order" {
+                        orders.push(entry.fields["ref"].clone());
+                    }
+                }
+            }
+        }
+        let mut trimmed = false;
+        for shard in keys.shards() {
+            let carried: usize = conn.hlen(keys.journal_carried(shard)).await.unwrap();
+            trimmed |= carried > 0;
+        }
+        let mut listed_total = 0;
+        for (account, (mut entries, mut orders)) in expected {
+            let id = AccountId::parse(&account).unwrap();
+            entries.sort();
+            orders.sort();
+            let listed: Vec<String> = conn.zrange(keys.account_entries(&id), 0, -1).await.unwrap();
+            assert_eq!(listed, entries, "account {account}'s journal entries");
+            let listed_orders: Vec<String> =
+                conn.zrange(keys.account_orders(&id), 0, -1).await.unwrap();
+            if trimmed {
+                // Orders outlive their trimmed entries.
+                assert!(
+                    orders.iter().all(|order| listed_orders.contains(order)),
+                    "account {account}'s orders {listed_orders:?} lack some of {orders:?}"
+                );
+            } else {
+                assert_eq!(listed_orders, orders, "account {account}'s orders");
+            }
+            listed_total += listed.len();
+        }
+        listed_total
+    }
+
     /// Every journal entry's report id (`ms-seq.shard`), newest first, in
     /// the order the report merges the shards: (entry id, shard) descending.
     pub async fn journal_ids_newest_first(&self) -> Vec<String> {

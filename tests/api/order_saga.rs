@@ -115,6 +115,7 @@ async fn a_crash_after_the_debit_is_finished_by_a_sweeper_once() {
     assert_eq!(sweep_all(&app).await, 0);
     assert_eq!(app.snapshot().await, before);
     assert_eq!(app.balance("@exchange").await, "12.00");
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -223,4 +224,5 @@ async fn three_customers_on_three_shards_make_one_exchange_call_for_three() {
     assert_eq!(app.order_intents().await, 0);
     audit_clean(&app).await;
     workers.stop().await;
+    assert!(app.assert_account_lists().await > 0);
 }

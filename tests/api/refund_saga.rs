@@ -132,6 +132,7 @@ async fn a_crash_after_each_step_is_finished_by_a_sweeper_once() {
     );
     assert_eq!(app.journal_count("refund").await, 3);
     audit(&app).await;
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -163,4 +164,5 @@ async fn an_operator_refund_pays_every_shard_back_once_and_answers_refunded() {
     );
     audit(&app).await;
     workers.stop().await;
+    assert!(app.assert_account_lists().await > 0);
 }

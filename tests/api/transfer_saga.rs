@@ -106,6 +106,7 @@ async fn a_crash_after_the_debit_is_finished_by_a_sweeper_once() {
     );
     assert_eq!(app.balance(&payee).await, "13.00");
     audit(&app).await;
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -139,6 +140,7 @@ async fn a_crash_after_the_credit_is_finished_by_a_sweeper_once() {
     assert_eq!(app.balance(&payee).await, "12.50");
     assert_eq!(app.balance("@transit").await, "0.00");
     audit(&app).await;
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -189,6 +191,7 @@ async fn a_payee_that_cannot_take_the_money_voids_the_transfer() {
         ],
         "{page}"
     );
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -260,4 +263,5 @@ async fn an_unknown_payee_on_another_shard_is_refused_and_nothing_moves() {
     assert_eq!(app.balance("@transit").await, "0.00");
     assert_eq!(intents(&app).await, 0);
     audit(&app).await;
+    assert!(app.assert_account_lists().await > 0);
 }

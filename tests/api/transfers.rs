@@ -115,6 +115,7 @@ async fn a_transfer_moves_money_either_way_and_a_refusal_is_journaled() {
         fields,
         ["transfer.failed", b.as_str(), a.as_str(), "0", "2501"]
     );
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -134,6 +135,7 @@ async fn a_transfer_that_would_pass_the_balance_limit_is_refused_and_moves_nothi
     assert_eq!(app.balance(&a).await, "10.00");
     assert_eq!(app.balance_cents(&b).await, near_limit);
     assert_eq!(transfer(&app, &a, &b, "1.00", "debit").await.status(), 201);
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -165,6 +167,7 @@ async fn bank_transactions_move_money_against_the_bank() {
     )
     .await;
     assert_eq!(app.balance(&a).await, "70.00");
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -263,6 +266,7 @@ async fn concurrent_transfers_never_overdraw_and_never_create_money() {
         report.is_clean() && report.balances_sum_cents == 0,
         "{report}"
     );
+    assert!(app.assert_account_lists().await > 0);
 }
 
 /// Writes `count` journal entries (bank credits) straight through the store.
@@ -441,6 +445,11 @@ async fn entries_past_retention_leave_the_report_and_redis_and_the_audit_still_a
         app.get_json("/api/v1/transactions").await["total_count"],
         10
     );
+    assert_eq!(
+        app.assert_account_lists().await,
+        10,
+        "on the account's list"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(400)).await; // let the window pass
     assert_eq!(
         app.get_json("/api/v1/transactions").await["total_count"],
@@ -458,6 +467,11 @@ async fn entries_past_retention_leave_the_report_and_redis_and_the_audit_still_a
     let length = app.journal().await.len();
     let indexed = app.journal_index_len().await;
     assert_eq!((length, indexed), (0, 0), "gone from Redis memory");
+    assert_eq!(
+        app.assert_account_lists().await,
+        0,
+        "and from the account's list"
+    );
     let carried: BTreeMap<String, i64> = conn
         .hgetall(app.keys().journal_carried(app.shard_of(&a)))
         .await

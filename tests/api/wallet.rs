@@ -107,6 +107,7 @@ async fn deposits_and_withdrawals_apply_in_acceptance_order_across_four_workers(
     let report = tally::audit::run(&app.store).await.unwrap();
     assert!(report.is_clean(), "{report}");
     workers.stop().await;
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -162,6 +163,7 @@ async fn a_withdrawal_beyond_the_balance_is_rejected_with_a_reason() {
     .await;
     assert_eq!(app.balance("@card").await, "2.50");
     workers.stop().await;
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -204,6 +206,7 @@ async fn a_deposit_that_would_pass_the_balance_limit_is_rejected_before_anything
     })
     .await;
     workers.stop().await;
+    assert!(app.assert_account_lists().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
