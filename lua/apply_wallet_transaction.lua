@@ -10,7 +10,7 @@
 -- KEYS[3] the account (hash)           KEYS[4] the counterpart: @bank or @card (hash)
 -- KEYS[5] journal (stream)             KEYS[6] journal index (sorted set)
 -- KEYS[7] accounting events (stream)   KEYS[8] rejected transactions (stream)
--- KEYS[9] the account's journal entries (sorted set)
+-- KEYS[9] the account's journal entries (stream)
 -- ARGV[1] transaction id   ARGV[2] account id   ARGV[3] counterpart's account id
 -- ARGV[4] now, ms          ARGV[5] worker name  ARGV[6] errors stream length bound (approximate)
 --

@@ -13,7 +13,7 @@
 -- KEYS[3] @bank account (hash)      KEYS[4] journal (stream)
 -- KEYS[5] journal index (sorted set)   KEYS[6] accounting events (stream)
 -- KEYS[7] leased installments (sorted set)   KEYS[8] due installments (sorted set)
--- KEYS[9] installment jobs (stream)   KEYS[10] the customer's journal entries (sorted set)
+-- KEYS[9] installment jobs (stream)   KEYS[10] the customer's journal entries (stream)
 -- ARGV[1] "advance_id:n"   ARGV[2] n   ARGV[3] now, ms   ARGV[4] consumer group
 -- ARGV[5] the job's stream id   ARGV[6] @bank's id   ARGV[7] worker name
 -- ARGV[8] most installments an advance may have

@@ -8,7 +8,7 @@
 -- KEYS[5] idempotency key (string "account_id fingerprint"); unused when ARGV[5] is ""
 -- KEYS[6] journal index (sorted set of padded entry ids, for the report)
 -- KEYS[7] accounting events (stream)
--- KEYS[8] the new account's journal entries (sorted set)
+-- KEYS[8] the new account's journal entries (stream)
 -- ARGV[1] account id         ARGV[2] name
 -- ARGV[3] opening balance, cents (0 for none)
 -- ARGV[4] now, ms since the Unix epoch

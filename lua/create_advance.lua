@@ -7,7 +7,7 @@
 -- KEYS[5] journal index (sorted set)  KEYS[6] due installments (sorted set: "advance_id:n" by due ms)
 -- KEYS[7] all advances (sorted set)   KEYS[8] the account's advances (sorted set)
 -- KEYS[9] accounting events (stream)  KEYS[10] idempotency key; unused when ARGV[7] is ""
--- KEYS[11] the customer's journal entries (sorted set)
+-- KEYS[11] the customer's journal entries (stream)
 -- ARGV[1] advance id   ARGV[2] account id   ARGV[3] amount, cents
 -- ARGV[4] installments   ARGV[5] period, ms   ARGV[6] now, ms
 -- ARGV[7] idempotency fingerprint or ""   ARGV[8] its ttl, seconds   ARGV[9] @bank's id

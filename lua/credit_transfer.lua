@@ -7,7 +7,7 @@
 -- KEYS[1] payee account (hash: balance)   KEYS[2] @transit's sub-account here
 -- KEYS[3] journal (stream)                KEYS[4] journal index (sorted set)
 -- KEYS[5] the decision (string "credited" or "refused CODE", expiring)
--- KEYS[6] the payee's journal entries (sorted set)
+-- KEYS[6] the payee's journal entries (stream)
 -- ARGV[1] payer id   ARGV[2] payee id   ARGV[3] amount, cents
 -- ARGV[4] kind   ARGV[5] transaction id   ARGV[6] now, ms   ARGV[7] memo
 -- ARGV[8] how long the decision is kept, seconds   ARGV[9] @transit's id

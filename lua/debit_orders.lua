@@ -16,7 +16,7 @@
 -- then 5 keys per order, at offset k = 5 + 5 * (i - 1):
 --   k+1 customer account (hash: balance)   k+2 the new order (hash)
 --   k+3 idempotency key (string "order_id fingerprint")
---   k+4 the customer's journal entries   k+5 the customer's orders (sorted sets)
+--   k+4 the customer's journal entries   k+5 the customer's orders (streams)
 -- then one key per order to finish: that admitted order (hash)
 -- ARGV[1] number of orders   ARGV[2] @exchange's account id
 -- ARGV[3] when a sweeper may take the intents over, ms since the Unix epoch
@@ -105,7 +105,7 @@ local function debit(k, a)
     'debit', account_id, 'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id,
     'status', 'completed', 'reason', '')
   index_on_accounts(KEYS[2], entry, KEYS[k + 4])
-  redis.call('ZADD', KEYS[k + 5], 0, order_id)
+  redis.call('XADD', KEYS[k + 5], '*', 'order', order_id)
   redis.call('XADD', KEYS[4], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
   redis.call('HSET', KEYS[k + 2], 'id', order_id, 'account_id', account_id, 'symbol', symbol,

@@ -10,7 +10,7 @@
 -- KEYS[5] the transaction (hash): answers a second run of this call
 -- KEYS[6] idempotency key (string "transaction_id fingerprint"); unused when ARGV[9] is ""
 -- KEYS[7] accounting events (stream)      KEYS[8] transfer intents (sorted set)
--- KEYS[9] the payer's journal entries (sorted set)
+-- KEYS[9] the payer's journal entries (stream)
 -- ARGV[1] payer id   ARGV[2] payee id   ARGV[3] amount, cents
 -- ARGV[4] kind (transfer)   ARGV[5] transaction id   ARGV[6] now, ms
 -- ARGV[7] "1" if the payee exists (the API looked on its shard; accounts are

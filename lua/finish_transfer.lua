@@ -8,7 +8,7 @@
 -- KEYS[1] payer account (hash: balance)   KEYS[2] @transit's sub-account here
 -- KEYS[3] journal (stream)                KEYS[4] journal index (sorted set)
 -- KEYS[5] the transaction (hash)          KEYS[6] accounting events (stream)
--- KEYS[7] transfer intents (sorted set)   KEYS[8] the payer's journal entries (sorted set)
+-- KEYS[7] transfer intents (sorted set)   KEYS[8] the payer's journal entries (stream)
 -- ARGV[1] transaction id   ARGV[2] decision: credited | refused
 -- ARGV[3] the refusal's code, or ""   ARGV[4] now, ms   ARGV[5] @transit's id
 --

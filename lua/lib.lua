@@ -44,15 +44,16 @@ local function shard_of_key(key)
   return string.match(key, '^tally:{s(%d+)')
 end
 
--- Lists a journal entry on each customer's list of entries given (the
--- console's account page reads an account's entries from it), as
--- "<index member>:<journal's shard>": on a standalone Redis, a transfer
--- between shards is one entry on the payer's shard, listed for the payee
--- too. trim_journal takes it off the lists again.
+-- Lists a journal entry on each customer's list of entries given: a stream
+-- per customer, which the console's account page pages through. Each list
+-- entry names the journal entry and its journal's shard: on a standalone
+-- Redis, a transfer between shards is one entry on the payer's shard,
+-- listed for the payee too. (An XADD with `*` cannot fail, so a script may
+-- list after its first write.) trim_journal trims the lists by time.
 local function index_on_accounts(journal_key, entry, ...)
-  local member = journal_index_member(entry) .. ':' .. shard_of_key(journal_key)
+  local shard = shard_of_key(journal_key)
   for i = 1, select('#', ...) do
-    redis.call('ZADD', (select(i, ...)), 0, member)
+    redis.call('XADD', (select(i, ...)), '*', 'entry', entry, 'shard', shard)
   end
 end
 

@@ -29,7 +29,7 @@
 --   k+4 the bucket's order ids (list)         k+5 its closed epochs (hash: epoch -> batch id)
 --   k+6 the batch this order would close (hash)   k+7 that batch's order ids (list)
 --   k+8 idempotency key (string "order_id fingerprint")
---   k+9 the customer's journal entries   k+10 the customer's orders (sorted sets)
+--   k+9 the customer's journal entries   k+10 the customer's orders (streams)
 -- and 12 arguments per order, at offset a = 4 + 12 * (i - 1):
 --   a+1 account id   a+2 order id   a+3 symbol   a+4 quantity, units of 1e-8
 --   a+5 price, cents   a+6 cost, cents   a+7 exchange minimum, cents
@@ -160,7 +160,7 @@ local function place(k, a)
     'debit', account_id, 'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id,
     'status', 'completed', 'reason', '')
   index_on_accounts(KEYS[c + 2], entry, KEYS[k + 9])
-  redis.call('ZADD', KEYS[k + 10], 0, order_id)
+  redis.call('XADD', KEYS[k + 10], '*', 'order', order_id)
   redis.call('XADD', KEYS[c + 4], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
 

@@ -17,7 +17,7 @@
 -- KEYS[7] journal index (sorted set of padded entry ids, for the report)
 -- KEYS[8], KEYS[9], ...: for each order of the batch, in batch order, the
 --   order (hash), its customer's account (hash) and the customer's journal
---   entries (sorted set)
+--   entries (stream)
 -- ARGV[1] batch id   ARGV[2] now, ms   ARGV[3] @exchange's account id
 -- ARGV[4] operator's note
 -- ARGV[5] "1" if the operator confirms the exchange did not fill the batch

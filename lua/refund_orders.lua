@@ -7,7 +7,7 @@
 -- KEYS[1] @exchange's sub-account here   KEYS[2] journal (stream)
 -- KEYS[3] journal index (sorted set)
 -- then 3 keys per order: the order (hash), its customer's account (hash),
---   the customer's journal entries (sorted set)
+--   the customer's journal entries (stream)
 -- ARGV[1] batch id   ARGV[2] now, ms   ARGV[3] @exchange's id
 -- then per order: its id, its customer's id
 --

@@ -9,7 +9,7 @@
 --         a second run of this very call (kept for the idempotency ttl)
 -- KEYS[6] idempotency key (string "transaction_id fingerprint"); unused when ARGV[9] is ""
 -- KEYS[7] accounting events (stream)
--- then the journal entries (sorted set) of the payer, if ARGV[12] is "1", and
+-- then the journal entries (stream) of the payer, if ARGV[12] is "1", and
 --   of the payee, if ARGV[13] is "1": of each party that is a customer
 -- ARGV[1] payer id   ARGV[2] payee id   ARGV[3] amount, cents
 -- ARGV[4] kind (transfer | bank_transaction)   ARGV[5] transaction id

@@ -5,13 +5,12 @@
 -- KEYS[1] journal (stream)   KEYS[2] journal index (sorted set)
 -- KEYS[3] carried sums (hash: account id -> cents, "kind:<kind>" -> cents)
 -- KEYS[4] trim pauses (sorted set: audit token -> until, ms)
--- then the list of entries (sorted set) of each customer the entries are
---   listed for: what this call trims leaves their lists too
+-- then the list of entries (stream) of each customer the entries are listed
+--   for: each loses its entries older than the window (ARGV[4])
 -- ARGV[1] the highest index member to trim (older than the retention
 --   window; the caller read the entries up to it for the customers they
 --   name)   ARGV[2] most entries per call
--- ARGV[3] now, ms since the Unix epoch   ARGV[4] this journal's shard
--- then the id of each customer whose list is given, in the same order
+-- ARGV[3] now, ms since the Unix epoch   ARGV[4] the window's start, ms
 --
 -- Returns the number of entries trimmed: 0 while an audit is reading the
 -- journal (a pause until a time after now), since an entry moved to the
@@ -19,11 +18,6 @@
 
 if redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[3], '+inf') > 0 then
   return 0
-end
-
-local lists = {}
-for i = 5, #KEYS do
-  lists[ARGV[i]] = KEYS[i]
 end
 
 local old = redis.call('ZRANGE', KEYS[2], '-', '[' .. ARGV[1], 'BYLEX', 'LIMIT', 0, ARGV[2])
@@ -43,14 +37,18 @@ for _, member in ipairs(old) do
       redis.call('HINCRBY', KEYS[3], entry.credit, entry.amount)
       redis.call('HINCRBY', KEYS[3], 'kind:' .. entry.kind, entry.amount)
     end
-    local listed = member .. ':' .. ARGV[4]
-    for _, account in ipairs({entry.debit, entry.credit}) do
-      if lists[account] then
-        redis.call('ZREM', lists[account], listed)
-      end
-    end
     redis.call('XDEL', KEYS[1], id)
   end
   redis.call('ZREM', KEYS[2], member)
+end
+-- A list entry is stamped no earlier than its journal entry (written after
+-- it, by the same script): what is older than the window on a list is so
+-- on its journal too, and goes with this trim. (On a standalone Redis, a
+-- payee's list may name another shard's entry, which that shard's trim of
+-- the same pass takes.)
+if #old > 0 then
+  for i = 5, #KEYS do
+    redis.call('XTRIM', KEYS[i], 'MINID', ARGV[4])
+  end
 end
 return #old

@@ -16,6 +16,7 @@ use super::pages::{Chrome, bad_cursor, render, rfc3339, store_failed, usd};
 use crate::domain::{AccountId, BatchId, OrderId};
 use crate::store::journal::{self, JournalEntry};
 use crate::store::keys::Keys;
+use crate::store::streams::StreamId;
 use crate::store::{Conn, StoreError, accounts, advances, orders, wallet};
 
 /// Rows of the account page's lists that do not page (its newest wallet
@@ -83,9 +84,9 @@ struct AccountPage {
 /// Where each list of an account's page starts (newest when absent).
 #[derive(Deserialize)]
 pub struct AccountQuery {
-    /// An entry's index member: the page starts at the one before it.
+    /// A list entry id: the page starts at the entry before it.
     entries_before: Option<String>,
-    /// An order id: the page starts at the order before it.
+    /// A list entry id: the page starts at the order before it.
     orders_before: Option<String>,
 }
 
@@ -133,18 +134,15 @@ pub async fn account_page(
     id: Path<String>,
     Query(query): Query<AccountQuery>,
 ) -> Response {
-    let entries_before = match query.entries_before.as_deref() {
-        Some(member)
-            if journal::parse_account_member(console.state.store.keys(), member).is_none() =>
-        {
-            return bad_cursor();
-        }
-        before => before,
-    };
-    let orders_before = match query.orders_before.as_deref().map(OrderId::parse) {
-        Some(Err(_)) => return bad_cursor(),
-        before => before.transpose().ok().flatten(),
-    };
+    // Both cursors are list entry ids (stream ids).
+    let cursors = [&query.entries_before, &query.orders_before];
+    if cursors.iter().any(|cursor| {
+        cursor
+            .as_deref()
+            .is_some_and(|id| StreamId::parse(id).is_none())
+    }) {
+        return bad_cursor();
+    }
     let not_found = || {
         message(
             StatusCode::NOT_FOUND,
@@ -166,18 +164,30 @@ pub async fn account_page(
         let Some(account) = accounts::get_account(&mut conn, keys, &id).await? else {
             return Ok(None);
         };
-        let entries =
-            journal::account_entries(&mut conn, keys, &id, entries_before, limit + 1).await?;
+        let entries = journal::account_entries(
+            &mut conn,
+            keys,
+            &id,
+            query.entries_before.as_deref(),
+            limit + 1,
+        )
+        .await?;
         let (entries, older_entries) = split_page(entries, limit, |(member, _)| member.clone());
         let entries = entries
             .into_iter()
             .map(|(_, entry)| entry_line(&id, entry))
             .collect();
-        let order_ids =
-            orders::account_orders(&mut conn, keys, &id, orders_before.as_ref(), limit + 1).await?;
-        let (order_ids, older_orders) = split_page(order_ids, limit, OrderId::to_string);
+        let order_ids = orders::account_orders(
+            &mut conn,
+            keys,
+            &id,
+            query.orders_before.as_deref(),
+            limit + 1,
+        )
+        .await?;
+        let (order_ids, older_orders) = split_page(order_ids, limit, |(listed, _)| listed.clone());
         let mut order_lines = Vec::with_capacity(order_ids.len());
-        for order in &order_ids {
+        for (_, order) in &order_ids {
             if let Some(order) = orders::get_order(&mut conn, keys, order).await? {
                 order_lines.push(OrderLine {
                     id: order.id.to_string(),

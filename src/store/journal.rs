@@ -194,14 +194,12 @@ pub async fn trim(
             .arg(last)
             .arg(TRIM_BATCH_MAX)
             .arg(super::now_ms())
-            .arg(shard.index());
+            .arg(cutoff_ms);
         let mut customers: Vec<AccountId> = entries.iter().flat_map(listed_for).collect();
         customers.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
         customers.dedup();
         for account in customers {
-            invocation
-                .key(keys.account_entries(&account))
-                .arg(account.as_str());
+            invocation.key(keys.account_entries(&account));
         }
         let count: usize = invocation.invoke_async(conn).await?;
         trimmed += count;
@@ -212,22 +210,37 @@ pub async fn trim(
     Ok(trimmed)
 }
 
-/// A member of a customer's list of entries ([`Keys::account_entries`]):
-/// the entry's index member and its journal's shard (lib.lua's
-/// `index_on_accounts` writes them).
-pub fn account_member(entry_id: &str, shard: Shard) -> String {
-    format!("{}:{}", stream_id_member(entry_id), shard.index())
+/// A customer's list entry: the journal entry it names, on which shard.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Listed {
+    pub entry: String,
+    pub shard: u16,
 }
 
-/// The index member and shard of a member of a customer's list.
-pub fn parse_account_member<'a>(keys: &Keys, member: &'a str) -> Option<(&'a str, Shard)> {
-    let (index_member, shard) = member.split_once(':')?;
-    stream_id(index_member)?;
-    Some((index_member, keys.layout().shard(shard.parse().ok()?)?))
+/// The entries of a customer's list of entries, as `XRANGE` gives them:
+/// (list entry id, what it names); `None` for a malformed one.
+pub fn parse_listed(reply: StreamRangeReply) -> Vec<(String, Option<Listed>)> {
+    reply
+        .ids
+        .into_iter()
+        .map(|item| {
+            let fields = super::stream_fields(&item);
+            let listed = fields
+                .get("entry")
+                .zip(fields.get("shard"))
+                .and_then(|(entry, shard)| {
+                    Some(Listed {
+                        entry: entry.clone(),
+                        shard: shard.parse().ok()?,
+                    })
+                });
+            (item.id, listed)
+        })
+        .collect()
 }
 
 /// Up to `limit` of a customer's journal entries, newest first, from below
-/// the list member `before` if given, each with its list member (the
+/// the list entry id `before` if given, each with its list entry id (the
 /// cursor of the next page); entries trimmed since the list was read are
 /// left out.
 pub async fn account_entries(
@@ -237,31 +250,33 @@ pub async fn account_entries(
     before: Option<&str>,
     limit: usize,
 ) -> StoreResult<Vec<(String, JournalEntry)>> {
-    let high = before.map_or_else(|| "+".to_owned(), |member| format!("({member}"));
-    let members: Vec<String> = conn
-        .zrevrangebylex_limit(keys.account_entries(account), high, "-", 0, limit as isize)
+    let high = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
+    let listed: StreamRangeReply = conn
+        .xrevrange_count(keys.account_entries(account), high, "-", limit)
         .await?;
+    let listed = parse_listed(listed);
     let mut pipe = redis::pipe();
-    for member in &members {
-        let (index_member, shard) =
-            parse_account_member(keys, member).ok_or_else(|| StoreError::Corrupt {
+    for (id, names) in &listed {
+        let (entry, shard) = names
+            .as_ref()
+            .and_then(|names| Some((&names.entry, keys.layout().shard(names.shard)?)))
+            .ok_or_else(|| StoreError::Corrupt {
                 key: keys.account_entries(account),
-                problem: format!("`{member}` is not an entry of a shard's journal"),
+                problem: format!("list entry {id} names no shard's journal entry"),
             })?;
-        let id = stream_id(index_member).unwrap_or_default();
         pipe.cmd("XRANGE")
             .arg(keys.journal(shard))
-            .arg(&id)
-            .arg(&id);
+            .arg(entry)
+            .arg(entry);
     }
     let ranges: Vec<StreamRangeReply> = pipe.query_async(conn).await?;
-    Ok(members
+    Ok(listed
         .into_iter()
         .zip(ranges)
-        .filter_map(|(member, range)| {
+        .filter_map(|((id, _), range)| {
             let entry = range.ids.into_iter().next()?;
             Some((
-                member,
+                id,
                 JournalEntry {
                     fields: super::stream_fields(&entry),
                     id: entry.id,

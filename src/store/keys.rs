@@ -221,15 +221,16 @@ impl Keys {
         self.account_on(shard, &system.id())
     }
 
-    /// A customer's journal entries: the index members (padded entry ids,
-    /// scores 0) of the entries on its shard's journal that moved its money,
-    /// or that it asked for and were refused. The console's account page
-    /// pages through it; the journal trim removes what it trims.
+    /// A customer's journal entries (stream: `entry` the journal entry's id,
+    /// `shard` its journal's shard), in the order they were written: those
+    /// that moved its money, or that it asked for and were refused. The
+    /// console's account page pages through it; the journal's trim trims it.
     pub fn account_entries(&self, id: &AccountId) -> String {
         self.on_account(id, format_args!("account:{id}:entries"))
     }
 
-    /// A customer's orders by id, that is by time (sorted set, scores 0).
+    /// A customer's orders (stream: `order` the order's id), in the order
+    /// they were placed.
     pub fn account_orders(&self, id: &AccountId) -> String {
         self.on_account(id, format_args!("account:{id}:orders"))
     }

@@ -308,25 +308,31 @@ pub(crate) fn parse_refusal(words: &[String]) -> PlaceOrderError {
     }
 }
 
-/// Up to `limit` of a customer's order ids, newest first, older than
-/// `before` if given.
+/// Up to `limit` of a customer's orders, newest first, from below the list
+/// entry id `before` if given: (list entry id, order id).
 pub async fn account_orders(
     conn: &mut impl Conn,
     keys: &Keys,
     account: &AccountId,
-    before: Option<&OrderId>,
+    before: Option<&str>,
     limit: usize,
-) -> StoreResult<Vec<OrderId>> {
+) -> StoreResult<Vec<(String, OrderId)>> {
     let high = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
-    let ids: Vec<String> = conn
-        .zrevrangebylex_limit(keys.account_orders(account), high, "-", 0, limit as isize)
+    let listed: redis::streams::StreamRangeReply = conn
+        .xrevrange_count(keys.account_orders(account), high, "-", limit)
         .await?;
-    ids.iter()
-        .map(|id| {
-            OrderId::parse(id).map_err(|err| StoreError::Corrupt {
+    listed
+        .ids
+        .iter()
+        .map(|item| {
+            let order = super::stream_fields(item)
+                .remove("order")
+                .unwrap_or_default();
+            let order = OrderId::parse(&order).map_err(|err| StoreError::Corrupt {
                 key: keys.account_orders(account),
-                problem: err.to_string(),
-            })
+                problem: format!("list entry {}: {err}", item.id),
+            })?;
+            Ok((item.id.clone(), order))
         })
         .collect()
 }

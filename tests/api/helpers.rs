@@ -401,21 +401,24 @@ impl TestApp {
     }
 
     /// Checks the lists the console's account page reads: each customer's
-    /// list of entries holds exactly the entries, on every shard's journal,
+    /// list of entries names exactly the entries, on every shard's journal,
     /// listed for it (its debit side, and its credit side but for a refused
-    /// transfer), and its orders exactly those its `order` entries name (at
-    /// least those, once the journal has trimmed some).
-    /// Returns how many entries were listed in all.
+    /// transfer), each once; and its list of orders exactly the orders its
+    /// `order` entries name (at least those, once the journal has trimmed
+    /// some). Returns how many entries were listed in all.
     pub async fn assert_account_lists(&self) -> usize {
-        use tally::store::journal::{JournalEntry, account_member, listed_for};
+        use tally::store::journal::{JournalEntry, Listed, listed_for, parse_listed};
         let mut conn = self.redis().await;
         let keys = self.keys();
-        let mut expected: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+        let mut expected: BTreeMap<String, (Vec<Listed>, Vec<String>)> = BTreeMap::new();
+        let mut trimmed = false;
         for shard in keys.shards() {
             let accounts: Vec<String> = conn.zrange(keys.accounts(shard), 0, -1).await.unwrap();
             for account in accounts {
                 expected.entry(account).or_default();
             }
+            let carried: usize = conn.hlen(keys.journal_carried(shard)).await.unwrap();
+            trimmed |= carried > 0;
         }
         for shard in keys.shards() {
             let journal: redis::streams::StreamRangeReply =
@@ -429,27 +432,39 @@ impl TestApp {
                     let Some((entries, orders)) = expected.get_mut(account.as_str()) else {
                         continue; // an account that does not exist: listed nowhere
                     };
-                    entries.push(account_member(&entry.id, shard));
+                    entries.push(Listed {
+                        entry: entry.id.clone(),
+                        shard: shard.index(),
+                    });
                     if entry.fields["kind"] == "order" {
                         orders.push(entry.fields["ref"].clone());
                     }
                 }
             }
         }
-        let mut trimmed = false;
-        for shard in keys.shards() {
-            let carried: usize = conn.hlen(keys.journal_carried(shard)).await.unwrap();
-            trimmed |= carried > 0;
-        }
         let mut listed_total = 0;
-        for (account, (mut entries, mut orders)) in expected {
+        for (account, (mut entries, orders)) in expected {
             let id = AccountId::parse(&account).unwrap();
+            let listed: redis::streams::StreamRangeReply =
+                conn.xrange_all(keys.account_entries(&id)).await.unwrap();
+            let mut listed: Vec<Listed> = parse_listed(listed)
+                .into_iter()
+                .map(|(id, listed)| {
+                    listed.unwrap_or_else(|| panic!("list entry {id} is malformed"))
+                })
+                .collect();
+            // In the order the scripts ran; on a standalone Redis two
+            // shards' journals interleave, so compare as sets.
+            listed.sort();
             entries.sort();
-            orders.sort();
-            let listed: Vec<String> = conn.zrange(keys.account_entries(&id), 0, -1).await.unwrap();
             assert_eq!(listed, entries, "account {account}'s journal entries");
-            let listed_orders: Vec<String> =
-                conn.zrange(keys.account_orders(&id), 0, -1).await.unwrap();
+            let listed_orders: redis::streams::StreamRangeReply =
+                conn.xrange_all(keys.account_orders(&id)).await.unwrap();
+            let listed_orders: Vec<String> = listed_orders
+                .ids
+                .iter()
+                .map(|item| tally::store::stream_fields(item)["order"].clone())
+                .collect();
             if trimmed {
                 // Orders outlive their trimmed entries.
                 assert!(
@@ -457,7 +472,10 @@ impl TestApp {
                     "account {account}'s orders {listed_orders:?} lack some of {orders:?}"
                 );
             } else {
-                assert_eq!(listed_orders, orders, "account {account}'s orders");
+                assert_eq!(
+                    listed_orders, orders,
+                    "account {account}'s orders, in order"
+                );
             }
             listed_total += listed.len();
         }
