@@ -65,6 +65,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Audit { redis } => audit(&redis).await,
         Command::Migrate { redis } => crate::migrate::run(&redis).await,
         Command::Keys(args) => keys(args).await,
+        Command::Archive { action } => archive(action),
     }
 }
 
@@ -229,6 +230,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         .map_err(anyhow::Error::msg)?;
     if serve.access.api_key_pepper.is_none() {
         serve.access.api_key_pepper = Some(dev_pepper(&data_dir)?);
+    }
+    // Archived beside the private Redis, unless TALLY_ARCHIVE_DIR says where.
+    if worker.archive_dir == std::path::Path::new(crate::config::ARCHIVE_DIR_DEFAULT) {
+        worker.archive_dir = data_dir.join("archive");
     }
     raise_open_files_limit(serve.api.connections_max);
     let private_cluster = match (&serve.redis.redis_url, cluster) {
@@ -509,4 +514,27 @@ async fn audit(redis: &RedisSettings) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `tally archive find`: the lines archived under an id, one JSON per line.
+fn archive(action: crate::config::ArchiveAction) -> anyhow::Result<ExitCode> {
+    let crate::config::ArchiveAction::Find { id, dir, shards } = action;
+    let keys = crate::store::keys::Keys::new(shards);
+    let archive = crate::archive::Archive::new(&dir);
+    // A UUID names its shard; a journal entry id may be on any.
+    let shard_of = |id: &str| {
+        uuid::Uuid::try_parse(id)
+            .is_ok()
+            .then(|| keys.shard_of_text_id(id))
+    };
+    let shards: Vec<_> = keys.shards().collect();
+    let found = archive.find(&id, &shards, shard_of)?;
+    if found.is_empty() {
+        eprintln!("nothing archived under {id} in {}", dir.display());
+        return Ok(ExitCode::FAILURE);
+    }
+    for line in found {
+        println!("{}", serde_json::to_string(&line)?);
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -68,6 +68,8 @@ pub const INSTALLMENT_LEASE_MS_DEFAULT: u64 = 30_000;
 pub const SCHEDULER_INTERVAL_MS_DEFAULT: u64 = 500;
 pub const SCHEDULER_BATCH_MAX: usize = 500;
 pub const JOURNAL_RETENTION_DEFAULT: &str = "5d";
+/// Where a worker archives what leaves Redis, relative to its working directory.
+pub const ARCHIVE_DIR_DEFAULT: &str = "archive";
 pub const CURSOR_SECRET_DEFAULT: &str = "tally-development-cursor-secret";
 pub const API_KEY_CACHE_MS_DEFAULT: u64 = 1_000;
 pub const RATE_LIMIT_READS_PER_S_DEFAULT: u32 = 200;
@@ -131,6 +133,23 @@ pub enum LogFormat {
 // and boxing the large variants would only blur the match in cli.rs.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
+pub enum ArchiveAction {
+    /// The records archived under ID: an order, batch, transaction,
+    /// advance, account or journal entry (`ms-seq`) id. Reads only the
+    /// file the id's day and shard name (every shard's, for an entry).
+    Find {
+        id: String,
+        /// The archive directory.
+        #[arg(long, env = "TALLY_ARCHIVE_DIR", default_value = ARCHIVE_DIR_DEFAULT)]
+        dir: PathBuf,
+        /// The dataset's logical shards, as it runs with.
+        #[arg(long, env = "TALLY_SHARDS", default_value_t = SHARDS_DEFAULT,
+              value_parser = clap::value_parser!(u16).range(1..=i64::from(SHARDS_MAX)))]
+        shards: u16,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API (Swagger UI at /docs).
     Serve(ServeArgs),
@@ -170,6 +189,12 @@ pub enum Command {
     /// API keys, straight against Redis: create (the key alone on the last
     /// line of standard output, shown once), list, revoke.
     Keys(KeysArgs),
+    /// The archive of what left Redis: `find ID` prints the lines archived
+    /// under an id (JSON, one per line); exits non-zero if there are none.
+    Archive {
+        #[command(subcommand)]
+        action: ArchiveAction,
+    },
     /// Check the ledger invariants; exits non-zero on any breach.
     Audit {
         #[command(flatten)]
@@ -436,6 +461,12 @@ pub struct WorkerSettings {
     /// (one worker process at a time audits). At least 1000 ms.
     #[arg(long, env = "TALLY_AUDIT_INTERVAL_MS", default_value_t = AUDIT_INTERVAL_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1_000..))]
     pub audit_interval_ms: u64,
+    /// Where what leaves Redis is archived (gzip JSON Lines, one file per
+    /// shard per UTC day; README "The archive"). One directory per dataset:
+    /// worker processes on several machines share it, or only one of them
+    /// runs with a dataset's records past their window.
+    #[arg(long, env = "TALLY_ARCHIVE_DIR", default_value = ARCHIVE_DIR_DEFAULT)]
+    pub archive_dir: PathBuf,
 }
 
 impl Default for WorkerSettings {
@@ -462,6 +493,7 @@ impl Default for WorkerSettings {
             stream_retention_ms: STREAM_RETENTION_MS_DEFAULT,
             installments_max: INSTALLMENTS_MAX_DEFAULT,
             audit_interval_ms: AUDIT_INTERVAL_MS_DEFAULT,
+            archive_dir: PathBuf::from(ARCHIVE_DIR_DEFAULT),
         }
     }
 }

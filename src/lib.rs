@@ -29,6 +29,8 @@
 //! - [`traffic`]: `tally gen N`, random traffic through the HTTP API.
 //! - [`audit`]: the ledger invariants, checked from what Redis holds, and the
 //!   periodic audit the console shows.
+//! - [`retention`]: what leaves Redis past its window, into the [`archive`]
+//!   (append-only gzip JSON Lines files, each record written once).
 //! - [`migrate`]: `tally migrate`, moving data of the single-node key layout
 //!   to the sharded one.
 //! - [`redis_server`]: a private redis-server for `tally dev` and the tests.
@@ -44,6 +46,7 @@ pub mod advances;
 #[allow(clippy::result_large_err)]
 pub mod api;
 pub mod app;
+pub mod archive;
 pub mod audit;
 pub mod bench;
 pub mod cli;
@@ -57,6 +60,7 @@ pub mod notifier;
 pub mod operator;
 pub mod orders;
 pub mod redis_server;
+pub mod retention;
 pub mod sagas;
 pub mod settlement;
 pub mod store;

@@ -155,59 +155,111 @@ pub async fn entries(
         .collect())
 }
 
-/// Trims every entry of a shard's journal older than `cutoff_ms`, a bounded
-/// batch per call, and returns how many went.
-pub async fn trim(
+/// The oldest of a shard's journal entries older than `cutoff_ms`, at most
+/// [`TRIM_BATCH_MAX`]: what one trim call takes. Entries older than the
+/// window never change, so the trim takes exactly these.
+pub struct OldEntries {
+    /// The highest index member read.
+    pub last: String,
+    /// The index members read (an entry trimmed under its member is left
+    /// out of `entries`).
+    pub members: usize,
+    pub entries: Vec<JournalEntry>,
+}
+
+pub async fn old_entries(
     conn: &mut impl Conn,
     keys: &Keys,
     shard: Shard,
     cutoff_ms: u64,
-    batches_max: usize,
-) -> StoreResult<usize> {
+) -> StoreResult<Option<OldEntries>> {
     let cutoff = index_member(cutoff_ms, 0);
-    let mut trimmed = 0;
-    for _ in 0..batches_max {
-        // The entries the call will trim, read first for the customers they
-        // name: the script takes every key it writes in KEYS. Entries older
-        // than the window never change, so the script trims these.
-        let old: Vec<String> = redis::cmd("ZRANGE")
-            .arg(keys.journal_index(shard))
-            .arg("-")
-            .arg(format!("({cutoff}"))
-            .arg("BYLEX")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(TRIM_BATCH_MAX)
-            .query_async(conn)
-            .await?;
-        let Some(last) = old.last() else {
-            break;
-        };
-        let members: Vec<&str> = old.iter().map(String::as_str).collect();
-        let entries = entries(conn, keys, shard, &members).await?;
-        let mut invocation = TRIM_JOURNAL.prepare_invoke();
-        invocation
-            .key(keys.journal(shard))
-            .key(keys.journal_index(shard))
-            .key(keys.journal_carried(shard))
-            .key(keys.journal_trim_pauses(shard))
-            .arg(last)
-            .arg(TRIM_BATCH_MAX)
-            .arg(super::now_ms())
-            .arg(cutoff_ms);
-        let mut customers: Vec<AccountId> = entries.iter().flat_map(listed_for).collect();
-        customers.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
-        customers.dedup();
-        for account in customers {
-            invocation.key(keys.account_entries(&account));
-        }
-        let count: usize = invocation.invoke_async(conn).await?;
-        trimmed += count;
-        if count < TRIM_BATCH_MAX {
-            break;
-        }
+    let old: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.journal_index(shard))
+        .arg("-")
+        .arg(format!("({cutoff}"))
+        .arg("BYLEX")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(TRIM_BATCH_MAX)
+        .query_async(conn)
+        .await?;
+    let Some(last) = old.last() else {
+        return Ok(None);
+    };
+    let members: Vec<&str> = old.iter().map(String::as_str).collect();
+    Ok(Some(OldEntries {
+        last: last.clone(),
+        members: old.len(),
+        entries: entries(conn, keys, shard, &members).await?,
+    }))
+}
+
+/// Whether an audit is reading a shard's journal now (a trim waits).
+pub async fn trim_paused(conn: &mut impl Conn, keys: &Keys, shard: Shard) -> StoreResult<bool> {
+    let pauses: usize = redis::cmd("ZCOUNT")
+        .arg(keys.journal_trim_pauses(shard))
+        .arg(format!("({}", super::now_ms()))
+        .arg("+inf")
+        .query_async(conn)
+        .await?;
+    Ok(pauses > 0)
+}
+
+/// What a trim call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trimmed {
+    Entries(usize),
+    /// An audit is reading the journal: nothing was written.
+    Paused,
+    /// The archive lock ran out: nothing was written.
+    LostLock,
+    /// The entries are not the ones read: nothing was written.
+    Stale,
+}
+
+/// Trims `old` (entries the caller archived, the archive files' new
+/// lengths in `committed`: (day, bytes)) under the shard's archive lock.
+pub async fn trim_archived(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
+    old: &OldEntries,
+    cutoff_ms: u64,
+    lock_token: &str,
+    committed: &[(String, u64)],
+) -> StoreResult<Trimmed> {
+    let mut invocation = TRIM_JOURNAL.prepare_invoke();
+    invocation
+        .key(keys.journal(shard))
+        .key(keys.journal_index(shard))
+        .key(keys.journal_carried(shard))
+        .key(keys.journal_trim_pauses(shard))
+        .key(keys.archive_lock(shard))
+        .key(keys.archive_committed(shard))
+        .arg(&old.last)
+        .arg(TRIM_BATCH_MAX)
+        .arg(super::now_ms())
+        .arg(cutoff_ms)
+        .arg(old.members)
+        .arg(lock_token)
+        .arg(committed.len());
+    for (day, length) in committed {
+        invocation.arg(day).arg(length);
     }
-    Ok(trimmed)
+    let mut customers: Vec<AccountId> = old.entries.iter().flat_map(listed_for).collect();
+    customers.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    customers.dedup();
+    for account in customers {
+        invocation.key(keys.account_entries(&account));
+    }
+    let count: i64 = invocation.invoke_async(conn).await?;
+    Ok(match count {
+        -1 => Trimmed::Paused,
+        -2 => Trimmed::LostLock,
+        -3 => Trimmed::Stale,
+        count => Trimmed::Entries(usize::try_from(count).unwrap_or(0)),
+    })
 }
 
 /// A customer's list entry: the journal entry it names, on which shard.

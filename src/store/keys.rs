@@ -595,6 +595,25 @@ impl Keys {
     pub fn last_audit(&self) -> String {
         self.at(self.layout.first(), format_args!("audit:last"))
     }
+
+    // --- the archive ---
+
+    /// The archive's identity (string: the id written in the archive
+    /// directory's `ARCHIVE` file): a directory of another dataset is refused.
+    pub fn archive_identity(&self) -> String {
+        self.at(self.layout.first(), format_args!("archive:id"))
+    }
+
+    /// Held by the one process archiving a shard at a time (string: token).
+    pub fn archive_lock(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("archive:lock"))
+    }
+
+    /// How much of each of a shard's archive files is committed (hash: UTC
+    /// day -> bytes). Set by the script that removes what was archived.
+    pub fn archive_committed(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("archive:committed"))
+    }
 }
 
 #[cfg(test)]

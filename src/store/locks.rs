@@ -14,7 +14,7 @@ pub static RELEASE_LOCK: LazyLock<Script> = lua_script!("release_lock.lua");
 /// dropped by its timeout releases it too).
 pub struct Lock {
     store: Store,
-    key: &'static str,
+    key: String,
     token: String,
 }
 
@@ -22,13 +22,14 @@ impl Lock {
     /// The lock, or `None` while someone else holds it.
     pub async fn acquire(
         store: &Store,
-        key: &'static str,
+        key: impl Into<String>,
         ttl_ms: u64,
     ) -> StoreResult<Option<Self>> {
+        let key = key.into();
         let token = uuid::Uuid::now_v7().to_string();
         let mut conn = store.conn().await?;
         let acquired: Option<String> = redis::cmd("SET")
-            .arg(key)
+            .arg(&key)
             .arg(&token)
             .arg("NX")
             .arg("PX")
@@ -43,25 +44,33 @@ impl Lock {
     }
 }
 
+impl Lock {
+    /// The holder's token: a script that must run only under the lock
+    /// checks it.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+}
+
 impl Drop for Lock {
     fn drop(&mut self) {
         let (store, key, token) = (
             self.store.clone(),
-            self.key,
+            std::mem::take(&mut self.key),
             std::mem::take(&mut self.token),
         );
         tokio::spawn(async move {
             let released = async {
                 let mut conn = store.conn().await?;
                 RELEASE_LOCK
-                    .key(key)
+                    .key(&key)
                     .arg(&token)
                     .invoke_async::<i64>(&mut conn)
                     .await
                     .map_err(super::StoreError::from)
             };
             if let Err(err) = released.await {
-                tracing::warn!(error = %err, key, "releasing a lock failed; it runs out on its own");
+                tracing::warn!(error = %err, key = %key, "releasing a lock failed; it runs out on its own");
             }
         });
     }

@@ -281,8 +281,8 @@ pub fn stream_groups(store: &Store, kind: StreamKind) -> Vec<Vec<(Shard, String)
 /// finishing the jobs in hand first: `consumers` each of settlement (against
 /// the HTTP exchange), wallet transactions, installment collection and
 /// notifications, over every shard's streams (one consumer for all shards on
-/// a standalone Redis, one per shard on a cluster); the journal and stream
-/// trims, the saga sweeper and the periodic audit. Each consumer blocks on a connection of its own.
+/// a standalone Redis, one per shard on a cluster); retention (the journal
+/// archived, then trimmed) and the stream trims, the saga sweeper and the periodic audit. Each consumer blocks on a connection of its own.
 pub async fn run_workers(
     store: Store,
     settings: &crate::config::WorkerSettings,
@@ -307,8 +307,9 @@ pub async fn run_workers(
     ));
     let name = settings.worker_name();
     let mut consumers = tokio::task::JoinSet::new();
-    consumers.spawn(crate::settlement::trim_journal_periodically(
+    consumers.spawn(crate::retention::retain_periodically(
         store.clone(),
+        crate::archive::Archive::new(&settings.archive_dir),
         journal_retention,
         shutdown.clone(),
     ));

@@ -233,6 +233,9 @@ async fn transfer_refuses_a_bank_transaction_that_would_take_either_side_past_th
                 app.keys().journal_index(shard0(&app)),
                 app.keys().events(shard0(&app)),
                 app.keys().transaction(&movement.id),
+                // The customer who asked: the refusal is on its list.
+                app.keys()
+                    .account_entries(&AccountId::parse(&customer).unwrap()),
             ])
         );
         let entry = last_journal_entry(&app).await;
@@ -615,6 +618,7 @@ async fn apply_wallet_transaction_rejects_a_move_that_would_take_the_system_side
             app.keys().journal_index(shard0(&app)),
             app.keys().events(shard0(&app)),
             app.keys().wallet_errors(shard0(&app)),
+            app.keys().account_entries(&customer_id), // the rejection, on its list
         ];
         assert_eq!(changed_keys(&before, &after), BTreeSet::from(expected));
         let entry = last_journal_entry(&app).await;
@@ -704,6 +708,9 @@ async fn a_bank_transaction_that_would_take_the_bank_past_the_limit_is_a_422_and
             &format!("{}/b1", app.admin_key_id()),
         ),
         transaction,
+        // The customer who asked: the refusal is on its list.
+        app.keys()
+            .account_entries(&AccountId::parse(&customer).unwrap()),
     ];
     assert_eq!(changed_keys(&before, &after), BTreeSet::from(expected));
     let entry = last_journal_entry(&app).await;

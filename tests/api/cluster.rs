@@ -283,11 +283,10 @@ async fn which_scripts_name_keys_of_several_slots() {
     // Reading: the report, the audit; and the journal's trim.
     assert_eq!(app.get("/api/v1/transactions?limit=5").await.status(), 200);
     assert_eq!(app.get("/api/v1/audit").await.status(), 200);
-    let mut conn = app.store.conn().await.unwrap();
     // Every entry so far: the trim takes them off the customers' lists too.
     let everything = u64::try_from(tally::store::now_ms()).unwrap() + 1_000;
     for shard in app.keys().shards() {
-        tally::store::journal::trim(&mut conn, app.keys(), shard, everything, 1)
+        tally::retention::archive_journal(&app.store, &app.archive(), shard, everything, 1)
             .await
             .unwrap();
     }

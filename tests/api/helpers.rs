@@ -36,6 +36,8 @@ pub struct TestApp {
     pub admin_key: String,
     pub store: Store,
     pub redis: TestRedis,
+    /// Where this app's workers archive what leaves Redis.
+    pub archive_dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -188,6 +190,7 @@ pub async fn spawn_app_on_redis(redis: TestRedis, adjust: impl FnOnce(&mut Serve
         admin_key,
         store,
         redis,
+        archive_dir: tempfile::tempdir().expect("a temporary archive directory"),
         stop: Some(stop),
     }
 }
@@ -312,6 +315,11 @@ impl TestApp {
     }
 
     /// The key names of the app's shard layout (the default's).
+    /// The archive this app's workers write.
+    pub fn archive(&self) -> tally::archive::Archive {
+        tally::archive::Archive::new(self.archive_dir.path())
+    }
+
     pub fn keys(&self) -> &Keys {
         self.store.keys()
     }
@@ -934,7 +942,8 @@ impl Drop for TestWorkers {
     }
 }
 
-pub fn spawn_workers(app: &TestApp, settings: WorkerSettings) -> TestWorkers {
+pub fn spawn_workers(app: &TestApp, mut settings: WorkerSettings) -> TestWorkers {
+    settings.archive_dir = app.archive_dir.path().to_owned();
     let (stop, stopped) = watch::channel(false);
     let store = app.store.clone();
     let handle = tokio::spawn(async move {
@@ -974,6 +983,8 @@ pub fn worker_process(app: &TestApp, exchange: &TestExchange, name: &str) -> tok
         "100",
         "--retry-base-ms",
         "50",
+        "--archive-dir",
+        app.archive_dir.path().to_str().unwrap(),
     ])
 }
 

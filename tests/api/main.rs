@@ -21,6 +21,7 @@ mod orders;
 mod protocol;
 mod refund_saga;
 mod replica_acks;
+mod retention;
 mod run_twice;
 mod saga_scripts;
 mod scripts;

@@ -459,11 +459,24 @@ async fn entries_past_retention_leave_the_report_and_redis_and_the_audit_still_a
 
     let mut conn = app.redis().await;
     let cutoff_ms = u64::try_from(tally::store::now_ms()).unwrap() - 300;
+    let archive = app.archive();
     let trimmed =
-        tally::store::journal::trim(&mut conn, app.keys(), app.shard_of(&a), cutoff_ms, 10)
+        tally::retention::archive_journal(&app.store, &archive, app.shard_of(&a), cutoff_ms, 10)
             .await
             .unwrap();
     assert_eq!(trimmed, 10);
+    let day = tally::archive::day_of_ms(tally::store::now_ms());
+    let archived = archive.read(&day, app.shard_of(&a)).unwrap();
+    let ids: std::collections::HashSet<&str> =
+        archived.iter().map(|line| line.id.as_str()).collect();
+    assert_eq!(
+        (archived.len(), ids.len()),
+        (10, 10),
+        "each entry archived once"
+    );
+    assert!(archived.iter().all(|line| line.kind == "journal_entry"
+        && line.fields["credit"] == a
+        && line.fields["amount"] == "100"));
     let length = app.journal().await.len();
     let indexed = app.journal_index_len().await;
     assert_eq!((length, indexed), (0, 0), "gone from Redis memory");
@@ -483,7 +496,8 @@ async fn entries_past_retention_leave_the_report_and_redis_and_the_audit_still_a
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_trim_waits_while_an_audit_reads_the_journal() {
-    use tally::store::journal::{pause_trim, resume_trim, trim};
+    use tally::retention::archive_journal;
+    use tally::store::journal::{pause_trim, resume_trim};
     use tally::store::now_ms;
     let app = spawn_app_with(|settings| {
         settings.ledger.journal_retention = std::time::Duration::from_millis(300)
@@ -501,7 +515,7 @@ async fn the_trim_waits_while_an_audit_reads_the_journal() {
         .unwrap();
     let before = app.snapshot().await;
     assert_eq!(
-        trim(&mut conn, app.keys(), shard, cutoff_ms, 10)
+        archive_journal(&app.store, &app.archive(), shard, cutoff_ms, 10)
             .await
             .unwrap(),
         0
@@ -521,7 +535,7 @@ async fn the_trim_waits_while_an_audit_reads_the_journal() {
         .await
         .unwrap();
     assert_eq!(
-        trim(&mut conn, app.keys(), shard, cutoff_ms, 10)
+        archive_journal(&app.store, &app.archive(), shard, cutoff_ms, 10)
             .await
             .unwrap(),
         5

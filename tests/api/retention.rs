@@ -1,0 +1,272 @@
+//! Retention: the journal past its window goes to the archive, then leaves
+//! Redis; each entry is archived once however a step dies, and the trim
+//! script refuses, writing nothing, what it must not do.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::json;
+use tally::archive::{Archive, day_of_ms};
+use tally::retention::archive_journal;
+use tally::store::journal::{self, OldEntries, Trimmed};
+use tally::store::now_ms;
+use tally::store::slots::Shard;
+
+use crate::helpers::{TestApp, spawn_app_with};
+
+const WINDOW: Duration = Duration::from_millis(300);
+
+/// An app whose journal window is 300 ms, an account with `count` entries
+/// (bank credits of 1.00) past it, and the cutoff that takes them.
+async fn entries_past_the_window(count: usize) -> (TestApp, String, u64) {
+    let app = spawn_app_with(|settings| settings.ledger.journal_retention = WINDOW).await;
+    let account = app.create_account("kept", "0").await;
+    for _ in 0..count {
+        let credit =
+            json!({"account_id": account, "amount": "1.00", "direction": "credit", "reason": "r"});
+        assert_eq!(
+            app.post("/api/v1/bank-transactions", &credit)
+                .await
+                .status(),
+            201
+        );
+    }
+    tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
+    let cutoff_ms = u64::try_from(now_ms()).unwrap() - 300;
+    (app, account, cutoff_ms)
+}
+
+fn archived_ids(archive: &Archive, shard: Shard) -> Vec<String> {
+    archive
+        .read(&day_of_ms(now_ms()), shard)
+        .unwrap()
+        .into_iter()
+        .map(|line| line.id)
+        .collect()
+}
+
+fn assert_each_once(ids: &[String], count: usize) {
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (count, count), "{ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_that_died_after_its_append_is_archived_once_by_the_next() {
+    let (app, account, cutoff_ms) = entries_past_the_window(6).await;
+    let shard = app.shard_of(&account);
+    let archive = app.archive();
+    let mut conn = app.redis().await;
+
+    // A step read the entries, appended them, fsynced, and died before its
+    // trim (and commit): the file holds them, Redis too, nothing committed.
+    let old = journal::old_entries(&mut conn, app.keys(), shard, cutoff_ms)
+        .await
+        .unwrap()
+        .unwrap();
+    let day = day_of_ms(now_ms());
+    let lines: Vec<tally::archive::Line> = old
+        .entries
+        .iter()
+        .map(|entry| tally::archive::Line {
+            id: entry.id.clone(),
+            kind: "journal_entry".to_owned(),
+            shard: shard.index(),
+            archived_at: "2026-12-01T00:00:00Z".to_owned(),
+            fields: entry.fields.clone().into_iter().collect(),
+        })
+        .collect();
+    archive.set_identity("another-step").ok(); // as the dead step named it
+    let _: () = redis::cmd("SET")
+        .arg(app.keys().archive_identity())
+        .arg("another-step")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    archive.append(&day, shard, 0, &lines).unwrap();
+    assert_each_once(&archived_ids(&archive, shard), 6);
+
+    let trimmed = archive_journal(&app.store, &archive, shard, cutoff_ms, 10)
+        .await
+        .unwrap();
+    assert_eq!(trimmed, 6);
+    assert_each_once(&archived_ids(&archive, shard), 6);
+    assert_eq!(app.journal().await.len(), 0, "gone from Redis");
+    let committed: u64 = redis::cmd("HGET")
+        .arg(app.keys().archive_committed(shard))
+        .arg(&day)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        committed,
+        std::fs::metadata(archive.path(&day, shard)).unwrap().len(),
+        "the whole file is committed"
+    );
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_trim_script_refuses_a_lost_lock_and_entries_it_was_not_shown() {
+    let (app, account, cutoff_ms) = entries_past_the_window(3).await;
+    let shard = app.shard_of(&account);
+    let mut conn = app.redis().await;
+    let old = journal::old_entries(&mut conn, app.keys(), shard, cutoff_ms)
+        .await
+        .unwrap()
+        .unwrap();
+    let before = app.snapshot().await;
+
+    // No lock held: a step whose lock ran out.
+    let refused = journal::trim_archived(
+        &mut conn,
+        app.keys(),
+        shard,
+        &old,
+        cutoff_ms,
+        "not-the-holder",
+        &[("2026-12-01".to_owned(), 10)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, Trimmed::LostLock);
+    assert_eq!(app.snapshot().await, before, "nothing written");
+
+    // Held, but the caller read fewer entries than the range holds.
+    let _: () = redis::cmd("SET")
+        .arg(app.keys().archive_lock(shard))
+        .arg("holder")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before = app.snapshot().await;
+    let short = OldEntries {
+        last: old.last.clone(),
+        members: old.members - 1,
+        entries: old.entries[1..].to_vec(),
+    };
+    let refused = journal::trim_archived(
+        &mut conn,
+        app.keys(),
+        shard,
+        &short,
+        cutoff_ms,
+        "holder",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, Trimmed::Stale);
+    assert_eq!(app.snapshot().await, before, "nothing written");
+
+    // Under the lock, as read: trimmed, and the lengths committed.
+    let done = journal::trim_archived(
+        &mut conn,
+        app.keys(),
+        shard,
+        &old,
+        cutoff_ms,
+        "holder",
+        &[("2026-12-01".to_owned(), 10)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(done, Trimmed::Entries(3));
+    let committed: u64 = redis::cmd("HGET")
+        .arg(app.keys().archive_committed(shard))
+        .arg("2026-12-01")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(committed, 10);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_datasets_archive_directory_is_refused_and_nothing_leaves_redis() {
+    let (app, account, cutoff_ms) = entries_past_the_window(2).await;
+    let shard = app.shard_of(&account);
+    let elsewhere = tempfile::tempdir().unwrap();
+    Archive::new(elsewhere.path())
+        .set_identity("some-other-dataset")
+        .unwrap();
+    let err = archive_journal(
+        &app.store,
+        &Archive::new(elsewhere.path()),
+        shard,
+        cutoff_ms,
+        10,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("is not this dataset's"), "{err:#}");
+    assert_eq!(app.journal().await.len(), 2, "nothing left Redis");
+
+    // Its own directory works, and names the dataset: a directory with no
+    // name is refused from then on (records already archived are elsewhere).
+    let archive = app.archive();
+    assert_eq!(
+        archive_journal(&app.store, &archive, shard, cutoff_ms, 10)
+            .await
+            .unwrap(),
+        2
+    );
+    let credit =
+        json!({"account_id": account, "amount": "1.00", "direction": "credit", "reason": "r"});
+    assert_eq!(
+        app.post("/api/v1/bank-transactions", &credit)
+            .await
+            .status(),
+        201
+    );
+    tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
+    let cutoff_ms = u64::try_from(now_ms()).unwrap() - 300;
+    let empty = tempfile::tempdir().unwrap();
+    let err = archive_journal(
+        &app.store,
+        &Archive::new(empty.path()),
+        shard,
+        cutoff_ms,
+        10,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("is not this dataset's"), "{err:#}");
+    assert_eq!(app.journal().await.len(), 1, "nothing left Redis");
+}
+
+/// `tally` with `args`, to its end, with its output.
+async fn tally_output(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("tally runs")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tally_archive_find_prints_an_archived_entry_and_fails_for_an_unknown_id() {
+    let (app, account, cutoff_ms) = entries_past_the_window(2).await;
+    let shard = app.shard_of(&account);
+    let archive = app.archive();
+    archive_journal(&app.store, &archive, shard, cutoff_ms, 10)
+        .await
+        .unwrap();
+    let id = archived_ids(&archive, shard).remove(0);
+    let dir = app.archive_dir.path().to_str().unwrap().to_owned();
+    let found = tally_output(&["archive", "find", &id, "--dir", &dir]).await;
+    assert!(found.status.success());
+    let line: serde_json::Value =
+        serde_json::from_slice(found.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(line["id"], id.as_str());
+    assert_eq!(line["fields"]["credit"], account.as_str());
+    assert_eq!(line["fields"]["amount"], "100");
+
+    let missing = tally_output(&["archive", "find", "1-0", "--dir", &dir]).await;
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("nothing archived under 1-0"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+}
