@@ -105,12 +105,11 @@ local function debit(k, a)
     'debit', account_id, 'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id,
     'status', 'completed', 'reason', '')
   index_on_accounts(KEYS[2], entry, KEYS[k + 4])
-  redis.call('XADD', KEYS[k + 5], '*', 'order', order_id)
   redis.call('XADD', KEYS[4], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
   redis.call('HSET', KEYS[k + 2], 'id', order_id, 'account_id', account_id, 'symbol', symbol,
     'quantity', ARGV[a + 4], 'price', ARGV[a + 5], 'cost', ARGV[a + 6], 'created_at', now,
-    'minimum', ARGV[a + 9])
+    'minimum', ARGV[a + 9], 'listed', redis.call('XADD', KEYS[k + 5], '*', 'order', order_id))
   if fingerprint then
     redis.call('SET', KEYS[k + 3], order_id .. ' ' .. fingerprint, 'EX', ttl)
   end

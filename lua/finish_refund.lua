@@ -18,7 +18,7 @@ end
 if status ~= 'refunding' then
   return {'refused', 'not_refunding', status or 'missing'}
 end
-redis.call('HSET', KEYS[1], 'status', 'refunded')
+redis.call('HSET', KEYS[1], 'status', 'refunded', 'refunded_at', ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('XADD', KEYS[2], '*', 'type', 'batch.refunded',
   'ref', ARGV[1], 'amount', current[2], 'at', ARGV[2])

@@ -160,7 +160,6 @@ local function place(k, a)
     'debit', account_id, 'credit', exchange_id, 'amount', ARGV[a + 6], 'ref', order_id,
     'status', 'completed', 'reason', '')
   index_on_accounts(KEYS[c + 2], entry, KEYS[k + 9])
-  redis.call('XADD', KEYS[k + 10], '*', 'order', order_id)
   redis.call('XADD', KEYS[c + 4], '*', 'type', 'order.placed', 'ref', order_id,
     'account_id', account_id, 'symbol', symbol, 'amount', ARGV[a + 6], 'at', now)
 
@@ -171,7 +170,8 @@ local function place(k, a)
   end
   local epoch = bucket.epoch
   redis.call('HSET', KEYS[k + 2], 'id', order_id, 'account_id', account_id, 'symbol', symbol,
-    'quantity', ARGV[a + 4], 'price', ARGV[a + 5], 'cost', ARGV[a + 6], 'epoch', epoch, 'created_at', now)
+    'quantity', ARGV[a + 4], 'price', ARGV[a + 5], 'cost', ARGV[a + 6], 'epoch', epoch, 'created_at', now,
+    'listed', redis.call('XADD', KEYS[k + 10], '*', 'order', order_id))
   if fingerprint then
     redis.call('SET', KEYS[k + 8], order_id .. ' ' .. fingerprint, 'EX', ttl)
   end

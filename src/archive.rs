@@ -48,18 +48,22 @@ pub fn day_of_ms(ms: i64) -> String {
     humantime::format_rfc3339_seconds(at).to_string()[..10].to_owned()
 }
 
-/// The UTC day of a record id: a UUIDv7 (an order, batch, account, ...)
-/// or a stream id (`ms-seq`, a journal entry). `None` for anything else.
-pub fn day_of_id(id: &str) -> Option<String> {
+/// When a record id was drawn, in ms since the Unix epoch: a UUIDv7 (an
+/// order, batch, account, ...) or a stream id (`ms-seq`, a journal entry).
+/// `None` for anything else.
+pub fn ms_of_id(id: &str) -> Option<i64> {
     if let Ok(uuid) = uuid::Uuid::parse_str(id) {
         let (seconds, nanos) = uuid.get_timestamp()?.to_unix();
-        return Some(day_of_ms(
-            i64::try_from(seconds).ok()? * 1000 + i64::from(nanos / 1_000_000),
-        ));
+        return Some(i64::try_from(seconds).ok()? * 1000 + i64::from(nanos / 1_000_000));
     }
     let (ms, seq) = id.split_once('-')?;
     seq.parse::<u64>().ok()?;
-    Some(day_of_ms(ms.parse().ok()?))
+    ms.parse().ok()
+}
+
+/// The UTC day of a record id ([`ms_of_id`]): the day of its archive file.
+pub fn day_of_id(id: &str) -> Option<String> {
+    ms_of_id(id).map(day_of_ms)
 }
 
 /// An archive directory.

@@ -29,6 +29,16 @@ use crate::store::keys::Keys;
 use crate::store::orders::SettlementStatus;
 use crate::store::{Store, StoreError, StoreResult, accounts, advances, journal, orders};
 
+/// The value of every batch retention took out of Redis, in cents.
+async fn retired_batches_value(conn: &mut Conn, keys: &Keys) -> StoreResult<i64> {
+    let mut value = 0;
+    for shard in keys.shards() {
+        let carried = crate::store::archive::carried(conn, keys, shard).await?;
+        value += carried.get("batches_value").copied().unwrap_or(0);
+    }
+    Ok(value)
+}
+
 /// Entries, accounts or batches read per Redis call.
 pub const AUDIT_PAGE_SIZE: usize = 1_000;
 
@@ -361,7 +371,13 @@ async fn check(mut conn: Conn, keys: &Keys, pause: &TrimPause) -> StoreResult<Op
         report.mismatched_accounts.push((id, 0, journal));
     }
 
+    // Batches that left Redis count through the value they carried.
+    let retired_value = retired_batches_value(&mut conn, keys).await?;
+    report.batches_value_cents += retired_value;
     let batches = orders::batch_values(&mut conn, keys, AUDIT_PAGE_SIZE).await?;
+    if retired_value != retired_batches_value(&mut conn, keys).await? {
+        return Ok(None); // a batch left Redis between the two reads
+    }
     for (batch_id, value, status) in batches {
         report.batches_value_cents += value;
         match status {

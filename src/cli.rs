@@ -22,7 +22,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args).await,
         Command::Worker(args) => worker(args).await,
         Command::ExchangeSim(args) => exchange_sim(args).await,
-        Command::Dev(args) => dev(args).await,
+        Command::Dev(args) => dev(*args).await,
         Command::Batches { redis, action } => batches(&redis, action).await,
         Command::Scheduler { redis, scheduler } => {
             let store = Store::open(&redis).await?;
@@ -194,7 +194,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     crate::workers::run_workers(
         store,
         &args.worker,
-        args.ledger.journal_retention,
+        args.ledger.retention_windows(),
         shutdown_watch(),
     )
     .await?;
@@ -299,7 +299,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             .map(Ok),
     );
     let workers_stopped = stopped.clone();
-    let retention = serve.ledger.journal_retention;
+    let retention = serve.ledger.retention_windows();
     tasks.spawn(async move {
         crate::workers::run_workers(store, &worker, retention, workers_stopped).await
     });

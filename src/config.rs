@@ -68,6 +68,8 @@ pub const INSTALLMENT_LEASE_MS_DEFAULT: u64 = 30_000;
 pub const SCHEDULER_INTERVAL_MS_DEFAULT: u64 = 500;
 pub const SCHEDULER_BATCH_MAX: usize = 500;
 pub const JOURNAL_RETENTION_DEFAULT: &str = "5d";
+pub const RECORD_RETENTION_DEFAULT: &str = "30d";
+pub const RETENTION_INTERVAL_MS_DEFAULT: u64 = 60_000;
 /// Where a worker archives what leaves Redis, relative to its working directory.
 pub const ARCHIVE_DIR_DEFAULT: &str = "archive";
 pub const CURSOR_SECRET_DEFAULT: &str = "tally-development-cursor-secret";
@@ -154,7 +156,7 @@ pub enum Command {
     /// Serve the HTTP API (Swagger UI at /docs).
     Serve(ServeArgs),
     /// Run everything in one process; starts a private redis-server unless TALLY_REDIS_URL is set.
-    Dev(DevArgs),
+    Dev(Box<DevArgs>),
     /// Run settlement workers (consumer group on the settle stream).
     Worker(WorkerArgs),
     /// Run a stand-in international exchange over HTTP, with fault injection.
@@ -467,6 +469,10 @@ pub struct WorkerSettings {
     /// runs with a dataset's records past their window.
     #[arg(long, env = "TALLY_ARCHIVE_DIR", default_value = ARCHIVE_DIR_DEFAULT)]
     pub archive_dir: PathBuf,
+    /// How often retention runs a round (archive, then remove, what is past
+    /// its window). At least 100 ms.
+    #[arg(long, env = "TALLY_RETENTION_INTERVAL_MS", default_value_t = RETENTION_INTERVAL_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(100..))]
+    pub retention_interval_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -494,6 +500,7 @@ impl Default for WorkerSettings {
             installments_max: INSTALLMENTS_MAX_DEFAULT,
             audit_interval_ms: AUDIT_INTERVAL_MS_DEFAULT,
             archive_dir: PathBuf::from(ARCHIVE_DIR_DEFAULT),
+            retention_interval_ms: RETENTION_INTERVAL_MS_DEFAULT,
         }
     }
 }
@@ -735,6 +742,21 @@ pub struct LedgerSettings {
     /// How long journal entries stay in the report (and in Redis), e.g. `5d`.
     #[arg(long, env = "TALLY_JOURNAL_RETENTION", default_value = JOURNAL_RETENTION_DEFAULT, value_parser = humantime::parse_duration)]
     pub journal_retention: Duration,
+    /// How long a finished record (a batch settled or refunded, with its
+    /// orders) stays in Redis after it finished, before it leaves for the
+    /// archive, e.g. `30d`. A `GET` of one that left answers 410.
+    #[arg(long, env = "TALLY_RECORD_RETENTION", default_value = RECORD_RETENTION_DEFAULT, value_parser = humantime::parse_duration)]
+    pub record_retention: Duration,
+}
+
+impl LedgerSettings {
+    /// The windows retention keeps in Redis.
+    pub fn retention_windows(&self) -> crate::retention::Windows {
+        crate::retention::Windows {
+            journal: self.journal_retention,
+            records: self.record_retention,
+        }
+    }
 }
 
 impl Default for LedgerSettings {
@@ -743,6 +765,8 @@ impl Default for LedgerSettings {
             prices: PriceList::parse(PRICES_DEFAULT).expect("default prices parse"),
             exchange_minimum: Amount::parse(EXCHANGE_MINIMUM_DEFAULT).expect("default minimum"),
             journal_retention: humantime::parse_duration(JOURNAL_RETENTION_DEFAULT)
+                .expect("default retention"),
+            record_retention: humantime::parse_duration(RECORD_RETENTION_DEFAULT)
                 .expect("default retention"),
             advance_period: humantime::parse_duration(ADVANCE_PERIOD_DEFAULT)
                 .expect("default period"),

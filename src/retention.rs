@@ -1,5 +1,6 @@
 //! Retention: what is older than its window leaves Redis, into the archive
-//! first (`archive`). Today that is the journal past `TALLY_JOURNAL_RETENTION`.
+//! first (`archive`): the journal past `TALLY_JOURNAL_RETENTION`; batches
+//! settled or refunded, with their orders, past `TALLY_RECORD_RETENTION`.
 //!
 //! One process archives a shard at a time (a lock on the shard, which the
 //! trim script checks); a step reads a bounded batch, appends it to the
@@ -9,19 +10,19 @@
 //! files, which the next step cuts off before it writes them again: each
 //! record is archived once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::archive::{Archive, Line, day_of_id};
+use crate::domain::{AccountId, OrderId, Symbol};
+use crate::store::archive::{self as archive_store, FinishedBatch, Retired};
 use crate::store::journal::{self, TRIM_BATCH_MAX, Trimmed};
 use crate::store::locks::Lock;
 use crate::store::slots::Shard;
 use crate::store::{Store, now_ms};
 
-/// How often a worker process archives and trims the journal.
-pub const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
 /// Most trim batches per shard per round, so one round stays short.
 pub const RETENTION_BATCHES_MAX: usize = 100;
 /// How long a shard's archive lock lasts: far longer than a step (a batch
@@ -57,20 +58,12 @@ pub async fn archive_journal(
         let Some(old) = journal::old_entries(&mut conn, keys, shard, cutoff_ms).await? else {
             break;
         };
-        let archived_at =
-            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-        let mut by_day: BTreeMap<String, Vec<Line>> = BTreeMap::new();
-        for entry in &old.entries {
-            let day = day_of_id(&entry.id).context("a journal entry id is a stream id")?;
-            by_day.entry(day).or_default().push(Line {
-                id: entry.id.clone(),
-                kind: "journal_entry".to_owned(),
-                shard: shard.index(),
-                archived_at: archived_at.clone(),
-                fields: entry.fields.clone().into_iter().collect(),
-            });
-        }
-        let committed = append(store, archive, shard, by_day).await?;
+        let lines = old
+            .entries
+            .iter()
+            .map(|entry| line(&entry.id, "journal_entry", shard, &entry.fields))
+            .collect();
+        let committed = append(store, archive, shard, lines).await?;
         match journal::trim_archived(
             &mut conn,
             keys,
@@ -103,21 +96,33 @@ pub async fn archive_journal(
     Ok(trimmed)
 }
 
-/// Appends each day's lines to the shard's file of that day, from its
+/// A record as the archive keeps it.
+fn line(id: &str, kind: &str, shard: Shard, fields: &HashMap<String, String>) -> Line {
+    Line {
+        id: id.to_owned(),
+        kind: kind.to_owned(),
+        shard: shard.index(),
+        archived_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        fields: fields.clone().into_iter().collect(),
+    }
+}
+
+/// Appends `lines` to the shard's files of their ids' days, each from its
 /// committed length; returns the new lengths, to be committed.
 async fn append(
     store: &Store,
     archive: &Archive,
     shard: Shard,
-    by_day: BTreeMap<String, Vec<Line>>,
+    lines: Vec<Line>,
 ) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut by_day: BTreeMap<String, Vec<Line>> = BTreeMap::new();
+    for line in lines {
+        let day = day_of_id(&line.id).with_context(|| format!("{} has no day", line.id))?;
+        by_day.entry(day).or_default().push(line);
+    }
     let days: Vec<&String> = by_day.keys().collect();
     let mut conn = store.conn().await?;
-    let lengths: Vec<Option<u64>> = redis::cmd("HMGET")
-        .arg(store.keys().archive_committed(shard))
-        .arg(&days)
-        .query_async(&mut conn)
-        .await?;
+    let lengths = archive_store::committed(&mut conn, store.keys(), shard, &days).await?;
     let archive = archive.clone();
     let written = tokio::task::spawn_blocking(move || {
         by_day
@@ -131,6 +136,144 @@ async fn append(
     })
     .await??;
     Ok(written)
+}
+
+/// Batches a round retires per home shard, at most.
+pub const RETIRE_BATCHES_MAX: usize = 1_000;
+/// Batches older than the window a round looks at per home shard: those
+/// still in flight are passed over.
+const BATCH_SCAN_MAX: usize = 5_000;
+
+/// Batches settled or refunded before `cutoff_ms` on a home shard leave
+/// Redis with their orders, each archived once: for each batch, its orders
+/// on each customer shard (archived there, then retired), then the batch
+/// (archived, then retired, its value carried for the audit). A batch
+/// whose shards another process is archiving waits for the next round.
+/// Returns how many batches left.
+pub async fn retire_batches(
+    store: &Store,
+    archive: &Archive,
+    home: Shard,
+    cutoff_ms: i64,
+    limit: usize,
+) -> anyhow::Result<usize> {
+    let keys = store.keys();
+    let mut conn = store.conn().await?;
+    let finished =
+        archive_store::finished_batches(&mut conn, keys, home, cutoff_ms, limit, BATCH_SCAN_MAX)
+            .await?;
+    if finished.is_empty() {
+        return Ok(0);
+    }
+    ensure_identity(store, archive).await?;
+    let mut retired = 0;
+    for batch in finished {
+        if retire_batch(store, archive, home, cutoff_ms, batch).await? {
+            retired += 1;
+        }
+    }
+    Ok(retired)
+}
+
+/// An order as Redis held it.
+type OrderFields = (OrderId, HashMap<String, String>);
+
+/// One batch, as [`retire_batches`] does it; false when a lock was taken.
+async fn retire_batch(
+    store: &Store,
+    archive: &Archive,
+    home: Shard,
+    cutoff_ms: i64,
+    batch: FinishedBatch,
+) -> anyhow::Result<bool> {
+    let keys = store.keys();
+    let mut by_shard: BTreeMap<u16, Vec<&OrderFields>> = BTreeMap::new();
+    for order in &batch.orders {
+        by_shard
+            .entry(keys.shard_of_id(&order.0.uuid()).index())
+            .or_default()
+            .push(order);
+    }
+    let mut conn = store.conn().await?;
+    for (index, orders) in by_shard {
+        let shard = keys
+            .layout()
+            .shard(index)
+            .context("a shard of the layout")?;
+        let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), ARCHIVE_LOCK_MS).await?
+        else {
+            return Ok(false);
+        };
+        let lines = orders
+            .iter()
+            .map(|(id, fields)| line(&id.to_string(), "order", shard, fields))
+            .collect();
+        let committed = append(store, archive, shard, lines).await?;
+        let named = orders
+            .iter()
+            .map(|(id, fields)| {
+                let account = fields
+                    .get("account_id")
+                    .map(String::as_str)
+                    .unwrap_or_default();
+                Ok((
+                    *id,
+                    AccountId::parse(account).with_context(|| format!("order {id}"))?,
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let done =
+            archive_store::retire_orders(&mut conn, keys, shard, lock.token(), &committed, &named)
+                .await?;
+        lock.release().await?;
+        step_done(done, "orders of batch", &batch.id.to_string(), shard)?;
+    }
+    let Some(lock) = Lock::acquire(store, keys.archive_lock(home), ARCHIVE_LOCK_MS).await? else {
+        return Ok(false);
+    };
+    let symbol = batch
+        .fields
+        .get("symbol")
+        .and_then(|symbol| Symbol::parse(symbol).ok())
+        .with_context(|| format!("batch {} has no symbol", batch.id))?;
+    let mut fields = batch.fields.clone();
+    fields.insert("orders".to_owned(), batch.order_ids.join(","));
+    let committed = append(
+        store,
+        archive,
+        home,
+        vec![line(&batch.id.to_string(), "batch", home, &fields)],
+    )
+    .await?;
+    let done = archive_store::retire_batch(
+        &mut conn,
+        keys,
+        &batch.id,
+        &symbol,
+        cutoff_ms,
+        lock.token(),
+        &committed,
+    )
+    .await?;
+    lock.release().await?;
+    step_done(done, "batch", &batch.id.to_string(), home)?;
+    Ok(true)
+}
+
+/// A retiring script's answer as a step's outcome: a refusal stops the
+/// round (the files' tails are cut by the next step).
+fn step_done(done: Retired, what: &str, id: &str, shard: Shard) -> anyhow::Result<()> {
+    match done {
+        Retired::Records(_) => Ok(()),
+        Retired::LostLock => anyhow::bail!(
+            "shard {}: the archive lock ran out while retiring the {what} {id}; nothing was removed",
+            shard.index()
+        ),
+        Retired::Stale => anyhow::bail!(
+            "shard {}: the {what} {id} changed under the archive step; nothing was removed",
+            shard.index()
+        ),
+    }
 }
 
 /// Refuses an archive directory of another dataset (or a dataset whose
@@ -173,20 +316,78 @@ async fn ensure_identity(store: &Store, archive: &Archive) -> anyhow::Result<()>
     }
 }
 
-/// Archives and trims the journal past `retention` once a minute, until
+/// The archive day a record id missing from Redis leads to: its id is older
+/// than `window` (a record finishes after it is made, so a younger one
+/// cannot have left) and its shard has archived records of that day. `None`
+/// for an id that was never a record here, as far as Redis can tell: one
+/// read, on the id's shard.
+pub async fn archive_day_of(
+    store: &Store,
+    id: &uuid::Uuid,
+    window: Duration,
+) -> crate::store::StoreResult<Option<String>> {
+    let text = id.to_string();
+    let Some(ms) = crate::archive::ms_of_id(&text).filter(|&ms| ms < window_start(window)) else {
+        return Ok(None);
+    };
+    let day = crate::archive::day_of_ms(ms);
+    let keys = store.keys();
+    let mut conn = store.conn().await?;
+    let archived: bool = redis::cmd("HEXISTS")
+        .arg(keys.archive_committed(keys.shard_of_id(id)))
+        .arg(&day)
+        .query_async(&mut conn)
+        .await?;
+    Ok(archived.then_some(day))
+}
+
+/// The two windows retention keeps in Redis.
+#[derive(Debug, Clone, Copy)]
+pub struct Windows {
+    /// The journal (the report's window).
+    pub journal: Duration,
+    /// Finished records: batches settled or refunded, with their orders.
+    pub records: Duration,
+}
+
+/// The start of a window that ends now, in ms since the Unix epoch.
+pub fn window_start(window: Duration) -> i64 {
+    now_ms().saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Archives what is past its window, a round every `interval`, until
 /// shutdown. Any number of workers may run this: one at a time works on a
 /// shard.
 pub async fn retain_periodically(
     store: Store,
     archive: Archive,
-    retention: Duration,
+    windows: Windows,
+    interval: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let cutoff_ms = u64::try_from(now_ms())
-            .unwrap_or(0)
-            .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        let cutoff_ms = u64::try_from(window_start(windows.journal)).unwrap_or(0);
+        let records_cutoff_ms = window_start(windows.records);
         for shard in store.keys().shards() {
+            match retire_batches(
+                &store,
+                &archive,
+                shard,
+                records_cutoff_ms,
+                RETIRE_BATCHES_MAX,
+            )
+            .await
+            {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(
+                    count,
+                    shard = shard.index(),
+                    "batches past retention archived with their orders, and removed"
+                ),
+                Err(err) => {
+                    tracing::warn!(error = %format!("{err:#}"), shard = shard.index(), "archiving batches failed")
+                }
+            }
             match archive_journal(&store, &archive, shard, cutoff_ms, RETENTION_BATCHES_MAX).await {
                 Ok(0) => {}
                 Ok(count) => tracing::info!(
@@ -200,7 +401,7 @@ pub async fn retain_periodically(
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+            _ = tokio::time::sleep(interval) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }

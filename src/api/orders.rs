@@ -14,6 +14,7 @@ use super::{ApiTags, AppState, idempotency_key, list_offset, page_size, rfc3339}
 use crate::access::Role;
 use crate::domain::{AccountId, BatchId, OrderId, Quantity, Symbol, format_units};
 use crate::orders::{OrderRejection, OrderRequest, prepare};
+use crate::retention::archive_day_of;
 use crate::store::orders::{
     self as store_orders, Batch, Bucket, Order, PlaceOrderError, PlaceOrderOutcome,
     SettlementStatus,
@@ -313,9 +314,12 @@ impl OrdersApi {
         let not_found = || ApiError::not_found(format!("order {id} not found"));
         auth.require_reader_or_customer()?;
         let mut conn = self.0.store.conn().await?;
-        let order = store_orders::get_order(&mut conn, self.0.store.keys(), &id)
-            .await?
-            .ok_or_else(not_found)?;
+        let Some(order) = store_orders::get_order(&mut conn, self.0.store.keys(), &id).await?
+        else {
+            let window = self.0.ledger.record_retention;
+            let day = archive_day_of(&self.0.store, &id.uuid(), window).await?;
+            return Err(ApiError::missing_record("order", &id.to_string(), day));
+        };
         auth.read_account(&order.account_id, not_found)?;
         Ok(OrderResponse::Ok(Json(order.into())))
     }
@@ -471,9 +475,11 @@ impl OrdersApi {
 impl OrdersApi {
     async fn batch_view(&self, id: &BatchId) -> Result<BatchView, ApiError> {
         let mut conn = self.0.store.conn().await?;
-        let batch = store_orders::get_batch(&mut conn, self.0.store.keys(), id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("batch {id} not found")))?;
+        let Some(batch) = store_orders::get_batch(&mut conn, self.0.store.keys(), id).await? else {
+            let window = self.0.ledger.record_retention;
+            let day = archive_day_of(&self.0.store, &id.uuid(), window).await?;
+            return Err(ApiError::missing_record("batch", &id.to_string(), day));
+        };
         Ok(batch.into())
     }
 }

@@ -59,6 +59,10 @@ pub enum ApiError {
     /// The resource does not exist (or belongs to another customer).
     #[oai(status = 404, content_type = "application/problem+json")]
     NotFound(Json<Problem>),
+    /// The record left Redis for the archive after its retention window
+    /// (`archived`): the detail names the archive day (`tally archive find ID`).
+    #[oai(status = 410, content_type = "application/problem+json")]
+    Gone(Json<Problem>),
     /// The request body did not arrive within the request timeout; nothing was done.
     #[oai(status = 408, content_type = "application/problem+json")]
     BodyTimeout(Json<Problem>),
@@ -105,6 +109,22 @@ impl ApiError {
             "not-found",
             detail,
         )))
+    }
+
+    /// 404 for a record that is not in Redis, or 410 when `archived_day`
+    /// names the archive file its id leads to (see
+    /// [`crate::retention::archive_day_of`]).
+    pub fn missing_record(what: &str, id: &str, archived_day: Option<String>) -> Self {
+        match archived_day {
+            Some(day) => ApiError::Gone(Json(Problem::new(
+                StatusCode::GONE,
+                "archived",
+                format!(
+                    "{what} {id} is older than the retention window and no longer in Redis: it is in the archive of {day} (`tally archive find {id}`)"
+                ),
+            ))),
+            None => Self::not_found(format!("{what} {id} not found")),
+        }
     }
 
     pub fn conflict(code: &str, detail: impl Into<String>) -> Self {

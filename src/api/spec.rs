@@ -27,6 +27,7 @@ impl Spec {
         let mut document: Value =
             serde_yaml::from_str(poem_json).expect("poem-openapi writes valid JSON");
         close_request_bodies(&mut document);
+        gone_only_where_records_leave(&mut document);
         bound_listing_parameters(&mut document, settings);
         add_links(&mut document);
         Spec(document)
@@ -87,6 +88,32 @@ fn close_request_bodies(document: &mut Value) {
             .and_then(Value::as_mapping_mut)
             .expect("a request body's schema is in components");
         schema.insert("additionalProperties".into(), Value::Bool(false));
+    }
+}
+
+/// The operations that can answer 410 (`archived`): a `GET` of a record
+/// retention takes out of Redis. Every operation shares the error type, so
+/// poem-openapi lists 410 on all of them.
+const GONE_OPERATIONS: [&str; 2] = ["getOrder", "getBatch"];
+
+fn gone_only_where_records_leave(document: &mut Value) {
+    let Some(paths) = get_mut(document, "paths").and_then(Value::as_mapping_mut) else {
+        return;
+    };
+    for operations in paths.values_mut() {
+        let Some(operations) = operations.as_mapping_mut() else {
+            continue;
+        };
+        for operation in operations.values_mut() {
+            let id = get(operation, "operationId").and_then(Value::as_str);
+            if id.is_some_and(|id| GONE_OPERATIONS.contains(&id)) {
+                continue;
+            }
+            if let Some(responses) = get_mut(operation, "responses").and_then(Value::as_mapping_mut)
+            {
+                responses.shift_remove("410");
+            }
+        }
     }
 }
 

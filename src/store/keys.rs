@@ -289,7 +289,8 @@ impl Keys {
 
     // --- orders, buckets and batches ---
 
-    /// A purchase order (hash), on its customer's shard.
+    /// A purchase order (hash), on its customer's shard; `listed` is its
+    /// entry's id on its customer's list of orders.
     pub fn order(&self, id: &OrderId) -> String {
         self.at(self.shard_of_id(&id.uuid()), format_args!("order:{id}"))
     }
@@ -613,6 +614,12 @@ impl Keys {
     /// day -> bytes). Set by the script that removes what was archived.
     pub fn archive_committed(&self, shard: Shard) -> String {
         self.at(shard, format_args!("archive:committed"))
+    }
+
+    /// What records that left a shard still count for in the audit (hash:
+    /// `batches_value` -> cents).
+    pub fn archive_carried(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("archive:carried"))
     }
 }
 

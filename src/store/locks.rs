@@ -50,10 +50,27 @@ impl Lock {
     pub fn token(&self) -> &str {
         &self.token
     }
+
+    /// Releases the lock now, so that this process can take it again at
+    /// once (dropping it releases it in the background).
+    pub async fn release(mut self) -> StoreResult<()> {
+        let token = std::mem::take(&mut self.token);
+        let key = std::mem::take(&mut self.key);
+        let mut conn = self.store.conn().await?;
+        RELEASE_LOCK
+            .key(&key)
+            .arg(&token)
+            .invoke_async::<i64>(&mut conn)
+            .await?;
+        Ok(())
+    }
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
+        if self.token.is_empty() {
+            return; // released already
+        }
         let (store, key, token) = (
             self.store.clone(),
             std::mem::take(&mut self.key),

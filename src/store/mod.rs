@@ -20,6 +20,7 @@ macro_rules! lua_script {
 pub mod accounts;
 pub mod advances;
 pub mod api_keys;
+pub mod archive;
 pub mod connection;
 pub mod console;
 pub mod dead_letters;
@@ -388,6 +389,7 @@ impl Store {
             .chain(advances::scripts())
             .chain(streams::scripts())
             .chain(dead_letters::scripts())
+            .chain(archive::scripts())
             .chain(api_keys::scripts())
             .chain([&*rate_limits::TAKE_RATE_TOKENS, &*locks::RELEASE_LOCK])
         {

@@ -286,7 +286,7 @@ pub fn stream_groups(store: &Store, kind: StreamKind) -> Vec<Vec<(Shard, String)
 pub async fn run_workers(
     store: Store,
     settings: &crate::config::WorkerSettings,
-    journal_retention: Duration,
+    windows: crate::retention::Windows,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     settings.validate().map_err(anyhow::Error::msg)?;
@@ -310,7 +310,8 @@ pub async fn run_workers(
     consumers.spawn(crate::retention::retain_periodically(
         store.clone(),
         crate::archive::Archive::new(&settings.archive_dir),
-        journal_retention,
+        windows,
+        Duration::from_millis(settings.retention_interval_ms),
         shutdown.clone(),
     ));
     consumers.spawn(crate::sagas::sweep_periodically(

@@ -412,8 +412,8 @@ impl TestApp {
     /// list of entries names exactly the entries, on every shard's journal,
     /// listed for it (its debit side, and its credit side but for a refused
     /// transfer), each once; and its list of orders exactly the orders its
-    /// `order` entries name (at least those, once the journal has trimmed
-    /// some). Returns how many entries were listed in all.
+    /// `order` entries name that are still in Redis (at least those, once
+    /// the journal has trimmed some). Returns how many entries were listed.
     pub async fn assert_account_lists(&self) -> usize {
         use tally::store::journal::{JournalEntry, Listed, listed_for, parse_listed};
         let mut conn = self.redis().await;
@@ -453,6 +453,21 @@ impl TestApp {
         let mut listed_total = 0;
         for (account, (mut entries, orders)) in expected {
             let id = AccountId::parse(&account).unwrap();
+            // Orders retention took out of Redis are off the list too.
+            let mut pipe = redis::pipe();
+            for order in &orders {
+                pipe.exists(keys.order(&tally::domain::OrderId::parse(order).unwrap()));
+            }
+            let present: Vec<bool> = if orders.is_empty() {
+                Vec::new()
+            } else {
+                pipe.query_async(&mut conn).await.unwrap()
+            };
+            let orders: Vec<String> = orders
+                .into_iter()
+                .zip(present)
+                .filter_map(|(order, present)| present.then_some(order))
+                .collect();
             let listed: redis::streams::StreamRangeReply =
                 conn.xrange_all(keys.account_entries(&id)).await.unwrap();
             let mut listed: Vec<Listed> = parse_listed(listed)
@@ -950,7 +965,7 @@ pub fn spawn_workers(app: &TestApp, mut settings: WorkerSettings) -> TestWorkers
         tally::workers::run_workers(
             store,
             &settings,
-            LedgerSettings::default().journal_retention,
+            LedgerSettings::default().retention_windows(),
             stopped,
         )
         .await

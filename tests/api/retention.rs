@@ -12,7 +12,10 @@ use tally::store::journal::{self, OldEntries, Trimmed};
 use tally::store::now_ms;
 use tally::store::slots::Shard;
 
-use crate::helpers::{TestApp, spawn_app_with};
+use crate::helpers::{
+    TestApp, assert_problem, eventually, spawn_app_with, spawn_exchange, spawn_workers,
+    test_worker_settings,
+};
 
 const WINDOW: Duration = Duration::from_millis(300);
 
@@ -269,4 +272,221 @@ async fn tally_archive_find_prints_an_archived_entry_and_fails_for_an_unknown_id
         "{}",
         String::from_utf8_lossy(&missing.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settled_batches_leave_with_their_orders_into_the_archive_and_answer_410() {
+    use tally::retention::{retire_batches, window_start};
+    let window = Duration::from_secs(1);
+    let app = spawn_app_with(|settings| settings.ledger.record_retention = window).await;
+    let exchange = spawn_exchange(tally::exchange::sim::Faults::default()).await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let mut customers = Vec::new();
+    let mut order_ids = Vec::new();
+    for name in ["a", "b", "c"] {
+        let customer = app.create_account(name, "10.00").await;
+        let order: serde_json::Value = app
+            .place_order(&customer, "ABAN", "1")
+            .await
+            .json()
+            .await
+            .unwrap();
+        order_ids.push(order["id"].as_str().unwrap().to_owned());
+        customers.push(customer);
+    }
+    let order: serde_json::Value = app
+        .get_json(&format!("/api/v1/orders/{}", order_ids[2]))
+        .await;
+    let batch = order["batch_id"].as_str().unwrap().to_owned();
+    eventually("the batch settles", || async {
+        app.batch_status(&batch).await == "settled"
+    })
+    .await;
+    workers.stop().await;
+    // One still pending: in flight, it stays whatever its age.
+    let pending: serde_json::Value = app
+        .place_order(&customers[0], "ABAN", "1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+
+    let archive = app.archive();
+    let mut retired = 0;
+    for shard in app.keys().shards() {
+        retired += retire_batches(&app.store, &archive, shard, window_start(window), 100)
+            .await
+            .unwrap();
+    }
+    assert_eq!(retired, 1);
+
+    // Gone from Redis, and a GET says where it went.
+    for (path, id) in [
+        ("orders", &order_ids[0]),
+        ("orders", &order_ids[2]),
+        ("batches", &batch),
+    ] {
+        let response = app.get(&format!("/api/v1/{path}/{id}")).await;
+        let problem = assert_problem(response, 410, "is in the archive of").await;
+        let day = day_of_ms(now_ms());
+        assert!(
+            problem["detail"].as_str().unwrap().contains(&day),
+            "{problem}"
+        );
+    }
+    let pending_id = pending["id"].as_str().unwrap();
+    assert_eq!(
+        app.get(&format!("/api/v1/orders/{pending_id}"))
+            .await
+            .status(),
+        200,
+        "an order in flight stays"
+    );
+    let fresh = uuid::Uuid::now_v7();
+    assert_problem(
+        app.get(&format!("/api/v1/orders/{fresh}")).await,
+        404,
+        "not found",
+    )
+    .await;
+
+    // In the archive, each once: three orders on their shards, the batch on
+    // its home shard, with its order ids.
+    let mut lines = Vec::new();
+    for shard in app.keys().shards() {
+        lines.extend(archive.read(&day_of_ms(now_ms()), shard).unwrap());
+    }
+    let mut ids: Vec<&str> = lines.iter().map(|line| line.id.as_str()).collect();
+    ids.sort_unstable();
+    let mut expected: Vec<&str> = order_ids
+        .iter()
+        .chain([&batch])
+        .map(String::as_str)
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+    let archived_batch = lines.iter().find(|line| line.kind == "batch").unwrap();
+    assert_eq!(archived_batch.fields["status"], "settled");
+    assert_eq!(archived_batch.fields["orders"], order_ids.join(","));
+    assert!(
+        lines
+            .iter()
+            .filter(|line| line.kind == "order")
+            .all(|line| line.fields["cost"] == "400")
+    );
+
+    // A second round finds nothing more; the books still balance.
+    for shard in app.keys().shards() {
+        assert_eq!(
+            retire_batches(&app.store, &archive, shard, window_start(window), 100)
+                .await
+                .unwrap(),
+            0
+        );
+    }
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    app.assert_account_lists().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_not_named() {
+    use tally::domain::{AccountId, BatchId, OrderId, Symbol};
+    use tally::store::archive::{Retired, retire_batch, retire_orders};
+    let app = spawn_app_with(|_| {}).await;
+    let customer = app.create_account("c", "20.00").await;
+    let batch = BatchId::parse(&app.place_batch(&customer, "3").await).unwrap();
+    let order: serde_json::Value = app.get_json(&format!("/api/v1/batches/{batch}")).await;
+    let order = OrderId::parse(order["order_ids"][0].as_str().unwrap()).unwrap();
+    let account = AccountId::parse(&customer).unwrap();
+    let keys = app.keys().clone();
+    let home = keys.shard_of_id(&batch.uuid());
+    let shard = app.shard_of(&customer);
+    let mut conn = app.redis().await;
+    let symbol = Symbol::parse("ABAN").unwrap();
+    let future = now_ms() + 60_000;
+
+    let before = app.snapshot().await;
+    let refused = retire_batch(&mut conn, &keys, &batch, &symbol, future, "nobody", &[])
+        .await
+        .unwrap();
+    assert_eq!(refused, Retired::LostLock);
+    let refused = retire_orders(
+        &mut conn,
+        &keys,
+        shard,
+        "nobody",
+        &[],
+        &[(order, account.clone())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, Retired::LostLock);
+    assert_eq!(app.snapshot().await, before, "nothing written");
+
+    for shard in [home, shard] {
+        let _: () = redis::cmd("SET")
+            .arg(keys.archive_lock(shard))
+            .arg("holder")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let before = app.snapshot().await;
+    // The batch is still settling (no workers): not finished.
+    let refused = retire_batch(&mut conn, &keys, &batch, &symbol, future, "holder", &[])
+        .await
+        .unwrap();
+    assert_eq!(refused, Retired::Stale);
+    // An order named with another customer, and one that does not exist.
+    let stranger = AccountId::parse(&app.create_account_beside("s", "0", &customer).await).unwrap();
+    let before_stranger = app.snapshot().await;
+    let refused = retire_orders(&mut conn, &keys, shard, "holder", &[], &[(order, stranger)])
+        .await
+        .unwrap();
+    assert_eq!(refused, Retired::Stale);
+    let missing = OrderId::parse(&keys.new_order_id(&account).to_string()).unwrap();
+    let refused = retire_orders(
+        &mut conn,
+        &keys,
+        shard,
+        "holder",
+        &[],
+        &[(missing, account.clone())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, Retired::Stale);
+    assert_eq!(app.snapshot().await, before_stranger, "nothing written");
+    assert_ne!(
+        before, before_stranger,
+        "(the stranger's account was made in between)"
+    );
+
+    // The order, named right, under the lock: retired, with its list entry,
+    // and the committed length set.
+    let done = retire_orders(
+        &mut conn,
+        &keys,
+        shard,
+        "holder",
+        &[("2026-12-01".to_owned(), 42)],
+        &[(order, account.clone())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(done, Retired::Records(1));
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(keys.order(&order))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists);
+    let listed: usize = redis::cmd("XLEN")
+        .arg(keys.account_orders(&account))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(listed, 0, "off its customer's list");
 }
