@@ -11,6 +11,8 @@
 -- KEYS[5] journal (stream)             KEYS[6] journal index (sorted set)
 -- KEYS[7] accounting events (stream)   KEYS[8] rejected transactions (stream)
 -- KEYS[9] the account's journal entries (stream)
+-- KEYS[10] the shard's applied transactions (sorted set: id by when applied,
+--   ms), which retention takes them out of Redis by
 -- ARGV[1] transaction id   ARGV[2] account id   ARGV[3] counterpart's account id
 -- ARGV[4] now, ms          ARGV[5] worker name  ARGV[6] errors stream length bound (approximate)
 --
@@ -62,6 +64,7 @@ redis.call('LPOP', KEYS[1])
 local applied = redis.call('HINCRBY', KEYS[3], 'wallet_applied', 1)
 redis.call('HSET', KEYS[2], 'status', status, 'reason', reason, 'applied_at', now,
   'applied_seq', applied, 'worker', ARGV[5])
+redis.call('ZADD', KEYS[10], now, id)
 index_on_accounts(KEYS[5], journal(KEYS[5], KEYS[6], 'at', now, 'kind', kind, 'debit', debit,
   'credit', credit, 'amount', moved, 'requested', amount, 'ref', id,
   'status', reason == '' and 'completed' or 'failed', 'reason', reason), KEYS[9])

@@ -175,6 +175,63 @@ pub async fn retire_batches(
     Ok(retired)
 }
 
+/// Wallet transactions a round retires per shard, at most.
+pub const RETIRE_WALLET_MAX: usize = 1_000;
+
+/// Wallet transactions applied (completed or rejected) before `cutoff_ms`
+/// on a shard leave Redis, each archived once; returns how many left.
+pub async fn retire_wallet_transactions(
+    store: &Store,
+    archive: &Archive,
+    shard: Shard,
+    cutoff_ms: i64,
+    limit: usize,
+) -> anyhow::Result<usize> {
+    let keys = store.keys();
+    let mut conn = store.conn().await?;
+    let applied =
+        archive_store::applied_wallet_transactions(&mut conn, keys, shard, cutoff_ms, limit)
+            .await?;
+    if applied.is_empty() {
+        return Ok(0);
+    }
+    ensure_identity(store, archive).await?;
+    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), ARCHIVE_LOCK_MS).await? else {
+        return Ok(0);
+    };
+    let lines = applied
+        .iter()
+        .map(|(id, fields)| line(id, "wallet_transaction", shard, fields))
+        .collect();
+    let committed = append(store, archive, shard, lines).await?;
+    let named = applied
+        .iter()
+        .map(|(id, fields)| {
+            let account = fields
+                .get("account_id")
+                .map(String::as_str)
+                .unwrap_or_default();
+            Ok((
+                id.clone(),
+                AccountId::parse(account).with_context(|| format!("wallet transaction {id}"))?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let done = archive_store::retire_wallet_transactions(
+        &mut conn,
+        keys,
+        shard,
+        cutoff_ms,
+        lock.token(),
+        &committed,
+        &named,
+    )
+    .await?;
+    lock.release().await?;
+    step_done(done, "wallet transactions", &named.len().to_string(), shard)?;
+    Ok(named.len())
+}
+
 /// An order as Redis held it.
 type OrderFields = (OrderId, HashMap<String, String>);
 
@@ -323,18 +380,17 @@ async fn ensure_identity(store: &Store, archive: &Archive) -> anyhow::Result<()>
 /// read, on the id's shard.
 pub async fn archive_day_of(
     store: &Store,
-    id: &uuid::Uuid,
+    id: &str,
     window: Duration,
 ) -> crate::store::StoreResult<Option<String>> {
-    let text = id.to_string();
-    let Some(ms) = crate::archive::ms_of_id(&text).filter(|&ms| ms < window_start(window)) else {
+    let Some(ms) = crate::archive::ms_of_id(id).filter(|&ms| ms < window_start(window)) else {
         return Ok(None);
     };
     let day = crate::archive::day_of_ms(ms);
     let keys = store.keys();
     let mut conn = store.conn().await?;
     let archived: bool = redis::cmd("HEXISTS")
-        .arg(keys.archive_committed(keys.shard_of_id(id)))
+        .arg(keys.archive_committed(keys.shard_of_text_id(id)))
         .arg(&day)
         .query_async(&mut conn)
         .await?;
@@ -346,7 +402,8 @@ pub async fn archive_day_of(
 pub struct Windows {
     /// The journal (the report's window).
     pub journal: Duration,
-    /// Finished records: batches settled or refunded, with their orders.
+    /// Finished records: batches settled or refunded, with their orders;
+    /// wallet transactions applied.
     pub records: Duration,
 }
 
@@ -386,6 +443,25 @@ pub async fn retain_periodically(
                 ),
                 Err(err) => {
                     tracing::warn!(error = %format!("{err:#}"), shard = shard.index(), "archiving batches failed")
+                }
+            }
+            match retire_wallet_transactions(
+                &store,
+                &archive,
+                shard,
+                records_cutoff_ms,
+                RETIRE_WALLET_MAX,
+            )
+            .await
+            {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(
+                    count,
+                    shard = shard.index(),
+                    "wallet transactions past retention archived and removed"
+                ),
+                Err(err) => {
+                    tracing::warn!(error = %format!("{err:#}"), shard = shard.index(), "archiving wallet transactions failed")
                 }
             }
             match archive_journal(&store, &archive, shard, cutoff_ms, RETENTION_BATCHES_MAX).await {

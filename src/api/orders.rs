@@ -317,7 +317,7 @@ impl OrdersApi {
         let Some(order) = store_orders::get_order(&mut conn, self.0.store.keys(), &id).await?
         else {
             let window = self.0.ledger.record_retention;
-            let day = archive_day_of(&self.0.store, &id.uuid(), window).await?;
+            let day = archive_day_of(&self.0.store, &id.to_string(), window).await?;
             return Err(ApiError::missing_record("order", &id.to_string(), day));
         };
         auth.read_account(&order.account_id, not_found)?;
@@ -477,7 +477,7 @@ impl OrdersApi {
         let mut conn = self.0.store.conn().await?;
         let Some(batch) = store_orders::get_batch(&mut conn, self.0.store.keys(), id).await? else {
             let window = self.0.ledger.record_retention;
-            let day = archive_day_of(&self.0.store, &id.uuid(), window).await?;
+            let day = archive_day_of(&self.0.store, &id.to_string(), window).await?;
             return Err(ApiError::missing_record("batch", &id.to_string(), day));
         };
         Ok(batch.into())

@@ -355,14 +355,20 @@ impl WalletApi {
             ))
         })?;
         let mut conn = self.0.store.conn().await?;
-        let txn = wallet::get(&mut conn, self.0.store.keys(), &txn_id)
-            .await?
-            .filter(|txn| txn.account_id == account_id)
-            .ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "transaction {txn_id} not found for account {account_id}"
-                ))
-            })?;
+        let Some(txn) = wallet::get(&mut conn, self.0.store.keys(), &txn_id).await? else {
+            let window = self.0.ledger.record_retention;
+            let day = crate::retention::archive_day_of(&self.0.store, &txn_id, window).await?;
+            return Err(ApiError::missing_record(
+                "transaction",
+                &txn_id.to_string(),
+                day,
+            ));
+        };
+        if txn.account_id != account_id {
+            return Err(ApiError::not_found(format!(
+                "transaction {txn_id} not found for account {account_id}"
+            )));
+        }
         Ok(TransactionResponse::Ok(Json(txn.into())))
     }
 }

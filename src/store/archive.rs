@@ -14,9 +14,10 @@ use crate::domain::{AccountId, BatchId, OrderId, Symbol};
 
 static RETIRE_ORDERS: LazyLock<Script> = lua_script!("retire_orders.lua");
 static RETIRE_BATCH: LazyLock<Script> = lua_script!("retire_batch.lua");
+static RETIRE_WALLET: LazyLock<Script> = lua_script!("retire_wallet_transactions.lua");
 
-pub fn scripts() -> [&'static Script; 2] {
-    [&RETIRE_ORDERS, &RETIRE_BATCH]
+pub fn scripts() -> [&'static Script; 3] {
+    [&RETIRE_ORDERS, &RETIRE_BATCH, &RETIRE_WALLET]
 }
 
 /// What a retiring script did.
@@ -163,6 +164,68 @@ pub async fn finished_batches(
         }
     }
     Ok(finished)
+}
+
+/// Up to `limit` of a shard's wallet transactions applied before
+/// `cutoff_ms`, oldest first, as Redis holds them: (id, fields).
+pub async fn applied_wallet_transactions(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
+    cutoff_ms: i64,
+    limit: usize,
+) -> StoreResult<Vec<(String, HashMap<String, String>)>> {
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.wallet_applied(shard))
+        .arg("-inf")
+        .arg(format!("({cutoff_ms}"))
+        .arg("BYSCORE")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(limit)
+        .query_async(conn)
+        .await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("HGETALL").arg(keys.wallet_transaction(id));
+    }
+    let all: Vec<HashMap<String, String>> = pipe.query_async(conn).await?;
+    Ok(ids.into_iter().zip(all).collect())
+}
+
+/// Removes wallet transactions of one shard (archived, the files' new
+/// lengths in `committed`), under the shard's archive lock.
+pub async fn retire_wallet_transactions(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
+    cutoff_ms: i64,
+    lock_token: &str,
+    committed: &[(String, u64)],
+    transactions: &[(String, AccountId)],
+) -> StoreResult<Retired> {
+    let mut invocation = RETIRE_WALLET.prepare_invoke();
+    invocation
+        .key(keys.archive_lock(shard))
+        .key(keys.archive_committed(shard))
+        .key(keys.wallet_applied(shard))
+        .arg(lock_token)
+        .arg(cutoff_ms)
+        .arg(committed.len());
+    for (day, length) in committed {
+        invocation.arg(day).arg(length);
+    }
+    for (id, account) in transactions {
+        invocation
+            .key(keys.wallet_transaction(id))
+            .key(keys.wallet_history(account))
+            .arg(id)
+            .arg(account.as_str());
+    }
+    Ok(retired(invocation.invoke_async(conn).await?))
 }
 
 /// Removes the orders of one customer shard (archived, the files' new

@@ -454,6 +454,12 @@ impl Keys {
         self.on_account(account, format_args!("wallet:scheduled:{account}"))
     }
 
+    /// A shard's applied wallet transactions, by when they were applied
+    /// (sorted set, ms): retention takes them out of Redis in this order.
+    pub fn wallet_applied(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("wallet:applied"))
+    }
+
     /// An account's wallet transactions by id, that is by time (sorted set, scores 0).
     pub fn wallet_history(&self, account: &AccountId) -> String {
         self.on_account(account, format_args!("wallet:history:{account}"))

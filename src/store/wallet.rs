@@ -195,6 +195,7 @@ pub async fn apply_at(
         .key(keys.events(shard))
         .key(keys.wallet_errors(shard))
         .key(keys.account_entries(account))
+        .key(keys.wallet_applied(shard))
         .arg(txn_id)
         .arg(account.as_str())
         .arg(counterpart.as_str())

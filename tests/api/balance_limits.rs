@@ -619,6 +619,7 @@ async fn apply_wallet_transaction_rejects_a_move_that_would_take_the_system_side
             app.keys().events(shard0(&app)),
             app.keys().wallet_errors(shard0(&app)),
             app.keys().account_entries(&customer_id), // the rejection, on its list
+            app.keys().wallet_applied(shard0(&app)),  // for retention, once past its window
         ];
         assert_eq!(changed_keys(&before, &after), BTreeSet::from(expected));
         let entry = last_journal_entry(&app).await;

@@ -306,6 +306,19 @@ async fn which_scripts_name_keys_of_several_slots() {
         .unwrap();
     }
     assert!(retired > 0, "the scenario settles batches");
+    let mut retired = 0;
+    for shard in app.keys().shards() {
+        retired += tally::retention::retire_wallet_transactions(
+            &app.store,
+            &app.archive(),
+            shard,
+            tally::store::now_ms() + 1_000,
+            100,
+        )
+        .await
+        .unwrap();
+    }
+    assert!(retired > 0, "the scenario applies wallet transactions");
 
     let names = scripts_by_sha();
     let recorded = recorder.scripts();

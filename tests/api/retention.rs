@@ -343,13 +343,13 @@ async fn settled_batches_leave_with_their_orders_into_the_archive_and_answer_410
         200,
         "an order in flight stays"
     );
+    // Never archived: a fresh id, and an old one from a day with no archive.
     let fresh = uuid::Uuid::now_v7();
-    assert_problem(
-        app.get(&format!("/api/v1/orders/{fresh}")).await,
-        404,
-        "not found",
-    )
-    .await;
+    let old = "01900000-0000-7000-8000-000000000000"; // June 2024
+    for id in [fresh.to_string(), old.to_owned()] {
+        let response = app.get(&format!("/api/v1/orders/{id}")).await;
+        assert_problem(response, 404, "not found").await;
+    }
 
     // In the archive, each once: three orders on their shards, the batch on
     // its home shard, with its order ids.
@@ -489,4 +489,124 @@ async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_no
         .await
         .unwrap();
     assert_eq!(listed, 0, "off its customer's list");
+}
+
+/// Queues a wallet transaction through the API; returns its id.
+async fn queue_wallet(app: &TestApp, account: &str, kind: &str, amount: &str) -> String {
+    let response = app
+        .post(
+            &format!("/api/v1/accounts/{account}/transactions"),
+            &json!({"kind": kind, "amount": amount}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let queued: serde_json::Value = response.json().await.unwrap();
+    queued["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn applied_wallet_transactions_leave_into_the_archive_and_answer_410() {
+    use tally::retention::{retire_wallet_transactions, window_start};
+    let window = Duration::from_secs(1);
+    let app = spawn_app_with(|settings| settings.ledger.record_retention = window).await;
+    let exchange = spawn_exchange(tally::exchange::sim::Faults::default()).await;
+    let account = app.create_account("w", "0").await;
+    let deposit = queue_wallet(&app, &account, "deposit", "5.00").await;
+    let rejected = queue_wallet(&app, &account, "withdrawal", "9.00").await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let status = |id: String| {
+        let app = &app;
+        let account = account.clone();
+        async move {
+            app.get_json(&format!("/api/v1/accounts/{account}/transactions/{id}"))
+                .await["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    eventually("both are applied", || async {
+        status(deposit.clone()).await == "completed" && status(rejected.clone()).await == "rejected"
+    })
+    .await;
+    workers.stop().await;
+    let shard = app.shard_of(&account);
+    let archive = app.archive();
+
+    // Within the window: nothing leaves.
+    assert_eq!(
+        retire_wallet_transactions(&app.store, &archive, shard, window_start(window), 100)
+            .await
+            .unwrap(),
+        0
+    );
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    // One queued after: not applied, so it stays whatever its age.
+    let queued = queue_wallet(&app, &account, "deposit", "1.00").await;
+    assert_eq!(
+        retire_wallet_transactions(&app.store, &archive, shard, window_start(window), 100)
+            .await
+            .unwrap(),
+        2
+    );
+    for id in [&deposit, &rejected] {
+        let response = app
+            .get(&format!("/api/v1/accounts/{account}/transactions/{id}"))
+            .await;
+        assert_problem(response, 410, "is in the archive of").await;
+    }
+    assert_eq!(status(queued).await, "queued");
+    let mut ids: Vec<String> = archived_ids(&archive, shard);
+    ids.sort();
+    let mut expected = vec![deposit.clone(), rejected.clone()];
+    expected.sort();
+    assert_eq!(ids, expected, "each once");
+    let lines = archive.read(&day_of_ms(now_ms()), shard).unwrap();
+    let line = lines.iter().find(|line| line.id == rejected).unwrap();
+    assert_eq!(
+        (
+            line.kind.as_str(),
+            line.fields["status"].as_str(),
+            line.fields["reason"].as_str()
+        ),
+        ("wallet_transaction", "rejected", "insufficient funds")
+    );
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(app.balance(&account).await, "5.00");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_wallet_transactions_refuses_a_lost_lock_and_one_not_applied_before_the_window() {
+    use tally::domain::AccountId;
+    use tally::store::archive::{Retired, retire_wallet_transactions};
+    let app = spawn_app_with(|_| {}).await;
+    let account = app.create_account("w", "0").await;
+    let queued = queue_wallet(&app, &account, "deposit", "5.00").await;
+    let id = AccountId::parse(&account).unwrap();
+    let shard = app.shard_of(&account);
+    let keys = app.keys().clone();
+    let mut conn = app.redis().await;
+    let named = [(queued.clone(), id.clone())];
+    let before = app.snapshot().await;
+    let refused =
+        retire_wallet_transactions(&mut conn, &keys, shard, now_ms(), "nobody", &[], &named)
+            .await
+            .unwrap();
+    assert_eq!(refused, Retired::LostLock);
+    let _: () = redis::cmd("SET")
+        .arg(keys.archive_lock(shard))
+        .arg("holder")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before_locked = app.snapshot().await;
+    // Queued, not applied.
+    let refused =
+        retire_wallet_transactions(&mut conn, &keys, shard, now_ms(), "holder", &[], &named)
+            .await
+            .unwrap();
+    assert_eq!(refused, Retired::Stale);
+    assert_eq!(app.snapshot().await, before_locked, "nothing written");
+    assert_ne!(before, before_locked);
 }
