@@ -49,14 +49,15 @@ pub fn day_of_ms(ms: i64) -> String {
 }
 
 /// When a record id was drawn, in ms since the Unix epoch: a UUIDv7 (an
-/// order, batch, account, ...) or a stream id (`ms-seq`, a journal entry).
-/// `None` for anything else.
+/// order, batch, account, ...) or a journal entry's `ms-seq.shard` (or
+/// `ms-seq`). `None` for anything else.
 pub fn ms_of_id(id: &str) -> Option<i64> {
     if let Ok(uuid) = uuid::Uuid::parse_str(id) {
         let (seconds, nanos) = uuid.get_timestamp()?.to_unix();
         return Some(i64::try_from(seconds).ok()? * 1000 + i64::from(nanos / 1_000_000));
     }
-    let (ms, seq) = id.split_once('-')?;
+    let stream_id = id.split_once('.').map_or(id, |(stream_id, _)| stream_id);
+    let (ms, seq) = stream_id.split_once('-')?;
     seq.parse::<u64>().ok()?;
     ms.parse().ok()
 }
@@ -66,15 +67,32 @@ pub fn day_of_id(id: &str) -> Option<String> {
     ms_of_id(id).map(day_of_ms)
 }
 
-/// An archive directory.
+/// An archive directory, and how long a step may hold a shard.
 #[derive(Debug, Clone)]
 pub struct Archive {
     dir: PathBuf,
+    lease_ms: u64,
 }
 
 impl Archive {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Archive { dir: dir.into() }
+        Archive {
+            dir: dir.into(),
+            lease_ms: crate::config::ARCHIVE_LEASE_MS_DEFAULT,
+        }
+    }
+
+    /// With steps holding their shard's lock for `lease_ms`: far longer
+    /// than a step (a batch read, an append with fsync, a script), so it
+    /// never runs out under a live holder; after a holder dies, the shard
+    /// waits this long for the next.
+    pub fn with_lease_ms(mut self, lease_ms: u64) -> Self {
+        self.lease_ms = lease_ms;
+        self
+    }
+
+    pub fn lease_ms(&self) -> u64 {
+        self.lease_ms
     }
 
     pub fn dir(&self) -> &Path {
@@ -299,6 +317,10 @@ mod tests {
     #[test]
     fn days_come_from_uuidv7_and_stream_ids() {
         assert_eq!(day_of_id("1764547200000-3").as_deref(), Some("2025-12-01"));
+        assert_eq!(
+            day_of_id("1764547200000-3.7").as_deref(),
+            Some("2025-12-01")
+        );
         let id = uuid::Uuid::now_v7().to_string();
         assert_eq!(
             day_of_id(&id),

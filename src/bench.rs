@@ -479,7 +479,7 @@ impl Rig {
         let (done, finished) = tokio::sync::oneshot::channel();
         let (started, thread_id) = tokio::sync::oneshot::channel();
         let redis = RedisSettings::for_url(&self.redis.url());
-        let retention = self.ledger.retention_windows();
+        let retention = crate::retention::Windows::of(&self.ledger);
         std::thread::Builder::new()
             .name("bench-workers".to_owned())
             .spawn(move || {

@@ -194,7 +194,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     crate::workers::run_workers(
         store,
         &args.worker,
-        args.ledger.retention_windows(),
+        crate::retention::Windows::of(&args.ledger),
         shutdown_watch(),
     )
     .await?;
@@ -299,7 +299,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             .map(Ok),
     );
     let workers_stopped = stopped.clone();
-    let retention = serve.ledger.retention_windows();
+    let retention = crate::retention::Windows::of(&serve.ledger);
     tasks.spawn(async move {
         crate::workers::run_workers(store, &worker, retention, workers_stopped).await
     });
@@ -521,11 +521,16 @@ fn archive(action: crate::config::ArchiveAction) -> anyhow::Result<ExitCode> {
     let crate::config::ArchiveAction::Find { id, dir, shards } = action;
     let keys = crate::store::keys::Keys::new(shards);
     let archive = crate::archive::Archive::new(&dir);
-    // A UUID names its shard; a journal entry id may be on any.
-    let shard_of = |id: &str| {
-        uuid::Uuid::try_parse(id)
+    // A UUID names its shard, as does a journal entry's `ms-seq.shard`; a
+    // bare `ms-seq` may be on any.
+    let shard_of = |id: &str| match id.split_once('.') {
+        Some((_, shard)) => shard
+            .parse()
+            .ok()
+            .and_then(|shard| keys.layout().shard(shard)),
+        None => uuid::Uuid::try_parse(id)
             .is_ok()
-            .then(|| keys.shard_of_text_id(id))
+            .then(|| keys.shard_of_text_id(id)),
     };
     let shards: Vec<_> = keys.shards().collect();
     let found = archive.find(&id, &shards, shard_of)?;

@@ -70,6 +70,7 @@ pub const SCHEDULER_BATCH_MAX: usize = 500;
 pub const JOURNAL_RETENTION_DEFAULT: &str = "5d";
 pub const RECORD_RETENTION_DEFAULT: &str = "30d";
 pub const RETENTION_INTERVAL_MS_DEFAULT: u64 = 60_000;
+pub const ARCHIVE_LEASE_MS_DEFAULT: u64 = 30_000;
 /// Where a worker archives what leaves Redis, relative to its working directory.
 pub const ARCHIVE_DIR_DEFAULT: &str = "archive";
 pub const CURSOR_SECRET_DEFAULT: &str = "tally-development-cursor-secret";
@@ -136,9 +137,10 @@ pub enum LogFormat {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ArchiveAction {
-    /// The records archived under ID: an order, batch, transaction,
-    /// advance, account or journal entry (`ms-seq`) id. Reads only the
-    /// file the id's day and shard name (every shard's, for an entry).
+    /// The records archived under ID: an order, batch or wallet transaction
+    /// id, or a journal entry's `ms-seq.shard` (as the report gives it; a
+    /// bare `ms-seq` is looked for on every shard). Reads only the files the
+    /// id's day and shard name.
     Find {
         id: String,
         /// The archive directory.
@@ -473,6 +475,11 @@ pub struct WorkerSettings {
     /// its window). At least 100 ms.
     #[arg(long, env = "TALLY_RETENTION_INTERVAL_MS", default_value_t = RETENTION_INTERVAL_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(100..))]
     pub retention_interval_ms: u64,
+    /// How long a retention step may hold its shard (a lock the step's
+    /// script checks): after a worker dies holding it, the shard waits this
+    /// long. At least 1000 ms.
+    #[arg(long, env = "TALLY_ARCHIVE_LEASE_MS", default_value_t = ARCHIVE_LEASE_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1_000..))]
+    pub archive_lease_ms: u64,
 }
 
 impl Default for WorkerSettings {
@@ -501,6 +508,7 @@ impl Default for WorkerSettings {
             audit_interval_ms: AUDIT_INTERVAL_MS_DEFAULT,
             archive_dir: PathBuf::from(ARCHIVE_DIR_DEFAULT),
             retention_interval_ms: RETENTION_INTERVAL_MS_DEFAULT,
+            archive_lease_ms: ARCHIVE_LEASE_MS_DEFAULT,
         }
     }
 }
@@ -747,16 +755,6 @@ pub struct LedgerSettings {
     /// archive, e.g. `30d`. A `GET` of one that left answers 410.
     #[arg(long, env = "TALLY_RECORD_RETENTION", default_value = RECORD_RETENTION_DEFAULT, value_parser = humantime::parse_duration)]
     pub record_retention: Duration,
-}
-
-impl LedgerSettings {
-    /// The windows retention keeps in Redis.
-    pub fn retention_windows(&self) -> crate::retention::Windows {
-        crate::retention::Windows {
-            journal: self.journal_retention,
-            records: self.record_retention,
-        }
-    }
 }
 
 impl Default for LedgerSettings {

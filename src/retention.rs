@@ -25,10 +25,6 @@ use crate::store::{Store, now_ms};
 
 /// Most trim batches per shard per round, so one round stays short.
 pub const RETENTION_BATCHES_MAX: usize = 100;
-/// How long a shard's archive lock lasts: far longer than a step (a batch
-/// read, a file append with fsync, a script), so it never runs out under a
-/// live holder.
-const ARCHIVE_LOCK_MS: u64 = 60_000;
 
 /// Archives and trims a shard's journal entries older than `cutoff_ms`, at
 /// most `batches_max` batches; returns how many entries left Redis. Does
@@ -50,7 +46,8 @@ pub async fn archive_journal(
         return Ok(0);
     }
     ensure_identity(store, archive).await?;
-    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), ARCHIVE_LOCK_MS).await? else {
+    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), archive.lease_ms()).await?
+    else {
         return Ok(0);
     };
     let mut trimmed = 0;
@@ -61,7 +58,14 @@ pub async fn archive_journal(
         let lines = old
             .entries
             .iter()
-            .map(|entry| line(&entry.id, "journal_entry", shard, &entry.fields))
+            .map(|entry| {
+                line(
+                    &entry_id(&entry.id, shard),
+                    "journal_entry",
+                    shard,
+                    &entry.fields,
+                )
+            })
             .collect();
         let committed = append(store, archive, shard, lines).await?;
         match journal::trim_archived(
@@ -94,6 +98,12 @@ pub async fn archive_journal(
         }
     }
     Ok(trimmed)
+}
+
+/// A journal entry's id in the archive, as the report gives it: `ms-seq.shard`
+/// (a stream id is unique within its shard's journal only).
+pub fn entry_id(stream_id: &str, shard: Shard) -> String {
+    format!("{stream_id}.{}", shard.index())
 }
 
 /// A record as the archive keeps it.
@@ -196,7 +206,8 @@ pub async fn retire_wallet_transactions(
         return Ok(0);
     }
     ensure_identity(store, archive).await?;
-    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), ARCHIVE_LOCK_MS).await? else {
+    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), archive.lease_ms()).await?
+    else {
         return Ok(0);
     };
     let lines = applied
@@ -257,7 +268,7 @@ async fn retire_batch(
             .layout()
             .shard(index)
             .context("a shard of the layout")?;
-        let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), ARCHIVE_LOCK_MS).await?
+        let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), archive.lease_ms()).await?
         else {
             return Ok(false);
         };
@@ -285,7 +296,8 @@ async fn retire_batch(
         lock.release().await?;
         step_done(done, "orders of batch", &batch.id.to_string(), shard)?;
     }
-    let Some(lock) = Lock::acquire(store, keys.archive_lock(home), ARCHIVE_LOCK_MS).await? else {
+    let Some(lock) = Lock::acquire(store, keys.archive_lock(home), archive.lease_ms()).await?
+    else {
         return Ok(false);
     };
     let symbol = batch
@@ -405,6 +417,15 @@ pub struct Windows {
     /// Finished records: batches settled or refunded, with their orders;
     /// wallet transactions applied.
     pub records: Duration,
+}
+
+impl Windows {
+    pub fn of(ledger: &crate::config::LedgerSettings) -> Self {
+        Windows {
+            journal: ledger.journal_retention,
+            records: ledger.record_retention,
+        }
+    }
 }
 
 /// The start of a window that ends now, in ms since the Unix epoch.

@@ -309,7 +309,8 @@ pub async fn run_workers(
     let mut consumers = tokio::task::JoinSet::new();
     consumers.spawn(crate::retention::retain_periodically(
         store.clone(),
-        crate::archive::Archive::new(&settings.archive_dir),
+        crate::archive::Archive::new(&settings.archive_dir)
+            .with_lease_ms(settings.archive_lease_ms),
         windows,
         Duration::from_millis(settings.retention_interval_ms),
         shutdown.clone(),

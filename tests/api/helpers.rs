@@ -965,7 +965,7 @@ pub fn spawn_workers(app: &TestApp, mut settings: WorkerSettings) -> TestWorkers
         tally::workers::run_workers(
             store,
             &settings,
-            LedgerSettings::default().retention_windows(),
+            tally::retention::Windows::of(&LedgerSettings::default()),
             stopped,
         )
         .await

@@ -28,6 +28,7 @@ mod scripts;
 mod settlement;
 mod shards;
 mod shared_cluster;
+mod soak;
 mod streams;
 mod transfer_saga;
 mod transfers;

@@ -71,7 +71,7 @@ async fn a_step_that_died_after_its_append_is_archived_once_by_the_next() {
         .entries
         .iter()
         .map(|entry| tally::archive::Line {
-            id: entry.id.clone(),
+            id: tally::retention::entry_id(&entry.id, shard),
             kind: "journal_entry".to_owned(),
             shard: shard.index(),
             archived_at: "2026-12-01T00:00:00Z".to_owned(),
