@@ -14,6 +14,8 @@
 -- KEYS[5] journal index (sorted set)   KEYS[6] accounting events (stream)
 -- KEYS[7] leased installments (sorted set)   KEYS[8] due installments (sorted set)
 -- KEYS[9] installment jobs (stream)   KEYS[10] the customer's journal entries (stream)
+-- KEYS[11] the shard's repaid advances (sorted set: id by when repaid), which
+--   retention reads
 -- ARGV[1] "advance_id:n"   ARGV[2] n   ARGV[3] now, ms   ARGV[4] consumer group
 -- ARGV[5] the job's stream id   ARGV[6] @bank's id   ARGV[7] worker name
 -- ARGV[8] most installments an advance may have
@@ -84,7 +86,21 @@ if covered then
   journal_installment('at', now, 'kind', 'installment', 'debit', account_id,
     'credit', ARGV[6], 'amount', amount, 'ref', ARGV[1], 'status', 'completed', 'reason', '')
   redis.call('HSET', KEYS[1], prefix .. 'status', 'paid', prefix .. 'paid_at', now)
-  redis.call('HINCRBY', KEYS[1], 'paid', amount)
+  -- Repaid once every cent is paid and nothing is left scheduled (so a
+  -- scheduler never leases an installment of an advance retention took):
+  -- from then on retention may take it.
+  local paid = redis.call('HINCRBY', KEYS[1], 'paid', amount)
+  local repaid = paid == tonumber(redis.call('HGET', KEYS[1], 'amount'))
+  for other = 1, repaid and count or 0 do
+    if redis.call('HGET', KEYS[1], 'i' .. other .. ':status') == 'scheduled' then
+      repaid = false
+      break
+    end
+  end
+  if repaid then
+    redis.call('HSET', KEYS[1], 'repaid_at', now)
+    redis.call('ZADD', KEYS[11], now, id)
+  end
   redis.call('XADD', KEYS[6], '*', 'type', 'installment.paid', 'ref', ARGV[1],
     'account_id', account_id, 'amount', amount, 'at', now, 'worker', ARGV[7])
   return {'paid', amount}

@@ -167,3 +167,19 @@ local function finish_admitted_orders(intents_key, count, first_key, first_arg)
   end
   return dropped
 end
+
+-- For the scripts that remove what the archive has (src/retention.rs): true
+-- while the caller still holds the shard's archive lock.
+local function holds_archive_lock(lock_key, token)
+  return redis.call('GET', lock_key) == token
+end
+
+-- Commits the archive files' new lengths a step wrote: `files` pairs of
+-- ARGV (the file's day, its length) after ARGV[before]. The same atomic step
+-- removes what those bytes hold, so a file's committed length never counts
+-- a record Redis still has, nor misses one it forgot.
+local function commit_archive_lengths(committed_key, before, files)
+  for i = 1, files do
+    redis.call('HSET', committed_key, ARGV[before + 2 * i - 1], ARGV[before + 2 * i])
+  end
+end

@@ -24,7 +24,7 @@ local files = tonumber(ARGV[4])
 if #KEYS ~= 7 or #ARGV ~= 4 + 2 * files then
   return redis.error_reply('retire_batch: expected 7 keys, 4 arguments and 2 per file')
 end
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+if not holds_archive_lock(KEYS[1], ARGV[1]) then
   return -2
 end
 local batch = redis.call('HMGET', KEYS[3], 'id', 'status', 'settled_at', 'refunded_at', 'value', 'epoch')
@@ -39,7 +39,5 @@ if redis.call('HGET', KEYS[6], batch[6]) == ARGV[2] then
   redis.call('HDEL', KEYS[6], batch[6])
 end
 redis.call('HINCRBY', KEYS[7], 'batches_value', batch[5])
-for i = 1, files do
-  redis.call('HSET', KEYS[2], ARGV[3 + 2 * i], ARGV[4 + 2 * i])
-end
+commit_archive_lengths(KEYS[2], 4, files)
 return 1

@@ -21,7 +21,7 @@ local count = (#KEYS - 2) / 2
 if count ~= math.floor(count) or #ARGV ~= 2 + 2 * files + 2 * count then
   return redis.error_reply('retire_orders: expected 2 keys and 2 arguments per order, 2 arguments per file')
 end
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+if not holds_archive_lock(KEYS[1], ARGV[1]) then
   return -2
 end
 local first = 2 + 2 * files
@@ -40,7 +40,5 @@ for i = 1, count do
     redis.call('XDEL', KEYS[2 + 2 * i], listed[i])
   end
 end
-for i = 1, files do
-  redis.call('HSET', KEYS[2], ARGV[1 + 2 * i], ARGV[2 + 2 * i])
-end
+commit_archive_lengths(KEYS[2], 2, files)
 return count

@@ -34,7 +34,7 @@ end
 if redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[3], '+inf') > 0 then
   return -1
 end
-if redis.call('GET', KEYS[5]) ~= ARGV[6] then
+if not holds_archive_lock(KEYS[5], ARGV[6]) then
   return -2
 end
 
@@ -70,7 +70,5 @@ end
 for i = 7, #KEYS do
   redis.call('XTRIM', KEYS[i], 'MINID', ARGV[4])
 end
-for i = 1, files do
-  redis.call('HSET', KEYS[6], ARGV[6 + 2 * i], ARGV[7 + 2 * i])
-end
+commit_archive_lengths(KEYS[6], 7, files)
 return #old

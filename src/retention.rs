@@ -1,6 +1,7 @@
 //! Retention: what is older than its window leaves Redis, into the archive
 //! first (`archive`): the journal past `TALLY_JOURNAL_RETENTION`; batches
-//! settled or refunded, with their orders, past `TALLY_RECORD_RETENTION`.
+//! settled or refunded, with their orders, wallet transactions applied and
+//! advances repaid, past `TALLY_RECORD_RETENTION`.
 //!
 //! One process archives a shard at a time (a lock on the shard, which the
 //! trim script checks); a step reads a bounded batch, appends it to the
@@ -17,7 +18,7 @@ use anyhow::Context;
 
 use crate::archive::{Archive, Line, day_of_id};
 use crate::domain::{AccountId, OrderId, Symbol};
-use crate::store::archive::{self as archive_store, FinishedBatch, Retired};
+use crate::store::archive::{self as archive_store, FinishedBatch, FinishedKind, Retired};
 use crate::store::journal::{self, TRIM_BATCH_MAX, Trimmed};
 use crate::store::locks::Lock;
 use crate::store::slots::Shard;
@@ -185,24 +186,25 @@ pub async fn retire_batches(
     Ok(retired)
 }
 
-/// Wallet transactions a round retires per shard, at most.
-pub const RETIRE_WALLET_MAX: usize = 1_000;
+/// Records of a kind a round retires per shard, at most.
+pub const RETIRE_RECORDS_MAX: usize = 1_000;
 
-/// Wallet transactions applied (completed or rejected) before `cutoff_ms`
-/// on a shard leave Redis, each archived once; returns how many left.
-pub async fn retire_wallet_transactions(
+/// Records of `kind` finished (a wallet transaction applied, an advance
+/// repaid) before `cutoff_ms` on a shard leave Redis, each archived once;
+/// returns how many left.
+pub async fn retire_records(
     store: &Store,
     archive: &Archive,
+    kind: FinishedKind,
     shard: Shard,
     cutoff_ms: i64,
     limit: usize,
 ) -> anyhow::Result<usize> {
     let keys = store.keys();
     let mut conn = store.conn().await?;
-    let applied =
-        archive_store::applied_wallet_transactions(&mut conn, keys, shard, cutoff_ms, limit)
-            .await?;
-    if applied.is_empty() {
+    let finished =
+        archive_store::finished_records(&mut conn, keys, kind, shard, cutoff_ms, limit).await?;
+    if finished.is_empty() {
         return Ok(0);
     }
     ensure_identity(store, archive).await?;
@@ -210,27 +212,19 @@ pub async fn retire_wallet_transactions(
     else {
         return Ok(0);
     };
-    let lines = applied
+    let lines = finished
         .iter()
-        .map(|(id, fields)| line(id, "wallet_transaction", shard, fields))
+        .map(|(id, fields)| line(id, kind.name(), shard, fields))
         .collect();
     let committed = append(store, archive, shard, lines).await?;
-    let named = applied
+    let named = finished
         .iter()
-        .map(|(id, fields)| {
-            let account = fields
-                .get("account_id")
-                .map(String::as_str)
-                .unwrap_or_default();
-            Ok((
-                id.clone(),
-                AccountId::parse(account).with_context(|| format!("wallet transaction {id}"))?,
-            ))
-        })
+        .map(|(id, fields)| Ok((id.clone(), account_of(fields, kind.name(), id)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let done = archive_store::retire_wallet_transactions(
+    let done = archive_store::retire_records(
         &mut conn,
         keys,
+        kind,
         shard,
         cutoff_ms,
         lock.token(),
@@ -239,8 +233,17 @@ pub async fn retire_wallet_transactions(
     )
     .await?;
     lock.release().await?;
-    step_done(done, "wallet transactions", &named.len().to_string(), shard)?;
+    step_done(done, kind.name(), &named.len().to_string(), shard)?;
     Ok(named.len())
+}
+
+/// The account a record names (its `account_id`).
+fn account_of(fields: &HashMap<String, String>, what: &str, id: &str) -> anyhow::Result<AccountId> {
+    let account = fields
+        .get("account_id")
+        .map(String::as_str)
+        .unwrap_or_default();
+    AccountId::parse(account).with_context(|| format!("{what} {id}"))
 }
 
 /// An order as Redis held it.
@@ -279,16 +282,7 @@ async fn retire_batch(
         let committed = append(store, archive, shard, lines).await?;
         let named = orders
             .iter()
-            .map(|(id, fields)| {
-                let account = fields
-                    .get("account_id")
-                    .map(String::as_str)
-                    .unwrap_or_default();
-                Ok((
-                    *id,
-                    AccountId::parse(account).with_context(|| format!("order {id}"))?,
-                ))
-            })
+            .map(|(id, fields)| Ok((*id, account_of(fields, "order", &id.to_string())?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let done =
             archive_store::retire_orders(&mut conn, keys, shard, lock.token(), &committed, &named)
@@ -415,7 +409,7 @@ pub struct Windows {
     /// The journal (the report's window).
     pub journal: Duration,
     /// Finished records: batches settled or refunded, with their orders;
-    /// wallet transactions applied.
+    /// wallet transactions applied; advances repaid.
     pub records: Duration,
 }
 
@@ -433,6 +427,22 @@ pub fn window_start(window: Duration) -> i64 {
     now_ms().saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Logs what a retention step did on a shard: records past their window
+/// archived and removed, or why it stopped.
+fn logged(what: &str, shard: Shard, done: anyhow::Result<usize>) {
+    match done {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(
+            count,
+            shard = shard.index(),
+            "{what} past retention archived and removed from Redis"
+        ),
+        Err(err) => {
+            tracing::warn!(error = %format!("{err:#}"), shard = shard.index(), "archiving {what} failed")
+        }
+    }
+}
+
 /// Archives what is past its window, a round every `interval`, until
 /// shutdown. Any number of workers may run this: one at a time works on a
 /// shard.
@@ -447,55 +457,38 @@ pub async fn retain_periodically(
         let cutoff_ms = u64::try_from(window_start(windows.journal)).unwrap_or(0);
         let records_cutoff_ms = window_start(windows.records);
         for shard in store.keys().shards() {
-            match retire_batches(
-                &store,
-                &archive,
+            logged(
+                "batches, with their orders",
                 shard,
-                records_cutoff_ms,
-                RETIRE_BATCHES_MAX,
-            )
-            .await
-            {
-                Ok(0) => {}
-                Ok(count) => tracing::info!(
-                    count,
-                    shard = shard.index(),
-                    "batches past retention archived with their orders, and removed"
-                ),
-                Err(err) => {
-                    tracing::warn!(error = %format!("{err:#}"), shard = shard.index(), "archiving batches failed")
-                }
+                retire_batches(
+                    &store,
+                    &archive,
+                    shard,
+                    records_cutoff_ms,
+                    RETIRE_BATCHES_MAX,
+                )
+                .await,
+            );
+            for kind in FinishedKind::ALL {
+                logged(
+                    kind.name(),
+                    shard,
+                    retire_records(
+                        &store,
+                        &archive,
+                        kind,
+                        shard,
+                        records_cutoff_ms,
+                        RETIRE_RECORDS_MAX,
+                    )
+                    .await,
+                );
             }
-            match retire_wallet_transactions(
-                &store,
-                &archive,
+            logged(
+                "journal entries",
                 shard,
-                records_cutoff_ms,
-                RETIRE_WALLET_MAX,
-            )
-            .await
-            {
-                Ok(0) => {}
-                Ok(count) => tracing::info!(
-                    count,
-                    shard = shard.index(),
-                    "wallet transactions past retention archived and removed"
-                ),
-                Err(err) => {
-                    tracing::warn!(error = %format!("{err:#}"), shard = shard.index(), "archiving wallet transactions failed")
-                }
-            }
-            match archive_journal(&store, &archive, shard, cutoff_ms, RETENTION_BATCHES_MAX).await {
-                Ok(0) => {}
-                Ok(count) => tracing::info!(
-                    count,
-                    shard = shard.index(),
-                    "journal entries past retention archived and trimmed"
-                ),
-                Err(err) => {
-                    tracing::warn!(error = %format!("{err:#}"), shard = shard.index(), "archiving the journal failed")
-                }
-            }
+                archive_journal(&store, &archive, shard, cutoff_ms, RETENTION_BATCHES_MAX).await,
+            );
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

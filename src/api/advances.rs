@@ -122,9 +122,11 @@ enum AuditResponse {
 impl AdvancesApi {
     async fn view(&self, id: &str) -> Result<AdvanceView, ApiError> {
         let mut conn = self.0.store.conn().await?;
-        let advance = advances::get(&mut conn, self.0.store.keys(), id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("advance {id} not found")))?;
+        let Some(advance) = advances::get(&mut conn, self.0.store.keys(), id).await? else {
+            let window = self.0.ledger.record_retention;
+            let day = crate::retention::archive_day_of(&self.0.store, id, window).await?;
+            return Err(ApiError::missing_record("advance", id, day));
+        };
         Ok(advance.into())
     }
 }

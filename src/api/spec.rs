@@ -94,7 +94,7 @@ fn close_request_bodies(document: &mut Value) {
 /// The operations that can answer 410 (`archived`): a `GET` of a record
 /// retention takes out of Redis. Every operation shares the error type, so
 /// poem-openapi lists 410 on all of them.
-const GONE_OPERATIONS: [&str; 3] = ["getOrder", "getBatch", "getWalletTransaction"];
+const GONE_OPERATIONS: [&str; 4] = ["getOrder", "getBatch", "getWalletTransaction", "getAdvance"];
 
 fn gone_only_where_records_leave(document: &mut Value) {
     let Some(paths) = get_mut(document, "paths").and_then(Value::as_mapping_mut) else {

@@ -176,6 +176,7 @@ pub async fn collect(
         .key(keys.installments_due(shard))
         .key(keys.installments(shard))
         .key(keys.account_entries(account))
+        .key(keys.advances_repaid(shard))
         .arg(format!("{advance_id}:{n}"))
         .arg(n)
         .arg(super::now_ms())

@@ -1,6 +1,7 @@
 //! What retention reads and removes in Redis (src/retention.rs does the
-//! archiving around it): finished batches past the window, and the scripts
-//! that retire them and their orders once the archive has them.
+//! archiving around it): finished batches, wallet transactions and advances
+//! past the window, and the scripts that retire them once the archive has
+//! them.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -14,10 +15,10 @@ use crate::domain::{AccountId, BatchId, OrderId, Symbol};
 
 static RETIRE_ORDERS: LazyLock<Script> = lua_script!("retire_orders.lua");
 static RETIRE_BATCH: LazyLock<Script> = lua_script!("retire_batch.lua");
-static RETIRE_WALLET: LazyLock<Script> = lua_script!("retire_wallet_transactions.lua");
+static RETIRE_RECORDS: LazyLock<Script> = lua_script!("retire_records.lua");
 
 pub fn scripts() -> [&'static Script; 3] {
-    [&RETIRE_ORDERS, &RETIRE_BATCH, &RETIRE_WALLET]
+    [&RETIRE_ORDERS, &RETIRE_BATCH, &RETIRE_RECORDS]
 }
 
 /// What a retiring script did.
@@ -166,17 +167,70 @@ pub async fn finished_batches(
     Ok(finished)
 }
 
-/// Up to `limit` of a shard's wallet transactions applied before
+/// Records that leave Redis one by one once finished, each kind read from
+/// its shard's index of finished ones (written by the script that finishes
+/// the record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishedKind {
+    /// A wallet transaction applied (completed or rejected).
+    WalletTransaction,
+    /// An advance repaid, with its installments.
+    Advance,
+}
+
+impl FinishedKind {
+    pub const ALL: [FinishedKind; 2] = [FinishedKind::WalletTransaction, FinishedKind::Advance];
+
+    /// Its `kind` in the archive.
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishedKind::WalletTransaction => "wallet_transaction",
+            FinishedKind::Advance => "advance",
+        }
+    }
+
+    fn finished(self, keys: &Keys, shard: Shard) -> String {
+        match self {
+            FinishedKind::WalletTransaction => keys.wallet_applied(shard),
+            FinishedKind::Advance => keys.advances_repaid(shard),
+        }
+    }
+
+    /// The shard's other indexes that name the records.
+    fn indexes(self, keys: &Keys, shard: Shard) -> Vec<String> {
+        match self {
+            FinishedKind::WalletTransaction => Vec::new(),
+            FinishedKind::Advance => vec![keys.advances(shard)],
+        }
+    }
+
+    fn record(self, keys: &Keys, id: &str) -> String {
+        match self {
+            FinishedKind::WalletTransaction => keys.wallet_transaction(id),
+            FinishedKind::Advance => keys.advance(id),
+        }
+    }
+
+    fn account_list(self, keys: &Keys, account: &AccountId) -> String {
+        match self {
+            FinishedKind::WalletTransaction => keys.wallet_history(account),
+            FinishedKind::Advance => keys.account_advances(account),
+        }
+    }
+}
+
+/// Up to `limit` of a shard's records of `kind` finished before
 /// `cutoff_ms`, oldest first, as Redis holds them: (id, fields).
-pub async fn applied_wallet_transactions(
+pub async fn finished_records(
     conn: &mut impl Conn,
     keys: &Keys,
+    kind: FinishedKind,
     shard: Shard,
     cutoff_ms: i64,
     limit: usize,
 ) -> StoreResult<Vec<(String, HashMap<String, String>)>> {
     let ids: Vec<String> = redis::cmd("ZRANGE")
-        .arg(keys.wallet_applied(shard))
+        .arg(kind.finished(keys, shard))
         .arg("-inf")
         .arg(format!("({cutoff_ms}"))
         .arg("BYSCORE")
@@ -190,38 +244,49 @@ pub async fn applied_wallet_transactions(
     }
     let mut pipe = redis::pipe();
     for id in &ids {
-        pipe.cmd("HGETALL").arg(keys.wallet_transaction(id));
+        pipe.cmd("HGETALL").arg(kind.record(keys, id));
     }
     let all: Vec<HashMap<String, String>> = pipe.query_async(conn).await?;
     Ok(ids.into_iter().zip(all).collect())
 }
 
-/// Removes wallet transactions of one shard (archived, the files' new
-/// lengths in `committed`), under the shard's archive lock.
-pub async fn retire_wallet_transactions(
+/// Removes finished records of one shard (archived, the files' new
+/// lengths in `committed`), under the shard's archive lock: (id, account).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the script's arguments, each named where it is called"
+)]
+pub async fn retire_records(
     conn: &mut impl Conn,
     keys: &Keys,
+    kind: FinishedKind,
     shard: Shard,
     cutoff_ms: i64,
     lock_token: &str,
     committed: &[(String, u64)],
-    transactions: &[(String, AccountId)],
+    records: &[(String, AccountId)],
 ) -> StoreResult<Retired> {
-    let mut invocation = RETIRE_WALLET.prepare_invoke();
+    let indexes = kind.indexes(keys, shard);
+    let mut invocation = RETIRE_RECORDS.prepare_invoke();
     invocation
         .key(keys.archive_lock(shard))
         .key(keys.archive_committed(shard))
-        .key(keys.wallet_applied(shard))
+        .key(kind.finished(keys, shard));
+    for index in &indexes {
+        invocation.key(index);
+    }
+    invocation
         .arg(lock_token)
         .arg(cutoff_ms)
+        .arg(indexes.len())
         .arg(committed.len());
     for (day, length) in committed {
         invocation.arg(day).arg(length);
     }
-    for (id, account) in transactions {
+    for (id, account) in records {
         invocation
-            .key(keys.wallet_transaction(id))
-            .key(keys.wallet_history(account))
+            .key(kind.record(keys, id))
+            .key(kind.account_list(keys, account))
             .arg(id)
             .arg(account.as_str());
     }

@@ -489,6 +489,12 @@ impl Keys {
         self.at(self.shard_of_text_id(id), format_args!("advance:{id}"))
     }
 
+    /// Advances repaid on a shard (sorted set: id by when repaid), which
+    /// retention reads.
+    pub fn advances_repaid(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("advances:repaid"))
+    }
+
     /// An account's advances by creation time (sorted set).
     pub fn account_advances(&self, account: &AccountId) -> String {
         self.on_account(account, format_args!("account:{account}:advances"))

@@ -26,7 +26,7 @@ pub(crate) fn scheduler_settings() -> SchedulerSettings {
     }
 }
 
-async fn create_advance(app: &TestApp, account: &str, amount: &str) -> Value {
+pub(crate) async fn create_advance(app: &TestApp, account: &str, amount: &str) -> Value {
     let response = app
         .post(
             "/api/v1/advances",
@@ -41,7 +41,7 @@ async fn advance(app: &TestApp, id: &str) -> Value {
     app.get_json(&format!("/api/v1/advances/{id}")).await
 }
 
-fn statuses(advance: &Value) -> Vec<String> {
+pub(crate) fn statuses(advance: &Value) -> Vec<String> {
     advance["installments"]
         .as_array()
         .unwrap()
@@ -50,8 +50,6 @@ fn statuses(advance: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Moves the clock one period, runs the scheduler once, and waits until
-/// installment `n` is no longer scheduled or processing.
 /// A new account with nothing in it and an advance of 120.00, a week on, with
 /// its first installment just leased: (account, advance id, the clock).
 async fn first_installment_leased(app: &TestApp, name: &str) -> (String, String, ManualClock) {
@@ -71,7 +69,15 @@ async fn first_installment_leased(app: &TestApp, name: &str) -> (String, String,
     (account, id, clock)
 }
 
-async fn step(app: &TestApp, clock: &ManualClock, period: Duration, id: &str, n: usize) -> Value {
+/// Moves the clock one period, runs the scheduler once, and waits until
+/// installment `n` is no longer scheduled or processing.
+pub(crate) async fn step(
+    app: &TestApp,
+    clock: &ManualClock,
+    period: Duration,
+    id: &str,
+    n: usize,
+) -> Value {
     clock.advance(period);
     schedule_once(&app.store, clock, &scheduler_settings())
         .await

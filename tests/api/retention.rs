@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use tally::archive::{Archive, day_of_ms};
 use tally::retention::archive_journal;
+use tally::store::archive::FinishedKind::{Advance, WalletTransaction};
 use tally::store::journal::{self, OldEntries, Trimmed};
 use tally::store::now_ms;
 use tally::store::slots::Shard;
@@ -506,7 +507,7 @@ async fn queue_wallet(app: &TestApp, account: &str, kind: &str, amount: &str) ->
 
 #[tokio::test(flavor = "multi_thread")]
 async fn applied_wallet_transactions_leave_into_the_archive_and_answer_410() {
-    use tally::retention::{retire_wallet_transactions, window_start};
+    use tally::retention::{retire_records, window_start};
     let window = Duration::from_secs(1);
     let app = spawn_app_with(|settings| settings.ledger.record_retention = window).await;
     let exchange = spawn_exchange(tally::exchange::sim::Faults::default()).await;
@@ -535,18 +536,32 @@ async fn applied_wallet_transactions_leave_into_the_archive_and_answer_410() {
 
     // Within the window: nothing leaves.
     assert_eq!(
-        retire_wallet_transactions(&app.store, &archive, shard, window_start(window), 100)
-            .await
-            .unwrap(),
+        retire_records(
+            &app.store,
+            &archive,
+            WalletTransaction,
+            shard,
+            window_start(window),
+            100
+        )
+        .await
+        .unwrap(),
         0
     );
     tokio::time::sleep(window + Duration::from_millis(200)).await;
     // One queued after: not applied, so it stays whatever its age.
     let queued = queue_wallet(&app, &account, "deposit", "1.00").await;
     assert_eq!(
-        retire_wallet_transactions(&app.store, &archive, shard, window_start(window), 100)
-            .await
-            .unwrap(),
+        retire_records(
+            &app.store,
+            &archive,
+            WalletTransaction,
+            shard,
+            window_start(window),
+            100
+        )
+        .await
+        .unwrap(),
         2
     );
     for id in [&deposit, &rejected] {
@@ -577,36 +592,242 @@ async fn applied_wallet_transactions_leave_into_the_archive_and_answer_410() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn retire_wallet_transactions_refuses_a_lost_lock_and_one_not_applied_before_the_window() {
+async fn a_repaid_advance_leaves_with_its_installments_into_the_archive_and_answers_410() {
+    use crate::advances::{WEEK, create_advance, statuses, step};
+    use tally::advances::ManualClock;
+    use tally::retention::{retire_records, window_start};
+    let window = Duration::from_secs(1);
+    let app = spawn_app_with(|settings| settings.ledger.record_retention = window).await;
+    let exchange = spawn_exchange(tally::exchange::sim::Faults::default()).await;
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    let account = app.create_account("borrower", "0").await;
+    let spender = app.create_account("spender", "0").await;
+    let repaid = create_advance(&app, &account, "120.00").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Another borrower spends the advance at once: every installment fails.
+    let owing = create_advance(&app, &spender, "24.00").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let spent =
+        json!({"account_id": spender, "amount": "24.00", "direction": "debit", "reason": "spent"});
+    assert_eq!(
+        app.post("/api/v1/bank-transactions", &spent).await.status(),
+        201
+    );
+    let shard = app.shard_of(&account);
+    let keys = app.keys().clone();
+    let repaid_index = || async {
+        let mut conn = app.redis().await;
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(keys.advances_repaid(shard))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ids
+    };
+    // Both advances fall due together, week by week.
+    let clock = ManualClock::starting_at(now_ms());
+    for n in 1..=12 {
+        if n == 12 {
+            assert!(
+                repaid_index().await.is_empty(),
+                "not repaid until its last cent"
+            );
+        }
+        step(&app, &clock, WEEK, &repaid, n).await;
+        eventually("the other's installment too", || async {
+            statuses(&app.get_json(&format!("/api/v1/advances/{owing}")).await)[n - 1]
+                != "scheduled"
+        })
+        .await;
+    }
+    workers.stop().await;
+    let owed = app.get_json(&format!("/api/v1/advances/{owing}")).await;
+    let first = app.get_json(&format!("/api/v1/advances/{repaid}")).await;
+    assert_eq!(first["paid"], "120.00", "{first}");
+    assert_eq!(owed["paid"], "0.00", "{owed}");
+    assert_eq!(repaid_index().await, vec![repaid.clone()]);
+    let archive = app.archive();
+
+    // Within the window: nothing leaves.
+    assert_eq!(
+        retire_records(
+            &app.store,
+            &archive,
+            Advance,
+            shard,
+            window_start(window),
+            100
+        )
+        .await
+        .unwrap(),
+        0
+    );
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    assert_eq!(
+        retire_records(
+            &app.store,
+            &archive,
+            Advance,
+            shard,
+            window_start(window),
+            100
+        )
+        .await
+        .unwrap(),
+        1
+    );
+    let response = app.get(&format!("/api/v1/advances/{repaid}")).await;
+    assert_problem(response, 410, "is in the archive of").await;
+    assert_eq!(
+        app.get_json(&format!("/api/v1/advances/{owing}")).await,
+        owed,
+        "the advance still owed stays"
+    );
+    let listed = |account: String| {
+        let app = &app;
+        async move {
+            let page = app
+                .get_json(&format!("/api/v1/accounts/{account}/advances"))
+                .await;
+            page.as_array()
+                .unwrap()
+                .iter()
+                .map(|advance| advance["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert!(listed(account.clone()).await.is_empty());
+    assert_eq!(listed(spender.clone()).await, vec![owing.clone()]);
+    assert!(repaid_index().await.is_empty());
+    let mut conn = app.redis().await;
+    let on_shard: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.advances(shard))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!on_shard.contains(&repaid), "off its shard's list");
+    assert_eq!(archived_ids(&archive, shard), vec![repaid.clone()], "once");
+    let lines = archive.read(&day_of_ms(now_ms()), shard).unwrap();
+    let line = lines.iter().find(|line| line.id == repaid).unwrap();
+    assert_eq!(
+        (
+            line.kind.as_str(),
+            line.fields["paid"].as_str(),
+            line.fields["amount"].as_str(),
+            line.fields["i12:status"].as_str()
+        ),
+        ("advance", "12000", "12000", "paid")
+    );
+    let report = tally::audit::run(&app.store).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retire_records_refuses_a_lost_lock_and_a_record_not_finished_before_the_window() {
     use tally::domain::AccountId;
-    use tally::store::archive::{Retired, retire_wallet_transactions};
+    use tally::store::archive::{Retired, retire_records};
     let app = spawn_app_with(|_| {}).await;
+    let exchange = spawn_exchange(tally::exchange::sim::Faults::default()).await;
     let account = app.create_account("w", "0").await;
     let queued = queue_wallet(&app, &account, "deposit", "5.00").await;
+    let owing = crate::advances::create_advance(&app, &account, "24.00").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let id = AccountId::parse(&account).unwrap();
     let shard = app.shard_of(&account);
     let keys = app.keys().clone();
     let mut conn = app.redis().await;
-    let named = [(queued.clone(), id.clone())];
     let before = app.snapshot().await;
-    let refused =
-        retire_wallet_transactions(&mut conn, &keys, shard, now_ms(), "nobody", &[], &named)
-            .await
-            .unwrap();
-    assert_eq!(refused, Retired::LostLock);
+    for (kind, record) in [(WalletTransaction, &queued), (Advance, &owing)] {
+        let named = [(record.clone(), id.clone())];
+        let refused = retire_records(
+            &mut conn,
+            &keys,
+            kind,
+            shard,
+            now_ms(),
+            "nobody",
+            &[],
+            &named,
+        )
+        .await
+        .unwrap();
+        assert_eq!(refused, Retired::LostLock, "{kind:?}");
+    }
+    assert_eq!(app.snapshot().await, before, "nothing written");
     let _: () = redis::cmd("SET")
         .arg(keys.archive_lock(shard))
         .arg("holder")
         .query_async(&mut conn)
         .await
         .unwrap();
+    // Queued, not applied; owed, not repaid.
     let before_locked = app.snapshot().await;
-    // Queued, not applied.
-    let refused =
-        retire_wallet_transactions(&mut conn, &keys, shard, now_ms(), "holder", &[], &named)
-            .await
-            .unwrap();
-    assert_eq!(refused, Retired::Stale);
+    for (kind, record) in [(WalletTransaction, &queued), (Advance, &owing)] {
+        let named = [(record.clone(), id.clone())];
+        let refused = retire_records(
+            &mut conn,
+            &keys,
+            kind,
+            shard,
+            now_ms(),
+            "holder",
+            &[],
+            &named,
+        )
+        .await
+        .unwrap();
+        assert_eq!(refused, Retired::Stale, "{kind:?}");
+    }
     assert_eq!(app.snapshot().await, before_locked, "nothing written");
-    assert_ne!(before, before_locked);
+    // Applied, but within the window (the cutoff is before it was applied);
+    // and one named with another account.
+    let workers = spawn_workers(&app, test_worker_settings(&exchange));
+    eventually("the deposit is applied", || async {
+        app.get_json(&format!("/api/v1/accounts/{account}/transactions/{queued}"))
+            .await["status"]
+            == "completed"
+    })
+    .await;
+    workers.stop().await;
+    let other = AccountId::parse(&app.create_account("x", "0").await).unwrap();
+    let before_applied = app.snapshot().await;
+    let named = [(queued.clone(), id.clone())];
+    let refused = retire_records(
+        &mut conn,
+        &keys,
+        WalletTransaction,
+        shard,
+        now_ms() - 60_000,
+        "holder",
+        &[],
+        &named,
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, Retired::Stale, "finished within the window");
+    let named = [(queued.clone(), other)];
+    let refused = retire_records(
+        &mut conn,
+        &keys,
+        WalletTransaction,
+        shard,
+        now_ms() + 1_000,
+        "holder",
+        &[],
+        &named,
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, Retired::Stale, "not the account named");
+    assert_eq!(app.snapshot().await, before_applied, "nothing written");
 }
