@@ -147,6 +147,17 @@ pub struct BenchArgs {
     /// every write waits for before its answer (`TALLY_REPLICA_ACKS`).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=i64::from(crate::config::REPLICA_ACKS_MAX)))]
     pub replica_acks: u8,
+    /// How long finished records and journal entries stay in Redis in the
+    /// measured phase of `bench retention` (both windows).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub retention_window: Duration,
+    /// Orders per second `bench retention` sends, steadily.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub order_rate: u32,
+    /// The rig's retention windows, when set (`bench retention` sets them
+    /// per phase); otherwise the defaults, 30 and 5 days.
+    #[arg(skip)]
+    pub windows: Option<Duration>,
     /// Also write the figures here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -400,9 +411,16 @@ impl Rig {
                 replica_acks: args.replica_acks,
                 ..RedisSettings::for_url(&redis.url())
             },
-            ledger: LedgerSettings {
-                prices: bench_prices(args.symbols)?,
-                ..LedgerSettings::default()
+            ledger: {
+                let mut ledger = LedgerSettings {
+                    prices: bench_prices(args.symbols)?,
+                    ..LedgerSettings::default()
+                };
+                if let Some(window) = args.windows {
+                    ledger.record_retention = window;
+                    ledger.journal_retention = window;
+                }
+                ledger
             },
             api: ApiSettings {
                 listen: "127.0.0.1:0".parse()?,
@@ -753,8 +771,8 @@ impl Load {
 }
 
 /// Runs `concurrency` HTTP/1.1 keep-alive connections to `addr`, each sending
-/// `request(n)` back to back until `duration` has passed; a request counts as
-/// ok when it is answered `expect`.
+/// `request(n)` back to back (or one per `pace`, when given) until `duration`
+/// has passed; a request counts as ok when it is answered `expect`.
 ///
 /// The client is hyper's own connection, one per loop, with no pool: what it
 /// costs counts against the ceiling and the orders alike, so it is kept small.
@@ -762,6 +780,7 @@ async fn http_load<F>(
     addr: SocketAddr,
     concurrency: usize,
     duration: Duration,
+    pace: Option<Duration>,
     expect: StatusCode,
     request: F,
 ) -> anyhow::Result<Load>
@@ -809,6 +828,9 @@ where
                         break; // the connection is gone: count it and stop this loop
                     }
                 }
+                if let Some(pace) = pace {
+                    tokio::time::sleep_until((sent + pace).into()).await;
+                }
             }
             (ok, errors, latencies_us)
         });
@@ -827,6 +849,44 @@ where
     }
     load.elapsed = started.elapsed();
     Ok(load)
+}
+
+/// The `n`th order of a load: every account in turn, each with its own
+/// customer key, over the symbols and `QUANTITY_MIX`.
+fn order_requests(rig: &Rig) -> impl Fn(u64) -> http::Request<Full<Bytes>> + Send + Sync + 'static {
+    // Each order carries its account's own customer key.
+    let symbols: Vec<String> = rig
+        .ledger
+        .prices
+        .iter()
+        .map(|(symbol, _)| symbol.to_string())
+        .collect();
+    let bodies: Vec<(Bytes, http::HeaderValue)> =
+        (0..rig.accounts.len() * QUANTITY_MIX.len() * symbols.len())
+            .map(|i| {
+                // Symbols interleaved, so each gets its share all along.
+                let symbol = &symbols[i % symbols.len()];
+                let i = i / symbols.len();
+                let account = &rig.accounts[i % rig.accounts.len()];
+                let key = &rig.account_keys[i % rig.accounts.len()];
+                let quantity = QUANTITY_MIX[(i / rig.accounts.len()) % QUANTITY_MIX.len()];
+                let body = Bytes::from(format!(
+                    r#"{{"account_id":"{account}","symbol":"{symbol}","quantity":"{quantity}"}}"#
+                ));
+                let authorization = http::HeaderValue::from_str(&format!("Bearer {key}"))
+                    .expect("a key is a valid header value");
+                (body, authorization)
+            })
+            .collect();
+    move |n| {
+        let (body, authorization) = &bodies[(n as usize) % bodies.len()];
+        http::Request::post("/api/v1/orders")
+            .header(http::header::HOST, "tally")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::AUTHORIZATION, authorization.clone())
+            .body(Full::new(body.clone()))
+            .expect("a valid request")
+    }
 }
 
 /// One pipelined connection running `place_orders.lua` as fast as Redis allows.
@@ -905,6 +965,7 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
         rig.api_addr,
         args.concurrency,
         args.duration,
+        None,
         StatusCode::OK,
         |_| {
             http::Request::get("/health")
@@ -925,47 +986,15 @@ pub async fn orders(args: BenchArgs) -> anyhow::Result<bool> {
     } else {
         Some(rig.start_workers(&args, args.workers_nice).await?)
     };
-    // Each order carries its account's own customer key.
-    let symbols: Vec<String> = rig
-        .ledger
-        .prices
-        .iter()
-        .map(|(symbol, _)| symbol.to_string())
-        .collect();
-    let bodies: Arc<Vec<(Bytes, http::HeaderValue)>> = Arc::new(
-        (0..rig.accounts.len() * QUANTITY_MIX.len() * symbols.len())
-            .map(|i| {
-                // Symbols interleaved, so each gets its share all along.
-                let symbol = &symbols[i % symbols.len()];
-                let i = i / symbols.len();
-                let account = &rig.accounts[i % rig.accounts.len()];
-                let key = &rig.account_keys[i % rig.accounts.len()];
-                let quantity = QUANTITY_MIX[(i / rig.accounts.len()) % QUANTITY_MIX.len()];
-                let body = Bytes::from(format!(
-                    r#"{{"account_id":"{account}","symbol":"{symbol}","quantity":"{quantity}"}}"#
-                ));
-                let authorization = http::HeaderValue::from_str(&format!("Bearer {key}"))
-                    .expect("a key is a valid header value");
-                (body, authorization)
-            })
-            .collect(),
-    );
     let cpu_before_orders = rig.cpu_times(during_load.as_ref());
     let commands_before = commands_by_server(&rig.redis).await?;
     let mut load = http_load(
         rig.api_addr,
         args.concurrency,
         args.duration,
+        None,
         StatusCode::CREATED,
-        move |n| {
-            let (body, authorization) = &bodies[(n as usize) % bodies.len()];
-            http::Request::post("/api/v1/orders")
-                .header(http::header::HOST, "tally")
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::AUTHORIZATION, authorization.clone())
-                .body(Full::new(body.clone()))
-                .expect("a valid request")
-        },
+        order_requests(&rig),
     )
     .await?;
     let orders_cpu = rig
@@ -1536,4 +1565,252 @@ async fn failed_batches_page(
         page += 1;
     }
     Ok(page)
+}
+
+/// How often the workers' retention round runs in `bench retention`.
+const RETENTION_BENCH_INTERVAL_MS: u64 = 500;
+/// Connections `bench retention` paces its orders over.
+const RETENTION_BENCH_CONNECTIONS: usize = 8;
+/// Longest `bench retention` waits for an AOF rewrite to finish.
+const AOF_REWRITE_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// Redis's memory and AOF size at one moment.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Footprint {
+    used_memory: u64,
+    aof_bytes: u64,
+}
+
+async fn redis_footprint(store: &Store) -> anyhow::Result<Footprint> {
+    let mut conn = store.conn().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .arg("persistence")
+        .query_async(&mut conn)
+        .await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+    };
+    Ok(Footprint {
+        used_memory: field("used_memory").context("INFO has no used_memory")?,
+        aof_bytes: field("aof_current_size").unwrap_or(0),
+    })
+}
+
+/// One phase of `bench retention`: orders at a steady rate for the
+/// duration, Redis measured at its start, half way and end.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct RetentionPhase {
+    orders_first_half: u64,
+    orders_second_half: u64,
+    start: Footprint,
+    half_way: Footprint,
+    end: Footprint,
+    /// The AOF's size once rewritten at the end (`BGREWRITEAOF`).
+    aof_rewritten_bytes: u64,
+    /// What the archive directory holds at the end.
+    archive_bytes: u64,
+    audit_clean: bool,
+}
+
+impl RetentionPhase {
+    fn orders(&self) -> u64 {
+        self.orders_first_half + self.orders_second_half
+    }
+
+    /// Redis `used_memory` grown per order over a half (may be negative).
+    fn memory_per_order(&self, from: Footprint, to: Footprint, orders: u64) -> f64 {
+        (to.used_memory as f64 - from.used_memory as f64) / orders.max(1) as f64
+    }
+}
+
+/// `tally bench retention`: what an order leaves in Redis. The same steady
+/// load twice, each on a fresh Redis (AOF) with its workers: first with the
+/// default windows (nothing leaves in a bench's time but consumed job-stream
+/// entries, after a minute), then with `--retention-window` for finished
+/// records, the journal and consumed job-stream entries. Redis's
+/// `used_memory` per order over the first half of the run (the window
+/// filling) and the second (at its level, with retention), the AOF bytes
+/// written per order, and the AOF once rewritten.
+pub async fn retention(args: BenchArgs) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        args.retention_window * 2 < args.duration,
+        "--retention-window must be under half of --duration, so the second half of the run is past the window"
+    );
+    anyhow::ensure!(
+        !args.cluster && args.redis_persistence == Persistence::Aof,
+        "bench retention measures one redis-server with its AOF"
+    );
+    println!(
+        "tally bench retention: {} orders/s for {:?} per phase over {RETENTION_BENCH_CONNECTIONS} connections, {} accounts, \
+         {} workers, a retention round every {RETENTION_BENCH_INTERVAL_MS} ms, Redis with AOF (fsync every second)",
+        args.order_rate, args.duration, args.accounts, args.workers,
+    );
+    let without = retention_phase(&args, None).await?;
+    let with = retention_phase(&args, Some(args.retention_window)).await?;
+    let per_order = |phase: &RetentionPhase| {
+        (
+            phase.memory_per_order(phase.start, phase.half_way, phase.orders_first_half),
+            phase.memory_per_order(phase.half_way, phase.end, phase.orders_second_half),
+            (phase.end.aof_bytes as f64 - phase.start.aof_bytes as f64)
+                / phase.orders().max(1) as f64,
+            phase.aof_rewritten_bytes as f64 / phase.orders().max(1) as f64,
+            phase.archive_bytes as f64 / phase.orders().max(1) as f64,
+        )
+    };
+    let (a, b) = (per_order(&without), per_order(&with));
+    println!(
+        "{:<52} {:>18} {:>18}",
+        "bytes per order",
+        "no retention",
+        format!("window {:?}", args.retention_window)
+    );
+    for (label, x, y) in [
+        ("Redis used_memory, first half (window filling)", a.0, b.0),
+        ("Redis used_memory, second half (window full)", a.1, b.1),
+        ("AOF written", a.2, b.2),
+        ("AOF once rewritten (its size / orders)", a.3, b.3),
+        ("archive (gzip JSON Lines)", a.4, b.4),
+    ] {
+        println!("{label:<52} {x:>18.0} {y:>18.0}");
+    }
+    for (name, phase) in [("no retention", &without), ("with retention", &with)] {
+        println!(
+            "{name}: {} orders; used_memory {} -> {} -> {} bytes; AOF {} -> {} bytes, {} rewritten; archive {} bytes; audit {}",
+            phase.orders(),
+            phase.start.used_memory,
+            phase.half_way.used_memory,
+            phase.end.used_memory,
+            phase.start.aof_bytes,
+            phase.end.aof_bytes,
+            phase.aof_rewritten_bytes,
+            phase.archive_bytes,
+            if phase.audit_clean {
+                "clean"
+            } else {
+                "NOT clean"
+            },
+        );
+    }
+    if let Some(path) = &args.json {
+        let figures = serde_json::json!({"without": without, "with": with});
+        std::fs::write(path, serde_json::to_string_pretty(&figures)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(without.audit_clean && with.audit_clean)
+}
+
+async fn retention_phase(
+    args: &BenchArgs,
+    window: Option<Duration>,
+) -> anyhow::Result<RetentionPhase> {
+    let args = BenchArgs {
+        windows: window,
+        ..args.clone()
+    };
+    let rig = Rig::start(&args).await?;
+    let archive_dir = std::env::temp_dir().join(format!(
+        "tally-bench-archive-{}-{}",
+        std::process::id(),
+        crate::store::now_ms()
+    ));
+    let workers = rig
+        .start_workers_with(
+            &args,
+            args.workers_nice,
+            WorkerSettings {
+                archive_dir: archive_dir.clone(),
+                retention_interval_ms: RETENTION_BENCH_INTERVAL_MS,
+                // Consumed job-stream entries leave after the window too.
+                stream_retention_ms: window
+                    .map_or(crate::config::STREAM_RETENTION_MS_DEFAULT, |window| {
+                        u64::try_from(window.as_millis()).unwrap_or(u64::MAX)
+                    }),
+                ..WorkerSettings::default()
+            },
+        )
+        .await?;
+    let pace = Duration::from_secs(RETENTION_BENCH_CONNECTIONS as u64) / args.order_rate;
+    let half = args.duration / 2;
+    let start = redis_footprint(&rig.store).await?;
+    let first = http_load(
+        rig.api_addr,
+        RETENTION_BENCH_CONNECTIONS,
+        half,
+        Some(pace),
+        StatusCode::CREATED,
+        order_requests(&rig),
+    )
+    .await?;
+    let half_way = redis_footprint(&rig.store).await?;
+    let second = http_load(
+        rig.api_addr,
+        RETENTION_BENCH_CONNECTIONS,
+        half,
+        Some(pace),
+        StatusCode::CREATED,
+        order_requests(&rig),
+    )
+    .await?;
+    let end = redis_footprint(&rig.store).await?;
+    anyhow::ensure!(
+        first.errors + second.errors == 0,
+        "{} orders failed",
+        first.errors + second.errors
+    );
+    workers.stop().await?;
+    let aof_rewritten_bytes = rewrite_aof(&rig.store).await?;
+    let archive_bytes = dir_bytes(&archive_dir);
+    let _ = std::fs::remove_dir_all(&archive_dir);
+    Ok(RetentionPhase {
+        orders_first_half: first.ok,
+        orders_second_half: second.ok,
+        start,
+        half_way,
+        end,
+        aof_rewritten_bytes,
+        archive_bytes,
+        audit_clean: rig.audit().await?,
+    })
+}
+
+/// Rewrites the AOF (`BGREWRITEAOF`) and returns its size once done.
+async fn rewrite_aof(store: &Store) -> anyhow::Result<u64> {
+    let mut conn = store.conn().await?;
+    let _: String = redis::cmd("BGREWRITEAOF").query_async(&mut conn).await?;
+    let deadline = Instant::now() + AOF_REWRITE_WAIT_MAX;
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut conn)
+            .await?;
+        let busy = ["aof_rewrite_in_progress:1", "aof_rewrite_scheduled:1"]
+            .iter()
+            .any(|flag| info.lines().any(|line| line.trim() == *flag));
+        if !busy {
+            return Ok(redis_footprint(store).await?.aof_bytes);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the AOF rewrite took over {AOF_REWRITE_WAIT_MAX:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Bytes of every file under `dir` (0 when it does not exist).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

@@ -46,6 +46,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 BenchScenario::Settle(args) => crate::bench::settle(args).await?,
                 BenchScenario::Report(args) => crate::bench::report(args).await?,
                 BenchScenario::Console(args) => crate::bench::console(args).await?,
+                BenchScenario::Retention(args) => crate::bench::retention(args).await?,
             };
             Ok(if passed {
                 ExitCode::SUCCESS

@@ -305,6 +305,9 @@ pub enum BenchScenario {
     /// The operator's console: every page empty, then with `--entries`
     /// journal entries and `--batches` failed batches.
     Console(crate::bench::BenchArgs),
+    /// What an order leaves in Redis and its AOF, without retention and
+    /// with a `--retention-window`, at a steady `--order-rate`.
+    Retention(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
