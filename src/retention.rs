@@ -11,13 +11,13 @@
 //! files, which the next step cuts off before it writes them again: each
 //! record is archived once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::archive::{Archive, Line, day_of_id};
-use crate::domain::{AccountId, OrderId, Symbol};
+use crate::domain::{AccountId, BatchId, OrderId, Symbol};
 use crate::store::archive::{self as archive_store, FinishedBatch, FinishedKind, Retired};
 use crate::store::journal::{self, TRIM_BATCH_MAX, Trimmed};
 use crate::store::locks::Lock;
@@ -156,11 +156,11 @@ pub const RETIRE_BATCHES_MAX: usize = 1_000;
 const BATCH_SCAN_MAX: usize = 5_000;
 
 /// Batches settled or refunded before `cutoff_ms` on a home shard leave
-/// Redis with their orders, each archived once: for each batch, its orders
-/// on each customer shard (archived there, then retired), then the batch
-/// (archived, then retired, its value carried for the audit). A batch
-/// whose shards another process is archiving waits for the next round.
-/// Returns how many batches left.
+/// Redis with their orders, each archived once: first their orders, a step
+/// per customer shard (archived there, then retired), then the batches on
+/// their home shard (archived, then retired, their value carried for the
+/// audit). A batch with orders on a shard another process is archiving
+/// waits for the next round. Returns how many batches left.
 pub async fn retire_batches(
     store: &Store,
     archive: &Archive,
@@ -177,13 +177,120 @@ pub async fn retire_batches(
         return Ok(0);
     }
     ensure_identity(store, archive).await?;
-    let mut retired = 0;
-    for batch in finished {
-        if retire_batch(store, archive, home, cutoff_ms, batch).await? {
-            retired += 1;
+    let mut by_shard: BTreeMap<u16, Vec<(&BatchId, &OrderFields)>> = BTreeMap::new();
+    for batch in &finished {
+        for order in &batch.orders {
+            by_shard
+                .entry(keys.shard_of_id(&order.0.uuid()).index())
+                .or_default()
+                .push((&batch.id, order));
         }
     }
-    Ok(retired)
+    let mut waiting: HashSet<&BatchId> = HashSet::new();
+    for (index, orders) in by_shard {
+        let shard = keys
+            .layout()
+            .shard(index)
+            .context("a shard of the layout")?;
+        let fields = orders.iter().map(|(_, order)| *order).collect::<Vec<_>>();
+        if !retire_orders(store, archive, shard, &fields).await? {
+            waiting.extend(orders.iter().map(|(batch, _)| *batch));
+        }
+    }
+    let ready: Vec<&FinishedBatch> = finished
+        .iter()
+        .filter(|batch| !waiting.contains(&batch.id))
+        .collect();
+    retire_batch_records(store, archive, home, cutoff_ms, &ready).await
+}
+
+/// Most records one archive step appends and removes.
+pub const STEP_RECORDS_MAX: usize = 1_000;
+
+/// An order as Redis held it.
+type OrderFields = (OrderId, HashMap<String, String>);
+
+/// Archives and removes orders of one customer shard, in steps of at most
+/// [`STEP_RECORDS_MAX`]; false when another process holds the shard.
+async fn retire_orders(
+    store: &Store,
+    archive: &Archive,
+    shard: Shard,
+    orders: &[&OrderFields],
+) -> anyhow::Result<bool> {
+    let keys = store.keys();
+    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), archive.lease_ms()).await?
+    else {
+        return Ok(false);
+    };
+    let mut conn = store.conn().await?;
+    for step in orders.chunks(STEP_RECORDS_MAX) {
+        let lines = step
+            .iter()
+            .map(|(id, fields)| line(&id.to_string(), "order", shard, fields))
+            .collect();
+        let committed = append(store, archive, shard, lines).await?;
+        let named = step
+            .iter()
+            .map(|(id, fields)| Ok((*id, account_of(fields, "order", &id.to_string())?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let done =
+            archive_store::retire_orders(&mut conn, keys, shard, lock.token(), &committed, &named)
+                .await?;
+        step_done(done, "orders", &named.len().to_string(), shard)?;
+    }
+    lock.release().await?;
+    Ok(true)
+}
+
+/// Archives and removes batches of one home shard whose orders have left,
+/// in steps of at most [`STEP_RECORDS_MAX`]; returns how many left (none
+/// while another process holds the shard).
+async fn retire_batch_records(
+    store: &Store,
+    archive: &Archive,
+    home: Shard,
+    cutoff_ms: i64,
+    batches: &[&FinishedBatch],
+) -> anyhow::Result<usize> {
+    if batches.is_empty() {
+        return Ok(0);
+    }
+    let keys = store.keys();
+    let Some(lock) = Lock::acquire(store, keys.archive_lock(home), archive.lease_ms()).await?
+    else {
+        return Ok(0);
+    };
+    let mut conn = store.conn().await?;
+    for step in batches.chunks(STEP_RECORDS_MAX) {
+        let mut lines = Vec::with_capacity(step.len());
+        let mut named = Vec::with_capacity(step.len());
+        for batch in step {
+            let symbol = batch
+                .fields
+                .get("symbol")
+                .and_then(|symbol| Symbol::parse(symbol).ok())
+                .with_context(|| format!("batch {} has no symbol", batch.id))?;
+            let mut fields = batch.fields.clone();
+            fields.insert("orders".to_owned(), batch.order_ids.join(","));
+            lines.push(line(&batch.id.to_string(), "batch", home, &fields));
+            named.push((batch.id.clone(), symbol));
+        }
+        let committed = append(store, archive, home, lines).await?;
+        let done = archive_store::retire_batches(
+            &mut conn,
+            keys,
+            home,
+            &named,
+            cutoff_ms,
+            lock.token(),
+            &committed,
+        )
+        .await?;
+        step_done(done, "batches", &named.len().to_string(), home)?;
+    }
+    lock.release().await?;
+    Ok(batches.len())
 }
 
 /// Records of a kind a round retires per shard, at most.
@@ -244,83 +351,6 @@ fn account_of(fields: &HashMap<String, String>, what: &str, id: &str) -> anyhow:
         .map(String::as_str)
         .unwrap_or_default();
     AccountId::parse(account).with_context(|| format!("{what} {id}"))
-}
-
-/// An order as Redis held it.
-type OrderFields = (OrderId, HashMap<String, String>);
-
-/// One batch, as [`retire_batches`] does it; false when a lock was taken.
-async fn retire_batch(
-    store: &Store,
-    archive: &Archive,
-    home: Shard,
-    cutoff_ms: i64,
-    batch: FinishedBatch,
-) -> anyhow::Result<bool> {
-    let keys = store.keys();
-    let mut by_shard: BTreeMap<u16, Vec<&OrderFields>> = BTreeMap::new();
-    for order in &batch.orders {
-        by_shard
-            .entry(keys.shard_of_id(&order.0.uuid()).index())
-            .or_default()
-            .push(order);
-    }
-    let mut conn = store.conn().await?;
-    for (index, orders) in by_shard {
-        let shard = keys
-            .layout()
-            .shard(index)
-            .context("a shard of the layout")?;
-        let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), archive.lease_ms()).await?
-        else {
-            return Ok(false);
-        };
-        let lines = orders
-            .iter()
-            .map(|(id, fields)| line(&id.to_string(), "order", shard, fields))
-            .collect();
-        let committed = append(store, archive, shard, lines).await?;
-        let named = orders
-            .iter()
-            .map(|(id, fields)| Ok((*id, account_of(fields, "order", &id.to_string())?)))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let done =
-            archive_store::retire_orders(&mut conn, keys, shard, lock.token(), &committed, &named)
-                .await?;
-        lock.release().await?;
-        step_done(done, "orders of batch", &batch.id.to_string(), shard)?;
-    }
-    let Some(lock) = Lock::acquire(store, keys.archive_lock(home), archive.lease_ms()).await?
-    else {
-        return Ok(false);
-    };
-    let symbol = batch
-        .fields
-        .get("symbol")
-        .and_then(|symbol| Symbol::parse(symbol).ok())
-        .with_context(|| format!("batch {} has no symbol", batch.id))?;
-    let mut fields = batch.fields.clone();
-    fields.insert("orders".to_owned(), batch.order_ids.join(","));
-    let committed = append(
-        store,
-        archive,
-        home,
-        vec![line(&batch.id.to_string(), "batch", home, &fields)],
-    )
-    .await?;
-    let done = archive_store::retire_batch(
-        &mut conn,
-        keys,
-        &batch.id,
-        &symbol,
-        cutoff_ms,
-        lock.token(),
-        &committed,
-    )
-    .await?;
-    lock.release().await?;
-    step_done(done, "batch", &batch.id.to_string(), home)?;
-    Ok(true)
 }
 
 /// A retiring script's answer as a step's outcome: a refusal stops the

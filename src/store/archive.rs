@@ -14,11 +14,11 @@ use super::{Conn, StoreError, StoreResult};
 use crate::domain::{AccountId, BatchId, OrderId, Symbol};
 
 static RETIRE_ORDERS: LazyLock<Script> = lua_script!("retire_orders.lua");
-static RETIRE_BATCH: LazyLock<Script> = lua_script!("retire_batch.lua");
+static RETIRE_BATCHES: LazyLock<Script> = lua_script!("retire_batches.lua");
 static RETIRE_RECORDS: LazyLock<Script> = lua_script!("retire_records.lua");
 
 pub fn scripts() -> [&'static Script; 3] {
-    [&RETIRE_ORDERS, &RETIRE_BATCH, &RETIRE_RECORDS]
+    [&RETIRE_ORDERS, &RETIRE_BATCHES, &RETIRE_RECORDS]
 }
 
 /// What a retiring script did.
@@ -322,33 +322,35 @@ pub async fn retire_orders(
     Ok(retired(invocation.invoke_async(conn).await?))
 }
 
-/// Removes a batch (archived, its orders retired first), under its home
-/// shard's archive lock.
-pub async fn retire_batch(
+/// Removes batches of one home shard (archived, their orders retired
+/// first), under the shard's archive lock: (id, its symbol).
+pub async fn retire_batches(
     conn: &mut impl Conn,
     keys: &Keys,
-    batch: &BatchId,
-    symbol: &Symbol,
+    home: Shard,
+    batches: &[(BatchId, Symbol)],
     cutoff_ms: i64,
     lock_token: &str,
     committed: &[(String, u64)],
 ) -> StoreResult<Retired> {
-    let home = keys.shard_of_id(&batch.uuid());
-    let mut invocation = RETIRE_BATCH.prepare_invoke();
+    let mut invocation = RETIRE_BATCHES.prepare_invoke();
     invocation
         .key(keys.archive_lock(home))
         .key(keys.archive_committed(home))
-        .key(keys.batch(batch))
-        .key(keys.batch_orders(batch))
         .key(keys.batches(home))
-        .key(keys.bucket_batches(symbol))
         .key(keys.archive_carried(home))
         .arg(lock_token)
-        .arg(batch.to_string())
         .arg(cutoff_ms)
         .arg(committed.len());
     for (day, length) in committed {
         invocation.arg(day).arg(length);
+    }
+    for (batch, symbol) in batches {
+        invocation
+            .key(keys.batch(batch))
+            .key(keys.batch_orders(batch))
+            .key(keys.bucket_batches(symbol))
+            .arg(batch.to_string());
     }
     Ok(retired(invocation.invoke_async(conn).await?))
 }

@@ -394,9 +394,9 @@ async fn settled_batches_leave_with_their_orders_into_the_archive_and_answer_410
 #[tokio::test(flavor = "multi_thread")]
 async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_not_named() {
     use tally::domain::{AccountId, BatchId, OrderId, Symbol};
-    use tally::store::archive::{Retired, retire_batch, retire_orders};
+    use tally::store::archive::{Retired, retire_batches, retire_orders};
     let app = spawn_app_with(|_| {}).await;
-    let customer = app.create_account("c", "20.00").await;
+    let customer = app.create_account("c", "40.00").await;
     let batch = BatchId::parse(&app.place_batch(&customer, "3").await).unwrap();
     let order: serde_json::Value = app.get_json(&format!("/api/v1/batches/{batch}")).await;
     let order = OrderId::parse(order["order_ids"][0].as_str().unwrap()).unwrap();
@@ -405,11 +405,11 @@ async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_no
     let home = keys.shard_of_id(&batch.uuid());
     let shard = app.shard_of(&customer);
     let mut conn = app.redis().await;
-    let symbol = Symbol::parse("ABAN").unwrap();
+    let named_batch = [(batch.clone(), Symbol::parse("ABAN").unwrap())];
     let future = now_ms() + 60_000;
 
     let before = app.snapshot().await;
-    let refused = retire_batch(&mut conn, &keys, &batch, &symbol, future, "nobody", &[])
+    let refused = retire_batches(&mut conn, &keys, home, &named_batch, future, "nobody", &[])
         .await
         .unwrap();
     assert_eq!(refused, Retired::LostLock);
@@ -436,7 +436,7 @@ async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_no
     }
     let before = app.snapshot().await;
     // The batch is still settling (no workers): not finished.
-    let refused = retire_batch(&mut conn, &keys, &batch, &symbol, future, "holder", &[])
+    let refused = retire_batches(&mut conn, &keys, home, &named_batch, future, "holder", &[])
         .await
         .unwrap();
     assert_eq!(refused, Retired::Stale);
@@ -490,6 +490,46 @@ async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_no
         .await
         .unwrap();
     assert_eq!(listed, 0, "off its customer's list");
+
+    // Two batches, one finished (marked settled an hour ago by hand) and
+    // one still settling: refused together, writing nothing; the finished
+    // one alone leaves, its value carried.
+    let settling = BatchId::parse(&app.place_batch(&customer, "3").await).unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(keys.batch(&batch))
+        .arg("status")
+        .arg("settled")
+        .arg("settled_at")
+        .arg(now_ms() - 3_600_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let aban = Symbol::parse("ABAN").unwrap();
+    let both = [(batch.clone(), aban.clone()), (settling, aban)];
+    let before = app.snapshot().await;
+    let refused = retire_batches(&mut conn, &keys, home, &both, future, "holder", &[])
+        .await
+        .unwrap();
+    assert_eq!(refused, Retired::Stale);
+    assert_eq!(app.snapshot().await, before, "nothing written");
+    let done = retire_batches(&mut conn, &keys, home, &both[..1], future, "holder", &[])
+        .await
+        .unwrap();
+    assert_eq!(done, Retired::Records(1));
+    let carried: i64 = redis::cmd("HGET")
+        .arg(keys.archive_carried(home))
+        .arg("batches_value")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(carried, 1200, "3 ABAN at 4.00");
+    let indexed: Option<f64> = redis::cmd("ZSCORE")
+        .arg(keys.batches(home))
+        .arg(batch.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(indexed, None, "off the shard's batches");
 }
 
 /// Queues a wallet transaction through the API; returns its id.
@@ -799,7 +839,7 @@ async fn retire_records_refuses_a_lost_lock_and_a_record_not_finished_before_the
     })
     .await;
     workers.stop().await;
-    let other = AccountId::parse(&app.create_account("x", "0").await).unwrap();
+    let other = AccountId::parse(&app.create_account_beside("x", "0", &account).await).unwrap();
     let before_applied = app.snapshot().await;
     let named = [(queued.clone(), id.clone())];
     let refused = retire_records(
