@@ -274,7 +274,7 @@ async fn retire_batch_records(
             let mut fields = batch.fields.clone();
             fields.insert("orders".to_owned(), batch.order_ids.join(","));
             lines.push(line(&batch.id.to_string(), "batch", home, &fields));
-            named.push((batch.id.clone(), symbol));
+            named.push((batch.id, symbol));
         }
         let committed = append(store, archive, home, lines).await?;
         let done = archive_store::retire_batches(

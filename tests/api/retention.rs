@@ -405,7 +405,7 @@ async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_no
     let home = keys.shard_of_id(&batch.uuid());
     let shard = app.shard_of(&customer);
     let mut conn = app.redis().await;
-    let named_batch = [(batch.clone(), Symbol::parse("ABAN").unwrap())];
+    let named_batch = [(batch, Symbol::parse("ABAN").unwrap())];
     let future = now_ms() + 60_000;
 
     let before = app.snapshot().await;
@@ -505,7 +505,7 @@ async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_no
         .await
         .unwrap();
     let aban = Symbol::parse("ABAN").unwrap();
-    let both = [(batch.clone(), aban.clone()), (settling, aban)];
+    let both = [(batch, aban.clone()), (settling, aban)];
     let before = app.snapshot().await;
     let refused = retire_batches(&mut conn, &keys, home, &both, future, "holder", &[])
         .await
