@@ -8,10 +8,16 @@
 -- included, so the receiver can tell a redelivery. Another dead job keeps
 -- its own fields, plus `stream_id`, `error` and `worker`, which are left out.
 --
+-- The letter leaves the dead-letter stream for the shard's resolved letters
+-- (a stream), with how it was resolved; retention archives those after
+-- TALLY_RECORD_RETENTION, so no dead letter leaves Redis unarchived.
+--
 -- KEYS[1] the dead-letter stream   KEYS[2] its job stream
 -- KEYS[3] this entry's resolution (string, expiring)
+-- KEYS[4] the shard's resolved dead letters (stream)
 -- ARGV[1] the dead-letter entry's id   ARGV[2] "replay" | "discard"
 -- ARGV[3] how long the resolution is remembered, seconds
+-- ARGV[4] the dead-letter stream's kind (settle, wallet, installments, events)
 --
 -- Returns {"replayed", new entry id} | {"discarded", ""}
 --       | {"refused", "missing", ""} (no such dead letter)
@@ -72,6 +78,13 @@ if action == 'replay' then
 else
   answer = {'discarded', ''}
 end
+local resolved = {'resolved_stream', ARGV[4], 'resolved_letter', ARGV[1],
+  'resolution', answer[1], 'replayed_as', answer[2]}
+for i = 1, #fields, 2 do
+  resolved[#resolved + 1] = fields[i]
+  resolved[#resolved + 1] = fields[i + 1]
+end
+redis.call('XADD', KEYS[4], '*', unpack(resolved))
 redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[3], answer[1] .. ' ' .. answer[2], 'EX', tonumber(ARGV[3]))
 return answer

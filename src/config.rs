@@ -754,8 +754,10 @@ pub struct LedgerSettings {
     #[arg(long, env = "TALLY_JOURNAL_RETENTION", default_value = JOURNAL_RETENTION_DEFAULT, value_parser = humantime::parse_duration)]
     pub journal_retention: Duration,
     /// How long a finished record (a batch settled or refunded, with its
-    /// orders) stays in Redis after it finished, before it leaves for the
-    /// archive, e.g. `30d`. A `GET` of one that left answers 410.
+    /// orders; a wallet transaction applied; an advance repaid; a dead
+    /// letter resolved; an operator log entry) stays in Redis after it
+    /// finished, before it leaves for the archive, e.g. `30d`. A `GET` of
+    /// one that left answers 410.
     #[arg(long, env = "TALLY_RECORD_RETENTION", default_value = RECORD_RETENTION_DEFAULT, value_parser = humantime::parse_duration)]
     pub record_retention: Duration,
 }

@@ -1,7 +1,8 @@
 //! Retention: what is older than its window leaves Redis, into the archive
 //! first (`archive`): the journal past `TALLY_JOURNAL_RETENTION`; batches
-//! settled or refunded, with their orders, wallet transactions applied and
-//! advances repaid, past `TALLY_RECORD_RETENTION`.
+//! settled or refunded, with their orders, wallet transactions applied,
+//! advances repaid, dead letters resolved and the operator log, past
+//! `TALLY_RECORD_RETENTION`.
 //!
 //! One process archives a shard at a time (a lock on the shard, which the
 //! trim script checks); a step reads a bounded batch, appends it to the
@@ -98,6 +99,76 @@ pub async fn archive_journal(
             ),
         }
     }
+    Ok(trimmed)
+}
+
+/// The streams whose entries leave Redis after the records window, on a
+/// shard: (their kind in the archive, the stream). The operator log is also
+/// capped (`OPERATOR_LOG_ENTRIES_MAX`), a bound retention stays far under.
+pub fn archived_streams(store: &Store, shard: Shard) -> [(&'static str, String); 2] {
+    let keys = store.keys();
+    [
+        ("dead_letter", keys.dead_letters_resolved(shard)),
+        ("operator_action", keys.operator_log(shard)),
+    ]
+}
+
+/// Archives and removes a shard's `stream` entries made before `cutoff_ms`,
+/// at most `steps_max` steps of [`STEP_RECORDS_MAX`]; returns how many left
+/// Redis. Their archive ids are `ms-seq.shard`, as journal entries', told
+/// apart by `kind`.
+pub async fn archive_stream(
+    store: &Store,
+    archive: &Archive,
+    shard: Shard,
+    (kind, stream): (&str, &str),
+    cutoff_ms: i64,
+    steps_max: usize,
+) -> anyhow::Result<usize> {
+    let keys = store.keys();
+    let mut conn = store.conn().await?;
+    if archive_store::old_stream_entries(&mut conn, stream, cutoff_ms, 1)
+        .await?
+        .is_empty()
+    {
+        return Ok(0);
+    }
+    ensure_identity(store, archive).await?;
+    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), archive.lease_ms()).await?
+    else {
+        return Ok(0);
+    };
+    let mut trimmed = 0;
+    for _ in 0..steps_max {
+        let old = archive_store::old_stream_entries(&mut conn, stream, cutoff_ms, STEP_RECORDS_MAX)
+            .await?;
+        let Some((last, _)) = old.last() else {
+            break;
+        };
+        let last = last.clone();
+        let lines = old
+            .iter()
+            .map(|(id, fields)| line(&entry_id(id, shard), kind, shard, fields))
+            .collect();
+        let committed = append(store, archive, shard, lines).await?;
+        let done = archive_store::trim_archived_stream(
+            &mut conn,
+            keys,
+            shard,
+            stream,
+            &last,
+            old.len(),
+            lock.token(),
+            &committed,
+        )
+        .await?;
+        step_done(done, kind, &old.len().to_string(), shard)?;
+        trimmed += old.len();
+        if old.len() < STEP_RECORDS_MAX {
+            break;
+        }
+    }
+    lock.release().await?;
     Ok(trimmed)
 }
 
@@ -439,7 +510,8 @@ pub struct Windows {
     /// The journal (the report's window).
     pub journal: Duration,
     /// Finished records: batches settled or refunded, with their orders;
-    /// wallet transactions applied; advances repaid.
+    /// wallet transactions applied; advances repaid; dead letters resolved;
+    /// the operator log.
     pub records: Duration,
 }
 
@@ -510,6 +582,21 @@ pub async fn retain_periodically(
                         shard,
                         records_cutoff_ms,
                         RETIRE_RECORDS_MAX,
+                    )
+                    .await,
+                );
+            }
+            for (kind, stream) in archived_streams(&store, shard) {
+                logged(
+                    kind,
+                    shard,
+                    archive_stream(
+                        &store,
+                        &archive,
+                        shard,
+                        (kind, &stream),
+                        records_cutoff_ms,
+                        RETENTION_BATCHES_MAX,
                     )
                     .await,
                 );

@@ -16,9 +16,15 @@ use crate::domain::{AccountId, BatchId, OrderId, Symbol};
 static RETIRE_ORDERS: LazyLock<Script> = lua_script!("retire_orders.lua");
 static RETIRE_BATCHES: LazyLock<Script> = lua_script!("retire_batches.lua");
 static RETIRE_RECORDS: LazyLock<Script> = lua_script!("retire_records.lua");
+static TRIM_ARCHIVED_STREAM: LazyLock<Script> = lua_script!("trim_archived_stream.lua");
 
-pub fn scripts() -> [&'static Script; 3] {
-    [&RETIRE_ORDERS, &RETIRE_BATCHES, &RETIRE_RECORDS]
+pub fn scripts() -> [&'static Script; 4] {
+    [
+        &RETIRE_ORDERS,
+        &RETIRE_BATCHES,
+        &RETIRE_RECORDS,
+        &TRIM_ARCHIVED_STREAM,
+    ]
 }
 
 /// What a retiring script did.
@@ -351,6 +357,61 @@ pub async fn retire_batches(
             .key(keys.batch_orders(batch))
             .key(keys.bucket_batches(symbol))
             .arg(batch.to_string());
+    }
+    Ok(retired(invocation.invoke_async(conn).await?))
+}
+
+/// Up to `limit` of a stream's oldest entries made before `cutoff_ms`:
+/// (stream id, fields).
+pub async fn old_stream_entries(
+    conn: &mut impl Conn,
+    stream: &str,
+    cutoff_ms: i64,
+    limit: usize,
+) -> StoreResult<Vec<(String, HashMap<String, String>)>> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg(format!("({}-0", cutoff_ms.max(1)))
+        .arg("COUNT")
+        .arg(limit)
+        .query_async(conn)
+        .await?;
+    Ok(reply
+        .ids
+        .iter()
+        .map(|entry| (entry.id.clone(), super::stream_fields(entry)))
+        .collect())
+}
+
+/// Removes a stream's oldest entries up to `last` (`count` of them,
+/// archived, the files' new lengths in `committed`), under the shard's
+/// archive lock.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the script's arguments, each named where it is called"
+)]
+pub async fn trim_archived_stream(
+    conn: &mut impl Conn,
+    keys: &Keys,
+    shard: Shard,
+    stream: &str,
+    last: &str,
+    count: usize,
+    lock_token: &str,
+    committed: &[(String, u64)],
+) -> StoreResult<Retired> {
+    let mut invocation = TRIM_ARCHIVED_STREAM.prepare_invoke();
+    invocation
+        .key(keys.archive_lock(shard))
+        .key(keys.archive_committed(shard))
+        .key(stream)
+        .arg(lock_token)
+        .arg(last)
+        .arg(count)
+        .arg(committed.len());
+    for (day, length) in committed {
+        invocation.arg(day).arg(length);
     }
     Ok(retired(invocation.invoke_async(conn).await?))
 }

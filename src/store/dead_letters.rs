@@ -141,9 +141,11 @@ pub async fn resolve(
         .key(keys.job_stream_dead(stream, shard))
         .key(keys.job_stream(stream, shard))
         .key(keys.dead_letter_resolution(stream, shard, &id))
+        .key(keys.dead_letters_resolved(shard))
         .arg(&id)
         .arg(resolution.as_str())
         .arg(RESOLUTION_TTL_SECS)
+        .arg(stream.label())
         .invoke_async(conn)
         .await
         .map_err(StoreError::from)?;

@@ -584,6 +584,13 @@ impl Keys {
         format!("{}:resolved:{id}", self.job_stream_dead(stream, shard))
     }
 
+    /// Dead letters an operator resolved on a shard (stream: the letter's
+    /// fields, with `resolved_stream`, `resolved_letter`, `resolution` and
+    /// `replayed_as`), until retention archives them.
+    pub fn dead_letters_resolved(&self, shard: Shard) -> String {
+        self.at(shard, format_args!("dead_letters:resolved"))
+    }
+
     // --- the operator's console ---
 
     /// A console session (hash: key id, role, CSRF token, times), named by

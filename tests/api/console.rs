@@ -687,7 +687,7 @@ async fn resolve_dead_letter_replays_discards_answers_twice_alike_and_refuses() 
         Resolution::Replay,
     )
     .await;
-    assert_eq!(again.unwrap(), Some(replayed));
+    assert_eq!(again.unwrap(), Some(replayed.clone()));
     assert_eq!(app.snapshot().await, before);
 
     // Another job: its fields go back, the dead-letter notes do not.
@@ -752,6 +752,33 @@ async fn resolve_dead_letter_replays_discards_answers_twice_alike_and_refuses() 
         .await
         .is_empty()
     );
+    let wallet_job =
+        crate::helpers::stream_ids(&mut conn, &keys.job_stream(StreamKind::Wallet, shard)).await;
+    // Each resolved letter waits on the shard's resolved stream, whole, with
+    // how it was resolved, for retention to archive it.
+    let resolved =
+        crate::helpers::stream_entries(&mut conn, &keys.dead_letters_resolved(shard)).await;
+    let summary: Vec<(&str, &str, &str)> = resolved
+        .iter()
+        .map(|entry| {
+            (
+                entry["resolved_stream"].as_str(),
+                entry["resolution"].as_str(),
+                entry["replayed_as"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("events", "replayed", replayed.as_str()),
+            ("wallet", "replayed", wallet_job[0].as_str()),
+            ("installments", "discarded", ""),
+        ]
+    );
+    assert_eq!(resolved[0]["resolved_letter"], letter.to_string());
+    assert_eq!(resolved[1]["error"], "unreadable", "the letter whole");
+    assert_eq!(resolved[2]["installment"], "a:1");
 
     // Refusals write nothing.
     let not_json = add(

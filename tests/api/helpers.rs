@@ -716,6 +716,12 @@ pub async fn stream_entries(
         .collect()
 }
 
+/// The ids of a stream's entries, oldest first.
+pub async fn stream_ids(conn: &mut impl tally::store::Conn, key: &str) -> Vec<String> {
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all(key).await.unwrap();
+    reply.ids.into_iter().map(|entry| entry.id).collect()
+}
+
 /// ABAN's home shard (its bucket, batches and settle stream), in the
 /// default layout every test app runs with.
 pub fn aban_home() -> Shard {

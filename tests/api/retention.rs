@@ -871,3 +871,191 @@ async fn retire_records_refuses_a_lost_lock_and_a_record_not_finished_before_the
     assert_eq!(refused, Retired::Stale, "not the account named");
     assert_eq!(app.snapshot().await, before_applied, "nothing written");
 }
+
+/// A dead letter of the installments stream, discarded; returns its id.
+async fn discarded_letter(app: &TestApp, shard: Shard, installment: &str) -> String {
+    use tally::store::dead_letters::{Resolution, resolve};
+    use tally::store::keys::StreamKind;
+    let keys = app.keys();
+    let mut conn = app.redis().await;
+    let id: String = redis::AsyncCommands::xadd(
+        &mut conn,
+        keys.job_stream_dead(StreamKind::Installments, shard),
+        "*",
+        &[("installment", installment)],
+    )
+    .await
+    .unwrap();
+    let letter = tally::store::streams::StreamId::parse(&id).unwrap();
+    resolve(
+        &mut conn,
+        keys,
+        StreamKind::Installments,
+        shard,
+        letter,
+        Resolution::Discard,
+    )
+    .await
+    .unwrap();
+    id
+}
+
+/// An operator log entry on `shard`, with `note`.
+async fn logged_action(app: &TestApp, shard: Shard, note: &str) {
+    use tally::store::console::{OperatorAction, record_operator_action};
+    let action = OperatorAction {
+        key_id: "k1".to_owned(),
+        role: "ops".to_owned(),
+        action: "discard installments".to_owned(),
+        target: "1-0.1".to_owned(),
+        effect: "moves no money; the dead letter is gone".to_owned(),
+        note: note.to_owned(),
+        via: "api".to_owned(),
+    };
+    let mut conn = app.redis().await;
+    record_operator_action(&mut conn, app.keys(), shard, &action)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resolved_dead_letters_and_the_operator_log_leave_into_the_archive_after_the_window() {
+    use tally::retention::{archive_stream, archived_streams, window_start};
+    let window = Duration::from_secs(1);
+    let app = spawn_app_with(|settings| settings.ledger.record_retention = window).await;
+    let shard = app.keys().shards().nth(3).unwrap();
+    let archive = app.archive();
+    let old_letter = discarded_letter(&app, shard, "a:1").await;
+    logged_action(&app, shard, "the advance was closed by hand").await;
+    let round = || async {
+        let mut left = Vec::new();
+        for (kind, stream) in archived_streams(&app.store, shard) {
+            left.push(
+                archive_stream(
+                    &app.store,
+                    &archive,
+                    shard,
+                    (kind, &stream),
+                    window_start(window),
+                    10,
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        left
+    };
+    assert_eq!(round().await, vec![0, 0], "within the window");
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    discarded_letter(&app, shard, "b:2").await;
+    logged_action(&app, shard, "young").await;
+    assert_eq!(round().await, vec![1, 1]);
+    assert_eq!(round().await, vec![0, 0], "each once");
+
+    let keys = app.keys();
+    let mut conn = app.redis().await;
+    let resolved =
+        crate::helpers::stream_entries(&mut conn, &keys.dead_letters_resolved(shard)).await;
+    assert_eq!(resolved.len(), 1);
+    assert_eq!(resolved[0]["installment"], "b:2", "the young one stays");
+    let log = crate::helpers::stream_entries(&mut conn, &keys.operator_log(shard)).await;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0]["note"], "young");
+
+    let lines = archive.read(&day_of_ms(now_ms()), shard).unwrap();
+    let kinds: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|line| {
+            (
+                line.kind.as_str(),
+                line.fields
+                    .get("installment")
+                    .or(line.fields.get("note"))
+                    .unwrap()
+                    .as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("dead_letter", "a:1"),
+            ("operator_action", "the advance was closed by hand")
+        ]
+    );
+    let letter = &lines[0];
+    assert_eq!(
+        (
+            letter.fields["resolution"].as_str(),
+            letter.fields["resolved_letter"].as_str(),
+            letter.fields["resolved_stream"].as_str()
+        ),
+        ("discarded", old_letter.as_str(), "installments")
+    );
+    assert!(
+        letter.id.ends_with(&format!(".{}", shard.index())),
+        "{}",
+        letter.id
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_trim_refuses_a_lost_lock_and_entries_it_was_not_shown() {
+    use tally::store::archive::{Retired, trim_archived_stream};
+    let app = spawn_app_with(|_| {}).await;
+    let shard = app.keys().shards().nth(2).unwrap();
+    discarded_letter(&app, shard, "a:1").await;
+    let keys = app.keys().clone();
+    let stream = keys.dead_letters_resolved(shard);
+    let mut conn = app.redis().await;
+    let ids: Vec<String> = crate::helpers::stream_ids(&mut conn, &stream).await;
+    discarded_letter(&app, shard, "b:2").await;
+    let all = crate::helpers::stream_ids(&mut conn, &stream).await;
+    let before = app.snapshot().await;
+    let refused = trim_archived_stream(&mut conn, &keys, shard, &stream, &ids[0], 1, "nobody", &[])
+        .await
+        .unwrap();
+    assert_eq!(refused, Retired::LostLock);
+    let _: () = redis::cmd("SET")
+        .arg(keys.archive_lock(shard))
+        .arg("holder")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let locked = app.snapshot().await;
+    assert_ne!(before, locked);
+    // Told of one entry up to the second (there are two), of two up to the
+    // first, of none: each refused.
+    for (last, count) in [(&all[1], 1), (&ids[0], 2), (&ids[0], 0)] {
+        let refused =
+            trim_archived_stream(&mut conn, &keys, shard, &stream, last, count, "holder", &[])
+                .await
+                .unwrap();
+        assert_eq!(refused, Retired::Stale, "{last} {count}");
+    }
+    assert_eq!(app.snapshot().await, locked, "nothing written");
+    let done = trim_archived_stream(
+        &mut conn,
+        &keys,
+        shard,
+        &stream,
+        &ids[0],
+        1,
+        "holder",
+        &[("2026-12-01".to_owned(), 7)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(done, Retired::Records(1));
+    assert_eq!(
+        crate::helpers::stream_ids(&mut conn, &stream).await,
+        all[1..].to_vec()
+    );
+    let committed: Option<u64> = redis::cmd("HGET")
+        .arg(keys.archive_committed(shard))
+        .arg("2026-12-01")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(committed, Some(7));
+}
