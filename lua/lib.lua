@@ -183,3 +183,20 @@ local function commit_archive_lengths(committed_key, before, files)
     redis.call('HSET', committed_key, ARGV[before + 2 * i - 1], ARGV[before + 2 * i])
   end
 end
+
+-- True when the archive files' lengths a step wrote (as for
+-- `commit_archive_lengths`) are committed already: this very step ran, since
+-- each step grows its files and a committed length only grows. A second run
+-- (a cluster client's resend of a call whose reply was lost) then answers as
+-- the first did, writing nothing.
+local function archive_step_committed(committed_key, before, files)
+  if files == 0 then
+    return false
+  end
+  for i = 1, files do
+    if redis.call('HGET', committed_key, ARGV[before + 2 * i - 1]) ~= ARGV[before + 2 * i] then
+      return false
+    end
+  end
+  return true
+end

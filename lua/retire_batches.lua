@@ -19,12 +19,18 @@
 --   -2 when the lock is not the caller's any more (it ran out)
 --   -3 when a batch is missing, not settled or refunded, or finished within
 --      the window
+--
+-- Safe to run twice: once its file lengths are committed, the same call
+-- answers as it did, writing nothing.
 
 local files = tonumber(ARGV[3])
 local first_arg = 3 + 2 * files
 local count = (#KEYS - 4) / 3
 if count ~= math.floor(count) or #ARGV ~= first_arg + count then
   return redis.error_reply('retire_batches: expected 3 keys and 1 argument per batch, 2 arguments per file')
+end
+if archive_step_committed(KEYS[2], 3, files) then
+  return count
 end
 if not holds_archive_lock(KEYS[1], ARGV[1]) then
   return -2

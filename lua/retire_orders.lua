@@ -15,11 +15,17 @@
 --   -2 when the lock is not the caller's any more (it ran out)
 --   -3 when an order is missing or not the one named (the caller archived
 --      something else)
+--
+-- Safe to run twice: once its file lengths are committed, the same call
+-- answers as it did, writing nothing.
 
 local files = tonumber(ARGV[2])
 local count = (#KEYS - 2) / 2
 if count ~= math.floor(count) or #ARGV ~= 2 + 2 * files + 2 * count then
   return redis.error_reply('retire_orders: expected 2 keys and 2 arguments per order, 2 arguments per file')
+end
+if archive_step_committed(KEYS[2], 2, files) then
+  return count
 end
 if not holds_archive_lock(KEYS[1], ARGV[1]) then
   return -2

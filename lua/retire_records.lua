@@ -26,6 +26,9 @@ local count = (#KEYS - first_key) / 2
 if count ~= math.floor(count) or #ARGV ~= first_arg + 2 * count then
   return redis.error_reply('retire_records: expected 2 keys and 2 arguments per record, 2 arguments per file')
 end
+if archive_step_committed(KEYS[2], 4, files) then
+  return count
+end
 if not holds_archive_lock(KEYS[1], ARGV[1]) then
   return -2
 end

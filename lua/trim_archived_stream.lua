@@ -14,15 +14,21 @@
 -- Returns the number of entries trimmed, or, writing nothing:
 --   -2 when the lock is not the caller's any more (it ran out)
 --   -3 when the oldest entries up to ARGV[2] are not the ones the caller read
+--
+-- Safe to run twice: once its file lengths are committed, the same call
+-- answers as it did, writing nothing.
 
 local files = tonumber(ARGV[4])
 if #KEYS ~= 3 or #ARGV ~= 4 + 2 * files then
   return redis.error_reply('trim_archived_stream: expected 3 keys, 4 arguments and 2 per archive file')
 end
+local count = tonumber(ARGV[3])
+if archive_step_committed(KEYS[2], 4, files) then
+  return count
+end
 if not holds_archive_lock(KEYS[1], ARGV[1]) then
   return -2
 end
-local count = tonumber(ARGV[3])
 local old = redis.call('XRANGE', KEYS[3], '-', ARGV[2], 'COUNT', count + 1)
 if #old ~= count or count == 0 or old[#old][1] ~= ARGV[2] then
   return -3

@@ -26,10 +26,16 @@
 --      missing from both of its reads
 --   -2 when the lock is not the caller's any more (it ran out)
 --   -3 when the entries up to ARGV[1] are not the ones the caller read
+--
+-- Safe to run twice: once its file lengths are committed, the same call
+-- answers as it did, writing nothing.
 
 local files = tonumber(ARGV[7])
 if #ARGV ~= 7 + 2 * files then
   return redis.error_reply('trim_journal: expected 7 arguments and 2 per archive file')
+end
+if archive_step_committed(KEYS[6], 7, files) then
+  return tonumber(ARGV[5])
 end
 if redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[3], '+inf') > 0 then
   return -1

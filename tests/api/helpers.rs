@@ -985,13 +985,24 @@ pub fn spawn_workers(app: &TestApp, mut settings: WorkerSettings) -> TestWorkers
 /// A `tally worker` process against this app's Redis and `exchange`, with
 /// test-sized bounds (a job is taken over after 2 s idle), killed when dropped.
 pub fn worker_process(app: &TestApp, exchange: &TestExchange, name: &str) -> tokio::process::Child {
+    worker_process_with(app, &exchange.url, name, &[])
+}
+
+/// [`worker_process`] against the exchange at `exchange_url`, with `more`
+/// arguments (settings it does not set).
+pub fn worker_process_with(
+    app: &TestApp,
+    exchange_url: &str,
+    name: &str,
+    more: &[&str],
+) -> tokio::process::Child {
     let redis_url = app.redis.url();
-    tally_process(&[
+    let mut args = vec![
         "worker",
         "--redis-url",
         &redis_url,
         "--exchange-url",
-        &exchange.url,
+        exchange_url,
         "--worker-name",
         name,
         "--claim-idle-ms",
@@ -1006,7 +1017,9 @@ pub fn worker_process(app: &TestApp, exchange: &TestExchange, name: &str) -> tok
         "50",
         "--archive-dir",
         app.archive_dir.path().to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(more);
+    tally_process(&args)
 }
 
 /// A `tally` child process, killed when dropped.

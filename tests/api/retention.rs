@@ -137,12 +137,7 @@ async fn the_trim_script_refuses_a_lost_lock_and_entries_it_was_not_shown() {
     assert_eq!(app.snapshot().await, before, "nothing written");
 
     // Held, but the caller read fewer entries than the range holds.
-    let _: () = redis::cmd("SET")
-        .arg(app.keys().archive_lock(shard))
-        .arg("holder")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    hold_archive_lock(&mut conn, app.keys(), shard).await;
     let before = app.snapshot().await;
     let short = OldEntries {
         last: old.last.clone(),
@@ -427,12 +422,7 @@ async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_no
     assert_eq!(app.snapshot().await, before, "nothing written");
 
     for shard in [home, shard] {
-        let _: () = redis::cmd("SET")
-            .arg(keys.archive_lock(shard))
-            .arg("holder")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        hold_archive_lock(&mut conn, &keys, shard).await;
     }
     let before = app.snapshot().await;
     // The batch is still settling (no workers): not finished.
@@ -512,10 +502,33 @@ async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_no
         .unwrap();
     assert_eq!(refused, Retired::Stale);
     assert_eq!(app.snapshot().await, before, "nothing written");
-    let done = retire_batches(&mut conn, &keys, home, &both[..1], future, "holder", &[])
-        .await
-        .unwrap();
+    let committed = [("2026-12-01".to_owned(), 99)];
+    let done = retire_batches(
+        &mut conn,
+        &keys,
+        home,
+        &both[..1],
+        future,
+        "holder",
+        &committed,
+    )
+    .await
+    .unwrap();
     assert_eq!(done, Retired::Records(1));
+    let after = app.snapshot().await;
+    let again = retire_batches(
+        &mut conn,
+        &keys,
+        home,
+        &both[..1],
+        future,
+        "holder",
+        &committed,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, Retired::Records(1), "sent again, it answers alike");
+    assert_eq!(app.snapshot().await, after, "and writes nothing");
     let carried: i64 = redis::cmd("HGET")
         .arg(keys.archive_carried(home))
         .arg("batches_value")
@@ -530,6 +543,20 @@ async fn the_retiring_scripts_refuse_a_lost_lock_a_batch_in_flight_and_orders_no
         .await
         .unwrap();
     assert_eq!(indexed, None, "off the shard's batches");
+}
+
+/// Takes the shard's archive lock as the holder `holder`, as a step would.
+async fn hold_archive_lock(
+    conn: &mut tally::store::connection::Conn,
+    keys: &tally::store::keys::Keys,
+    shard: Shard,
+) {
+    let _: () = redis::cmd("SET")
+        .arg(keys.archive_lock(shard))
+        .arg("holder")
+        .query_async(conn)
+        .await
+        .unwrap();
 }
 
 /// Queues a wallet transaction through the API; returns its id.
@@ -804,12 +831,7 @@ async fn retire_records_refuses_a_lost_lock_and_a_record_not_finished_before_the
         assert_eq!(refused, Retired::LostLock, "{kind:?}");
     }
     assert_eq!(app.snapshot().await, before, "nothing written");
-    let _: () = redis::cmd("SET")
-        .arg(keys.archive_lock(shard))
-        .arg("holder")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    hold_archive_lock(&mut conn, &keys, shard).await;
     // Queued, not applied; owed, not repaid.
     let before_locked = app.snapshot().await;
     for (kind, record) in [(WalletTransaction, &queued), (Advance, &owing)] {
@@ -1016,12 +1038,7 @@ async fn the_stream_trim_refuses_a_lost_lock_and_entries_it_was_not_shown() {
         .await
         .unwrap();
     assert_eq!(refused, Retired::LostLock);
-    let _: () = redis::cmd("SET")
-        .arg(keys.archive_lock(shard))
-        .arg("holder")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    hold_archive_lock(&mut conn, &keys, shard).await;
     let locked = app.snapshot().await;
     assert_ne!(before, locked);
     // Told of one entry up to the second (there are two), of two up to the
@@ -1051,6 +1068,23 @@ async fn the_stream_trim_refuses_a_lost_lock_and_entries_it_was_not_shown() {
         crate::helpers::stream_ids(&mut conn, &stream).await,
         all[1..].to_vec()
     );
+    // Sent again (a reply lost on a cluster), it answers alike and writes
+    // nothing, though its entry is gone.
+    let after = app.snapshot().await;
+    let again = trim_archived_stream(
+        &mut conn,
+        &keys,
+        shard,
+        &stream,
+        &ids[0],
+        1,
+        "holder",
+        &[("2026-12-01".to_owned(), 7)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, Retired::Records(1));
+    assert_eq!(app.snapshot().await, after);
     let committed: Option<u64> = redis::cmd("HGET")
         .arg(keys.archive_committed(shard))
         .arg("2026-12-01")

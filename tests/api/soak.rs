@@ -44,15 +44,13 @@ async fn memory(app: &TestApp) -> (i64, i64) {
 /// [`WINDOW`] and a retention round every 200 ms.
 fn archiving_worker(app: &TestApp, exchange_url: &str) -> tokio::process::Child {
     let window = format!("{}ms", WINDOW.as_millis());
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "worker",
-            "--redis-url",
-            &app.redis.url(),
-            "--exchange-url",
-            exchange_url,
-            "--archive-dir",
-            app.archive_dir.path().to_str().unwrap(),
+    // A name of its own, as each restarted process has in production.
+    let name = format!("archiver-{}", uuid::Uuid::now_v7());
+    crate::helpers::worker_process_with(
+        app,
+        exchange_url,
+        &name,
+        &[
             "--journal-retention",
             &window,
             "--record-retention",
@@ -61,25 +59,10 @@ fn archiving_worker(app: &TestApp, exchange_url: &str) -> tokio::process::Child 
             "200",
             "--stream-retention-ms",
             "500",
-            "--block-ms",
-            "100",
-            "--claim-idle-ms",
-            "2000",
-            "--exchange-timeout-ms",
-            "1500",
-            "--webhook-timeout-ms",
-            "1500",
-            "--retry-base-ms",
-            "50",
             "--archive-lease-ms",
             "1000",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("tally worker starts")
+        ],
+    )
 }
 
 /// What the load did: ids of the orders and wallet transactions accepted.
