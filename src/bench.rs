@@ -1744,26 +1744,20 @@ async fn retention_phase(
         .await?;
     let pace = Duration::from_secs(RETENTION_BENCH_CONNECTIONS as u64) / args.order_rate;
     let half = args.duration / 2;
+    let half_load = || {
+        http_load(
+            rig.api_addr,
+            RETENTION_BENCH_CONNECTIONS,
+            half,
+            Some(pace),
+            StatusCode::CREATED,
+            order_requests(&rig),
+        )
+    };
     let start = redis_footprint(&rig.store).await?;
-    let first = http_load(
-        rig.api_addr,
-        RETENTION_BENCH_CONNECTIONS,
-        half,
-        Some(pace),
-        StatusCode::CREATED,
-        order_requests(&rig),
-    )
-    .await?;
+    let first = half_load().await?;
     let half_way = redis_footprint(&rig.store).await?;
-    let second = http_load(
-        rig.api_addr,
-        RETENTION_BENCH_CONNECTIONS,
-        half,
-        Some(pace),
-        StatusCode::CREATED,
-        order_requests(&rig),
-    )
-    .await?;
+    let second = half_load().await?;
     let end = redis_footprint(&rig.store).await?;
     anyhow::ensure!(
         first.errors + second.errors == 0,

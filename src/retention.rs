@@ -47,9 +47,7 @@ pub async fn archive_journal(
     {
         return Ok(0);
     }
-    ensure_identity(store, archive).await?;
-    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), archive.lease_ms()).await?
-    else {
+    let Some(lock) = take_shard(store, archive, shard).await? else {
         return Ok(0);
     };
     let mut trimmed = 0;
@@ -133,9 +131,7 @@ pub async fn archive_stream(
     {
         return Ok(0);
     }
-    ensure_identity(store, archive).await?;
-    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), archive.lease_ms()).await?
-    else {
+    let Some(lock) = take_shard(store, archive, shard).await? else {
         return Ok(0);
     };
     let mut trimmed = 0;
@@ -247,7 +243,6 @@ pub async fn retire_batches(
     if finished.is_empty() {
         return Ok(0);
     }
-    ensure_identity(store, archive).await?;
     let mut by_shard: BTreeMap<u16, Vec<(&BatchId, &OrderFields)>> = BTreeMap::new();
     for batch in &finished {
         for order in &batch.orders {
@@ -290,8 +285,7 @@ async fn retire_orders(
     orders: &[&OrderFields],
 ) -> anyhow::Result<bool> {
     let keys = store.keys();
-    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), archive.lease_ms()).await?
-    else {
+    let Some(lock) = take_shard(store, archive, shard).await? else {
         return Ok(false);
     };
     let mut conn = store.conn().await?;
@@ -328,8 +322,7 @@ async fn retire_batch_records(
         return Ok(0);
     }
     let keys = store.keys();
-    let Some(lock) = Lock::acquire(store, keys.archive_lock(home), archive.lease_ms()).await?
-    else {
+    let Some(lock) = take_shard(store, archive, home).await? else {
         return Ok(0);
     };
     let mut conn = store.conn().await?;
@@ -385,9 +378,7 @@ pub async fn retire_records(
     if finished.is_empty() {
         return Ok(0);
     }
-    ensure_identity(store, archive).await?;
-    let Some(lock) = Lock::acquire(store, keys.archive_lock(shard), archive.lease_ms()).await?
-    else {
+    let Some(lock) = take_shard(store, archive, shard).await? else {
         return Ok(0);
     };
     let lines = finished
@@ -438,6 +429,18 @@ fn step_done(done: Retired, what: &str, id: &str, shard: Shard) -> anyhow::Resul
             shard.index()
         ),
     }
+}
+
+/// Takes a shard for an archive step: checks that the directory is this
+/// dataset's, then takes the shard's archive lock (None while another
+/// process holds it).
+async fn take_shard(
+    store: &Store,
+    archive: &Archive,
+    shard: Shard,
+) -> anyhow::Result<Option<Lock>> {
+    ensure_identity(store, archive).await?;
+    Ok(Lock::acquire(store, store.keys().archive_lock(shard), archive.lease_ms()).await?)
 }
 
 /// Refuses an archive directory of another dataset (or a dataset whose
