@@ -149,7 +149,8 @@ pub struct BenchArgs {
     pub replica_acks: u8,
     /// How long finished records and journal entries stay in Redis in the
     /// measured phase of `bench retention` (both windows).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// Under half of `--duration`, so the second half is past the window.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub retention_window: Duration,
     /// Orders per second `bench retention` sends, steadily.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000))]
