@@ -1242,3 +1242,58 @@ async fn an_account_page_lists_its_journal_entries_and_orders_by_cursor_newest_f
         assert_eq!(response.status(), 400, "{bad}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_periodic_audit_reports_a_breach_only_when_every_run_sees_it() {
+    use tally::domain::AccountId;
+    let app = spawn_app().await;
+    let account = app.create_account("a", "10.00").await;
+    let key = app.keys().account(&AccountId::parse(&account).unwrap());
+    let last_audit = || async {
+        let mut conn = app.redis().await;
+        tally::store::console::last_audit(&mut conn, app.keys())
+            .await
+            .unwrap()
+            .expect("an audit is recorded")
+    };
+
+    // Off by a cent for 200 ms, as a write landing between the audit's reads
+    // of balances and journals looks: the first run sees it, the next not.
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("balance")
+        .arg(1001)
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    let mut conn = app.redis().await;
+    let repaired_key = key.clone();
+    let repair = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _: () = redis::cmd("HSET")
+            .arg(&repaired_key)
+            .arg("balance")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    });
+    let report = tally::audit::record(&app.store).await.unwrap();
+    repair.await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert!(last_audit().await.clean);
+
+    // Off by a cent for good: every run sees it, and it is recorded.
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("balance")
+        .arg(1001)
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    let report = tally::audit::record(&app.store).await.unwrap();
+    assert!(!report.is_clean());
+    let recorded = last_audit().await;
+    assert!(!recorded.clean);
+    assert!(recorded.report.contains("BREACH"), "{}", recorded.report);
+}
