@@ -446,10 +446,27 @@ pub async fn find_page(
     let (kind, id, fields) = match found.await {
         Ok(Some(found)) => found,
         Ok(None) => {
-            let problem = format!(
-                "Nothing has the id {}. Ids are exact: an account, batch, order, transaction, advance, or an event (sN-ms-seq, while its stream keeps it).",
-                id.chars().take(80).collect::<String>()
-            );
+            // A record retention took out of Redis is in the archive.
+            let window = console.state.ledger.record_retention;
+            let archived = match uuid::Uuid::try_parse(&id) {
+                Ok(uuid) => {
+                    crate::retention::archive_day_of(store, &uuid.to_string(), window).await
+                }
+                Err(_) => Ok(None),
+            };
+            let problem = match archived {
+                Ok(Some(day)) => {
+                    let problem = format!(
+                        "{id} is older than the retention window and no longer in Redis: it is in the archive of {day} (`tally archive find {id}`)."
+                    );
+                    return render(&page(Some(problem)), StatusCode::GONE);
+                }
+                Ok(None) => format!(
+                    "Nothing has the id {}. Ids are exact: an account, batch, order, transaction, advance, or an event (sN-ms-seq, while its stream keeps it).",
+                    id.chars().take(80).collect::<String>()
+                ),
+                Err(err) => return store_failed(err),
+            };
             return render(&page(Some(problem)), StatusCode::NOT_FOUND);
         }
         Err(err) => return store_failed(err),

@@ -346,6 +346,24 @@ async fn settled_batches_leave_with_their_orders_into_the_archive_and_answer_410
         let response = app.get(&format!("/api/v1/orders/{id}")).await;
         assert_problem(response, 404, "not found").await;
     }
+    // The console's find says the same.
+    let read_key = app.key(tally::access::Role::Read, None).await;
+    let find = |id: String| {
+        let request = app
+            .client
+            .get(app.url(&format!("/ops/find?id={id}")))
+            .bearer_auth(&read_key)
+            .send();
+        async move {
+            let response = request.await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let (status, page) = find(order_ids[0].clone()).await;
+    assert_eq!(status, 410, "{page}");
+    assert!(page.contains("in the archive of"), "{page}");
+    let (status, page) = find(fresh.to_string()).await;
+    assert_eq!(status, 404, "{page}");
 
     // In the archive, each once: three orders on their shards, the batch on
     // its home shard, with its order ids.
