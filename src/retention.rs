@@ -100,14 +100,32 @@ pub async fn archive_journal(
     Ok(trimmed)
 }
 
+/// A stream whose entries leave Redis after the records window.
+#[derive(Debug, Clone)]
+pub struct ArchivedStream {
+    /// Its entries' `kind` in the archive.
+    pub kind: &'static str,
+    pub key: String,
+    /// Settle dead letters: a batch's letter stays while the batch is still
+    /// failed (an operator has yet to retry or refund it), and so do the
+    /// letters after it, as the stream leaves oldest first.
+    pub holds_failed_batches: bool,
+}
+
 /// The streams whose entries leave Redis after the records window, on a
-/// shard: (their kind in the archive, the stream). The operator log is also
-/// capped (`OPERATOR_LOG_ENTRIES_MAX`), a bound retention stays far under.
-pub fn archived_streams(store: &Store, shard: Shard) -> [(&'static str, String); 2] {
+/// shard. The operator log is also capped (`OPERATOR_LOG_ENTRIES_MAX`), a
+/// bound retention stays far under.
+pub fn archived_streams(store: &Store, shard: Shard) -> [ArchivedStream; 3] {
     let keys = store.keys();
+    let stream = |kind, key, holds_failed_batches| ArchivedStream {
+        kind,
+        key,
+        holds_failed_batches,
+    };
     [
-        ("dead_letter", keys.dead_letters_resolved(shard)),
-        ("operator_action", keys.operator_log(shard)),
+        stream("dead_letter", keys.dead_letters_resolved(shard), false),
+        stream("dead_letter", keys.settle_dead(shard), true),
+        stream("operator_action", keys.operator_log(shard), false),
     ]
 }
 
@@ -119,16 +137,14 @@ pub async fn archive_stream(
     store: &Store,
     archive: &Archive,
     shard: Shard,
-    (kind, stream): (&str, &str),
+    stream: &ArchivedStream,
     cutoff_ms: i64,
     steps_max: usize,
 ) -> anyhow::Result<usize> {
     let keys = store.keys();
     let mut conn = store.conn().await?;
-    if archive_store::old_stream_entries(&mut conn, stream, cutoff_ms, 1)
-        .await?
-        .is_empty()
-    {
+    let first = archive_store::old_stream_entries(&mut conn, &stream.key, cutoff_ms, 1).await?;
+    if leaving(&mut conn, store, stream, first).await?.is_empty() {
         return Ok(0);
     }
     let Some(lock) = take_shard(store, archive, shard).await? else {
@@ -136,36 +152,76 @@ pub async fn archive_stream(
     };
     let mut trimmed = 0;
     for _ in 0..steps_max {
-        let old = archive_store::old_stream_entries(&mut conn, stream, cutoff_ms, STEP_RECORDS_MAX)
-            .await?;
+        let read =
+            archive_store::old_stream_entries(&mut conn, &stream.key, cutoff_ms, STEP_RECORDS_MAX)
+                .await?;
+        let full = read.len() == STEP_RECORDS_MAX;
+        let old = leaving(&mut conn, store, stream, read).await?;
         let Some((last, _)) = old.last() else {
             break;
         };
         let last = last.clone();
         let lines = old
             .iter()
-            .map(|(id, fields)| line(&entry_id(id, shard), kind, shard, fields))
+            .map(|(id, fields)| line(&entry_id(id, shard), stream.kind, shard, fields))
             .collect();
         let committed = append(store, archive, shard, lines).await?;
         let done = archive_store::trim_archived_stream(
             &mut conn,
             keys,
             shard,
-            stream,
+            &stream.key,
             &last,
             old.len(),
             lock.token(),
             &committed,
         )
         .await?;
-        step_done(done, kind, &old.len().to_string(), shard)?;
+        step_done(done, stream.kind, &old.len().to_string(), shard)?;
         trimmed += old.len();
-        if old.len() < STEP_RECORDS_MAX {
+        if !full || old.len() < STEP_RECORDS_MAX {
             break;
         }
     }
     lock.release().await?;
     Ok(trimmed)
+}
+
+/// The oldest of `entries` that may leave: all, or for settle dead letters
+/// those before the first whose batch is still failed.
+async fn leaving(
+    conn: &mut crate::store::connection::Conn,
+    store: &Store,
+    stream: &ArchivedStream,
+    mut entries: Vec<(String, HashMap<String, String>)>,
+) -> anyhow::Result<Vec<(String, HashMap<String, String>)>> {
+    if !stream.holds_failed_batches || entries.is_empty() {
+        return Ok(entries);
+    }
+    let batches: Vec<Option<BatchId>> = entries
+        .iter()
+        .map(|(_, fields)| {
+            fields
+                .get("batch_id")
+                .and_then(|id| BatchId::parse(id).ok())
+        })
+        .collect();
+    if batches.iter().all(Option::is_none) {
+        return Ok(entries);
+    }
+    let mut pipe = redis::pipe();
+    for batch in batches.iter().flatten() {
+        pipe.hget(store.keys().batch(batch), "status");
+    }
+    let statuses: Vec<Option<String>> = pipe.query_async(conn).await?;
+    let mut statuses = statuses.into_iter();
+    // A letter naming no batch holds nothing up.
+    let held = batches
+        .iter()
+        .position(|batch| batch.is_some() && statuses.next().flatten().as_deref() == Some("failed"))
+        .unwrap_or(entries.len());
+    entries.truncate(held);
+    Ok(entries)
 }
 
 /// A journal entry's id in the archive, as the report gives it: `ms-seq.shard`
@@ -589,15 +645,15 @@ pub async fn retain_periodically(
                     .await,
                 );
             }
-            for (kind, stream) in archived_streams(&store, shard) {
+            for stream in archived_streams(&store, shard) {
                 logged(
-                    kind,
+                    stream.kind,
                     shard,
                     archive_stream(
                         &store,
                         &archive,
                         shard,
-                        (kind, &stream),
+                        &stream,
                         records_cutoff_ms,
                         RETENTION_BATCHES_MAX,
                     )

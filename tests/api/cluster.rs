@@ -325,12 +325,12 @@ async fn which_scripts_name_keys_of_several_slots() {
     // And the resolved dead letter, as retention takes it.
     let mut archived = 0;
     for shard in app.keys().shards() {
-        for (kind, stream) in tally::retention::archived_streams(&app.store, shard) {
+        for stream in tally::retention::archived_streams(&app.store, shard) {
             archived += tally::retention::archive_stream(
                 &app.store,
                 &app.archive(),
                 shard,
-                (kind, &stream),
+                &stream,
                 tally::store::now_ms() + 1_000,
                 1,
             )

@@ -969,13 +969,13 @@ async fn resolved_dead_letters_and_the_operator_log_leave_into_the_archive_after
     logged_action(&app, shard, "the advance was closed by hand").await;
     let round = || async {
         let mut left = Vec::new();
-        for (kind, stream) in archived_streams(&app.store, shard) {
+        for stream in archived_streams(&app.store, shard) {
             left.push(
                 archive_stream(
                     &app.store,
                     &archive,
                     shard,
-                    (kind, &stream),
+                    &stream,
                     window_start(window),
                     10,
                 )
@@ -985,12 +985,12 @@ async fn resolved_dead_letters_and_the_operator_log_leave_into_the_archive_after
         }
         left
     };
-    assert_eq!(round().await, vec![0, 0], "within the window");
+    assert_eq!(round().await, vec![0, 0, 0], "within the window");
     tokio::time::sleep(window + Duration::from_millis(200)).await;
     discarded_letter(&app, shard, "b:2").await;
     logged_action(&app, shard, "young").await;
-    assert_eq!(round().await, vec![1, 1]);
-    assert_eq!(round().await, vec![0, 0], "each once");
+    assert_eq!(round().await, vec![1, 0, 1]);
+    assert_eq!(round().await, vec![0, 0, 0], "each once");
 
     let keys = app.keys();
     let mut conn = app.redis().await;
@@ -1110,4 +1110,64 @@ async fn the_stream_trim_refuses_a_lost_lock_and_entries_it_was_not_shown() {
         .await
         .unwrap();
     assert_eq!(committed, Some(7));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_batchs_dead_letter_stays_until_the_batch_is_refunded_then_leaves() {
+    use tally::retention::{archive_stream, archived_streams, window_start};
+    let window = Duration::from_secs(1);
+    let app = spawn_app_with(|settings| settings.ledger.record_retention = window).await;
+    let exchange = spawn_exchange(tally::exchange::sim::Faults {
+        fail_rate: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let workers = spawn_workers(
+        &app,
+        tally::config::WorkerSettings {
+            attempts_max: 1,
+            ..test_worker_settings(&exchange)
+        },
+    );
+    let customer = app.create_account("c", "20.00").await;
+    let batch = app.place_batch(&customer, "3").await;
+    eventually("the batch failed", || async {
+        app.batch_status(&batch).await == "failed"
+    })
+    .await;
+    workers.stop().await;
+    let home = crate::helpers::aban_home();
+    let [_, settle_dead, _] = archived_streams(&app.store, home);
+    let archive = app.archive();
+    let round = || async {
+        archive_stream(
+            &app.store,
+            &archive,
+            home,
+            &settle_dead,
+            window_start(window),
+            10,
+        )
+        .await
+        .unwrap()
+    };
+    let letters =
+        || async { crate::helpers::stream_entries(&mut app.redis().await, &settle_dead.key).await };
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    assert_eq!(round().await, 0, "its batch is still failed");
+    assert_eq!(letters().await.len(), 1);
+
+    let refunded = app
+        .post(&format!("/api/v1/batches/{batch}/refund"), &json!({}))
+        .await;
+    assert!(refunded.status().is_success(), "{}", refunded.status());
+    assert_eq!(round().await, 1);
+    assert!(letters().await.is_empty());
+    let lines = archive.read(&day_of_ms(now_ms()), home).unwrap();
+    let letter = lines
+        .iter()
+        .find(|line| line.kind == "dead_letter")
+        .expect("the letter is archived");
+    assert_eq!(letter.fields["batch_id"], batch);
+    assert_eq!(round().await, 0, "once");
 }
