@@ -1259,7 +1259,13 @@ async fn the_periodic_audit_reports_a_breach_only_when_every_run_sees_it() {
 
     // Off by a cent for 200 ms, as a write landing between the audit's reads
     // of balances and journals looks: the first run sees it, the next not.
-    app.set_balance_cents(&account, 1001).await;
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("balance")
+        .arg(1001)
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
     let mut conn = app.redis().await;
     let repaired_key = key.clone();
     let repair = tokio::spawn(async move {
@@ -1278,7 +1284,13 @@ async fn the_periodic_audit_reports_a_breach_only_when_every_run_sees_it() {
     assert!(last_audit().await.clean);
 
     // Off by a cent for good: every run sees it, and it is recorded.
-    app.set_balance_cents(&account, 1001).await;
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("balance")
+        .arg(1001)
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
     let report = tally::audit::record(&app.store).await.unwrap();
     assert!(!report.is_clean());
     let recorded = last_audit().await;
