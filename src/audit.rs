@@ -500,31 +500,11 @@ pub async fn audit_if_due(store: &Store, interval: std::time::Duration) -> Store
     Ok(true)
 }
 
-/// Times the periodic audit runs again before it reports a breach: it
-/// reads balances and journals one after the other, so a write landing in
-/// between (work in flight) looks like a breach in one run, and passes in
-/// the next; a real breach is in every run.
-pub const PERIODIC_AUDIT_CONFIRMATIONS: usize = 2;
-/// The pause before each confirming run.
-const PERIODIC_AUDIT_CONFIRM_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Runs an audit now and records its result for the console: clean once a
-/// run is clean, a breach only when it is in every run
-/// (`PERIODIC_AUDIT_CONFIRMATIONS` more after the first).
+/// Runs an audit now and records its result for the console.
 pub async fn record(store: &Store) -> StoreResult<AuditReport> {
-    let mut report = run(store).await?;
-    let mut runs = 1;
-    while !report.is_clean() && runs <= PERIODIC_AUDIT_CONFIRMATIONS {
-        tracing::info!(
-            runs,
-            "the periodic audit saw a breach; running it again to tell work in flight from a real one"
-        );
-        tokio::time::sleep(PERIODIC_AUDIT_CONFIRM_PAUSE).await;
-        report = run(store).await?;
-        runs += 1;
-    }
+    let report = run(store).await?;
     if !report.is_clean() {
-        tracing::error!(runs, report = %report, "the periodic audit found a breach in every run");
+        tracing::error!(report = %report, "the periodic audit found a breach");
     }
     let summary = crate::store::console::AuditSummary {
         at_ms: crate::store::now_ms(),
